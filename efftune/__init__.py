@@ -1,0 +1,1 @@
+"""efftune: efficient fine-tuning of transformer language models."""

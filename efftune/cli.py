@@ -1,0 +1,180 @@
+"""`efftune` on the command line: train, eval, generate, tasks.
+
+Flags override the config file; each flag's help names its config key. Errors print one line
+(`--debug` shows the traceback). `train` and `eval` end with one JSON object on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import traceback
+
+from .errors import EfftuneError
+
+# flag -> (config section or None, key, type, help)
+TRAIN_FLAGS = {
+    "model": (None, "model", str, "hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
+    "task": (None, "task", str, "BIG-bench task name(s), comma-separated"),
+    "data": (None, "data", str, "JSONL training data instead of BIG-bench"),
+    "eval-data": (None, "eval_data", str, "JSONL evaluation data (default: a held-out split)"),
+    "eval-size": (None, "eval_size", int, "held-out examples per task"),
+    "method": (None, "method", str, "fine-tuning method (lora)"),
+    "output": (None, "output", str, "run directory"),
+    "chat-template": (None, "chat_template", bool, "wrap prompts in the tokenizer's chat template"),
+    "dtype": (None, "dtype", str, "auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU)"),
+    "device": (None, "device", str, "auto | cpu | cuda | cuda:N"),
+    "rank": ("lora", "r", int, "LoRA rank r"),
+    "alpha": ("lora", "alpha", float, "LoRA alpha (scaling = alpha / r)"),
+    "dropout": ("lora", "dropout", float, "LoRA dropout"),
+    "target-modules": ("lora", "target_modules", str,
+                       "all-linear, comma-separated module-name suffixes, or a regex (full match)"),
+    "rslora": ("lora", "use_rslora", bool, "rsLoRA scaling alpha / sqrt(r)"),
+    "steps": ("train", "steps", int, "optimizer steps"),
+    "batch-size": ("train", "batch_size", int, "examples per optimizer step"),
+    "micro-batch-size": ("train", "micro_batch_size", int, "examples per forward pass (gradient accumulation)"),
+    "lr": ("train", "lr", float, "peak learning rate"),
+    "warmup-steps": ("train", "warmup_steps", int, "linear warmup steps"),
+    "max-length": ("train", "max_length", int, "tokens per packed row"),
+    "precision": ("train", "precision", str, "auto | fp32 | bf16 autocast"),
+    "eval-every": ("train", "eval_every", int, "evaluate every N steps (0: before and after only)"),
+    "save-every": ("train", "save_every", int, "checkpoint every N steps"),
+    "seed": ("train", "seed", int, "random seed"),
+}
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help=TRAIN_FLAGS["model"][3])
+    p.add_argument("--adapter", help="adapter directory (efftune's or peft's)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading adapter_model.bin (pickle)")
+    p.add_argument("--chat-template", action="store_true", help=TRAIN_FLAGS["chat-template"][3])
+    p.add_argument("--dtype", default="auto", help=TRAIN_FLAGS["dtype"][3])
+    p.add_argument("--device", default="auto", help=TRAIN_FLAGS["device"][3])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="efftune", description="Efficient fine-tuning of causal language models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="fine-tune (no arguments: LoRA on the embedded default model and task)",
+                       description="Fine-tune a model. Flags override keys of the --config YAML file; "
+                                   "the config key is given in brackets.")
+    t.add_argument("--config", help="YAML run config (keys as in the brackets below)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --output")
+    t.add_argument("--debug", action="store_true", help="show tracebacks")
+    for flag, (section, key, typ, text) in TRAIN_FLAGS.items():
+        name = f"{section}.{key}" if section else key
+        if typ is bool:
+            t.add_argument(f"--{flag}", action="store_true", default=None, help=f"{text} [{name}]")
+        else:
+            t.add_argument(f"--{flag}", type=typ, help=f"{text} [{name}]")
+
+    e = sub.add_parser("eval", help="accuracy (multiple choice) or perplexity of a model, with an adapter or not")
+    _model_flags(e)
+    e.add_argument("--task", help="BIG-bench task(s), comma-separated: scored on the held-out split")
+    e.add_argument("--data", help="JSONL file to score (all rows)")
+    e.add_argument("--eval-size", type=int, default=200, help="held-out examples per task (as in training)")
+    e.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    g = sub.add_parser("generate", help="greedy generation")
+    _model_flags(g)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("prompt")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    k = sub.add_parser("tasks", help="list BIG-bench tasks with their kind and size")
+    k.add_argument("--kind", choices=["multiple_choice", "generative", "mixed"], help="only this kind")
+    k.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _train(args) -> dict:
+    from .config import load_config
+    from .finetune import run
+
+    overrides: dict = {}
+    for flag, (section, key, typ, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is None:
+            continue
+        if key == "target_modules" and value != "all-linear" and re.fullmatch(r"[\w.,\s-]+", value):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # suffixes; anything else is a regex
+        if section:
+            overrides.setdefault(section, {})[key] = value
+        else:
+            overrides[key] = value
+    cfg = load_config(args.config, overrides)
+    return run(cfg, overwrite=args.overwrite, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
+
+
+def _load_for_inference(args):
+    from .data import Formatter
+    from .io import load_adapter
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.adapter:
+        load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
+    return model, Formatter(tokenizer, chat_template=args.chat_template)
+
+
+def _eval(args) -> dict:
+    from .config import RunConfig
+    from .data import load_jsonl
+    from .finetune import evaluator, load_examples
+
+    if bool(args.task) == bool(args.data):
+        raise EfftuneError("eval: pass exactly one of --task or --data")
+    if args.task:
+        cfg = RunConfig(task=[t for t in args.task.split(",") if t], eval_size=args.eval_size)
+        _, examples = load_examples(cfg)
+    else:
+        examples = load_jsonl(args.data)
+    model, formatter = _load_for_inference(args)
+    result = evaluator(formatter, examples)(model)
+    return {**result, "examples": len(examples), "adapter": args.adapter}
+
+
+def _generate(args) -> str:
+    from .eval.generate import generate
+    model, formatter = _load_for_inference(args)
+    return generate(model, formatter, args.prompt, args.max_new_tokens)
+
+
+def _tasks(args) -> None:
+    from .data import task_index
+    for info in sorted(task_index().values(), key=lambda i: i.name):
+        if args.kind is None or info.kind == args.kind:
+            print(f"{info.name}\t{info.kind}\t{info.examples}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    command = args.command or "train"
+    if args.command is None:  # `efftune` alone runs the main job
+        args = parser().parse_args(["train"] + (["--debug"] if args.debug else []))
+    try:
+        if command == "train":
+            print(json.dumps(_train(args)))
+        elif command == "eval":
+            print(json.dumps(_eval(args)))
+        elif command == "generate":
+            print(_generate(args))
+        elif command == "tasks":
+            _tasks(args)
+        return 0
+    except EfftuneError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"efftune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("efftune: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

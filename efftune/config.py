@@ -1,0 +1,120 @@
+"""Run configuration: flat dataclasses, loaded from YAML and overridden by command-line flags.
+
+Every key is checked: an unknown key or a value of the wrong type is an error that names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .methods.lora import LoraConfig
+from .train.loop import TrainConfig
+
+DEFAULT_TASK = "intent_recognition"
+
+
+@dataclass
+class RunConfig:
+    model: str = "default"            # "default", a hub id, a local directory or a .gguf file
+    task: list[str] = field(default_factory=lambda: [DEFAULT_TASK])  # BIG-bench task(s)
+    data: str | None = None           # a JSONL file instead of BIG-bench
+    eval_data: str | None = None      # a JSONL file to evaluate on (default: held-out split)
+    eval_size: int = 200              # held-out examples per task (split off before training)
+    method: str = "lora"
+    output: str = "runs/efftune"
+    chat_template: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Coerce YAML scalars to the field's type (int -> float, str -> [str]) or raise."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else ConfigError(f"{key}: unexpected value {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls, values: dict, section: str = ""):
+    """Make dataclass `cls` from a dict, checking every key and type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{section}.{key}" if section else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key {name!r} (known: {', '.join(fields)})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = build(hint, value, name)
+        else:
+            kwargs[key] = _check_type(value, hint, name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{section + ': ' if section else ''}{exc}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML file (optional) and apply `overrides` ({"train": {"steps": 5}, "model": ...})."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            values[key] = {**(values.get(key) or {}), **value}
+        else:
+            values[key] = value
+    try:
+        return build(RunConfig, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None

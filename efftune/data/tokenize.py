@@ -1,0 +1,126 @@
+"""Turn examples into token ids with the prompt masked out of the loss, and pack them into rows.
+
+Packing puts several examples in one row with position ids restarting at 0 for each, so no compute
+goes to padding; transformers turns restarting position ids into a block-diagonal causal mask
+(each example attends only to itself) when no attention mask is passed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import torch
+
+from .examples import Completion, Example, MultipleChoice
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One training sequence: `labels` is IGNORE on the prompt, the token id on the answer."""
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Formatter:
+    """Turns prompt and continuation text into ids, the same way for training and scoring.
+
+    A trailing space of the prompt moves to the front of the continuation, because BPE
+    vocabularies hold " yes" as one token: "A: " + "yes" would otherwise be scored as
+    an unusual split. With `chat_template`, the prompt becomes a user turn and the continuation
+    the assistant's reply.
+    """
+
+    def __init__(self, tokenizer, chat_template: bool = False, max_length: int = 512):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.max_length = max_length
+        self._bos = [tokenizer.bos_token_id] if self._adds_bos(tokenizer) else []
+
+    @staticmethod
+    def _adds_bos(tokenizer) -> bool:
+        ids = tokenizer("a")["input_ids"]
+        return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+    def split(self, prompt: str, continuation: str) -> tuple[str, str]:
+        if self.chat_template:
+            messages = [{"role": "user", "content": prompt.strip()}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return text, continuation.lstrip()
+        stripped = prompt.rstrip(" ")
+        if stripped != prompt and not continuation.startswith((" ", "\n")):
+            continuation = " " + continuation
+        return stripped, continuation
+
+    def encode_pair(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+        prompt_text, cont_text = self.split(prompt, continuation)
+        tok = self.tokenizer
+        if self.chat_template:
+            prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = self._bos + tok(prompt_text, add_special_tokens=False)["input_ids"]
+        cont_ids = tok(cont_text, add_special_tokens=False)["input_ids"]
+        return prompt_ids, cont_ids
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.encode_pair(prompt, "")[0]
+
+    def encode(self, example: Example) -> Encoded:
+        """The training sequence of an example: prompt + answer (MC) or prompt + completion + EOS."""
+        if isinstance(example, MultipleChoice):
+            prompt_ids, answer_ids = self.encode_pair(example.prompt, example.completion)
+        elif isinstance(example, Completion):
+            prompt_ids, answer_ids = self.encode_pair(example.prompt, example.completion)
+            if self.tokenizer.eos_token_id is not None:
+                answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+        else:
+            raise TypeError(f"not an example: {example!r}")
+        if not prompt_ids:  # plain text: the first token has nothing to be predicted from
+            prompt_ids, answer_ids = answer_ids[:1], answer_ids[1:]
+        answer_ids = answer_ids[: self.max_length - 1]
+        prompt_ids = prompt_ids[-(self.max_length - len(answer_ids)):]  # keep the end of a long prompt
+        return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+
+
+def pack(lengths: Seq[int], row_length: int) -> list[list[int]]:
+    """Group sequence indices into rows of at most `row_length` tokens (first fit, longest first)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_length - lengths[i])
+    return rows
+
+
+def collate_packed(sequences: Seq[Encoded], rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of packed sequences -> `input_ids`, `position_ids`, `labels`, each (rows, length).
+
+    Padding at a row's end forms one more short "sequence" of its own, never attended to by the
+    real ones, and carries no labels.
+    """
+    length = max(sum(len(sequences[i]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            seq = sequences[i]
+            n = len(seq)
+            input_ids[r, at:at + n] = torch.tensor(seq.input_ids)
+            labels[r, at:at + n] = torch.tensor(seq.labels)
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(length - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}

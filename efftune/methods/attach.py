@@ -1,0 +1,97 @@
+"""The one way a method attaches to a model: swap matching modules for wrappers, and back.
+
+A wrapper holds the untouched base module as `base_layer`; detaching puts the base module back
+(after merging into it when asked). Targets are chosen by module-name suffixes, a regex, or
+"all-linear" (every linear layer except the output head).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator, Sequence, TypeVar
+
+from torch import nn
+
+from ..errors import TargetError
+
+T = TypeVar("T", bound=nn.Module)
+Targets = str | Sequence[str]
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it today
+        return ()
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, _conv1d_class()))
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def name_matches(name: str, targets: Targets) -> bool:
+    """Does the module path `name` match? A string is a full-match regex; a list holds suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: Targets,
+                 accept: Callable[[nn.Module], bool] = is_linear) -> list[str]:
+    """Names of the modules `targets` selects, in model order. Raises TargetError on no match."""
+    head = _output_head(model)
+    names = []
+    for name, module in model.named_modules():
+        if not name or module is head or name.endswith(".base_layer") or ".base_layer." in name:
+            continue
+        module = getattr(module, "base_layer", module)  # an attached wrapper stands for its base
+        if isinstance(targets, str) and targets == "all-linear":
+            hit = is_linear(module)
+        else:
+            hit = name_matches(name, targets)
+        if hit:
+            if not accept(module):
+                raise TargetError(f"target {name!r} is a {type(module).__name__}, which this method "
+                                  "cannot wrap")
+            names.append(name)
+    if not names:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if n and is_linear(m) and m is not head})
+        raise TargetError(f"target_modules {targets!r} matches no module; linear layers here are "
+                          f"named: {', '.join(leaves) or '(none)'}")
+    return names
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+def wrappers(model: nn.Module, kind: type[T]) -> Iterator[tuple[str, T]]:
+    """Every attached wrapper of type `kind`, with its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, kind):
+            yield name, module
+
+
+def freeze_base(model: nn.Module) -> None:
+    """No base parameter trains; methods switch on their own parameters afterwards."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,331 @@
+"""LoRA (Hu et al. 2021): `h = W0 x + s · B (A x)` with `W0` frozen, `s = alpha / r`.
+
+`LoraLayer` wraps one base module (nn.Linear, transformers' Conv1D, nn.Embedding) and holds any
+number of named adapters. The model-level functions below attach, switch, merge and remove them;
+the model stays the user's transformers model throughout.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, EfftuneError
+from .attach import _conv1d_class, find_targets, freeze_base, replace_module, wrappers
+
+INITS = ("kaiming", "gaussian")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA hyperparameters. `target_modules`: "all-linear", a list of module-name suffixes, or
+    a regex (full match on the module path). `init`: A Kaiming-uniform ("kaiming", as nn.Linear)
+    or Gaussian with std 1/r ("gaussian"); B starts at zero either way."""
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    init: str = "kaiming"
+    embeddings: str | list[str] = field(default_factory=list)  # nn.Embedding modules to adapt too
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora.r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"lora.init must be one of {INITS}, got {self.init!r}")
+
+    def scaling(self, r: int | None = None, alpha: float | None = None) -> float:
+        r, alpha = r or self.r, self.alpha if alpha is None else alpha
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`s · B @ A`, shape (out, in), computed in fp32 at least: the one merge formula."""
+    dtype = torch.promote_types(lora_A.dtype, torch.float32)
+    return (lora_B.to(dtype) @ lora_A.to(dtype)) * scaling
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's factors: `lora_A` (r, in), `lora_B` (out, r) — peft's shapes and names."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, scaling: float,
+                 dropout: float = 0.0, init: str = "kaiming", *, device=None, dtype=None):
+        super().__init__()
+        self.r, self.scaling = r, scaling
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+
+class LoraLayer(nn.Module):
+    """A base module plus named LoRA adapters; `active` ones add their update in `forward`.
+
+    During a mixed-adapter batch (`mixed_adapter_batch`), `batch_adapters` names the adapter of
+    each example (or None for the base model) and each adapter runs only on its own rows.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.batch_adapters: Sequence[str | None] | None = None
+
+    # -- what differs between base module kinds ------------------------------------------
+    @property
+    def in_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    def lora_delta(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        return adapter(x)
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """(out, in) update -> the layout of `base_layer.weight`."""
+        return delta
+
+    # -- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0,
+                    init: str = "kaiming") -> LoraAdapter:
+        if name in self.adapters:
+            raise EfftuneError(f"adapter {name!r} already exists")
+        weight = self.base_layer.weight
+        # Adapters keep fp32 master weights under a half-precision base (autocast runs them in
+        # bf16); a float64 base (tests) keeps float64.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.adapters[name] = LoraAdapter(self.in_features, self.out_features, r, scaling, dropout, init,
+                                          device=weight.device, dtype=dtype)
+        self.active.append(name)
+        return self.adapters[name]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise EfftuneError(f"adapter {name!r} is merged; unmerge before deleting it")
+        del self.adapters[name]
+        if name in self.active:
+            self.active.remove(name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.batch_adapters is not None:
+            return self._mixed_forward(x, y)
+        for name in self.active:
+            if name not in self.merged:
+                y = y + self.lora_delta(self.adapters[name], x).to(y.dtype)
+        return y
+
+    def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            raise EfftuneError("a mixed-adapter batch needs unmerged adapters; call unmerge_lora first")
+        per_example = self.batch_adapters
+        if len(per_example) != x.shape[0]:
+            raise EfftuneError(f"mixed-adapter batch names {len(per_example)} adapters for {x.shape[0]} examples")
+        for name in dict.fromkeys(n for n in per_example if n is not None and n in self.adapters):
+            rows = torch.tensor([i for i, n in enumerate(per_example) if n == name], device=x.device)
+            delta = self.lora_delta(self.adapters[name], x.index_select(0, rows))
+            y = y.index_add(0, rows, delta.to(y.dtype))
+        return y
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every active, unmerged adapter into the base weight."""
+        for name in self.active:
+            if name not in self.merged:
+                w = self.base_layer.weight
+                w.add_(self.to_weight_layout(self.adapters[name].delta_weight()).to(w.dtype))
+                self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract merged adapters again (exact up to rounding in the weight's dtype)."""
+        while self.merged:
+            name = self.merged.pop()
+            w = self.base_layer.weight
+            w.sub_(self.to_weight_layout(self.adapters[name].delta_weight()).to(w.dtype))
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on nn.Linear, or on transformers' Conv1D (GPT-2), whose weight is stored (in, out)."""
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return isinstance(self.base_layer, _conv1d_class())
+
+    @property
+    def in_features(self) -> int:
+        w = self.base_layer.weight
+        return w.shape[0] if self.fan_in_fan_out else w.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        w = self.base_layer.weight
+        return w.shape[1] if self.fan_in_fan_out else w.shape[0]
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on nn.Embedding: `A` (r, vocab) is looked up by token id, then `B` (dim, r)."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.embedding_dim
+
+    def lora_delta(self, adapter: LoraAdapter, ids: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.embedding(ids, adapter.lora_A.T), adapter.lora_B) * adapter.scaling
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T
+
+    def add_adapter(self, name, r, scaling, dropout=0.0, init="kaiming") -> LoraAdapter:
+        # Zero A and random B, so the adapter starts at the base model yet the lookup of A
+        # gets a gradient from the first step.
+        adapter = super().add_adapter(name, r, scaling, 0.0, init)
+        with torch.no_grad():
+            adapter.lora_B.normal_()
+            adapter.lora_A.zero_()
+        return adapter
+
+
+# ---- model-level API ---------------------------------------------------------------------------
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every LoRA-wrapped module with its path (the path of the module it wraps)."""
+    return wrappers(model, LoraLayer)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default",
+             rank_of: dict[str, int] | None = None, alpha_of: dict[str, float] | None = None) -> list[str]:
+    """Attach a LoRA adapter named `adapter` to every module `config` targets.
+
+    Everything else is frozen (earlier adapters too: `set_trainable_adapters` trains several);
+    the new adapter trains and becomes active beside any adapters already active. `rank_of` / `alpha_of` override r / alpha per module path (as
+    peft's rank_pattern does). Returns the adapted module paths.
+    """
+    config = config or LoraConfig()
+    if adapter in adapter_names(model):
+        raise EfftuneError(f"adapter {adapter!r} already exists; delete it or choose another name")
+    if not config.target_modules and not config.embeddings:
+        raise ConfigError("lora.target_modules is empty: name the modules to adapt")
+    freeze_base(model)
+    names = find_targets(model, config.target_modules) if config.target_modules else []
+    if config.embeddings:
+        names += find_targets(model, config.embeddings, accept=lambda m: isinstance(m, nn.Embedding))
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            wrapper = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
+            replace_module(model, name, wrapper)
+            module = wrapper
+        r = (rank_of or {}).get(name, config.r)
+        scaling = config.scaling(r, (alpha_of or {}).get(name))
+        module.add_adapter(adapter, r, scaling, config.dropout, config.init).requires_grad_(True)
+    return names
+
+
+def set_active_adapters(model: nn.Module, names: str | Sequence[str] | None) -> None:
+    """Which adapters run: a name, several (their updates add up), or None for the base model."""
+    names = [names] if isinstance(names, str) else list(names or [])
+    known = adapter_names(model)
+    for n in names:
+        if n not in known:
+            raise EfftuneError(f"no adapter named {n!r} (have: {', '.join(known) or 'none'})")
+    for _, layer in lora_layers(model):
+        if layer.merged:
+            raise EfftuneError("unmerge adapters before switching which are active")
+        layer.active = [n for n in names if n in layer.adapters]
+
+
+def set_trainable_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
+    names = [names] if isinstance(names, str) else list(names)
+    for _, layer in lora_layers(model):
+        for n, adapter in layer.adapters.items():
+            adapter.requires_grad_(n in names)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    if name not in adapter_names(model):
+        raise EfftuneError(f"no adapter named {name!r}")
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            layer.delete_adapter(name)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold the active adapters into the base weights (forward then skips them)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the base modules back, merging the active adapters first unless `merge=False`."""
+    for name, layer in list(lora_layers(model)):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        replace_module(model, name, layer.base_layer)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    return unload_lora(model, merge=True)
+
+
+@contextmanager
+def mixed_adapter_batch(model: nn.Module, per_example: Sequence[str | None]):
+    """Within the block, example i of each batch goes through adapter `per_example[i]` alone
+    (None: the base model). Gradients flow to each adapter from its own examples."""
+    known = set(adapter_names(model))
+    unknown = sorted({n for n in per_example if n is not None} - known)
+    if unknown:
+        raise EfftuneError(f"mixed-adapter batch names unknown adapters: {', '.join(unknown)}")
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.batch_adapters = list(per_example)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.batch_adapters = None

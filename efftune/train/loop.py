@@ -1,0 +1,200 @@
+"""The training loop: one function, read top to bottom.
+
+Each optimizer step takes `batch_size` examples in a seeded order (a function of the step, so a
+resumed run sees exactly the examples it would have seen), splits them into micro-batches of
+`micro_batch_size`, packs each micro-batch into rows without padding waste, and accumulates
+gradients over the micro-batches. The loss is the mean negative log-likelihood of the answer
+tokens of the whole step, so accumulation gives the same gradient as one big batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data.tokenize import Encoded, collate_packed, pack
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..eval.logprobs import labelled_logprobs
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .plot import plot_metrics
+from .schedule import warmup_cosine
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 16            # examples per optimizer step
+    micro_batch_size: int = 0       # examples per forward pass (0: the whole batch)
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0          # max gradient norm (0: off)
+    precision: str = "auto"         # auto | fp32 | bf16 (autocast)
+    max_length: int = 512           # tokens per row when packing
+    eval_every: int = 0             # steps between evaluations (0: only before and after)
+    save_every: int = 50            # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ConfigError(f"train.micro_batch_size ({self.micro_batch_size}) must divide "
+                              f"train.batch_size ({self.batch_size})")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    train_seconds: float
+    tokens: int
+    evals: list[dict]
+
+
+def example_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Indices of examples number start..start+count-1 of an endless seeded shuffle of n examples."""
+    out = []
+    for g in range(start, start + count):
+        epoch, k = divmod(g, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[k]))
+    return out
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, output_dir: str | Path, *,
+          pad_id: int = 0, resume: bool = False,
+          evaluate: Callable[[nn.Module], dict] | None = None) -> TrainResult:
+    """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
+
+    Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
+    (optional) is called before the first step, every `eval_every` steps and after the last;
+    its dicts are logged and returned in `TrainResult.evals`.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = output_dir / "checkpoints"
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: the model has no trainable parameters (attach a method first)")
+    if not sequences:
+        raise ConfigError("no training examples")
+    torch.manual_seed(config.seed)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
+                                  betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    lr_at = lambda s: config.lr * warmup_cosine(s, config.steps, config.warmup_steps, config.min_lr_ratio)
+
+    metrics_path = output_dir / "metrics.jsonl"
+    start_step, rows_log = 0, []
+    if resume:
+        found = latest_checkpoint(ckpt_root)
+        if found is None:
+            raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
+        state = load_checkpoint(found, model, optimizer)
+        if state.get("train_config", {}).get("seed") != config.seed:
+            raise CheckpointError(f"checkpoint {found} was made with another seed; resume needs the same config")
+        start_step = state["step"]
+        if metrics_path.exists():  # keep what was logged up to the checkpoint
+            rows_log = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+            rows_log = [r for r in rows_log if r.get("step", 0) <= start_step]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows_log))
+
+    def log(row: dict) -> None:
+        rows_log.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    evals = [{k: v for k, v in r.items() if k != "eval"} for r in rows_log if r.get("eval")]
+
+    def run_eval(step: int) -> None:
+        result = {"step": step, **evaluate(model)}
+        evals.append(result)
+        log({"eval": True, **result})
+        model.train()
+
+    if evaluate and start_step == 0:
+        run_eval(0)
+    micro = config.micro_batch_size or config.batch_size
+    model.train()
+    t_start, tokens_seen, loss_value = time.perf_counter(), 0, float("nan")
+    last_ckpt = latest_checkpoint(ckpt_root) if resume else None
+    bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    for step in range(start_step, config.steps):
+        t0 = time.perf_counter()
+        batch_idx = example_order(len(sequences), config.seed, step * config.batch_size, config.batch_size)
+        batch = [sequences[i] for i in batch_idx]
+        n_targets = sum(sum(1 for t in s.labels if t != -100) for s in batch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        total = 0.0
+        for m0 in range(0, len(batch), micro):
+            part = batch[m0:m0 + micro]
+            rows = pack([len(s) for s in part], config.max_length)
+            inputs = {k: v.to(device) for k, v in collate_packed(part, rows, pad_id).items()}
+            with _autocast(config.precision, device):
+                logp = labelled_logprobs(model, inputs["input_ids"], inputs["labels"], inputs["position_ids"])
+            loss = -logp.sum() / n_targets
+            loss.backward()
+            total += loss.item()
+            tokens_seen += int(inputs["input_ids"].numel())
+        if not math.isfinite(total):
+            bar.close()
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {total} at step {step + 1}; stopped, {where}")
+        if config.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = total
+        dt = time.perf_counter() - t0
+        row = {"step": step + 1, "loss": round(total, 6), "lr": lr_at(step), "grad_norm": round(grad_norm, 4),
+               "tokens_per_s": round(sum(len(s) for s in batch) / dt, 1), "seconds": round(dt, 3)}
+        log(row)
+        bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        done = step + 1
+        if (config.save_every and done % config.save_every == 0) or done == config.steps:
+            last_ckpt = save_checkpoint(ckpt_root / f"step-{done:06d}", model, optimizer, done,
+                                        {"train_config": asdict(config)})
+            _prune(ckpt_root, config.keep_checkpoints)
+            plot_metrics(rows_log, output_dir / "training.png")
+        if evaluate and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
+            run_eval(done)
+    bar.close()
+    plot_metrics(rows_log, output_dir / "training.png")
+    return TrainResult(steps=config.steps, final_loss=loss_value, train_seconds=time.perf_counter() - t_start,
+                       tokens=tokens_seen, evals=evals)
+
+
+def _prune(root: Path, keep: int) -> None:
+    import shutil
+    found = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

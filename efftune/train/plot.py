@@ -1,0 +1,38 @@
+"""The loss / learning-rate plot of a run (PNG), drawn from the metrics rows."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_metrics(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "loss" in r and not r.get("eval")]
+    evals = [r for r in rows if r.get("eval")]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
+    if train:
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["loss"] for r in train], lw=0.8, alpha=0.5, label="train loss")
+        k = max(1, len(train) // 20)  # a running mean shows the trend through the noise
+        smooth = [sum(r["loss"] for r in train[max(0, i - k + 1):i + 1]) / len(train[max(0, i - k + 1):i + 1])
+                  for i in range(len(train))]
+        ax_loss.plot(steps, smooth, lw=1.6, label=f"mean of {k}")
+        ax_lr.plot(steps, [r["lr"] for r in train], color="tab:green")
+    ax_loss.set_ylabel("loss (answer tokens)")
+    ax_loss.legend(loc="upper right")
+    if evals and any("accuracy" in r for r in evals):
+        ax_acc = ax_loss.twinx()
+        ax_acc.plot([r["step"] for r in evals], [r.get("accuracy") for r in evals], "o-", color="tab:red",
+                    label="held-out accuracy")
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.legend(loc="center right")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,59 @@
+"""Tiny random-init models and a tiny tokenizer, built in the test process (no downloads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
+
+CORPUS = [
+    "Q: Is the sky blue?\nA: yes", "Q: Is grass red?\nA: no", "The quick brown fox jumps over the lazy dog.",
+    "choice: True choice: False", "Take 3 steps forward. Turn left. Always face forward.",
+    "plausible implausible correct incorrect", "0123456789 + - * / = ( )",
+]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def tiny_llama(vocab_size: int = 300, dtype=torch.float32, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, attn_implementation="sdpa",
+                      initializer_range=0.2)  # logits big enough for LoRA alone to move them
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def model64():
+    return tiny_llama(dtype=torch.float64)
+
+
+def randomize_lora(model, std: float = 0.1, seed: int = 1) -> None:
+    """Give every LoRA B a non-zero value so the adapter changes the output."""
+    from efftune.methods.lora import lora_layers
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for adapter in layer.adapters.values():
+                adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * std)

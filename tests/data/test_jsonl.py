@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from efftune.data import Completion, MultipleChoice, load_jsonl
+from efftune.errors import DataError
+
+
+def write(tmp_path, rows):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_both_row_shapes(tmp_path):
+    p = write(tmp_path, [{"prompt": "2+2=", "completion": "4"},
+                         {"input": "sky?", "choices": ["red", "blue"], "answer": "blue"},
+                         {"input": "x", "choices": ["a", "b", "c"], "answer": 2}, "", {"text": "hello"}])
+    rows = load_jsonl(p)
+    assert rows == [Completion("2+2=", "4"), MultipleChoice("sky?", ("red", "blue"), 1),
+                    MultipleChoice("x", ("a", "b", "c"), 2), Completion("", "hello")]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "x"}, r"d.jsonl:2: row is missing field 'completion'"),
+    ({"input": "x", "choices": ["a", "b"]}, r"d.jsonl:2: multiple-choice row is missing field 'answer'"),
+    ({"input": "x", "choices": ["a", "b"], "answer": "c"}, r"d.jsonl:2: field 'answer' 'c' is not one of"),
+    ({"input": "x", "choices": ["a", "b"], "answer": 5}, r"d.jsonl:2: field 'answer' must be"),
+    ({"input": "x", "choices": "ab", "answer": 0}, r"d.jsonl:2: field 'choices' must be a list"),
+    ("{not json", r"d.jsonl:2: not valid JSON"),
+    ([1, 2], r"d.jsonl:2: expected a JSON object"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, row, message):
+    p = write(tmp_path, [{"prompt": "ok", "completion": "ok"}, row])
+    with pytest.raises(DataError, match=message):
+        load_jsonl(p)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_jsonl(tmp_path / "none.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="holds no rows"):
+        load_jsonl(tmp_path / "e.jsonl")

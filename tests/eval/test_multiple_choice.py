@@ -1,0 +1,68 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from efftune.data import Completion, Formatter, MultipleChoice
+from efftune.eval.multiple_choice import choice_scores, multiple_choice_accuracy
+from efftune.eval.perplexity import perplexity
+from efftune.eval.generate import generate
+
+EXAMPLES = [
+    MultipleChoice("Q: Is the sky blue?\nA: ", ("yes", "no"), 0),
+    MultipleChoice("Take 3 steps forward. Turn left.\nA: ", ("True", "False", "plausible implausible"), 2),
+    MultipleChoice("0123456789 + - =", (" 1", " 2 3", " (", "x"), 1),
+]
+
+
+def naive_scores(model, f, ex):
+    """Each choice as its own full sequence: the reference the shared-prefix layout must match."""
+    out = []
+    for c in ex.choices:
+        p, ids = f.encode_pair(ex.prompt, c)
+        with torch.no_grad():
+            lp = F.log_softmax(model(input_ids=torch.tensor([p + ids])).logits[0].double(), -1)
+        out.append(sum(lp[len(p) - 1 + t, tok].item() for t, tok in enumerate(ids)))
+    return out
+
+
+def test_shared_prefix_scores_equal_naive_scores(model, tokenizer):
+    f = Formatter(tokenizer)
+    got = choice_scores(model, f, EXAMPLES, row_tokens=64, rows_per_batch=2)
+    for ex, scores in zip(EXAMPLES, got):
+        assert len(scores) == len(ex.choices)
+        for a, b in zip(scores, naive_scores(model, f, ex)):
+            assert math.isclose(a, b, abs_tol=1e-4)
+
+
+def test_accuracy_counts_any_correct_choice(model, tokenizer):
+    f = Formatter(tokenizer)
+    scores = choice_scores(model, f, EXAMPLES)
+    best = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    relabelled = [MultipleChoice(e.prompt, e.choices, b) for e, b in zip(EXAMPLES, best)]
+    assert multiple_choice_accuracy(model, f, relabelled) == 1.0
+    wrong = [MultipleChoice(e.prompt, e.choices, (b + 1) % len(e.choices)) for e, b in zip(EXAMPLES, best)]
+    assert multiple_choice_accuracy(model, f, wrong) == 0.0
+    both = [MultipleChoice(e.prompt, e.choices, (b + 1) % len(e.choices), ((b + 1) % len(e.choices), b))
+            for e, b in zip(EXAMPLES, best)]
+    assert multiple_choice_accuracy(model, f, both) == 1.0
+
+
+def test_perplexity_matches_mean_nll(model, tokenizer):
+    f = Formatter(tokenizer)
+    ex = [Completion("Q: Is grass red?\nA:", " no"), Completion("", "The quick brown fox")]
+    nll, n = 0.0, 0
+    for e in ex:
+        enc = f.encode(e)
+        with torch.no_grad():
+            lp = F.log_softmax(model(input_ids=torch.tensor([enc.input_ids])).logits[0].double(), -1)
+        for t, lab in enumerate(enc.labels):
+            if lab != -100:
+                nll -= lp[t - 1, lab].item()
+                n += 1
+    assert math.isclose(perplexity(model, f, ex), math.exp(nll / n), rel_tol=1e-4)
+
+
+def test_generate_returns_text(model, tokenizer):
+    text = generate(model, Formatter(tokenizer), "Q: Is the sky blue?\nA:", max_new_tokens=5)
+    assert isinstance(text, str)

@@ -1,0 +1,117 @@
+import json
+import math
+
+import pytest
+import torch
+
+from efftune.data import Formatter, MultipleChoice
+from efftune.errors import CheckpointError, TrainingDiverged
+from efftune.methods.lora import LoraConfig, add_lora
+from efftune.train.checkpoint import latest_checkpoint
+from efftune.train.loop import TrainConfig, example_order, train
+from efftune.train.schedule import warmup_cosine
+from tests.conftest import tiny_llama
+
+PROMPTS = ["Q: Is the sky blue?\nA: ", "Q: Is grass red?\nA: ", "Take 3 steps forward.\nA: ",
+           "Always face forward.\nA: ", "0123456789 =\nA: ", "The quick brown fox\nA: "]
+
+
+def data(tokenizer):
+    f = Formatter(tokenizer)
+    return [f.encode(MultipleChoice(p, ("yes", "no"), i % 2)) for i, p in enumerate(PROMPTS * 2)]
+
+
+def lora_model(dropout=0.0):
+    m = tiny_llama()
+    add_lora(m, LoraConfig(r=4, dropout=dropout))
+    return m
+
+
+def trainable(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_loss_goes_down_and_files_written(tokenizer, tmp_path):
+    m = lora_model()
+    rows = []
+    res = train(m, data(tokenizer), TrainConfig(steps=30, batch_size=4, lr=1e-2, warmup_steps=2, save_every=10),
+                tmp_path, pad_id=tokenizer.pad_token_id, evaluate=lambda model: {"accuracy": 0.5})
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 30 and losses[-1] < losses[0] * 0.5
+    assert [r["step"] for r in rows if r.get("eval")] == [0, 30] and res.evals[0]["step"] == 0
+    assert (tmp_path / "training.png").stat().st_size > 1000
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000030"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000020", "step-000030"]
+
+
+def test_resume_equals_uninterrupted_run(tokenizer, tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=4, lr=5e-3, warmup_steps=2, save_every=3, eval_every=3)
+    seqs = data(tokenizer)
+    full = lora_model(dropout=0.1)  # dropout makes the RNG state part of what must be restored
+    res_full = train(full, seqs, cfg, tmp_path / "a", pad_id=1, evaluate=lambda m: {})
+
+    def stop_at_step_3(model):
+        stop_at_step_3.calls += 1
+        if stop_at_step_3.calls == 2:  # call 1 is the step-0 evaluation, call 2 follows step 3
+            raise KeyboardInterrupt
+        return {}
+    stop_at_step_3.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        train(lora_model(dropout=0.1), seqs, cfg, tmp_path / "b", pad_id=1, evaluate=stop_at_step_3)
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000003"
+
+    resumed = lora_model(dropout=0.1)  # a fresh process: new model, new optimizer
+    res_resumed = train(resumed, seqs, cfg, tmp_path / "b", pad_id=1, resume=True, evaluate=lambda m: {})
+    assert res_resumed.final_loss == res_full.final_loss
+    for (n, a), b in zip(trainable(full).items(), trainable(resumed).values()):
+        assert torch.equal(a, b), n
+    rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_accumulation_equals_one_big_batch(tokenizer, tmp_path):
+    seqs = data(tokenizer)
+    a, b = lora_model(), lora_model()
+    train(a, seqs, TrainConfig(steps=3, batch_size=6, lr=1e-2, warmup_steps=1), tmp_path / "a", pad_id=1)
+    train(b, seqs, TrainConfig(steps=3, batch_size=6, micro_batch_size=2, lr=1e-2, warmup_steps=1),
+          tmp_path / "b", pad_id=1)
+    for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer, tmp_path):
+    m = lora_model()
+    cfg = TrainConfig(steps=6, batch_size=2, lr=1e-3, warmup_steps=1, save_every=2)
+    calls = {"n": 0}
+    layer = m.model.layers[0].mlp.down_proj
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 3 else output
+    layer.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match=r"step 4.*step-000002"):
+        train(m, data(tokenizer), cfg, tmp_path, pad_id=1)
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000002"
+
+
+def test_incomplete_checkpoint_is_reported(tokenizer, tmp_path):
+    m = lora_model()
+    train(m, data(tokenizer), TrainConfig(steps=2, batch_size=2, save_every=2), tmp_path, pad_id=1)
+    (tmp_path / "checkpoints" / "step-000002" / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: missing optimizer.safetensors"):
+        train(lora_model(), data(tokenizer), TrainConfig(steps=4, batch_size=2), tmp_path, pad_id=1, resume=True)
+
+
+def test_schedule_warmup_then_cosine_to_min():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_example_order_is_a_permutation_per_epoch_and_resumable():
+    order = example_order(7, seed=3, start=0, count=14)
+    assert sorted(order[:7]) == list(range(7)) and sorted(order[7:]) == list(range(7))
+    assert example_order(7, seed=3, start=5, count=4) == order[5:9]
