@@ -1,0 +1,181 @@
+"""LoRA training throughput: efftune vs Hugging Face peft on one GPU.
+
+Builds a random-init Llama (bf16, sdpa attention, no downloads), attaches LoRA r=16, alpha=32,
+dropout 0 to every linear layer but lm_head, and times full training steps (forward under bf16
+autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Cases:
+
+  peft            peft.get_peft_model, loss = model(input_ids=ids, labels=ids).loss
+  efftune         efftune.add_lora, loss through efftune.eval.logprobs.labelled_logprobs
+  efftune-plain   efftune.add_lora, loss = model(input_ids=ids, labels=ids).loss
+
+Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
+one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
+FLOPs/token = 4·frozen + 6·trainable + 6·layers·seq·attn_width over 989 TFLOP/s (H100 bf16 dense).
+`frozen` counts every base parameter, the embedding and lm_head both (a tied matrix twice).
+A final JSON line gives the efftune/peft ratios per shape.
+
+    PYTHONPATH=. python bench/throughput.py --shape llama3.2-1b llama3-8b
+    PYTHONPATH=. python bench/throughput.py --shape tiny --steps 2      # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES: dict[str, dict] = {
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
+}
+CASES = ("peft", "efftune", "efftune-plain")
+PEAK_FLOPS = 989e12
+
+
+def default_seq(shape: str) -> int:
+    return 128 if shape == "tiny" else 4096
+
+
+def build_model(shape: str, device: torch.device) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, use_cache=False,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    return model.train()
+
+
+def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
+    if case == "peft":
+        import peft
+        return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                          lora_dropout=0.0))
+    from efftune.methods.lora import LoraConfig, add_lora
+    add_lora(model, LoraConfig(r=16, alpha=32))
+    return model
+
+
+def loss_fn(model: torch.nn.Module, case: str, ids: torch.Tensor) -> torch.Tensor:
+    if case == "efftune":
+        from efftune.eval.logprobs import labelled_logprobs
+        labels = ids.clone()
+        labels[:, 0] = -100  # label at t is predicted from t-1: position 0 has no predictor
+        return -labelled_logprobs(model, ids, labels).mean()
+    return model(input_ids=ids, labels=ids).loss
+
+
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(frozen, trainable); a tied lm_head counts again, as its matmul still runs."""
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if inner.lm_head.weight is inner.get_input_embeddings().weight:
+        frozen += inner.lm_head.weight.numel()
+    return frozen, trainable
+
+
+def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = attach(build_model(shape, device), case)
+    frozen, trainable = param_counts(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), device=device, generator=gen)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn(model, case, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(warmup):
+        loss = step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    elapsed = time.perf_counter() - start
+    cfg = SHAPES[shape]
+    tokens_s = steps * batch * seq / elapsed
+    flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
+    return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps, tokens_s=round(tokens_s, 1),
+                step_s=round(elapsed / steps, 4),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                mfu=round(tokens_s * flops_token / PEAK_FLOPS, 4), frozen=frozen, trainable=trainable,
+                loss=round(loss.item(), 4), device=torch.cuda.get_device_name() if cuda else "cpu")
+
+
+def spawn(args: argparse.Namespace, shape: str, case: str) -> dict:
+    """Run one case in a fresh interpreter; its last stdout line is its JSON result."""
+    cmd = [sys.executable, __file__, "--worker", case, "--shape", shape, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        return dict(shape=shape, case=case, error=f"timed out after {args.case_timeout} s")
+    if proc.returncode != 0:
+        oom = "OutOfMemoryError" in proc.stderr
+        return dict(shape=shape, case=case, error="OOM" if oom else f"exit {proc.returncode}",
+                    stderr_tail=proc.stderr[-1500:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: list[dict]) -> dict:
+    """efftune/peft ratios of tokens/s and peak memory, per shape and efftune case."""
+    summary: dict[str, dict] = {}
+    for shape in dict.fromkeys(r["shape"] for r in results):
+        by_case = {r["case"]: r for r in results if r["shape"] == shape and "error" not in r}
+        base, ratios = by_case.get("peft"), {}
+        for case in ("efftune", "efftune-plain"):
+            if base and case in by_case:
+                r = by_case[case]
+                ratios[case] = dict(
+                    tokens_s=round(r["tokens_s"] / base["tokens_s"], 3),
+                    peak_mem=round(r["peak_gib"] / base["peak_gib"], 3) if base["peak_gib"] else None)
+        summary[shape] = ratios
+    return {"summary": "efftune / peft", "ratios": summary}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", nargs="+", default=["llama3-8b"], choices=sorted(SHAPES))
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--seq", type=int, default=None, help="default 4096 (128 for tiny)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--case-timeout", type=int, default=240, help="seconds per case subprocess")
+    ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:  # inside the subprocess: one shape, one case
+        shape = args.shape[0]
+        print(json.dumps(run_case(shape, args.worker, args.steps, args.warmup,
+                                  args.seq or default_seq(shape), args.batch)))
+        return
+    results = []
+    for shape in args.shape:
+        sub = argparse.Namespace(**{**vars(args), "seq": args.seq or default_seq(shape)})
+        for case in args.cases:
+            results.append(spawn(sub, shape, case))
+            print(json.dumps(results[-1]), flush=True)
+    print(json.dumps(summarize(results)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
