@@ -65,17 +65,17 @@ def _atomic_dir_write(directory: Path, files: dict[str, callable]) -> None:
 
 def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig, extra: dict | None = None) -> dict:
     layers = [(p, l) for p, l in lora_layers(model) if adapter in l.adapters]
-    suffixes = sorted({p.rsplit(".", 1)[-1] for p, l in layers if not isinstance(l, LoraEmbedding)}
-                      | {p.rsplit(".", 1)[-1] for p, l in layers if isinstance(l, LoraEmbedding)})
-    # Modules whose rank or scaling differ from the config's go into peft's per-module patterns.
+    suffixes = sorted({p.rsplit(".", 1)[-1] for p, _ in layers})
+    # Modules whose rank or scaling differ from the config's go into peft's per-module patterns,
+    # keyed by the escaped module path (peft matches a key against the end of the path).
     rank_pattern, alpha_pattern = {}, {}
     for path, layer in layers:
         a = layer.adapters[adapter]
         if a.r != config.r:
-            rank_pattern[f"^{re.escape(path)}$"] = a.r
+            rank_pattern[re.escape(path)] = a.r
         alpha = a.scaling * (a.r ** 0.5 if config.use_rslora else a.r)
         if abs(alpha - config.alpha) > 1e-6 * max(1.0, abs(alpha)):
-            alpha_pattern[f"^{re.escape(path)}$"] = alpha
+            alpha_pattern[re.escape(path)] = alpha
     base = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
@@ -134,10 +134,9 @@ def _read_tensors(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor
 
 
 def _pattern_value(patterns: dict, path: str, default):
-    """peft's rank/alpha patterns: a key matches a module path by regex or by suffix."""
+    """peft's rank/alpha patterns: a key is a regex that must match the end of the module path."""
     for pattern, value in patterns.items():
-        if re.fullmatch(pattern.lstrip("^").rstrip("$"), path) or path.endswith(pattern) \
-                or re.search(pattern, path):
+        if re.match(rf"(.*\.)?({pattern})$", path):
             return value
     return default
 

@@ -69,6 +69,22 @@ def test_we_load_peft_adapter(tmp_path):
     assert ranks["model.layers.0.mlp.down_proj"] == 2 and ranks["model.layers.0.self_attn.q_proj"] == 6
 
 
+def test_mixed_ranks_survive_our_save_for_peft(tmp_path):
+    pcfg = peft.LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
+                           rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3})
+    pm = peft.get_peft_model(tiny_llama(), pcfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    pm.save_pretrained(str(tmp_path / "p"))
+    m = tiny_llama()
+    cfg = load_adapter(m, tmp_path / "p")
+    save_adapter(m, tmp_path / "ours", cfg)
+    again = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(logits(again), logits(pm.eval()), atol=1e-5, rtol=0)
+
+
 def test_shape_mismatch_names_the_key(tmp_path):
     _, d = trained_adapter(tmp_path)
     from transformers import LlamaConfig, LlamaForCausalLM

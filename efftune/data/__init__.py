@@ -2,7 +2,9 @@
 from .bigbench import TaskInfo, load_task, task_index
 from .examples import Completion, Example, MultipleChoice, split_examples
 from .jsonl import load_jsonl
-from .tokenize import IGNORE, Encoded, Formatter, collate_packed, pack
+from .layout import Batch, Row, collate, training_rows
+from .tokenize import IGNORE, Encoded, Formatter, pack
 
 __all__ = ["TaskInfo", "load_task", "task_index", "Completion", "Example", "MultipleChoice",
-           "split_examples", "load_jsonl", "IGNORE", "Encoded", "Formatter", "collate_packed", "pack"]
+           "split_examples", "load_jsonl", "IGNORE", "Encoded", "Formatter", "pack", "Batch", "Row", "collate",
+           "training_rows"]

@@ -1,15 +1,11 @@
-"""Turn examples into token ids with the prompt masked out of the loss, and pack them into rows.
+"""Turn examples into token ids with the prompt masked out of the loss; group them into rows.
 
-Packing puts several examples in one row with position ids restarting at 0 for each, so no compute
-goes to padding; transformers turns restarting position ids into a block-diagonal causal mask
-(each example attends only to itself) when no attention mask is passed.
+How a row's tokens attend to each other (packing, shared prefixes) is `layout.py`'s job.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence as Seq
-
-import torch
 
 from .examples import Completion, Example, MultipleChoice
 
@@ -101,26 +97,3 @@ def pack(lengths: Seq[int], row_length: int) -> list[list[int]]:
             rows.append([i])
             room.append(row_length - lengths[i])
     return rows
-
-
-def collate_packed(sequences: Seq[Encoded], rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of packed sequences -> `input_ids`, `position_ids`, `labels`, each (rows, length).
-
-    Padding at a row's end forms one more short "sequence" of its own, never attended to by the
-    real ones, and carries no labels.
-    """
-    length = max(sum(len(sequences[i]) for i in row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            seq = sequences[i]
-            n = len(seq)
-            input_ids[r, at:at + n] = torch.tensor(seq.input_ids)
-            labels[r, at:at + n] = torch.tensor(seq.labels)
-            position_ids[r, at:at + n] = torch.arange(n)
-            at += n
-        position_ids[r, at:] = torch.arange(length - at)
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}

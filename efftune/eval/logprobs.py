@@ -17,7 +17,7 @@ from ..data.tokenize import IGNORE
 def target_logprobs(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, sources: torch.Tensor,
                     targets: torch.Tensor, position_ids: torch.Tensor | None = None,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(targets[n] | output at (rows[n], sources[n])) for every n, as float32.
+    """log p(targets[n] | output at (rows[n], sources[n])) for every n, in float32 (or float64).
 
     Extra keyword arguments a model reports (e.g. an MoE router's auxiliary loss) are ignored
     here; the training loop reads them from the model.
@@ -25,7 +25,8 @@ def target_logprobs(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tenso
     keep = torch.unique(sources)  # sorted positions whose outputs are needed
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                 logits_to_keep=keep, use_cache=False)
-    logits = out.logits[rows, torch.searchsorted(keep, sources)].float()
+    logits = out.logits[rows, torch.searchsorted(keep, sources)]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 kept
     return -F.cross_entropy(logits, targets, reduction="none")
 
 

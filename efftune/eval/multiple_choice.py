@@ -1,108 +1,75 @@
-"""Multiple-choice accuracy by the log-likelihood of each choice, sharing the prompt.
+"""Multiple-choice accuracy by the log-likelihood of each choice, sharing every common prefix.
 
-An example's prompt is run once and all its choices after it in the same row: each choice
-attends to the prompt and to itself, never to the other choices, and its position ids continue
-from the prompt's end as if it stood alone. Several examples share a row the same way. This
-makes scoring k choices cost about one pass over the prompt instead of k.
+Each example is laid out as a token tree (`efftune.data.layout`): the instruction all prompts
+share runs once per row, each prompt's remainder branches off it, and the choices branch off
+their prompt. Each choice attends to its own prompt (and the shared part) and to itself only, so
+its score is exactly what scoring `prompt + choice` alone gives, at a fraction of the tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..data.examples import MultipleChoice
+from ..data.layout import MIN_SHARED, Row, collate, common_prefix
 from ..data.tokenize import Formatter, pack
 from .logprobs import target_logprobs
 
 
-@dataclass
-class _Laid:
-    """One example laid out as prompt + choices."""
-    ids: list[int]
-    part: list[int]      # 0 = prompt, j = choice j (1-based)
-    pos: list[int]       # position ids
-    prompt_len: int
-    choice_lens: list[int]
-
-
-def _lay_out(formatter: Formatter, ex: MultipleChoice, max_tokens: int) -> _Laid:
+def _encode(formatter: Formatter, ex: MultipleChoice) -> tuple[list[int], list[list[int]]]:
     pairs = [formatter.encode_pair(ex.prompt, c) for c in ex.choices]
-    prompt = pairs[0][0]
-    choices = [c or [formatter.tokenizer.eos_token_id] for _, c in pairs]
-    room = max_tokens - sum(len(c) for c in choices)
-    if room < 1:
-        raise ValueError("choices alone exceed the row length; raise eval_row_tokens")
-    prompt = prompt[-room:]
-    ids, part, pos = list(prompt), [0] * len(prompt), list(range(len(prompt)))
-    for j, c in enumerate(choices, 1):
-        ids += c
-        part += [j] * len(c)
-        pos += range(len(prompt), len(prompt) + len(c))
-    return _Laid(ids, part, pos, len(prompt), [len(c) for c in choices])
+    eos = formatter.tokenizer.eos_token_id
+    return pairs[0][0], [c or [eos] for _, c in pairs]
 
 
-def shared_prefix_mask(example: torch.Tensor, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask (rows, 1, L, L): token i sees token j <= i of the same example
-    when j is in the prompt or in i's own choice."""
-    L = example.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=example.device).tril()
-    same_ex = example[:, :, None] == example[:, None, :]
-    visible = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])
-    allowed = causal & same_ex & visible
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=example.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+def score_rows(formatter: Formatter, examples: Sequence[MultipleChoice], row_tokens: int) -> list[Row]:
+    """Rows of (shared prefix) -> prompt remainder -> choices; targets tagged (example, choice)."""
+    encoded = [_encode(formatter, ex) for ex in examples]
+    prompts = [p for p, _ in encoded]
+    shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
+    shared = shared if shared >= MIN_SHARED and len(examples) > 1 else 0
+    trunk = prompts[0][:shared]
+    room = row_tokens - shared
+    sizes = []
+    for k, (p, choices) in enumerate(encoded):
+        keep = room - sum(len(c) for c in choices)
+        if keep < 1:
+            raise ValueError(f"example {k}: its choices alone exceed {row_tokens} tokens; raise row_tokens")
+        rest = p[shared:][-keep:]  # an over-long prompt keeps its end, next to the answer
+        encoded[k] = (rest, choices)
+        sizes.append(len(rest) + sum(len(c) for c in choices))
+    rows = []
+    for group in pack(sizes, room):
+        row = Row()
+        root = row.add(trunk) if shared else -1
+        for i in group:
+            rest, choices = encoded[i]
+            prompt_seg = row.add(rest, parent=root)
+            for j, c in enumerate(choices):
+                row.add(c, parent=prompt_seg, labels=c, tag=(i, j))
+        rows.append(row)
+    return rows
 
 
 @torch.no_grad()
 def choice_scores(model: nn.Module, formatter: Formatter, examples: Sequence[MultipleChoice],
-                  row_tokens: int = 1024, rows_per_batch: int = 4, normalize: str = "sum") -> list[list[float]]:
+                  row_tokens: int = 512, rows_per_batch: int = 4, normalize: str = "sum") -> list[list[float]]:
     """Log-likelihood of every choice of every example (`normalize="mean"`: per token)."""
     device = next(model.parameters()).device
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    laid = [_lay_out(formatter, ex, row_tokens) for ex in examples]
-    rows = pack([len(x.ids) for x in laid], row_tokens)
-    scores: list[list[float]] = [[] for _ in examples]
-    pad = formatter.tokenizer.pad_token_id
+    attention = getattr(model.config, "_attn_implementation", "sdpa")
+    rows = score_rows(formatter, examples, row_tokens)
+    totals: dict[tuple[int, int], list[float]] = {}
     for start in range(0, len(rows), rows_per_batch):
-        batch = rows[start:start + rows_per_batch]
-        L = max(sum(len(laid[i].ids) for i in row) for row in batch)
-        ids = torch.full((len(batch), L), pad, dtype=torch.long)
-        pos = torch.zeros((len(batch), L), dtype=torch.long)
-        ex_of = torch.full((len(batch), L), -1, dtype=torch.long)
-        part = torch.zeros((len(batch), L), dtype=torch.long)
-        r_idx, src, tgt, owner = [], [], [], []  # owner: (example, choice) of each target token
-        for r, row in enumerate(batch):
-            at = 0
-            for i in row:
-                x = laid[i]
-                n = len(x.ids)
-                ids[r, at:at + n] = torch.tensor(x.ids)
-                pos[r, at:at + n] = torch.tensor(x.pos)
-                ex_of[r, at:at + n] = i
-                part[r, at:at + n] = torch.tensor(x.part)
-                c_at = at + x.prompt_len
-                for j, c_len in enumerate(x.choice_lens):
-                    for t in range(c_len):
-                        r_idx.append(r)
-                        src.append(at + x.prompt_len - 1 if t == 0 else c_at + t - 1)
-                        tgt.append(x.ids[c_at - at + t])
-                        owner.append((i, j))
-                    c_at += c_len
-                at += n
-            pos[r, at:] = torch.arange(L - at)
-        mask = shared_prefix_mask(ex_of, part, dtype)
-        lp = target_logprobs(model, ids.to(device), torch.tensor(r_idx, device=device),
-                             torch.tensor(src, device=device), torch.tensor(tgt, device=device),
-                             pos.to(device), mask.to(device)).tolist()
-        totals: dict[tuple[int, int], list[float]] = {}
-        for key, value in zip(owner, lp):
-            totals.setdefault(key, []).append(value)
-        for (i, j), values in sorted(totals.items()):
-            scores[i].append(sum(values) / (len(values) if normalize == "mean" else 1))
+        batch = collate(rows[start:start + rows_per_batch], formatter.tokenizer.pad_token_id, attention).to(device)
+        lp = target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
+                             batch.position_ids, batch.mask).tolist()
+        for tag, value in zip(batch.tags, lp):
+            totals.setdefault(tag, []).append(value)
+    scores: list[list[float]] = [[] for _ in examples]
+    for (i, j), values in sorted(totals.items()):
+        scores[i].append(sum(values) / (len(values) if normalize == "mean" else 1))
     return scores
 
 

@@ -8,25 +8,28 @@ import torch
 from torch import nn
 
 from ..data.examples import Completion
-from ..data.tokenize import Formatter, collate_packed, pack
-from .logprobs import labelled_logprobs
+from ..data.layout import collate, training_rows
+from ..data.tokenize import Formatter
+from .logprobs import target_logprobs
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, formatter: Formatter, examples: Sequence[Completion],
                row_tokens: int = 1024) -> float:
-    """exp(mean negative log-likelihood per completion token), over packed rows."""
+    """exp(mean negative log-likelihood per completion token), over packed rows (a shared prompt
+    prefix runs once per row)."""
     device = next(model.parameters()).device
     seqs = [formatter.encode(e) for e in examples]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    attention = getattr(model.config, "_attn_implementation", "sdpa")
     try:
-        rows = pack([len(s) for s in seqs], max(row_tokens, max(len(s) for s in seqs)))
+        rows = training_rows(seqs, max(row_tokens, max(len(s) for s in seqs)))
         for start in range(0, len(rows), 4):
-            batch = collate_packed(seqs, rows[start:start + 4], formatter.tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            lp = labelled_logprobs(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+            batch = collate(rows[start:start + 4], formatter.tokenizer.pad_token_id, attention).to(device)
+            lp = target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
+                                 batch.position_ids, batch.mask)
             total -= float(lp.sum())
             count += lp.numel()
     finally:

@@ -2,8 +2,9 @@
 
 Each optimizer step takes `batch_size` examples in a seeded order (a function of the step, so a
 resumed run sees exactly the examples it would have seen), splits them into micro-batches of
-`micro_batch_size`, packs each micro-batch into rows without padding waste, and accumulates
-gradients over the micro-batches. The loss is the mean negative log-likelihood of the answer
+`micro_batch_size`, lays each micro-batch out in rows without padding waste (a prompt prefix the
+examples share runs once per row: `efftune.data.layout`), and accumulates gradients over the
+micro-batches. The loss is the mean negative log-likelihood of the answer
 tokens of the whole step, so accumulation gives the same gradient as one big batch.
 """
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data.tokenize import Encoded, collate_packed, pack
+from ..data.layout import collate, training_rows
+from ..data.tokenize import Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
-from ..eval.logprobs import labelled_logprobs
+from ..eval.logprobs import target_logprobs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .plot import plot_metrics
 from .schedule import warmup_cosine
@@ -31,18 +33,18 @@ from .schedule import warmup_cosine
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 60
     batch_size: int = 16            # examples per optimizer step
     micro_batch_size: int = 0       # examples per forward pass (0: the whole batch)
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int = 6
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0          # max gradient norm (0: off)
     precision: str = "auto"         # auto | fp32 | bf16 (autocast)
     max_length: int = 512           # tokens per row when packing
     eval_every: int = 0             # steps between evaluations (0: only before and after)
-    save_every: int = 50            # steps between checkpoints (0: only at the end)
+    save_every: int = 20            # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
     seed: int = 0
 
@@ -140,6 +142,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     if evaluate and start_step == 0:
         run_eval(0)
     micro = config.micro_batch_size or config.batch_size
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     model.train()
     t_start, tokens_seen, loss_value = time.perf_counter(), 0, float("nan")
     last_ckpt = latest_checkpoint(ckpt_root) if resume else None
@@ -154,14 +157,14 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         total = 0.0
         for m0 in range(0, len(batch), micro):
             part = batch[m0:m0 + micro]
-            rows = pack([len(s) for s in part], config.max_length)
-            inputs = {k: v.to(device) for k, v in collate_packed(part, rows, pad_id).items()}
+            inputs = collate(training_rows(part, config.max_length), pad_id, attention).to(device)
             with _autocast(config.precision, device):
-                logp = labelled_logprobs(model, inputs["input_ids"], inputs["labels"], inputs["position_ids"])
+                logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
+                                       inputs.position_ids, inputs.mask)
             loss = -logp.sum() / n_targets
             loss.backward()
             total += loss.item()
-            tokens_seen += int(inputs["input_ids"].numel())
+            tokens_seen += inputs.tokens
         if not math.isfinite(total):
             bar.close()
             where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
@@ -174,6 +177,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         optimizer.zero_grad(set_to_none=True)
         loss_value = total
         dt = time.perf_counter() - t0
+        # tokens/s counts the examples' own tokens, so the shared-prefix saving shows as speed
         row = {"step": step + 1, "loss": round(total, 6), "lr": lr_at(step), "grad_norm": round(grad_norm, 4),
                "tokens_per_s": round(sum(len(s) for s in batch) / dt, 1), "seconds": round(dt, 3)}
         log(row)

@@ -66,3 +66,18 @@ def test_perplexity_matches_mean_nll(model, tokenizer):
 def test_generate_returns_text(model, tokenizer):
     text = generate(model, Formatter(tokenizer), "Q: Is the sky blue?\nA:", max_new_tokens=5)
     assert isinstance(text, str)
+
+
+def test_shared_instruction_scores_equal_naive_scores(model, tokenizer):
+    """With a common instruction the rows become trees (instruction -> prompt -> choices)."""
+    from efftune.eval.multiple_choice import score_rows
+    instruction = "Predict the intent of the utterance. The choices are: play, stop.\n\nUtterance: "
+    examples = [MultipleChoice(instruction + u + "\nIntent: ", ("play", "stop"), a)
+                for u, a in [("play the fox song", 0), ("stop it", 1), ("the dog song", 0)]]
+    f = Formatter(tokenizer)
+    rows = score_rows(f, examples, row_tokens=512)
+    assert len(rows) == 1 and rows[0].parents[:2] == [-1, 0]  # shared root, then a prompt under it
+    got = choice_scores(model, f, examples)
+    for ex, scores in zip(examples, got):
+        for a, b in zip(scores, naive_scores(model, f, ex)):
+            assert math.isclose(a, b, abs_tol=1e-4)

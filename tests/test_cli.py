@@ -1,0 +1,124 @@
+"""The command line on a tiny local model and JSONL data: the contract users script against."""
+import json
+
+import pytest
+
+from efftune.cli import main
+from tests.conftest import make_tokenizer, tiny_llama
+
+ROWS = [{"input": f"Q: Is {w} blue?", "choices": ["yes", "no"], "answer": int(w != "sky")}
+        for w in ["sky", "grass", "fox", "dog", "sky", "grass", "fox", "dog"] * 3]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+def run(capsys, *args):
+    code = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out):
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_train_then_eval_with_adapter(capsys, model_dir, data_file, tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--steps", 4, "--batch-size", 4,
+                         "--eval-size", 8, "--rank", 2, "--lr", "1e-2", "--output", out_dir)
+    assert code == 0, err
+    summary = last_json(out)
+    assert {"accuracy_before", "accuracy_after", "adapter", "steps", "train_seconds"} <= set(summary)
+    assert summary["steps"] == 4 and summary["eval_examples"] == 8
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl",
+                 "training.png", "summary.json", "config.json"):
+        assert (out_dir / name).is_file(), name
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--adapter", out_dir / "adapter", "--data", data_file)
+    assert code == 0, err
+    result = last_json(out)
+    assert 0 <= result["accuracy"] <= 1 and result["examples"] == len(ROWS)
+
+
+def test_refuses_to_overwrite_a_run(capsys, model_dir, data_file, tmp_path):
+    args = ["train", "--model", model_dir, "--data", data_file, "--steps", 1, "--batch-size", 2, "--output", tmp_path]
+    (tmp_path / "keep.txt").write_text("previous run")
+    code, out, err = run(capsys, *args)
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert (tmp_path / "keep.txt").read_text() == "previous run"
+    code, out, err = run(capsys, *args, "--overwrite")
+    assert code == 0, err
+
+
+def test_resume_continues_a_stopped_run(capsys, model_dir, data_file, tmp_path):
+    base = ["train", "--model", model_dir, "--data", data_file, "--batch-size", 2, "--save-every", 2,
+            "--output", tmp_path / "r"]
+    assert run(capsys, *base, "--steps", 2)[0] == 0
+    code, out, err = run(capsys, *base, "--steps", 4, "--resume")
+    assert code == 0, err
+    steps = [json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_config_file_and_flag_override(capsys, model_dir, data_file, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {model_dir}\ndata: {data_file}\noutput: {tmp_path / 'out'}\n"
+                   "lora: {{r: 2, target_modules: [q_proj, v_proj]}}\ntrain: {{steps: 5, batch_size: 2}}\n"
+                   .replace("{{", "{").replace("}}", "}"))
+    code, out, err = run(capsys, "train", "--config", cfg, "--steps", 2)
+    assert code == 0, err
+    assert last_json(out)["steps"] == 2
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 2 and sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train: {stepz: 3}", "unknown config key 'train.stepz'"),
+    ("train: {steps: many}", "train.steps: expected int"),
+    ("lora: {r: 0}", "lora.r must be a positive integer"),
+    ("method: dora", "unknown method 'dora'"),
+    ("- a list", "expected a mapping"),
+])
+def test_bad_config_is_one_clear_line(capsys, tmp_path, yaml_text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text + "\n")
+    code, out, err = run(capsys, "train", "--config", cfg, "--output", tmp_path / "o")
+    assert code == 2
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_target_that_matches_nothing(capsys, model_dir, data_file, tmp_path):
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--target-modules", "query,value",
+                         "--output", tmp_path / "o")
+    assert code == 2 and "matches no module" in err and "q_proj" in err
+
+
+def test_bad_data_row_names_file_and_line(capsys, model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", bad, "--output", tmp_path / "o")
+    assert code == 2 and "bad.jsonl:2" in err and "completion" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate(capsys, model_dir):
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--max-new-tokens", 3, "Q: Is the sky blue?")
+    assert code == 0, err
+
+
+def test_eval_needs_task_or_data(capsys, model_dir):
+    code, out, err = run(capsys, "eval", "--model", model_dir)
+    assert code == 2 and "exactly one of --task or --data" in err
