@@ -20,7 +20,7 @@ TRAIN_FLAGS = {
     "data": (None, "data", str, "JSONL training data instead of BIG-bench"),
     "eval-data": (None, "eval_data", str, "JSONL evaluation data (default: a held-out split)"),
     "eval-size": (None, "eval_size", int, "held-out examples per task"),
-    "method": (None, "method", str, "fine-tuning method (lora)"),
+    "method": (None, "method", str, "fine-tuning method: lora | lora-fa"),
     "output": (None, "output", str, "run directory"),
     "chat-template": (None, "chat_template", bool, "wrap prompts in the tokenizer's chat template"),
     "dtype": (None, "dtype", str, "auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU)"),
@@ -31,6 +31,7 @@ TRAIN_FLAGS = {
     "target-modules": ("lora", "target_modules", str,
                        "all-linear, comma-separated module-name suffixes, or a regex (full match)"),
     "rslora": ("lora", "use_rslora", bool, "rsLoRA scaling alpha / sqrt(r)"),
+    "no-fa-correction": ("lora", "correction", "off", "LoRA-FA: plain B gradient, no (A Aᵀ + δI)⁻¹ / s² correction"),
     "steps": ("train", "steps", int, "optimizer steps"),
     "batch-size": ("train", "batch_size", int, "examples per optimizer step"),
     "micro-batch-size": ("train", "micro_batch_size", int, "examples per forward pass (gradient accumulation)"),
@@ -60,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune (no arguments: LoRA on the embedded default model and task)",
                        description="Fine-tune a model. Flags override keys of the --config YAML file; "
-                                   "the config key is given in brackets.")
+                                   "the config key is given in brackets (lora.* keys live under "
+                                   "lora_fa.* with --method lora-fa).")
     t.add_argument("--config", help="YAML run config (keys as in the brackets below)")
     t.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --output")
@@ -69,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
         name = f"{section}.{key}" if section else key
         if typ is bool:
             t.add_argument(f"--{flag}", action="store_true", default=None, help=f"{text} [{name}]")
+        elif typ == "off":
+            t.add_argument(f"--{flag}", action="store_false", default=None, help=f"{text} [lora_fa.{key}]")
         else:
             t.add_argument(f"--{flag}", type=typ, help=f"{text} [{name}]")
 
@@ -106,6 +110,10 @@ def _train(args) -> dict:
             overrides.setdefault(section, {})[key] = value
         else:
             overrides[key] = value
+    # LoRA flags set the section of the method in use (lora_fa.r with --method lora-fa)
+    method = overrides.get("method") or load_config(args.config).method
+    if method == "lora-fa" and "lora" in overrides:
+        overrides["lora_fa"] = overrides.pop("lora")
     cfg = load_config(args.config, overrides)
     return run(cfg, overwrite=args.overwrite, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
 

@@ -15,6 +15,7 @@ import yaml
 
 from .errors import ConfigError
 from .methods.lora import LoraConfig
+from .methods.lora_fa import LoraFAConfig
 from .train.loop import TrainConfig
 
 DEFAULT_TASK = "intent_recognition"
@@ -33,6 +34,7 @@ class RunConfig:
     dtype: str = "auto"
     device: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    lora_fa: LoraFAConfig = field(default_factory=LoraFAConfig)   # used with method: lora-fa
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

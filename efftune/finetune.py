@@ -109,4 +109,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, log=pr
     }
     summary = {k: v for k, v in summary.items() if v is not None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    scores = [f"{k} {before.get(k)} -> {after[k]}" for k in ("accuracy", "perplexity") if k in after]
+    log(f"held-out {', '.join(scores) or '(no evaluation)'}; adapter: {adapter_dir}; metrics: "
+        f"{out / 'metrics.jsonl'}; plot: {out / 'training.png'}; summary: {out / 'summary.json'}")
     return summary

@@ -142,7 +142,7 @@ def _pattern_value(patterns: dict, path: str, default):
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
-                 allow_pickle: bool = False) -> LoraConfig:
+                 allow_pickle: bool = False, adapter_cls=None) -> LoraConfig:
     """Attach the LoRA adapter saved in `directory` (by efftune or peft) as `adapter`.
 
     Checks every key and shape against the model and names the first that does not fit.
@@ -176,7 +176,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
         embeddings=exact([p for p, (kind, _) in found.items() if kind == "lora_embedding_A"]))
     rank_of = {p: tensors[k].shape[0] for p, (_, k) in found.items()}
     alpha_of = {p: float(_pattern_value(cfg.get("alpha_pattern") or {}, p, alpha)) for p in found}
-    add_lora(model, attach_cfg, adapter, rank_of=rank_of, alpha_of=alpha_of)
+    add_lora(model, attach_cfg, adapter, rank_of=rank_of, alpha_of=alpha_of, adapter_cls=adapter_cls)
     _copy_tensors(model, tensors, adapter, directory)
     targets = cfg.get("target_modules") or "all-linear"
     return LoraConfig(r=r, alpha=alpha, dropout=attach_cfg.dropout, use_rslora=attach_cfg.use_rslora,

@@ -122,3 +122,13 @@ def test_generate(capsys, model_dir):
 def test_eval_needs_task_or_data(capsys, model_dir):
     code, out, err = run(capsys, "eval", "--model", model_dir)
     assert code == 2 and "exactly one of --task or --data" in err
+
+
+def test_lora_fa_method_from_flags(capsys, model_dir, data_file, tmp_path):
+    out_dir = tmp_path / "fa"
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", "lora-fa",
+                         "--rank", 3, "--steps", 2, "--batch-size", 4, "--output", out_dir)
+    assert code == 0, err
+    saved = json.loads((out_dir / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 3 and saved["efftune"]["method"] == "lora-fa" and saved["efftune"]["correction"] is True
+    assert json.loads((out_dir / "config.json").read_text())["lora_fa"]["r"] == 3

@@ -25,7 +25,16 @@ def _lora() -> Method:
                   load=lambda model, d: io.load_adapter(model, d))
 
 
-METHODS: dict[str, Callable[[], Method]] = {"lora": _lora}
+def _lora_fa() -> Method:
+    from .. import io
+    from .lora_fa import add_lora_fa, load_lora_fa
+    return Method("lora-fa", "lora_fa", attach=add_lora_fa,
+                  save=lambda model, d, cfg, meta: io.save_adapter(
+                      model, d, cfg, metadata={"method": "lora-fa", "correction": cfg.correction, **meta}),
+                  load=lambda model, d: load_lora_fa(model, d))
+
+
+METHODS: dict[str, Callable[[], Method]] = {"lora": _lora, "lora-fa": _lora_fa}
 
 
 def get_method(name: str) -> Method:

@@ -110,15 +110,18 @@ class LoraLayer(nn.Module):
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0,
-                    init: str = "kaiming") -> LoraAdapter:
+                    init: str = "kaiming", adapter_cls: type[LoraAdapter] | None = None) -> LoraAdapter:
+        """Add adapter `name`; `adapter_cls` (default LoraAdapter) lets a variant such as LoRA-FA
+        bring its own forward."""
         if name in self.adapters:
             raise EfftuneError(f"adapter {name!r} already exists")
         weight = self.base_layer.weight
         # Adapters keep fp32 master weights under a half-precision base (autocast runs them in
         # bf16); a float64 base (tests) keeps float64.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.adapters[name] = LoraAdapter(self.in_features, self.out_features, r, scaling, dropout, init,
-                                          device=weight.device, dtype=dtype)
+        cls = adapter_cls or LoraAdapter
+        self.adapters[name] = cls(self.in_features, self.out_features, r, scaling, dropout, init,
+                                  device=weight.device, dtype=dtype)
         self.active.append(name)
         return self.adapters[name]
 
@@ -206,9 +209,9 @@ class LoraEmbedding(LoraLayer):
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T
 
-    def add_adapter(self, name, r, scaling, dropout=0.0, init="kaiming") -> LoraAdapter:
+    def add_adapter(self, name, r, scaling, dropout=0.0, init="kaiming", adapter_cls=None) -> LoraAdapter:
         # Zero A and random B, so the adapter starts at the base model yet the lookup of A
-        # gets a gradient from the first step.
+        # gets a gradient from the first step. (Embeddings always get plain LoRA adapters.)
         adapter = super().add_adapter(name, r, scaling, 0.0, init)
         with torch.no_grad():
             adapter.lora_B.normal_()
@@ -231,12 +234,14 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default",
-             rank_of: dict[str, int] | None = None, alpha_of: dict[str, float] | None = None) -> list[str]:
+             rank_of: dict[str, int] | None = None, alpha_of: dict[str, float] | None = None,
+             adapter_cls: type[LoraAdapter] | None = None) -> list[str]:
     """Attach a LoRA adapter named `adapter` to every module `config` targets.
 
     Everything else is frozen (earlier adapters too: `set_trainable_adapters` trains several);
     the new adapter trains and becomes active beside any adapters already active. `rank_of` / `alpha_of` override r / alpha per module path (as
-    peft's rank_pattern does). Returns the adapted module paths.
+    peft's rank_pattern does); `adapter_cls` picks a LoRA variant's adapter class (LoRA-FA).
+    Returns the adapted module paths.
     """
     config = config or LoraConfig()
     if adapter in adapter_names(model):
@@ -255,7 +260,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
             module = wrapper
         r = (rank_of or {}).get(name, config.r)
         scaling = config.scaling(r, (alpha_of or {}).get(name))
-        module.add_adapter(adapter, r, scaling, config.dropout, config.init).requires_grad_(True)
+        module.add_adapter(adapter, r, scaling, config.dropout, config.init, adapter_cls).requires_grad_(True)
     return names
 
 

@@ -43,7 +43,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # max gradient norm (0: off)
     precision: str = "auto"         # auto | fp32 | bf16 (autocast)
     max_length: int = 512           # tokens per row when packing
-    eval_every: int = 0             # steps between evaluations (0: only before and after)
+    eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
     seed: int = 0
