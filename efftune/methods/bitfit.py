@@ -1,0 +1,194 @@
+"""BitFit (Ben-Zaken et al. 2022): train only bias terms; every weight stays frozen.
+
+Trained: the biases of the targeted linears (default "all-linear": every linear but the output
+head) and, with `norms`, of every normalisation layer that has one. Targeted linears without a
+bias are skipped — unless `add_biases`, which wraps each in an `AddedBias` holding a zero-initialised
+trainable bias (out,), so training starts exactly at the base model. Llama-style models have no
+biases at all, so there `add_biases` is required. Merging folds an added bias into the `bias` of
+a new nn.Linear; the model's own biases are trained in place and need no merge.
+
+On disk (efftune's own format, safetensors only):
+- `bitfit_config.json`: {"method": "bitfit", "format_version": 1, "target_modules", "norms",
+  "add_biases", "added": [paths of the linears that got a new bias], "base_model_name_or_path",
+  "efftune": run metadata}.
+- `bitfit_model.safetensors`: one tensor per trained bias, keyed `<module path>.bias` (exactly the
+  parameter's name in the merged model), shape (out_features,) or the norm's (hidden,). The
+  values are whole biases, not differences: loading overwrites the model's biases with them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import AdapterError, ConfigError, EfftuneError
+from .attach import find_targets, freeze_base, replace_module, wrappers
+
+CONFIG_FILE = "bitfit_config.json"
+WEIGHTS_FILE = "bitfit_model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class BitFitConfig:
+    """`target_modules`: linears whose biases train ("all-linear", suffixes, or a full-match regex;
+    empty for norms only). `norms`: train normalisation-layer biases too. `add_biases`: give
+    targeted linears that lack a bias a zero-initialised one."""
+    target_modules: str | list[str] = "all-linear"
+    norms: bool = True
+    add_biases: bool = False
+
+    def __post_init__(self):
+        if not self.target_modules and not self.norms:
+            raise ConfigError("bitfit.target_modules is empty and bitfit.norms is false: no bias would train")
+
+
+class AddedBias(nn.Module):
+    """A bias-free linear plus a trainable bias: `y = W x + bias`, bias (out,) starting at zero."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        w = base_layer.weight
+        # fp32 master weights under a half-precision base, as LoRA adapters keep.
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        self.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y + self.bias.to(y.dtype)
+
+    def merged_linear(self) -> nn.Linear:
+        """A new nn.Linear sharing the base weight, with this bias as its real `bias`."""
+        w = self.base_layer.weight
+        new = nn.Linear(w.shape[1], w.shape[0], bias=True, device="meta")  # no throwaway allocation
+        new.weight = w
+        new.bias = nn.Parameter(self.bias.detach().to(w.dtype).clone(), requires_grad=self.bias.requires_grad)
+        return new
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # Norm classes share no base class across architectures (LlamaRMSNorm, T5LayerNorm, ...).
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
+
+
+def _targets(model: nn.Module, config: BitFitConfig) -> tuple[list[str], list[str]]:
+    """(targeted linear paths, paths of norms with a bias)."""
+    linears = find_targets(model, config.target_modules) if config.target_modules else []
+    norms = [n for n, m in model.named_modules()
+             if config.norms and _is_norm(m) and isinstance(getattr(m, "bias", None), nn.Parameter)]
+    return linears, norms
+
+
+def _bias_paths(model: nn.Module, config: BitFitConfig) -> list[str]:
+    """Modules whose `bias` BitFit trains, in model order."""
+    linears, norms = _targets(model, config)
+    have = [p for p in linears if getattr(model.get_submodule(p), "bias", None) is not None]
+    return have + norms
+
+
+def add_bitfit(model: nn.Module, config: BitFitConfig | None = None) -> list[str]:
+    """Freeze the model and switch on the biases `config` selects (adding them first where
+    `add_biases`). Returns the module paths whose bias trains."""
+    config = config or BitFitConfig()
+    if any(True for _ in wrappers(model, AddedBias)):
+        raise EfftuneError("the model already has BitFit biases added; unload them first")
+    linears, norms = _targets(model, config)
+    lacking = [p for p in linears if getattr(model.get_submodule(p), "bias", None) is None]
+    if config.add_biases:
+        for path in lacking:
+            replace_module(model, path, AddedBias(model.get_submodule(path)))
+    elif len(lacking) == len(linears) and not norms:
+        raise ConfigError("bitfit: none of the targeted modules has a bias (Llama-style models have "
+                          "none); set bitfit.add_biases=true to give the targeted linears "
+                          "zero-initialised trainable biases")
+    freeze_base(model)
+    paths = _bias_paths(model, config)
+    for path in paths:
+        model.get_submodule(path).bias.requires_grad_(True)
+    return paths
+
+
+def unload_bitfit(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace each AddedBias by a plain nn.Linear whose bias is the learned one (`merge`), or by
+    the bias-free base linear (`merge=False`, dropping the added biases)."""
+    for path, layer in list(wrappers(model, AddedBias)):
+        replace_module(model, path, layer.merged_linear() if merge else layer.base_layer)
+    return model
+
+
+def save_bitfit(model: nn.Module, directory: str | os.PathLike, config: BitFitConfig,
+                metadata: dict | None = None) -> Path:
+    """Write the trained biases and `config` to `directory` (atomically)."""
+    from ..io import _atomic_dir_write
+    paths = _bias_paths(model, config)
+    if not paths:
+        raise AdapterError("the model has no biases for this BitFit config to save")
+    state = {f"{p}.bias": model.get_submodule(p).bias.detach().contiguous() for p in paths}
+    cfg = {"method": "bitfit", "format_version": FORMAT_VERSION, "target_modules": config.target_modules,
+           "norms": config.norms, "add_biases": config.add_biases,
+           "added": [p for p, _ in wrappers(model, AddedBias)],
+           "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
+    if metadata:
+        cfg["efftune"] = metadata
+    directory = Path(directory)
+    _atomic_dir_write(directory, {
+        WEIGHTS_FILE: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+        CONFIG_FILE: lambda p: p.write_text(json.dumps(cfg, indent=2)),
+    })
+    return directory
+
+
+def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise AdapterError(f"adapter: {directory} has no {name}")
+    try:
+        cfg = json.loads((directory / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"adapter: {directory / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
+    if cfg.get("method") != "bitfit":
+        raise AdapterError(f"adapter: {directory / CONFIG_FILE} is not a BitFit config")
+    return cfg, load_file(str(directory / WEIGHTS_FILE))
+
+
+def _mismatch(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """The first key that is missing, of the wrong shape, or unexpected, described; else None."""
+    for key, param in expected.items():
+        if key not in tensors:
+            return f"lacks key {key!r}"
+        if tensors[key].shape != param.shape:
+            return f"has key {key!r} of shape {tuple(tensors[key].shape)}, the model expects {tuple(param.shape)}"
+    extra = [k for k in tensors if k not in expected]
+    return f"has key {extra[0]!r}, which this config does not train" if extra else None
+
+
+def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> BitFitConfig:
+    """Set up BitFit as saved in `directory` and load its biases; returns the saved config.
+    Every key and shape is checked against the model; the first misfit is named."""
+    directory = Path(directory)
+    cfg, tensors = _read(directory)
+    try:
+        config = BitFitConfig(target_modules=cfg["target_modules"], norms=bool(cfg["norms"]),
+                              add_biases=bool(cfg["add_biases"]))
+    except (KeyError, ConfigError) as exc:
+        raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad or missing field {exc}") from None
+    modules = dict(model.named_modules())
+    for key in tensors:
+        if not key.endswith(".bias") or key.removesuffix(".bias") not in modules:
+            raise AdapterError(f"adapter: key {key!r} in {directory / WEIGHTS_FILE} names no module of this model")
+    add_bitfit(model, config)
+    expected = {f"{p}.bias": model.get_submodule(p).bias for p in _bias_paths(model, config)}
+    problem = _mismatch(tensors, expected)
+    if problem:
+        unload_bitfit(model, merge=False)  # leave the model as it was
+        raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key].to(param.dtype))
+    return config

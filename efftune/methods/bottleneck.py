@@ -1,0 +1,198 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021): `h + W_up f(W_down h)`.
+
+`h` (batch, seq, hidden) is the output of a decoder layer's attention and/or FFN sublayer, before
+the residual add; `W_down` (size, hidden) and `W_up` (hidden, size) carry biases. `placement`
+"houlsby" adapts both sublayers, "pfeiffer" the FFN only. `W_up` and its bias start at zero, so
+training starts exactly at the base model. An adapter wraps the sublayer module itself (Llama's
+`model.layers.N.self_attn` / `.mlp`); attention returns a tuple, of which only the first element
+(the hidden states) is adapted. Not mergeable: the nonlinearity `f` keeps the adapter out of any
+weight, so it stays a module at inference too.
+
+On disk (efftune's own format, safetensors only):
+- `bottleneck_config.json`: {"method": "bottleneck", "format_version": 1, "bottleneck_size",
+  "placement", "activation", "attn_module", "ffn_module", "base_model_name_or_path",
+  "efftune": run metadata}.
+- `bottleneck_model.safetensors`: per adapted sublayer `<module path>.adapter_down.weight`
+  (size, hidden), `.adapter_down.bias` (size,), `.adapter_up.weight` (hidden, size) and
+  `.adapter_up.bias` (hidden,) — the parameters' names in the adapted model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import AdapterError, ConfigError, EfftuneError
+from .attach import find_targets, freeze_base, replace_module, wrappers
+
+CONFIG_FILE = "bottleneck_config.json"
+WEIGHTS_FILE = "bottleneck_model.safetensors"
+FORMAT_VERSION = 1
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+PLACEMENTS = ("houlsby", "pfeiffer")
+
+
+@dataclass
+class BottleneckConfig:
+    """`attn_module` / `ffn_module`: the sublayers' module names in a decoder layer (Llama's
+    `self_attn` / `mlp`; GPT-2's `attn` / `mlp`)."""
+    bottleneck_size: int = 64
+    placement: str = "houlsby"
+    activation: str = "relu"
+    attn_module: str = "self_attn"
+    ffn_module: str = "mlp"
+
+    def __post_init__(self):
+        if not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1:
+            raise ConfigError(f"bottleneck.bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"bottleneck.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"bottleneck.activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+
+    def sublayers(self) -> list[str]:
+        return [self.attn_module, self.ffn_module] if self.placement == "houlsby" else [self.ffn_module]
+
+
+class BottleneckAdapter(nn.Module):
+    """A sublayer followed by a residual bottleneck on its (first) output."""
+
+    def __init__(self, base_layer: nn.Module, hidden_size: int, bottleneck_size: int, activation: str,
+                 *, device=None, dtype=None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter_down = nn.Linear(hidden_size, bottleneck_size, device=device, dtype=dtype)
+        self.act = ACTIVATIONS[activation]()
+        self.adapter_up = nn.Linear(bottleneck_size, hidden_size, device=device, dtype=dtype)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    def adapt(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., hidden): `h + W_up f(W_down h)`."""
+        x = h.to(self.adapter_down.weight.dtype) if not torch.is_autocast_enabled(h.device.type) else h
+        return h + self.adapter_up(self.act(self.adapter_down(x))).to(h.dtype)
+
+    def forward(self, *args, **kwargs):
+        out = self.base_layer(*args, **kwargs)
+        if isinstance(out, tuple):  # attention: (hidden states, attention weights, ...)
+            return (self.adapt(out[0]), *out[1:])
+        return self.adapt(out)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    size = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(size, int):
+        raise ConfigError("bottleneck: the model's config has no hidden_size, so the adapter width is unknown")
+    return size
+
+
+def bottleneck_adapters(model: nn.Module) -> Iterator[tuple[str, BottleneckAdapter]]:
+    return wrappers(model, BottleneckAdapter)
+
+
+def add_bottleneck(model: nn.Module, config: BottleneckConfig | None = None) -> list[str]:
+    """Freeze the model and wrap each targeted sublayer in a trainable BottleneckAdapter.
+    Returns the wrapped module paths."""
+    config = config or BottleneckConfig()
+    if any(True for _ in bottleneck_adapters(model)):
+        raise EfftuneError("the model already has bottleneck adapters; unload them first")
+    hidden = _hidden_size(model)
+    names = find_targets(model, config.sublayers(), accept=lambda m: True)
+    freeze_base(model)
+    for name in names:
+        base = model.get_submodule(name)
+        p = next(base.parameters())
+        # fp32 master weights under a half-precision base, as LoRA adapters keep.
+        dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+        replace_module(model, name, BottleneckAdapter(base, hidden, config.bottleneck_size, config.activation,
+                                                      device=p.device, dtype=dtype))
+    return names
+
+
+def unload_bottleneck(model: nn.Module) -> nn.Module:
+    """Put the plain sublayers back (the adapters are dropped: they cannot be merged)."""
+    for name, adapter in list(bottleneck_adapters(model)):
+        replace_module(model, name, adapter.base_layer)
+    return model
+
+
+def bottleneck_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for path, adapter in bottleneck_adapters(model):
+        for name, p in adapter.named_parameters():
+            if not name.startswith("base_layer."):
+                state[f"{path}.{name}"] = p.detach().contiguous()
+    return state
+
+
+def save_bottleneck(model: nn.Module, directory: str | os.PathLike, config: BottleneckConfig,
+                    metadata: dict | None = None) -> Path:
+    """Write the adapters and `config` to `directory` (atomically)."""
+    from ..io import _atomic_dir_write
+    state = bottleneck_state_dict(model)
+    if not state:
+        raise AdapterError("the model has no bottleneck adapters to save")
+    cfg = {"method": "bottleneck", "format_version": FORMAT_VERSION,
+           "bottleneck_size": config.bottleneck_size, "placement": config.placement,
+           "activation": config.activation, "attn_module": config.attn_module, "ffn_module": config.ffn_module,
+           "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
+    if metadata:
+        cfg["efftune"] = metadata
+    directory = Path(directory)
+    _atomic_dir_write(directory, {
+        WEIGHTS_FILE: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+        CONFIG_FILE: lambda p: p.write_text(json.dumps(cfg, indent=2)),
+    })
+    return directory
+
+
+def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise AdapterError(f"adapter: {directory} has no {name}")
+    try:
+        cfg = json.loads((directory / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"adapter: {directory / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
+    if cfg.get("method") != "bottleneck":
+        raise AdapterError(f"adapter: {directory / CONFIG_FILE} is not a bottleneck-adapter config")
+    return cfg, load_file(str(directory / WEIGHTS_FILE))
+
+
+def _mismatch(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """The first key that is missing, of the wrong shape, or unexpected, described; else None."""
+    for key, param in expected.items():
+        if key not in tensors:
+            return f"lacks key {key!r}"
+        if tensors[key].shape != param.shape:
+            return f"has key {key!r} of shape {tuple(tensors[key].shape)}, the model expects {tuple(param.shape)}"
+    extra = [k for k in tensors if k not in expected]
+    return f"has key {extra[0]!r}, which fits no adapter of this model" if extra else None
+
+
+def load_bottleneck(model: nn.Module, directory: str | os.PathLike) -> BottleneckConfig:
+    """Attach the bottleneck adapters saved in `directory`; returns their config. Every key and
+    shape is checked against the model; the first misfit is named."""
+    directory = Path(directory)
+    cfg, tensors = _read(directory)
+    fields = ("bottleneck_size", "placement", "activation", "attn_module", "ffn_module")
+    try:
+        config = BottleneckConfig(**{f: cfg[f] for f in fields})
+    except (KeyError, ConfigError) as exc:
+        raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad or missing field {exc}") from None
+    add_bottleneck(model, config)
+    expected, params = bottleneck_state_dict(model), dict(model.named_parameters())
+    problem = _mismatch(tensors, expected)
+    if problem:
+        unload_bottleneck(model)  # leave the model as it was
+        raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem}")
+    with torch.no_grad():
+        for key in expected:
+            params[key].copy_(tensors[key].to(params[key].dtype))
+    return config
