@@ -7,14 +7,21 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   peft            peft.get_peft_model, loss = model(input_ids=ids, labels=ids).loss
   efftune         efftune.add_lora, loss through efftune.eval.logprobs.labelled_logprobs
   efftune-plain   efftune.add_lora, loss = model(input_ids=ids, labels=ids).loss
+  efftune-fa      efftune.add_lora_fa (A frozen, cached gradient correction), loss as `efftune`
+  efftune-fa-nocorr  the same with LoraFAConfig(correction=False)
+  peft-fa         peft.get_peft_model LoRA + peft.optimizers.create_lorafa_optimizer (freezes A,
+                  corrects B's step itself, replaces fused AdamW), loss as `peft`
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
 FLOPs/token = 4·frozen + 6·trainable + 6·layers·seq·attn_width over 989 TFLOP/s (H100 bf16 dense).
-`frozen` counts every base parameter, the embedding and lm_head both (a tied matrix twice).
-A final JSON line gives the efftune/peft ratios per shape.
+`frozen` counts every base parameter, the embedding and lm_head both (a tied matrix twice), and a
+frozen LoRA-FA `A` (counted after the optimizer is made, as peft-fa freezes A there).
+`--batch` takes several sizes (a sweep); a case that runs out of memory reports error "OOM".
+A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch.
 
     PYTHONPATH=. python bench/throughput.py --shape llama3.2-1b llama3-8b
+    PYTHONPATH=. python bench/throughput.py --cases efftune efftune-fa peft-fa --batch 1 2
     PYTHONPATH=. python bench/throughput.py --shape tiny --steps 2      # CPU smoke test
 """
 from __future__ import annotations
@@ -35,7 +42,8 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
 }
-CASES = ("peft", "efftune", "efftune-plain")
+CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa")
+LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr")
 PEAK_FLOPS = 989e12
 
 
@@ -54,17 +62,28 @@ def build_model(shape: str, device: torch.device) -> torch.nn.Module:
 
 
 def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
-    if case == "peft":
+    if case in ("peft", "peft-fa"):
         import peft
         return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                           lora_dropout=0.0))
+    if case in ("efftune-fa", "efftune-fa-nocorr"):
+        from efftune.methods.lora_fa import LoraFAConfig, add_lora_fa
+        add_lora_fa(model, LoraFAConfig(r=16, alpha=32, correction=case == "efftune-fa"))
+        return model
     from efftune.methods.lora import LoraConfig, add_lora
     add_lora(model, LoraConfig(r=16, alpha=32))
     return model
 
 
+def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:
+    if case == "peft-fa":
+        from peft.optimizers import create_lorafa_optimizer
+        return create_lorafa_optimizer(model, r=16, lora_alpha=32, lr=1e-4)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+
 def loss_fn(model: torch.nn.Module, case: str, ids: torch.Tensor) -> torch.Tensor:
-    if case == "efftune":
+    if case in LOGPROBS_LOSS:
         from efftune.eval.logprobs import labelled_logprobs
         labels = ids.clone()
         labels[:, 0] = -100  # label at t is predicted from t-1: position 0 has no predictor
@@ -85,9 +104,8 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
 def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = attach(build_model(shape, device), case)
+    opt = make_optimizer(model, case)  # before counting: peft-fa freezes lora_A here
     frozen, trainable = param_counts(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), device=device, generator=gen)
     cuda = device.type == "cuda"
@@ -117,39 +135,55 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps, tokens_s=round(tokens_s, 1),
                 step_s=round(elapsed / steps, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                 mfu=round(tokens_s * flops_token / PEAK_FLOPS, 4), frozen=frozen, trainable=trainable,
                 loss=round(loss.item(), 4), device=torch.cuda.get_device_name() if cuda else "cpu")
 
 
-def spawn(args: argparse.Namespace, shape: str, case: str) -> dict:
+def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
     """Run one case in a fresh interpreter; its last stdout line is its JSON result."""
     cmd = [sys.executable, __file__, "--worker", case, "--shape", shape, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch)]
+           "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(batch)]
+    head = dict(shape=shape, case=case, batch=batch)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
     except subprocess.TimeoutExpired:
-        return dict(shape=shape, case=case, error=f"timed out after {args.case_timeout} s")
+        return dict(head, error=f"timed out after {args.case_timeout} s")
     if proc.returncode != 0:
-        oom = "OutOfMemoryError" in proc.stderr
-        return dict(shape=shape, case=case, error="OOM" if oom else f"exit {proc.returncode}",
-                    stderr_tail=proc.stderr[-1500:])
+        oom = "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr
+        return dict(head, error="OOM" if oom else f"exit {proc.returncode}", stderr_tail=proc.stderr[-1500:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _ratio(r: dict, base: dict | None, key: str) -> float | None:
+    if base is None or not r.get(key) or not base.get(key):
+        return None
+    return round(r[key] / base[key], 3)
+
+
 def summarize(results: list[dict]) -> dict:
-    """efftune/peft ratios of tokens/s and peak memory, per shape and efftune case."""
+    """Per shape and batch: each case's tokens/s and peak-memory ratios to efftune (LoRA) and peft
+    (LoRA), and the LoRA-FA bar: efftune-fa peak <= peft-fa's and <= 0.7x efftune's, at >= 0.95x
+    efftune's tokens/s."""
     summary: dict[str, dict] = {}
-    for shape in dict.fromkeys(r["shape"] for r in results):
-        by_case = {r["case"]: r for r in results if r["shape"] == shape and "error" not in r}
-        base, ratios = by_case.get("peft"), {}
-        for case in ("efftune", "efftune-plain"):
-            if base and case in by_case:
-                r = by_case[case]
-                ratios[case] = dict(
-                    tokens_s=round(r["tokens_s"] / base["tokens_s"], 3),
-                    peak_mem=round(r["peak_gib"] / base["peak_gib"], 3) if base["peak_gib"] else None)
-        summary[shape] = ratios
-    return {"summary": "efftune / peft", "ratios": summary}
+    for shape, batch in dict.fromkeys((r["shape"], r["batch"]) for r in results):
+        by_case = {r["case"]: r for r in results if r["shape"] == shape and r["batch"] == batch}
+        ok = {c: r for c, r in by_case.items() if "error" not in r}
+        ratios = {}
+        for case, r in by_case.items():
+            if "error" in r:
+                ratios[case] = r["error"]
+                continue
+            ratios[case] = {f"{k}_vs_{b}": _ratio(r, ok.get(b), k)
+                            for b in ("efftune", "peft") for k in ("tokens_s", "peak_gib")}
+        fa, lora, pfa = ok.get("efftune-fa"), ok.get("efftune"), ok.get("peft-fa")
+        bar = None
+        if fa and lora and fa["peak_gib"] is not None:
+            bar = dict(mem_vs_efftune=fa["peak_gib"] <= 0.7 * lora["peak_gib"],
+                       speed_vs_efftune=fa["tokens_s"] >= 0.95 * lora["tokens_s"],
+                       mem_vs_peft_fa=(fa["peak_gib"] <= pfa["peak_gib"]) if pfa else None)
+        summary[f"{shape} batch {batch}"] = dict(ratios=ratios, lora_fa_bar=bar)
+    return {"summary": "per shape and batch", "results": summary}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,21 +193,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seq", type=int, default=None, help="default 4096 (128 for tiny)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="one or more batch sizes (a sweep)")
     ap.add_argument("--case-timeout", type=int, default=240, help="seconds per case subprocess")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:  # inside the subprocess: one shape, one case
         shape = args.shape[0]
         print(json.dumps(run_case(shape, args.worker, args.steps, args.warmup,
-                                  args.seq or default_seq(shape), args.batch)))
+                                  args.seq or default_seq(shape), args.batch[0])))
         return
     results = []
     for shape in args.shape:
         sub = argparse.Namespace(**{**vars(args), "seq": args.seq or default_seq(shape)})
-        for case in args.cases:
-            results.append(spawn(sub, shape, case))
-            print(json.dumps(results[-1]), flush=True)
+        for batch in args.batch:
+            for case in args.cases:
+                results.append(spawn(sub, shape, case, batch))
+                print(json.dumps(results[-1]), flush=True)
     print(json.dumps(summarize(results)), flush=True)
 
 

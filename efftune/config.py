@@ -14,8 +14,12 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .methods.bitfit import BitFitConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.lora_fa import LoraFAConfig
+from .train.relora import ReLoraConfig
 from .train.loop import TrainConfig
 
 DEFAULT_TASK = "intent_recognition"
@@ -35,6 +39,10 @@ class RunConfig:
     device: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
     lora_fa: LoraFAConfig = field(default_factory=LoraFAConfig)   # used with method: lora-fa
+    relora: ReLoraConfig = field(default_factory=ReLoraConfig)     # method: relora (LoRA from `lora`)
+    bitfit: BitFitConfig = field(default_factory=BitFitConfig)     # used with method: bitfit
+    ia3: IA3Config = field(default_factory=IA3Config)              # used with method: ia3
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)  # used with method: bottleneck
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -85,6 +85,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, log=pr
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
     formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length)
     method.attach(model, method_cfg)
+    hooks = method.hooks(model, cfg) if method.hooks else None
     trainable, total = trainable_parameters(model)
     log(f"{cfg.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
     sequences = [formatter.encode(e) for e in train_set]
@@ -92,16 +93,18 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, log=pr
         f"on average), {len(eval_set)} held out")
 
     result = train(model, sequences, cfg.train, out, pad_id=tokenizer.pad_token_id, resume=resume,
-                   evaluate=evaluator(formatter, eval_set) if eval_set else None)
-    adapter_dir = out / "adapter"
+                   evaluate=evaluator(formatter, eval_set) if eval_set else None, hooks=hooks)
+    adapter_dir = out / method.artifact
     before = result.evals[0] if result.evals else {}
     after = result.evals[-1] if result.evals else {}
     method.save(model, adapter_dir, method_cfg, {"tasks": cfg.task if not cfg.data else None,
                                                  "data": cfg.data, "steps": cfg.train.steps, **after})
+    if method.artifact == "model":
+        tokenizer.save_pretrained(adapter_dir)
     summary = {
         "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
         "perplexity_before": before.get("perplexity"), "perplexity_after": after.get("perplexity"),
-        "adapter": str(adapter_dir), "steps": result.steps, "train_seconds": round(result.train_seconds, 1),
+        method.artifact: str(adapter_dir), "steps": result.steps, "train_seconds": round(result.train_seconds, 1),
         "final_loss": round(result.final_loss, 4), "eval_examples": len(eval_set),
         "train_examples": len(train_set), "trainable_parameters": trainable,
         "metrics": str(out / "metrics.jsonl"), "plot": str(out / "training.png"),
@@ -110,6 +113,6 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, log=pr
     summary = {k: v for k, v in summary.items() if v is not None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     scores = [f"{k} {before.get(k)} -> {after[k]}" for k in ("accuracy", "perplexity") if k in after]
-    log(f"held-out {', '.join(scores) or '(no evaluation)'}; adapter: {adapter_dir}; metrics: "
+    log(f"held-out {', '.join(scores) or '(no evaluation)'}; {method.artifact}: {adapter_dir}; metrics: "
         f"{out / 'metrics.jsonl'}; plot: {out / 'training.png'}; summary: {out / 'summary.json'}")
     return summary

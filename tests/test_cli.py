@@ -132,3 +132,37 @@ def test_lora_fa_method_from_flags(capsys, model_dir, data_file, tmp_path):
     saved = json.loads((out_dir / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 3 and saved["efftune"]["method"] == "lora-fa" and saved["efftune"]["correction"] is True
     assert json.loads((out_dir / "config.json").read_text())["lora_fa"]["r"] == 3
+
+
+@pytest.mark.parametrize("method, extra, artifact", [
+    ("relora", ["--restart-every", "2"], "model"),
+    ("ia3", [], "adapter"),
+    ("bottleneck", [], "adapter"),
+])
+def test_other_methods_train_from_the_cli(capsys, model_dir, data_file, tmp_path, method, extra, artifact):
+    out_dir = tmp_path / method
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", method,
+                         "--steps", 4, "--batch-size", 4, "--output", out_dir, *extra)
+    assert code == 0, err
+    summary = last_json(out)
+    assert summary[artifact] == str(out_dir / artifact) and (out_dir / artifact).is_dir()
+
+
+def test_relora_result_is_a_model_transformers_loads(capsys, model_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out_dir = tmp_path / "r"
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", "relora",
+                         "--restart-every", 2, "--steps", 4, "--batch-size", 4, "--output", out_dir)
+    assert code == 0, err
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("relora_restart")] == [2, 4]
+    code, out, err = run(capsys, "eval", "--model", out_dir / "model", "--data", data_file)
+    assert code == 0, err
+    assert 0 <= last_json(out)["accuracy"] <= 1
+    AutoModelForCausalLM.from_pretrained(out_dir / "model")
+
+
+def test_bitfit_on_llama_explains_missing_biases(capsys, model_dir, data_file, tmp_path):
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", "bitfit",
+                         "--output", tmp_path / "b")
+    assert code == 2 and "add_biases" in err

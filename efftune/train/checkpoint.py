@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "extra.safetensors", "state.json")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -38,8 +38,12 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    extra: dict) -> Path:
-    """Write checkpoint `directory` (e.g. run/checkpoints/step-000100) and point `latest` at it."""
+                    extra: dict, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `directory` (e.g. run/checkpoints/step-000100) and point `latest` at it.
+
+    `extra_tensors`: state a training mode keeps outside the trainable parameters (ReLoRA's
+    merged base weights), restored through `load_checkpoint`'s `load_extra`.
+    """
     names = {id(p): n for n, p in model.named_parameters()}
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,6 +55,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in (extra_tensors or {}).items()}, str(tmp / "extra.safetensors"))
     state = {"step": step, "optimizer_scalars": opt_scalars,
              "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
              **extra}
@@ -75,8 +80,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     return directory
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable weights, optimizer state and RNG; returns state.json's content."""
+def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    load_extra=None) -> dict:
+    """Restore trainable weights, optimizer state, RNG and (through `load_extra`) the extra
+    tensors; returns state.json's content."""
     missing = [f for f in FILES if not (directory / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is incomplete: missing {', '.join(missing)}")
@@ -109,6 +116,8 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                 restored["state"][idx] = per_param[names[id(p)]]
         restored["param_groups"].append({**saved, "params": cur["params"]})
     optimizer.load_state_dict(restored)
+    if load_extra is not None:
+        load_extra(load_file(str(directory / "extra.safetensors")))
     rng = load_file(str(directory / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

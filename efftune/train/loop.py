@@ -61,6 +61,28 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
 
 
+class TrainHooks:
+    """The named points where a training mode (ReLoRA restarts, ...) changes the loop.
+
+    The defaults are the plain loop: warmup + cosine learning rate, nothing after a step, no
+    state beyond the trainable parameters.
+    """
+
+    def lr_multiplier(self, step: int, config: "TrainConfig") -> float:
+        return warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
+
+    def after_step(self, done: int, optimizer: torch.optim.Optimizer) -> dict:
+        """Called after optimizer step number `done` (1-based); returns extra metrics to log."""
+        return {}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint must hold besides the trainable parameters."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -87,13 +109,15 @@ def _autocast(precision: str, device: torch.device):
 
 def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, output_dir: str | Path, *,
           pad_id: int = 0, resume: bool = False,
-          evaluate: Callable[[nn.Module], dict] | None = None) -> TrainResult:
+          evaluate: Callable[[nn.Module], dict] | None = None, hooks: TrainHooks | None = None) -> TrainResult:
     """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
 
     Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
     (optional) is called before the first step, every `eval_every` steps and after the last;
-    its dicts are logged and returned in `TrainResult.evals`.
+    its dicts are logged and returned in `TrainResult.evals`. `hooks` changes the schedule and
+    acts after each step (e.g. `efftune.train.relora.ReLoraHooks`).
     """
+    hooks = hooks or TrainHooks()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = output_dir / "checkpoints"
@@ -109,7 +133,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
                                   betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
-    lr_at = lambda s: config.lr * warmup_cosine(s, config.steps, config.warmup_steps, config.min_lr_ratio)
+    lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
 
     metrics_path = output_dir / "metrics.jsonl"
     start_step, rows_log = 0, []
@@ -117,7 +141,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         found = latest_checkpoint(ckpt_root)
         if found is None:
             raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
-        state = load_checkpoint(found, model, optimizer)
+        state = load_checkpoint(found, model, optimizer, hooks.load_state)
         if state.get("train_config", {}).get("seed") != config.seed:
             raise CheckpointError(f"checkpoint {found} was made with another seed; resume needs the same config")
         start_step = state["step"]
@@ -175,18 +199,19 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        extra = hooks.after_step(step + 1, optimizer)
         loss_value = total
         dt = time.perf_counter() - t0
         # tokens/s counts the examples' own tokens, so the shared-prefix saving shows as speed
         row = {"step": step + 1, "loss": round(total, 6), "lr": lr_at(step), "grad_norm": round(grad_norm, 4),
-               "tokens_per_s": round(sum(len(s) for s in batch) / dt, 1), "seconds": round(dt, 3)}
+               "tokens_per_s": round(sum(len(s) for s in batch) / dt, 1), "seconds": round(dt, 3), **extra}
         log(row)
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         done = step + 1
         if (config.save_every and done % config.save_every == 0) or done == config.steps:
             last_ckpt = save_checkpoint(ckpt_root / f"step-{done:06d}", model, optimizer, done,
-                                        {"train_config": asdict(config)})
+                                        {"train_config": asdict(config)}, hooks.state())
             _prune(ckpt_root, config.keep_checkpoints)
             plot_metrics(rows_log, output_dir / "training.png")
         if evaluate and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):

@@ -1,0 +1,144 @@
+"""ReLoRA (Lialin et al. 2023): high-rank training through low-rank updates merged and restarted.
+
+Every `restart_every` steps each LoRA update is folded into its base weight (`W += s·B·A`),
+`A` is drawn again (Kaiming-uniform) and `B` set to zero — the model's output does not change —
+and the optimizer state of the LoRA parameters is reset (zeroed, or pruned to its largest or a
+random fraction). Because each cycle learns a new rank-r update, the total `W − W0` can exceed
+rank r. The learning rate follows a jagged cosine: a short re-warmup after every restart.
+Modules named in `full_rank` (embeddings, norms, LM head) train at full rank throughout.
+
+The merged base weights are part of the training state: checkpoints carry them, so a run
+resumed mid-cycle continues exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..methods.attach import name_matches
+from ..methods.lora import lora_layers
+from .loop import TrainConfig, TrainHooks
+from .schedule import jagged_cosine
+
+RESETS = ("zero", "magnitude", "random")
+
+
+@dataclass
+class ReLoraConfig:
+    restart_every: int = 100          # steps between merge-and-restart
+    rewarmup_steps: int = 10          # LR re-warmup after each restart
+    optimizer_reset: str = "magnitude"  # zero | magnitude | random
+    prune_fraction: float = 0.9       # fraction of each LoRA moment removed (magnitude / random)
+    full_rank: list[str] = field(default_factory=list)  # module suffixes trained at full rank
+
+    def __post_init__(self):
+        if self.restart_every < 1:
+            raise ConfigError(f"relora.restart_every must be at least 1, got {self.restart_every}")
+        if self.optimizer_reset not in RESETS:
+            raise ConfigError(f"relora.optimizer_reset must be one of {RESETS}, got {self.optimizer_reset!r}")
+        if not 0.0 <= self.prune_fraction <= 1.0:
+            raise ConfigError(f"relora.prune_fraction must be in [0, 1], got {self.prune_fraction}")
+
+
+def train_full_rank(model: nn.Module, suffixes: list[str]) -> list[str]:
+    """Switch on training of every parameter of the named modules (e.g. embed_tokens, norm)."""
+    names = []
+    for name, module in model.named_modules():
+        if name and name_matches(name, suffixes) and not isinstance(module, nn.ModuleDict):
+            module.requires_grad_(True)
+            names.append(name)
+    if suffixes and not names:
+        raise ConfigError(f"relora.full_rank {suffixes} matches no module")
+    return names
+
+
+@torch.no_grad()
+def merge_and_restart(model: nn.Module, adapter: str = "default") -> None:
+    """Fold each LoRA update into its base weight, then re-draw A and zero B (output unchanged)."""
+    for _, layer in lora_layers(model):
+        if adapter not in layer.adapters:
+            continue
+        a = layer.adapters[adapter]
+        w = layer.base_layer.weight
+        w.add_(layer.to_weight_layout(a.delta_weight()).to(w.dtype))
+        nn.init.kaiming_uniform_(a.lora_A, a=math.sqrt(5))
+        a.lora_B.zero_()
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], how: str,
+                          prune_fraction: float) -> None:
+    """Reset the moments of `params` only: zero them, or keep (1 - p) of the entries, chosen by
+    the magnitude of the first moment or at random.
+
+    One mask per parameter serves all its moments: pruning Adam's first and second moments in
+    different places would leave m / sqrt(v) with v = 0 and m != 0, a huge step.
+    """
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        moments = [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]  # not `step`
+        if not moments:
+            continue
+        drop = int(round(prune_fraction * p.numel()))
+        if how == "zero" or drop >= p.numel():
+            keep = torch.zeros_like(moments[0], dtype=torch.bool)
+        elif how == "magnitude":
+            ref = state.get("exp_avg", moments[0]).abs().flatten()
+            keep = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+            keep[ref.topk(p.numel() - drop).indices] = True
+            keep = keep.view_as(p)
+        else:
+            keep = torch.rand(p.shape, device=p.device) >= prune_fraction
+        for value in moments:
+            value.mul_(keep)
+
+
+class ReLoraHooks(TrainHooks):
+    """Plugs ReLoRA into `efftune.train.loop.train` (pass `hooks=ReLoraHooks(model, cfg)`)."""
+
+    def __init__(self, model: nn.Module, config: ReLoraConfig, adapter: str = "default"):
+        self.model, self.config, self.adapter = model, config, adapter
+        self.layers = [(name, layer) for name, layer in lora_layers(model) if adapter in layer.adapters]
+        if not self.layers:
+            raise ConfigError("ReLoRA needs a LoRA adapter attached to the model")
+        self.restarts = 0
+
+    def lora_parameters(self) -> list[torch.Tensor]:
+        return [p for _, layer in self.layers for p in layer.adapters[self.adapter].parameters()]
+
+    def lr_multiplier(self, step: int, config: TrainConfig) -> float:
+        return jagged_cosine(step, config.steps, config.warmup_steps, self.config.restart_every,
+                             self.config.rewarmup_steps, config.min_lr_ratio)
+
+    def after_step(self, done: int, optimizer: torch.optim.Optimizer) -> dict:
+        if done % self.config.restart_every:
+            return {}
+        merge_and_restart(self.model, self.adapter)
+        reset_optimizer_state(optimizer, self.lora_parameters(), self.config.optimizer_reset,
+                              self.config.prune_fraction)
+        self.restarts += 1
+        return {"relora_restart": True}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The base weights restarts have merged into (they differ from the model files)."""
+        return {f"{name}.base_layer.weight": layer.base_layer.weight for name, layer in self.layers}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, layer in self.layers:
+            key = f"{name}.base_layer.weight"
+            if key not in tensors:
+                raise ConfigError(f"checkpoint lacks ReLoRA's merged weight {key!r}")
+            layer.base_layer.weight.copy_(tensors[key])
+
+
+def relora_hooks(model: nn.Module, run_config) -> ReLoraHooks:
+    """The hooks of `method: relora`: the run config's `relora` section, full-rank modules on."""
+    train_full_rank(model, run_config.relora.full_rank)
+    return ReLoraHooks(model, run_config.relora)

@@ -1,0 +1,140 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from efftune.data import Formatter, MultipleChoice
+from efftune.methods.lora import LoraConfig, add_lora, lora_layers
+from efftune.train.loop import TrainConfig, train
+from efftune.train.relora import (ReLoraConfig, ReLoraHooks, merge_and_restart, reset_optimizer_state,
+                                  train_full_rank)
+from efftune.train.schedule import jagged_cosine, warmup_cosine
+from tests.conftest import randomize_lora, tiny_llama
+
+
+def test_merge_and_restart_keeps_outputs():
+    m = tiny_llama()
+    add_lora(m, LoraConfig(r=2))
+    randomize_lora(m)
+    ids = torch.randint(0, 300, (2, 8))
+    with torch.no_grad():
+        before = m(ids).logits
+        A0 = [l.adapters["default"].lora_A.clone() for _, l in lora_layers(m)]
+        merge_and_restart(m)
+        torch.testing.assert_close(m(ids).logits, before, atol=1e-5, rtol=0)
+    for (_, l), a0 in zip(lora_layers(m), A0):
+        assert torch.all(l.adapters["default"].lora_B == 0) and not torch.equal(l.adapters["default"].lora_A, a0)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_accumulated_update_exceeds_rank_r():
+    torch.manual_seed(0)
+    model = Toy()
+    W0 = model.proj.weight.detach().clone()
+    add_lora(model, LoraConfig(r=1, alpha=1, target_modules=["proj"]))
+    target = torch.randn(8, 8)  # full rank
+    hooks = ReLoraHooks(model, ReLoraConfig(restart_every=25, optimizer_reset="zero"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0)
+    for step in range(100):
+        x = torch.randn(32, 8)
+        loss = (model(x) - x @ target.T).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        hooks.after_step(step + 1, opt)
+    assert hooks.restarts == 4
+    update = model.proj.base_layer.weight.detach() - W0
+    assert torch.linalg.matrix_rank(update, atol=1e-4) >= 3  # each cycle added a new rank-1 direction
+
+
+def test_jagged_schedule_at_restart_boundaries():
+    kw = dict(total=100, warmup=5, restart_every=20, rewarmup=4, min_ratio=0.1)
+    assert jagged_cosine(3, **kw) == pytest.approx(warmup_cosine(3, 100, 5, 0.1))      # global warmup
+    assert jagged_cosine(19, **kw) == pytest.approx(warmup_cosine(19, 100, 5, 0.1))    # before restart
+    assert jagged_cosine(20, **kw) == pytest.approx(warmup_cosine(20, 100, 5, 0.1) / 5)  # right after it
+    assert jagged_cosine(23, **kw) == pytest.approx(warmup_cosine(23, 100, 5, 0.1) * 4 / 5)
+    assert jagged_cosine(24, **kw) == pytest.approx(warmup_cosine(24, 100, 5, 0.1))    # back on the curve
+    assert jagged_cosine(40, **kw) < jagged_cosine(39, **kw) / 3
+
+
+@pytest.mark.parametrize("how, kept", [("zero", 0), ("magnitude", 10), ("random", None)])
+def test_optimizer_reset_prunes_lora_state_only(how, kept):
+    torch.manual_seed(0)
+    lora_p = nn.Parameter(torch.randn(10, 10))
+    other = nn.Parameter(torch.randn(5))
+    opt = torch.optim.AdamW([lora_p, other], lr=1e-2)
+    ((lora_p * torch.randn(10, 10)).sum() + other.pow(3).sum()).backward()  # distinct moments
+    opt.step()
+    other_before = {k: v.clone() for k, v in opt.state[other].items()}
+    avg = opt.state[lora_p]["exp_avg"].clone()
+    reset_optimizer_state(opt, [lora_p], how, prune_fraction=0.9)
+    after = opt.state[lora_p]["exp_avg"]
+    nonzero = int((after != 0).sum())
+    if kept is not None:
+        assert nonzero == kept
+    else:
+        assert 0 < nonzero < 40
+    if how == "magnitude":  # the survivors are the largest entries, unchanged
+        top = avg.abs().flatten().topk(10).values
+        assert torch.equal(after.abs().flatten().topk(10).values, top)
+    for k, v in opt.state[other].items():
+        assert torch.equal(v, other_before[k])
+    assert opt.state[lora_p]["step"] == 1
+
+
+def test_full_rank_modules_train_and_unknown_names_fail():
+    m = tiny_llama()
+    add_lora(m, LoraConfig(r=2))
+    names = train_full_rank(m, ["embed_tokens", "norm"])
+    assert "model.embed_tokens" in names and "model.norm" in names
+    assert m.model.embed_tokens.weight.requires_grad and m.model.norm.weight.requires_grad
+    assert not m.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad
+    with pytest.raises(Exception, match="matches no module"):
+        train_full_rank(m, ["nothing_here"])
+
+
+def _data(tokenizer):
+    f = Formatter(tokenizer)
+    return [f.encode(MultipleChoice(f"Q: Is {w} blue?\nA: ", ("yes", "no"), i % 2))
+            for i, w in enumerate(["sky", "grass", "fox", "dog", "sky", "fox"])]
+
+
+def _relora_model():
+    m = tiny_llama()
+    add_lora(m, LoraConfig(r=2, dropout=0.1))
+    return m
+
+
+def test_resume_across_a_restart_equals_uninterrupted(tokenizer, tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=3, lr=1e-2, warmup_steps=1, save_every=3, eval_every=3)
+    rcfg = ReLoraConfig(restart_every=2, rewarmup_steps=1, optimizer_reset="random", prune_fraction=0.5)
+    seqs = _data(tokenizer)
+    full = _relora_model()
+    res_full = train(full, seqs, cfg, tmp_path / "a", pad_id=1, hooks=ReLoraHooks(full, rcfg), evaluate=lambda m: {})
+
+    def stop_after_step_3(model):
+        stop_after_step_3.calls += 1
+        if stop_after_step_3.calls == 2:
+            raise KeyboardInterrupt
+        return {}
+    stop_after_step_3.calls = 0
+    half = _relora_model()
+    with pytest.raises(KeyboardInterrupt):  # stopped mid-cycle, one restart (step 2) behind it
+        train(half, seqs, cfg, tmp_path / "b", pad_id=1, hooks=ReLoraHooks(half, rcfg), evaluate=stop_after_step_3)
+    resumed = _relora_model()
+    res = train(resumed, seqs, cfg, tmp_path / "b", pad_id=1, resume=True, hooks=ReLoraHooks(resumed, rcfg),
+                evaluate=lambda m: {})
+    assert res.final_loss == res_full.final_loss
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("relora_restart")] == [2, 4, 6]
