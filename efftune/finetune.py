@@ -8,7 +8,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from .config import RunConfig
 from .data import Completion, Example, Formatter, MultipleChoice, load_jsonl, load_task, split_examples

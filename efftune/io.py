@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -46,13 +47,14 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     return state
 
 
-def _atomic_dir_write(directory: Path, files: dict[str, callable]) -> None:
-    """Write files into `directory.tmp`, then swap it in, so a crash never leaves half an adapter."""
+def replace_dir_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill `directory.tmp`, then swap it in for `directory`: a crash never leaves a
+    half-written directory, and an old one stays whole until the new one is complete."""
+    directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, write in files.items():
-        write(tmp / name)
+    write(tmp)
     if directory.exists():
         old = directory.with_name(directory.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -61,6 +63,49 @@ def _atomic_dir_write(directory: Path, files: dict[str, callable]) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+    return directory
+
+
+def write_adapter_dir(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
+                      config_file: str = CONFIG_FILE, weights_file: str = WEIGHTS_FILE) -> Path:
+    """A config JSON + a safetensors file, written atomically: every method's on-disk shape."""
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / weights_file),
+                  metadata={"format": "pt"})
+        (tmp / config_file).write_text(json.dumps(config, indent=2))
+    return replace_dir_atomically(directory, write)
+
+
+def read_adapter_dir(directory: str | os.PathLike, config_file: str = CONFIG_FILE,
+                     weights_file: str = WEIGHTS_FILE, kind: tuple[str, str] | None = None
+                     ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a directory `write_adapter_dir` made; names the missing or bad file.
+    `kind` = (field, value) the config must hold, e.g. ("peft_type", "IA3")."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter: directory {directory} does not exist")
+    for name in (config_file, weights_file):
+        if not (directory / name).is_file():
+            raise AdapterError(f"adapter: {directory} has no {name}")
+    try:
+        config = json.loads((directory / config_file).read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"adapter: {directory / config_file} is not valid JSON ({exc.msg})") from None
+    if kind and config.get(kind[0]) != kind[1]:
+        raise AdapterError(f"adapter: {directory / config_file} has {kind[0]}={config.get(kind[0])!r}, "
+                           f"expected {kind[1]!r}")
+    return config, load_file(str(directory / weights_file))
+
+
+def first_mismatch(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """The first key that is missing, of the wrong shape, or unexpected, described; else None."""
+    for key, param in expected.items():
+        if key not in tensors:
+            return f"lacks key {key!r}"
+        if tensors[key].shape != param.shape:
+            return f"has key {key!r} of shape {tuple(tensors[key].shape)}, the model expects {tuple(param.shape)}"
+    extra = [k for k in tensors if k not in expected]
+    return f"has key {extra[0]!r}, which fits nothing in this model" if extra else None
 
 
 def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig, extra: dict | None = None) -> dict:
@@ -94,14 +139,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraCon
                  adapter: str = "default", metadata: dict | None = None) -> Path:
     """Write `adapter` of `model` as a peft LoRA adapter directory (atomically). `metadata`
     goes under the config's "efftune" key (peft ignores unknown keys)."""
-    directory = Path(directory)
     state = adapter_state_dict(model, adapter)
-    cfg = peft_config_dict(model, adapter, config, metadata)
-    _atomic_dir_write(directory, {
-        WEIGHTS_FILE: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
-        CONFIG_FILE: lambda p: p.write_text(json.dumps(cfg, indent=2)),
-    })
-    return directory
+    return write_adapter_dir(directory, peft_config_dict(model, adapter, config, metadata), state)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:

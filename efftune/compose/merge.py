@@ -12,7 +12,6 @@ import copy
 import math
 import numbers
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import EfftuneError
+from ..io import replace_dir_atomically
 from ..methods.lora import (LoraAdapter, LoraConfig, LoraEmbedding, adapter_names, lora_layers, merge_and_unload,
                             set_active_adapters, set_trainable_adapters)
 
@@ -247,18 +247,8 @@ def export_merged(model: nn.Module, tokenizer, directory: str | os.PathLike, inp
     target = model if inplace else copy.deepcopy(model)
     merge_and_unload(target)
 
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    target.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if directory.exists():  # swap: the old export stays whole until the new one is complete
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
-    return directory
+    def write(tmp: Path) -> None:
+        target.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return replace_dir_atomically(directory, write)

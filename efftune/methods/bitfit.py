@@ -17,15 +17,14 @@ On disk (efftune's own format, safetensors only):
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io import first_mismatch, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import find_targets, freeze_base, replace_module, wrappers
 
@@ -125,7 +124,6 @@ def unload_bitfit(model: nn.Module, merge: bool = True) -> nn.Module:
 def save_bitfit(model: nn.Module, directory: str | os.PathLike, config: BitFitConfig,
                 metadata: dict | None = None) -> Path:
     """Write the trained biases and `config` to `directory` (atomically)."""
-    from ..io import _atomic_dir_write
     paths = _bias_paths(model, config)
     if not paths:
         raise AdapterError("the model has no biases for this BitFit config to save")
@@ -136,43 +134,14 @@ def save_bitfit(model: nn.Module, directory: str | os.PathLike, config: BitFitCo
            "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
     if metadata:
         cfg["efftune"] = metadata
-    directory = Path(directory)
-    _atomic_dir_write(directory, {
-        WEIGHTS_FILE: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
-        CONFIG_FILE: lambda p: p.write_text(json.dumps(cfg, indent=2)),
-    })
-    return directory
-
-
-def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise AdapterError(f"adapter: {directory} has no {name}")
-    try:
-        cfg = json.loads((directory / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
-    if cfg.get("method") != "bitfit":
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE} is not a BitFit config")
-    return cfg, load_file(str(directory / WEIGHTS_FILE))
-
-
-def _mismatch(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
-    """The first key that is missing, of the wrong shape, or unexpected, described; else None."""
-    for key, param in expected.items():
-        if key not in tensors:
-            return f"lacks key {key!r}"
-        if tensors[key].shape != param.shape:
-            return f"has key {key!r} of shape {tuple(tensors[key].shape)}, the model expects {tuple(param.shape)}"
-    extra = [k for k in tensors if k not in expected]
-    return f"has key {extra[0]!r}, which this config does not train" if extra else None
+    return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)
 
 
 def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> BitFitConfig:
     """Set up BitFit as saved in `directory` and load its biases; returns the saved config.
     Every key and shape is checked against the model; the first misfit is named."""
     directory = Path(directory)
-    cfg, tensors = _read(directory)
+    cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "bitfit"))
     try:
         config = BitFitConfig(target_modules=cfg["target_modules"], norms=bool(cfg["norms"]),
                               add_biases=bool(cfg["add_biases"]))
@@ -184,7 +153,7 @@ def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> BitFitConfig:
             raise AdapterError(f"adapter: key {key!r} in {directory / WEIGHTS_FILE} names no module of this model")
     add_bitfit(model, config)
     expected = {f"{p}.bias": model.get_submodule(p).bias for p in _bias_paths(model, config)}
-    problem = _mismatch(tensors, expected)
+    problem = first_mismatch(tensors, expected)
     if problem:
         unload_bitfit(model, merge=False)  # leave the model as it was
         raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem}")

@@ -18,16 +18,15 @@ On disk (efftune's own format, safetensors only):
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io import first_mismatch, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import find_targets, freeze_base, replace_module, wrappers
 
@@ -134,7 +133,6 @@ def bottleneck_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_bottleneck(model: nn.Module, directory: str | os.PathLike, config: BottleneckConfig,
                     metadata: dict | None = None) -> Path:
     """Write the adapters and `config` to `directory` (atomically)."""
-    from ..io import _atomic_dir_write
     state = bottleneck_state_dict(model)
     if not state:
         raise AdapterError("the model has no bottleneck adapters to save")
@@ -144,43 +142,14 @@ def save_bottleneck(model: nn.Module, directory: str | os.PathLike, config: Bott
            "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
     if metadata:
         cfg["efftune"] = metadata
-    directory = Path(directory)
-    _atomic_dir_write(directory, {
-        WEIGHTS_FILE: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
-        CONFIG_FILE: lambda p: p.write_text(json.dumps(cfg, indent=2)),
-    })
-    return directory
-
-
-def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise AdapterError(f"adapter: {directory} has no {name}")
-    try:
-        cfg = json.loads((directory / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
-    if cfg.get("method") != "bottleneck":
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE} is not a bottleneck-adapter config")
-    return cfg, load_file(str(directory / WEIGHTS_FILE))
-
-
-def _mismatch(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
-    """The first key that is missing, of the wrong shape, or unexpected, described; else None."""
-    for key, param in expected.items():
-        if key not in tensors:
-            return f"lacks key {key!r}"
-        if tensors[key].shape != param.shape:
-            return f"has key {key!r} of shape {tuple(tensors[key].shape)}, the model expects {tuple(param.shape)}"
-    extra = [k for k in tensors if k not in expected]
-    return f"has key {extra[0]!r}, which fits no adapter of this model" if extra else None
+    return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)
 
 
 def load_bottleneck(model: nn.Module, directory: str | os.PathLike) -> BottleneckConfig:
     """Attach the bottleneck adapters saved in `directory`; returns their config. Every key and
     shape is checked against the model; the first misfit is named."""
     directory = Path(directory)
-    cfg, tensors = _read(directory)
+    cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "bottleneck"))
     fields = ("bottleneck_size", "placement", "activation", "attn_module", "ffn_module")
     try:
         config = BottleneckConfig(**{f: cfg[f] for f in fields})
@@ -188,7 +157,7 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike) -> Bottlenec
         raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad or missing field {exc}") from None
     add_bottleneck(model, config)
     expected, params = bottleneck_state_dict(model), dict(model.named_parameters())
-    problem = _mismatch(tensors, expected)
+    problem = first_mismatch(tensors, expected)
     if problem:
         unload_bottleneck(model)  # leave the model as it was
         raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem}")

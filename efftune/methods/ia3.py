@@ -12,7 +12,6 @@ so `peft.PeftModel.from_pretrained` reads what we write and we read what peft wr
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io import read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import _conv1d_class, find_targets, freeze_base, name_matches, replace_module, wrappers
 
@@ -149,7 +148,6 @@ def save_ia3(model: nn.Module, directory: str | os.PathLike, config: IA3Config |
              metadata: dict | None = None) -> Path:
     """Write the vectors as a peft IA3 adapter directory (atomically). `config` is accepted for
     the registry's signature; what is written comes from the attached layers themselves."""
-    from ..io import _atomic_dir_write
     layers = list(ia3_layers(model))
     if not layers:
         raise AdapterError("the model has no (IA)³ vectors to save")
@@ -167,32 +165,14 @@ def save_ia3(model: nn.Module, directory: str | os.PathLike, config: IA3Config |
     if metadata:
         cfg["efftune"] = metadata
     state = {f"{PREFIX}{p}.ia3_l": layer.ia3_l.detach().contiguous() for p, layer in layers}
-    directory = Path(directory)
-    _atomic_dir_write(directory, {
-        WEIGHTS_FILE: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
-        CONFIG_FILE: lambda p: p.write_text(json.dumps(cfg, indent=2)),
-    })
-    return directory
-
-
-def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise AdapterError(f"adapter: {directory} has no {name}")
-    try:
-        cfg = json.loads((directory / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
-    if cfg.get("peft_type") != "IA3":
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE} holds a {cfg.get('peft_type')} adapter, not IA3")
-    return cfg, load_file(str(directory / WEIGHTS_FILE))
+    return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)
 
 
 def load_ia3(model: nn.Module, directory: str | os.PathLike) -> IA3Config:
     """Attach the (IA)³ vectors saved in `directory` (by efftune or peft); returns their config.
     Every key and shape is checked against the model; the first misfit is named."""
     directory = Path(directory)
-    cfg, tensors = _read(directory)
+    cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("peft_type", "IA3"))
     modules, paths = dict(model.named_modules()), {}
     for key in tensors:  # peft files may carry the adapter name: `...ia3_l.default`
         m = re.fullmatch(r"base_model\.model\.(.+)\.ia3_l(?:\.[^.]+)?", key)

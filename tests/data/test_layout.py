@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from efftune.data import Completion, Formatter, MultipleChoice
+from efftune.data import Completion, Formatter
 from efftune.data.layout import Row, collate, common_prefix, training_rows
-from efftune.data.tokenize import IGNORE, Encoded
+
 from efftune.eval.logprobs import labelled_logprobs, target_logprobs
 
 INSTRUCTION = "Predict the intent of the utterance. The choices are: play, stop, skip.\n\nUtterance: "
