@@ -90,6 +90,20 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    m = sub.add_parser("merge", help="merge LoRA adapters (linear, TIES, DARE) into one adapter or a full model")
+    _model_flags(m)
+    m.add_argument("--adapters", required=True, help="adapter directories, comma-separated")
+    m.add_argument("--weights", help="one weight per adapter, comma-separated (default: all 1)")
+    m.add_argument("--combine", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"],
+                   help="how the updates are combined")
+    m.add_argument("--rank", type=int, help="rank of the merged adapter (default: the largest input rank)")
+    m.add_argument("--density", type=float, default=0.5, help="TIES: fraction of entries kept per update")
+    m.add_argument("--drop", type=float, default=0.5, help="DARE: drop probability")
+    m.add_argument("--seed", type=int, default=0, help="DARE: random seed")
+    m.add_argument("--output", required=True, help="directory for the merged adapter (or model)")
+    m.add_argument("--full-model", action="store_true", help="write a whole transformers model with the merge folded in")
+    m.add_argument("--debug", action="store_true", help="show tracebacks")
+
     k = sub.add_parser("tasks", help="list BIG-bench tasks with their kind and size")
     k.add_argument("--kind", choices=["multiple_choice", "generative", "mixed"], help="only this kind")
     k.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -153,6 +167,28 @@ def _generate(args) -> str:
     return generate(model, formatter, args.prompt, args.max_new_tokens)
 
 
+def _merge(args) -> dict:
+    from .compose.merge import export_merged, merge_adapters
+    from .io import load_adapter, save_adapter
+    from .models import load_model
+
+    dirs = [d for d in args.adapters.split(",") if d]
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(dirs)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    names = [f"a{i}" for i in range(len(dirs))]
+    for name, d in zip(names, dirs):
+        load_adapter(model, d, adapter=name, allow_pickle=args.allow_pickle)
+    cfg = merge_adapters(model, names, weights, args.combine, new_adapter="merged", r=args.rank,
+                         density=args.density, drop=args.drop, seed=args.seed)
+    if args.full_model:
+        export_merged(model, tokenizer, args.output, inplace=True)
+    else:
+        save_adapter(model, args.output, cfg, adapter="merged",
+                     metadata={"merge": {"combine": args.combine, "adapters": dirs, "weights": weights}})
+    return {"output": args.output, "combine": args.combine, "adapters": dirs, "weights": weights,
+            "kind": "model" if args.full_model else "adapter"}
+
+
 def _tasks(args) -> None:
     from .data import task_index
     for info in sorted(task_index().values(), key=lambda i: i.name):
@@ -172,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(_eval(args)))
         elif command == "generate":
             print(_generate(args))
+        elif command == "merge":
+            print(json.dumps(_merge(args)))
         elif command == "tasks":
             _tasks(args)
         return 0

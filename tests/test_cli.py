@@ -166,3 +166,20 @@ def test_bitfit_on_llama_explains_missing_biases(capsys, model_dir, data_file, t
     code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", "bitfit",
                          "--output", tmp_path / "b")
     assert code == 2 and "add_biases" in err
+
+
+def test_merge_two_adapters(capsys, model_dir, data_file, tmp_path):
+    for name, seed in (("a", 1), ("b", 2)):
+        code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--steps", 2, "--batch-size", 4,
+                             "--seed", seed, "--rank", 2, "--output", tmp_path / name)
+        assert code == 0, err
+    adapters = f"{tmp_path / 'a' / 'adapter'},{tmp_path / 'b' / 'adapter'}"
+    code, out, err = run(capsys, "merge", "--model", model_dir, "--adapters", adapters, "--weights", "0.5,0.5",
+                         "--combine", "ties", "--output", tmp_path / "merged")
+    assert code == 0, err
+    assert json.loads((tmp_path / "merged" / "adapter_config.json").read_text())["r"] == 2
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--adapter", tmp_path / "merged", "--data", data_file)
+    assert code == 0, err
+    code, out, err = run(capsys, "merge", "--model", model_dir, "--adapters", adapters, "--full-model",
+                         "--output", tmp_path / "full")
+    assert code == 0 and (tmp_path / "full" / "config.json").is_file(), err
