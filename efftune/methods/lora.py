@@ -71,7 +71,8 @@ class LoraAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        # scale the rank-r intermediate, not the (tokens × out) result: r/out of the work
+        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A, self.lora_B, self.scaling)

@@ -42,13 +42,13 @@ def _keep_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
 
 
 class FrozenALora(torch.autograd.Function):
-    """`s · B (A · dropout(x))` with `A` frozen, saving only `A x` (plus `A`, `B` themselves)."""
+    """`B (s · A · dropout(x))` with `A` frozen, saving only `s·A x` (plus `A`, `B` themselves)."""
 
     @staticmethod
     def forward(ctx, x, A, B, scaling: float, p: float, seed: int, correction):
         xd = x * _keep_mask(x.shape, p, seed, x.device, x.dtype) if p > 0 else x
-        h = F.linear(xd, A)  # (..., r): the one activation kept for backward
-        out = F.linear(h, B) * scaling
+        h = F.linear(xd, A) * scaling  # (..., r), scaled: the one activation kept for backward
+        out = F.linear(h, B)
         ctx.save_for_backward(h, A, B, correction)
         ctx.scaling, ctx.p, ctx.seed, ctx.x_dtype, ctx.x_shape = scaling, p, seed, x.dtype, x.shape
         return out
@@ -60,7 +60,7 @@ class FrozenALora(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_B = None
         if ctx.needs_input_grad[2]:
-            grad_B = (g.T @ h.reshape(-1, h.shape[-1]).to(g.dtype)).to(B.dtype) * s
+            grad_B = (g.T @ h.reshape(-1, h.shape[-1]).to(g.dtype)).to(B.dtype)
             if correction is not None:
                 grad_B = grad_B @ correction.to(grad_B.dtype)
         grad_x = None

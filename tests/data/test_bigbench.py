@@ -86,3 +86,10 @@ def test_split_is_deterministic_and_disjoint(fake_bigbench):
     assert ev1 == ev2 and tr1 == tr2 and len(ev1) == 5 and len(tr1) == 15
     assert not set(map(id, tr1)) & set(map(id, ev1))
     assert split_examples(ex, 0.25, seed=0)[1] == ev1
+
+
+def test_tasks_command_lists_kind_and_size(fake_bigbench, capsys):
+    from efftune.cli import main
+    assert main(["tasks", "--kind", "multiple_choice"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "yesno\tmultiple_choice\t20" in lines and not any(l.startswith("gen\t") for l in lines)
