@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.layout import collate, training_rows
-from ..data.tokenize import Encoded
+from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -175,7 +175,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         t0 = time.perf_counter()
         batch_idx = example_order(len(sequences), config.seed, step * config.batch_size, config.batch_size)
         batch = [sequences[i] for i in batch_idx]
-        n_targets = sum(sum(1 for t in s.labels if t != -100) for s in batch)
+        n_targets = sum(sum(1 for t in s.labels if t != IGNORE) for s in batch)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
         total = 0.0
@@ -196,7 +196,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         if config.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            grads = [p.grad.norm() for p in params if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         extra = hooks.after_step(step + 1, optimizer)
