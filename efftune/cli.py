@@ -40,6 +40,8 @@ TRAIN_FLAGS = {
     "warmup-steps": ("train", "warmup_steps", int, "linear warmup steps"),
     "max-length": ("train", "max_length", int, "tokens per packed row"),
     "precision": ("train", "precision", str, "auto | fp32 | bf16 autocast"),
+    "activation-checkpointing": ("train", "activation_checkpointing", bool,
+                                 "recompute activations in backward (less memory, slower)"),
     "eval-every": ("train", "eval_every", int, "evaluate every N steps (0: before and after only)"),
     "save-every": ("train", "save_every", int, "checkpoint every N steps"),
     "seed": ("train", "seed", int, "random seed"),

@@ -43,6 +43,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # max gradient norm (0: off)
     precision: str = "auto"         # auto | fp32 | bf16 (autocast)
     max_length: int = 512           # tokens per row when packing
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
     eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -67,6 +68,10 @@ class TrainHooks:
     The defaults are the plain loop: warmup + cosine learning rate, nothing after a step, no
     state beyond the trainable parameters.
     """
+
+    def parameters(self, model: nn.Module) -> list[torch.Tensor]:
+        """The parameters the optimizer is built over (once, before the first step)."""
+        return [p for p in model.parameters() if p.requires_grad]
 
     def lr_multiplier(self, step: int, config: "TrainConfig") -> float:
         return warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
@@ -122,12 +127,17 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = output_dir / "checkpoints"
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = hooks.parameters(model)
     if not params:
         raise ConfigError("nothing to train: the model has no trainable parameters (attach a method first)")
     if not sequences:
         raise ConfigError("no training examples")
     torch.manual_seed(config.seed)
+    if config.activation_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ConfigError("train.activation_checkpointing needs a transformers model")
+        # non-reentrant checkpointing: gradients reach adapters even though the inputs are frozen
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},

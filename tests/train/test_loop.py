@@ -114,3 +114,14 @@ def test_example_order_is_a_permutation_per_epoch_and_resumable():
     order = example_order(7, seed=3, start=0, count=14)
     assert sorted(order[:7]) == list(range(7)) and sorted(order[7:]) == list(range(7))
     assert example_order(7, seed=3, start=5, count=4) == order[5:9]
+
+
+def test_activation_checkpointing_gives_the_same_training(tokenizer, tmp_path):
+    seqs = data(tokenizer)
+    a, b = lora_model(), lora_model()
+    train(a, seqs, TrainConfig(steps=3, batch_size=6, lr=1e-2, warmup_steps=1), tmp_path / "a", pad_id=1)
+    train(b, seqs, TrainConfig(steps=3, batch_size=6, lr=1e-2, warmup_steps=1, activation_checkpointing=True),
+          tmp_path / "b", pad_id=1)
+    assert b.model.layers[0].gradient_checkpointing
+    for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
