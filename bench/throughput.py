@@ -11,6 +11,8 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-fa-nocorr  the same with LoraFAConfig(correction=False)
   peft-fa         peft.get_peft_model LoRA + peft.optimizers.create_lorafa_optimizer (freezes A,
                   corrects B's step itself, replaces fused AdamW), loss as `peft`
+  efftune-ckpt    `efftune` with activation checkpointing (non-reentrant), as
+                  TrainConfig(activation_checkpointing=True) does
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
@@ -42,8 +44,8 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
 }
-CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa")
-LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr")
+CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt")
+LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt")
 PEAK_FLOPS = 989e12
 
 
@@ -72,6 +74,8 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         return model
     from efftune.methods.lora import LoraConfig, add_lora
     add_lora(model, LoraConfig(r=16, alpha=32))
+    if case == "efftune-ckpt":  # what TrainConfig(activation_checkpointing=True) switches on
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
