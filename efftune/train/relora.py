@@ -7,6 +7,12 @@ random fraction). Because each cycle learns a new rank-r update, the total `W âˆ
 rank r. The learning rate follows a jagged cosine: a short re-warmup after every restart.
 Modules named in `full_rank` (embeddings, norms, LM head) train at full rank throughout.
 
+Warm start (`warm_start_steps`): the run begins full-rank. For those steps the wrapped base
+weights train and the adapters sit out of the forward pass (A at its init, B at zero); at the
+switch the base weights are frozen again, their optimizer state is dropped, and LoRA training
+starts where the full-rank phase ended (B = 0, so the output does not change). The switch is
+followed by a re-warmup like a restart, and restarts are counted from it.
+
 The merged base weights are part of the training state: checkpoints carry them, so a run
 resumed mid-cycle continues exactly.
 """
@@ -22,7 +28,7 @@ from ..errors import ConfigError
 from ..methods.attach import name_matches
 from ..methods.lora import lora_layers
 from .loop import TrainConfig, TrainHooks
-from .schedule import jagged_cosine
+from .schedule import jagged_cosine, warmup_cosine
 
 RESETS = ("zero", "magnitude", "random")
 
@@ -34,6 +40,7 @@ class ReLoraConfig:
     optimizer_reset: str = "magnitude"  # zero | magnitude | random
     prune_fraction: float = 0.9       # fraction of each LoRA moment removed (magnitude / random)
     full_rank: list[str] = field(default_factory=list)  # module suffixes trained at full rank
+    warm_start_steps: int = 0         # full-rank steps (base weights train, LoRA waits) before LoRA
 
     def __post_init__(self):
         if self.restart_every < 1:
@@ -42,6 +49,8 @@ class ReLoraConfig:
             raise ConfigError(f"relora.optimizer_reset must be one of {RESETS}, got {self.optimizer_reset!r}")
         if not 0.0 <= self.prune_fraction <= 1.0:
             raise ConfigError(f"relora.prune_fraction must be in [0, 1], got {self.prune_fraction}")
+        if self.warm_start_steps < 0:
+            raise ConfigError(f"relora.warm_start_steps must be at least 0, got {self.warm_start_steps}")
 
 
 def train_full_rank(model: nn.Module, suffixes: list[str]) -> list[str]:
@@ -100,7 +109,17 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.T
 
 
 class ReLoraHooks(TrainHooks):
-    """Plugs ReLoRA into `efftune.train.loop.train` (pass `hooks=ReLoraHooks(model, cfg)`)."""
+    """Plugs ReLoRA into `efftune.train.loop.train` (pass `hooks=ReLoraHooks(model, cfg)`).
+
+    Warm start keeps the set of parameters with requires_grad the same in both phases (the LoRA
+    factors and the full-rank modules), so a checkpoint from either phase loads into a freshly
+    built model: the base weights get requires_grad only while a training forward pass of the
+    warm phase runs (a forward pre-hook turns it on, `after_step` off again), and the adapters
+    sit out of the forward pass until the switch, so they get no gradient. The optimizer holds
+    the base weights from the start (AdamW skips a parameter whose gradient is None); their
+    state is dropped at the switch. The phase is a function of the step, which checkpoints
+    carry (`relora.steps_done`).
+    """
 
     def __init__(self, model: nn.Module, config: ReLoraConfig, adapter: str = "default"):
         self.model, self.config, self.adapter = model, config, adapter
@@ -108,16 +127,70 @@ class ReLoraHooks(TrainHooks):
         if not self.layers:
             raise ConfigError("ReLoRA needs a LoRA adapter attached to the model")
         self.restarts = 0
+        self.steps_done = 0
+        self.warming = False
+        self._handles: list = []
+        self._active: dict[str, list[str]] = {}
+        if config.warm_start_steps > 0:
+            self._enter_warm_start()
 
     def lora_parameters(self) -> list[torch.Tensor]:
         return [p for _, layer in self.layers for p in layer.adapters[self.adapter].parameters()]
 
+    def base_weights(self) -> list[torch.Tensor]:
+        return [layer.base_layer.weight for _, layer in self.layers]
+
+    # -- warm start ----------------------------------------------------------------------------
+    def _enter_warm_start(self) -> None:
+        self.warming = True
+        for name, layer in self.layers:
+            self._active[name] = list(layer.active)
+            layer.active = [n for n in layer.active if n != self.adapter]
+            layer.base_layer.weight.requires_grad_(False)
+            self._handles.append(layer.register_forward_pre_hook(_train_base_weight))
+
+    def _leave_warm_start(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.warming = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for name, layer in self.layers:
+            layer.active = self._active.pop(name)
+            w = layer.base_layer.weight
+            w.requires_grad_(False)
+            w.grad = None
+            if optimizer is not None:
+                optimizer.state.pop(w, None)  # frees the full-rank Adam moments
+
+    def parameters(self, model: nn.Module) -> list[torch.Tensor]:
+        """The trainable parameters, plus the base weights when there is a warm start."""
+        base = {id(w) for w in self.base_weights()} if self.config.warm_start_steps > 0 else set()
+        return [p for p in model.parameters() if p.requires_grad or id(p) in base]
+
+    # -- the loop's hooks ------------------------------------------------------------------------
     def lr_multiplier(self, step: int, config: TrainConfig) -> float:
-        return jagged_cosine(step, config.steps, config.warmup_steps, self.config.restart_every,
-                             self.config.rewarmup_steps, config.min_lr_ratio)
+        c = self.config
+        if c.warm_start_steps == 0:
+            return jagged_cosine(step, config.steps, config.warmup_steps, c.restart_every,
+                                 c.rewarmup_steps, config.min_lr_ratio)
+        # one cosine over the whole run; re-warmups after the switch and after each restart
+        base = warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
+        since = step - c.warm_start_steps
+        if since >= 0 and since % c.restart_every < c.rewarmup_steps:
+            return base * (since % c.restart_every + 1) / (c.rewarmup_steps + 1)
+        return base
 
     def after_step(self, done: int, optimizer: torch.optim.Optimizer) -> dict:
-        if done % self.config.restart_every:
+        self.steps_done = done
+        if self.warming:
+            for w in self.base_weights():
+                w.requires_grad_(False)
+            if done < self.config.warm_start_steps:
+                return {}
+            self._leave_warm_start(optimizer)
+            return {"relora_switch": True}
+        since = done - self.config.warm_start_steps
+        if since <= 0 or since % self.config.restart_every:
             return {}
         merge_and_restart(self.model, self.adapter)
         reset_optimizer_state(optimizer, self.lora_parameters(), self.config.optimizer_reset,
@@ -126,8 +199,12 @@ class ReLoraHooks(TrainHooks):
         return {"relora_restart": True}
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The base weights restarts have merged into (they differ from the model files)."""
-        return {f"{name}.base_layer.weight": layer.base_layer.weight for name, layer in self.layers}
+        """The base weights restarts (or the warm start) have changed: they differ from the
+        model files; with a warm start, also the step, which fixes the phase."""
+        out = {f"{name}.base_layer.weight": layer.base_layer.weight for name, layer in self.layers}
+        if self.config.warm_start_steps > 0:
+            out["relora.steps_done"] = torch.tensor([self.steps_done], dtype=torch.int64)
+        return out
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -136,6 +213,20 @@ class ReLoraHooks(TrainHooks):
             if key not in tensors:
                 raise ConfigError(f"checkpoint lacks ReLoRA's merged weight {key!r}")
             layer.base_layer.weight.copy_(tensors[key])
+        if self.config.warm_start_steps > 0:
+            if "relora.steps_done" not in tensors:
+                raise ConfigError("checkpoint lacks relora.steps_done: it was made without a warm start")
+            self.steps_done = int(tensors["relora.steps_done"][0])
+            if self.warming and self.steps_done >= self.config.warm_start_steps:
+                self._leave_warm_start()  # the optimizer loaded no state for the base weights
+            self.restarts = max(0, self.steps_done - self.config.warm_start_steps) // self.config.restart_every
+
+
+def _train_base_weight(layer: nn.Module, args) -> None:
+    """Forward pre-hook of a LoRA layer during warm start: its base weight takes a gradient in
+    a training forward pass (`ReLoraHooks.after_step` turns that off after the step)."""
+    if layer.training and torch.is_grad_enabled():
+        layer.base_layer.weight.requires_grad_(True)
 
 
 def relora_hooks(model: nn.Module, run_config) -> ReLoraHooks:

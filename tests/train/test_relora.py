@@ -138,3 +138,116 @@ def test_resume_across_a_restart_equals_uninterrupted(tokenizer, tmp_path):
         assert torch.equal(a, b), n
     rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("relora_restart")] == [2, 4, 6]
+
+
+# ---- warm start: a full-rank phase first, then LoRA, in one run ----------------------------------
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(a, b):
+    return {n for n in a if not torch.equal(a[n], b[n])}
+
+
+def test_warm_start_switch_keeps_outputs_and_drops_base_state():
+    m = tiny_llama()
+    add_lora(m, LoraConfig(r=2))
+    hooks = ReLoraHooks(m, ReLoraConfig(restart_every=4, warm_start_steps=2))
+    opt = torch.optim.AdamW(hooks.parameters(m), lr=1e-2)
+    base = hooks.base_weights()
+    assert all(any(p is w for p in opt.param_groups[0]["params"]) for w in base)
+    ids = torch.randint(0, 300, (2, 8))
+    for done in (1, 2):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+        assert all(w.grad is not None for w in base) and all(p.grad is None for p in hooks.lora_parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if done == 2:
+            assert all(w in opt.state for w in base)
+            m.eval()
+            with torch.no_grad():
+                before = m(ids).logits
+        assert hooks.after_step(done, opt) == ({"relora_switch": True} if done == 2 else {})
+        assert not any(w.requires_grad for w in base)  # between steps, as in a checkpoint
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, before)  # B = 0: switching LoRA on changes nothing
+    assert not any(w in opt.state for w in base)  # the full-rank moments are freed
+    m.train()
+    m(ids, labels=ids).loss.backward()
+    assert all(w.grad is None for w in base) and all(p.grad is not None for p in hooks.lora_parameters())
+
+
+def test_warm_start_trains_base_weights_first_then_lora_only(tokenizer, tmp_path):
+    cfg = TrainConfig(steps=5, batch_size=3, lr=1e-2, warmup_steps=1, save_every=0, eval_every=1)
+    rcfg = ReLoraConfig(restart_every=10, rewarmup_steps=1, warm_start_steps=2, full_rank=["norm"])
+    m = _relora_model()
+    train_full_rank(m, rcfg.full_rank)
+    snaps = []
+    rows = train(m, _data(tokenizer), cfg, tmp_path, pad_id=1, hooks=ReLoraHooks(m, rcfg),
+                 evaluate=lambda model: snaps.append(_snapshot(model)) or {})
+    lora = {n for n in snaps[0] if ".adapters." in n}
+    base = {n for n in snaps[0] if n.endswith("base_layer.weight")}
+    full = {n for n in snaps[0] if n.endswith("norm.weight")}  # model.norm and every layer's norms
+    assert lora and base and full
+    for k in (1, 2):  # warm start: base weights (and full-rank modules) train, LoRA stays at init
+        changed = _changed(snaps[k - 1], snaps[k])
+        assert base <= changed and changed <= base | full and full & changed
+    for k in (3, 4, 5):  # after the switch: LoRA (B first) and full-rank modules only
+        changed = _changed(snaps[k - 1], snaps[k])
+        assert changed <= lora | full and any(n.endswith("lora_B") for n in changed)
+    for n in lora:
+        assert torch.equal(snaps[2][n], snaps[0][n])
+    assert not any(p.requires_grad for n, p in m.named_parameters() if n in base)
+    logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r.get("relora_switch")] == [2]
+
+
+def test_warm_start_schedule_counts_restarts_from_the_switch():
+    m = tiny_llama()
+    add_lora(m, LoraConfig(r=2))
+    cfg = TrainConfig(steps=100, warmup_steps=5, min_lr_ratio=0.1)
+    hooks = ReLoraHooks(m, ReLoraConfig(restart_every=20, rewarmup_steps=4, warm_start_steps=30))
+    lr = lambda s: hooks.lr_multiplier(s, cfg)
+    cos = lambda s: warmup_cosine(s, 100, 5, 0.1)
+    for s in (0, 3, 20, 29, 34, 49):  # warm start (no restart at 20), and back on the curve
+        assert lr(s) == pytest.approx(cos(s))
+    for s in (30, 50, 70):  # re-warmup after the switch and after each restart
+        assert lr(s) == pytest.approx(cos(s) / 5)
+        assert lr(s + 3) == pytest.approx(cos(s + 3) * 4 / 5)
+    no_warm = ReLoraHooks(m, ReLoraConfig(restart_every=20, rewarmup_steps=4))
+    assert [no_warm.lr_multiplier(s, cfg) for s in range(100)] == \
+        [jagged_cosine(s, 100, 5, 20, 4, 0.1) for s in range(100)]
+
+
+@pytest.mark.parametrize("stop_after", [2, 3, 4])  # inside the warm start, at the switch, after it
+def test_resume_across_the_warm_start_switch_equals_uninterrupted(tokenizer, tmp_path, stop_after):
+    cfg = TrainConfig(steps=6, batch_size=3, lr=1e-2, warmup_steps=1, save_every=1, eval_every=1)
+    rcfg = ReLoraConfig(restart_every=2, rewarmup_steps=1, optimizer_reset="random", prune_fraction=0.5,
+                        warm_start_steps=3, full_rank=["norm"])
+    seqs = _data(tokenizer)
+
+    def run(out, resume=False, evaluate=lambda m: {}):
+        model = _relora_model()
+        train_full_rank(model, rcfg.full_rank)
+        return model, train(model, seqs, cfg, out, pad_id=1, resume=resume, hooks=ReLoraHooks(model, rcfg),
+                            evaluate=evaluate)
+
+    full, res_full = run(tmp_path / "a")
+
+    def stop(model):
+        stop.calls += 1
+        if stop.calls == stop_after + 1:  # call 1 is the evaluation before step 1
+            raise KeyboardInterrupt
+        return {}
+    stop.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", evaluate=stop)
+    resumed, res = run(tmp_path / "b", resume=True)
+    assert res.final_loss == res_full.final_loss
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("relora_switch")] == [3]
+    assert [r["step"] for r in rows if r.get("relora_restart")] == [5]
