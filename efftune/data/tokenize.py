@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
+from ..errors import ConfigError
 from .examples import Completion, Example, MultipleChoice
 
 IGNORE = -100
@@ -29,12 +30,18 @@ class Formatter:
     vocabularies hold " yes" as one token: "A: " + "yes" would otherwise be scored as
     an unusual split. With `chat_template`, the prompt becomes a user turn and the continuation
     the assistant's reply.
+
+    `prefix_ids` (e.g. prompt tuning's virtual token ids) go at the very start of every prompt,
+    before BOS and any chat template, as peft places soft prompts; `encode`, `encode_pair` and
+    `encode_prompt` take a per-call `prefix_ids` too (mixed-task batches), [] for none.
     """
 
-    def __init__(self, tokenizer, chat_template: bool = False, max_length: int = 512):
+    def __init__(self, tokenizer, chat_template: bool = False, max_length: int = 512,
+                 prefix_ids: list[int] | None = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.max_length = max_length
+        self.prefix_ids = list(prefix_ids or [])
         self._bos = [tokenizer.bos_token_id] if self._adds_bos(tokenizer) else []
 
     @staticmethod
@@ -52,7 +59,11 @@ class Formatter:
             continuation = " " + continuation
         return stripped, continuation
 
-    def encode_pair(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    def _prefix(self, prefix_ids: list[int] | None) -> list[int]:
+        return self.prefix_ids if prefix_ids is None else list(prefix_ids)
+
+    def encode_pair(self, prompt: str, continuation: str,
+                    prefix_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
         prompt_text, cont_text = self.split(prompt, continuation)
         tok = self.tokenizer
         if self.chat_template:
@@ -60,25 +71,31 @@ class Formatter:
         else:
             prompt_ids = self._bos + tok(prompt_text, add_special_tokens=False)["input_ids"]
         cont_ids = tok(cont_text, add_special_tokens=False)["input_ids"]
-        return prompt_ids, cont_ids
+        return self._prefix(prefix_ids) + prompt_ids, cont_ids
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self.encode_pair(prompt, "")[0]
+    def encode_prompt(self, prompt: str, prefix_ids: list[int] | None = None) -> list[int]:
+        return self.encode_pair(prompt, "", prefix_ids)[0]
 
-    def encode(self, example: Example) -> Encoded:
+    def encode(self, example: Example, prefix_ids: list[int] | None = None) -> Encoded:
         """The training sequence of an example: prompt + answer (MC) or prompt + completion + EOS."""
+        prefix = self._prefix(prefix_ids)
+        if len(prefix) >= self.max_length - 1:
+            raise ConfigError(f"max_length {self.max_length} leaves no room after the {len(prefix)} prefix "
+                              "tokens (prompt tuning's virtual tokens)")
         if isinstance(example, MultipleChoice):
-            prompt_ids, answer_ids = self.encode_pair(example.prompt, example.completion)
+            prompt_ids, answer_ids = self.encode_pair(example.prompt, example.completion, prefix)
         elif isinstance(example, Completion):
-            prompt_ids, answer_ids = self.encode_pair(example.prompt, example.completion)
+            prompt_ids, answer_ids = self.encode_pair(example.prompt, example.completion, prefix)
             if self.tokenizer.eos_token_id is not None:
                 answer_ids = answer_ids + [self.tokenizer.eos_token_id]
         else:
             raise TypeError(f"not an example: {example!r}")
         if not prompt_ids:  # plain text: the first token has nothing to be predicted from
             prompt_ids, answer_ids = answer_ids[:1], answer_ids[1:]
-        answer_ids = answer_ids[: self.max_length - 1]
-        prompt_ids = prompt_ids[-(self.max_length - len(answer_ids)):]  # keep the end of a long prompt
+        answer_ids = answer_ids[: self.max_length - len(prefix) - 1]
+        # keep the prefix and the end of a long prompt
+        rest = prompt_ids[len(prefix):]
+        prompt_ids = prefix + rest[len(rest) - (self.max_length - len(prefix) - len(answer_ids)):]
         return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
 
 
