@@ -20,7 +20,7 @@ TRAIN_FLAGS = {
     "data": (None, "data", str, "JSONL training data instead of BIG-bench"),
     "eval-data": (None, "eval_data", str, "JSONL evaluation data (default: a held-out split)"),
     "eval-size": (None, "eval_size", int, "held-out examples per task"),
-    "method": (None, "method", str, "fine-tuning method: lora | lora-fa | relora | ia3 | bitfit | bottleneck"),
+    "method": (None, "method", str, "fine-tuning method: lora | lora-fa | relora | ia3 | bitfit | bottleneck | prompt-tuning"),
     "output": (None, "output", str, "run directory"),
     "chat-template": (None, "chat_template", bool, "wrap prompts in the tokenizer's chat template"),
     "dtype": (None, "dtype", str, "auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU)"),
@@ -50,7 +50,8 @@ TRAIN_FLAGS = {
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help=TRAIN_FLAGS["model"][3])
-    p.add_argument("--adapter", help="adapter directory (efftune's or peft's)")
+    p.add_argument("--adapter", help="adapter directory of any method (efftune's, or peft's LoRA, IA3, "
+                                     "prompt tuning)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading adapter_model.bin (pickle)")
     p.add_argument("--chat-template", action="store_true", help=TRAIN_FLAGS["chat-template"][3])
     p.add_argument("--dtype", default="auto", help=TRAIN_FLAGS["dtype"][3])
@@ -136,14 +137,22 @@ def _train(args) -> dict:
 
 
 def _load_for_inference(args):
+    """The model, with the adapter of any method attached, and a Formatter that feeds it."""
     from .data import Formatter
     from .io import load_adapter
+    from .methods import detect_method
     from .models import load_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    prefix = None
     if args.adapter:
-        load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
-    return model, Formatter(tokenizer, chat_template=args.chat_template)
+        method = detect_method(args.adapter)
+        if method.name == "lora":
+            load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
+        else:
+            cfg = method.load(model, args.adapter)
+            prefix = method.prefix(model, cfg) if method.prefix else None
+    return model, Formatter(tokenizer, chat_template=args.chat_template, prefix_ids=prefix)
 
 
 def _eval(args) -> dict:

@@ -82,8 +82,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, log=pr
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
-    formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length)
-    method.attach(model, method_cfg)
+    method.attach(model, method_cfg, tokenizer)
+    formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
+                          prefix_ids=method.prefix(model, method_cfg) if method.prefix else None)
     hooks = method.hooks(model, cfg) if method.hooks else None
     trainable, total = trainable_parameters(model)
     log(f"{cfg.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")

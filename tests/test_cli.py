@@ -183,3 +183,20 @@ def test_merge_two_adapters(capsys, model_dir, data_file, tmp_path):
     code, out, err = run(capsys, "merge", "--model", model_dir, "--adapters", adapters, "--full-model",
                          "--output", tmp_path / "full")
     assert code == 0 and (tmp_path / "full" / "config.json").is_file(), err
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "ia3", "bottleneck", "lora-fa"])
+def test_eval_loads_each_methods_result(capsys, model_dir, data_file, tmp_path, method):
+    out_dir = tmp_path / method
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", method,
+                         "--steps", 2, "--batch-size", 4, "--eval-size", 8, "--output", out_dir)
+    assert code == 0, err
+    after = last_json(out)["accuracy_after"]
+    held_out = tmp_path / "held_out.jsonl"  # the run's own held-out rows, to reproduce its score
+    from efftune.data import load_jsonl, split_examples
+    _, eval_rows = split_examples(load_jsonl(data_file), 8, seed=0)
+    held_out.write_text("".join(json.dumps({"input": e.prompt, "choices": list(e.choices), "answer": e.answer})
+                                + "\n" for e in eval_rows))
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--adapter", out_dir / "adapter", "--data", held_out)
+    assert code == 0, err
+    assert last_json(out)["accuracy"] == after

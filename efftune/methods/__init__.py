@@ -3,7 +3,9 @@ attaches to a model, how its result is saved and loaded, and (optionally) how it
 training loop."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -13,17 +15,18 @@ from torch import nn
 class Method:
     name: str
     config_key: str                                             # its section in the run config
-    attach: Callable[[nn.Module, object], list[str]]            # (model, config) -> adapted modules
+    attach: Callable[[nn.Module, object, object], list[str]]    # (model, config, tokenizer) -> adapted modules
     save: Callable[[nn.Module, str, object, dict], object]      # (model, dir, config, metadata)
     load: Callable[[nn.Module, str], object]                    # (model, dir) -> config
     hooks: Callable[[nn.Module, object], object] | None = None  # (model, run config) -> TrainHooks
     artifact: str = "adapter"                                   # what `save` writes: adapter | model
+    prefix: Callable[[nn.Module, object], list[int]] | None = None  # ids every prompt starts with
 
 
 def _lora() -> Method:
     from .. import io
     from .lora import add_lora
-    return Method("lora", "lora", attach=lambda model, cfg: add_lora(model, cfg),
+    return Method("lora", "lora", attach=lambda model, cfg, tok: add_lora(model, cfg),
                   save=lambda model, d, cfg, meta: io.save_adapter(model, d, cfg, metadata=meta),
                   load=lambda model, d: io.load_adapter(model, d))
 
@@ -31,7 +34,7 @@ def _lora() -> Method:
 def _lora_fa() -> Method:
     from .. import io
     from .lora_fa import add_lora_fa, load_lora_fa
-    return Method("lora-fa", "lora_fa", attach=add_lora_fa,
+    return Method("lora-fa", "lora_fa", attach=lambda model, cfg, tok: add_lora_fa(model, cfg),
                   save=lambda model, d, cfg, meta: io.save_adapter(
                       model, d, cfg, metadata={"method": "lora-fa", "correction": cfg.correction, **meta}),
                   load=lambda model, d: load_lora_fa(model, d))
@@ -42,29 +45,38 @@ def _relora() -> Method:
     from ..compose.merge import export_merged
     from ..train.relora import relora_hooks
     from .lora import add_lora
-    return Method("relora", "lora", attach=lambda model, cfg: add_lora(model, cfg),
+    return Method("relora", "lora", attach=lambda model, cfg, tok: add_lora(model, cfg),
                   save=lambda model, d, cfg, meta: export_merged(model, None, d),
                   load=lambda model, d: None, hooks=relora_hooks, artifact="model")
 
 
 def _bitfit() -> Method:
     from .bitfit import add_bitfit, load_bitfit, save_bitfit
-    return Method("bitfit", "bitfit", attach=add_bitfit, save=save_bitfit, load=load_bitfit)
+    return Method("bitfit", "bitfit", attach=lambda model, cfg, tok: add_bitfit(model, cfg),
+                  save=save_bitfit, load=load_bitfit)
 
 
 def _ia3() -> Method:
     from .ia3 import add_ia3, load_ia3, save_ia3
-    return Method("ia3", "ia3", attach=add_ia3, save=save_ia3, load=load_ia3)
+    return Method("ia3", "ia3", attach=lambda model, cfg, tok: add_ia3(model, cfg), save=save_ia3, load=load_ia3)
 
 
 def _bottleneck() -> Method:
     from .bottleneck import add_bottleneck, load_bottleneck, save_bottleneck
-    return Method("bottleneck", "bottleneck", attach=add_bottleneck, save=save_bottleneck, load=load_bottleneck)
+    return Method("bottleneck", "bottleneck", attach=lambda model, cfg, tok: add_bottleneck(model, cfg),
+                  save=save_bottleneck, load=load_bottleneck)
+
+
+def _prompt_tuning() -> Method:
+    # Soft prompts are addressed by virtual token ids every prompt starts with (see the module).
+    from .prompt_tuning import add_prompt_tuning, load_prompt_tuning, save_prompt_tuning, virtual_ids
+    return Method("prompt-tuning", "prompt_tuning", attach=add_prompt_tuning, save=save_prompt_tuning,
+                  load=load_prompt_tuning, prefix=lambda model, cfg: virtual_ids(model, cfg.tasks[0]))
 
 
 METHODS: dict[str, Callable[[], Method]] = {
     "lora": _lora, "lora-fa": _lora_fa, "relora": _relora,
-    "bitfit": _bitfit, "ia3": _ia3, "bottleneck": _bottleneck,
+    "bitfit": _bitfit, "ia3": _ia3, "bottleneck": _bottleneck, "prompt-tuning": _prompt_tuning,
 }
 
 
@@ -73,3 +85,30 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"method: unknown method {name!r} (available: {', '.join(METHODS)})")
     return METHODS[name]()
+
+
+# What a saved directory holds, by its config file: peft's adapter_config.json names its type.
+_PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning"}
+_OWN_FORMATS = {"bitfit_config.json": "bitfit", "bottleneck_config.json": "bottleneck",
+                "prompt_tuning_config.json": "prompt-tuning"}
+
+
+def detect_method(directory) -> Method:
+    """The method whose files `directory` holds (efftune's or peft's), for loading it."""
+    from ..errors import AdapterError
+    d = Path(directory)
+    if not d.is_dir():
+        raise AdapterError(f"adapter: directory {d} does not exist")
+    if (d / "adapter_config.json").is_file():
+        try:
+            kind = json.loads((d / "adapter_config.json").read_text()).get("peft_type", "LORA")
+        except json.JSONDecodeError as exc:
+            raise AdapterError(f"adapter: {d / 'adapter_config.json'} is not valid JSON ({exc.msg})") from None
+        if kind not in _PEFT_TYPES:
+            raise AdapterError(f"adapter: {d} holds a peft {kind} adapter; efftune loads "
+                               f"{', '.join(_PEFT_TYPES)}")
+        return get_method(_PEFT_TYPES[kind])
+    for file, name in _OWN_FORMATS.items():
+        if (d / file).is_file():
+            return get_method(name)
+    raise AdapterError(f"adapter: {d} has no adapter_config.json (nor an efftune method's config file)")
