@@ -134,10 +134,14 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         raise ConfigError("no training examples")
     torch.manual_seed(config.seed)
     if config.activation_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        # transformers renamed the switch; non-reentrant checkpointing lets gradients reach the
+        # adapters although the layer inputs are frozen
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
             raise ConfigError("train.activation_checkpointing needs a transformers model")
-        # non-reentrant checkpointing: gradients reach adapters even though the inputs are frozen
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
