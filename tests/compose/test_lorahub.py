@@ -199,3 +199,24 @@ def test_search_uses_the_preselection(tokenizer):
     hub, res = lorahub(m, Formatter(tokenizer), task(0, 5), ["a", "b", "c"], max_modules=2, budget=4, seed=3)
     assert res.modules == select_modules(["a", "b", "c"], 2, seed=3)
     assert len(res.weights) == 2
+
+
+def test_library_with_a_peft_module_and_peft_reads_the_result(tmp_path):
+    peft = pytest.importorskip("peft")
+    from tests.test_io import peft_adapter_with_patterns
+    pm = peft_adapter_with_patterns(tmp_path / "lib" / "p")  # ranks 6 and 2, alphas 12 and 3
+    with torch.no_grad():
+        expected = pm(input_ids=IDS).logits
+    ours = mixed_library()
+    save_adapter(ours, tmp_path / "lib" / "c", LoraConfig(r=8, alpha=4), adapter="c")
+    m = tiny_llama()
+    assert load_library(m, tmp_path / "lib") == ["c", "p"]
+    hub = LoraHub(m, ["c", "p"])
+    hub.set_weights([0.0, 1.0])
+    torch.testing.assert_close(logits(m), expected, atol=1e-5, rtol=0)
+    hub.set_weights([0.6, -0.8])
+    mixed = logits(m)
+    hub.save(tmp_path / "hub")
+    back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "hub")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=IDS).logits, mixed, atol=1e-5, rtol=0)
