@@ -1,4 +1,4 @@
-"""`efftune` on the command line: train, eval, generate, tasks.
+"""`efftune` on the command line: train, eval, generate, merge, hub compose, tasks.
 
 Flags override the config file; each flag's help names its config key. Errors print one line
 (`--debug` shows the traceback). `train` and `eval` end with one JSON object on stdout.
@@ -107,6 +107,31 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--full-model", action="store_true", help="write a whole transformers model with the merge folded in")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    h = sub.add_parser("hub", help="LoraHub: compose a library of LoRA modules for a new task from a few examples")
+    hsub = h.add_subparsers(dest="hub_command", required=True)
+    c = hsub.add_parser("compose", help="search weights for the library's modules on a few examples (gradient-free) "
+                                        "and save the composition as one LoRA adapter")
+    c.add_argument("--model", default="default", help=TRAIN_FLAGS["model"][3])
+    c.add_argument("--chat-template", action="store_true", help=TRAIN_FLAGS["chat-template"][3])
+    c.add_argument("--dtype", default="auto", help=TRAIN_FLAGS["dtype"][3])
+    c.add_argument("--device", default="auto", help=TRAIN_FLAGS["device"][3])
+    c.add_argument("--library", required=True,
+                   help="directory whose subdirectories are LoRA adapters (efftune's or peft's), one per module")
+    c.add_argument("--examples", help="JSONL file of few-shot examples (all rows are used)")
+    c.add_argument("--task", help="BIG-bench task: --shots examples drawn from its training split")
+    c.add_argument("--shots", type=int, default=5, help="with --task: few-shot examples drawn (seeded)")
+    c.add_argument("--eval-data", help="JSONL multiple-choice examples to report held-out accuracy on "
+                                       "(default with --task: its held-out split)")
+    c.add_argument("--eval-size", type=int, default=200, help="with --task: held-out examples (as in training)")
+    c.add_argument("--max-modules", type=int, default=20, help="modules sampled from the library (seeded)")
+    c.add_argument("--budget", type=int, default=40, help="objective evaluations (forward passes) of the search")
+    c.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name")
+    c.add_argument("--regularization", type=float, default=0.05, help="weight of mean|w| in the objective")
+    c.add_argument("--seed", type=int, default=0, help="module sampling, shot sampling and optimizer seed")
+    c.add_argument("--output", required=True, help="directory for the composed adapter (or model)")
+    c.add_argument("--full-model", action="store_true", help="write a whole transformers model with it merged in")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+
     k = sub.add_parser("tasks", help="list BIG-bench tasks with their kind and size")
     k.add_argument("--kind", choices=["multiple_choice", "generative", "mixed"], help="only this kind")
     k.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -200,6 +225,48 @@ def _merge(args) -> dict:
             "kind": "model" if args.full_model else "adapter"}
 
 
+def _hub_compose(args) -> dict:
+    import random
+
+    from .compose.lorahub import load_library, lorahub
+    from .compose.merge import export_merged
+    from .config import RunConfig
+    from .data import Formatter, MultipleChoice, load_jsonl
+    from .finetune import load_examples
+    from .models import load_model
+
+    if bool(args.task) == bool(args.examples):
+        raise EfftuneError("hub compose: pass exactly one of --task or --examples")
+    held_out = []
+    if args.task:
+        pool, held_out = load_examples(RunConfig(task=[t for t in args.task.split(",") if t],
+                                                 eval_size=args.eval_size))
+        if not 1 <= args.shots <= len(pool):
+            raise EfftuneError(f"hub compose: --shots must be in [1, {len(pool)}], got {args.shots}")
+        shots = random.Random(args.seed).sample(pool, args.shots)
+    else:
+        shots = load_jsonl(args.examples)
+    if args.eval_data:
+        held_out = load_jsonl(args.eval_data)
+    held_out = [e for e in held_out if isinstance(e, MultipleChoice)]
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    formatter = Formatter(tokenizer, chat_template=args.chat_template)
+    library = load_library(model, args.library)
+    hub, res = lorahub(model, formatter, shots, library, max_modules=args.max_modules, budget=args.budget,
+                       optimizer=args.optimizer, regularization=args.regularization, seed=args.seed,
+                       eval_examples=held_out or None)
+    if args.full_model:
+        export_merged(model, tokenizer, args.output, inplace=True)  # the composition is the only active adapter
+    else:
+        hub.save(args.output, metadata={"objective": res.objective, "base_objective": res.base_objective,
+                                        "library": str(args.library), "shots": len(shots),
+                                        "optimizer": args.optimizer, "budget": args.budget, "seed": args.seed})
+    return {"output": args.output, "kind": "model" if args.full_model else "adapter", "modules": res.modules,
+            "weights": res.weights, "objective": res.objective, "loss": res.loss,
+            "base_objective": res.base_objective, "losses": res.losses, "accuracy": res.accuracy,
+            "shots": len(shots), "eval_examples": len(held_out)}
+
+
 def _tasks(args) -> None:
     from .data import task_index
     for info in sorted(task_index().values(), key=lambda i: i.name):
@@ -221,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_generate(args))
         elif command == "merge":
             print(json.dumps(_merge(args)))
+        elif command == "hub":
+            print(json.dumps(_hub_compose(args)))
         elif command == "tasks":
             _tasks(args)
         return 0

@@ -200,3 +200,21 @@ def test_eval_loads_each_methods_result(capsys, model_dir, data_file, tmp_path, 
     code, out, err = run(capsys, "eval", "--model", model_dir, "--adapter", out_dir / "adapter", "--data", held_out)
     assert code == 0, err
     assert last_json(out)["accuracy"] == after
+
+
+def test_hub_compose_from_a_library(capsys, model_dir, data_file, tmp_path):
+    library = tmp_path / "library"
+    library.mkdir()
+    for name, seed in (("m1", 1), ("m2", 2)):
+        code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--steps", 2,
+                             "--batch-size", 4, "--seed", seed, "--rank", 2, "--output", tmp_path / name)
+        assert code == 0, err
+        (tmp_path / name / "adapter").rename(library / name)
+    code, out, err = run(capsys, "hub", "compose", "--model", model_dir, "--library", library, "--examples", data_file,
+                         "--budget", 6, "--output", tmp_path / "composed")
+    assert code == 0, err
+    result = last_json(out)
+    assert result["modules"] == ["m1", "m2"] and len(result["weights"]) == 2
+    assert all(-1.5 <= w <= 1.5 for w in result["weights"])
+    assert result["objective"] <= result["base_objective"]
+    assert (tmp_path / "composed" / "adapter_config.json").is_file()
