@@ -116,3 +116,21 @@ def upcycle_mlp(mlp: nn.Module, num_experts: int, router_config: RouterConfig | 
         moe.router.to(device=ref.device, dtype=ref.dtype)
     nn.init.zeros_(moe.router.W_r.weight)
     return moe
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
+
+
+def collect_aux_losses(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """After a forward pass: the sum of every SparseMoE's auxiliary loss (None without MoE layers),
+    and the parts to log: load-balancing loss, z-loss and dropped-token fraction, averaged over layers."""
+    layers = [m for _, m in moe_layers(model) if m.last_routing is not None]
+    if not layers:
+        return None, {}
+    total = sum(m.aux_loss for m in layers)
+    n = len(layers)
+    stats = {"load_balancing_loss": sum(float(m.last_routing.load_balancing_loss) for m in layers) / n,
+             "z_loss": sum(float(m.last_routing.z_loss) for m in layers) / n,
+             "dropped_fraction": sum(float(m.last_routing.dropped_fraction) for m in layers) / n}
+    return total, stats

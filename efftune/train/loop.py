@@ -26,6 +26,7 @@ from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
+from ..moe.layer import collect_aux_losses
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .plot import plot_metrics
 from .schedule import warmup_cosine
@@ -192,7 +193,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         n_targets = sum(sum(1 for t in s.labels if t != IGNORE) for s in batch)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
-        total = 0.0
+        total, aux_log = 0.0, {}
         for m0 in range(0, len(batch), micro):
             part = batch[m0:m0 + micro]
             inputs = collate(training_rows(part, config.max_length), pad_id, attention).to(device)
@@ -200,8 +201,13 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
                 logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
                                        inputs.position_ids, inputs.mask)
             loss = -logp.sum() / n_targets
-            loss.backward()
             total += loss.item()
+            aux, aux_stats = collect_aux_losses(model)  # MoE routers report balance losses
+            if aux is not None:
+                loss = loss + aux * (len(part) / len(batch))  # weighted like the micro-batch's share
+                for k, v in aux_stats.items():
+                    aux_log[k] = aux_log.get(k, 0.0) + v * len(part) / len(batch)
+            loss.backward()
             tokens_seen += inputs.tokens
         if not math.isfinite(total):
             bar.close()
@@ -219,7 +225,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         dt = time.perf_counter() - t0
         # tokens/s counts the examples' own tokens, so the shared-prefix saving shows as speed
         row = {"step": step + 1, "loss": round(total, 6), "lr": lr_at(step), "grad_norm": round(grad_norm, 4),
-               "tokens_per_s": round(sum(len(s) for s in batch) / dt, 1), "seconds": round(dt, 3), **extra}
+               "tokens_per_s": round(sum(len(s) for s in batch) / dt, 1), "seconds": round(dt, 3),
+               **{k: round(v, 6) for k, v in aux_log.items()}, **extra}
         log(row)
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)

@@ -125,3 +125,32 @@ def test_activation_checkpointing_gives_the_same_training(tokenizer, tmp_path):
     assert b.model.layers[0].gradient_checkpointing
     for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def _moe_model():
+    from efftune.methods.attach import replace_module
+    from efftune.moe.layer import upcycle_mlp
+    from efftune.moe.routing import RouterConfig
+    m = tiny_llama()
+    for i, layer in enumerate(m.model.layers):
+        replace_module(m, f"model.layers.{i}.mlp", upcycle_mlp(layer.mlp, 4, RouterConfig(num_experts=4, mode="switch")))
+    for name, p in m.named_parameters():
+        p.requires_grad_("router" in name)  # only the routers train
+    return m
+
+
+def test_moe_aux_losses_are_added_and_logged(tokenizer, tmp_path, monkeypatch):
+    from efftune.train import loop
+    with_aux = _moe_model()
+    train(with_aux, data(tokenizer), TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=1), tmp_path / "a",
+          pad_id=1)
+    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["load_balancing_loss"] > 0 and "z_loss" in r and "dropped_fraction" in r for r in rows)
+    real = loop.collect_aux_losses
+    monkeypatch.setattr(loop, "collect_aux_losses", lambda m: (real(m)[0] * 0, {}))  # same graph, no aux term
+    without = _moe_model()
+    train(without, data(tokenizer), TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=1), tmp_path / "b",
+          pad_id=1)
+    routers = [(a, b) for (n, a), (_, b) in zip(with_aux.named_parameters(), without.named_parameters())
+               if "router" in n]
+    assert routers and any(not torch.equal(a, b) for a, b in routers)  # the aux loss moved the routers

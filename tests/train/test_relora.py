@@ -185,8 +185,8 @@ def test_warm_start_trains_base_weights_first_then_lora_only(tokenizer, tmp_path
     m = _relora_model()
     train_full_rank(m, rcfg.full_rank)
     snaps = []
-    rows = train(m, _data(tokenizer), cfg, tmp_path, pad_id=1, hooks=ReLoraHooks(m, rcfg),
-                 evaluate=lambda model: snaps.append(_snapshot(model)) or {})
+    train(m, _data(tokenizer), cfg, tmp_path, pad_id=1, hooks=ReLoraHooks(m, rcfg),
+          evaluate=lambda model: snaps.append(_snapshot(model)) or {})
     lora = {n for n in snaps[0] if ".adapters." in n}
     base = {n for n in snaps[0] if n.endswith("base_layer.weight")}
     full = {"model.norm.weight"}
