@@ -134,3 +134,8 @@ def collect_aux_losses(model: nn.Module) -> tuple[torch.Tensor | None, dict[str,
              "z_loss": sum(float(m.last_routing.z_loss) for m in layers) / n,
              "dropped_fraction": sum(float(m.last_routing.dropped_fraction) for m in layers) / n}
     return total, stats
+
+
+def expert_loads(model: nn.Module) -> list[list[float]]:
+    """Tokens each expert took in the last forward pass, one row per SparseMoE layer (model order)."""
+    return [m.last_routing.expert_load.float().tolist() for _, m in moe_layers(model) if m.last_routing is not None]

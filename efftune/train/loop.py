@@ -26,9 +26,9 @@ from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
-from ..moe.layer import collect_aux_losses
+from ..moe.layer import collect_aux_losses, expert_loads
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .plot import plot_metrics
+from .plot import plot_metrics, plot_routing
 from .schedule import warmup_cosine
 
 
@@ -184,6 +184,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     model.train()
     t_start, tokens_seen, loss_value = time.perf_counter(), 0, float("nan")
+    routing_load = None  # MoE models: tokens per (layer, expert) over the run, drawn at the end
     last_ckpt = latest_checkpoint(ckpt_root) if resume else None
     bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     for step in range(start_step, config.steps):
@@ -204,6 +205,9 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
             total += loss.item()
             aux, aux_stats = collect_aux_losses(model)  # MoE routers report balance losses
             if aux is not None:
+                loads = expert_loads(model)
+                routing_load = loads if routing_load is None else [
+                    [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(routing_load, loads)]
                 loss = loss + aux * (len(part) / len(batch))  # weighted like the micro-batch's share
                 for k, v in aux_stats.items():
                     aux_log[k] = aux_log.get(k, 0.0) + v * len(part) / len(batch)
@@ -240,6 +244,9 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
             run_eval(done)
     bar.close()
     plot_metrics(rows_log, output_dir / "training.png")
+    if routing_load:
+        (output_dir / "routing.json").write_text(json.dumps({"expert_load": routing_load}))
+        plot_routing(routing_load, output_dir / "routing.png")
     return TrainResult(steps=config.steps, final_loss=loss_value, train_seconds=time.perf_counter() - t_start,
                        tokens=tokens_seen, evals=evals)
 

@@ -36,3 +36,26 @@ def plot_metrics(rows: list[dict], path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def plot_routing(load: list[list[float]], path: Path) -> Path:
+    """Heat map of the tokens each expert took over a run: layers down, experts across."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [[v / max(sum(r), 1e-9) for v in r] for r in load]  # each layer's share per expert
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(rows[0]) + 2), max(3, 0.35 * len(rows) + 1.5)))
+    image = ax.imshow(rows, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(rows[0])))
+    ax.set_yticks(range(len(rows)))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title("share of routed tokens")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
