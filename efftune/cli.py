@@ -48,11 +48,13 @@ TRAIN_FLAGS = {
 }
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
+def _model_flags(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+    """The flags that choose the model (and, where one is loaded, the adapter)."""
     p.add_argument("--model", default="default", help=TRAIN_FLAGS["model"][3])
-    p.add_argument("--adapter", help="adapter directory of any method (efftune's, or peft's LoRA, IA3, "
-                                     "prompt tuning)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading adapter_model.bin (pickle)")
+    if adapter:
+        p.add_argument("--adapter", help="adapter directory of any method (efftune's, or peft's LoRA, IA3, "
+                                         "prompt tuning)")
+        p.add_argument("--allow-pickle", action="store_true", help="allow loading adapter_model.bin (pickle)")
     p.add_argument("--chat-template", action="store_true", help=TRAIN_FLAGS["chat-template"][3])
     p.add_argument("--dtype", default="auto", help=TRAIN_FLAGS["dtype"][3])
     p.add_argument("--device", default="auto", help=TRAIN_FLAGS["device"][3])
@@ -94,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
     m = sub.add_parser("merge", help="merge LoRA adapters (linear, TIES, DARE) into one adapter or a full model")
-    _model_flags(m)
+    _model_flags(m, adapter=False)
+    m.add_argument("--allow-pickle", action="store_true", help="allow loading adapter_model.bin (pickle)")
     m.add_argument("--adapters", required=True, help="adapter directories, comma-separated")
     m.add_argument("--weights", help="one weight per adapter, comma-separated (default: all 1)")
     m.add_argument("--combine", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"],
@@ -111,10 +114,7 @@ def parser() -> argparse.ArgumentParser:
     hsub = h.add_subparsers(dest="hub_command", required=True)
     c = hsub.add_parser("compose", help="search weights for the library's modules on a few examples (gradient-free) "
                                         "and save the composition as one LoRA adapter")
-    c.add_argument("--model", default="default", help=TRAIN_FLAGS["model"][3])
-    c.add_argument("--chat-template", action="store_true", help=TRAIN_FLAGS["chat-template"][3])
-    c.add_argument("--dtype", default="auto", help=TRAIN_FLAGS["dtype"][3])
-    c.add_argument("--device", default="auto", help=TRAIN_FLAGS["device"][3])
+    _model_flags(c, adapter=False)
     c.add_argument("--library", required=True,
                    help="directory whose subdirectories are LoRA adapters (efftune's or peft's), one per module")
     c.add_argument("--examples", help="JSONL file of few-shot examples (all rows are used)")

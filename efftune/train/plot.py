@@ -30,12 +30,7 @@ def plot_metrics(rows: list[dict], path: Path) -> Path:
         ax_acc.legend(loc="center right")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def plot_routing(load: list[list[float]], path: Path) -> Path:
@@ -53,6 +48,12 @@ def plot_routing(load: list[list[float]], path: Path) -> Path:
     ax.set_ylabel("MoE layer")
     ax.set_title("share of routed tokens")
     fig.colorbar(image, ax=ax)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Write the figure beside `path`, then rename: a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
