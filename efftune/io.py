@@ -108,6 +108,13 @@ def first_mismatch(tensors: dict[str, torch.Tensor], expected: dict[str, torch.T
     return f"has key {extra[0]!r}, which fits nothing in this model" if extra else None
 
 
+def base_model_name(model: nn.Module) -> str | None:
+    """What an adapter file records as its base model: the name efftune loaded it by, else the
+    model config's own path."""
+    return getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None) \
+        or None
+
+
 def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig, extra: dict | None = None) -> dict:
     layers = [(p, l) for p, l in lora_layers(model) if adapter in l.adapters]
     suffixes = sorted({p.rsplit(".", 1)[-1] for p, _ in layers})
@@ -121,7 +128,7 @@ def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig, extra: 
         alpha = a.scaling * (a.r ** 0.5 if config.use_rslora else a.r)
         if abs(alpha - config.alpha) > 1e-6 * max(1.0, abs(alpha)):
             alpha_pattern[re.escape(path)] = alpha
-    base = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    base = base_model_name(model)
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,

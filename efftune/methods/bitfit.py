@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import find_targets, freeze_base, replace_module, wrappers
 
@@ -131,7 +131,7 @@ def save_bitfit(model: nn.Module, directory: str | os.PathLike, config: BitFitCo
     cfg = {"method": "bitfit", "format_version": FORMAT_VERSION, "target_modules": config.target_modules,
            "norms": config.norms, "add_biases": config.add_biases,
            "added": [p for p, _ in wrappers(model, AddedBias)],
-           "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
+           "base_model_name_or_path": base_model_name(model)}
     if metadata:
         cfg["efftune"] = metadata
     return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)

@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..io import first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import find_targets, freeze_base, replace_module, wrappers
 
@@ -139,7 +139,7 @@ def save_bottleneck(model: nn.Module, directory: str | os.PathLike, config: Bott
     cfg = {"method": "bottleneck", "format_version": FORMAT_VERSION,
            "bottleneck_size": config.bottleneck_size, "placement": config.placement,
            "activation": config.activation, "attn_module": config.attn_module, "ffn_module": config.ffn_module,
-           "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
+           "base_model_name_or_path": base_model_name(model)}
     if metadata:
         cfg["efftune"] = metadata
     return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)

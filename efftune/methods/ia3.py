@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..io import read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import _conv1d_class, find_targets, freeze_base, name_matches, replace_module, wrappers
 
@@ -157,7 +157,7 @@ def save_ia3(model: nn.Module, directory: str | os.PathLike, config: IA3Config |
     ff = [p for p, layer in layers if layer.is_feedforward]
     targets = _suffixes_or_regex(paths, lambda s: find_targets(model, s) == paths)
     feedforward = _suffixes_or_regex(ff, lambda s: all(name_matches(p, s) == (p in ff) for p in paths)) if ff else []
-    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    base = base_model_name(model)
     cfg = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
            "target_modules": targets, "feedforward_modules": feedforward, "fan_in_fan_out":
            any(layer.fan_in_fan_out for _, layer in layers), "init_ia3_weights": True,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, ConfigError, EfftuneError, TargetError
-from ..io import first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
 from .attach import freeze_base, replace_module
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
@@ -212,7 +212,7 @@ def save_prompt_tuning(model: nn.Module, directory: str | os.PathLike, config: P
     emb = prompt_embedding(model)
     config = config or PromptTuningConfig(num_virtual_tokens=emb.num_virtual_tokens, tasks=emb.tasks)
     mcfg = getattr(model, "config", None)
-    base = getattr(mcfg, "_name_or_path", None) or None
+    base = base_model_name(model)
     k, hidden = emb.prompts.shape[1:]
     ours = {"num_virtual_tokens": k, "token_dim": hidden, "tasks": emb.tasks, "init": config.init,
             "init_text": config.init_text}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..io import replace_dir_atomically
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "extra.safetensors", "state.json")
 
@@ -45,23 +45,23 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     merged base weights), restored through `load_checkpoint`'s `load_extra`.
     """
     names = {id(p): n for n, p in model.named_parameters()}
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_scalars = _optimizer_tensors(optimizer, names)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng.safetensors"))
-    save_file({k: v.detach().contiguous() for k, v in (extra_tensors or {}).items()}, str(tmp / "extra.safetensors"))
-    state = {"step": step, "optimizer_scalars": opt_scalars,
-             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-             **extra}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+
+    def write(tmp: Path) -> None:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_scalars = _optimizer_tensors(optimizer, names)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in (extra_tensors or {}).items()},
+                  str(tmp / "extra.safetensors"))
+        state = {"step": step, "optimizer_scalars": opt_scalars,
+                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+                 **extra}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+    replace_dir_atomically(directory, write)
     pointer = directory.parent / "latest"
     pointer_tmp = directory.parent / "latest.tmp"
     pointer_tmp.write_text(directory.name)

@@ -253,6 +253,6 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
 
 def _prune(root: Path, keep: int) -> None:
     import shutil
-    found = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    found = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit())  # not .tmp/.old
     for old in found[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
