@@ -118,12 +118,15 @@ def upcycle_mlp(mlp: nn.Module, num_experts: int, router_config: RouterConfig | 
     return moe
 
 
-def moe_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
+def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every routed layer: a module with a `Router` named `router` that records `last_routing`
+    and `aux_loss` after each forward (SparseMoE, MixLoRA blocks, ...)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "router", None), Router) and hasattr(m, "last_routing")]
 
 
 def collect_aux_losses(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """After a forward pass: the sum of every SparseMoE's auxiliary loss (None without MoE layers),
+    """After a forward pass: the sum of every routed layer's auxiliary loss (None without MoE layers),
     and the parts to log: load-balancing loss, z-loss and dropped-token fraction, averaged over layers."""
     layers = [m for _, m in moe_layers(model) if m.last_routing is not None]
     if not layers:
