@@ -21,7 +21,8 @@ from throughput import SHAPES, attach, build_model, loss_fn, make_optimizer  # n
 
 CLASSES = [  # first match wins; patterns are on CUDA kernel names
     ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
-    ("matmul", r"gemm|cutlass|sm90|sm80|xmma|matmul|ampere|hopper|cublas"),
+    ("matmul", r"gemm|cutlass|sm90|sm80|xmma|matmul|ampere|hopper|cublas|triton_tem"),
+    ("fused (inductor)", r"^triton_(poi|red|per)"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("loss/softmax", r"softmax|logsumexp|log_softmax|cross_entropy|nll"),
     ("reduce", r"reduce|norm|sum|mean"),

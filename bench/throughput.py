@@ -13,6 +13,9 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
                   corrects B's step itself, replaces fused AdamW), loss as `peft`
   efftune-ckpt    `efftune` with activation checkpointing (non-reentrant), as
                   TrainConfig(activation_checkpointing=True) does
+  efftune-compile `efftune` with every decoder block compiled (efftune.train.compile), as
+                  TrainConfig(compile=True) does
+  efftune-compile-ckpt  both of the above
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
@@ -44,9 +47,12 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
 }
-CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt")
-LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt")
+CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
+         "efftune-compile", "efftune-compile-ckpt")
+LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
+                 "efftune-compile-ckpt")
 PEAK_FLOPS = 989e12
+MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 
 
 def default_seq(shape: str) -> int:
@@ -74,8 +80,11 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         return model
     from efftune.methods.lora import LoraConfig, add_lora
     add_lora(model, LoraConfig(r=16, alpha=32))
-    if case == "efftune-ckpt":  # what TrainConfig(activation_checkpointing=True) switches on
+    if case.endswith("-ckpt"):  # what TrainConfig(activation_checkpointing=True) switches on
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if "-compile" in case:
+        from efftune.train.compile import compile_blocks
+        compile_blocks(model)
     return model
 
 
@@ -125,8 +134,10 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    for _ in range(warmup):
-        loss = step()
+    from efftune.train.compile import memory_budget
+    with memory_budget(MEMORY_BUDGET if "-compile" in case else None):  # compiles in warm-up
+        for _ in range(warmup):
+            loss = step()
     sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -136,7 +147,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     cfg = SHAPES[shape]
     tokens_s = steps * batch * seq / elapsed
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
-    return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps, tokens_s=round(tokens_s, 1),
+    return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if "-compile" in case else None, seq=seq, batch=batch, steps=steps, tokens_s=round(tokens_s, 1),
                 step_s=round(elapsed / steps, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
@@ -148,6 +159,8 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
     """Run one case in a fresh interpreter; its last stdout line is its JSON result."""
     cmd = [sys.executable, __file__, "--worker", case, "--shape", shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(batch)]
+    if args.memory_budget is not None:
+        cmd += ["--memory-budget", str(args.memory_budget)]
     head = dict(shape=shape, case=case, batch=batch)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
@@ -199,8 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=None, help="default 4096 (128 for tiny)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="one or more batch sizes (a sweep)")
     ap.add_argument("--case-timeout", type=int, default=240, help="seconds per case subprocess")
+    ap.add_argument("--memory-budget", type=float, default=None,
+                    help="compiled cases: activation memory budget in (0, 1] (efftune.train.compile)")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global MEMORY_BUDGET
+    MEMORY_BUDGET = args.memory_budget
     if args.worker:  # inside the subprocess: one shape, one case
         shape = args.shape[0]
         print(json.dumps(run_case(shape, args.worker, args.steps, args.warmup,

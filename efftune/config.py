@@ -19,6 +19,7 @@ from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.lora_fa import LoraFAConfig
+from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .train.relora import ReLoraConfig
 from .train.loop import TrainConfig
@@ -45,6 +46,7 @@ class RunConfig:
     ia3: IA3Config = field(default_factory=IA3Config)              # used with method: ia3
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)  # used with method: bottleneck
     prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)  # method: prompt-tuning
+    prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)  # method: prefix-tuning
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

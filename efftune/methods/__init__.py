@@ -74,9 +74,17 @@ def _prompt_tuning() -> Method:
                   load=load_prompt_tuning, prefix=lambda model, cfg: virtual_ids(model, cfg.tasks[0]))
 
 
+def _prefix_tuning() -> Method:
+    # The prefixes live in the wrapped decoder body's attention cache: prompts need no special ids.
+    from .prefix_tuning import add_prefix_tuning, load_prefix_tuning, save_prefix_tuning
+    return Method("prefix-tuning", "prefix_tuning", attach=add_prefix_tuning, save=save_prefix_tuning,
+                  load=load_prefix_tuning)
+
+
 METHODS: dict[str, Callable[[], Method]] = {
     "lora": _lora, "lora-fa": _lora_fa, "relora": _relora,
     "bitfit": _bitfit, "ia3": _ia3, "bottleneck": _bottleneck, "prompt-tuning": _prompt_tuning,
+    "prefix-tuning": _prefix_tuning,
 }
 
 
@@ -88,7 +96,7 @@ def get_method(name: str) -> Method:
 
 
 # What a saved directory holds, by its config file: peft's adapter_config.json names its type.
-_PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning"}
+_PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}
 _OWN_FORMATS = {"bitfit_config.json": "bitfit", "bottleneck_config.json": "bottleneck",
                 "prompt_tuning_config.json": "prompt-tuning"}
 

@@ -27,6 +27,7 @@ from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
+from .compile import compile_blocks, memory_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .plot import plot_metrics, plot_routing
 from .schedule import warmup_cosine
@@ -45,6 +46,8 @@ class TrainConfig:
     precision: str = "auto"         # auto | fp32 | bf16 (autocast)
     max_length: int = 512           # tokens per row when packing
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
+    compile: bool = False           # torch.compile each decoder block (efftune.train.compile)
+    compile_memory_budget: float | None = None  # with compile: keep ~this fraction of activations
     eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -61,6 +64,11 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.compile_memory_budget is not None:
+            if not self.compile:
+                raise ConfigError("train.compile_memory_budget needs train.compile: true")
+            if not 0 < self.compile_memory_budget <= 1:
+                raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {self.compile_memory_budget}")
 
 
 class TrainHooks:
@@ -143,6 +151,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             raise ConfigError("train.activation_checkpointing needs a transformers model")
+    if config.compile:
+        compile_blocks(model)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -198,7 +208,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         for m0 in range(0, len(batch), micro):
             part = batch[m0:m0 + micro]
             inputs = collate(training_rows(part, config.max_length), pad_id, attention).to(device)
-            with _autocast(config.precision, device):
+            with _autocast(config.precision, device), memory_budget(config.compile_memory_budget):
                 logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
                                        inputs.position_ids, inputs.mask)
             loss = -logp.sum() / n_targets

@@ -127,6 +127,27 @@ def test_activation_checkpointing_gives_the_same_training(tokenizer, tmp_path):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
+def test_compiled_blocks_give_the_same_training(tokenizer, tmp_path):
+    # torch.compile of each decoder block (fp32 here) must train like eager, tree masks included
+    from efftune.train.compile import decoder_blocks
+    seqs = data(tokenizer)
+    a, b = lora_model(), lora_model()
+    train(a, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1), tmp_path / "a", pad_id=1)
+    train(b, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1, compile=True,
+                               compile_memory_budget=0.5), tmp_path / "b", pad_id=1)
+    assert len(decoder_blocks(b)) == 2 and all(blk._compiled_call_impl is not None for blk in decoder_blocks(b))
+    for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_memory_budget_is_checked():
+    from efftune.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.compile_memory_budget needs train.compile"):
+        TrainConfig(compile_memory_budget=0.5)
+    with pytest.raises(ConfigError, match=r"in \(0, 1\]"):
+        TrainConfig(compile=True, compile_memory_budget=1.5)
+
+
 def _moe_model():
     from efftune.methods.attach import replace_module
     from efftune.moe.layer import upcycle_mlp
