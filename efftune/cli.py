@@ -1,4 +1,4 @@
-"""`efftune` on the command line: train, eval, generate, merge, hub compose, tasks.
+"""`efftune` on the command line: train, eval, generate, merge, hub build, hub compose, tasks.
 
 Flags override the config file; each flag's help names its config key. Errors print one line
 (`--debug` shows the traceback). `train` and `eval` end with one JSON object on stdout.
@@ -20,7 +20,7 @@ TRAIN_FLAGS = {
     "data": (None, "data", str, "JSONL training data instead of BIG-bench"),
     "eval-data": (None, "eval_data", str, "JSONL evaluation data (default: a held-out split)"),
     "eval-size": (None, "eval_size", int, "held-out examples per task"),
-    "method": (None, "method", str, "fine-tuning method: lora | lora-fa | relora | ia3 | bitfit | bottleneck | prompt-tuning | prefix-tuning"),
+    "method": (None, "method", str, "fine-tuning method: lora | lora-fa | relora | ia3 | bitfit | bottleneck | prompt-tuning | prefix-tuning | expert-lora | esft"),
     "output": (None, "output", str, "run directory"),
     "chat-template": (None, "chat_template", bool, "wrap prompts in the tokenizer's chat template"),
     "dtype": (None, "dtype", str, "auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU)"),
@@ -113,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--full-model", action="store_true", help="write a whole transformers model with the merge folded in")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    h = sub.add_parser("hub", help="LoraHub: compose a library of LoRA modules for a new task from a few examples")
+    h = sub.add_parser("hub", help="LoraHub: build a library of LoRA modules (one per task) and compose it "
+                                   "for a new task from a few examples")
     hsub = h.add_subparsers(dest="hub_command", required=True)
     c = hsub.add_parser("compose", help="search weights for the library's modules on a few examples (gradient-free) "
                                         "and save the composition as one LoRA adapter")
@@ -134,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--output", required=True, help="directory for the composed adapter (or model)")
     c.add_argument("--full-model", action="store_true", help="write a whole transformers model with it merged in")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    from .compose.library import add_build_parser
+    add_build_parser(hsub)
 
     k = sub.add_parser("tasks", help="list BIG-bench tasks with their kind and size")
     k.add_argument("--kind", choices=["multiple_choice", "generative", "mixed"], help="only this kind")
@@ -291,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             print(_generate(args))
         elif command == "merge":
             print(json.dumps(_merge(args)))
+        elif command == "hub" and args.hub_command == "build":
+            from .compose.library import run_build
+            print(json.dumps(run_build(args)))
         elif command == "hub":
             print(json.dumps(_hub_compose(args)))
         elif command == "tasks":

@@ -16,6 +16,8 @@ import yaml
 from .errors import ConfigError
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
+from .methods.esft import EsftConfig
+from .methods.expert_lora import ExpertLoraConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.lora_fa import LoraFAConfig
@@ -47,6 +49,8 @@ class RunConfig:
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)  # used with method: bottleneck
     prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)  # method: prompt-tuning
     prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)  # method: prefix-tuning
+    expert_lora: ExpertLoraConfig = field(default_factory=ExpertLoraConfig)  # method: expert-lora (MoE models)
+    esft: EsftConfig = field(default_factory=EsftConfig)                      # method: esft (MoE models)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

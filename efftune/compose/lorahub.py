@@ -40,7 +40,8 @@ def load_library(model: nn.Module, directory: str | Path) -> list[str]:
     directory = Path(directory)
     if not directory.is_dir():
         raise EfftuneError(f"lorahub: library directory {directory} does not exist")
-    subs = sorted(p for p in directory.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
+    subs = sorted(p for p in directory.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()
+                  and not p.name.endswith((".tmp", ".old")))  # leftovers of an interrupted atomic write
     if not subs:
         raise EfftuneError(f"lorahub: library directory {directory} holds no LoRA modules "
                            f"(no subdirectory with an {CONFIG_FILE})")

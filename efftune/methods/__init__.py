@@ -81,10 +81,22 @@ def _prefix_tuning() -> Method:
                   load=load_prefix_tuning)
 
 
+def _expert_lora() -> Method:
+    from .expert_lora import add_expert_lora, load_expert_lora, save_expert_lora
+    return Method("expert-lora", "expert_lora", attach=lambda model, cfg, tok: add_expert_lora(model, cfg),
+                  save=save_expert_lora, load=load_expert_lora)
+
+
+def _esft() -> Method:
+    # selects experts from esft.selection (JSON) or by routing esft.data through the model
+    from .esft import add_esft, load_esft, save_esft
+    return Method("esft", "esft", attach=add_esft, save=save_esft, load=load_esft)
+
+
 METHODS: dict[str, Callable[[], Method]] = {
     "lora": _lora, "lora-fa": _lora_fa, "relora": _relora,
     "bitfit": _bitfit, "ia3": _ia3, "bottleneck": _bottleneck, "prompt-tuning": _prompt_tuning,
-    "prefix-tuning": _prefix_tuning,
+    "prefix-tuning": _prefix_tuning, "expert-lora": _expert_lora, "esft": _esft,
 }
 
 
@@ -98,7 +110,8 @@ def get_method(name: str) -> Method:
 # What a saved directory holds, by its config file: peft's adapter_config.json names its type.
 _PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}
 _OWN_FORMATS = {"bitfit_config.json": "bitfit", "bottleneck_config.json": "bottleneck",
-                "prompt_tuning_config.json": "prompt-tuning"}
+                "prompt_tuning_config.json": "prompt-tuning", "expert_lora_config.json": "expert-lora",
+                "esft_config.json": "esft"}
 
 
 def detect_method(directory) -> Method:

@@ -92,6 +92,7 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.batch_adapters: Sequence[str | None] | None = None
+        self._row_cache: dict | None = None  # see _batch_rows
 
     # -- what differs between base module kinds ------------------------------------------
     @property
@@ -149,10 +150,20 @@ class LoraLayer(nn.Module):
         if len(per_example) != x.shape[0]:
             raise EfftuneError(f"mixed-adapter batch names {len(per_example)} adapters for {x.shape[0]} examples")
         for name in dict.fromkeys(n for n in per_example if n is not None and n in self.adapters):
-            rows = torch.tensor([i for i, n in enumerate(per_example) if n == name], device=x.device)
+            rows = self._batch_rows(name, x.device)
             delta = self.lora_delta(self.adapters[name], x.index_select(0, rows))
             y = y.index_add(0, rows, delta.to(y.dtype))
         return y
+
+    def _batch_rows(self, name: str, device: torch.device) -> torch.Tensor:
+        """Row indices of adapter `name` in the batch, made once per batch and device and shared
+        by every layer (`_row_cache` is one dict for the whole model): a fresh host-to-device copy
+        in each layer would stall the GPU once per layer."""
+        cache = self._row_cache if self._row_cache is not None else {}
+        key = (name, str(device))
+        if key not in cache:
+            cache[key] = torch.tensor([i for i, n in enumerate(self.batch_adapters) if n == name], device=device)
+        return cache[key]
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -328,10 +339,11 @@ def mixed_adapter_batch(model: nn.Module, per_example: Sequence[str | None]):
     if unknown:
         raise EfftuneError(f"mixed-adapter batch names unknown adapters: {', '.join(unknown)}")
     layers = [layer for _, layer in lora_layers(model)]
+    row_cache: dict = {}
     for layer in layers:
-        layer.batch_adapters = list(per_example)
+        layer.batch_adapters, layer._row_cache = list(per_example), row_cache
     try:
         yield model
     finally:
         for layer in layers:
-            layer.batch_adapters = None
+            layer.batch_adapters, layer._row_cache = None, None

@@ -27,6 +27,7 @@ from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
+from ..moe.router_tap import hf_router_aux_loss
 from .compile import compile_blocks, memory_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .plot import plot_metrics, plot_routing
@@ -221,6 +222,11 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
                 loss = loss + aux * (len(part) / len(batch))  # weighted like the micro-batch's share
                 for k, v in aux_stats.items():
                     aux_log[k] = aux_log.get(k, 0.0) + v * len(part) / len(batch)
+            hf_aux = hf_router_aux_loss(model)  # transformers' own MoE blocks (RouterTap); None otherwise
+            if hf_aux is not None:
+                loss = loss + hf_aux * (len(part) / len(batch))
+                aux_log["load_balancing_loss"] = (aux_log.get("load_balancing_loss", 0.0)
+                                                  + float(hf_aux) * len(part) / len(batch))
             loss.backward()
             tokens_seen += inputs.tokens
         if not math.isfinite(total):

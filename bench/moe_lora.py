@@ -1,0 +1,171 @@
+"""LoRA on a MoE model's experts: efftune's grouped expert path vs peft's target_parameters.
+
+Builds a random-init Qwen3-MoE (bf16, sdpa attention, no downloads) and times full training steps
+(forward under bf16 autocast, loss, backward, fused AdamW step, zero_grad) on random token ids.
+LoRA is r=16, alpha=32, dropout 0 everywhere. Cases:
+
+  peft          peft.LoraConfig(target_modules=[q,k,v,o]_proj, target_parameters=["gate_up_proj",
+                "down_proj"]): peft adds s·B A to the fused 3-D weights of all experts in every
+                forward (ParamWrapper); experts run transformers' own path; loss = model(labels).loss
+  peft-attn     peft LoRA on the attention linears only (experts frozen, transformers' path)
+  efftune       ExpertLora on gate_up_proj + down_proj (grouped per-expert LoRA, efftune's expert
+                path) + efftune LoRA on the attention linears; loss through efftune's labelled_logprobs
+  efftune-base  efftune's expert path without expert LoRA (use_grouped_experts) + attention LoRA
+
+Like bench/throughput.py (whose helpers it imports), each case runs in its own subprocess and
+prints one JSON line (tokens/s, step seconds, peak GiB = max_memory_allocated, trainable params);
+a table and the ratios to `peft` follow.
+
+    PYTHONPATH=. python bench/moe_lora.py                           # qwen3-30b-a3b shape, all cases
+    PYTHONPATH=. python bench/moe_lora.py --shape tiny --steps 2    # CPU smoke test (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.throughput import _ratio, loss_fn, param_counts  # noqa: E402
+
+SHAPES: dict[str, dict] = {
+    # Qwen3-30B-A3B's per-layer shape, 12 of its 48 layers
+    "qwen3-30b-a3b": dict(hidden_size=2048, num_hidden_layers=12, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                 moe_intermediate_size=32, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=1000),
+}
+CASES = ("peft", "peft-attn", "efftune", "efftune-base")
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def default_seq(shape: str) -> int:
+    return 128 if shape == "tiny" else 4096
+
+
+def build_model(shape: str, device: torch.device) -> torch.nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    config = Qwen3MoeConfig(**SHAPES[shape], norm_topk_prob=True, tie_word_embeddings=False,
+                            max_position_embeddings=40960, use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3MoeForCausalLM._from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():  # the router init is zeros: give it some spread, as a trained one has
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(std=0.02)
+    return model.train()
+
+
+def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
+    if case.startswith("peft"):
+        import peft
+        extra = dict(target_parameters=["gate_up_proj", "down_proj"]) if case == "peft" else {}
+        return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                          target_modules=ATTN, **extra))
+    from efftune.methods.expert_lora import ExpertLoraConfig, add_expert_lora
+    from efftune.methods.lora import LoraConfig, add_lora
+    from efftune.moe.experts import use_grouped_experts
+    if case == "efftune":
+        add_expert_lora(model, ExpertLoraConfig(r=16, alpha=32, target_modules=ATTN))
+    else:
+        use_grouped_experts(model)
+        add_lora(model, LoraConfig(r=16, alpha=32, target_modules=ATTN))
+    return model
+
+
+def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = attach(build_model(shape, device), case)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=device.type == "cuda")
+    frozen, trainable = param_counts(model)
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), device=device, generator=gen)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    loss_case = "efftune" if case.startswith("efftune") else "peft"  # which loss path (throughput.py's)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn(model, loss_case, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(warmup):
+        loss = step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    elapsed = time.perf_counter() - start
+    return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps,
+                tokens_s=round(steps * batch * seq / elapsed, 1), step_s=round(elapsed / steps, 4),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                trainable=trainable, frozen=frozen, loss=round(loss.item(), 4),
+                device=torch.cuda.get_device_name() if cuda else "cpu")
+
+
+def spawn(args: argparse.Namespace, shape: str, case: str) -> dict:
+    """One case in a fresh interpreter (clean peak memory; an OOM kills only that case)."""
+    cmd = [sys.executable, __file__, "--worker", case, "--shape", shape, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch)]
+    head = dict(shape=shape, case=case, batch=args.batch)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        return dict(head, error=f"timed out after {args.case_timeout} s")
+    if proc.returncode != 0:
+        oom = "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr
+        return dict(head, error="OOM" if oom else f"exit {proc.returncode}", stderr_tail=proc.stderr[-1500:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    base = next((r for r in results if r["case"] == "peft" and "error" not in r), None)
+    lines = [f"{'case':<14}{'tokens/s':>12}{'step s':>9}{'peak GiB':>10}{'trainable':>13}{'vs peft':>9}"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['case']:<14}{r['error']:>12}")
+            continue
+        ratio = _ratio(r, base, "tokens_s")
+        lines.append(f"{r['case']:<14}{r['tokens_s']:>12.1f}{r['step_s']:>9.3f}{str(r['peak_gib']):>10}"
+                     f"{r['trainable']:>13,}{'' if ratio is None else f'{ratio:.2f}x':>9}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
+    ap.add_argument("--cases", "--case", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=None, help="default 4096 (128 for tiny)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--case-timeout", type=int, default=400, help="seconds per case subprocess")
+    ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.seq = args.seq or default_seq(args.shape)
+    if args.worker:
+        print(json.dumps(run_case(args.shape, args.worker, args.steps, args.warmup, args.seq, args.batch)))
+        return
+    results = []
+    for case in args.cases:
+        results.append(spawn(args, args.shape, case))
+        print(json.dumps(results[-1]), flush=True)
+    print(table(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The routed-expert computation of transformers-5 MoE blocks, grouped by expert.
+
+transformers 5 stores a block's experts as one module with fused 3-D weights (Qwen3-MoE, OLMoE,
+Mixtral, ...): `gate_up_proj` (E, 2·I, H) holding [gate; up] and `down_proj` (E, H, I), called as
+`experts(hidden (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)`.
+
+`GroupedExperts` wraps such a module (kept as `base_layer`) and runs it this way:
+1. `dispatch`: one sort of the T·k (token, slot) pairs by expert; every later step works on that
+   permuted layout, where each expert's rows are contiguous (gate_up and down share it).
+2. `grouped_linear`: one grouped GEMM per projection over the per-expert row counts —
+   `torch._grouped_mm` on CUDA in bf16, else a loop over per-expert slices (CPU, float64 tests).
+   Both read the same layout, so they agree up to rounding.
+3. `combine`: routing weights applied and the k slots of each token summed, back in token order.
+
+Subclasses add per-expert updates (`ExpertLora`) or swap in trainable weights for some experts
+(ESFT) through `project`. An expert subset is served by a second sort key that puts the subset's
+rows last (`dispatch(..., adapted=)`), so its rows are one contiguous slice with no extra gather.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import EfftuneError
+
+IMPLS = ("auto", "grouped_mm", "loop")
+
+
+@dataclass
+class Dispatch:
+    """Where each of the S = T·k (token, slot) pairs goes.
+
+    order (S,): flat slot index (t·k + j) of each permuted row; inverse (S,): row of each flat slot;
+    counts (E,): rows per expert; rest/picked (E,): counts split into non-adapted / adapted experts
+    (None without a subset); split: rows before the adapted experts' rows (an int, or None).
+    """
+    order: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
+    top_k: int
+    rest: torch.Tensor | None = None
+    picked: torch.Tensor | None = None
+    split: int | None = None
+
+
+def dispatch(top_k_index: torch.Tensor, num_experts: int, adapted: torch.Tensor | None = None) -> Dispatch:
+    """Sort the (token, slot) pairs of `top_k_index` (T, k) by expert. With `adapted` (E,) bool,
+    non-adapted experts' rows come first, then the adapted experts' rows, each block by expert."""
+    flat = top_k_index.reshape(-1)
+    key = flat if adapted is None else flat + num_experts * adapted[flat].long()
+    order = torch.argsort(key, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    # a scatter-add, not bincount: bincount reads the max id back to the host (a sync) on CUDA
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat))
+    d = Dispatch(order, inverse, counts, top_k_index.shape[-1])
+    if adapted is not None:
+        d.picked = counts * adapted
+        d.rest = counts - d.picked
+        d.split = int(d.rest.sum())  # one host sync per layer, paid only when a subset is adapted
+    return d
+
+
+class _Gather(torch.autograd.Function):
+    """x (T, H) -> the permuted rows (S, H). Backward sums each token's k rows in one reshape
+    instead of k-way atomic adds: deterministic, and the sum runs at fp32 accuracy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int):
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)
+        return g.view(-1, ctx.top_k, g.shape[-1]).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Permuted expert outputs (S, H) and routing weights (T, k) -> Σ_j w[t, j] · out[t, j] (T, H)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor):
+        per_token = out.index_select(0, inverse).view(*weights.shape, out.shape[-1])  # (T, k, H)
+        w = weights.to(out.dtype)
+        ctx.save_for_backward(per_token, w, order)
+        ctx.weights_dtype = weights.dtype
+        return torch.bmm(w.unsqueeze(1), per_token).squeeze(1)     # accumulates in fp32 under bf16
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        per_token, w, order = ctx.saved_tensors
+        grad_out = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_out = (w.unsqueeze(-1) * grad.unsqueeze(1)).view(-1, grad.shape[-1]).index_select(0, order)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(per_token, grad.unsqueeze(-1)).squeeze(-1).to(ctx.weights_dtype)
+        return grad_out, grad_w, None, None
+
+
+class _SiluMul(torch.autograd.Function):
+    """[gate; up] (S, 2I) -> silu(gate) · up, keeping only the input for backward (the silu and
+    product are recomputed there: two (S, I) tensors fewer per layer held for backward)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor):
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.empty_like(gate_up)
+        grad_gate, grad_up = out.chunk(2, dim=-1)
+        # in the input's dtype: silu_backward is one fused kernel that computes in fp32 inside
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        grad_gate.copy_(torch.ops.aten.silu_backward(grad * up, gate))
+        return out
+
+
+def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor, impl: str) -> bool:
+    if impl == "loop":
+        return False
+    ok = (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+          and hasattr(torch, "_grouped_mm") and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0)
+    if impl == "grouped_mm" and not ok:
+        raise EfftuneError(f"experts impl 'grouped_mm' needs CUDA bf16 tensors with dims divisible by 8 "
+                           f"(got {x.device.type} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype})")
+    return ok
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Row block g of x (S, in) times weight[g].T: weight (G, out, in), counts (G,) rows per group
+    (summing to S) -> (S, out). Empty groups are allowed."""
+    if _use_grouped_mm(x, weight, impl):
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    pieces, start = [], 0
+    for g, n in enumerate(counts.tolist()):
+        if n:
+            pieces.append(x[start:start + n] @ weight[g].T.to(x.dtype))
+            start += n
+    if not pieces:
+        return x.new_zeros(0, weight.shape[1])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def check_experts_module(module: nn.Module, path: str = "experts") -> None:
+    """The layout GroupedExperts understands: fused [gate; up] (E, 2I, H) and down (E, H, I), no bias."""
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
+        raise EfftuneError(f"{path} ({type(module).__name__}) has no 3-D gate_up_proj and down_proj parameters")
+    e, two_i, h = gu.shape
+    if down.shape != (e, h, two_i // 2) or two_i % 2:
+        raise EfftuneError(f"{path}: gate_up_proj {tuple(gu.shape)} and down_proj {tuple(down.shape)} are not "
+                           "(E, 2I, H) and (E, H, I)")
+    for flag, bad in (("is_transposed", True), ("has_bias", True), ("is_concatenated", False),
+                      ("has_gate", False)):
+        if getattr(module, flag, not bad) == bad:
+            raise EfftuneError(f"{path} ({type(module).__name__}) has {flag}={bad}, a layout efftune's expert "
+                               "path does not handle")
+
+
+class GroupedExperts(nn.Module):
+    """A transformers fused-experts module run through `dispatch` / `grouped_linear` / `combine`.
+
+    forward(hidden (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H), the base module's
+    call signature. `adapted` (E,) bool buffer, or None: experts that `project` treats specially.
+    """
+
+    def __init__(self, base_layer: nn.Module, impl: str = "auto", adapted: list[int] | None = None):
+        super().__init__()
+        check_experts_module(base_layer)
+        if impl not in IMPLS:
+            raise EfftuneError(f"experts impl must be one of {IMPLS}, got {impl!r}")
+        self.base_layer = base_layer
+        self.impl = impl
+        self.num_experts = base_layer.gate_up_proj.shape[0]
+        self.silu = type(base_layer.act_fn).__name__ in ("SiLUActivation", "SiLU")
+        mask = None
+        if adapted is not None:
+            mask = torch.zeros(self.num_experts, dtype=torch.bool, device=base_layer.gate_up_proj.device)
+            mask[torch.tensor(adapted, dtype=torch.long, device=mask.device)] = True
+        self.register_buffer("adapted", mask, persistent=False)
+
+    def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.silu:
+            return _SiluMul.apply(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.base_layer.act_fn(gate) * up
+
+    def project(self, name: str, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """x (S, in) in dispatch order through every expert's `name` projection -> (S, out)."""
+        weight = getattr(self.base_layer, name)
+        if d.split is None:
+            return grouped_linear(x, weight, d.counts, self.impl)
+        rest, picked = x[:d.split], x[d.split:]
+        return torch.cat([grouped_linear(rest, weight, d.rest, self.impl), self.project_adapted(name, picked, d)])
+
+    def project_adapted(self, name: str, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """The adapted experts' rows (their counts: d.picked) through `name`; subclasses change it."""
+        return grouped_linear(x, getattr(self.base_layer, name), d.picked, self.impl)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        d = dispatch(top_k_index, self.num_experts, self.adapted)
+        dtype = self.base_layer.gate_up_proj.dtype
+        x = _Gather.apply(hidden_states.to(dtype), d.order, d.inverse, d.top_k)
+        h = self.activation(self.project("gate_up_proj", x, d))
+        out = self.project("down_proj", h, d)
+        return _Combine.apply(out, top_k_weights, d.order, d.inverse).to(hidden_states.dtype)
+
+
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every fused-experts module of the model (3-D gate_up_proj / down_proj), not yet wrapped."""
+    found, wrapped = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, GroupedExperts):
+            wrapped.append(name + ".")
+            continue
+        gu = getattr(m, "gate_up_proj", None)
+        if isinstance(gu, nn.Parameter) and gu.dim() == 3 and not any(name.startswith(w) for w in wrapped):
+            found.append((name, m))
+    return found
+
+
+def use_grouped_experts(model: nn.Module, impl: str = "auto") -> list[str]:
+    """Run every fused-experts module through GroupedExperts (no adapter): efftune's expert path
+    with the model's weights unchanged. Returns the wrapped module paths."""
+    from ..methods.attach import replace_module
+    paths = [p for p, _ in experts_modules(model)]
+    if not paths:
+        raise EfftuneError("the model has no fused-experts module (3-D gate_up_proj / down_proj)")
+    for p in paths:
+        replace_module(model, p, GroupedExperts(model.get_submodule(p), impl))
+    return paths

@@ -1,0 +1,52 @@
+"""Regional compilation: `torch.compile` each decoder block of a transformers model.
+
+Compiling block by block (not the whole model) keeps compile time to one block's graph — the
+blocks share code, so one compilation serves them all — and leaves the loss, the tree attention
+masks and the optimizer step in eager mode. Inductor fuses the elementwise chains around the
+matmuls (RMSNorm, RoPE, SwiGLU, the LoRA `y + delta` add) and its min-cut partitioner recomputes
+cheap pointwise results in backward instead of saving them, which is where most of a LoRA step's
+non-matmul time and activation memory go.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks, found by the class names transformers lists in `_no_split_modules`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    return [m for m in inner.modules() if type(m).__name__ in names]
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    """Compile every decoder block in place (`nn.Module.compile`); returns how many."""
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise ConfigError(f"train.compile: found no decoder blocks in {type(model).__name__} "
+                          "(it lists none in _no_split_modules)")
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
+
+
+@contextmanager
+def memory_budget(budget: float | None) -> Iterator[None]:
+    """Within the context, compiled graphs are partitioned to keep about `budget` (0..1] of the
+    activations eager autograd would save, recomputing the rest in backward (torch's
+    `activation_memory_budget`; 1 = its default speed-first choice). The budget applies when a
+    block is (re)compiled, i.e. during the first forward passes. None: leave torch's setting."""
+    if budget is None:
+        yield
+        return
+    if not 0 < budget <= 1:
+        raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {budget!r}")
+    import torch._functorch.config as functorch_config
+    with functorch_config.patch(activation_memory_budget=budget):
+        yield

@@ -1,0 +1,244 @@
+"""`efftune hub build`: a library of LoRA modules, one per task, trained one by one or k at once."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from efftune.compose.library import (INDEX_FILE, WORK_DIR, accuracies_together, add_build_parser, build_library,
+                                     module_name, run_build)
+from efftune.compose.lorahub import load_library, lorahub
+from efftune.data import Formatter, MultipleChoice
+from efftune.errors import ConfigError, DataError, EfftuneError
+from efftune.eval.multiple_choice import multiple_choice_accuracy
+from efftune.io import load_adapter
+from efftune.methods.lora import LoraConfig, add_lora, set_active_adapters
+from efftune.train.loop import TrainConfig
+from tests.conftest import randomize_lora, tiny_llama
+from tests.data.test_bigbench import fake_bigbench  # noqa: F401  (fixture: a small fake BIG-bench sdist)
+
+WORDS = ["sky", "grass", "fox", "dog", "sea", "leaf", "cat", "snow"]
+LORA = LoraConfig(r=2, alpha=4)
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """train() draws training.png at every checkpoint; matplotlib is most of these tests' time."""
+    monkeypatch.setattr("efftune.train.loop.plot_metrics", lambda rows, path: path)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(steps=3, batch_size=4, lr=1e-2, warmup_steps=1, save_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def tasks(tmp_path):
+    """Three JSONL tasks: two multiple choice (one with a long shared instruction: tree rows), one generative."""
+    rows = {
+        "colors": [{"input": f"Q: Is the {w} blue?", "choices": ["yes", "no"], "answer": int(w not in ("sky", "sea"))}
+                   for w in WORDS * 3],
+        "parity": [{"input": f"Take 3 steps forward. Turn left. Always face forward. Is {i} even?",
+                    "choices": ["True", "False"], "answer": i % 2} for i in range(24)],
+        "echo": [{"prompt": f"Repeat: {w}\nA:", "completion": f" {w}"} for w in WORDS * 2],
+    }
+    paths = []
+    for name, items in rows.items():
+        p = tmp_path / "data" / f"{name}.jsonl"
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("".join(json.dumps(r) + "\n" for r in items))
+        paths.append(str(p))
+    return paths
+
+
+def weights(directory):
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def assert_same_modules(a, b, names, atol):
+    for n in names:
+        wa, wb = weights(a / n), weights(b / n)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=f"{n}: {k}")
+
+
+def test_build_writes_peft_modules_and_index(tasks, tokenizer, tmp_path):
+    out = tmp_path / "lib"
+    summary = build_library((tiny_llama(), tokenizer), tasks, out, LORA, cfg(), together=2, eval_size=6)
+    assert summary["built"] == ["colors", "parity", "echo"] and summary["skipped"] == [] and summary["modules"] == 3
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert set(index["modules"]) == {"colors", "parity", "echo"}
+    assert index["recipe"]["lora"]["r"] == 2 and index["recipe"]["train"]["steps"] == 3
+    for name in ("colors", "parity", "echo"):
+        config = json.loads((out / name / "adapter_config.json").read_text())
+        meta = config["efftune"]["library"]
+        assert config["peft_type"] == "LORA" and config["r"] == 2
+        assert meta == {k: v for k, v in index["modules"][name].items() if k != "path"}
+        assert meta["steps"] == 3 and meta["examples"] == (18 if name != "echo" else 10)
+        assert meta["tokens"] > 0 and meta["seconds"] > 0 and meta["final_loss"] > 0
+        assert meta["trained_with"] == (["colors", "parity"] if name != "echo" else ["echo"])
+        assert not (out / WORK_DIR / name / "checkpoints").exists()  # dropped once the module is saved
+        assert (out / WORK_DIR / name / "metrics.jsonl").is_file()
+    for name in ("colors", "parity"):
+        meta = index["modules"][name]
+        assert 0 <= meta["accuracy_before"] <= 1 and 0 <= meta["accuracy_after"] <= 1 and meta["eval_examples"] == 6
+    assert index["modules"]["echo"]["accuracy_before"] is None  # generative: no accuracy
+
+
+def test_second_build_skips_finished_modules(tasks, tokenizer, tmp_path):
+    out = tmp_path / "lib"
+    build_library((tiny_llama(), tokenizer), tasks[:2], out, LORA, cfg(), together=2, eval_size=6)
+    stamps = {n: (out / n / "adapter_model.safetensors").stat().st_mtime_ns for n in ("colors", "parity")}
+    steps = []
+    summary = build_library((tiny_llama(), tokenizer), tasks, out, LORA, cfg(), together=2, eval_size=6,
+                            on_step=lambda names, done: steps.append((tuple(names), done)))
+    assert summary["skipped"] == ["colors", "parity"] and summary["built"] == ["echo"]
+    assert {names for names, _ in steps} == {("echo",)}  # only the new module trained
+    assert {n: (out / n / "adapter_model.safetensors").stat().st_mtime_ns for n in stamps} == stamps
+    again = build_library("no/such/model", tasks, out, LORA, cfg(), together=2, eval_size=6)  # all done: no load
+    assert again["built"] == [] and again["skipped"] == ["colors", "parity", "echo"] and again["modules"] == 3
+    with pytest.raises(ConfigError, match="another recipe"):  # a different recipe must not mix in silently
+        build_library((tiny_llama(), tokenizer), tasks, out, LORA, cfg(steps=4), eval_size=6)
+
+
+@pytest.mark.parametrize("first, second", [(1, 1), (2, 2), (2, 1)])
+def test_interrupted_build_resumes_to_the_uninterrupted_result(tasks, tokenizer, tmp_path, first, second):
+    """Stop after step 3 of 4 (checkpoint at 2), build again (a fresh model, as a new process
+    would): the modules equal an uninterrupted build's; checkpoints carry over between groupings."""
+    c = cfg(steps=4)
+    ref = tmp_path / "ref"
+    build_library((tiny_llama(dtype=torch.float64), tokenizer), tasks[:2], ref, LORA, c, together=second, eval_size=6)
+
+    def stop(names, done):
+        if done == 3:
+            raise KeyboardInterrupt
+    out = tmp_path / "lib"
+    with pytest.raises(KeyboardInterrupt):
+        build_library((tiny_llama(dtype=torch.float64), tokenizer), tasks[:2], out, LORA, c, together=first,
+                      eval_size=6, on_step=stop)
+    assert (out / WORK_DIR / "colors" / "checkpoints" / "step-000002").is_dir()
+    assert not (out / "colors").exists()
+    seen = []
+    build_library((tiny_llama(dtype=torch.float64), tokenizer), tasks[:2], out, LORA, c, together=second, eval_size=6,
+                  on_step=lambda names, done: seen.extend((n, done) for n in names))
+    assert min(d for n, d in seen if n == "colors") == 3  # resumed after the checkpoint, not from scratch
+    assert_same_modules(out, ref, ["colors", "parity"], atol=1e-12)
+    a = json.loads((out / INDEX_FILE).read_text())["modules"]["colors"]
+    b = json.loads((ref / INDEX_FILE).read_text())["modules"]["colors"]
+    for key in ("accuracy_before", "accuracy_after", "tokens", "steps"):
+        assert a[key] == b[key], key
+    assert a["final_loss"] == pytest.approx(b["final_loss"], abs=1e-5)
+
+
+def test_k_at_once_equals_one_by_one(tasks, tokenizer, tmp_path):
+    """float64: three modules together (tree rows, plain rows, micro-batches, active gradient
+    clipping) end where training each alone with train() ends."""
+    c = cfg(steps=4, batch_size=4, micro_batch_size=2, grad_clip=0.05, weight_decay=0.01)
+    lora = LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    build_library((tiny_llama(dtype=torch.float64), tokenizer), tasks, tmp_path / "one", lora, c, together=1, eval_size=6)
+    build_library((tiny_llama(dtype=torch.float64), tokenizer), tasks, tmp_path / "k", lora, c, together=3, eval_size=6)
+    assert_same_modules(tmp_path / "one", tmp_path / "k", ["colors", "parity", "echo"], atol=1e-10)
+    one = json.loads((tmp_path / "one" / INDEX_FILE).read_text())["modules"]
+    k = json.loads((tmp_path / "k" / INDEX_FILE).read_text())["modules"]
+    for n in ("colors", "parity"):
+        assert one[n]["accuracy_after"] == k[n]["accuracy_after"]
+        assert one[n]["final_loss"] == pytest.approx(k[n]["final_loss"], abs=1e-6)
+    moved = weights(tmp_path / "k" / "colors")
+    assert any(v.abs().max() > 0 for key, v in moved.items() if "lora_B" in key)  # training did something
+
+
+def test_accuracies_together_match_one_adapter_at_a_time(tokenizer):
+    m = tiny_llama()
+    add_lora(m, LoraConfig(r=2), adapter="a")
+    add_lora(m, LoraConfig(r=2), adapter="b")
+    randomize_lora(m, std=0.5)
+    f = Formatter(tokenizer)
+    exs = {"a": [MultipleChoice(f"Q: Is the {w} blue?\nA:", ("yes", "no"), i % 2) for i, w in enumerate(WORDS)],
+           "b": [MultipleChoice(f"Take 3 steps. Is {i} even?\nA:", ("True", "False", "maybe"), i % 3)
+                 for i in range(10)]}
+    together = accuracies_together(m, f, exs, rows_per_batch=1)
+    for n in ("a", "b"):
+        set_active_adapters(m, n)
+        assert together[n] == round(multiple_choice_accuracy(m, f, exs[n]), 4)
+
+
+def test_built_library_loads_in_peft_and_composes_with_lorahub(tasks, tokenizer, tmp_path):
+    pytest.importorskip("nevergrad")
+    from peft import PeftModel
+    out = tmp_path / "lib"
+    build_library((tiny_llama(), tokenizer), tasks[:2], out, LORA, cfg(), together=2, eval_size=6)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    ours = tiny_llama()
+    load_adapter(ours, out / "colors")
+    theirs = PeftModel.from_pretrained(tiny_llama(), out / "colors")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+    model = tiny_llama()
+    names = load_library(model, out)  # _runs/ and library.json are not modules
+    assert names == ["colors", "parity"]
+    shots = [MultipleChoice(f"Q: Is the {w} blue?", ("yes", "no"), 0) for w in WORDS[:4]]
+    hub, res = lorahub(model, Formatter(tokenizer), shots, names, budget=4)
+    assert res.modules == names and res.objective <= res.base_objective
+
+
+def test_a_directory_of_peft_adapters_is_a_library(tasks, tokenizer, tmp_path):
+    """Modules made elsewhere (peft) sit beside built ones: compose loads them, build indexes
+    them as external and leaves them alone."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    out = tmp_path / "lib"
+    foreign = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    foreign.save_pretrained(out / "made_by_peft")
+    assert load_library(tiny_llama(), out) == ["made_by_peft"]
+    build_library((tiny_llama(), tokenizer), tasks[:1], out, LORA, cfg(steps=2), eval_size=6)
+    index = json.loads((out / INDEX_FILE).read_text())["modules"]
+    assert index["made_by_peft"] == {"path": "made_by_peft", "external": True, "r": 4, "lora_alpha": 8}
+    assert load_library(tiny_llama(), out) == ["colors", "made_by_peft"]
+
+
+def test_bigbench_tasks_and_clear_errors(fake_bigbench, tokenizer, tmp_path):  # noqa: F811
+    out = tmp_path / "lib"
+    model = (tiny_llama(), tokenizer)
+    with pytest.raises(ConfigError, match="no tasks given"):
+        build_library(model, [], out, LORA, cfg())
+    with pytest.raises(DataError, match="hub build: task: no BIG-bench task named 'yesnoo'.*yesno"):
+        build_library(model, ["yesno", "yesnoo"], out, LORA, cfg())
+    assert not (out / "yesno").exists()  # nothing trained before every task resolved
+    with pytest.raises(ConfigError, match="both be module 'x'"):
+        build_library(model, ["x.jsonl", "x"], out, LORA, cfg())
+    with pytest.raises(ConfigError, match="together must be a positive integer"):
+        build_library(model, ["yesno"], out, LORA, cfg(), together=0)
+    summary = build_library(model, ["yesno", "parent/one"], out, LORA, cfg(steps=2, batch_size=2),
+                            together=2, eval_size=4)
+    assert summary["built"] == ["yesno", "parent__one"] == [module_name("yesno"), module_name("parent/one")]
+    meta = json.loads((out / INDEX_FILE).read_text())["modules"]["yesno"]
+    assert meta["task"] == "yesno" and meta["examples"] == 16 and meta["eval_examples"] == 4
+    (out / "stray").mkdir()
+    (out / "stray" / "notes.txt").write_text("mine")
+    (tmp_path / "stray.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(EfftuneError, match="not a LoRA module"):  # never replaces a directory it did not write
+        build_library(model, [str(tmp_path / "stray.jsonl")], out, LORA, cfg())
+    assert (out / "stray" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_build(tasks, tokenizer, tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "tasks.txt").write_text(f"# my library\n{tasks[0]}\n\n{tasks[1]}  # second\n")
+    p = argparse.ArgumentParser()
+    add_build_parser(p.add_subparsers(dest="hub_command"))
+    args = p.parse_args(["build", "--model", str(model_dir), "--tasks-file", str(tmp_path / "tasks.txt"),
+                         "--output", str(tmp_path / "lib"), "--steps", "2", "--batch-size", "2", "--together", "2",
+                         "--r", "2", "--lr", "0.01", "--target-modules", "q_proj,v_proj", "--eval-size", "4"])
+    summary = run_build(args)
+    assert summary["built"] == ["colors", "parity"] and summary["together"] == 2
+    config = json.loads((tmp_path / "lib" / "colors" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == str(model_dir)
+    with pytest.raises(SystemExit):  # --tasks and --tasks-file exclude each other
+        p.parse_args(["build", "--tasks", "a", "--tasks-file", "f", "--output", "o"])

@@ -1,0 +1,267 @@
+"""Expert LoRA on fused 3-D expert weights, the grouped expert path and the HF router aux loss
+(CPU, tiny random-init Qwen3-MoE / OLMoE / Mixtral, float64 where values are compared)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from efftune.errors import AdapterError, ConfigError
+from efftune.methods.expert_lora import (ExpertLora, ExpertLoraConfig, add_expert_lora, export_peft,
+                                         load_expert_lora, save_expert_lora, unload_expert_lora)
+from efftune.moe.experts import dispatch, grouped_linear, use_grouped_experts
+from efftune.moe.router_tap import hf_router_aux_loss
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def tiny_moe(kind: str = "qwen3", experts: int = 8, seed: int = 0, dtype=torch.float64, vocab: int = 64) -> nn.Module:
+    import transformers as t
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=vocab, num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.2,
+                  router_aux_loss_coef=0.01, tie_word_embeddings=False)
+    if kind == "qwen3":
+        cfg = t.Qwen3MoeConfig(num_experts=experts, moe_intermediate_size=16, intermediate_size=64, head_dim=8,
+                               norm_topk_prob=True, **common)
+        cls = t.Qwen3MoeForCausalLM
+    elif kind == "olmoe":
+        cfg = t.OlmoeConfig(num_experts=experts, intermediate_size=16, **common)
+        cls = t.OlmoeForCausalLM
+    else:
+        cfg = t.MixtralConfig(num_local_experts=experts, intermediate_size=16, **common)
+        cls = t.MixtralForCausalLM
+    cfg._experts_implementation = "eager"  # transformers' own per-expert loop: the reference
+    torch.manual_seed(seed)
+    model = cls(cfg).to(dtype).eval()
+    with torch.no_grad():  # router init is zeros in some models: make routing decisive
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")):
+                p.normal_(std=1.0)
+    return model
+
+
+def ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_b(model: nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+
+def naive_experts(base: nn.Module, x, idx, w, lora: dict, experts) -> torch.Tensor:
+    """Per (token, slot): the expert's explicit W_e + s·B_e A_e, one matrix at a time."""
+    out = torch.zeros_like(x)
+    slot_of = {e: i for i, e in enumerate(experts)}
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            ws = {}
+            for name in ("gate_up_proj", "down_proj"):
+                W = getattr(base, name)[e]
+                if name in lora and e in slot_of:
+                    f = lora[name]
+                    W = W + f.scaling * f.lora_B[slot_of[e]] @ f.lora_A[slot_of[e]]
+                ws[name] = W
+            gate, up = (ws["gate_up_proj"] @ x[t]).chunk(2)
+            out[t] = out[t] + w[t, j] * (ws["down_proj"] @ (base.act_fn(gate) * up))
+    return out
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="expert_lora.r"):
+        ExpertLoraConfig(r=0)
+    with pytest.raises(ConfigError, match="expert_lora.alpha"):
+        ExpertLoraConfig(alpha=-1)
+    with pytest.raises(ConfigError, match="expert_lora.targets"):
+        ExpertLoraConfig(targets=["up_proj"])
+    with pytest.raises(ConfigError, match="expert_lora.experts"):
+        ExpertLoraConfig(experts=[1, 1])
+    with pytest.raises(ConfigError, match="expert_lora.impl"):
+        ExpertLoraConfig(impl="fast")
+    with pytest.raises(ConfigError, match="expert id 9"):
+        add_expert_lora(tiny_moe(), ExpertLoraConfig(experts=[9]))
+
+
+def test_dispatch_groups_rows_by_expert_with_subset_last():
+    idx = torch.tensor([[3, 0], [1, 3], [0, 2]])
+    d = dispatch(idx, 4, torch.tensor([False, False, False, True]))
+    experts = idx.reshape(-1)[d.order]
+    assert experts.tolist() == [0, 0, 1, 2, 3, 3] and d.split == 4
+    assert d.counts.tolist() == [2, 1, 1, 2] and d.picked.tolist() == [0, 0, 0, 2]
+    assert torch.equal(d.order[d.inverse], torch.arange(6))
+
+
+def test_grouped_mm_and_loop_paths_agree():
+    """torch._grouped_mm (forward only on CPU) and the per-expert loop read the same layout."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    torch.manual_seed(0)
+    x, w = torch.randn(20, 32), torch.randn(4, 48, 32)
+    counts = torch.tensor([5, 0, 7, 8])
+    try:
+        fast = torch._grouped_mm(x, w.transpose(-2, -1), offs=counts.cumsum(0).int())
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"no CPU kernel: {exc}")
+    torch.testing.assert_close(grouped_linear(x, w, counts, "loop"), fast, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "olmoe", "mixtral"])
+def test_zero_b_and_grouped_base_path_equal_the_model(kind):
+    model = tiny_moe(kind)
+    x = ids()
+    with torch.no_grad():
+        ref = model(x).logits
+        use_grouped_experts(model)
+        torch.testing.assert_close(model(x).logits, ref, rtol=1e-10, atol=1e-10)
+    model = tiny_moe(kind)
+    add_expert_lora(model, ExpertLoraConfig(r=4, target_modules=ATTN))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("targets,experts", [(["gate_up_proj", "down_proj"], None), (["down_proj"], [1, 5, 6]),
+                                             (["gate_up_proj"], [0])])
+def test_grouped_lora_equals_naive_per_expert_loop(targets, experts):
+    """Values and gradients (input, A, B) against explicit W_e + s·B_e A_e, float64."""
+    base = tiny_moe().model.layers[0].mlp.experts
+    layer = ExpertLora(base, r=3, scaling=1.7, targets=targets, experts=experts)
+    randomize_b(layer)
+    torch.manual_seed(5)
+    T, k = 10, 2
+    x = torch.randn(T, 32, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(8)[:k] for _ in range(T)])
+    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(T, 32, dtype=torch.float64)
+    got = layer(x, idx, w)
+    params = [x, w] + [p for f in layer.lora.values() for p in (f.lora_A, f.lora_B)]
+    grads = torch.autograd.grad((got * dy).sum(), params)
+    ref = naive_experts(base, x, idx, w, dict(layer.lora), experts or list(range(8)))
+    ref_grads = torch.autograd.grad((ref * dy).sum(), params)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+
+
+def test_merge_matches_unmerged_and_the_hf_forward():
+    """ExpertLora's output equals transformers' own experts forward on merged W + s·B A."""
+    model = tiny_moe("olmoe")
+    add_expert_lora(model, ExpertLoraConfig(r=4, experts=[2, 3, 7]))
+    randomize_b(model)
+    x = ids()
+    with torch.no_grad():
+        lora_out = model(x).logits
+        unload_expert_lora(model, merge=True)  # base modules back, updates folded in
+        torch.testing.assert_close(model(x).logits, lora_out, rtol=1e-10, atol=1e-10)
+
+
+def test_only_the_intended_parameters_get_gradients():
+    model = tiny_moe()
+    add_expert_lora(model, ExpertLoraConfig(r=4, targets=["down_proj"], experts=[0, 4], target_modules=ATTN))
+    randomize_b(model)
+    model(ids()).logits.sum().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in trained)
+    assert any(".mlp.experts.lora.down_proj.lora_A" in n for n in trained)
+    assert not any("gate_up_proj.lora" in n for n in dict(model.named_parameters()))  # not adapted: absent
+    layer = model.model.layers[0].mlp.experts
+    assert layer.lora["down_proj"].lora_A.shape == (2, 4, 16)  # factors of the 2 adapted experts only
+    assert layer.base_layer.gate_up_proj.grad is None and layer.base_layer.down_proj.grad is None
+
+
+def test_save_load_round_trip_and_errors(tmp_path):
+    cfg = ExpertLoraConfig(r=4, experts=[1, 2], target_modules=ATTN)
+    model = tiny_moe()
+    add_expert_lora(model, cfg)
+    randomize_b(model)
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    save_expert_lora(model, tmp_path / "a", cfg, metadata={"steps": 3})
+    fresh = tiny_moe()
+    loaded = load_expert_lora(fresh, tmp_path / "a")
+    assert loaded.r == 4 and loaded.target_modules == ATTN
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, want, rtol=0, atol=0)
+    # a model with 4 experts per layer: factor shapes still fit, but expert ids 1, 2 exist; change r
+    bad_cfg = json.loads((tmp_path / "a" / "expert_lora_config.json").read_text())
+    bad_cfg["r"] = 5
+    (tmp_path / "a" / "expert_lora_config.json").write_text(json.dumps(bad_cfg))
+    with pytest.raises(AdapterError, match=r"expert_lora_model.safetensors.*lora_A.*shape"):
+        load_expert_lora(tiny_moe(), tmp_path / "a")
+    with pytest.raises(AdapterError, match="no expert_lora_config.json"):
+        load_expert_lora(tiny_moe(), tmp_path)
+
+
+def test_peft_export_loads_in_peft_with_equal_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    cfg = ExpertLoraConfig(r=4, alpha=8, experts=[0, 3, 5], target_modules=ATTN)
+    model = tiny_moe()
+    add_expert_lora(model, cfg)
+    randomize_b(model)
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    export_peft(model, tmp_path / "p", cfg)
+    peft_model = peft.PeftModel.from_pretrained(tiny_moe(), str(tmp_path / "p"))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=x).logits, want, rtol=1e-9, atol=1e-9)
+
+
+def test_peft_export_of_one_target(tmp_path):
+    peft = pytest.importorskip("peft")
+    cfg = ExpertLoraConfig(r=2, alpha=2, targets=["down_proj"])
+    model = tiny_moe("mixtral")
+    add_expert_lora(model, cfg)
+    randomize_b(model)
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    export_peft(model, tmp_path / "p", cfg)
+    peft_model = peft.PeftModel.from_pretrained(tiny_moe("mixtral"), str(tmp_path / "p"))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=x).logits, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "mixtral"])
+def test_router_aux_loss_equals_transformers(kind):
+    model = tiny_moe(kind)
+    add_expert_lora(model, ExpertLoraConfig(r=2))
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    out = model(x, attention_mask=mask, labels=x, output_router_logits=True)
+    ours = hf_router_aux_loss(model, attention_mask=mask)
+    torch.testing.assert_close(ours, model.config.router_aux_loss_coef * out.aux_loss, rtol=1e-6, atol=1e-9)
+    out = model(x, output_router_logits=True)
+    torch.testing.assert_close(hf_router_aux_loss(model), model.config.router_aux_loss_coef * out.aux_loss,
+                               rtol=1e-6, atol=1e-9)
+    assert ours.requires_grad  # it trains the hidden states (and a router, if one trains)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch._grouped_mm in bf16)")
+@pytest.mark.parametrize("experts", [None, [0, 3, 5]])
+def test_cuda_grouped_mm_path_equals_loop_path(experts):
+    """The two expert paths agree in bf16 on CUDA: outputs and gradients (x, weights, A, B)."""
+    base = tiny_moe(dtype=torch.bfloat16).model.layers[0].mlp.experts.cuda()
+    results = []
+    for impl in ("grouped_mm", "loop"):
+        torch.manual_seed(0)
+        layer = ExpertLora(base, r=8, scaling=2.0, experts=experts, impl=impl).cuda()
+        randomize_b(layer)
+        T = 300
+        x = torch.randn(T, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        idx = torch.stack([torch.randperm(8)[:2] for _ in range(T)]).cuda()
+        idx[:40] = torch.tensor([1, 2])  # uneven loads, expert 7 maybe empty
+        w = torch.rand(T, 2, device="cuda", requires_grad=True)
+        out = layer(x, idx, w)
+        params = [x, w] + [p for f in layer.lora.values() for p in (f.lora_A, f.lora_B)]
+        results.append([out] + list(torch.autograd.grad(out.float().square().sum(), params)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
