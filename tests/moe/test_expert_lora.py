@@ -265,3 +265,18 @@ def test_cuda_grouped_mm_path_equals_loop_path(experts):
         results.append([out] + list(torch.autograd.grad(out.float().square().sum(), params)))
     for a, b in zip(*results):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
+
+
+def test_training_loop_adds_the_models_own_load_balancing_loss(tokenizer, tmp_path):
+    # the loop's loss path runs the body only; the RouterTap must still bring the aux loss in
+    from efftune.data import Formatter, MultipleChoice
+    from efftune.train.loop import TrainConfig, train
+    model = tiny_moe(dtype=torch.float32, vocab=len(tokenizer))
+    model.config.router_aux_loss_coef = 0.5
+    add_expert_lora(model, ExpertLoraConfig(r=2))
+    f = Formatter(tokenizer)
+    seqs = [f.encode(MultipleChoice(f"Question {i}?\nA: ", ("yes", "no"), i % 2)) for i in range(8)]
+    train(model, seqs, TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=0), tmp_path,
+          pad_id=tokenizer.pad_token_id)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["load_balancing_loss"] > 0 for r in rows)
