@@ -11,6 +11,7 @@ LoRA is r=16, alpha=32, dropout 0 everywhere. Cases:
   efftune       ExpertLora on gate_up_proj + down_proj (grouped per-expert LoRA, efftune's expert
                 path) + efftune LoRA on the attention linears; loss through efftune's labelled_logprobs
   efftune-base  efftune's expert path without expert LoRA (use_grouped_experts) + attention LoRA
+  efftune-compile  `efftune` with each decoder block compiled (efftune.train.compile, train.compile)
 
 Like bench/throughput.py (whose helpers it imports), each case runs in its own subprocess and
 prints one JSON line (tokens/s, step seconds, peak GiB = max_memory_allocated, trainable params);
@@ -42,7 +43,7 @@ SHAPES: dict[str, dict] = {
                  moe_intermediate_size=32, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=1000),
 }
-CASES = ("peft", "peft-attn", "efftune", "efftune-base")
+CASES = ("peft", "peft-attn", "efftune", "efftune-base", "efftune-compile")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -72,8 +73,11 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     from efftune.methods.expert_lora import ExpertLoraConfig, add_expert_lora
     from efftune.methods.lora import LoraConfig, add_lora
     from efftune.moe.experts import use_grouped_experts
-    if case == "efftune":
+    if case in ("efftune", "efftune-compile"):
         add_expert_lora(model, ExpertLoraConfig(r=16, alpha=32, target_modules=ATTN))
+        if case == "efftune-compile":
+            from efftune.train.compile import compile_blocks
+            compile_blocks(model)
     else:
         use_grouped_experts(model)
         add_lora(model, LoraConfig(r=16, alpha=32, target_modules=ATTN))
