@@ -21,6 +21,7 @@ from .methods.expert_lora import ExpertLoraConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.lora_fa import LoraFAConfig
+from .methods.mixlora import MixLoraConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .train.relora import ReLoraConfig
@@ -51,6 +52,7 @@ class RunConfig:
     prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)  # method: prefix-tuning
     expert_lora: ExpertLoraConfig = field(default_factory=ExpertLoraConfig)  # method: expert-lora (MoE models)
     esft: EsftConfig = field(default_factory=EsftConfig)                      # method: esft (MoE models)
+    mixlora: MixLoraConfig = field(default_factory=MixLoraConfig)             # method: mixlora
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

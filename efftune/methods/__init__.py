@@ -93,10 +93,17 @@ def _esft() -> Method:
     return Method("esft", "esft", attach=add_esft, save=save_esft, load=load_esft)
 
 
+def _mixlora() -> Method:
+    # Experts and routers are token-routed (not mergeable): the result is efftune's own format.
+    from .mixlora import add_mixlora, load_mixlora, save_mixlora
+    return Method("mixlora", "mixlora", attach=add_mixlora, save=save_mixlora, load=load_mixlora)
+
+
 METHODS: dict[str, Callable[[], Method]] = {
     "lora": _lora, "lora-fa": _lora_fa, "relora": _relora,
     "bitfit": _bitfit, "ia3": _ia3, "bottleneck": _bottleneck, "prompt-tuning": _prompt_tuning,
     "prefix-tuning": _prefix_tuning, "expert-lora": _expert_lora, "esft": _esft,
+    "mixlora": _mixlora,
 }
 
 
@@ -111,7 +118,7 @@ def get_method(name: str) -> Method:
 _PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}
 _OWN_FORMATS = {"bitfit_config.json": "bitfit", "bottleneck_config.json": "bottleneck",
                 "prompt_tuning_config.json": "prompt-tuning", "expert_lora_config.json": "expert-lora",
-                "esft_config.json": "esft"}
+                "esft_config.json": "esft", "mixlora_config.json": "mixlora"}
 
 
 def detect_method(directory) -> Method:

@@ -133,8 +133,8 @@ def collect_aux_losses(model: nn.Module) -> tuple[torch.Tensor | None, dict[str,
         return None, {}
     total = sum(m.aux_loss for m in layers)
     n = len(layers)
-    stats = {"load_balancing_loss": sum(float(m.last_routing.load_balancing_loss) for m in layers) / n,
-             "z_loss": sum(float(m.last_routing.z_loss) for m in layers) / n,
+    stats = {"load_balancing_loss": sum(float(m.last_routing.load_balancing_loss.detach()) for m in layers) / n,
+             "z_loss": sum(float(m.last_routing.z_loss.detach()) for m in layers) / n,
              "dropped_fraction": sum(float(m.last_routing.dropped_fraction) for m in layers) / n}
     return total, stats
 
