@@ -44,6 +44,9 @@ SHAPES: dict[str, dict] = {
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # the default model's architecture (SmolLM2-135M-Instruct), random init: no download needed
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
 }
