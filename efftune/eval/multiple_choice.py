@@ -25,7 +25,11 @@ def _encode(formatter: Formatter, ex: MultipleChoice) -> tuple[list[int], list[l
 
 
 def score_rows(formatter: Formatter, examples: Sequence[MultipleChoice], row_tokens: int) -> list[Row]:
-    """Rows of (shared prefix) -> prompt remainder -> choices; targets tagged (example, choice)."""
+    """Rows of (shared prefix) -> prompt remainder -> choices; targets tagged (example, choice).
+
+    Rows hold at most `row_tokens` tokens; an over-long prompt keeps its end. An example whose
+    choices alone exceed `row_tokens` gets a longer row of its own (its choices + up to
+    `row_tokens` prompt tokens)."""
     encoded = [_encode(formatter, ex) for ex in examples]
     prompts = [p for p, _ in encoded]
     shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
@@ -35,8 +39,8 @@ def score_rows(formatter: Formatter, examples: Sequence[MultipleChoice], row_tok
     sizes = []
     for k, (p, choices) in enumerate(encoded):
         keep = room - sum(len(c) for c in choices)
-        if keep < 1:
-            raise ValueError(f"example {k}: its choices alone exceed {row_tokens} tokens; raise row_tokens")
+        if keep < 1:  # long choices (e.g. whole paragraphs): a row of its own, over row_tokens,
+            keep = room  # with as much prompt as a normal row holds, rather than no prompt at all
         rest = p[shared:][-keep:]  # an over-long prompt keeps its end, next to the answer
         encoded[k] = (rest, choices)
         sizes.append(len(rest) + sum(len(c) for c in choices))

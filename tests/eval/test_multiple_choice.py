@@ -81,3 +81,12 @@ def test_shared_instruction_scores_equal_naive_scores(model, tokenizer):
     for ex, scores in zip(examples, got):
         for a, b in zip(scores, naive_scores(model, f, ex)):
             assert math.isclose(a, b, abs_tol=1e-4)
+
+
+def test_choices_longer_than_a_row_get_a_row_of_their_own(model, tokenizer):
+    # long choices (whole sentences) must not stop scoring: the example gets a longer row
+    f = Formatter(tokenizer)
+    ex = MultipleChoice("Q: Which edit?\nA: ", ("a very long answer " * 6, "another long answer " * 6), 1)
+    got = choice_scores(model, f, [EXAMPLES[0], ex], row_tokens=16)
+    for a, b in zip(got[1], naive_scores(model, f, ex)):
+        assert math.isclose(a, b, abs_tol=1e-4)
