@@ -8,6 +8,7 @@ compute (moe-peft), loss + router aux loss, backward, AdamW step, zero_grad. Cas
 
   efftune-mixlora       efftune.methods.mixlora.add_mixlora, loss through labelled_logprobs
   efftune-mixlora-ckpt  the same with activation checkpointing (non-reentrant)
+  efftune-mixlora-dense MixLoraConfig(dense=True): the masked form without sorting by expert
   efftune-lora          plain efftune LoRA r=8 on every linear layer (the dense reference)
   moe-peft              moe_peft.LLMModel + adapter_factory("MIXLORA", routing_strategy="mixlora"),
                         its efficient operator, no gradient checkpointing
@@ -63,7 +64,8 @@ throughput.SHAPES.setdefault("smollm-135m", dict(
     hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
     vocab_size=49152, tie_word_embeddings=True))
 SHAPES = throughput.SHAPES
-CASES = ("efftune-mixlora", "efftune-mixlora-ckpt", "efftune-lora", "moe-peft", "moe-peft-ckpt")
+CASES = ("efftune-mixlora", "efftune-mixlora-ckpt", "efftune-mixlora-dense", "efftune-lora", "moe-peft",
+         "moe-peft-ckpt")
 E, K, R, ALPHA, AUX, DROPOUT = 8, 2, 8, 16, 0.01, 0.05  # moe-peft requires dropout > 0
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FFN = ["gate_proj", "up_proj", "down_proj"]
@@ -103,7 +105,7 @@ def run_efftune(shape: str, case: str, steps: int, warmup: int, seq: int, batch:
         add_lora(model, LoraConfig(r=R, alpha=ALPHA, dropout=DROPOUT))
     else:
         add_mixlora(model, MixLoraConfig(num_experts=E, top_k=K, r=R, alpha=ALPHA, attn_r=R, attn_alpha=ALPHA,
-                                         aux_loss_coef=AUX, dropout=DROPOUT))
+                                         aux_loss_coef=AUX, dropout=DROPOUT, dense=case.endswith("-dense")))
     if case.endswith("-ckpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]

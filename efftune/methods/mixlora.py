@@ -70,7 +70,9 @@ class MixLoraConfig:
     alpha / r) on the FFN projections `ffn_targets` of each `ffn_module`, `top_k` per token.
     Router: load-balancing loss `aux_loss_coef` (Switch's form), z-loss `z_loss_coef` (MixLoRA
     uses none), multiplicative input jitter `jitter` in training. Attention: plain LoRA of rank
-    `attn_r` on `attn_targets` (module-name suffixes; empty for none). `dropout` applies to all."""
+    `attn_r` on `attn_targets` (module-name suffixes; empty for none). `dropout` applies to all.
+    `dense`: run the blocks in the dense masked form (`MixLoraBlock._dense_forward`: no host
+    sync, a few large kernels; same result, tested) instead of sorting tokens by expert."""
     num_experts: int = 8
     top_k: int = 2
     r: int = 8
@@ -84,6 +86,7 @@ class MixLoraConfig:
     attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     ffn_targets: list[str] = field(default_factory=lambda: list(FFN_PROJECTIONS))
     ffn_module: str = "mlp"
+    dense: bool = False
 
     def __post_init__(self):
         def positive_int(name):
@@ -156,6 +159,7 @@ class MixLoraBlock(nn.Module):
             for _ in range(num_experts))
         self.last_routing: Routing | None = None
         self.aux_loss: torch.Tensor | None = None
+        self.dense = False  # the dense masked form (see _dense_forward) instead of sorting by expert
 
     def _expert_deltas(self, proj: str, inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each expert's LoRA delta of `proj` on its own contiguous block of rows of `inputs`."""
@@ -174,6 +178,8 @@ class MixLoraBlock(nn.Module):
             return mlp(x)
         routing = self.router(flat)
         self.last_routing, self.aux_loss = routing, routing.aux_loss
+        if self.dense:
+            return self._dense_forward(flat, routing).reshape(*shape[:-1], -1)
 
         # (token, slot) pairs sorted by expert, once: pair p of the (T, k) routing is token p // k
         k = routing.expert_index.shape[1]
@@ -203,6 +209,62 @@ class MixLoraBlock(nn.Module):
             wsum = routing.weight.sum(-1, keepdim=True)
             y = y + (wsum - 1).to(y.dtype) * bias.to(y.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
+
+
+    def _stacked(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts' factors of `proj` side by side: A (E·r, in) and B (out, E·r)."""
+        a = torch.cat([ex[proj].lora_A for ex in self.experts])
+        b = torch.cat([ex[proj].lora_B for ex in self.experts], dim=1)
+        return a, b
+
+    def _dense_forward(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The same block without sorting tokens by expert: no host sync, a few large kernels.
+
+        Every token's x·Aᵀ is computed for all E experts at once, (T, E·r), and a one-hot mask
+        of each slot's expert keeps only that expert's r columns before the stacked B; the down
+        projection's deltas are masked the same way and summed over slots before one B GEMM.
+        The frozen projections still run once per token. Extra work: E·r (not r) rank columns,
+        small beside the FFN's own widths. Dropout (if any) draws one mask per token and
+        projection, shared by the experts, where the sorted form draws one per (token, expert)."""
+        mlp = self.base_layer
+        T, k = routing.expert_index.shape
+        E = len(self.experts)
+        first = self.experts[0]
+        r, s = first[self.targets[0]].r, first[self.targets[0]].scaling
+        autocast = torch.is_autocast_enabled(flat.device.type)
+        adapter_dtype = first[self.targets[0]].lora_A.dtype
+
+        def rank_part(proj: str, inp: torch.Tensor) -> torch.Tensor:  # (T, E, r): x Aᵀ for all experts
+            if not autocast and inp.dtype != adapter_dtype:
+                inp = inp.to(adapter_dtype)
+            a, _ = self._stacked(proj)
+            return torch.nn.functional.linear(first[proj].dropout(inp), a).view(T, E, r)
+
+        def expand(proj: str, part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # (T, E, r) -> (T, out)
+            _, b = self._stacked(proj)
+            return torch.nn.functional.linear((part * s).reshape(T, E * r), b).to(like.dtype)
+
+        slot_mask = torch.nn.functional.one_hot(routing.expert_index, E)    # (T, k, E)
+        weight = routing.weight
+        g0, u0 = mlp.gate_proj(flat), mlp.up_proj(flat)
+        xa = {p: rank_part(p, flat) for p in ("gate_proj", "up_proj") if p in self.targets}
+        combined = down_part = None
+        for j in range(k):
+            m = slot_mask[:, j, :, None]
+            g = g0 + expand("gate_proj", xa["gate_proj"] * m, g0) if "gate_proj" in xa else g0
+            u = u0 + expand("up_proj", xa["up_proj"] * m, u0) if "up_proj" in xa else u0
+            hw = mlp.act_fn(g) * u * weight[:, j, None].to(g.dtype)           # w_j h_j
+            combined = hw if combined is None else combined + hw
+            if "down_proj" in self.targets:
+                part = rank_part("down_proj", hw) * m
+                down_part = part if down_part is None else down_part + part
+        y = mlp.down_proj(combined)
+        if down_part is not None:
+            y = y + expand("down_proj", down_part, y)
+        bias = mlp.down_proj.bias
+        if bias is not None and not self.router.config.renormalize:
+            y = y + (weight.sum(-1, keepdim=True) - 1).to(y.dtype) * bias.to(y.dtype)
+        return y
 
 
 # ---- model-level API ---------------------------------------------------------------------------
@@ -235,9 +297,10 @@ def add_mixlora(model: nn.Module, config: MixLoraConfig | None = None, tokenizer
         names += add_lora(model, LoraConfig(r=config.attn_r, alpha=config.attn_alpha, dropout=config.dropout,
                                             target_modules=list(config.attn_targets)), adapter=ATTN_ADAPTER)
     for name in blocks:
-        replace_module(model, name, MixLoraBlock(model.get_submodule(name), config.num_experts, config.r,
-                                                 config.alpha / config.r, config.dropout, config.ffn_targets,
-                                                 config.router_config()))
+        block = MixLoraBlock(model.get_submodule(name), config.num_experts, config.r, config.alpha / config.r,
+                             config.dropout, config.ffn_targets, config.router_config())
+        block.dense = config.dense
+        replace_module(model, name, block)
     return names + blocks
 
 

@@ -100,12 +100,15 @@ def naive_block(block: MixLoraBlock, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["sorted", "dense"])
 @pytest.mark.parametrize("targets", [["gate_proj", "up_proj", "down_proj"], ["up_proj", "down_proj"], ["gate_proj"]])
-def test_efficient_block_equals_naive_per_expert_loop(targets):
+def test_efficient_block_equals_naive_per_expert_loop(targets, dense):
+    # both execution forms (sorted by expert: CPU default; dense masked: CUDA default)
     m = tiny()
     add_mixlora(m, small_cfg(ffn_targets=targets, attn_targets=[]))
     randomize(m, std=0.3)
     block = m.model.layers[0].mlp
+    block.dense = dense
     x = torch.randn(3, 7, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     probe = torch.randn(3, 7, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     params = [p for p in block.parameters() if p.requires_grad]
@@ -129,6 +132,12 @@ def test_efficient_block_equals_naive_per_expert_loop(targets):
     assert g_eff[1].abs().sum() > 0  # the router learns through the weights
 
 
+def test_dense_config_reaches_every_block():
+    m = tiny()
+    add_mixlora(m, small_cfg(dense=True))
+    assert [b.dense for _, b in mixlora_blocks(m)] == [True, True]
+
+
 def test_aux_loss_collected_and_routing_inspectable():
     m = tiny()
     add_mixlora(m, small_cfg())
@@ -145,10 +154,13 @@ def test_aux_loss_collected_and_routing_inspectable():
     torch.testing.assert_close(r.weight.sum(-1), torch.ones(18, dtype=r.weight.dtype))
 
 
-def test_mixed_precision_and_autocast():
+@pytest.mark.parametrize("dense", [False, True], ids=["sorted", "dense"])
+def test_mixed_precision_and_autocast(dense):
     # bf16 base: fp32 master adapter weights, runs without autocast
     m = tiny(dtype=torch.bfloat16)
     add_mixlora(m, small_cfg())
+    for _, b in mixlora_blocks(m):
+        b.dense = dense
     trainable = [p for p in m.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     randomize(m)
@@ -157,6 +169,8 @@ def test_mixed_precision_and_autocast():
     # fp32 model under bf16 autocast (what the training loop does): fp32 gradients, close to fp32
     m32 = tiny(dtype=torch.float32)
     add_mixlora(m32, small_cfg())
+    for _, b in mixlora_blocks(m32):
+        b.dense = dense
     randomize(m32)
     ref = m32(input_ids=ids()).logits
     with torch.autocast("cpu", dtype=torch.bfloat16):
