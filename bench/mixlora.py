@@ -1,6 +1,6 @@
 """MixLoRA training throughput and peak memory: efftune vs moe-peft (the MixLoRA authors' framework).
 
-Random-init Llama of a `bench/throughput.py` shape (or `smollm-135m`, added here), bf16, no
+Random-init Llama of a `bench/throughput.py` shape (e.g. `smollm2-135m`, the default model's architecture), bf16, no
 downloads; MixLoRA with E=8 experts, top-2, r=8 alpha=16 on gate/up/down, plain LoRA r=8 alpha=16
 on q/k/v/o, LoRA dropout 0.05 (moe-peft accepts no 0), load-balancing coefficient 0.01; random
 token ids, every position labelled. A step is forward under bf16 autocast (efftune) / bf16
@@ -53,16 +53,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402  (bench/throughput.py: shapes and model builder)
 
-throughput.SHAPES.setdefault("smollm-135m", dict(
-    hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-    vocab_size=49152, tie_word_embeddings=True))
 SHAPES = throughput.SHAPES
 CASES = ("efftune-mixlora", "efftune-mixlora-ckpt", "efftune-mixlora-dense", "efftune-lora", "moe-peft",
          "moe-peft-ckpt")
@@ -73,15 +69,8 @@ FFN = ["gate_proj", "up_proj", "down_proj"]
 
 def _timed(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
     """(seconds per step, last loss), after `warmup` untimed steps."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        loss = step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    return (time.perf_counter() - start) / steps, float(loss)
+    step_s, loss = throughput.timed_steps(step, steps, warmup, device)
+    return step_s, float(loss)
 
 
 def _result(shape, case, seq, batch, steps, step_s, loss, trainable, device) -> dict:
@@ -117,18 +106,12 @@ def run_efftune(shape: str, case: str, steps: int, warmup: int, seq: int, batch:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = -labelled_logprobs(model, ids, labels).mean()
-            aux, _ = collect_aux_losses(model)
-            if aux is not None:
-                loss = loss + aux
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+    def compute_loss() -> torch.Tensor:
+        loss = -labelled_logprobs(model, ids, labels).mean()
+        aux, _ = collect_aux_losses(model)
+        return loss if aux is None else loss + aux
 
-    step_s, loss = _timed(step, steps, warmup, device)
+    step_s, loss = _timed(throughput.train_step(compute_loss, opt, device), steps, warmup, device)
     return _result(shape, case, seq, batch, steps, step_s, loss, sum(p.numel() for p in params), device)
 
 

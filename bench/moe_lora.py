@@ -26,13 +26,12 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.throughput import _ratio, loss_fn, param_counts  # noqa: E402
+from bench.throughput import _ratio, loss_fn, param_counts, timed_steps, train_step  # noqa: E402
 
 SHAPES: dict[str, dict] = {
     # Qwen3-30B-A3B's per-layer shape, 12 of its 48 layers
@@ -93,27 +92,11 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), device=device, generator=gen)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     loss_case = "efftune" if case.startswith("efftune") else "peft"  # which loss path (throughput.py's)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_fn(model, loss_case, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    for _ in range(warmup):
-        loss = step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    elapsed = time.perf_counter() - start
+    step_s, loss = timed_steps(train_step(lambda: loss_fn(model, loss_case, ids), opt, device), steps, warmup, device)
+    elapsed = step_s * steps
     return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps,
                 tokens_s=round(steps * batch * seq / elapsed, 1), step_s=round(elapsed / steps, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

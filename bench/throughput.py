@@ -117,6 +117,32 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     return frozen, trainable
 
 
+def train_step(compute_loss, opt: torch.optim.Optimizer, device: torch.device):
+    """One training step as every benchmark times it: loss under bf16 autocast, backward,
+    optimizer step, zero_grad; returns the detached loss."""
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = compute_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def timed_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """(seconds per timed step, last loss) after `warmup` untimed steps (compilation happens there)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        loss = step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    return (time.perf_counter() - start) / steps, loss
+
+
 def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = attach(build_model(shape, device), case)
@@ -125,28 +151,13 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), device=device, generator=gen)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_fn(model, case, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
+    step = train_step(lambda: loss_fn(model, case, ids), opt, device)
     from efftune.train.compile import memory_budget
     with memory_budget(MEMORY_BUDGET if "-compile" in case else None):  # compiles in warm-up
-        for _ in range(warmup):
-            loss = step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    elapsed = time.perf_counter() - start
+        step_s, loss = timed_steps(step, steps, warmup, device)
+    elapsed = step_s * steps
     cfg = SHAPES[shape]
     tokens_s = steps * batch * seq / elapsed
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
