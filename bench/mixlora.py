@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -174,14 +173,7 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int, seq: int)
     # moe-peft's packages go first, so its transformers shadows efftune's; efftune cases get the repo
     front = [args.moe_peft_path] if case.startswith("moe-peft") else [os.getcwd()]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [*front, os.environ.get("PYTHONPATH")])))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(head, error=f"timed out after {args.case_timeout} s")
-    if proc.returncode != 0:
-        oom = "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr
-        return dict(head, error="OOM" if oom else f"exit {proc.returncode}", stderr_tail=proc.stderr[-1500:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return throughput.run_worker(cmd, head, args.case_timeout, env)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.throughput import _ratio, loss_fn, param_counts, timed_steps, train_step  # noqa: E402
+from bench.throughput import _ratio, loss_fn, param_counts, run_worker, timed_steps, train_step  # noqa: E402
 
 SHAPES: dict[str, dict] = {
     # Qwen3-30B-A3B's per-layer shape, 12 of its 48 layers
@@ -109,14 +108,7 @@ def spawn(args: argparse.Namespace, shape: str, case: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", case, "--shape", shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch)]
     head = dict(shape=shape, case=case, batch=args.batch)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
-    except subprocess.TimeoutExpired:
-        return dict(head, error=f"timed out after {args.case_timeout} s")
-    if proc.returncode != 0:
-        oom = "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr
-        return dict(head, error="OOM" if oom else f"exit {proc.returncode}", stderr_tail=proc.stderr[-1500:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, head, args.case_timeout)
 
 
 def table(results: list[dict]) -> str:

@@ -169,6 +169,19 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
                 loss=round(loss.item(), 4), device=torch.cuda.get_device_name() if cuda else "cpu")
 
 
+def run_worker(cmd: list[str], head: dict, timeout: int, env: dict | None = None) -> dict:
+    """Run one benchmark case in its own interpreter (clean peak memory; an OOM kills only that
+    case); its last stdout line is its JSON result, else `head` with the error."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(head, error=f"timed out after {timeout} s")
+    if proc.returncode != 0:
+        oom = "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr
+        return dict(head, error="OOM" if oom else f"exit {proc.returncode}", stderr_tail=proc.stderr[-1500:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
     """Run one case in a fresh interpreter; its last stdout line is its JSON result."""
     cmd = [sys.executable, __file__, "--worker", case, "--shape", shape, "--steps", str(args.steps),
@@ -176,14 +189,7 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
     head = dict(shape=shape, case=case, batch=batch)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
-    except subprocess.TimeoutExpired:
-        return dict(head, error=f"timed out after {args.case_timeout} s")
-    if proc.returncode != 0:
-        oom = "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr
-        return dict(head, error="OOM" if oom else f"exit {proc.returncode}", stderr_tail=proc.stderr[-1500:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, head, args.case_timeout)
 
 
 def _ratio(r: dict, base: dict | None, key: str) -> float | None:
