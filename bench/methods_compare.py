@@ -28,7 +28,6 @@ METHODS = ("lora", "lora-fa", "prompt-tuning", "prefix-tuning", "bottleneck", "b
 OVERRIDES: dict[str, dict] = {
     "bitfit": {"bitfit": {"add_biases": True}},      # Llama has no biases of its own
     "prompt-tuning": {"train": {"lr": 3e-2}},        # soft prompts want a far larger lr
-    "prefix-tuning": {"train": {"lr": 1e-2}},
 }
 
 
