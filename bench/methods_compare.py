@@ -81,7 +81,7 @@ def table(results: list[dict], tasks: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", nargs="+", default=["intent_recognition", "disambiguation_qa", "logical_fallacy_detection"])
+    ap.add_argument("--tasks", nargs="+", default=["intent_recognition", "epistemic_reasoning", "logical_fallacy_detection"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--model", default="default")
     ap.add_argument("--steps", type=int, default=60)

@@ -221,6 +221,9 @@ def _examples_batches(model, tokenizer, config: EsftConfig):
 
 def add_esft(model: nn.Module, config: EsftConfig, tokenizer=None) -> list[str]:
     """The Method-registry attach: experts from `config.selection`, else measured on `config.data`."""
+    if not experts_modules(model):
+        raise ConfigError("esft: the model has no fused-experts module (3-D gate_up_proj / down_proj); it needs "
+                          "a transformers-5 MoE model such as Qwen3-MoE, OLMoE or Mixtral")
     if config.selection:
         try:
             chosen = {str(k): [int(i) for i in v] for k, v in json.loads(Path(config.selection).read_text()).items()}

@@ -124,3 +124,9 @@ def test_attach_measures_affinity_on_data(tmp_path, tokenizer):
     model = steered_model(vocab=300)
     add_esft(model, EsftConfig(threshold=0.9, data=str(tmp_path / "d.jsonl")), tokenizer)
     assert model.get_submodule(L0).experts == [3]
+
+
+def test_dense_model_is_refused_with_a_clear_error():
+    from tests.conftest import tiny_llama
+    with pytest.raises(ConfigError, match="no fused-experts module"):
+        add_esft(tiny_llama(), EsftConfig())
