@@ -339,7 +339,7 @@ def write_results(out_dir: Path, args, rows: list[dict], skipped: list[dict], ex
 def main(argv=None) -> None:
     args = parse_args(argv)
     from efftune.data import task_index
-    from efftune.data.bigbench import _task_files
+    from efftune.data.bigbench import extract_task_files
 
     index = task_index()
     tasks, skipped = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], index)
@@ -358,7 +358,7 @@ def main(argv=None) -> None:
     # one pass over the BIG-bench sdist for every task file not cached yet (instead of one per task)
     bb = [n for t in tasks + [t for t in lib_tasks if not t.endswith((".json", ".jsonl"))]
           for n in ([t] if t in index else sorted(i for i in index if i.startswith(t + "/")))]
-    files = _task_files(bb)
+    files = extract_task_files(bb)
     if args.prepare_only:
         print(json.dumps({"tasks": tasks, "library_tasks": lib_tasks, "task_files": sorted(map(str, files.values()))}))
         return

@@ -51,7 +51,7 @@ TRAIN_FLAGS = {
 }
 
 
-def _model_flags(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+def model_flags(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     """The flags that choose the model (and, where one is loaded, the adapter)."""
     p.add_argument("--model", default="default", help=TRAIN_FLAGS["model"][3])
     if adapter:
@@ -86,20 +86,20 @@ def parser() -> argparse.ArgumentParser:
             t.add_argument(f"--{flag}", type=typ, help=f"{text} [{name}]")
 
     e = sub.add_parser("eval", help="accuracy (multiple choice) or perplexity of a model, with an adapter or not")
-    _model_flags(e)
+    model_flags(e)
     e.add_argument("--task", help="BIG-bench task(s), comma-separated: scored on the held-out split")
     e.add_argument("--data", help="JSONL file to score (all rows)")
     e.add_argument("--eval-size", type=int, default=200, help="held-out examples per task (as in training)")
     e.add_argument("--debug", action="store_true", help="show tracebacks")
 
     g = sub.add_parser("generate", help="greedy generation")
-    _model_flags(g)
+    model_flags(g)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("prompt")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
     m = sub.add_parser("merge", help="merge LoRA adapters (linear, TIES, DARE) into one adapter or a full model")
-    _model_flags(m, adapter=False)
+    model_flags(m, adapter=False)
     m.add_argument("--allow-pickle", action="store_true", help="allow loading adapter_model.bin (pickle)")
     m.add_argument("--adapters", required=True, help="adapter directories, comma-separated")
     m.add_argument("--weights", help="one weight per adapter, comma-separated (default: all 1)")
@@ -118,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
     hsub = h.add_subparsers(dest="hub_command", required=True)
     c = hsub.add_parser("compose", help="search weights for the library's modules on a few examples (gradient-free) "
                                         "and save the composition as one LoRA adapter")
-    _model_flags(c, adapter=False)
+    model_flags(c, adapter=False)
     c.add_argument("--library", required=True,
                    help="directory whose subdirectories are LoRA adapters (efftune's or peft's), one per module")
     c.add_argument("--examples", help="JSONL file of few-shot examples (all rows are used)")

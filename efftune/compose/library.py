@@ -48,7 +48,7 @@ from ..io import CONFIG_FILE, WEIGHTS_FILE, base_model_name, read_adapter_config
 from ..methods.lora import (LoraConfig, add_lora, delete_adapter, lora_layers, mixed_adapter_batch,
                             set_active_adapters, set_trainable_adapters)
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..train.loop import TrainConfig, TrainHooks, _autocast, _prune, example_order, train
+from ..train.loop import TrainConfig, TrainHooks, autocast_for, prune_checkpoints, example_order, train
 
 INDEX_FILE = "library.json"
 WORK_DIR = "_runs"
@@ -253,7 +253,7 @@ def train_together(model: nn.Module, sequences: dict[str, Sequence[Encoded]], co
             inputs = collate(rows, pad_id, attention).to(device)
             task_of_row = torch.tensor(owner, device=device)
             with mixed_adapter_batch(model, [live[j] for j in owner]):
-                with _autocast(config.precision, device):
+                with autocast_for(config.precision, device):
                     logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
                                            inputs.position_ids, inputs.mask)
                 scale = torch.tensor([1.0 / t for t in n_targets], dtype=logp.dtype, device=device)
@@ -293,7 +293,7 @@ def train_together(model: nn.Module, sequences: dict[str, Sequence[Encoded]], co
                 with _only_trainable(model, n, names):
                     save_checkpoint(root / f"step-{done:06d}", model, optimizers[n], done,
                                     {"train_config": asdict(config)})
-                _prune(root, config.keep_checkpoints)
+                prune_checkpoints(root, config.keep_checkpoints)
     bar.close()
     run_eval(names, config.steps)
 
@@ -501,10 +501,10 @@ BUILD_FLAGS = (  # flag(s), type, default, help
 
 def add_build_parser(subparsers) -> None:
     """Add `build` to the `efftune hub` subcommands."""
-    from ..cli import _model_flags
+    from ..cli import model_flags
     b = subparsers.add_parser("build", help="train a library of LoRA modules, one per task (k at once), "
                                             "for hub compose; resumes an interrupted build")
-    _model_flags(b, adapter=False)
+    model_flags(b, adapter=False)
     tasks = b.add_mutually_exclusive_group(required=True)
     tasks.add_argument("--tasks", help="BIG-bench task names and/or JSONL files, comma-separated")
     tasks.add_argument("--tasks-file", help="file with one task (BIG-bench name or JSONL path) a line")

@@ -90,7 +90,7 @@ def _resolve(name: str, index: dict[str, TaskInfo]) -> list[str]:
     raise DataError(f"task: no BIG-bench task named {name!r}{hint}")
 
 
-def _task_files(entries: list[str]) -> dict[str, Path]:
+def extract_task_files(entries: list[str]) -> dict[str, Path]:
     """Extract the task.json of each entry into the cache (one pass over the sdist for all missing)."""
     root = cache_dir("bigbench", "tasks")
     paths = {e: root / e / "task.json" for e in entries}
@@ -151,6 +151,6 @@ def load_task(name: str) -> list[Example]:
     """All examples of a BIG-bench task (a task with subtasks yields them all, in name order)."""
     entries = _resolve(name, task_index())
     examples: list[Example] = []
-    for entry, path in _task_files(entries).items():
+    for entry, path in extract_task_files(entries).items():
         examples.extend(_examples_from_spec(json.loads(path.read_text()), f"bigbench:{entry}"))
     return examples

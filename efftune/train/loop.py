@@ -116,7 +116,8 @@ def example_order(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
-def _autocast(precision: str, device: torch.device):
+def autocast_for(precision: str, device: torch.device):
+    """The autocast context `train.precision` asks for on `device` (a no-op context for fp32)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
@@ -209,7 +210,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         for m0 in range(0, len(batch), micro):
             part = batch[m0:m0 + micro]
             inputs = collate(training_rows(part, config.max_length), pad_id, attention).to(device)
-            with _autocast(config.precision, device), memory_budget(config.compile_memory_budget):
+            with autocast_for(config.precision, device), memory_budget(config.compile_memory_budget):
                 logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
                                        inputs.position_ids, inputs.mask)
             loss = -logp.sum() / n_targets
@@ -254,7 +255,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         if (config.save_every and done % config.save_every == 0) or done == config.steps:
             last_ckpt = save_checkpoint(ckpt_root / f"step-{done:06d}", model, optimizer, done,
                                         {"train_config": asdict(config)}, hooks.state())
-            _prune(ckpt_root, config.keep_checkpoints)
+            prune_checkpoints(ckpt_root, config.keep_checkpoints)
             plot_metrics(rows_log, output_dir / "training.png")
         if evaluate and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
             run_eval(done)
@@ -267,7 +268,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
                        tokens=tokens_seen, evals=evals)
 
 
-def _prune(root: Path, keep: int) -> None:
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step-* checkpoints under `root`."""
     import shutil
     found = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit())  # not .tmp/.old
     for old in found[:-keep] if keep > 0 else []:
