@@ -127,7 +127,8 @@ def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def collect_aux_losses(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float]]:
     """After a forward pass: the sum of every routed layer's auxiliary loss (None without MoE layers),
-    and the parts to log: load-balancing loss, z-loss and dropped-token fraction, averaged over layers."""
+    and the parts to log: load-balancing loss, z-loss, dropped-token fraction and router entropy
+    (nats, mean over tokens), averaged over layers."""
     layers = [m for _, m in moe_layers(model) if m.last_routing is not None]
     if not layers:
         return None, {}
@@ -135,7 +136,8 @@ def collect_aux_losses(model: nn.Module) -> tuple[torch.Tensor | None, dict[str,
     n = len(layers)
     stats = {"load_balancing_loss": sum(float(m.last_routing.load_balancing_loss.detach()) for m in layers) / n,
              "z_loss": sum(float(m.last_routing.z_loss.detach()) for m in layers) / n,
-             "dropped_fraction": sum(float(m.last_routing.dropped_fraction) for m in layers) / n}
+             "dropped_fraction": sum(float(m.last_routing.dropped_fraction) for m in layers) / n,
+             "router_entropy": sum(float(m.last_routing.router_entropy) for m in layers) / n}
     return total, stats
 
 

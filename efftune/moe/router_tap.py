@@ -103,3 +103,24 @@ def hf_router_aux_loss(model: nn.Module, attention_mask: torch.Tensor | None = N
     config = model.config
     coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
     return coef * load_balancing_loss(logits, int(config.num_experts_per_tok), attention_mask)
+
+
+def hf_router_aux(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float], list[list[float]]]:
+    """For the training loop, after a forward: (the model's own load-balancing loss or None, the
+    stats to log, tokens per expert per tapped layer) — the same shape of answer as efftune's
+    routed layers give (`efftune.moe.layer.collect_aux_losses`, `expert_loads`)."""
+    aux = hf_router_aux_loss(model)
+    if aux is None:
+        return None, {}, []
+    top_k = int(model.config.num_experts_per_tok)
+    loads, entropy = [], []
+    with torch.no_grad():
+        for tap in router_taps(model):
+            if tap.last_logits is None:
+                continue
+            probs = tap.last_logits.float().softmax(-1)
+            picked = probs.topk(top_k, dim=-1).indices.reshape(-1)
+            loads.append(torch.bincount(picked, minlength=probs.shape[-1]).float().tolist())
+            entropy.append(float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()))
+    stats = {"load_balancing_loss": float(aux.detach()), "router_entropy": sum(entropy) / max(len(entropy), 1)}
+    return aux, stats, loads

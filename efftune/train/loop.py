@@ -27,7 +27,7 @@ from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
-from ..moe.router_tap import hf_router_aux_loss
+from ..moe.router_tap import hf_router_aux
 from .compile import compile_blocks, memory_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .plot import plot_metrics, plot_routing
@@ -215,19 +215,17 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
                                        inputs.position_ids, inputs.mask)
             loss = -logp.sum() / n_targets
             total += loss.item()
-            aux, aux_stats = collect_aux_losses(model)  # MoE routers report balance losses
-            if aux is not None:
-                loads = expert_loads(model)
+            # MoE: efftune's routed layers and transformers' own MoE blocks (RouterTap) report
+            # balance losses; each is added with the micro-batch's share and logged
+            for aux, aux_stats, loads in (collect_aux_losses(model) + (expert_loads(model),),
+                                          hf_router_aux(model)):
+                if aux is None:
+                    continue
                 routing_load = loads if routing_load is None else [
                     [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(routing_load, loads)]
-                loss = loss + aux * (len(part) / len(batch))  # weighted like the micro-batch's share
+                loss = loss + aux * (len(part) / len(batch))
                 for k, v in aux_stats.items():
                     aux_log[k] = aux_log.get(k, 0.0) + v * len(part) / len(batch)
-            hf_aux = hf_router_aux_loss(model)  # transformers' own MoE blocks (RouterTap); None otherwise
-            if hf_aux is not None:
-                loss = loss + hf_aux * (len(part) / len(batch))
-                aux_log["load_balancing_loss"] = (aux_log.get("load_balancing_loss", 0.0)
-                                                  + float(hf_aux) * len(part) / len(batch))
             loss.backward()
             tokens_seen += inputs.tokens
         if not math.isfinite(total):

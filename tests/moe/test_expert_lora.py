@@ -279,4 +279,6 @@ def test_training_loop_adds_the_models_own_load_balancing_loss(tokenizer, tmp_pa
     train(model, seqs, TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=0), tmp_path,
           pad_id=tokenizer.pad_token_id)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["load_balancing_loss"] > 0 for r in rows)
+    assert len(rows) == 2 and all(r["load_balancing_loss"] > 0 and r["router_entropy"] > 0 for r in rows)
+    loads = json.loads((tmp_path / "routing.json").read_text())["expert_load"]
+    assert len(loads) == 2 and len(loads[0]) == 8 and (tmp_path / "routing.png").exists()  # layers × experts

@@ -1,3 +1,4 @@
+import math
 import json
 
 import pytest
@@ -167,6 +168,7 @@ def test_moe_aux_losses_are_added_and_logged(tokenizer, tmp_path, monkeypatch):
           pad_id=1)
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["load_balancing_loss"] > 0 and "z_loss" in r and "dropped_fraction" in r for r in rows)
+    assert all(0 < r["router_entropy"] <= math.log(4) + 1e-6 for r in rows)  # 4 experts
     load = json.loads((tmp_path / "a" / "routing.json").read_text())["expert_load"]
     assert len(load) == 2 and all(len(r) == 4 for r in load) and sum(map(sum, load)) > 0
     assert (tmp_path / "a" / "routing.png").stat().st_size > 1000
