@@ -480,41 +480,8 @@ def _train_group(model, group: list[LibraryTask], seqs: dict, formatter: Formatt
 
 # ---- command line: `efftune hub build` ------------------------------------------------------------------
 
-BUILD_FLAGS = (  # flag(s), type, default, help
-    ("--together", int, 1, "modules trained at once in one forward/backward (each example through its own module)"),
-    ("--eval-size", int, 200, "held-out examples per task (0: no evaluation)"),
-    ("--rank --r", int, 8, "LoRA rank r"),
-    ("--alpha", float, 16.0, "LoRA alpha (scaling = alpha / r)"),
-    ("--dropout", float, 0.0, "LoRA dropout (0 keeps --together k equal to one by one)"),
-    ("--target-modules", str, "all-linear", "all-linear, comma-separated module-name suffixes, or a regex"),
-    ("--steps", int, 60, "optimizer steps per module"),
-    ("--batch-size", int, 16, "examples per step per module"),
-    ("--micro-batch-size", int, 0, "examples per module per forward pass (gradient accumulation)"),
-    ("--lr", float, 1e-3, "peak learning rate"),
-    ("--warmup-steps", int, 6, "linear warmup steps"),
-    ("--max-length", int, 512, "tokens per packed row"),
-    ("--precision", str, "auto", "auto | fp32 | bf16 autocast"),
-    ("--save-every", int, 20, "checkpoint every N steps"),
-    ("--seed", int, 0, "random seed (data order, adapter init)"),
-)
-
-
-def add_build_parser(subparsers) -> None:
-    """Add `build` to the `efftune hub` subcommands."""
-    from ..cli import model_flags
-    b = subparsers.add_parser("build", help="train a library of LoRA modules, one per task (k at once), "
-                                            "for hub compose; resumes an interrupted build")
-    model_flags(b, adapter=False)
-    tasks = b.add_mutually_exclusive_group(required=True)
-    tasks.add_argument("--tasks", help="BIG-bench task names and/or JSONL files, comma-separated")
-    tasks.add_argument("--tasks-file", help="file with one task (BIG-bench name or JSONL path) a line")
-    b.add_argument("--output", required=True, help="library directory: one LoRA module per task + library.json")
-    for flag, typ, default, text in BUILD_FLAGS:
-        b.add_argument(*flag.split(), type=typ, default=default, help=text)
-    b.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
 def run_build(args) -> dict:
+    """`efftune hub build` (its flags are defined in efftune/cli.py)."""
     import sys
     tasks = read_tasks_file(args.tasks_file) if args.tasks_file else [t for t in args.tasks.split(",") if t.strip()]
     targets = args.target_modules

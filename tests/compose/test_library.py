@@ -1,14 +1,13 @@
 """`efftune hub build`: a library of LoRA modules, one per task, trained one by one or k at once."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from efftune.compose.library import (INDEX_FILE, WORK_DIR, accuracies_together, add_build_parser, build_library,
+from efftune.compose.library import (INDEX_FILE, WORK_DIR, accuracies_together, build_library,
                                      module_name, run_build)
 from efftune.compose.lorahub import load_library, lorahub
 from efftune.data import Formatter, MultipleChoice
@@ -230,9 +229,9 @@ def test_cli_build(tasks, tokenizer, tmp_path):
     tiny_llama().save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     (tmp_path / "tasks.txt").write_text(f"# my library\n{tasks[0]}\n\n{tasks[1]}  # second\n")
-    p = argparse.ArgumentParser()
-    add_build_parser(p.add_subparsers(dest="hub_command"))
-    args = p.parse_args(["build", "--model", str(model_dir), "--tasks-file", str(tmp_path / "tasks.txt"),
+    from efftune.cli import parser
+    p = parser()
+    args = p.parse_args(["hub", "build", "--model", str(model_dir), "--tasks-file", str(tmp_path / "tasks.txt"),
                          "--output", str(tmp_path / "lib"), "--steps", "2", "--batch-size", "2", "--together", "2",
                          "--r", "2", "--lr", "0.01", "--target-modules", "q_proj,v_proj", "--eval-size", "4"])
     summary = run_build(args)
@@ -241,4 +240,4 @@ def test_cli_build(tasks, tokenizer, tmp_path):
     assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"]
     assert config["base_model_name_or_path"] == str(model_dir)
     with pytest.raises(SystemExit):  # --tasks and --tasks-file exclude each other
-        p.parse_args(["build", "--tasks", "a", "--tasks-file", "f", "--output", "o"])
+        p.parse_args(["hub", "build", "--tasks", "a", "--tasks-file", "f", "--output", "o"])
