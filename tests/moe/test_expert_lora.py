@@ -175,14 +175,19 @@ def test_only_the_intended_parameters_get_gradients():
     assert layer.base_layer.gate_up_proj.grad is None and layer.base_layer.down_proj.grad is None
 
 
-def test_save_load_round_trip_and_errors(tmp_path):
-    cfg = ExpertLoraConfig(r=4, experts=[1, 2], target_modules=ATTN)
+def adapted_with_logits(cfg: ExpertLoraConfig):
+    """A tiny MoE with expert LoRA (random B, so the adapter matters), an input and its logits."""
     model = tiny_moe()
     add_expert_lora(model, cfg)
     randomize_b(model)
     x = ids()
     with torch.no_grad():
-        want = model(x).logits
+        return model, x, model(x).logits
+
+
+def test_save_load_round_trip_and_errors(tmp_path):
+    cfg = ExpertLoraConfig(r=4, experts=[1, 2], target_modules=ATTN)
+    model, x, want = adapted_with_logits(cfg)
     save_expert_lora(model, tmp_path / "a", cfg, metadata={"steps": 3})
     fresh = tiny_moe()
     loaded = load_expert_lora(fresh, tmp_path / "a")
@@ -202,12 +207,7 @@ def test_save_load_round_trip_and_errors(tmp_path):
 def test_peft_export_loads_in_peft_with_equal_logits(tmp_path):
     peft = pytest.importorskip("peft")
     cfg = ExpertLoraConfig(r=4, alpha=8, experts=[0, 3, 5], target_modules=ATTN)
-    model = tiny_moe()
-    add_expert_lora(model, cfg)
-    randomize_b(model)
-    x = ids()
-    with torch.no_grad():
-        want = model(x).logits
+    model, x, want = adapted_with_logits(cfg)
     export_peft(model, tmp_path / "p", cfg)
     peft_model = peft.PeftModel.from_pretrained(tiny_moe(), str(tmp_path / "p"))
     with torch.no_grad():
