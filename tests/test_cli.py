@@ -185,7 +185,7 @@ def test_merge_two_adapters(capsys, model_dir, data_file, tmp_path):
     assert code == 0 and (tmp_path / "full" / "config.json").is_file(), err
 
 
-@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning", "ia3", "bottleneck", "lora-fa"])
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning", "ia3", "bottleneck", "lora-fa", "mixlora"])
 def test_eval_loads_each_methods_result(capsys, model_dir, data_file, tmp_path, method):
     out_dir = tmp_path / method
     code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", method,
