@@ -419,6 +419,32 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
         raise ConfigError(f"hub build: {output_dir} holds modules of base model {previous!r}, not "
                           f"{build['base_model']!r}; use another --output")
     write_index(output_dir, build)
+    with _model_state_kept(model):
+        built = _build_pending(model, tokenizer, pending, output_dir, build, want, lora_cfg, train_cfg,
+                               together, chat_template, on_step, log)
+    index = write_index(output_dir, build)
+    return {"output": str(output_dir), "index": str(output_dir / INDEX_FILE), "built": built,
+            "skipped": skipped, "modules": len(index["modules"]), "together": together,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@contextmanager
+def _model_state_kept(model: nn.Module):
+    """A model passed in keeps its own adapters as they were: which are active, which train."""
+    active = list(dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.active))
+    trains = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        yield
+    finally:
+        set_active_adapters(model, active)
+        for p in model.parameters():
+            if id(p) in trains:
+                p.requires_grad_(trains[id(p)])
+
+
+def _build_pending(model, tokenizer, pending, output_dir: Path, build: dict, want: dict, lora_cfg, train_cfg,
+                   together: int, chat_template: bool, on_step, log) -> list[str]:
+    """Train and save every pending module, `together` at a time; returns their names."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     formatter = Formatter(tokenizer, chat_template=chat_template, max_length=train_cfg.max_length)
     work = output_dir / WORK_DIR
@@ -453,10 +479,7 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
         finally:
             for n in names:
                 delete_adapter(model, n)
-    index = write_index(output_dir, build)
-    return {"output": str(output_dir), "index": str(output_dir / INDEX_FILE), "built": built,
-            "skipped": skipped, "modules": len(index["modules"]), "together": together,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return built
 
 
 def _train_group(model, group: list[LibraryTask], seqs: dict, formatter: Formatter, cfg: TrainConfig,

@@ -241,3 +241,13 @@ def test_cli_build(tasks, tokenizer, tmp_path):
     assert config["base_model_name_or_path"] == str(model_dir)
     with pytest.raises(SystemExit):  # --tasks and --tasks-file exclude each other
         p.parse_args(["hub", "build", "--tasks", "a", "--tasks-file", "f", "--output", "o"])
+
+
+def test_a_passed_model_keeps_its_own_adapters_as_they_were(tasks, tokenizer, tmp_path):
+    from efftune.methods.lora import add_lora, lora_layers
+    model = tiny_llama()
+    add_lora(model, LORA, adapter="mine")
+    mine = [p for n, p in model.named_parameters() if ".mine." in n]
+    build_library((model, tokenizer), tasks[:2], tmp_path / "lib", LORA, cfg(), together=2, eval_size=0)
+    assert all(layer.active == ["mine"] and list(layer.adapters) == ["mine"] for _, layer in lora_layers(model))
+    assert mine and all(p.requires_grad for p in mine)
