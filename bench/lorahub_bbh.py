@@ -366,7 +366,6 @@ def main(argv=None) -> None:
     import torch
     from efftune.compose.lorahub import load_library
     from efftune.data import Formatter
-    from efftune.methods.lora import set_active_adapters
     from efftune.models import load_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -389,7 +388,6 @@ def main(argv=None) -> None:
     formatter = Formatter(tokenizer, chat_template=args.chat_template)
     t = time.perf_counter()
     library = load_library(model, args.library)
-    set_active_adapters(model, None)  # loaded adapters start active: the base model until a method says otherwise
     extra["library"] = {"path": args.library, "modules": len(library), "load_seconds": round(time.perf_counter() - t, 1)}
     print(json.dumps({"library": extra["library"]}), flush=True)
 

@@ -36,7 +36,9 @@ from ..methods.lora import (LoraConfig, LoraEmbedding, LoraLayer, adapter_names,
 
 def load_library(model: nn.Module, directory: str | Path) -> list[str]:
     """Attach every LoRA module under `directory` (each subdirectory holding an adapter_config.json,
-    efftune's or peft's) as an adapter named after its subdirectory. Returns the names, sorted."""
+    efftune's or peft's) as an adapter named after its subdirectory. Returns the names, sorted.
+    The modules are loaded inactive: the model computes what it did before until some are
+    activated (`set_active_adapters`) or composed (`LoraHub`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EfftuneError(f"lorahub: library directory {directory} does not exist")
@@ -45,8 +47,10 @@ def load_library(model: nn.Module, directory: str | Path) -> list[str]:
     if not subs:
         raise EfftuneError(f"lorahub: library directory {directory} holds no LoRA modules "
                            f"(no subdirectory with an {CONFIG_FILE})")
+    active = list(dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.active))
     for sub in subs:
         load_adapter(model, sub, adapter=sub.name)
+    set_active_adapters(model, active)
     return [sub.name for sub in subs]
 
 

@@ -158,7 +158,12 @@ def trained_library(tmp_path_factory, tokenizer):
 
 def test_load_library(trained_library, tmp_path):
     m = tiny_llama()
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        base = m(ids).logits
     assert load_library(m, trained_library) == ["bad1", "bad2", "good"]
+    with torch.no_grad():  # loaded, not active: the model still computes what it did
+        torch.testing.assert_close(m(ids).logits, base)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "not-an-adapter").mkdir()
     with pytest.raises(EfftuneError, match="holds no LoRA modules"):
