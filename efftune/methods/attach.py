@@ -9,12 +9,19 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterator, Sequence, TypeVar
 
+import torch
 from torch import nn
 
 from ..errors import TargetError
 
 T = TypeVar("T", bound=nn.Module)
 Targets = str | Sequence[str]
+
+
+def master_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of trainable adapter weights over a base of `base_dtype`: fp32 master weights
+    under a half-precision base (autocast runs them in bf16); a float64 base (tests) keeps float64."""
+    return torch.promote_types(base_dtype, torch.float32)
 
 
 def _conv1d_class():

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
-from .attach import find_targets, freeze_base, replace_module, wrappers
+from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 
 CONFIG_FILE = "bitfit_config.json"
 WEIGHTS_FILE = "bitfit_model.safetensors"
@@ -54,8 +54,7 @@ class AddedBias(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         w = base_layer.weight
-        # fp32 master weights under a half-precision base, as LoRA adapters keep.
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = master_dtype(w.dtype)
         self.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
-from .attach import find_targets, freeze_base, replace_module, wrappers
+from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 
 CONFIG_FILE = "bottleneck_config.json"
 WEIGHTS_FILE = "bottleneck_model.safetensors"
@@ -107,8 +107,7 @@ def add_bottleneck(model: nn.Module, config: BottleneckConfig | None = None) -> 
     for name in names:
         base = model.get_submodule(name)
         p = next(base.parameters())
-        # fp32 master weights under a half-precision base, as LoRA adapters keep.
-        dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = master_dtype(p.dtype)
         replace_module(model, name, BottleneckAdapter(base, hidden, config.bottleneck_size, config.activation,
                                                       device=p.device, dtype=dtype))
     return names

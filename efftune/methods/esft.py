@@ -31,7 +31,7 @@ from ..errors import AdapterError, ConfigError, EfftuneError
 from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
 from ..moe.router_tap import add_router_taps, remove_router_taps, router_taps
-from .attach import freeze_base, replace_module, wrappers
+from .attach import freeze_base, master_dtype, replace_module, wrappers
 from .expert_lora import ExpertLoraConfig, add_expert_lora, load_expert_lora, save_expert_lora
 
 MODES = ("full", "lora")
@@ -172,8 +172,7 @@ class EsftExperts(GroupedExperts):
                              persistent=False)
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(base_layer, name)
-            # fp32 master weights under a half-precision base, as adapters keep
-            dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+            dtype = master_dtype(w.dtype)
             setattr(self, name, nn.Parameter(w.detach().index_select(0, self.expert_ids).to(dtype)))
 
     def project_adapted(self, name: str, x: torch.Tensor, d: Dispatch) -> torch.Tensor:

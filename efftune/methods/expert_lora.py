@@ -29,7 +29,7 @@ from ..errors import AdapterError, ConfigError, EfftuneError
 from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
 from ..moe.router_tap import add_router_taps
-from .attach import freeze_base, replace_module, wrappers
+from .attach import freeze_base, master_dtype, replace_module, wrappers
 
 TARGETS = ("gate_up_proj", "down_proj")
 CONFIG_FILE = "expert_lora_config.json"
@@ -117,8 +117,7 @@ class ExpertLora(GroupedExperts):
         ids = torch.arange(num_experts) if experts is None else torch.tensor(experts)
         self.register_buffer("expert_ids", ids.to(base_layer.gate_up_proj.device), persistent=False)
         w = base_layer.gate_up_proj
-        # fp32 master factors under a half-precision base, as LoraAdapter keeps
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = master_dtype(w.dtype)
         self.lora = nn.ModuleDict()
         for name in targets:
             _, out_f, in_f = getattr(base_layer, name).shape

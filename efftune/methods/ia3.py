@@ -23,7 +23,7 @@ from torch import nn
 
 from ..io import base_model_name, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
-from .attach import _conv1d_class, find_targets, freeze_base, name_matches, replace_module, wrappers
+from .attach import _conv1d_class, find_targets, freeze_base, master_dtype, name_matches, replace_module, wrappers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -58,8 +58,7 @@ class IA3Layer(nn.Module):
         self.merged = False
         w = base_layer.weight
         in_f, out_f = w.shape if self.fan_in_fan_out else w.shape[::-1]  # nn.Linear: (out, in)
-        # fp32 master weights under a half-precision base, as LoRA adapters keep.
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = master_dtype(w.dtype)
         shape = (1, in_f) if is_feedforward else (out_f, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=w.device, dtype=dtype))
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, EfftuneError
-from .attach import _conv1d_class, find_targets, freeze_base, replace_module, wrappers
+from .attach import _conv1d_class, find_targets, freeze_base, master_dtype, replace_module, wrappers
 
 INITS = ("kaiming", "gaussian")
 
@@ -118,9 +118,7 @@ class LoraLayer(nn.Module):
         if name in self.adapters:
             raise EfftuneError(f"adapter {name!r} already exists")
         weight = self.base_layer.weight
-        # Adapters keep fp32 master weights under a half-precision base (autocast runs them in
-        # bf16); a float64 base (tests) keeps float64.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = master_dtype(weight.dtype)
         cls = adapter_cls or LoraAdapter
         self.adapters[name] = cls(self.in_features, self.out_features, r, scaling, dropout, init,
                                   device=weight.device, dtype=dtype)

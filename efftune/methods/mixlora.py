@@ -53,7 +53,7 @@ from torch import nn
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..io import base_model_name, first_mismatch, read_adapter_dir, save_adapter, write_adapter_dir
 from ..moe.routing import Router, RouterConfig, Routing
-from .attach import find_targets, freeze_base, replace_module, wrappers
+from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 from .lora import LoraAdapter, LoraConfig, LoraLayer, add_lora, delete_adapter, lora_layers
 
 CONFIG_FILE = "mixlora_config.json"
@@ -148,8 +148,7 @@ class MixLoraBlock(nn.Module):
         self.base_layer = base_layer
         self.targets = [p for p in FFN_PROJECTIONS if p in targets]  # fixed order
         weight = base_layer.gate_proj.weight
-        # fp32 master weights under a half-precision base (float64 stays float64, for tests)
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = master_dtype(weight.dtype)
         self.router = Router(weight.shape[1], router_config).to(device=weight.device, dtype=dtype)
         nn.init.normal_(self.router.W_r.weight, std=ROUTER_INIT_STD)
         self.experts = nn.ModuleList(

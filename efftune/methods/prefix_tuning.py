@@ -41,7 +41,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..errors import AdapterError, ConfigError, EfftuneError, TargetError
 from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
-from .attach import freeze_base, replace_module, wrappers
+from .attach import freeze_base, master_dtype, replace_module, wrappers
 
 CONFIG_FILE, WEIGHTS_FILE, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
 INITS = ("vocab", "random")
@@ -134,8 +134,7 @@ class PrefixTuningBody(nn.Module):
         self.config = base_layer.config
         self.kv_shape = KVShape.of(self.config)
         w = base_layer.get_input_embeddings().weight
-        # fp32 master weights under a half-precision base, as the other methods keep.
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = master_dtype(w.dtype)
         P, hidden = num_virtual_tokens, self.config.hidden_size
         if projection_hidden_size is None:
             self.prefix = nn.Parameter(torch.zeros(P, self.kv_shape.width, device=w.device, dtype=dtype))

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError, EfftuneError, TargetError
 from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
-from .attach import freeze_base, replace_module
+from .attach import freeze_base, master_dtype, replace_module
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
 CONFIG_FILE, WEIGHTS_FILE, FORMAT_VERSION = "prompt_tuning_config.json", "prompt_tuning_model.safetensors", 1
@@ -75,8 +75,7 @@ class PromptEmbedding(nn.Module):
         self.base_layer = base_layer
         self.tasks = list(tasks)
         w = base_layer.weight
-        # fp32 master weights under a half-precision base, as the other methods keep.
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = master_dtype(w.dtype)
         self.prompts = nn.Parameter(torch.zeros(len(tasks), num_virtual_tokens, w.shape[1],
                                                 device=w.device, dtype=dtype))
 
