@@ -95,9 +95,8 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     step_s, loss = timed_steps(train_step(lambda: loss_fn(model, loss_case, ids), opt, device), steps, warmup, device)
-    elapsed = step_s * steps
     return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps,
-                tokens_s=round(steps * batch * seq / elapsed, 1), step_s=round(elapsed / steps, 4),
+                tokens_s=round(batch * seq / step_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 trainable=trainable, frozen=frozen, loss=round(loss.item(), 4),
                 device=torch.cuda.get_device_name() if cuda else "cpu")

@@ -157,12 +157,11 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     from efftune.train.compile import memory_budget
     with memory_budget(MEMORY_BUDGET if "-compile" in case else None):  # compiles in warm-up
         step_s, loss = timed_steps(step, steps, warmup, device)
-    elapsed = step_s * steps
     cfg = SHAPES[shape]
-    tokens_s = steps * batch * seq / elapsed
+    tokens_s = batch * seq / step_s
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
-    return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if "-compile" in case else None, seq=seq, batch=batch, steps=steps, tokens_s=round(tokens_s, 1),
-                step_s=round(elapsed / steps, 4),
+    return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if "-compile" in case else None, seq=seq,
+                batch=batch, steps=steps, tokens_s=round(tokens_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                 mfu=round(tokens_s * flops_token / PEAK_FLOPS, 4), frozen=frozen, trainable=trainable,
