@@ -82,7 +82,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     return model
 
 
-def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int) -> dict:
+def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int, profile: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = attach(build_model(shape, device), case)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
@@ -94,18 +94,25 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     loss_case = "efftune" if case.startswith("efftune") else "peft"  # which loss path (throughput.py's)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step_s, loss = timed_steps(train_step(lambda: loss_fn(model, loss_case, ids), opt, device), steps, warmup, device)
+    step = train_step(lambda: loss_fn(model, loss_case, ids), opt, device)
+    step_s, loss = timed_steps(step, steps, warmup, device)
+    extra = {}
+    if profile and cuda:  # after the timing, so the profiler does not slow the timed steps
+        from bench.profile_step import profile as profile_steps
+        extra["profile"] = profile_steps(step, steps=2, warmup=0)
     return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps,
                 tokens_s=round(batch * seq / step_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 trainable=trainable, frozen=frozen, loss=round(loss.item(), 4),
-                device=torch.cuda.get_device_name() if cuda else "cpu")
+                device=torch.cuda.get_device_name() if cuda else "cpu", **extra)
 
 
 def spawn(args: argparse.Namespace, shape: str, case: str) -> dict:
     """One case in a fresh interpreter (clean peak memory; an OOM kills only that case)."""
     cmd = [sys.executable, __file__, "--worker", case, "--shape", shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch)]
+    if args.profile:
+        cmd.append("--profile")
     head = dict(shape=shape, case=case, batch=args.batch)
     return run_worker(cmd, head, args.case_timeout)
 
@@ -132,11 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=None, help="default 4096 (128 for tiny)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--case-timeout", type=int, default=400, help="seconds per case subprocess")
+    ap.add_argument("--profile", action="store_true", help="also profile 2 steps per case (GPU time per op class)")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.seq = args.seq or default_seq(args.shape)
     if args.worker:
-        print(json.dumps(run_case(args.shape, args.worker, args.steps, args.warmup, args.seq, args.batch)))
+        print(json.dumps(run_case(args.shape, args.worker, args.steps, args.warmup, args.seq, args.batch, args.profile)))
         return
     results = []
     for case in args.cases:

@@ -55,11 +55,18 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    print(json.dumps({"shape": args.shape, "case": args.case, "seq": args.seq, **profile(step, args.steps)},
+                     indent=1))
+
+
+def profile(step, steps: int, warmup: int = 3, top_n: int = 12) -> dict:
+    """Run `step` `warmup` times, then profile `steps` calls: CUDA kernel time per op class and
+    the `top_n` kernels, in ms per step."""
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
@@ -71,13 +78,10 @@ def main() -> None:
         totals[op_class(event.key)] = totals.get(op_class(event.key), 0.0) + t
         top.append((t, event.key))
     all_us = sum(totals.values())
-    table = {cls: {"ms_per_step": round(us / 1000 / args.steps, 2), "share": round(us / all_us, 3)}
+    table = {cls: {"ms_per_step": round(us / 1000 / steps, 2), "share": round(us / all_us, 3)}
              for cls, us in sorted(totals.items(), key=lambda kv: -kv[1])}
-    kernels = [{"kernel": k[:90], "ms_per_step": round(t / 1000 / args.steps, 2)} for t, k in sorted(top)[-12:][::-1]]
-    print(json.dumps({"shape": args.shape, "case": args.case, "seq": args.seq,
-                      "gpu_ms_per_step": round(all_us / 1000 / args.steps, 1), "by_class": table,
-                      "top_kernels": kernels}, indent=1))
-
+    kernels = [{"kernel": k[:90], "ms_per_step": round(t / 1000 / steps, 2)} for t, k in sorted(top)[-top_n:][::-1]]
+    return {"gpu_ms_per_step": round(all_us / 1000 / steps, 1), "by_class": table, "top_kernels": kernels}
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-compile `efftune` with every decoder block compiled (efftune.train.compile), as
                   TrainConfig(compile=True) does
   efftune-compile-ckpt  both of the above
+  efftune-fa-compile    `efftune-fa` with every decoder block compiled
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
@@ -51,9 +52,9 @@ SHAPES: dict[str, dict] = {
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
 }
 CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
-         "efftune-compile", "efftune-compile-ckpt")
+         "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile")
 LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
-                 "efftune-compile-ckpt")
+                 "efftune-compile-ckpt", "efftune-fa-compile")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 
@@ -77,12 +78,12 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         import peft
         return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                           lora_dropout=0.0))
-    if case in ("efftune-fa", "efftune-fa-nocorr"):
+    if case.startswith("efftune-fa"):
         from efftune.methods.lora_fa import LoraFAConfig, add_lora_fa
-        add_lora_fa(model, LoraFAConfig(r=16, alpha=32, correction=case == "efftune-fa"))
-        return model
-    from efftune.methods.lora import LoraConfig, add_lora
-    add_lora(model, LoraConfig(r=16, alpha=32))
+        add_lora_fa(model, LoraFAConfig(r=16, alpha=32, correction=case != "efftune-fa-nocorr"))
+    else:
+        from efftune.methods.lora import LoraConfig, add_lora
+        add_lora(model, LoraConfig(r=16, alpha=32))
     if case.endswith("-ckpt"):  # what TrainConfig(activation_checkpointing=True) switches on
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if "-compile" in case:
