@@ -10,6 +10,7 @@ factors into peft's (`B` starts at zero in both), so both start from the same ad
            cross-entropy from `model(input_ids, attention_mask).logits`, the same AdamW (fused on
            GPU), warmup + cosine schedule, gradient clipping 1.0, bf16 autocast on GPU
   noise    efftune again with another LoRA init seed: how far two equally valid runs drift
+  fp8      (--fp8) efftune with the frozen base linears in FP8 (train.fp8_base), efftune's init
 
 Prints one JSON line with the three loss curves, the per-step |efftune - peft| (max, mean, first
 step) and the same statistics for |efftune - noise|, the scale "within noise" is judged by.
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default="runs/loss_curve")
+    ap.add_argument("--fp8", action="store_true", help="also run efftune with train.fp8_base (FP8 GPU)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     _, tok = load_model(args.model)
@@ -110,10 +112,16 @@ def main(argv: list[str] | None = None) -> None:
     eff, init = efftune_run(sequences, cfg, 0, out / "efftune", args)
     ref = peft_run(sequences, cfg, init, args)
     noise, _ = efftune_run(sequences, cfg, 1, out / "efftune-seed1", args)
+    fp8 = {}
+    if args.fp8:
+        from dataclasses import replace
+        curve, _ = efftune_run(sequences, replace(cfg, fp8_base=True), 0, out / "efftune-fp8", args)
+        fp8 = {"fp8_vs_peft": gaps(curve, ref), "fp8_vs_efftune": gaps(curve, eff), "efftune_fp8": curve}
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"task": args.task, "steps": args.steps, "batch_size": args.batch_size, "device": device,
                       "efftune_vs_peft": gaps(eff, ref), "efftune_vs_other_init": gaps(eff, noise),
-                      "efftune": eff, "peft": ref, "efftune_other_init": noise}), flush=True)
+                      **{k: v for k, v in fp8.items() if k != "efftune_fp8"},
+                      "efftune": eff, "peft": ref, "efftune_other_init": noise, **fp8}), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
                   TrainConfig(compile=True) does
   efftune-compile-ckpt  both of the above
   efftune-fa-compile    `efftune-fa` with every decoder block compiled
+  efftune-fp8     `efftune` with the frozen base linears in FP8 (efftune.train.fp8, train.fp8_base)
+  efftune-compile-fp8   both
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
@@ -52,9 +54,10 @@ SHAPES: dict[str, dict] = {
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
 }
 CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
-         "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile")
+         "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
+         "efftune-compile-fp8")
 LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
-                 "efftune-compile-ckpt", "efftune-fa-compile")
+                 "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 
@@ -84,6 +87,9 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     else:
         from efftune.methods.lora import LoraConfig, add_lora
         add_lora(model, LoraConfig(r=16, alpha=32))
+    if case.endswith("-fp8"):  # before compiling, as train() does
+        from efftune.train.fp8 import Fp8Base
+        Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
     if case.endswith("-ckpt"):  # what TrainConfig(activation_checkpointing=True) switches on
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if "-compile" in case:
@@ -111,6 +117,7 @@ def loss_fn(model: torch.nn.Module, case: str, ids: torch.Tensor) -> torch.Tenso
 def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(frozen, trainable); a tied lm_head counts again, as its matmul still runs."""
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen += sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_fp8"))  # train.fp8_base
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if inner.lm_head.weight is inner.get_input_embeddings().weight:

@@ -49,6 +49,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
     compile: bool = False           # torch.compile each decoder block (efftune.train.compile)
     compile_memory_budget: float | None = None  # with compile: keep ~this fraction of activations
+    fp8_base: bool = False          # frozen base linears in FP8 while training (efftune.train.fp8)
     eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -78,6 +79,8 @@ class TrainHooks:
     The defaults are the plain loop: warmup + cosine learning rate, nothing after a step, no
     state beyond the trainable parameters.
     """
+
+    keeps_base_weights = True  # False: the mode writes into frozen base weights (train.fp8_base refuses it)
 
     def parameters(self, model: nn.Module) -> list[torch.Tensor]:
         """The parameters the optimizer is built over (once, before the first step)."""
@@ -131,9 +134,23 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
     (optional) is called before the first step, every `eval_every` steps and after the last;
     its dicts are logged and returned in `TrainResult.evals`. `hooks` changes the schedule and
-    acts after each step (e.g. `efftune.train.relora.ReLoraHooks`).
+    acts after each step (e.g. `efftune.train.relora.ReLoraHooks`). With `config.fp8_base` the
+    frozen base linears run in FP8 for the whole run (evaluations inside it included) and the
+    exact model is back when `train` returns or raises.
     """
     hooks = hooks or TrainHooks()
+    if not config.fp8_base:
+        return _train(model, sequences, config, output_dir, pad_id, resume, evaluate, hooks)
+    if not hooks.keeps_base_weights:
+        raise ConfigError(f"train.fp8_base cannot run with {type(hooks).__name__}: it changes the base weights, "
+                          "which are kept in FP8 during training")
+    from .fp8 import Fp8Base
+    with Fp8Base(model):
+        return _train(model, sequences, config, output_dir, pad_id, resume, evaluate, hooks)
+
+
+def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, output_dir: str | Path,
+           pad_id: int, resume: bool, evaluate: Callable[[nn.Module], dict] | None, hooks: TrainHooks) -> TrainResult:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = output_dir / "checkpoints"

@@ -121,6 +121,8 @@ class ReLoraHooks(TrainHooks):
     carry (`relora.steps_done`).
     """
 
+    keeps_base_weights = False  # restarts merge into the base weights; warm start trains them
+
     def __init__(self, model: nn.Module, config: ReLoraConfig, adapter: str = "default"):
         self.model, self.config, self.adapter = model, config, adapter
         self.layers = [(name, layer) for name, layer in lora_layers(model) if adapter in layer.adapters]
