@@ -99,7 +99,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     extra = {}
     if profile and cuda:  # after the timing, so the profiler does not slow the timed steps
         from bench.profile_step import profile as profile_steps
-        extra["profile"] = profile_steps(step, steps=2, warmup=0)
+        extra["profile"] = profile_steps(step, steps=2, warmup=0, top_n=30)
     return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps,
                 tokens_s=round(batch * seq / step_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

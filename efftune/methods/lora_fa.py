@@ -97,10 +97,18 @@ class LoraFAAdapter(LoraAdapter):
     def _correction(self) -> torch.Tensor | None:
         if not self.correction:
             return None
+        if torch.compiler.is_compiling() and self._cached is not None:
+            # A is frozen while training; compile_blocks refreshed the cache just before (a
+            # data-pointer check here would break the compiled graph)
+            return self._cached[1]
         key = (self.lora_A._version, self.lora_A.data_ptr(), self.lora_A.device)
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, correction_matrix(self.lora_A, self.scaling, self.delta))
         return self._cached[1]
+
+    def before_compile(self) -> None:
+        """Called by `efftune.train.compile.compile_blocks`: bring the cached correction up to date."""
+        self._correction()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x.requires_grad or self.lora_B.requires_grad)):

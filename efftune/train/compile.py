@@ -31,6 +31,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     if not blocks:
         raise ConfigError(f"train.compile: found no decoder blocks in {type(model).__name__} "
                           "(it lists none in _no_split_modules)")
+    for module in model.modules():  # caches a compiled graph must not check (LoRA-FA's correction)
+        if hasattr(module, "before_compile"):
+            module.before_compile()
     for block in blocks:
         block.compile(**compile_kwargs)
     return len(blocks)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from efftune.errors import AdapterError, ConfigError
@@ -282,3 +283,24 @@ def test_training_loop_adds_the_models_own_load_balancing_loss(tokenizer, tmp_pa
     assert len(rows) == 2 and all(r["load_balancing_loss"] > 0 and r["router_entropy"] > 0 for r in rows)
     loads = json.loads((tmp_path / "routing.json").read_text())["expert_load"]
     assert len(loads) == 2 and len(loads[0]) == 8 and (tmp_path / "routing.png").exists()  # layers × experts
+
+
+def test_silu_mul_gradient_eager_and_compiled_equal_autograd():
+    # the compiled backward takes another branch (no `out=` halves, which break a graph)
+    from efftune.moe.experts import _SiluMul
+    gate_up = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 4, dtype=torch.float64)
+    gate, up = gate_up.chunk(2, dim=-1)
+    (ref,) = torch.autograd.grad(F.silu(gate) * up, gate_up, g)
+    (eager,) = torch.autograd.grad(_SiluMul.apply(gate_up), gate_up, g)
+    compiled_fn = torch.compile(lambda t: _SiluMul.apply(t), fullgraph=True, backend="aot_eager")
+    (compiled,) = torch.autograd.grad(compiled_fn(gate_up), gate_up, g)
+    torch.testing.assert_close(eager, ref)
+    torch.testing.assert_close(compiled, ref)
+
+
+def test_dispatch_counts_match_bincount():
+    idx = torch.randint(0, 5, (40, 3))  # expert 5 gets no row
+    for adapted in (None, torch.tensor([True, False, True, False, False, True])):
+        d = dispatch(idx, 6, adapted)
+        assert torch.equal(d.counts, torch.bincount(idx.reshape(-1), minlength=6))
