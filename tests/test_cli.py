@@ -134,6 +134,19 @@ def test_lora_fa_method_from_flags(capsys, model_dir, data_file, tmp_path):
     assert json.loads((out_dir / "config.json").read_text())["lora_fa"]["r"] == 3
 
 
+def test_fp8_base_from_flags(capsys, model_dir, data_file, tmp_path):
+    # LoRA-FA over an FP8 base; ReLoRA writes into the base, so it is refused in one line
+    out_dir = tmp_path / "fp8"
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", "lora-fa",
+                         "--fp8-base", "--steps", 2, "--batch-size", 4, "--output", out_dir)
+    assert code == 0, err
+    assert json.loads((out_dir / "config.json").read_text())["train"]["fp8_base"] is True
+    assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", "relora",
+                         "--fp8-base", "--steps", 2, "--batch-size", 4, "--output", tmp_path / "r")
+    assert code != 0 and "train.fp8_base cannot run with ReLoraHooks" in err
+
+
 @pytest.mark.parametrize("method, extra, artifact", [
     ("relora", ["--restart-every", "2"], "model"),
     ("ia3", [], "adapter"),
