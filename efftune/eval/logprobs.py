@@ -25,15 +25,15 @@ class ChunkedTargetLogprob(torch.autograd.Function):
     """log_softmax(hidden @ weightᵀ)[n, targets[n]] for hidden (N, d), weight (V, d) -> (N,)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, fused: bool = False):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         w = weight.to(hidden.dtype)
+        pick = _fused("logprob") if fused else _chunk_logprob
         for i in range(0, hidden.shape[0], chunk):
-            logits = (hidden[i:i + chunk] @ w.T).to(acc)
-            out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None])[:, 0] - logits.logsumexp(-1)
+            out[i:i + chunk] = pick(hidden[i:i + chunk] @ w.T, targets[i:i + chunk])
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.fused = chunk, fused
         return out
 
     @staticmethod
@@ -43,19 +43,56 @@ class ChunkedTargetLogprob(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        fused = ctx.fused and grad_weight is None  # the fused kernel returns dlogits rounded to h's dtype
         for i in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[i:i + ctx.chunk]
+            logits, t, g = h @ w.T, targets[i:i + ctx.chunk], grad_out[i:i + ctx.chunk]
+            if fused:
+                grad_hidden[i:i + ctx.chunk] = _fused("dlogits")(logits, t, g, h.dtype) @ w
+                continue
             # d/dlogits of (logit[target] - logsumexp) = onehot(target) - softmax
-            dlogits = -torch.softmax((h @ w.T).to(acc), dim=-1)
-            dlogits[torch.arange(h.shape[0], device=h.device), targets[i:i + ctx.chunk]] += 1
-            dlogits *= grad_out[i:i + ctx.chunk, None].to(acc)
+            dlogits = -torch.softmax(logits.to(acc), dim=-1)
+            dlogits[torch.arange(h.shape[0], device=h.device), t] += 1
+            dlogits *= g[:, None].to(acc)
             if grad_hidden is not None:
                 grad_hidden[i:i + ctx.chunk] = (dlogits.to(h.dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += dlogits.T @ h.to(acc)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _chunk_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[n, targets[n]], in fp32 at least."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.gather(1, targets[:, None])[:, 0] - logits.logsumexp(-1)
+
+
+def _chunk_dlogits(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """grad[n] · (onehot(targets[n]) − softmax(logits[n])), computed in fp32, rounded to `dtype`:
+    written as one expression (no in-place index update) so that Inductor makes it one kernel."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    onehot = torch.arange(logits.shape[-1], device=logits.device)[None, :] == targets[:, None]
+    return ((onehot.to(acc) - torch.softmax(logits.to(acc), dim=-1)) * grad[:, None].to(acc)).to(dtype)
+
+
+_FUSED: dict[str, object] = {}
+
+
+def _fused(name: str):
+    """The per-chunk softmax work compiled (once, shape-dynamic): one pass over the chunk's logits
+    instead of a cast, a log-sum-exp, a softmax, a negation, an index update, a scale and a cast,
+    each over the whole (chunk × vocabulary) fp32 array. Used when the model's blocks are compiled
+    (`efftune.train.compile.compile_blocks` sets `FUSED_HEAD`)."""
+    if name not in _FUSED:
+        fn = _chunk_logprob if name == "logprob" else _chunk_dlogits
+        _FUSED[name] = torch.compile(fn, dynamic=True)
+    return _FUSED[name]
+
+
+FUSED_HEAD = "efftune_fused_head"  # model attribute: True -> the LM-head loss chunks run compiled
 
 
 def _plain_head(model: nn.Module) -> nn.Linear | None:
@@ -80,7 +117,8 @@ def target_logprobs(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tenso
         body = getattr(model, model.base_model_prefix)
         hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       use_cache=False).last_hidden_state
-        return ChunkedTargetLogprob.apply(hidden[rows, sources], head.weight, targets, CHUNK)
+        return ChunkedTargetLogprob.apply(hidden[rows, sources], head.weight, targets, CHUNK,
+                                          bool(getattr(model, FUSED_HEAD, False)))
     keep = torch.unique(sources)  # sorted positions whose outputs are needed
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                 logits_to_keep=keep, use_cache=False)

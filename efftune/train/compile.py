@@ -2,7 +2,8 @@
 
 Compiling block by block (not the whole model) keeps compile time to one block's graph — the
 blocks share code, so one compilation serves them all — and leaves the loss, the tree attention
-masks and the optimizer step in eager mode. Inductor fuses the elementwise chains around the
+masks and the optimizer step in eager mode (the loss's per-chunk softmax work is compiled on its
+own: `efftune.eval.logprobs`, switched on by the `FUSED_HEAD` attribute set here). Inductor fuses the elementwise chains around the
 matmuls (RMSNorm, RoPE, SwiGLU, the LoRA `y + delta` add) and its min-cut partitioner recomputes
 cheap pointwise results in backward instead of saving them, which is where most of a LoRA step's
 non-matmul time and activation memory go. Results equal eager ones up to float rounding (tested,
@@ -36,6 +37,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
             module.before_compile()
     for block in blocks:
         block.compile(**compile_kwargs)
+    from ..eval.logprobs import FUSED_HEAD
+    setattr(model, FUSED_HEAD, True)  # the chunked LM-head loss compiles its softmax work too
     return len(blocks)
 
 

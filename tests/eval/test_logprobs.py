@@ -24,6 +24,35 @@ def test_chunked_values_and_gradients_equal_full_logits(n, chunk):
     torch.testing.assert_close(weight.grad, w2.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fused_chunks_equal_the_eager_ones(dtype):
+    # the compiled softmax work (used when the blocks are compiled): same values and input gradient;
+    # 3 chunk sizes (7, 7, 3) so the shape-dynamic compilation is exercised
+    torch.manual_seed(0)
+    hidden = torch.randn(17, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=dtype)  # a frozen head: the fused backward path
+    targets = torch.randint(0, 40, (17,))
+    g = torch.randn(17, dtype=torch.promote_types(dtype, torch.float32))
+    outs, grads = [], []
+    for fused in (False, True):
+        h = hidden.detach().clone().requires_grad_()
+        out = ChunkedTargetLogprob.apply(h, weight, targets, 7, fused)
+        out.backward(g)
+        outs.append(out)
+        grads.append(h.grad)
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    torch.testing.assert_close(grads[1], grads[0], **tol)
+
+
+def test_compile_blocks_turns_on_the_fused_head():
+    from efftune.train.compile import compile_blocks
+    m = tiny_llama()
+    assert not getattr(m, logprobs.FUSED_HEAD, False)
+    compile_blocks(m)
+    assert getattr(m, logprobs.FUSED_HEAD) is True
+
+
 def test_model_path_equals_logits_path(monkeypatch):
     model = tiny_llama(dtype=torch.float64)
     ids = torch.randint(0, 300, (2, 9))
