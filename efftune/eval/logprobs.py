@@ -3,9 +3,10 @@
 Training (loss on answer tokens, or on every token) and scoring (log-likelihood of each choice)
 both need log p(target | position) for some positions. We run the model's body to get hidden
 states, keep only the positions that predict a target, and apply the LM head and the log-softmax
-chunk by chunk inside one autograd function that recomputes each chunk's logits in backward:
-peak memory holds one chunk of logits instead of (targets × vocab) in bf16 and fp32 plus the
-softmax kept for backward — about 5 GB at sequence 4096 and a 128k vocabulary.
+chunk by chunk inside one autograd function: peak memory holds one chunk of logits instead of
+(targets × vocab) in bf16 and fp32 plus the softmax kept for backward — about 5 GB at sequence
+4096 and a 128k vocabulary. With a frozen head the input gradient is made in the same pass (no
+second head matmul in backward); a trainable head recomputes each chunk's logits in backward.
 
 Models whose head does more than one matrix product (logit soft-capping, logit scaling, a
 bias) take the plain path: `logits_to_keep` through the model's own forward.
@@ -22,38 +23,54 @@ CHUNK = 1024  # target positions per chunk of logits
 
 
 class ChunkedTargetLogprob(torch.autograd.Function):
-    """log_softmax(hidden @ weightᵀ)[n, targets[n]] for hidden (N, d), weight (V, d) -> (N,)."""
+    """log_softmax(hidden @ weightᵀ)[n, targets[n]] for hidden (N, d), weight (V, d) -> (N,).
+
+    With a frozen head (the usual case: LoRA and the other methods leave it alone) the input
+    gradient is made in forward, while each chunk's logits are at hand: `G[n] = (onehot(t_n) −
+    softmax(logits_n)) W`, an (N, d) tensor kept instead of `hidden`, and backward is just
+    `grad[n] · G[n]`. That saves the head's matmul that backward would otherwise rerun to rebuild
+    the logits. A trainable head takes the general path, which recomputes the logits in backward.
+    `fused`: run the per-chunk softmax work compiled (one pass over the logits instead of several).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, fused: bool = False):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         w = weight.to(hidden.dtype)
+        ctx.early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        if ctx.early:
+            grad_rows = torch.empty_like(hidden)
+            pick = _fused("logprob_grad") if fused else _chunk_logprob_and_grad
+            for i in range(0, hidden.shape[0], chunk):
+                out[i:i + chunk], dlogits = pick(hidden[i:i + chunk] @ w.T, targets[i:i + chunk], hidden.dtype)
+                grad_rows[i:i + chunk] = dlogits @ w
+            ctx.save_for_backward(grad_rows)
+            return out
         pick = _fused("logprob") if fused else _chunk_logprob
         for i in range(0, hidden.shape[0], chunk):
             out[i:i + chunk] = pick(hidden[i:i + chunk] @ w.T, targets[i:i + chunk])
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk, ctx.fused = chunk, fused
+        ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.early:
+            (grad_rows,) = ctx.saved_tensors
+            acc = torch.promote_types(grad_rows.dtype, torch.float32)
+            return (grad_out[:, None].to(acc) * grad_rows).to(grad_rows.dtype), None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
         acc = torch.promote_types(hidden.dtype, torch.float32)
         w = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
-        fused = ctx.fused and grad_weight is None  # the fused kernel returns dlogits rounded to h's dtype
         for i in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[i:i + ctx.chunk]
-            logits, t, g = h @ w.T, targets[i:i + ctx.chunk], grad_out[i:i + ctx.chunk]
-            if fused:
-                grad_hidden[i:i + ctx.chunk] = _fused("dlogits")(logits, t, g, h.dtype) @ w
-                continue
             # d/dlogits of (logit[target] - logsumexp) = onehot(target) - softmax
-            dlogits = -torch.softmax(logits.to(acc), dim=-1)
-            dlogits[torch.arange(h.shape[0], device=h.device), t] += 1
-            dlogits *= g[:, None].to(acc)
+            dlogits = -torch.softmax((h @ w.T).to(acc), dim=-1)
+            dlogits[torch.arange(h.shape[0], device=h.device), targets[i:i + ctx.chunk]] += 1
+            dlogits *= grad_out[i:i + ctx.chunk, None].to(acc)
             if grad_hidden is not None:
                 grad_hidden[i:i + ctx.chunk] = (dlogits.to(h.dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
@@ -69,25 +86,27 @@ def _chunk_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, targets[:, None])[:, 0] - logits.logsumexp(-1)
 
 
-def _chunk_dlogits(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """grad[n] · (onehot(targets[n]) − softmax(logits[n])), computed in fp32, rounded to `dtype`:
-    written as one expression (no in-place index update) so that Inductor makes it one kernel."""
-    acc = torch.promote_types(logits.dtype, torch.float32)
+def _chunk_logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_softmax(logits)[n, targets[n]] in fp32, d/dlogits of it = onehot − softmax, rounded to
+    `dtype`), written without in-place updates so that Inductor fuses it into one or two passes."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = logits.logsumexp(-1, keepdim=True)
     onehot = torch.arange(logits.shape[-1], device=logits.device)[None, :] == targets[:, None]
-    return ((onehot.to(acc) - torch.softmax(logits.to(acc), dim=-1)) * grad[:, None].to(acc)).to(dtype)
+    logprob = logits.gather(1, targets[:, None])[:, 0] - lse[:, 0]
+    return logprob, (onehot.to(logits.dtype) - torch.exp(logits - lse)).to(dtype)
 
 
 _FUSED: dict[str, object] = {}
 
 
 def _fused(name: str):
-    """The per-chunk softmax work compiled (once, shape-dynamic): one pass over the chunk's logits
-    instead of a cast, a log-sum-exp, a softmax, a negation, an index update, a scale and a cast,
-    each over the whole (chunk × vocabulary) fp32 array. Used when the model's blocks are compiled
+    """The per-chunk softmax work compiled (once, shape-dynamic): one or two passes over the chunk's
+    logits instead of a cast, a log-sum-exp, an exponential, an index update and a cast, each over
+    the whole (chunk × vocabulary) fp32 array. Used when the model's blocks are compiled
     (`efftune.train.compile.compile_blocks` sets `FUSED_HEAD`)."""
     if name not in _FUSED:
-        fn = _chunk_logprob if name == "logprob" else _chunk_dlogits
+        fn = _chunk_logprob if name == "logprob" else _chunk_logprob_and_grad
         _FUSED[name] = torch.compile(fn, dynamic=True)
     return _FUSED[name]
 

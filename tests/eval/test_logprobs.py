@@ -8,20 +8,26 @@ from tests.conftest import tiny_llama
 
 
 @pytest.mark.parametrize("n, chunk", [(7, 3), (6, 6), (5, 100)])
-def test_chunked_values_and_gradients_equal_full_logits(n, chunk):
+@pytest.mark.parametrize("head_trains", [True, False])  # False: the input gradient is made in forward
+def test_chunked_values_and_gradients_equal_full_logits(n, chunk, head_trains):
     torch.manual_seed(0)
     hidden = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=head_trains)
     targets = torch.randint(0, 11, (n,))
     g = torch.randn(n, dtype=torch.float64)
-    ours = ChunkedTargetLogprob.apply(hidden, weight, targets, chunk)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = ChunkedTargetLogprob.apply(hidden, weight, targets, chunk)
     ours.backward(g)
-    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_(head_trains)
     ref = -F.cross_entropy(h2 @ w2.T, targets, reduction="none")
     ref.backward(g)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(hidden.grad, h2.grad)
-    torch.testing.assert_close(weight.grad, w2.grad)
+    if head_trains:
+        torch.testing.assert_close(weight.grad, w2.grad)
+    else:  # only the (N, d) input-gradient rows are kept: neither the head nor any logits
+        assert [tuple(t.shape) for t in saved] == [(n, 8)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
