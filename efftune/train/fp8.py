@@ -41,7 +41,10 @@ def fp8_matmul(aq: torch.Tensor, a_scale: torch.Tensor, bq_t: torch.Tensor, b_sc
                out_dtype: torch.dtype) -> torch.Tensor:
     """(a_scale · aq) @ (bq_t · b_scale): aq (M, K) row-major, bq_t (K, N) column-major, a_scale
     (M, 1), b_scale (1, N), fp32 accumulation."""
-    return torch._scaled_mm(aq, bq_t, scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+    # cuBLAS takes row-wise scales only with a bf16 result; an fp32 caller gets it converted
+    kernel_dtype = torch.bfloat16 if aq.is_cuda else out_dtype
+    out = torch._scaled_mm(aq, bq_t, scale_a=a_scale, scale_b=b_scale, out_dtype=kernel_dtype)
+    return out.to(out_dtype)
 
 
 class _Fp8Linear(torch.autograd.Function):
