@@ -93,6 +93,8 @@ class _Combine(torch.autograd.Function):
         w = weights.to(out.dtype)
         ctx.save_for_backward(per_token, w, order)
         ctx.weights_dtype = weights.dtype
+        if torch.compiler.is_compiling():  # a k-term sum: Inductor fuses it with the gather, no batched GEMM
+            return (per_token.float() * w.float().unsqueeze(-1)).sum(1).to(out.dtype)
         return torch.bmm(w.unsqueeze(1), per_token).squeeze(1)     # accumulates in fp32 under bf16
 
     @staticmethod
@@ -102,7 +104,10 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_out = (w.unsqueeze(-1) * grad.unsqueeze(1)).view(-1, grad.shape[-1]).index_select(0, order)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(per_token, grad.unsqueeze(-1)).squeeze(-1).to(ctx.weights_dtype)
+            if torch.compiler.is_compiling():
+                grad_w = (per_token.float() * grad.float().unsqueeze(1)).sum(-1).to(ctx.weights_dtype)
+            else:
+                grad_w = torch.bmm(per_token, grad.unsqueeze(-1)).squeeze(-1).to(ctx.weights_dtype)
         return grad_out, grad_w, None, None
 
 

@@ -304,3 +304,22 @@ def test_dispatch_counts_match_bincount():
     for adapted in (None, torch.tensor([True, False, True, False, False, True])):
         d = dispatch(idx, 6, adapted)
         assert torch.equal(d.counts, torch.bincount(idx.reshape(-1), minlength=6))
+
+
+def test_combine_eager_and_compiled_equal_autograd():
+    from efftune.moe.experts import _Combine
+    torch.manual_seed(0)
+    idx = torch.randint(0, 4, (6, 2))
+    d = dispatch(idx, 4)
+    out = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 5, dtype=torch.float64)
+    ref = (out[d.inverse].view(6, 2, 5) * weights.unsqueeze(-1)).sum(1)
+    expected = torch.autograd.grad(ref, (out, weights), g)
+    eager = _Combine.apply(out, weights, d.order, d.inverse)
+    compiled_fn = torch.compile(lambda o, w: _Combine.apply(o, w, d.order, d.inverse), fullgraph=True,
+                                backend="aot_eager")
+    for y in (eager, compiled_fn(out, weights)):
+        torch.testing.assert_close(y, ref)
+        for a, b in zip(torch.autograd.grad(y, (out, weights), g), expected):
+            torch.testing.assert_close(a, b)
