@@ -19,6 +19,7 @@ a table and the ratios to `peft` follow.
 
     PYTHONPATH=. python bench/moe_lora.py                           # qwen3-30b-a3b shape, all cases
     PYTHONPATH=. python bench/moe_lora.py --shape tiny --steps 2    # CPU smoke test (seconds)
+    PYTHONPATH=. python bench/moe_lora.py --cases peft efftune-compile --profile   # + GPU time per op class
 """
 from __future__ import annotations
 
