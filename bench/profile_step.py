@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -65,10 +66,12 @@ def profile(step, steps: int, warmup: int = 3, top_n: int = 12) -> dict:
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
+    start = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1000 / steps  # vs GPU time: how long the GPU sat idle
     totals: dict[str, float] = {}
     top: list[tuple[float, str]] = []
     for event in prof.key_averages():
@@ -81,7 +84,8 @@ def profile(step, steps: int, warmup: int = 3, top_n: int = 12) -> dict:
     table = {cls: {"ms_per_step": round(us / 1000 / steps, 2), "share": round(us / all_us, 3)}
              for cls, us in sorted(totals.items(), key=lambda kv: -kv[1])}
     kernels = [{"kernel": k[:90], "ms_per_step": round(t / 1000 / steps, 2)} for t, k in sorted(top)[-top_n:][::-1]]
-    return {"gpu_ms_per_step": round(all_us / 1000 / steps, 1), "by_class": table, "top_kernels": kernels}
+    return {"gpu_ms_per_step": round(all_us / 1000 / steps, 1), "wall_ms_per_step": round(wall_ms, 1),
+            "by_class": table, "top_kernels": kernels}
 
 if __name__ == "__main__":
     main()
