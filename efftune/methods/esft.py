@@ -27,6 +27,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
@@ -73,14 +74,11 @@ class EsftConfig:
                 raise ConfigError(f"esft.top_fraction must be in (0, 1], got {self.top_fraction!r}")
         elif self.threshold is None or not 0 < self.threshold <= 1:
             raise ConfigError(f"esft.threshold must be in (0, 1], got {self.threshold!r}")
-        if isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 1:
-            raise ConfigError(f"esft.max_examples must be a positive integer, got {self.max_examples!r}")
+        positive_ints("esft", self, "max_examples")
         if self.impl not in IMPLS:
             raise ConfigError(f"esft.impl must be one of {IMPLS}, got {self.impl!r}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"esft.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"esft.alpha must be a positive number, got {self.alpha!r}")
+        positive_ints("esft", self, "r")
+        positive_numbers("esft", self, "alpha")
 
 
 @dataclass

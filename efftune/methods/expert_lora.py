@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
@@ -53,10 +54,8 @@ class ExpertLoraConfig:
     aux_loss: bool = True
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"expert_lora.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"expert_lora.alpha must be a positive number, got {self.alpha!r}")
+        positive_ints("expert_lora", self, "r")
+        positive_numbers("expert_lora", self, "alpha")
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         bad = [t for t in self.targets if t not in TARGETS]

@@ -50,6 +50,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..checks import non_negative_numbers, positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..io import base_model_name, first_mismatch, read_adapter_dir, save_adapter, write_adapter_dir
 from ..moe.routing import Router, RouterConfig, Routing
@@ -89,22 +90,11 @@ class MixLoraConfig:
     dense: bool = False
 
     def __post_init__(self):
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"mixlora.{name} must be a positive integer, got {v!r}")
-        for name in ("num_experts", "top_k", "r", "attn_r"):
-            positive_int(name)
+        positive_ints("mixlora", self, "num_experts", "top_k", "r", "attn_r")
         if self.top_k > self.num_experts:
             raise ConfigError(f"mixlora.top_k ({self.top_k}) exceeds mixlora.num_experts ({self.num_experts})")
-        for name in ("alpha", "attn_alpha"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"mixlora.{name} must be a positive number, got {v!r}")
-        for name in ("aux_loss_coef", "z_loss_coef"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"mixlora.{name} must be a non-negative number, got {v!r}")
+        positive_numbers("mixlora", self, "alpha", "attn_alpha")
+        non_negative_numbers("mixlora", self, "aux_loss_coef", "z_loss_coef")
         for name in ("dropout", "jitter"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import non_negative_numbers, positive_ints, positive_numbers
 from ..errors import ConfigError
 
 MODES = ("top_k", "switch", "expert_choice")
@@ -33,22 +34,14 @@ class RouterConfig:
     jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ConfigError(f"router.num_experts must be a positive integer, got {self.num_experts!r}")
+        positive_ints("router", self, "num_experts")
         if self.mode not in MODES:
             raise ConfigError(f"router.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ConfigError(f"router.top_k must be a positive integer, got {self.top_k!r}")
+        positive_ints("router", self, "top_k")
         if self.mode == "top_k" and self.top_k > self.num_experts:
             raise ConfigError(f"router.top_k ({self.top_k}) exceeds router.num_experts ({self.num_experts})")
-        for name in ("capacity_factor_train", "capacity_factor_eval"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"router.{name} must be a positive number, got {value!r}")
-        for name in ("aux_loss_coef", "z_loss_coef"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"router.{name} must be a non-negative number, got {value!r}")
+        positive_numbers("router", self, "capacity_factor_train", "capacity_factor_eval")
+        non_negative_numbers("router", self, "aux_loss_coef", "z_loss_coef")
         if not isinstance(self.jitter, (int, float)) or not 0 <= self.jitter < 1:
             raise ConfigError(f"router.jitter must be in [0, 1), got {self.jitter!r}")
 
