@@ -48,7 +48,8 @@ from ..io import CONFIG_FILE, WEIGHTS_FILE, base_model_name, read_adapter_config
 from ..methods.lora import (LoraConfig, add_lora, delete_adapter, lora_layers, mixed_adapter_batch,
                             set_active_adapters, set_trainable_adapters)
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..train.loop import TrainConfig, TrainHooks, autocast_for, prune_checkpoints, example_order, train
+from ..train.loop import (TrainConfig, TrainHooks, autocast_for, clip_grad_norm, enable_activation_checkpointing,
+                          example_order, make_optimizer, prune_checkpoints, train)
 
 INDEX_FILE = "library.json"
 WORK_DIR = "_runs"
@@ -154,13 +155,6 @@ def _adapter_params(model: nn.Module, name: str) -> list[torch.Tensor]:
     return [p for p in model.parameters() if id(p) in own]
 
 
-def _adamw(params: list[torch.Tensor], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer train() makes, over one module's parameters (so checkpoints are interchangeable)."""
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                             lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
-
-
 @contextmanager
 def _only_trainable(model: nn.Module, name: str, everyone: list[str]):
     """Checkpoints hold 'the trainable parameters': narrow them to one module while saving/loading."""
@@ -199,9 +193,10 @@ def train_together(model: nn.Module, sequences: dict[str, Sequence[Encoded]], co
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
     set_trainable_adapters(model, names)
     params = {n: _adapter_params(model, n) for n in names}
-    optimizers = {n: _adamw(params[n], config, device) for n in names}
-    if config.activation_checkpointing:  # as train(): non-reentrant, so adapter gradients flow
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # train()'s optimizer, one per module, so a module's checkpoints load in either
+    optimizers = {n: make_optimizer(params[n], config, device) for n in names}
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)
     torch.manual_seed(config.seed)
 
     start: dict[str, int] = {}
@@ -268,11 +263,7 @@ def train_together(model: nn.Module, sequences: dict[str, Sequence[Encoded]], co
                                    f"stopped (checkpoints under {work_dir})")
         norms = {}
         for n in live:
-            if config.grad_clip > 0:
-                norms[n] = float(torch.nn.utils.clip_grad_norm_(params[n], config.grad_clip))
-            else:
-                grads = [p.grad.norm() for p in params[n] if p.grad is not None]
-                norms[n] = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+            norms[n] = clip_grad_norm(params[n], config.grad_clip)
             optimizers[n].step()
             optimizers[n].zero_grad(set_to_none=True)
         done = step + 1

@@ -126,6 +126,32 @@ def autocast_for(precision: str, device: torch.device):
     return nullcontext()
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of the decoder layers (so gradients reach the adapters although
+    the layer inputs are frozen), under whichever name this transformers version gives the switch."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ConfigError("train.activation_checkpointing needs a transformers model")
+
+
+def make_optimizer(params: list[torch.Tensor], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `params`, weight decay on matrices only (fused on CUDA)."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """The gradients' total norm before clipping; clipped to `max_norm` when it is positive."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+
 def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, output_dir: str | Path, *,
           pad_id: int = 0, resume: bool = False,
           evaluate: Callable[[nn.Module], dict] | None = None, hooks: TrainHooks | None = None) -> TrainResult:
@@ -162,21 +188,10 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
         raise ConfigError("no training examples")
     torch.manual_seed(config.seed)
     if config.activation_checkpointing:
-        # transformers renamed the switch; non-reentrant checkpointing lets gradients reach the
-        # adapters although the layer inputs are frozen
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            raise ConfigError("train.activation_checkpointing needs a transformers model")
+        enable_activation_checkpointing(model)
     if config.compile:
         compile_blocks(model)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
-                                  betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    optimizer = make_optimizer(params, config, device)
     lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
 
     metrics_path = output_dir / "metrics.jsonl"
@@ -249,11 +264,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
             bar.close()
             where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise TrainingDiverged(f"loss became {total} at step {step + 1}; stopped, {where}")
-        if config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-        else:
-            grads = [p.grad.norm() for p in params if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        grad_norm = clip_grad_norm(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         extra = hooks.after_step(step + 1, optimizer)
