@@ -47,6 +47,15 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     return state
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write `path` through a temporary file and a rename: readers see the old or the new text, whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def replace_dir_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Let `write` fill `directory.tmp`, then swap it in for `directory`: a crash never leaves a
     half-written directory, and an old one stays whole until the new one is complete."""

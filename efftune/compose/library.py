@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -44,7 +43,8 @@ from ..data.tokenize import IGNORE
 from ..errors import CheckpointError, ConfigError, DataError, EfftuneError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
 from ..eval.multiple_choice import multiple_choice_accuracy, score_rows
-from ..io import CONFIG_FILE, WEIGHTS_FILE, base_model_name, read_adapter_config, save_adapter
+from ..io import (CONFIG_FILE, WEIGHTS_FILE, base_model_name, read_adapter_config, save_adapter,
+                  write_text_atomically)
 from ..methods.lora import (LoraConfig, add_lora, delete_adapter, lora_layers, mixed_adapter_batch,
                             set_active_adapters, set_trainable_adapters)
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -140,9 +140,7 @@ def write_index(output_dir: Path, build: dict) -> dict:
             {"path": sub.name, "external": True, "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha")}
     index = {"format": "efftune-lora-library", "version": 1, **build, "modules": modules,
              "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = output_dir / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, output_dir / INDEX_FILE)
+    write_text_atomically(output_dir / INDEX_FILE, json.dumps(index, indent=2))
     return index
 
 

@@ -7,7 +7,6 @@ interrupted run always leaves the previous checkpoint intact and loadable.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..io import replace_dir_atomically
+from ..io import replace_dir_atomically, write_text_atomically
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "extra.safetensors", "state.json")
 
@@ -62,10 +61,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
     replace_dir_atomically(directory, write)
-    pointer = directory.parent / "latest"
-    pointer_tmp = directory.parent / "latest.tmp"
-    pointer_tmp.write_text(directory.name)
-    os.replace(pointer_tmp, pointer)
+    write_text_atomically(directory.parent / "latest", directory.name)
     return directory
 
 
