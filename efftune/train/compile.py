@@ -19,19 +19,21 @@ from torch import nn
 from ..errors import ConfigError
 
 
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks, found by the class names transformers lists in `_no_split_modules`."""
+def decoder_blocks(model: nn.Module, option: str | None = None) -> list[nn.Module]:
+    """The repeated blocks, found by the class names transformers lists in `_no_split_modules`.
+    With `option` (the config key that needs them), finding none is a ConfigError naming it."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(inner, "_no_split_modules", None) or ())
-    return [m for m in inner.modules() if type(m).__name__ in names]
+    blocks = [m for m in inner.modules() if type(m).__name__ in names]
+    if option and not blocks:
+        raise ConfigError(f"{option}: found no decoder blocks in {type(model).__name__} "
+                          "(it lists none in _no_split_modules)")
+    return blocks
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """Compile every decoder block in place (`nn.Module.compile`); returns how many."""
-    blocks = decoder_blocks(model)
-    if not blocks:
-        raise ConfigError(f"train.compile: found no decoder blocks in {type(model).__name__} "
-                          "(it lists none in _no_split_modules)")
+    blocks = decoder_blocks(model, "train.compile")
     for module in model.modules():  # caches a compiled graph must not check (LoRA-FA's correction)
         if hasattr(module, "before_compile"):
             module.before_compile()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..methods.attach import replace_module
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -118,29 +119,22 @@ class Fp8Base:
 
     def __init__(self, model: nn.Module):
         from .compile import decoder_blocks
-        blocks = decoder_blocks(model)
-        if not blocks:
-            raise ConfigError(f"train.fp8_base: found no decoder blocks in {type(model).__name__} "
-                              "(it lists none in _no_split_modules)")
-        self.swapped: list[tuple[nn.Module, str, nn.Linear, torch.device]] = []
-        for block in blocks:
-            targets = [(name, m) for name, m in block.named_modules() if name and fp8_eligible(m)]
-            for name, linear in targets:
-                if not self.swapped:
-                    check_fp8_device(linear.weight.device)
-                parent_name, _, child = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                device = linear.weight.device
-                setattr(parent, child, Fp8Linear(linear))
-                linear.to("cpu")  # the exact weights wait here; the FP8 copy is half their size
-                self.swapped.append((parent, child, linear, device))
-        if not self.swapped:
+        targets = [(block, name, m) for block in decoder_blocks(model, "train.fp8_base")
+                   for name, m in block.named_modules() if name and fp8_eligible(m)]
+        if not targets:
             raise ConfigError("train.fp8_base: no frozen linear layer in the decoder blocks can run in "
                               "FP8 (plain nn.Linear, frozen, sizes multiples of 16)")
+        check_fp8_device(targets[0][2].weight.device)
+        self.swapped: list[tuple[nn.Module, str, nn.Linear, torch.device]] = []
+        for block, name, linear in targets:
+            device = linear.weight.device
+            replace_module(block, name, Fp8Linear(linear))
+            linear.to("cpu")  # the exact weights wait here; the FP8 copy is half their size
+            self.swapped.append((block, name, linear, device))
 
     def restore(self) -> None:
-        for parent, child, linear, device in reversed(self.swapped):
-            setattr(parent, child, linear.to(device))
+        for block, name, linear, device in reversed(self.swapped):
+            replace_module(block, name, linear.to(device))
         self.swapped = []
 
     def __enter__(self) -> "Fp8Base":
