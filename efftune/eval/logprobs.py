@@ -67,9 +67,7 @@ class ChunkedTargetLogprob(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         for i in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[i:i + ctx.chunk]
-            # d/dlogits of (logit[target] - logsumexp) = onehot(target) - softmax
-            dlogits = -torch.softmax((h @ w.T).to(acc), dim=-1)
-            dlogits[torch.arange(h.shape[0], device=h.device), targets[i:i + ctx.chunk]] += 1
+            _, dlogits = _chunk_logprob_and_grad(h @ w.T, targets[i:i + ctx.chunk], acc)
             dlogits *= grad_out[i:i + ctx.chunk, None].to(acc)
             if grad_hidden is not None:
                 grad_hidden[i:i + ctx.chunk] = (dlogits.to(h.dtype) @ w).to(hidden.dtype)
@@ -88,22 +86,25 @@ def _chunk_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _chunk_logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor,
                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log_softmax(logits)[n, targets[n]] in fp32, d/dlogits of it = onehot − softmax, rounded to
-    `dtype`), written without in-place updates so that Inductor fuses it into one or two passes."""
+    """(log_softmax(logits)[n, targets[n]] in fp32 at least, d/dlogits of it = onehot − softmax
+    rounded to `dtype`). `logits` must be a temporary: the softmax is formed in its place when it
+    is already fp32 (no second chunk-sized array)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = logits.logsumexp(-1, keepdim=True)
-    onehot = torch.arange(logits.shape[-1], device=logits.device)[None, :] == targets[:, None]
-    logprob = logits.gather(1, targets[:, None])[:, 0] - lse[:, 0]
-    return logprob, (onehot.to(logits.dtype) - torch.exp(logits - lse)).to(dtype)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    logprob = logits[rows, targets] - lse[:, 0]
+    dlogits = logits.sub_(lse).exp_().neg_()  # −softmax
+    dlogits[rows, targets] += 1
+    return logprob, dlogits.to(dtype)
 
 
 _FUSED: dict[str, object] = {}
 
 
 def _fused(name: str):
-    """The per-chunk softmax work compiled (once, shape-dynamic): one or two passes over the chunk's
-    logits instead of a cast, a log-sum-exp, an exponential, an index update and a cast, each over
-    the whole (chunk × vocabulary) fp32 array. Used when the model's blocks are compiled
+    """The per-chunk softmax work compiled (once, shape-dynamic): a few fused passes over the chunk's
+    logits instead of a cast, a log-sum-exp, a subtraction, an exponential, a negation, an index
+    update and a cast, each over the whole (chunk × vocabulary) fp32 array. Used when the model's blocks are compiled
     (`efftune.train.compile.compile_blocks` sets `FUSED_HEAD`)."""
     if name not in _FUSED:
         fn = _chunk_logprob if name == "logprob" else _chunk_logprob_and_grad
