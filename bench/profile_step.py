@@ -17,8 +17,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from throughput import SHAPES, attach, build_model, loss_fn, make_optimizer  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.throughput import SHAPES, attach, build_model, loss_fn, make_optimizer  # noqa: E402
 
 CLASSES = [  # first match wins; patterns are on CUDA kernel names
     ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
