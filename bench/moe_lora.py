@@ -9,7 +9,7 @@ LoRA is r=16, alpha=32, dropout 0 everywhere. Cases:
                 forward (ParamWrapper); experts run transformers' own path; loss = model(labels).loss
   peft-attn     peft LoRA on the attention linears only (experts frozen, transformers' path)
   efftune       ExpertLora on gate_up_proj + down_proj (grouped per-expert LoRA, efftune's expert
-                path) + efftune LoRA on the attention linears; loss through efftune's labelled_logprobs
+                path) + efftune LoRA on the attention linears; loss through efftune's chunked target_logprobs
   efftune-base  efftune's expert path without expert LoRA (use_grouped_experts) + attention LoRA
   efftune-compile  `efftune` with each decoder block compiled (efftune.train.compile, train.compile)
 

@@ -5,7 +5,7 @@ dropout 0 to every linear layer but lm_head, and times full training steps (forw
 autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Cases:
 
   peft            peft.get_peft_model, loss = model(input_ids=ids, labels=ids).loss
-  efftune         efftune.add_lora, loss through efftune.eval.logprobs.labelled_logprobs
+  efftune         efftune.add_lora, loss through efftune.eval.logprobs.target_logprobs (chunked LM head)
   efftune-plain   efftune.add_lora, loss = model(input_ids=ids, labels=ids).loss
   efftune-fa      efftune.add_lora_fa (A frozen, cached gradient correction), loss as `efftune`
   efftune-fa-nocorr  the same with LoraFAConfig(correction=False)
@@ -19,6 +19,8 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-fa-compile    `efftune-fa` with every decoder block compiled
   efftune-fp8     `efftune` with the frozen base linears in FP8 (efftune.train.fp8, train.fp8_base)
   efftune-compile-fp8   both
+  efftune-compile-cg    `efftune-compile` replayed as CUDA graphs (TrainConfig(compile=True,
+                        cuda_graphs=True)); efftune-compile-fp8-cg: with FP8 too
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
@@ -55,9 +57,10 @@ SHAPES: dict[str, dict] = {
 }
 CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
-         "efftune-compile-fp8")
+         "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg")
 LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
-                 "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8")
+                 "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8",
+                 "efftune-compile-cg", "efftune-compile-fp8-cg")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 
@@ -87,14 +90,14 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     else:
         from efftune.methods.lora import LoraConfig, add_lora
         add_lora(model, LoraConfig(r=16, alpha=32))
-    if case.endswith("-fp8"):  # before compiling, as train() does
+    if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
     if case.endswith("-ckpt"):  # what TrainConfig(activation_checkpointing=True) switches on
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if "-compile" in case:
         from efftune.train.compile import compile_blocks
-        compile_blocks(model)
+        compile_blocks(model, cuda_graphs=case.endswith("-cg"))
     return model
 
 
@@ -107,10 +110,13 @@ def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:
 
 def loss_fn(model: torch.nn.Module, case: str, ids: torch.Tensor) -> torch.Tensor:
     if case in LOGPROBS_LOSS:
-        from efftune.eval.logprobs import labelled_logprobs
-        labels = ids.clone()
-        labels[:, 0] = -100  # label at t is predicted from t-1: position 0 has no predictor
-        return -labelled_logprobs(model, ids, labels).mean()
+        from efftune.eval.logprobs import target_logprobs
+        # every token but the first is a target, predicted from the one before; the index tensors
+        # are built without a host sync, as train() builds them on the host
+        b, n = ids.shape
+        rows = torch.arange(b, device=ids.device).repeat_interleave(n - 1)
+        cols = torch.arange(1, n, device=ids.device).repeat(b)
+        return -target_logprobs(model, ids, rows, cols - 1, ids[rows, cols]).mean()
     return model(input_ids=ids, labels=ids).loss
 
 

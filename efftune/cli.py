@@ -45,6 +45,9 @@ TRAIN_FLAGS = {
     "compile": ("train", "compile", bool, "torch.compile each decoder block (faster on GPU, less memory)"),
     "compile-memory-budget": ("train", "compile_memory_budget", float,
                               "with --compile: fraction (0, 1] of activations to keep; the rest is recomputed"),
+    "cuda-graphs": ("train", "cuda_graphs", bool,
+                    "with --compile: replay each block as CUDA graphs, rows padded to --max-length (GPU; "
+                    "pays where the CPU cannot keep up)"),
     "fp8-base": ("train", "fp8_base", bool, "run the frozen base linears in FP8 while training (H100/Ada GPUs)"),
     "eval-every": ("train", "eval_every", int, "evaluate every N steps (0: before and after only)"),
     "save-every": ("train", "save_every", int, "checkpoint every N steps"),

@@ -88,13 +88,17 @@ class Batch:
         return int(self.input_ids.numel())
 
 
-def collate(rows: Sequence[Row], pad_id: int, attention: str = "sdpa") -> Batch:
-    """Stack rows (padding each to the longest); build the tree attention mask.
+def collate(rows: Sequence[Row], pad_id: int, attention: str = "sdpa", length: int | None = None) -> Batch:
+    """Stack rows (padding each to the longest, or to `length`); build the tree attention mask.
 
     `attention`: the model's attention implementation. sdpa takes a boolean mask (True = may
     attend); eager adds a float mask to the scores, so it gets 0 / -inf-like values.
     """
     L = max(len(r) for r in rows)
+    if length is not None:
+        if length < L:
+            raise ValueError(f"collate: a row has {L} tokens, more than length={length}")
+        L = length
     n = len(rows)
     ids = torch.full((n, L), pad_id, dtype=torch.long)
     pos = torch.zeros((n, L), dtype=torch.long)

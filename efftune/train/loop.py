@@ -49,6 +49,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
     compile: bool = False           # torch.compile each decoder block (efftune.train.compile)
     compile_memory_budget: float | None = None  # with compile: keep ~this fraction of activations
+    cuda_graphs: bool = False       # with compile: replay the blocks as CUDA graphs (rows padded to max_length)
     fp8_base: bool = False          # frozen base linears in FP8 while training (efftune.train.fp8)
     eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.cuda_graphs and not self.compile:
+            raise ConfigError("train.cuda_graphs needs train.compile: true")
         if self.compile_memory_budget is not None:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
@@ -190,7 +193,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     if config.compile:
-        compile_blocks(model)
+        compile_blocks(model, cuda_graphs=config.cuda_graphs)
     optimizer = make_optimizer(params, config, device)
     lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
 
@@ -241,7 +244,9 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
         total, aux_log = 0.0, {}
         for m0 in range(0, len(batch), micro):
             part = batch[m0:m0 + micro]
-            inputs = collate(training_rows(part, config.max_length), pad_id, attention).to(device)
+            # CUDA graphs are recorded per input shape: fixed-length rows keep it to one per row count
+            inputs = collate(training_rows(part, config.max_length), pad_id, attention,
+                             length=config.max_length if config.cuda_graphs else None).to(device)
             with autocast_for(config.precision, device), memory_budget(config.compile_memory_budget):
                 logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
                                        inputs.position_ids, inputs.mask)

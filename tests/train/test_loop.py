@@ -141,8 +141,37 @@ def test_compiled_blocks_give_the_same_training(tokenizer, tmp_path):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
 
+def test_cuda_graph_training_pads_rows_to_max_length_and_trains_like_eager(tokenizer, tmp_path, monkeypatch):
+    # on CPU Inductor skips the graphs but the rest runs as on a GPU: the fixed-length rows, the
+    # "reduce-overhead" compile and the per-forward step marker
+    import efftune.train.loop as loop
+    from efftune.data.layout import collate as real_collate
+    lengths = []
+
+    def spy(rows, pad_id, attention="sdpa", length=None):
+        batch = real_collate(rows, pad_id, attention, length)
+        lengths.append(batch.input_ids.shape[1])
+        return batch
+
+    monkeypatch.setattr(loop, "collate", spy)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    seqs = data(tokenizer)
+    a, b = lora_model(), lora_model()
+    train(a, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1, max_length=64), tmp_path / "a", pad_id=1)
+    assert all(n < 64 for n in lengths)
+    lengths.clear()
+    train(b, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1, max_length=64, compile=True,
+                               cuda_graphs=True), tmp_path / "b", pad_id=1)
+    assert lengths == [64, 64] and len(marks) >= 2
+    for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
 def test_compile_memory_budget_is_checked():
     from efftune.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.cuda_graphs needs train.compile"):
+        TrainConfig(cuda_graphs=True)
     with pytest.raises(ConfigError, match="train.compile_memory_budget needs train.compile"):
         TrainConfig(compile_memory_budget=0.5)
     with pytest.raises(ConfigError, match=r"in \(0, 1\]"):
