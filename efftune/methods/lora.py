@@ -74,18 +74,6 @@ class LoraAdapter(nn.Module):
         # scale the rank-r intermediate, not the (tokens × out) result: r/out of the work
         return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`y + self(x)` with the add inside the B matmul (`addmm`, cuBLAS's beta = 1 epilogue): the
-        (tokens × out) update is never written out and read back, and is rounded once, not twice.
-        Needs one dtype for y and the update (autocast, or everything fp32); else a plain add."""
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not autocast and y.dtype != self.lora_A.dtype:
-            return y + self(x).to(y.dtype)
-        if x.dtype != self.lora_A.dtype and not autocast:
-            x = x.to(self.lora_A.dtype)
-        t = F.linear(self.dropout(x), self.lora_A) * self.scaling
-        return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, self.r), self.lora_B.T).view(y.shape)
-
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A, self.lora_B, self.scaling)
 
@@ -150,11 +138,8 @@ class LoraLayer(nn.Module):
             return self._mixed_forward(x, y)
         for name in self.active:
             if name not in self.merged:
-                y = self.add_delta(self.adapters[name], x, y)
+                y = y + self.lora_delta(self.adapters[name], x).to(y.dtype)
         return y
-
-    def add_delta(self, adapter: LoraAdapter, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + self.lora_delta(adapter, x).to(y.dtype)
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -215,11 +200,6 @@ class LoraLinear(LoraLayer):
 
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.fan_in_fan_out else delta
-
-    def add_delta(self, adapter: LoraAdapter, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if type(adapter) is LoraAdapter:  # variants (LoRA-FA) bring their own forward
-            return adapter.add_to(y, x)
-        return super().add_delta(adapter, x, y)
 
 
 class LoraEmbedding(LoraLayer):
