@@ -131,10 +131,13 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     return frozen, trainable
 
 
-def train_step(compute_loss, opt: torch.optim.Optimizer, device: torch.device):
+def train_step(compute_loss, opt: torch.optim.Optimizer, device: torch.device, cuda_graphs: bool = False):
     """One training step as every benchmark times it: loss under bf16 autocast, backward,
-    optimizer step, zero_grad; returns the detached loss."""
+    optimizer step, zero_grad; returns the detached loss. `cuda_graphs`: mark the step's start for
+    the graphs' memory (as train() does with train.cuda_graphs)."""
     def step() -> torch.Tensor:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = compute_loss()
         loss.backward()
@@ -167,7 +170,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step = train_step(lambda: loss_fn(model, case, ids), opt, device)
+    step = train_step(lambda: loss_fn(model, case, ids), opt, device, cuda_graphs=case.endswith("-cg"))
     from efftune.train.compile import memory_budget
     with memory_budget(MEMORY_BUDGET if "-compile" in case else None):  # compiles in warm-up
         step_s, loss = timed_steps(step, steps, warmup, device)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -38,21 +37,28 @@ def compile_blocks(model: nn.Module, cuda_graphs: bool = False) -> int:
     `cuda_graphs`: Inductor's "reduce-overhead" mode, which replays each block's compiled forward
     and backward as CUDA graphs, so the CPU no longer launches every kernel one by one. It pays
     where the CPU cannot keep up with the GPU (small models, short steps) and needs fixed input
-    shapes: each new sequence length records (and keeps) new graphs. A forward pre-hook on the
-    model's body marks each forward as a new step for the graphs' memory pool."""
+    shapes: each new shape records (and keeps) new graphs. The caller marks where each training
+    step begins (`torch.compiler.cudagraph_mark_step_begin()`): outputs of the step before,
+    gradients included, may be overwritten from there on, and not before."""
     blocks = decoder_blocks(model, "train.compile")
     for module in model.modules():  # caches a compiled graph must not check (LoRA-FA's correction)
         if hasattr(module, "before_compile"):
             module.before_compile()
     for block in blocks:
         block.compile(mode="reduce-overhead" if cuda_graphs else None)
-    if cuda_graphs:  # on the body, which both the model's forward and the chunked loss call
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        body = getattr(inner, getattr(inner, "base_model_prefix", ""), None) or inner
-        body.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
     from ..eval.logprobs import FUSED_HEAD
     setattr(model, FUSED_HEAD, True)  # the chunked LM-head loss compiles its softmax work too
     return len(blocks)
+
+
+def uncompile_blocks(model: nn.Module) -> None:
+    """Undo `compile_blocks`: the blocks run eagerly again. (`nn.Module.compile` keeps its compiled
+    callable in `_compiled_call_impl` and offers no public way back.)"""
+    for block in decoder_blocks(model):
+        block._compiled_call_impl = None
+    from ..eval.logprobs import FUSED_HEAD
+    if hasattr(model, FUSED_HEAD):
+        delattr(model, FUSED_HEAD)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,7 +28,7 @@ from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
-from .compile import compile_blocks, memory_budget
+from .compile import compile_blocks, memory_budget, uncompile_blocks
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .plot import plot_metrics, plot_routing
 from .schedule import warmup_cosine
@@ -165,16 +165,19 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     its dicts are logged and returned in `TrainResult.evals`. `hooks` changes the schedule and
     acts after each step (e.g. `efftune.train.relora.ReLoraHooks`). With `config.fp8_base` the
     frozen base linears run in FP8 for the whole run (evaluations inside it included) and the
-    exact model is back when `train` returns or raises.
+    exact model is back when `train` returns or raises. With `config.cuda_graphs` evaluations
+    inside the run are eager, and the blocks are eager again when `train` returns or raises.
     """
     hooks = hooks or TrainHooks()
-    if not config.fp8_base:
-        return _train(model, sequences, config, output_dir, pad_id, resume, evaluate, hooks)
-    if not hooks.keeps_base_weights:
-        raise ConfigError(f"train.fp8_base cannot run with {type(hooks).__name__}: it changes the base weights, "
-                          "which are kept in FP8 during training")
-    from .fp8 import Fp8Base
-    with Fp8Base(model):
+    with ExitStack() as scope:
+        if config.fp8_base:
+            if not hooks.keeps_base_weights:
+                raise ConfigError(f"train.fp8_base cannot run with {type(hooks).__name__}: it changes the base "
+                                  "weights, which are kept in FP8 during training")
+            from .fp8 import Fp8Base
+            scope.enter_context(Fp8Base(model))
+        if config.cuda_graphs:  # graphs recorded for the training shapes would re-record for every later one
+            scope.callback(uncompile_blocks, model)
         return _train(model, sequences, config, output_dir, pad_id, resume, evaluate, hooks)
 
 
@@ -220,7 +223,9 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
     evals = [{k: v for k, v in r.items() if k != "eval"} for r in rows_log if r.get("eval")]
 
     def run_eval(step: int) -> None:
-        result = {"step": step, **evaluate(model)}
+        # CUDA graphs: evaluation shapes vary, and each new shape would record graphs of its own
+        with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext():
+            result = {"step": step, **evaluate(model)}
         evals.append(result)
         log({"eval": True, **result})
         model.train()
@@ -236,6 +241,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
     bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     for step in range(start_step, config.steps):
         t0 = time.perf_counter()
+        if config.cuda_graphs:  # the last step's graph outputs (its gradients too) are dead from here
+            torch.compiler.cudagraph_mark_step_begin()
         batch_idx = example_order(len(sequences), config.seed, step * config.batch_size, config.batch_size)
         batch = [sequences[i] for i in batch_idx]
         n_targets = sum(sum(1 for t in s.labels if t != IGNORE) for s in batch)

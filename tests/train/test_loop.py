@@ -10,7 +10,7 @@ from efftune.methods.lora import LoraConfig, add_lora
 from efftune.train.checkpoint import latest_checkpoint
 from efftune.train.loop import TrainConfig, example_order, train
 from efftune.train.schedule import warmup_cosine
-from tests.conftest import tiny_llama
+from tests.conftest import randomize_lora, tiny_llama
 
 PROMPTS = ["Q: Is the sky blue?\nA: ", "Q: Is grass red?\nA: ", "Take 3 steps forward.\nA: ",
            "Always face forward.\nA: ", "0123456789 =\nA: ", "The quick brown fox\nA: "]
@@ -163,9 +163,36 @@ def test_cuda_graph_training_pads_rows_to_max_length_and_trains_like_eager(token
     lengths.clear()
     train(b, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1, max_length=64, compile=True,
                                cuda_graphs=True), tmp_path / "b", pad_id=1)
-    assert lengths == [64, 64] and len(marks) >= 2
+    assert lengths == [64, 64] and len(marks) == 2  # one mark per optimizer step
+    from efftune.train.compile import decoder_blocks
+    assert all(blk._compiled_call_impl is None for blk in decoder_blocks(b))  # eager again afterwards
     for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the graphs themselves)")
+def test_cuda_graphs_train_like_eager_on_gpu(tokenizer, tmp_path):
+    # float64: tree-masked rows, two micro-batches per step (their gradients accumulate across two
+    # replays of the same graphs), evaluations in between; equal to eager up to compile rounding
+    seqs = data(tokenizer)
+    runs = []
+
+    @torch.no_grad()
+    def probe(model):
+        return {"n": float(model(torch.ones(1, 5, dtype=torch.long, device="cuda")).logits.sum())}
+
+    for graphs in (False, True):
+        m = lora_model().to("cuda", torch.float64)
+        randomize_lora(m)  # B != 0, so every factor has a gradient from the first step
+        train(m, seqs, TrainConfig(steps=3, batch_size=6, micro_batch_size=3, lr=1e-2, warmup_steps=1, max_length=64,
+                                   precision="fp32", compile=graphs, cuda_graphs=graphs, eval_every=1),
+              tmp_path / str(graphs), pad_id=1, evaluate=probe)
+        rows = [json.loads(l) for l in (tmp_path / str(graphs) / "metrics.jsonl").read_text().splitlines()]
+        runs.append((trainable(m), [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r]))
+    (eager, eager_log), (graphed, graphed_log) = runs
+    assert len(graphed_log) == 3 and graphed_log == eager_log
+    for x, y in zip(eager.values(), graphed.values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)  # measured: 4e-8 (Adam at lr 1e-2 magnifies 1e-10)
 
 
 def test_compile_memory_budget_is_checked():
