@@ -8,6 +8,8 @@ matmuls (RMSNorm, RoPE, SwiGLU, the LoRA `y + delta` add) and its min-cut partit
 cheap pointwise results in backward instead of saving them, which is where most of a LoRA step's
 non-matmul time and activation memory go. Results equal eager ones up to float rounding (tested,
 ReLoRA restarts included), except that dropout draws its masks from Inductor's own random stream.
+`cuda_graphs` additionally replays the compiled blocks as CUDA graphs, for steps too short to hide
+the CPU's kernel launches (`train.cuda_graphs`).
 """
 from __future__ import annotations
 
