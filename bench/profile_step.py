@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.throughput import SHAPES, attach, build_model, loss_fn, make_optimizer  # noqa: E402
+from bench.throughput import SHAPES, attach, build_model, loss_fn, make_optimizer, train_step  # noqa: E402
 
 CLASSES = [  # first match wins; patterns are on CUDA kernel names
     ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
@@ -43,31 +43,51 @@ def main() -> None:
     ap.add_argument("--case", default="efftune")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=12, help="list this many of the slowest kernels")
+    ap.add_argument("--by-shape", action="store_true",
+                    help="also list matmul time per operand shapes, with the TFLOP/s each reached")
     args = ap.parse_args()
     device = torch.device("cuda")
     model = attach(build_model(args.shape, device), args.case)
     opt = make_optimizer(model, args.case)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (1, args.seq), device=device)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model, args.case, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    print(json.dumps({"shape": args.shape, "case": args.case, "seq": args.seq, **profile(step, args.steps)},
-                     indent=1))
+    step = train_step(lambda: loss_fn(model, args.case, ids), opt, device, cuda_graphs=args.case.endswith("-cg"))
+    from efftune.train.compile import partitioner
+    with partitioner():  # what train() compiles under
+        result = profile(step, args.steps, top_n=args.top, by_shape=args.by_shape)
+    print(json.dumps({"shape": args.shape, "case": args.case, "seq": args.seq, **result}, indent=1))
 
 
-def profile(step, steps: int, warmup: int = 3, top_n: int = 12) -> dict:
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")
+
+
+def matmul_shapes(prof, steps: int, top_n: int = 30) -> list[dict]:
+    """Device time of each matmul op per operand shapes (needs record_shapes), slowest first,
+    with the TFLOP/s it reached: which GEMMs are slow for their work, and the LoRA factors' share."""
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key not in MATMULS or not event.input_shapes:
+            continue
+        t_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        # operands: addmm's come after its bias; mm.out / bmm.out list the output last
+        a, b = event.input_shapes[1:3] if event.key == "aten::addmm" else event.input_shapes[:2]
+        if t_us <= 0 or len(a) < 2 or len(b) < 2:
+            continue
+        flops = 2 * a[-2] * a[-1] * b[-1] * (a[0] if len(a) == 3 else 1) * event.count
+        rows.append({"op": event.key, "shapes": [a, b], "calls_per_step": event.count / steps,
+                     "ms_per_step": round(t_us / 1000 / steps, 2), "tflops": round(flops / t_us / 1e6, 1)})
+    return sorted(rows, key=lambda r: -r["ms_per_step"])[:top_n]
+
+
+def profile(step, steps: int, warmup: int = 3, top_n: int = 12, by_shape: bool = False) -> dict:
     """Run `step` `warmup` times, then profile `steps` calls: CUDA kernel time per op class and
-    the `top_n` kernels, in ms per step."""
+    the `top_n` kernels, in ms per step; `by_shape`: matmul time per operand shapes too."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if by_shape else [])
+    with torch.profiler.profile(activities=activities, record_shapes=by_shape) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
@@ -76,7 +96,8 @@ def profile(step, steps: int, warmup: int = 3, top_n: int = 12) -> dict:
     top: list[tuple[float, str]] = []
     for event in prof.key_averages():
         t = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if t <= 0:
+        # kernels only: not CPU ops (by_shape records them) nor annotations spanning kernels
+        if t <= 0 or event.key.startswith("## ") or (by_shape and event.device_type != torch.autograd.DeviceType.CUDA):
             continue
         totals[op_class(event.key)] = totals.get(op_class(event.key), 0.0) + t
         top.append((t, event.key))
@@ -84,8 +105,11 @@ def profile(step, steps: int, warmup: int = 3, top_n: int = 12) -> dict:
     table = {cls: {"ms_per_step": round(us / 1000 / steps, 2), "share": round(us / all_us, 3)}
              for cls, us in sorted(totals.items(), key=lambda kv: -kv[1])}
     kernels = [{"kernel": k[:90], "ms_per_step": round(t / 1000 / steps, 2)} for t, k in sorted(top)[-top_n:][::-1]]
-    return {"gpu_ms_per_step": round(all_us / 1000 / steps, 1), "wall_ms_per_step": round(wall_ms, 1),
-            "by_class": table, "top_kernels": kernels}
+    out = {"gpu_ms_per_step": round(all_us / 1000 / steps, 1), "wall_ms_per_step": round(wall_ms, 1),
+           "by_class": table, "top_kernels": kernels}
+    if by_shape:
+        out["matmuls_by_shape"] = matmul_shapes(prof, steps)
+    return out
 
 if __name__ == "__main__":
     main()

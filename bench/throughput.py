@@ -63,6 +63,8 @@ LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "
                  "efftune-compile-cg", "efftune-compile-fp8-cg")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
+TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules
+AUTOTUNE = False  # --autotune: compiled cases benchmark GEMM kernels per shape (train.compile_autotune)
 
 
 def default_seq(shape: str) -> int:
@@ -97,7 +99,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if "-compile" in case:
         from efftune.train.compile import compile_blocks
-        compile_blocks(model, cuda_graphs=case.endswith("-cg"))
+        compile_blocks(model, cuda_graphs=case.endswith("-cg"), autotune=AUTOTUNE)
     return model
 
 
@@ -171,13 +173,16 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     step = train_step(lambda: loss_fn(model, case, ids), opt, device, cuda_graphs=case.endswith("-cg"))
-    from efftune.train.compile import memory_budget
-    with memory_budget(MEMORY_BUDGET if "-compile" in case else None):  # compiles in warm-up
+    from efftune.train.compile import partitioner
+    compiled = "-compile" in case
+    with partitioner(MEMORY_BUDGET if compiled else None, lean=not TORCH_PARTITIONER):  # compiles in warm-up
         step_s, loss = timed_steps(step, steps, warmup, device)
     cfg = SHAPES[shape]
     tokens_s = batch * seq / step_s
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
-    return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if "-compile" in case else None, seq=seq,
+    return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if compiled else None,
+                partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
+                autotune=AUTOTUNE if compiled else None, seq=seq,
                 batch=batch, steps=steps, tokens_s=round(tokens_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
@@ -204,6 +209,7 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(batch)]
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
+    cmd += ["--torch-partitioner"] * args.torch_partitioner + ["--autotune"] * args.autotune
     head = dict(shape=shape, case=case, batch=batch)
     return run_worker(cmd, head, args.case_timeout)
 
@@ -250,10 +256,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--case-timeout", type=int, default=240, help="seconds per case subprocess")
     ap.add_argument("--memory-budget", type=float, default=None,
                     help="compiled cases: activation memory budget in (0, 1] (efftune.train.compile)")
+    ap.add_argument("--torch-partitioner", action="store_true",
+                    help="compiled cases: torch's default recompute rules instead of efftune's lean ones")
+    ap.add_argument("--autotune", action="store_true",
+                    help="compiled cases: benchmark GEMM kernels per shape (efftune's train.compile_autotune)")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global MEMORY_BUDGET
-    MEMORY_BUDGET = args.memory_budget
+    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE
+    MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE = args.memory_budget, args.torch_partitioner, args.autotune
     if args.worker:  # inside the subprocess: one shape, one case
         shape = args.shape[0]
         print(json.dumps(run_case(shape, args.worker, args.steps, args.warmup,

@@ -45,6 +45,9 @@ TRAIN_FLAGS = {
     "compile": ("train", "compile", bool, "torch.compile each decoder block (faster on GPU, less memory)"),
     "compile-memory-budget": ("train", "compile_memory_budget", float,
                               "with --compile: fraction (0, 1] of activations to keep; the rest is recomputed"),
+    "compile-autotune": ("train", "compile_autotune", bool,
+                         "with --compile: benchmark GEMM kernels per shape and keep the fastest (GPU; "
+                         "minutes of compilation on the first step)"),
     "cuda-graphs": ("train", "cuda_graphs", bool,
                     "with --compile: replay each block as CUDA graphs, rows padded to --max-length (GPU; "
                     "pays where the CPU cannot keep up)"),

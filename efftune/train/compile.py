@@ -33,8 +33,12 @@ def decoder_blocks(model: nn.Module, option: str | None = None) -> list[nn.Modul
     return blocks
 
 
-def compile_blocks(model: nn.Module, cuda_graphs: bool = False) -> int:
+def compile_blocks(model: nn.Module, cuda_graphs: bool = False, autotune: bool = False) -> int:
     """Compile every decoder block in place (`nn.Module.compile`); returns how many.
+
+    `autotune`: Inductor benchmarks Triton GEMM kernels against cuBLAS for each matmul shape and
+    may fuse the neighbouring pointwise work into the chosen kernel (`max_autotune_gemm`). It
+    costs minutes of compilation on the first step (`train.compile_autotune`).
 
     `cuda_graphs`: Inductor's "reduce-overhead" mode, which replays each block's compiled forward
     and backward as CUDA graphs, so the CPU no longer launches every kernel one by one. It pays
@@ -47,7 +51,7 @@ def compile_blocks(model: nn.Module, cuda_graphs: bool = False) -> int:
         if hasattr(module, "before_compile"):
             module.before_compile()
     for block in blocks:
-        block.compile(mode="reduce-overhead" if cuda_graphs else None)
+        block.compile(options={"triton.cudagraphs": cuda_graphs, "max_autotune_gemm": autotune})
     from ..eval.logprobs import FUSED_HEAD
     setattr(model, FUSED_HEAD, True)  # the chunked LM-head loss compiles its softmax work too
     return len(blocks)
@@ -64,16 +68,22 @@ def uncompile_blocks(model: nn.Module) -> None:
 
 
 @contextmanager
-def memory_budget(budget: float | None) -> Iterator[None]:
-    """Within the context, compiled graphs are partitioned to keep about `budget` (0..1] of the
-    activations eager autograd would save, recomputing the rest in backward (torch's
-    `activation_memory_budget`; 1 = its default speed-first choice). The budget applies when a
-    block is (re)compiled, i.e. during the first forward passes. None: leave torch's setting."""
-    if budget is None:
-        yield
-        return
-    if not 0 < budget <= 1:
+def partitioner(budget: float | None = None, lean: bool = True) -> Iterator[None]:
+    """How compiled graphs split the work between forward and backward, for blocks (re)compiled
+    within the context, i.e. during the first forward passes.
+
+    `lean`: recompute pointwise results in backward even where a backward matmul reads them
+    (torch's default bans this). LoRA's `dA = dz^T x` reads each adapted linear's input, so the
+    default keeps the RMSNorm outputs and SwiGLU's `silu(gate) * up` alive from forward to
+    backward; lean recomputes them from the residual stream and from gate/up, which are kept
+    anyway: about a third less activation memory for one more pointwise pass each.
+    `budget`: keep about this fraction (0, 1] of the activations the speed-first partition keeps,
+    recomputing the rest (torch's `activation_memory_budget`); None leaves torch's setting."""
+    if budget is not None and not 0 < budget <= 1:
         raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {budget!r}")
     import torch._functorch.config as functorch_config
-    with functorch_config.patch(activation_memory_budget=budget):
+    settings = {"ban_recompute_materialized_backward": not lean}
+    if budget is not None:
+        settings["activation_memory_budget"] = budget
+    with functorch_config.patch(**settings):
         yield

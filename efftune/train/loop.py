@@ -28,7 +28,7 @@ from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
-from .compile import compile_blocks, memory_budget, uncompile_blocks
+from .compile import compile_blocks, partitioner, uncompile_blocks
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .plot import plot_metrics, plot_routing
 from .schedule import warmup_cosine
@@ -50,6 +50,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile each decoder block (efftune.train.compile)
     compile_memory_budget: float | None = None  # with compile: keep ~this fraction of activations
     cuda_graphs: bool = False       # with compile: replay the blocks as CUDA graphs (rows padded to max_length)
+    compile_autotune: bool = False  # with compile: pick each GEMM's kernel by benchmarking (slow first step)
     fp8_base: bool = False          # frozen base linears in FP8 while training (efftune.train.fp8)
     eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
@@ -67,8 +68,9 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
-        if self.cuda_graphs and not self.compile:
-            raise ConfigError("train.cuda_graphs needs train.compile: true")
+        for option in ("cuda_graphs", "compile_autotune"):
+            if getattr(self, option) and not self.compile:
+                raise ConfigError(f"train.{option} needs train.compile: true")
         if self.compile_memory_budget is not None:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
@@ -196,7 +198,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     if config.compile:
-        compile_blocks(model, cuda_graphs=config.cuda_graphs)
+        compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
     optimizer = make_optimizer(params, config, device)
     lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
 
@@ -254,7 +256,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
             # CUDA graphs are recorded per input shape: fixed-length rows keep it to one per row count
             inputs = collate(training_rows(part, config.max_length), pad_id, attention,
                              length=config.max_length if config.cuda_graphs else None).to(device)
-            with autocast_for(config.precision, device), memory_budget(config.compile_memory_budget):
+            with autocast_for(config.precision, device), partitioner(config.compile_memory_budget):
                 logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
                                        inputs.position_ids, inputs.mask)
             loss = -logp.sum() / n_targets

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from efftune.errors import ConfigError
+from efftune.methods.lora import LoraConfig, add_lora
+from efftune.train.compile import compile_blocks, partitioner
+from tests.conftest import randomize_lora, tiny_llama
+
+
+def saved_activation_bytes_and_grads(lean: bool):
+    """Bytes a compiled LoRA block keeps from forward to backward (parameters not counted, each
+    storage once), and the LoRA gradients of one forward/backward."""
+    torch._dynamo.reset()  # the other partition must not come from Dynamo's cache
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4))
+    randomize_lora(model)
+    compile_blocks(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with partitioner(lean=lean), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return sum(saved.values()), grads
+
+
+def test_lean_partition_keeps_less_for_backward_and_computes_the_same_gradients():
+    # the default keeps the RMSNorm outputs and silu(gate) * up for LoRA's dA = dz^T x; lean
+    # recomputes them from tensors kept anyway
+    lean_bytes, lean_grads = saved_activation_bytes_and_grads(lean=True)
+    torch_bytes, torch_grads = saved_activation_bytes_and_grads(lean=False)
+    assert lean_bytes < 0.9 * torch_bytes  # 0.81 here; at the 8B shape the peak falls from 34.0 to 28.4 GiB
+    assert lean_grads.keys() == torch_grads.keys() and lean_grads
+    for name, g in lean_grads.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g, torch_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_partitioner_checks_the_budget():
+    with pytest.raises(ConfigError, match="compile_memory_budget"):
+        with partitioner(budget=0.0):
+            pass
