@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=12, help="list this many of the slowest kernels")
+    ap.add_argument("--syncs", action="store_true",
+                    help="also list the host-device synchronisations of one step, with where they happen")
     ap.add_argument("--by-shape", action="store_true",
                     help="also list matmul time per operand shapes, with the TFLOP/s each reached")
     args = ap.parse_args()
@@ -55,7 +57,37 @@ def main() -> None:
     from efftune.train.compile import partitioner
     with partitioner():  # what train() compiles under
         result = profile(step, args.steps, top_n=args.top, by_shape=args.by_shape)
+        if args.syncs:
+            result["host_syncs"] = host_syncs(step)
     print(json.dumps({"shape": args.shape, "case": args.case, "seq": args.seq, **result}, indent=1))
+
+
+def host_syncs(step) -> list[dict]:
+    """Run one step with CUDA sync debugging on: each synchronising call, with the innermost
+    frames of its Python stack (a sync stalls the CPU until the GPU has drained its queue)."""
+    import traceback
+    import warnings
+    found: dict[str, dict] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f"{f.filename.split('/site-packages/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-1]]
+        key = " < ".join(frames[-4:][::-1])
+        found.setdefault(key, {"count": 0, "message": str(message)[:120], "stack": key})["count"] += 1
+
+    old = warnings.showwarning
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = old
+    return sorted(found.values(), key=lambda r: -r["count"])
 
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")
@@ -109,7 +141,26 @@ def profile(step, steps: int, warmup: int = 3, top_n: int = 12, by_shape: bool =
            "by_class": table, "top_kernels": kernels}
     if by_shape:
         out["matmuls_by_shape"] = matmul_shapes(prof, steps)
+    out["gpu_idle"] = idle_gaps(prof, steps)
     return out
+
+
+def idle_gaps(prof, steps: int, top_n: int = 12) -> dict:
+    """Where the GPU sat idle between kernels (all streams merged), per step: the total and the
+    longest gaps with the kernels either side, to find host syncs and launch-bound stretches."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## ")
+                   and e.time_range.end > e.time_range.start)
+    gaps, busy_until, last = [], None, None
+    for start, end, name in spans:
+        if busy_until is not None and start > busy_until:
+            gaps.append((start - busy_until, last, name))
+        if busy_until is None or end > busy_until:
+            busy_until, last = end, name
+    total_us = sum(g for g, _, _ in gaps)
+    longest = [{"us": round(g, 1), "after": a[:70], "before": b[:70]} for g, a, b in sorted(gaps, reverse=True)[:top_n]]
+    return {"idle_ms_per_step": round(total_us / 1000 / steps, 2), "gaps_over_50us_per_step":
+            round(sum(1 for g, _, _ in gaps if g > 50) / steps, 1), "longest": longest}
 
 if __name__ == "__main__":
     main()

@@ -71,11 +71,86 @@ class LoraAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)
-        # scale the rank-r intermediate, not the (tokens × out) result: r/out of the work
-        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)
+        return self.up_projection(F.linear(self.dropout(x), self.lora_A))
+
+    def up_projection(self, z: torch.Tensor) -> torch.Tensor:
+        """`s · B z` for `z = A x`. Scales the rank-r intermediate, not the (tokens × out)
+        result: r/out of the work."""
+        return F.linear(z * self.scaling, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+
+# Sibling projections that read the same input in transformers' decoder blocks.
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class SharedInput:
+    """LoRA layers whose base modules read one input (attention's q/k/v, the MLP's gate/up).
+
+    The first of them called computes every member's `A x` in one GEMM against the stacked A
+    factors and keeps the others' results until they are called with that same tensor. That
+    reads `x` once instead of once per projection, and in backward gives one GEMM each for
+    `dx` (already summed over the members) and for the stacked `dA`. It applies while every
+    member runs the same single plain LoRA adapter (no dropout, nothing merged, no mixed batch);
+    otherwise each layer computes its own update. A plain object, not a module: it holds no
+    parameters and never appears in a state dict."""
+
+    def __init__(self, layers: Sequence["LoraLayer"]):
+        self.layers = list(layers)
+        self.source: torch.Tensor | None = None  # the input the kept results belong to
+        self.kept: list[torch.Tensor | None] = [None] * len(self.layers)
+
+    def _adapter(self) -> str | None:
+        """The one adapter every member runs, when all can share the GEMM; else None."""
+        names = {tuple(n for n in layer.active if n not in layer.merged) for layer in self.layers}
+        if len(names) != 1 or len(name := next(iter(names))) != 1:
+            return None
+        for layer in self.layers:
+            adapter = layer.adapters[name[0]]
+            if type(adapter) is not LoraAdapter or not isinstance(adapter.dropout, nn.Identity) \
+                    or layer.batch_adapters is not None:
+                return None
+        return name[0]
+
+    def down_projection(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
+        """`A x` for member `slot` (unscaled), from the shared GEMM; None when sharing does not apply."""
+        if self.source is x and self.kept[slot] is not None:
+            z, self.kept[slot] = self.kept[slot], None
+            if all(k is None for k in self.kept):
+                self.source = None  # nothing outlives the last member's call
+            return z
+        name = self._adapter()
+        if name is None:
+            return None
+        adapters = [layer.adapters[name] for layer in self.layers]
+        a = torch.cat([adapter.lora_A for adapter in adapters])
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x_in = x.to(a.dtype)
+        else:
+            x_in = x
+        parts = list(F.linear(x_in, a).split([adapter.r for adapter in adapters], dim=-1))
+        z, parts[slot] = parts[slot], None
+        self.source, self.kept = x, parts
+        return z
+
+
+def link_shared_inputs(model: nn.Module) -> int:
+    """Group the LoRA-wrapped sibling projections that read one input (SHARED_INPUT_SIBLINGS);
+    returns how many groups."""
+    groups = 0
+    for parent in model.modules():
+        for names in SHARED_INPUT_SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            members = [m for m in members if isinstance(m, LoraLinear)]
+            if len(members) < 2 or len({m.in_features for m in members}) != 1:
+                continue
+            group = SharedInput(members)
+            for slot, layer in enumerate(members):
+                layer.shared_input, layer.shared_slot = group, slot
+            groups += 1
+    return groups
 
 
 class LoraLayer(nn.Module):
@@ -93,6 +168,8 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []
         self.batch_adapters: Sequence[str | None] | None = None
         self._row_cache: dict | None = None  # see _batch_rows
+        self.shared_input: SharedInput | None = None  # set by link_shared_inputs
+        self.shared_slot = 0
 
     # -- what differs between base module kinds ------------------------------------------
     @property
@@ -136,6 +213,11 @@ class LoraLayer(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.batch_adapters is not None:
             return self._mixed_forward(x, y)
+        if self.shared_input is not None:
+            z = self.shared_input.down_projection(self.shared_slot, x)
+            if z is not None:  # the group checked: exactly one active plain adapter, unmerged
+                adapter = self.adapters[next(n for n in self.active if n not in self.merged)]
+                return y + adapter.up_projection(z).to(y.dtype)
         for name in self.active:
             if name not in self.merged:
                 y = y + self.lora_delta(self.adapters[name], x).to(y.dtype)
@@ -271,6 +353,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
         r = (rank_of or {}).get(name, config.r)
         scaling = config.scaling(r, (alpha_of or {}).get(name))
         module.add_adapter(adapter, r, scaling, config.dropout, config.init, adapter_cls).requires_grad_(True)
+    link_shared_inputs(model)
     return names
 
 

@@ -48,3 +48,17 @@ def test_partitioner_checks_the_budget():
     with pytest.raises(ConfigError, match="compile_memory_budget"):
         with partitioner(budget=0.0):
             pass
+
+
+def test_a_lora_block_compiles_to_one_graph():
+    # the shared-input groups keep Python state between the q/k/v calls; Dynamo must trace it
+    # without breaking the block into pieces
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4))
+    assert model.model.layers[0].self_attn.q_proj.shared_input is not None
+    torch._dynamo.reset()
+    pos = torch.arange(16)[None]
+    h = torch.randn(2, 16, model.config.hidden_size, requires_grad=True)
+    explained = torch._dynamo.explain(model.model.layers[0])(
+        h, position_embeddings=model.model.rotary_emb(h, pos), attention_mask=None, position_ids=pos)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
