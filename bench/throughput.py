@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-budget", type=float, default=None,
                     help="compiled cases: activation memory budget in (0, 1] (efftune.train.compile)")
     ap.add_argument("--torch-partitioner", action="store_true",
-                    help="compiled cases: torch's default recompute rules instead of efftune's lean ones")
+                    help="compiled cases: torch's default recompute rules (train.compile_lean: false)")
     ap.add_argument("--autotune", action="store_true",
                     help="compiled cases: benchmark GEMM kernels per shape (efftune's train.compile_autotune)")
     ap.add_argument("--no-shared-input", action="store_true",

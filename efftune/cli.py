@@ -45,6 +45,9 @@ TRAIN_FLAGS = {
     "compile": ("train", "compile", bool, "torch.compile each decoder block (faster on GPU, less memory)"),
     "compile-memory-budget": ("train", "compile_memory_budget", float,
                               "with --compile: fraction (0, 1] of activations to keep; the rest is recomputed"),
+    "compile-speed-first": ("train", "compile_lean", "off",
+                            "with --compile: keep torch's own recompute rules (a few %% faster on small models, "
+                            "about a third more activation memory)"),
     "compile-autotune": ("train", "compile_autotune", bool,
                          "with --compile: benchmark GEMM kernels per shape and keep the fastest (GPU; "
                          "minutes of compilation on the first step)"),
@@ -121,7 +124,8 @@ def parser() -> argparse.ArgumentParser:
         if typ is bool:
             t.add_argument(f"--{flag}", action="store_true", default=None, help=f"{text} [{name}]")
         elif typ == "off":
-            t.add_argument(f"--{flag}", action="store_false", default=None, help=f"{text} [lora_fa.{key}]")
+            where = f"lora_fa.{key}" if section == "lora" else name
+            t.add_argument(f"--{flag}", action="store_false", default=None, help=f"{text} [{where}: false]")
         else:
             t.add_argument(f"--{flag}", type=typ, help=f"{text} [{name}]")
 

@@ -231,3 +231,16 @@ def test_hub_compose_from_a_library(capsys, model_dir, data_file, tmp_path):
     assert all(-1.5 <= w <= 1.5 for w in result["weights"])
     assert result["objective"] <= result["base_objective"]
     assert (tmp_path / "composed" / "adapter_config.json").is_file()
+
+
+def test_compile_flags(capsys, model_dir, data_file, tmp_path):
+    out_dir = tmp_path / "compiled"
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--compile",
+                         "--compile-speed-first", "--steps", 1, "--batch-size", 4, "--eval-every", 0,
+                         "--output", out_dir)
+    assert code == 0, err
+    saved = json.loads((out_dir / "config.json").read_text())["train"]
+    assert saved["compile"] is True and saved["compile_lean"] is False and saved["compile_autotune"] is False
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--compile-autotune",
+                         "--steps", 1, "--output", tmp_path / "x")
+    assert code != 0 and "train.compile_autotune needs train.compile: true" in err

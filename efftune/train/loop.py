@@ -49,6 +49,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
     compile: bool = False           # torch.compile each decoder block (efftune.train.compile)
     compile_memory_budget: float | None = None  # with compile: keep ~this fraction of activations
+    compile_lean: bool = True       # with compile: recompute pointwise inputs of backward matmuls (less memory)
     cuda_graphs: bool = False       # with compile: replay the blocks as CUDA graphs (rows padded to max_length)
     compile_autotune: bool = False  # with compile: pick each GEMM's kernel by benchmarking (slow first step)
     fp8_base: bool = False          # frozen base linears in FP8 while training (efftune.train.fp8)
@@ -256,7 +257,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
             # CUDA graphs are recorded per input shape: fixed-length rows keep it to one per row count
             inputs = collate(training_rows(part, config.max_length), pad_id, attention,
                              length=config.max_length if config.cuda_graphs else None).to(device)
-            with autocast_for(config.precision, device), partitioner(config.compile_memory_budget):
+            with autocast_for(config.precision, device), partitioner(config.compile_memory_budget, config.compile_lean):
                 logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
                                        inputs.position_ids, inputs.mask)
             loss = -logp.sum() / n_targets

@@ -195,6 +195,22 @@ def test_cuda_graphs_train_like_eager_on_gpu(tokenizer, tmp_path):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)  # measured: 4e-8 (Adam at lr 1e-2 magnifies 1e-10)
 
 
+def test_the_partition_settings_reach_the_compiled_forward(tokenizer, tmp_path, monkeypatch):
+    import efftune.train.loop as loop
+    seen = []
+    real = loop.partitioner
+
+    def spy(budget=None, lean=True):
+        seen.append((budget, lean))
+        return real(budget, lean)
+
+    monkeypatch.setattr(loop, "partitioner", spy)
+    train(lora_model(), data(tokenizer), TrainConfig(steps=1, batch_size=6, warmup_steps=1, compile=True,
+                                                     compile_lean=False, compile_memory_budget=0.8),
+          tmp_path / "a", pad_id=1)
+    assert seen and set(seen) == {(0.8, False)}
+
+
 def test_compile_memory_budget_is_checked():
     from efftune.errors import ConfigError
     with pytest.raises(ConfigError, match="train.cuda_graphs needs train.compile"):
