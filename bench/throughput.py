@@ -29,6 +29,9 @@ FLOPs/token = 4·frozen + 6·trainable + 6·layers·seq·attn_width over 989 TFL
 frozen LoRA-FA `A` (counted after the optimizer is made, as peft-fa freezes A there).
 `--batch` takes several sizes (a sweep); a case that runs out of memory reports error "OOM".
 A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch.
+Variants of the efftune cases: `--torch-partitioner` (train.compile_lean: false), `--autotune`
+(train.compile_autotune), `--no-shared-input` (q/k/v and gate/up compute their LoRA A products apart),
+`--memory-budget` (train.compile_memory_budget).
 
     PYTHONPATH=. python bench/throughput.py --shape llama3.2-1b llama3-8b
     PYTHONPATH=. python bench/throughput.py --cases efftune efftune-fa peft-fa --batch 1 2
