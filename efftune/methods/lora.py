@@ -53,6 +53,13 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> 
     return (lora_B.to(dtype) @ lora_A.to(dtype)) * scaling
 
 
+def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` as the adapter factors (of `dtype`) take it: cast, unless autocast casts for the matmul."""
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        return x.to(dtype)
+    return x
+
+
 class LoraAdapter(nn.Module):
     """One adapter's factors: `lora_A` (r, in), `lora_B` (out, r) — peft's shapes and names."""
 
@@ -69,9 +76,7 @@ class LoraAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.dtype)
-        return self.up_projection(F.linear(self.dropout(x), self.lora_A))
+        return self.up_projection(F.linear(self.dropout(adapter_input(x, self.lora_A.dtype)), self.lora_A))
 
     def up_projection(self, z: torch.Tensor) -> torch.Tensor:
         """`s · B z` for `z = A x`. Scales the rank-r intermediate, not the (tokens × out)
@@ -126,11 +131,7 @@ class SharedInput:
             return None
         adapters = [layer.adapters[name] for layer in self.layers]
         a = torch.cat([adapter.lora_A for adapter in adapters])
-        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
-            x_in = x.to(a.dtype)
-        else:
-            x_in = x
-        parts = list(F.linear(x_in, a).split([adapter.r for adapter in adapters], dim=-1))
+        parts = list(F.linear(adapter_input(x, a.dtype), a).split([adapter.r for adapter in adapters], dim=-1))
         z, parts[slot] = parts[slot], None
         self.source, self.kept = x, parts
         return z

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .lora import LoraAdapter, LoraConfig, add_lora
+from .lora import LoraAdapter, LoraConfig, adapter_input, add_lora
 
 
 @dataclass
@@ -113,8 +113,7 @@ class LoraFAAdapter(LoraAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x.requires_grad or self.lora_B.requires_grad)):
             return super().forward(x)  # inference: nothing is saved anyway
-        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.dtype)
+        x = adapter_input(x, self.lora_A.dtype)
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
         seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0
         A, B = self.lora_A, self.lora_B
