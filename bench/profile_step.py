@@ -74,19 +74,14 @@ def host_syncs(step) -> list[dict]:
         key = " < ".join(frames[-4:][::-1])
         found.setdefault(key, {"count": 0, "message": str(message)[:120], "stack": key})["count"] += 1
 
-    old = warnings.showwarning
-    warnings.showwarning = record
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    finally:
-        warnings.showwarning = old
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     return sorted(found.values(), key=lambda r: -r["count"])
 
 

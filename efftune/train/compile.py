@@ -67,6 +67,11 @@ def uncompile_blocks(model: nn.Module) -> None:
         delattr(model, FUSED_HEAD)
 
 
+def check_memory_budget(budget: float) -> None:
+    if not 0 < budget <= 1:
+        raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {budget!r}")
+
+
 @contextmanager
 def partitioner(budget: float | None = None, lean: bool = True) -> Iterator[None]:
     """How compiled graphs split the work between forward and backward, for blocks (re)compiled
@@ -79,8 +84,8 @@ def partitioner(budget: float | None = None, lean: bool = True) -> Iterator[None
     anyway: about a third less activation memory for one more pointwise pass each.
     `budget`: keep about this fraction (0, 1] of the activations the speed-first partition keeps,
     recomputing the rest (torch's `activation_memory_budget`); None leaves torch's setting."""
-    if budget is not None and not 0 < budget <= 1:
-        raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {budget!r}")
+    if budget is not None:
+        check_memory_budget(budget)
     import torch._functorch.config as functorch_config
     settings = {"ban_recompute_materialized_backward": not lean}
     if budget is not None:

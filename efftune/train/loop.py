@@ -28,7 +28,7 @@ from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
-from .compile import compile_blocks, partitioner, uncompile_blocks
+from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .plot import plot_metrics, plot_routing
 from .schedule import warmup_cosine
@@ -75,8 +75,7 @@ class TrainConfig:
         if self.compile_memory_budget is not None:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
-            if not 0 < self.compile_memory_budget <= 1:
-                raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {self.compile_memory_budget}")
+            check_memory_budget(self.compile_memory_budget)
 
 
 class TrainHooks:
@@ -257,7 +256,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
             # CUDA graphs are recorded per input shape: fixed-length rows keep it to one per row count
             inputs = collate(training_rows(part, config.max_length), pad_id, attention,
                              length=config.max_length if config.cuda_graphs else None).to(device)
-            with autocast_for(config.precision, device), partitioner(config.compile_memory_budget, config.compile_lean):
+            partition = partitioner(config.compile_memory_budget, config.compile_lean) if config.compile else nullcontext()
+            with autocast_for(config.precision, device), partition:
                 logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
                                        inputs.position_ids, inputs.mask)
             loss = -logp.sum() / n_targets
