@@ -4,6 +4,9 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
   attention  causal GQA `scaled_dot_product_attention`, forward + backward, per SDPA backend
   gemm       every base projection's forward (x @ W^T) and input-gradient (dy @ W) GEMM, plus the
              fused forms a model could use instead (q/k/v in one, gate/up in one), in bf16
+  lora-add   ways to add a rank-16 LoRA term to those GEMMs: the frozen GEMM accumulating onto the
+             LoRA product (beta = 1, what efftune's lora_linears does), the LoRA product
+             accumulating onto the frozen GEMM's output, or both apart plus an add
 Prints one JSON line per measurement with its TFLOP/s.
 
     PYTHONPATH=. python bench/kernels.py --shape llama3-8b
@@ -77,13 +80,40 @@ def gemms(cfg: dict, seq: int) -> list[dict]:
     return rows
 
 
+def lora_adds(cfg: dict, seq: int, r: int = 16) -> list[dict]:
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    rows = []
+    for name, (fan_in, fan_out) in {"q/o": (h, h), "k/v": (h, kv), "gate/up": (h, inter), "down": (inter, h)}.items():
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        x, w = torch.randn(seq, fan_in, **bf), torch.randn(fan_out, fan_in, **bf)
+        z, b = torch.randn(seq, r, **bf), torch.randn(fan_out, r, **bf)  # forward: z = A x, B
+        dy, dz, a = torch.randn(seq, fan_out, **bf), torch.randn(seq, r, **bf), torch.randn(r, fan_in, **bf)
+        ways = {
+            ("forward", "frozen GEMM onto the LoRA product"): lambda: (z @ b.T).addmm_(x, w.T),
+            ("forward", "LoRA product onto the frozen GEMM"): lambda: (x @ w.T).addmm_(z, b.T),
+            ("forward", "apart, then add"): lambda: x @ w.T + z @ b.T,
+            ("forward", "frozen GEMM alone"): lambda: x @ w.T,
+            ("input grad", "frozen GEMM onto the LoRA product"): lambda: (dz @ a).addmm_(dy, w),
+            ("input grad", "LoRA product onto the frozen GEMM"): lambda: (dy @ w).addmm_(dz, a),
+            ("input grad", "apart, then add"): lambda: dy @ w + dz @ a,
+            ("input grad", "frozen GEMM alone"): lambda: dy @ w,
+        }
+        for (direction, way), fn in ways.items():
+            rows.append(dict(kind="lora-add", projection=name, direction=direction, way=way,
+                             ms=round(cuda_time_ms(fn, iters=50), 4)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--only", choices=("attention", "gemm", "lora-add"), help="one kind of measurement")
     args = ap.parse_args()
     cfg = SHAPES[args.shape]
-    for row in attention(cfg, args.seq) + gemms(cfg, args.seq):
+    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds}
+    for row in (row for kind, run in kinds.items() if args.only in (None, kind) for row in run(cfg, args.seq)):
         print(json.dumps(dict(shape=args.shape, seq=args.seq, **row)), flush=True)
 
 

@@ -85,7 +85,7 @@ def host_syncs(step) -> list[dict]:
     return sorted(found.values(), key=lambda r: -r["count"])
 
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_scaled_mm")
 
 
 def matmul_shapes(prof, steps: int, top_n: int = 30) -> list[dict]:
@@ -96,8 +96,8 @@ def matmul_shapes(prof, steps: int, top_n: int = 30) -> list[dict]:
         if event.key not in MATMULS or not event.input_shapes:
             continue
         t_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        # operands: addmm's come after its bias; mm.out / bmm.out list the output last
-        a, b = event.input_shapes[1:3] if event.key == "aten::addmm" else event.input_shapes[:2]
+        # operands: addmm(_)'s come after its bias (its self); mm.out / bmm.out list the output last
+        a, b = event.input_shapes[1:3] if event.key.startswith("aten::addmm") else event.input_shapes[:2]
         if t_us <= 0 or len(a) < 2 or len(b) < 2:
             continue
         flops = 2 * a[-2] * a[-1] * b[-1] * (a[0] if len(a) == 3 else 1) * event.count

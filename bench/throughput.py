@@ -30,8 +30,8 @@ frozen LoRA-FA `A` (counted after the optimizer is made, as peft-fa freezes A th
 `--batch` takes several sizes (a sweep); a case that runs out of memory reports error "OOM".
 A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch.
 Variants of the efftune cases: `--torch-partitioner` (train.compile_lean: false), `--autotune`
-(train.compile_autotune), `--no-shared-input` (q/k/v and gate/up compute their LoRA A products apart),
-`--memory-budget` (train.compile_memory_budget).
+(train.compile_autotune), `--unfused` (each LoRA layer runs its base linear and its two LoRA GEMMs
+apart, without the `lora_linears` op), `--memory-budget` (train.compile_memory_budget).
 
     PYTHONPATH=. python bench/throughput.py --shape llama3.2-1b llama3-8b
     PYTHONPATH=. python bench/throughput.py --cases efftune efftune-fa peft-fa --batch 1 2
@@ -67,7 +67,7 @@ LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules
-NO_SHARED_INPUT = False  # --no-shared-input: efftune LoRA computes q/k/v's and gate/up's A products apart
+UNFUSED = False  # --unfused: efftune LoRA layers compute apart, without the fused lora_linears op
 AUTOTUNE = False  # --autotune: compiled cases benchmark GEMM kernels per shape (train.compile_autotune)
 
 
@@ -96,10 +96,10 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     else:
         from efftune.methods.lora import LoraConfig, add_lora
         add_lora(model, LoraConfig(r=16, alpha=32))
-        if NO_SHARED_INPUT:
+        if UNFUSED:
             from efftune.methods.lora import lora_layers
             for _, layer in lora_layers(model):
-                layer.shared_input = None
+                layer.fused = None
     if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
@@ -190,7 +190,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
     return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if compiled else None,
                 partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
-                autotune=AUTOTUNE if compiled else None, shared_input=not NO_SHARED_INPUT, seq=seq,
+                autotune=AUTOTUNE if compiled else None, fused=not UNFUSED, seq=seq,
                 batch=batch, steps=steps, tokens_s=round(tokens_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
@@ -218,7 +218,7 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
     cmd += (["--torch-partitioner"] * args.torch_partitioner + ["--autotune"] * args.autotune
-            + ["--no-shared-input"] * args.no_shared_input)
+            + ["--unfused"] * args.unfused)
     head = dict(shape=shape, case=case, batch=batch)
     return run_worker(cmd, head, args.case_timeout)
 
@@ -269,13 +269,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="compiled cases: torch's default recompute rules (train.compile_lean: false)")
     ap.add_argument("--autotune", action="store_true",
                     help="compiled cases: benchmark GEMM kernels per shape (efftune's train.compile_autotune)")
-    ap.add_argument("--no-shared-input", action="store_true",
-                    help="efftune LoRA: one A GEMM per projection, not one per shared input (q/k/v, gate/up)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="efftune LoRA: base linear and LoRA GEMMs apart in each layer (no lora_linears op)")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, NO_SHARED_INPUT
+    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, UNFUSED
     MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE = args.memory_budget, args.torch_partitioner, args.autotune
-    NO_SHARED_INPUT = args.no_shared_input
+    UNFUSED = args.unfused
     if args.worker:  # inside the subprocess: one shape, one case
         shape = args.shape[0]
         print(json.dumps(run_case(shape, args.worker, args.steps, args.warmup,

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError, EfftuneError
 from .attach import _conv1d_class, find_targets, freeze_base, master_dtype, replace_module, wrappers
+from .lora_ops import fused_lora_linears
 
 INITS = ("kaiming", "gaussian")
 
@@ -91,67 +92,86 @@ class LoraAdapter(nn.Module):
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-class SharedInput:
-    """LoRA layers whose base modules read one input (attention's q/k/v, the MLP's gate/up).
+class FusedLinears:
+    """LoRA linears computed by one `lora_linears` op (see `lora_ops`): a group of siblings that
+    read one input (attention's q/k/v, the MLP's gate/up), or a single layer.
 
-    The first of them called computes every member's `A x` in one GEMM against the stacked A
-    factors and keeps the others' results until they are called with that same tensor. That
-    reads `x` once instead of once per projection, and in backward gives one GEMM each for
-    `dx` (already summed over the members) and for the stacked `dA`. It applies while every
-    member runs the same single plain LoRA adapter (no dropout, nothing merged, no mixed batch);
-    otherwise each layer computes its own update. A plain object, not a module: it holds no
-    parameters and never appears in a state dict."""
+    The first member called computes every member's output — frozen GEMM and LoRA update in one
+    pass, the A factors stacked into one GEMM — and keeps the others' outputs until they are called
+    with that same tensor. It applies while every member runs the same single plain LoRA adapter
+    (no dropout, nothing merged, no mixed batch) on a plain frozen nn.Linear without hooks, in one
+    compute dtype (autocast's, or everything in x's); otherwise each layer computes its own output
+    as usual. A plain object, not a module: it holds no parameters and never appears in a state dict."""
 
     def __init__(self, layers: Sequence["LoraLayer"]):
         self.layers = list(layers)
-        self.source: torch.Tensor | None = None  # the input the kept results belong to
+        self.source: torch.Tensor | None = None  # the input the kept outputs belong to
         self.kept: list[torch.Tensor | None] = [None] * len(self.layers)
 
     def _adapter(self) -> str | None:
-        """The one adapter every member runs, when all can share the GEMM; else None."""
+        """The one adapter every member runs, when the op applies; else None."""
         names = {tuple(n for n in layer.active if n not in layer.merged) for layer in self.layers}
         if len(names) != 1 or len(name := next(iter(names))) != 1:
             return None
         for layer in self.layers:
-            adapter = layer.adapters[name[0]]
+            adapter, base = layer.adapters[name[0]], layer.base_layer
             if type(adapter) is not LoraAdapter or not isinstance(adapter.dropout, nn.Identity) \
-                    or layer.batch_adapters is not None:
+                    or layer.batch_adapters is not None or type(base) is not nn.Linear \
+                    or base._forward_hooks or base._forward_pre_hooks or base.weight.requires_grad \
+                    or (base.bias is not None and base.bias.requires_grad):
                 return None
         return name[0]
 
-    def down_projection(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
-        """`A x` for member `slot` (unscaled), from the shared GEMM; None when sharing does not apply."""
+    def _compute_dtype(self, x: torch.Tensor, adapters: Sequence[LoraAdapter]) -> torch.dtype | None:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        tensors = [layer.base_layer.weight for layer in self.layers] + [a.lora_A for a in adapters]
+        return x.dtype if all(t.dtype == x.dtype for t in tensors) else None
+
+    def output(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member `slot`'s output for input x; None when the op does not apply."""
         if self.source is x and self.kept[slot] is not None:
-            z, self.kept[slot] = self.kept[slot], None
+            y, self.kept[slot] = self.kept[slot], None
             if all(k is None for k in self.kept):
                 self.source = None  # nothing outlives the last member's call
-            return z
+            return y
         name = self._adapter()
         if name is None:
             return None
         adapters = [layer.adapters[name] for layer in self.layers]
-        a = torch.cat([adapter.lora_A for adapter in adapters])
-        parts = list(F.linear(adapter_input(x, a.dtype), a).split([adapter.r for adapter in adapters], dim=-1))
-        z, parts[slot] = parts[slot], None
-        self.source, self.kept = x, parts
-        return z
+        dtype = self._compute_dtype(x, adapters)
+        if dtype is None:
+            return None
+        bases = [layer.base_layer for layer in self.layers]
+        ys = fused_lora_linears(
+            x.to(dtype), [b.weight.to(dtype) for b in bases],
+            [None if b.bias is None else b.bias.to(dtype) for b in bases],
+            torch.cat([adapter.lora_A * adapter.scaling for adapter in adapters]).to(dtype),
+            [adapter.lora_B.to(dtype) for adapter in adapters])
+        y, ys[slot] = ys[slot], None
+        if len(ys) > 1:
+            self.source, self.kept = x, ys
+        return y
 
 
-def link_shared_inputs(model: nn.Module) -> int:
-    """Group the LoRA-wrapped sibling projections that read one input (SHARED_INPUT_SIBLINGS);
-    returns how many groups."""
-    groups = 0
+def link_fused_linears(model: nn.Module) -> int:
+    """Give every LoRA-wrapped nn.Linear its `FusedLinears` group: the siblings of
+    SHARED_INPUT_SIBLINGS together, any other layer alone. Returns how many groups."""
+    groups: list[list[LoraLinear]] = []
+    grouped: set[int] = set()
     for parent in model.modules():
         for names in SHARED_INPUT_SIBLINGS:
             members = [getattr(parent, n, None) for n in names]
             members = [m for m in members if isinstance(m, LoraLinear)]
-            if len(members) < 2 or len({m.in_features for m in members}) != 1:
-                continue
-            group = SharedInput(members)
-            for slot, layer in enumerate(members):
-                layer.shared_input, layer.shared_slot = group, slot
-            groups += 1
-    return groups
+            if len(members) >= 2 and len({m.in_features for m in members}) == 1:
+                groups.append(members)
+                grouped.update(id(m) for m in members)
+    groups += [[m] for _, m in lora_layers(model) if isinstance(m, LoraLinear) and id(m) not in grouped]
+    for members in groups:
+        group = FusedLinears(members)
+        for slot, layer in enumerate(members):
+            layer.fused, layer.fused_slot = group, slot
+    return len(groups)
 
 
 class LoraLayer(nn.Module):
@@ -169,8 +189,8 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []
         self.batch_adapters: Sequence[str | None] | None = None
         self._row_cache: dict | None = None  # see _batch_rows
-        self.shared_input: SharedInput | None = None  # set by link_shared_inputs
-        self.shared_slot = 0
+        self.fused: FusedLinears | None = None  # set by link_fused_linears
+        self.fused_slot = 0
 
     # -- what differs between base module kinds ------------------------------------------
     @property
@@ -211,14 +231,13 @@ class LoraLayer(nn.Module):
             self.active.remove(name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.fused is not None and not args and not kwargs:
+            y = self.fused.output(self.fused_slot, x)
+            if y is not None:
+                return y
         y = self.base_layer(x, *args, **kwargs)
         if self.batch_adapters is not None:
             return self._mixed_forward(x, y)
-        if self.shared_input is not None:
-            z = self.shared_input.down_projection(self.shared_slot, x)
-            if z is not None:  # the group checked: exactly one active plain adapter, unmerged
-                adapter = self.adapters[next(n for n in self.active if n not in self.merged)]
-                return y + adapter.up_projection(z).to(y.dtype)
         for name in self.active:
             if name not in self.merged:
                 y = y + self.lora_delta(self.adapters[name], x).to(y.dtype)
@@ -354,7 +373,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
         r = (rank_of or {}).get(name, config.r)
         scaling = config.scaling(r, (alpha_of or {}).get(name))
         module.add_adapter(adapter, r, scaling, config.dropout, config.init, adapter_cls).requires_grad_(True)
-    link_shared_inputs(model)
+    link_fused_linears(model)
     return names
 
 

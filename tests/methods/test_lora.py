@@ -231,41 +231,64 @@ def forward_and_grads(model):
     return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, calls.count
 
 
-def test_shared_input_projections_share_one_down_projection_and_compute_the_same():
-    from efftune.methods.lora import SharedInput
+def test_fused_linears_compute_what_the_per_layer_path_computes():
+    from efftune.methods.lora import FusedLinears
+
     def build():  # tiny_llama seeds the RNG: both models get the same A init
         m = tiny_llama(dtype=torch.float64)
+        q = m.model.layers[0].self_attn.q_proj  # a frozen bias rides along in the fused op
+        q.bias = nn.Parameter(torch.randn(q.out_features, dtype=torch.float64), requires_grad=False)
         add_lora(m, LoraConfig(r=4))
         randomize_lora(m)
         return m
 
-    shared, alone = build(), build()
+    fused, alone = build(), build()
     for _, layer in lora_layers(alone):
-        layer.shared_input = None
-    groups = {id(layer.shared_input): layer.shared_input for _, layer in lora_layers(shared) if layer.shared_input}
-    assert len(groups) == 4 and all(isinstance(g, SharedInput) for g in groups.values())  # q/k/v, gate/up x 2 layers
-    attn = shared.model.layers[0].self_attn
-    assert attn.q_proj.shared_input is attn.k_proj.shared_input is attn.v_proj.shared_input
-    assert shared.model.layers[0].mlp.down_proj.shared_input is None
-    out_s, grads_s, calls_s = forward_and_grads(shared)
+        layer.fused = None
+    groups = {id(layer.fused): layer.fused for _, layer in lora_layers(fused)}
+    assert len(groups) == 8 and all(isinstance(g, FusedLinears) for g in groups.values())  # 4 per layer
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert attn.q_proj.fused is attn.k_proj.fused is attn.v_proj.fused
+    assert mlp.gate_proj.fused is mlp.up_proj.fused and len(mlp.down_proj.fused.layers) == 1
+    out_f, grads_f, calls_f = forward_and_grads(fused)
     out_a, grads_a, calls_a = forward_and_grads(alone)
-    assert calls_a - calls_s == 3 * 2  # per layer: q/k/v's three A products become one, gate/up's two one
-    torch.testing.assert_close(out_s, out_a, atol=1e-12, rtol=1e-12)
-    assert grads_s.keys() == grads_a.keys()
-    for name, g in grads_s.items():
+    # per layer and projection: the base linear and two LoRA linears; fused, only the LM head is an F.linear
+    assert calls_a == 2 * 7 * 3 + 1 and calls_f == 1
+    torch.testing.assert_close(out_f, out_a, atol=1e-12, rtol=1e-12)
+    assert grads_f.keys() == grads_a.keys()
+    for name, g in grads_f.items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(g, grads_a[name], atol=1e-12, rtol=1e-10)
+    assert all(p.grad is None for p in fused.parameters() if not p.requires_grad)  # no frozen-weight grads
     # nothing is kept past the block's last member
     assert all(g.source is None and all(k is None for k in g.kept) for g in groups.values())
 
 
-def test_shared_input_steps_aside_for_what_it_cannot_share():
+def test_fused_linears_follow_autocast_and_step_aside_for_other_dtypes():
+    m = tiny_llama()
+    add_lora(m, LoraConfig(r=4))
+    randomize_lora(m)
+    layer = m.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 5, m.config.intermediate_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = layer.base_layer(x) + layer.adapters["default"](x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref.to(torch.bfloat16), atol=2e-2, rtol=2e-2)
+    m.to(torch.bfloat16)
+    for _, lora in lora_layers(m):  # a bf16 base with fp32 adapters, no autocast: the per-layer path
+        lora.adapters["default"].float()
+    assert layer.fused.output(0, x.bfloat16()) is None
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_fused_linears_step_aside_for_what_they_cannot_fuse():
     m = tiny_llama(dtype=torch.float64)
     add_lora(m, LoraConfig(r=2), adapter="a")
     add_lora(m, LoraConfig(r=4, dropout=0.1), adapter="b")
     randomize_lora(m)
     layer = m.model.layers[0].self_attn.q_proj
-    group = layer.shared_input
+    group = layer.fused
     assert group._adapter() is None  # two adapters active
     set_active_adapters(m, "b")
     assert group._adapter() is None  # dropout draws a mask per projection
@@ -273,3 +296,9 @@ def test_shared_input_steps_aside_for_what_it_cannot_share():
     assert group._adapter() == "a"
     m.model.layers[0].self_attn.k_proj.merge()
     assert group._adapter() is None  # one member merged
+    m.model.layers[0].self_attn.k_proj.unmerge()
+    handle = layer.base_layer.register_forward_hook(lambda *a: None)
+    assert group._adapter() is None  # a hook on a base layer must still run
+    handle.remove()
+    layer.base_layer.weight.requires_grad_(True)
+    assert group._adapter() is None  # a trained base weight needs its gradient

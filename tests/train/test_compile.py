@@ -51,11 +51,11 @@ def test_partitioner_checks_the_budget():
 
 
 def test_a_lora_block_compiles_to_one_graph():
-    # the shared-input groups keep Python state between the q/k/v calls; Dynamo must trace it
+    # the fused groups keep Python state between the q/k/v calls; Dynamo must trace it
     # without breaking the block into pieces
     model = tiny_llama()
     add_lora(model, LoraConfig(r=4))
-    assert model.model.layers[0].self_attn.q_proj.shared_input is not None
+    assert model.model.layers[0].self_attn.q_proj.fused is not None
     torch._dynamo.reset()
     pos = torch.arange(16)[None]
     h = torch.randn(2, 16, model.config.hidden_size, requires_grad=True)
