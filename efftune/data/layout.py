@@ -69,9 +69,12 @@ class Row:
 
 @dataclass
 class Batch:
-    """Tensors for one forward pass over rows; `mask` is None when rows are plain sequences."""
+    """Tensors for one forward pass over rows. When every row is one sequence counted from position
+    0, `mask` and `position_ids` are None: the model's own causal mask and positions are exact (a
+    padded tail is never attended by real tokens), and the forward skips transformers' mask
+    preparation (`efftune.eval.causal`)."""
     input_ids: torch.Tensor
-    position_ids: torch.Tensor
+    position_ids: torch.Tensor | None
     mask: torch.Tensor | None
     rows: torch.Tensor
     sources: torch.Tensor
@@ -119,9 +122,12 @@ def collate(rows: Sequence[Row], pad_id: int, attention: str = "sdpa", length: i
             while parent >= 0:
                 anc[i, s, parent] = True
                 parent = r.parents[parent]
-        trivial &= len(r.parents) == 1  # one causal sequence per row: the model's own mask is right
+        # one causal sequence per row, counted from 0: the model's own mask and positions are right
+        trivial &= len(r.parents) == 1 and list(r.pos) == list(range(k))
     mask = None
-    if not trivial:
+    if trivial:
+        pos = None
+    else:
         seen = anc[torch.arange(n)[:, None, None], seg[:, :, None], seg[:, None, :]]  # (n, L, L)
         allowed = seen & torch.ones(L, L, dtype=torch.bool).tril()
         if attention == "eager":

@@ -1,0 +1,74 @@
+from unittest import mock
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+from transformers import masking_utils
+
+from efftune.data.layout import Row, collate
+from efftune.errors import EfftuneError
+from efftune.eval.causal import PLAIN_CAUSAL, _plain_causal_sdpa, plain_causal, qualifies
+from efftune.eval.logprobs import target_logprobs
+from tests.conftest import tiny_llama
+
+
+def every_token(ids):
+    b, n = ids.shape
+    rows = torch.arange(b).repeat_interleave(n - 1)
+    cols = torch.arange(1, n).repeat(b)
+    return rows, cols - 1, ids[rows, cols]
+
+
+def test_maskless_rows_skip_mask_preparation_and_score_the_same(model64):
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    spy = mock.patch.object(masking_utils, "find_packed_sequence_indices",
+                            wraps=masking_utils.find_packed_sequence_indices)
+    with spy as packed_check:
+        fast = target_logprobs(model64, ids, *every_token(ids))
+        assert packed_check.call_count == 0  # the host-syncing check never ran
+        reference = target_logprobs(model64, ids, *every_token(ids), position_ids=torch.arange(9).expand(2, 9))
+        assert packed_check.call_count == 1  # explicit positions: transformers' own path
+    torch.testing.assert_close(fast, reference, atol=1e-12, rtol=1e-12)
+    assert model64.config._attn_implementation == "sdpa"  # restored
+
+
+def test_padded_plain_rows_collate_without_positions_and_mask(model64):
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    rows = []
+    for s in seqs:
+        row = Row()
+        row.add(s, labels=[-100] + s[1:])
+        rows.append(row)
+    batch = collate(rows, pad_id=0)
+    assert batch.position_ids is None and batch.mask is None
+    together = target_logprobs(model64, batch.input_ids, batch.rows, batch.sources, batch.targets)
+    alone = torch.cat([target_logprobs(model64, torch.tensor([s]), *every_token(torch.tensor([s]))) for s in seqs])
+    torch.testing.assert_close(together, alone, atol=1e-12, rtol=1e-12)
+
+
+def test_only_plain_causal_models_qualify():
+    assert qualifies(tiny_llama())
+    eager = tiny_llama()
+    eager.config._attn_implementation = "eager"
+    assert not qualifies(eager)
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                sliding_window=4, attn_implementation="sdpa"))
+    assert not qualifies(windowed)  # its mask is not plain causal past 4 tokens
+    with plain_causal(windowed, None, None):
+        assert windowed.config._attn_implementation == "sdpa"
+
+
+def test_prefix_tuned_models_keep_their_mask(tokenizer):
+    from efftune.methods.prefix_tuning import PrefixTuningConfig, add_prefix_tuning
+    model = tiny_llama(vocab_size=len(tokenizer))
+    add_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=3), tokenizer)
+    assert not qualifies(model)  # the cached prefix needs a mask with an offset
+
+
+def test_the_attention_refuses_masks_and_caches():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(EfftuneError, match=PLAIN_CAUSAL):
+        _plain_causal_sdpa(torch.nn.Module(), q, torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), None)
+    with pytest.raises(EfftuneError, match=PLAIN_CAUSAL):
+        _plain_causal_sdpa(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
