@@ -8,7 +8,10 @@ Why an op of its own (`efftune::lora_linears`, opaque to torch.compile):
   back in the next pointwise kernel (and, for SwiGLU, write the sums again to keep them).
   Inductor rewrites a visible `addmm` into `mm` + add, hence the opaque op.
 - Backward does the same for the input gradient: `dx = dz Â + Σ dy_i W_i`, accumulated by
-  in-place GEMMs instead of separate outputs summed afterwards.
+  in-place GEMMs instead of separate outputs summed afterwards. `dÂ = dzᵀ x` stays outside the
+  op, a plain matmul Inductor can see: x is then needed by that matmul alone, and torch.compile's
+  recomputation of x (an RMSNorm output, or SwiGLU's `silu(g) * u`) fuses into the backward kernel
+  that already reads the same inputs instead of running as a pass of its own.
 - Siblings that read one x (q/k/v, gate/up) share one GEMM for their stacked A factors, so x is
   read once forward and once for `dÂ` backward.
 No gradient is ever formed for the frozen weights. The ops are registered with `torch.library`
@@ -25,7 +28,7 @@ from torch import Tensor
 
 _LIB = torch.library.Library("efftune", "DEF")
 _LIB.define("lora_linears(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor a, Tensor[] bs) -> Tensor[]")
-_LIB.define("lora_linears_backward(Tensor[] dys, Tensor x, Tensor[] weights, Tensor a, Tensor[] bs, Tensor z, "
+_LIB.define("lora_linears_backward(Tensor[] dys, Tensor[] weights, Tensor a, Tensor[] bs, Tensor z, "
             "bool need_dx) -> Tensor[]")
 
 
@@ -51,19 +54,18 @@ def linears_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor | None
     return ys + [z]
 
 
-def linears_backward(dys: list[Tensor], x: Tensor, weights: list[Tensor], a: Tensor, bs: list[Tensor],
-                     z: Tensor, need_dx: bool) -> list[Tensor]:
-    """Returns [dx (an empty tensor when not needed), da, db_0, …]."""
+def linears_backward(dys: list[Tensor], weights: list[Tensor], a: Tensor, bs: list[Tensor], z: Tensor,
+                     need_dx: bool) -> list[Tensor]:
+    """Returns [dx (an empty tensor when not needed), dz, db_0, …]; the caller makes `da = dzᵀ x`."""
     dbs = [dy.t() @ z[:, cols] for dy, cols in zip(dys, _rank_slices(bs))]
     dz = torch.cat([dy @ b for dy, b in zip(dys, bs)], dim=1)
-    da = dz.t() @ x
     if need_dx:
         dx = dz @ a
         for dy, w in zip(dys, weights):
             dx.addmm_(dy, w)
     else:
-        dx = x.new_empty(0)
-    return [dx, da] + dbs
+        dx = dz.new_empty(0)
+    return [dx, dz] + dbs
 
 
 _LIB.impl("lora_linears", linears_forward, "CompositeExplicitAutograd")
@@ -76,9 +78,9 @@ def _(x, weights, biases, a, bs):
 
 
 @torch.library.register_fake("efftune::lora_linears_backward", lib=_LIB)
-def _(dys, x, weights, a, bs, z, need_dx):
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
-    return [dx, a.new_empty(a.shape)] + [b.new_empty(b.shape) for b in bs]
+def _(dys, weights, a, bs, z, need_dx):
+    dx = z.new_empty(z.shape[0], a.shape[1]) if need_dx else z.new_empty(0)
+    return [dx, z.new_empty(z.shape)] + [b.new_empty(b.shape) for b in bs]
 
 
 class LoraLinears(torch.autograd.Function):
@@ -100,8 +102,8 @@ class LoraLinears(torch.autograd.Function):
         weights, bs = rest[:m], rest[m:]
         dys = [g if g is not None else x.new_zeros(x.shape[0], w.shape[0]) for g, w in zip(grads[:m], weights)]
         need_dx = ctx.needs_input_grad[0]
-        dx, da, *dbs = torch.ops.efftune.lora_linears_backward(dys, x, list(weights), a, list(bs), z, need_dx)
-        return (dx if need_dx else None, da, None) + (None,) * (2 * m) + tuple(dbs)
+        dx, dz, *dbs = torch.ops.efftune.lora_linears_backward(dys, list(weights), a, list(bs), z, need_dx)
+        return (dx if need_dx else None, dz.t() @ x, None) + (None,) * (2 * m) + tuple(dbs)
 
 
 def fused_lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], a: Tensor,
