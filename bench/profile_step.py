@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12, help="list this many of the slowest kernels")
     ap.add_argument("--syncs", action="store_true",
                     help="also list the host-device synchronisations of one step, with where they happen")
+    ap.add_argument("--lead", action="store_true",
+                    help="also measure, unprofiled, how far the CPU runs ahead of the GPU at each phase of a step")
     ap.add_argument("--by-shape", action="store_true",
                     help="also list matmul time per operand shapes, with the TFLOP/s each reached")
     args = ap.parse_args()
@@ -59,7 +61,49 @@ def main() -> None:
         result = profile(step, args.steps, top_n=args.top, by_shape=args.by_shape)
         if args.syncs:
             result["host_syncs"] = host_syncs(step)
+        if args.lead:
+            result["host_lead"] = host_lead(lambda: loss_fn(model, args.case, ids), opt, args.case.endswith("-cg"))
     print(json.dumps({"shape": args.shape, "case": args.case, "seq": args.seq, **result}, indent=1))
+
+
+def host_lead(compute_loss, opt: torch.optim.Optimizer, cuda_graphs: bool, steps: int = 5) -> dict:
+    """How far the CPU runs ahead of the GPU at each phase boundary of a step (unprofiled), in ms.
+
+    At each boundary the CPU records an event and notes its own clock; after the step the event's GPU
+    time is compared with it. lead = GPU time − CPU time: positive means work was queued ahead
+    when the CPU got there. Near zero or below means the GPU had drained its queue and waited
+    for the CPU. Also the wall-clock step and each phase's CPU time."""
+    marks = ("forward", "backward", "optimizer")
+    rows = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        events = [torch.cuda.Event(enable_timing=True) for _ in marks]
+        t0 = time.perf_counter()
+        start.record()
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        cpu = []
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compute_loss()
+        cpu.append(time.perf_counter() - t0)
+        events[0].record()
+        loss.backward()
+        cpu.append(time.perf_counter() - t0)
+        events[1].record()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        cpu.append(time.perf_counter() - t0)
+        events[2].record()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        gpu = [start.elapsed_time(e) for e in events]
+        rows.append((wall * 1e3, [c * 1e3 for c in cpu], gpu))
+    mean = lambda xs: round(sum(xs) / len(xs), 2)
+    return {"wall_ms": mean([r[0] for r in rows]),
+            **{f"{m}_cpu_ms": mean([r[1][i] for r in rows]) for i, m in enumerate(marks)},
+            **{f"{m}_gpu_ms": mean([r[2][i] for r in rows]) for i, m in enumerate(marks)},
+            **{f"{m}_lead_ms": mean([r[2][i] - r[1][i] for r in rows]) for i, m in enumerate(marks)}}
 
 
 def host_syncs(step) -> list[dict]:
