@@ -190,7 +190,8 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
     return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if compiled else None,
                 partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
-                autotune=AUTOTUNE if compiled else None, fused=not UNFUSED, seq=seq,
+                autotune=AUTOTUNE if compiled else None,
+                fused=(not UNFUSED) if case.startswith("efftune") else None, seq=seq,
                 batch=batch, steps=steps, tokens_s=round(tokens_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
