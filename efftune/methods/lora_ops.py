@@ -58,7 +58,9 @@ def linears_backward(dys: list[Tensor], weights: list[Tensor], a: Tensor, bs: li
                      need_dx: bool) -> list[Tensor]:
     """Returns [dx (an empty tensor when not needed), dz, db_0, …]; the caller makes `da = dzᵀ x`."""
     dbs = [dy.t() @ z[:, cols] for dy, cols in zip(dys, _rank_slices(bs))]
-    dz = torch.cat([dy @ b for dy, b in zip(dys, bs)], dim=1)
+    dz = torch.empty_like(z)
+    for dy, b, cols in zip(dys, bs, _rank_slices(bs)):
+        torch.mm(dy, b, out=dz[:, cols])  # straight into its columns: no concatenation pass
     if need_dx:
         dx = dz @ a
         for dy, w in zip(dys, weights):
