@@ -62,39 +62,35 @@ def main() -> None:
         if args.syncs:
             result["host_syncs"] = host_syncs(step)
         if args.lead:
-            result["host_lead"] = host_lead(lambda: loss_fn(model, args.case, ids), opt, args.case.endswith("-cg"))
+            result["host_lead"] = host_lead(lambda mark: train_step(
+                lambda: loss_fn(model, args.case, ids), opt, device, args.case.endswith("-cg"), mark))
     print(json.dumps({"shape": args.shape, "case": args.case, "seq": args.seq, **result}, indent=1))
 
 
-def host_lead(compute_loss, opt: torch.optim.Optimizer, cuda_graphs: bool, steps: int = 5) -> dict:
+def host_lead(make_step, steps: int = 5) -> dict:
     """How far the CPU runs ahead of the GPU at each phase boundary of a step (unprofiled), in ms.
 
-    At each boundary the CPU records an event and notes its own clock; after the step the event's GPU
-    time is compared with it. lead = GPU time − CPU time: positive means work was queued ahead
-    when the CPU got there. Near zero or below means the GPU had drained its queue and waited
-    for the CPU. Also the wall-clock step and each phase's CPU time."""
+    `make_step(mark)` gives the benchmark's step with `mark(phase)` called at each boundary; there
+    the CPU records an event and notes its own clock, and after the step the event's GPU time is
+    compared with it. lead = GPU time − CPU time: positive means work was queued ahead when the
+    CPU got there. Near zero or below means the GPU had drained its queue and waited for the CPU.
+    Also the wall-clock step and each phase's CPU time."""
     marks = ("forward", "backward", "optimizer")
     rows = []
     for _ in range(steps):
+        cpu, events = [], []
+
+        def mark(phase: str) -> None:
+            cpu.append(time.perf_counter() - t0)
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+
+        step = make_step(mark)
         torch.cuda.synchronize()
         start = torch.cuda.Event(enable_timing=True)
-        events = [torch.cuda.Event(enable_timing=True) for _ in marks]
         t0 = time.perf_counter()
         start.record()
-        if cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        cpu = []
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compute_loss()
-        cpu.append(time.perf_counter() - t0)
-        events[0].record()
-        loss.backward()
-        cpu.append(time.perf_counter() - t0)
-        events[1].record()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        cpu.append(time.perf_counter() - t0)
-        events[2].record()
+        step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         gpu = [start.elapsed_time(e) for e in events]

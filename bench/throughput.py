@@ -141,18 +141,25 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     return frozen, trainable
 
 
-def train_step(compute_loss, opt: torch.optim.Optimizer, device: torch.device, cuda_graphs: bool = False):
+def train_step(compute_loss, opt: torch.optim.Optimizer, device: torch.device, cuda_graphs: bool = False,
+               mark=None):
     """One training step as every benchmark times it: loss under bf16 autocast, backward,
     optimizer step, zero_grad; returns the detached loss. `cuda_graphs`: mark the step's start for
-    the graphs' memory (as train() does with train.cuda_graphs)."""
+    the graphs' memory (as train() does with train.cuda_graphs). `mark(phase)`, if given, is called
+    as "forward", "backward" and "optimizer" end (bench/profile_step.py times the phases)."""
+    mark = mark or (lambda phase: None)
+
     def step() -> torch.Tensor:
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = compute_loss()
+        mark("forward")
         loss.backward()
+        mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer")
         return loss.detach()
     return step
 

@@ -15,6 +15,7 @@ transformers body (not one wrapped by prefix tuning, whose cached prefix needs a
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -27,7 +28,6 @@ PLAIN_CAUSAL = "efftune_plain_causal"
 PLAIN_CAUSAL_MODEL_TYPES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmo", "olmo2", "olmoe",
     "granite", "granitemoe", "phi3"})
-_registered = False
 
 
 def _plain_causal_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -39,12 +39,10 @@ def _plain_causal_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
 
+@functools.cache
 def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        AttentionInterface.register(PLAIN_CAUSAL, _plain_causal_sdpa)
-        _registered = True
+    from transformers import AttentionInterface
+    AttentionInterface.register(PLAIN_CAUSAL, _plain_causal_sdpa)
 
 
 def qualifies(model: nn.Module) -> bool:

@@ -77,11 +77,8 @@ class LoraAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up_projection(F.linear(self.dropout(adapter_input(x, self.lora_A.dtype)), self.lora_A))
-
-    def up_projection(self, z: torch.Tensor) -> torch.Tensor:
-        """`s · B z` for `z = A x`. Scales the rank-r intermediate, not the (tokens × out)
-        result: r/out of the work."""
+        z = F.linear(self.dropout(adapter_input(x, self.lora_A.dtype)), self.lora_A)
+        # scale the rank-r intermediate, not the (tokens × out) result: r/out of the work
         return F.linear(z * self.scaling, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
