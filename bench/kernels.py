@@ -7,7 +7,10 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
   lora-add   ways to add a rank-16 LoRA term to those GEMMs: the frozen GEMM accumulating onto the
              LoRA product (beta = 1, what efftune's lora_linears does), the LoRA product
              accumulating onto the frozen GEMM's output, or both apart plus an add
-Prints one JSON line per measurement with its TFLOP/s.
+  swiglu     the fused SwiGLU-with-LoRA kernels (efftune.methods.swiglu_triton) at the MLP's shape:
+             each pass's bandwidth over a sweep of tile sizes, and a compiled MLP forward + backward
+             with the fused op against the lora_linears ops with SwiGLU left to Inductor
+Prints one JSON line per measurement with its TFLOP/s (GB/s for the SwiGLU passes).
 
     PYTHONPATH=. python bench/kernels.py --shape llama3-8b
 """
@@ -105,14 +108,57 @@ def lora_adds(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     return rows
 
 
+def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
+    from efftune.methods import swiglu_triton
+    from efftune.methods.lora_ops import fused_lora_linears
+    from efftune.methods.swiglu_lora import SwigluLora
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    g0, u0, dh = (torch.randn(seq, f, **bf) for _ in range(3))
+    z, bg, bu, ad = torch.randn(seq, 2 * r, **bf), torch.randn(f, r, **bf), torch.randn(f, r, **bf), torch.randn(r, f, **bf)
+    rows = []
+    sweep = [dict(num_warps=w, num_stages=st, bt=bt, bo=bo, cols=co) for w in (4, 8) for st in (2, 3)
+             for bt, bo in ((64, 64), (64, 128), (32, 128)) for co in (512, 1024, 2048)]
+    # bytes: forward reads g0, u0, writes h; backward reads dh, g0, u0, writes dg, du, h
+    for part, fn, tensors in (("forward kernel", lambda c: swiglu_triton.forward(g0, u0, z, bg, bu, ad, **c), 3),
+                              ("backward kernel", lambda c: swiglu_triton.backward(dh, g0, u0, z, bg, bu, **c), 6)):
+        for c in sweep:
+            try:
+                ms = cuda_time_ms(lambda: fn(c), iters=10, warmup=2)
+            except Exception as e:  # a tile size the chip cannot hold (shared memory, registers)
+                rows.append(dict(kind="swiglu", part=part, config=c, error=str(e)[:120]))
+                continue
+            rows.append(dict(kind="swiglu", part=part, config=c, ms=round(ms, 4),
+                             gb_s=round(tensors * seq * f * 2 / ms / 1e6, 1)))
+    # the compiled MLP, forward + backward: fused op vs lora_linears ops with SwiGLU to Inductor
+    x = torch.randn(seq, h, **bf, requires_grad=True)
+    w_g, w_u, w_d = torch.randn(f, h, **bf) * 0.02, torch.randn(f, h, **bf) * 0.02, torch.randn(h, f, **bf) * 0.02
+    a_gu, a_d = torch.randn(2 * r, h, **bf, requires_grad=True), torch.randn(r, f, **bf, requires_grad=True)
+    b_g, b_u, b_d = (torch.randn(n, r, **bf, requires_grad=True) for n in (f, f, h))
+
+    def fused():
+        return SwigluLora.apply(x, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d)
+
+    def apart():
+        g, u = fused_lora_linears(x, [w_g, w_u], [None, None], a_gu, [b_g, b_u])
+        return fused_lora_linears(F.silu(g) * u, [w_d], [None], a_d, [b_d])[0]
+
+    grad = torch.randn(seq, h, **bf)
+    for name, fn in (("fused swiglu_lora", fused), ("lora_linears + Inductor SwiGLU", apart)):
+        compiled = torch.compile(fn)
+        ms = cuda_time_ms(lambda: compiled().backward(grad), iters=20)
+        rows.append(dict(kind="swiglu", part="compiled MLP forward + backward", way=name, ms=round(ms, 4)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--only", choices=("attention", "gemm", "lora-add"), help="one kind of measurement")
+    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu"), help="one kind of measurement")
     args = ap.parse_args()
     cfg = SHAPES[args.shape]
-    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds}
+    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu}
     for row in (row for kind, run in kinds.items() if args.only in (None, kind) for row in run(cfg, args.seq)):
         print(json.dumps(dict(shape=args.shape, seq=args.seq, **row)), flush=True)
 

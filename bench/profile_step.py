@@ -167,12 +167,14 @@ def profile(step, steps: int, warmup: int = 3, top_n: int = 12, by_shape: bool =
         if t <= 0 or event.key.startswith("## ") or (by_shape and event.device_type != torch.autograd.DeviceType.CUDA):
             continue
         totals[op_class(event.key)] = totals.get(op_class(event.key), 0.0) + t
-        top.append((t, event.key))
+        top.append((t, event.key, event.count))
     all_us = sum(totals.values())
     table = {cls: {"ms_per_step": round(us / 1000 / steps, 2), "share": round(us / all_us, 3)}
              for cls, us in sorted(totals.items(), key=lambda kv: -kv[1])}
-    kernels = [{"kernel": k[:90], "ms_per_step": round(t / 1000 / steps, 2)} for t, k in sorted(top)[-top_n:][::-1]]
+    kernels = [{"kernel": k[:90], "ms_per_step": round(t / 1000 / steps, 2), "calls_per_step": n / steps}
+               for t, k, n in sorted(top)[-top_n:][::-1]]
     out = {"gpu_ms_per_step": round(all_us / 1000 / steps, 1), "wall_ms_per_step": round(wall_ms, 1),
+           "kernels_per_step": sum(n for _, _, n in top) / steps,
            "by_class": table, "top_kernels": kernels}
     if by_shape:
         out["matmuls_by_shape"] = matmul_shapes(prof, steps)

@@ -68,6 +68,7 @@ PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules
 UNFUSED = False  # --unfused: efftune LoRA layers compute apart, without the fused lora_linears op
+UNFUSED_MLP = False  # --unfused-mlp: the MLPs' LoRA layers on lora_linears ops, without swiglu_lora
 AUTOTUNE = False  # --autotune: compiled cases benchmark GEMM kernels per shape (train.compile_autotune)
 
 
@@ -100,6 +101,9 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
             from efftune.methods.lora import lora_layers
             for _, layer in lora_layers(model):
                 layer.fused = None
+        if UNFUSED_MLP:
+            from efftune.methods.swiglu_lora import unwrap_swiglu_mlps
+            unwrap_swiglu_mlps(model)
     if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
@@ -198,7 +202,8 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if compiled else None,
                 partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
                 autotune=AUTOTUNE if compiled else None,
-                fused=(not UNFUSED) if case.startswith("efftune") else None, seq=seq,
+                fused=(not UNFUSED) if case.startswith("efftune") else None,
+                fused_mlp=(not UNFUSED and not UNFUSED_MLP) if case.startswith("efftune") else None, seq=seq,
                 batch=batch, steps=steps, tokens_s=round(tokens_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
@@ -226,7 +231,7 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
     cmd += (["--torch-partitioner"] * args.torch_partitioner + ["--autotune"] * args.autotune
-            + ["--unfused"] * args.unfused)
+            + ["--unfused"] * args.unfused + ["--unfused-mlp"] * args.unfused_mlp)
     head = dict(shape=shape, case=case, batch=batch)
     return run_worker(cmd, head, args.case_timeout)
 
@@ -279,11 +284,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="compiled cases: benchmark GEMM kernels per shape (efftune's train.compile_autotune)")
     ap.add_argument("--unfused", action="store_true",
                     help="efftune LoRA: base linear and LoRA GEMMs apart in each layer (no lora_linears op)")
+    ap.add_argument("--unfused-mlp", action="store_true",
+                    help="efftune LoRA: SwiGLU MLPs on the lora_linears ops, without the swiglu_lora op")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, UNFUSED
+    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP
     MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE = args.memory_budget, args.torch_partitioner, args.autotune
-    UNFUSED = args.unfused
+    UNFUSED, UNFUSED_MLP = args.unfused, args.unfused_mlp
     if args.worker:  # inside the subprocess: one shape, one case
         shape = args.shape[0]
         print(json.dumps(run_case(shape, args.worker, args.steps, args.warmup,

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ConfigError, EfftuneError
 from .attach import _conv1d_class, find_targets, freeze_base, master_dtype, replace_module, wrappers
 from .lora_ops import fused_lora_linears
+from .swiglu_lora import unwrap_swiglu_mlps, wrap_swiglu_mlps
 
 INITS = ("kaiming", "gaussian")
 
@@ -371,6 +372,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
         scaling = config.scaling(r, (alpha_of or {}).get(name))
         module.add_adapter(adapter, r, scaling, config.dropout, config.init, adapter_cls).requires_grad_(True)
     link_fused_linears(model)
+    wrap_swiglu_mlps(model)
     return names
 
 
@@ -421,6 +423,7 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         else:
             layer.unmerge()
         replace_module(model, name, layer.base_layer)
+    unwrap_swiglu_mlps(model)
     return model
 
 

@@ -30,6 +30,8 @@ _LIB = torch.library.Library("efftune", "DEF")
 _LIB.define("lora_linears(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor a, Tensor[] bs) -> Tensor[]")
 _LIB.define("lora_linears_backward(Tensor[] dys, Tensor[] weights, Tensor a, Tensor[] bs, Tensor z, "
             "bool need_dx) -> Tensor[]")
+_LIB.define("input_grad(Tensor dz, Tensor a, Tensor[] dys, Tensor[] weights) -> Tensor")
+_LIB.define("lora_output(Tensor x, Tensor weight, Tensor? bias, Tensor z, Tensor b) -> Tensor")
 
 
 def _rank_slices(bs: Sequence[Tensor]) -> list[slice]:
@@ -45,13 +47,15 @@ def linears_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor | None
     """x (N, in); weights[i] (out_i, in); a: the stacked, scaled A factors (Σr, in); bs[i] (out_i, r_i).
     Returns [y_0, …, y_{m-1}, z] with z = x aᵀ (N, Σr), kept for backward."""
     z = x @ a.t()
-    ys = []
-    for w, bias, b, cols in zip(weights, biases, bs, _rank_slices(bs)):
-        y = z[:, cols] @ b.t()  # the update first: the frozen GEMM accumulates onto it
-        if bias is not None:
-            y += bias
-        ys.append(y.addmm_(x, w.t()))
-    return ys + [z]
+    return [lora_output(x, w, bias, z[:, cols], b) for w, bias, b, cols in zip(weights, biases, bs, _rank_slices(bs))] + [z]
+
+
+def lora_output(x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor, b: Tensor) -> Tensor:
+    """x Wᵀ + bias + z bᵀ: the update first, and the frozen GEMM accumulates onto it."""
+    y = z @ b.t()
+    if bias is not None:
+        y += bias
+    return y.addmm_(x, weight.t())
 
 
 def linears_backward(dys: list[Tensor], weights: list[Tensor], a: Tensor, bs: list[Tensor], z: Tensor,
@@ -61,17 +65,22 @@ def linears_backward(dys: list[Tensor], weights: list[Tensor], a: Tensor, bs: li
     dz = torch.empty_like(z)
     for dy, b, cols in zip(dys, bs, _rank_slices(bs)):
         torch.mm(dy, b, out=dz[:, cols])  # straight into its columns: no concatenation pass
-    if need_dx:
-        dx = dz @ a
-        for dy, w in zip(dys, weights):
-            dx.addmm_(dy, w)
-    else:
-        dx = dz.new_empty(0)
+    dx = linears_input_grad(dz, a, dys, weights) if need_dx else dz.new_empty(0)
     return [dx, dz] + dbs
+
+
+def linears_input_grad(dz: Tensor, a: Tensor, dys: list[Tensor], weights: list[Tensor]) -> Tensor:
+    """dx = dz a + Σ dy_i W_i, the frozen GEMMs accumulating in place onto the LoRA term."""
+    dx = dz @ a
+    for dy, w in zip(dys, weights):
+        dx.addmm_(dy, w)
+    return dx
 
 
 _LIB.impl("lora_linears", linears_forward, "CompositeExplicitAutograd")
 _LIB.impl("lora_linears_backward", linears_backward, "CompositeExplicitAutograd")
+_LIB.impl("input_grad", linears_input_grad, "CompositeExplicitAutograd")
+_LIB.impl("lora_output", lora_output, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("efftune::lora_linears", lib=_LIB)
@@ -83,6 +92,16 @@ def _(x, weights, biases, a, bs):
 def _(dys, weights, a, bs, z, need_dx):
     dx = z.new_empty(z.shape[0], a.shape[1]) if need_dx else z.new_empty(0)
     return [dx, z.new_empty(z.shape)] + [b.new_empty(b.shape) for b in bs]
+
+
+@torch.library.register_fake("efftune::input_grad", lib=_LIB)
+def _(dz, a, dys, weights):
+    return dz.new_empty(dz.shape[0], a.shape[1])
+
+
+@torch.library.register_fake("efftune::lora_output", lib=_LIB)
+def _(x, weight, bias, z, b):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 class LoraLinears(torch.autograd.Function):

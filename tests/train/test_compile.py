@@ -33,11 +33,11 @@ def saved_activation_bytes_and_grads(lean: bool):
 
 
 def test_lean_partition_keeps_less_for_backward_and_computes_the_same_gradients():
-    # the default keeps the RMSNorm outputs and silu(gate) * up for LoRA's dA = dz^T x; lean
-    # recomputes them from tensors kept anyway
+    # the default keeps the RMSNorm outputs for LoRA's dA = dz^T x (and silu(gate) * up, without
+    # the fused SwiGLU op); lean recomputes them from tensors kept anyway
     lean_bytes, lean_grads = saved_activation_bytes_and_grads(lean=True)
     torch_bytes, torch_grads = saved_activation_bytes_and_grads(lean=False)
-    assert lean_bytes < 0.9 * torch_bytes  # 0.81 here; at the 8B shape the peak falls from 34.0 to 28.4 GiB
+    assert lean_bytes < 0.95 * torch_bytes  # 0.90 here (0.81 without swiglu_lora); 8B peak 34.0 -> 28.4 GiB
     assert lean_grads.keys() == torch_grads.keys() and lean_grads
     for name, g in lean_grads.items():
         assert g.abs().sum() > 0, name

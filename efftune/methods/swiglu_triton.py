@@ -1,0 +1,139 @@
+"""Triton kernels for `swiglu_lora` (see there for the maths).
+
+Both passes walk the MLP's middle tensors (tokens × intermediate) once. A program owns BT tokens and
+a group of COLS columns and loops over its (BT × BO) tiles; the rank-r products that reduce over
+columns (forward `z_d = h Â_dᵀ`, backward `dz = [dg B_g, du B_u]`) accumulate in registers and are
+written as one fp32 partial per column group, summed by the caller (deterministic, no atomics).
+Reductions over tokens (dB, dÂ) are left to cuBLAS: done in-kernel they need transposed tiles,
+and a version that did ran at a third of the memory bandwidth (bench/RESULTS.md, session 7).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _rank_tile(ptr, idx, mask, stride, step, off, R, RP: tl.constexpr):
+    """ptr[idx * stride + (off + k) * step] for k < R as a (len(idx), RP) tile, zero past R."""
+    ks = tl.arange(0, RP)
+    return tl.load(ptr + idx[:, None] * stride + (off + ks[None, :]) * step,
+                   mask=mask[:, None] & (ks[None, :] < R), other=0.)
+
+
+@triton.jit
+def _gate_up_tile(g0_ptr, u0_ptr, rows, cols, tile, F, zg, zu, bg_ptr, bu_ptr, cmask, RG, RU,
+                  RP: tl.constexpr, PREC: tl.constexpr):
+    """g and u on one tile in fp32: the frozen GEMMs' outputs plus their LoRA updates."""
+    bg = _rank_tile(bg_ptr, cols, cmask, RG, 1, 0, RG, RP)
+    bu = _rank_tile(bu_ptr, cols, cmask, RU, 1, 0, RU, RP)
+    offs = rows[:, None] * F + cols[None, :]
+    g = tl.load(g0_ptr + offs, mask=tile, other=0.).to(tl.float32) + tl.dot(zg, tl.trans(bg), input_precision=PREC)
+    u = tl.load(u0_ptr + offs, mask=tile, other=0.).to(tl.float32) + tl.dot(zu, tl.trans(bu), input_precision=PREC)
+    return g, u, bg, bu
+
+
+@triton.jit
+def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_part,
+                    N, F, ZS, RG, RU, RD, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
+                    RP: tl.constexpr, RPD: tl.constexpr, PREC: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cg = tl.program_id(1)
+    rmask = rows < N
+    zg = _rank_tile(z_ptr, rows, rmask, ZS, 1, 0, RG, RP)
+    zu = _rank_tile(z_ptr, rows, rmask, ZS, 1, RG, RU, RP)
+    acc = tl.zeros((BT, RPD), tl.float32)
+    for ci in range(0, COLS // BO):
+        cols = cg * COLS + ci * BO + tl.arange(0, BO)
+        cmask = cols < F
+        tile = rmask[:, None] & cmask[None, :]
+        g, u, _, _ = _gate_up_tile(g0_ptr, u0_ptr, rows, cols, tile, F, zg, zu, bg_ptr, bu_ptr, cmask, RG, RU,
+                                   RP, PREC)
+        h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + rows[:, None] * F + cols[None, :], h, mask=tile)
+        ad = _rank_tile(ad_ptr, cols, cmask, 1, F, 0, RD, RPD)  # Â_d[:, cols]ᵀ
+        acc += tl.dot(h, ad, input_precision=PREC)
+    kd = tl.arange(0, RPD)
+    tl.store(zd_part + cg * N * RD + rows[:, None] * RD + kd[None, :], acc, mask=rmask[:, None] & (kd[None, :] < RD))
+
+
+@triton.jit
+def _backward_kernel(dh_ptr, g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, dg_ptr, du_ptr, h_ptr, dz_part,
+                     N, F, ZS, RG, RU, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
+                     RP: tl.constexpr, PREC: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cg = tl.program_id(1)
+    rmask = rows < N
+    zg = _rank_tile(z_ptr, rows, rmask, ZS, 1, 0, RG, RP)
+    zu = _rank_tile(z_ptr, rows, rmask, ZS, 1, RG, RU, RP)
+    acc_g = tl.zeros((BT, RP), tl.float32)
+    acc_u = tl.zeros((BT, RP), tl.float32)
+    dtype = dg_ptr.dtype.element_ty
+    for ci in range(0, COLS // BO):
+        cols = cg * COLS + ci * BO + tl.arange(0, BO)
+        cmask = cols < F
+        tile = rmask[:, None] & cmask[None, :]
+        g, u, bg, bu = _gate_up_tile(g0_ptr, u0_ptr, rows, cols, tile, F, zg, zu, bg_ptr, bu_ptr, cmask, RG, RU,
+                                     RP, PREC)
+        offs = rows[:, None] * F + cols[None, :]
+        d = tl.load(dh_ptr + offs, mask=tile, other=0.).to(tl.float32)
+        s = tl.sigmoid(g)
+        silu = g * s
+        dg = (d * u * s * (1.0 + g * (1.0 - s))).to(dtype)
+        du = (d * silu).to(dtype)
+        tl.store(dg_ptr + offs, dg, mask=tile)
+        tl.store(du_ptr + offs, du, mask=tile)
+        tl.store(h_ptr + offs, (silu * u).to(dtype), mask=tile)
+        acc_g += tl.dot(dg, bg, input_precision=PREC)
+        acc_u += tl.dot(du, bu, input_precision=PREC)
+    ks = tl.arange(0, RP)
+    out = dz_part + cg * N * ZS + rows[:, None] * ZS + ks[None, :]
+    tl.store(out, acc_g, mask=rmask[:, None] & (ks[None, :] < RG))
+    tl.store(out + RG, acc_u, mask=rmask[:, None] & (ks[None, :] < RU))
+
+
+def _pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+# tile sizes, from bench/kernels.py --only swiglu on an H100 (8B MLP shapes)
+FORWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
+BACKWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
+
+
+def _grid(n: int, f: int, c: dict) -> tuple[tuple[int, int], int]:
+    cols = min(c["cols"], triton.cdiv(f, c["bo"]) * c["bo"])  # a multiple of bo
+    return (triton.cdiv(n, c["bt"]), triton.cdiv(f, cols)), cols
+
+
+def forward(g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor, ad: Tensor, **config) -> list[Tensor]:
+    """[h, z_d = h adᵀ] (z_d in z's dtype)."""
+    c = {**FORWARD_CONFIG, **config}
+    (n, f), rg, ru, rd = g0.shape, bg.shape[1], bu.shape[1], ad.shape[0]
+    grid, cols = _grid(n, f, c)
+    h = torch.empty_like(g0)
+    zd_part = torch.empty(grid[1], n, rd, dtype=torch.float32, device=g0.device)
+    _forward_kernel[grid](g0, u0, z, bg.contiguous(), bu.contiguous(), ad.contiguous(), h, zd_part, n, f,
+                          z.shape[1], rg, ru, rd, COLS=cols, BT=c["bt"], BO=c["bo"], RP=_pad(max(rg, ru)),
+                          RPD=_pad(rd), PREC=_precision(g0.dtype), num_warps=c["num_warps"],
+                          num_stages=c["num_stages"])
+    return [h, zd_part.sum(0).to(z.dtype)]
+
+
+def backward(dh: Tensor, g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor, **config) -> list[Tensor]:
+    """[dg, du, h, dz = [dg B_g, du B_u]]."""
+    c = {**BACKWARD_CONFIG, **config}
+    (n, f), rg, ru = g0.shape, bg.shape[1], bu.shape[1]
+    grid, cols = _grid(n, f, c)
+    dg, du, h = torch.empty_like(g0), torch.empty_like(u0), torch.empty_like(g0)
+    dz_part = torch.empty(grid[1], n, rg + ru, dtype=torch.float32, device=g0.device)
+    _backward_kernel[grid](dh, g0, u0, z, bg.contiguous(), bu.contiguous(), dg, du, h, dz_part, n, f, rg + ru,
+                           rg, ru, COLS=cols, BT=c["bt"], BO=c["bo"], RP=_pad(max(rg, ru)),
+                           PREC=_precision(g0.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return [dg, du, h, dz_part.sum(0).to(z.dtype)]
