@@ -117,7 +117,7 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     g0, u0, dh = (torch.randn(seq, f, **bf) for _ in range(3))
     z, bg, bu, ad = torch.randn(seq, 2 * r, **bf), torch.randn(f, r, **bf), torch.randn(f, r, **bf), torch.randn(r, f, **bf)
     rows = []
-    sweep = [dict(num_warps=w, bt=bt, bo=bo, cols=co) for w in (4, 8) for bt, bo in ((64, 64), (64, 128))
+    sweep = [dict(num_warps=w, bt=bt, bo=bo, cols=co) for w in (4, 8) for bt, bo in ((64, 64), (64, 128), (128, 64))
              for co in (256, 512, 1024)]
     # bytes: forward reads g0, u0, writes h; backward reads dh, g0, u0, writes dg, du, h
     for part, fn, tensors in (("forward", lambda c: swiglu_triton.forward(g0, u0, z, bg, bu, ad, **c), 3),

@@ -4,8 +4,9 @@ Both passes walk the MLP's middle tensors (tokens × intermediate) once. A progr
 a group of COLS columns and loops over its (BT × BO) tiles; the rank-r products that reduce over
 columns (forward `z_d = h Â_dᵀ`, backward `dz = [dg B_g, du B_u]`) accumulate in registers and are
 written as one fp32 partial per column group, summed by the caller (deterministic, no atomics).
-Reductions over tokens (dB, dÂ) are left to cuBLAS: done in-kernel they need transposed tiles,
-and a version that did ran at a third of the memory bandwidth (bench/RESULTS.md, session 7).
+Reductions over tokens (dB_gate, dB_up, dÂ_down) are left to cuBLAS, which reads dg, du and h
+again: done in-kernel they need transposed tiles, and a version that did ran at a third of the
+memory bandwidth (bench/RESULTS.md, session 7).
 """
 from __future__ import annotations
 
