@@ -115,7 +115,8 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     bf = dict(device="cuda", dtype=torch.bfloat16)
     g0, u0, dh = (torch.randn(seq, f, **bf) for _ in range(3))
-    z, bg, bu, ad = torch.randn(seq, 2 * r, **bf), torch.randn(f, r, **bf), torch.randn(f, r, **bf), torch.randn(r, f, **bf)
+    z, ad = torch.randn(seq, 2 * r, **bf), torch.randn(r, f, **bf)
+    bg, bu = torch.randn(f, r, **bf), torch.randn(f, r, **bf)
     rows = []
     sweep = [dict(num_warps=w, bt=bt, bo=bo, cols=co) for w in (4, 8) for bt, bo in ((64, 64), (64, 128), (128, 64))
              for co in (256, 512, 1024)]

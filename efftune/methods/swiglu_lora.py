@@ -151,7 +151,8 @@ class FusedSwiGLU(nn.Module):
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
         self.__dict__["_original"] = mlp  # not a submodule: its children are registered here already
 
     def original(self) -> nn.Module:

@@ -32,14 +32,20 @@ def _plus_update(base, z, b_ptr, cols, cmask, R, RP: tl.constexpr, PREC: tl.cons
 
 
 @triton.jit
+def _token_block(z_ptr, N, ZS, RG, RU, BT: tl.constexpr, RP: tl.constexpr):
+    """This program's token rows, their mask, and their z_gate and z_up tiles."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < N
+    zg = _rank_tile(z_ptr, rows, rmask, ZS, 1, 0, RG, RP)
+    return rows, rmask, zg, _rank_tile(z_ptr, rows, rmask, ZS, 1, RG, RU, RP)
+
+
+@triton.jit
 def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_part,
                     N, F, ZS, RG, RU, RD, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
                     RP: tl.constexpr, RPD: tl.constexpr, PREC: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rows, rmask, zg, zu = _token_block(z_ptr, N, ZS, RG, RU, BT, RP)
     col0 = tl.program_id(1) * COLS
-    rmask = rows < N
-    zg = _rank_tile(z_ptr, rows, rmask, ZS, 1, 0, RG, RP)
-    zu = _rank_tile(z_ptr, rows, rmask, ZS, 1, RG, RU, RP)
     acc = tl.zeros((BT, RPD), tl.float32)
     for ci in range(0, COLS // BO):
         cols = col0 + ci * BO + tl.arange(0, BO)
@@ -62,11 +68,8 @@ def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_par
 def _backward_kernel(dh_ptr, g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, dg_ptr, du_ptr, h_ptr, dz_part,
                      N, F, ZS, RG, RU, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
                      RP: tl.constexpr, PREC: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rows, rmask, zg, zu = _token_block(z_ptr, N, ZS, RG, RU, BT, RP)
     col0 = tl.program_id(1) * COLS
-    rmask = rows < N
-    zg = _rank_tile(z_ptr, rows, rmask, ZS, 1, 0, RG, RP)
-    zu = _rank_tile(z_ptr, rows, rmask, ZS, 1, RG, RU, RP)
     acc_g = tl.zeros((BT, RP), tl.float32)
     acc_u = tl.zeros((BT, RP), tl.float32)
     dtype = dg_ptr.dtype.element_ty
