@@ -31,7 +31,8 @@ frozen LoRA-FA `A` (counted after the optimizer is made, as peft-fa freezes A th
 A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch.
 Variants of the efftune cases: `--torch-partitioner` (train.compile_lean: false), `--autotune`
 (train.compile_autotune), `--unfused` (each LoRA layer runs its base linear and its two LoRA GEMMs
-apart, without the `lora_linears` op), `--memory-budget` (train.compile_memory_budget).
+apart, without the `lora_linears` op), `--unfused-mlp` (SwiGLU MLPs on the `lora_linears` ops, without
+the fused `swiglu_lora` op), `--memory-budget` (train.compile_memory_budget).
 
     PYTHONPATH=. python bench/throughput.py --shape llama3.2-1b llama3-8b
     PYTHONPATH=. python bench/throughput.py --cases efftune efftune-fa peft-fa --batch 1 2
