@@ -47,7 +47,8 @@ def linears_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor | None
     """x (N, in); weights[i] (out_i, in); a: the stacked, scaled A factors (Σr, in); bs[i] (out_i, r_i).
     Returns [y_0, …, y_{m-1}, z] with z = x aᵀ (N, Σr), kept for backward."""
     z = x @ a.t()
-    return [lora_output(x, w, bias, z[:, cols], b) for w, bias, b, cols in zip(weights, biases, bs, _rank_slices(bs))] + [z]
+    outs = [lora_output(x, w, bias, z[:, cols], b) for w, bias, b, cols in zip(weights, biases, bs, _rank_slices(bs))]
+    return outs + [z]
 
 
 def lora_output(x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor, b: Tensor) -> Tensor:
