@@ -126,6 +126,23 @@ class FusedLinears:
         tensors = [layer.base_layer.weight for layer in self.layers] + [a.lora_A for a in adapters]
         return x.dtype if all(t.dtype == x.dtype for t in tensors) else None
 
+    def plan(self, x: torch.Tensor) -> tuple[str, list[LoraAdapter], torch.dtype] | None:
+        """(the adapter's name, each member's adapter, the compute dtype) when the op applies to
+        input x; else None."""
+        name = self._adapter()
+        if name is None:
+            return None
+        adapters = [layer.adapters[name] for layer in self.layers]
+        dtype = self._compute_dtype(x, adapters)
+        return None if dtype is None else (name, adapters, dtype)
+
+    def operands(self, adapters: Sequence[LoraAdapter], dtype: torch.dtype) -> tuple[list, list, torch.Tensor, list]:
+        """(frozen weights, biases, the stacked scaled A factors, the B factors), cast to `dtype`."""
+        bases = [layer.base_layer for layer in self.layers]
+        return ([b.weight.to(dtype) for b in bases], [None if b.bias is None else b.bias.to(dtype) for b in bases],
+                torch.cat([adapter.lora_A * adapter.scaling for adapter in adapters]).to(dtype),
+                [adapter.lora_B.to(dtype) for adapter in adapters])
+
     def output(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member `slot`'s output for input x; None when the op does not apply."""
         if self.source is x and self.kept[slot] is not None:
@@ -133,19 +150,11 @@ class FusedLinears:
             if all(k is None for k in self.kept):
                 self.source = None  # nothing outlives the last member's call
             return y
-        name = self._adapter()
-        if name is None:
+        plan = self.plan(x)
+        if plan is None:
             return None
-        adapters = [layer.adapters[name] for layer in self.layers]
-        dtype = self._compute_dtype(x, adapters)
-        if dtype is None:
-            return None
-        bases = [layer.base_layer for layer in self.layers]
-        ys = fused_lora_linears(
-            x.to(dtype), [b.weight.to(dtype) for b in bases],
-            [None if b.bias is None else b.bias.to(dtype) for b in bases],
-            torch.cat([adapter.lora_A * adapter.scaling for adapter in adapters]).to(dtype),
-            [adapter.lora_B.to(dtype) for adapter in adapters])
+        _, adapters, dtype = plan
+        ys = fused_lora_linears(x.to(dtype), *self.operands(adapters, dtype))
         y, ys[slot] = ys[slot], None
         if len(ys) > 1:
             self.source, self.kept = x, ys

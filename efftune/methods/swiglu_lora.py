@@ -175,19 +175,15 @@ class FusedSwiGLU(nn.Module):
                 or gate.fused.layers != [gate, up] or down.fused.layers != [down] \
                 or _hooked(gate, up, down, self.act_fn):
             return None
-        name = gate.fused._adapter()
-        if name is None or down.fused._adapter() != name \
-                or any(m.base_layer.bias is not None for m in (gate, up, down)):
+        if any(m.base_layer.bias is not None for m in (gate, up, down)):
             return None
-        adapters = [m.adapters[name] for m in (gate, up, down)]
-        dtype = gate.fused._compute_dtype(x, adapters[:2])
-        if dtype is None or down.fused._compute_dtype(x, adapters[2:]) != dtype:
+        gu, d = gate.fused.plan(x), down.fused.plan(x)
+        if gu is None or d is None or (gu[0], gu[2]) != (d[0], d[2]):  # one adapter, one compute dtype
             return None
-        ag, au, ad = adapters
-        a_gu = torch.cat([ag.lora_A * ag.scaling, au.lora_A * au.scaling]).to(dtype)
-        y = SwigluLora.apply(x.reshape(-1, x.shape[-1]).to(dtype), a_gu, (ad.lora_A * ad.scaling).to(dtype),
-                             *(m.base_layer.weight.to(dtype) for m in (gate, up, down)),
-                             *(a.lora_B.to(dtype) for a in adapters))
+        dtype = gu[2]
+        (w_g, w_u), _, a_gu, (b_g, b_u) = gate.fused.operands(*gu[1:])
+        (w_d,), _, a_d, (b_d,) = down.fused.operands(*d[1:])
+        y = SwigluLora.apply(x.reshape(-1, x.shape[-1]).to(dtype), a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
