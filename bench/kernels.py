@@ -115,15 +115,17 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     bf = dict(device="cuda", dtype=torch.bfloat16)
     g0, u0, dh = (torch.randn(seq, f, **bf) for _ in range(3))
-    z, ad = torch.randn(seq, 2 * r, **bf), torch.randn(r, f, **bf)
+    z, ad, dzd = torch.randn(seq, 2 * r, **bf), torch.randn(r, f, **bf), torch.randn(seq, r, **bf)
     bg, bu = torch.randn(f, r, **bf), torch.randn(f, r, **bf)
     rows = []
-    sweep = [dict(num_warps=w, bt=bt, bo=bo, cols=co) for w in (4, 8) for bt, bo in ((64, 64), (64, 128), (128, 64))
-             for co in (256, 512, 1024)]
+    sweep = [dict(num_warps=w, bt=bt, bo=bo, cols=co, num_stages=st) for w in (4, 8)
+             for bt, bo in ((32, 64), (64, 64), (32, 128), (128, 64)) for co in (256, 512, 1024) for st in (1, 3)
+             if (w, bt, bo) not in ((8, 32, 64), (8, 32, 128))]
     # bytes: forward reads g0, u0, writes h; backward reads dh, g0, u0, writes dg, du, h
-    for part, fn, tensors in (("forward", lambda c: swiglu_triton.forward(g0, u0, z, bg, bu, ad, **c), 3),
-                              ("backward", lambda c: swiglu_triton.backward(dh, g0, u0, z, bg, bu, **c), 6)):
-        for c in sweep:
+    for part, fn, tensors, configs in (
+            ("forward", lambda c: swiglu_triton.forward(g0, u0, z, bg, bu, ad, **c), 3, sweep),
+            ("backward", lambda c: swiglu_triton.backward(dh, dzd, ad, g0, u0, z, bg, bu, **c), 6, sweep)):
+        for c in configs:
             try:
                 ms = cuda_time_ms(lambda: fn(c), iters=10, warmup=2)
             except Exception as e:  # a tile size the chip cannot hold (shared memory, registers)

@@ -92,11 +92,13 @@ def _chunk_logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor,
     is already fp32 (no second chunk-sized array)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = logits.logsumexp(-1, keepdim=True)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    logprob = logits[rows, targets] - lse[:, 0]
-    dlogits = logits.sub_(lse).exp_().neg_()  # −softmax
-    dlogits[rows, targets] += 1
-    return logprob, dlogits.to(dtype)
+    picked = targets[:, None]
+    logprob = logits.gather(1, picked)[:, 0] - lse[:, 0]
+    p = logits.sub_(lse).exp_()  # softmax
+    one_minus_p = 1 - p.gather(1, picked)  # the targets' entries, in fp32
+    # −softmax rounded to `dtype` in one go (compiled: one pass with the exponential, no fp32 array
+    # written), then the targets' entries put in: rounded once, as if added before the cast
+    return logprob, p.neg_().to(dtype).scatter_(1, picked, one_minus_p.to(dtype))
 
 
 _FUSED: dict[str, object] = {}

@@ -9,8 +9,10 @@ again for the down projection's `z_d`, and backward reads dg and du again for dz
 - forward adds the rank-r updates inside the SwiGLU pass (`swiglu_lora_forward`); the frozen
   GEMMs write g0 = x W_gᵀ and u0 = x W_uᵀ, which are kept instead of g and u;
 - forward's pass also makes the down projection's `z_d = h Â_dᵀ` (no second read of h);
-- backward runs one pass over (dh, g0, u0) (`swiglu_lora_backward`) that recomputes g, u and
-  makes dg, du, h and `dz = [dg B_g, du B_u]` together (no second read of dg and du for dz);
+- backward runs one pass over (dh0, g0, u0) (`swiglu_lora_backward`) that adds the down
+  projection's LoRA term to its frozen input gradient (dh = dh0 + dz_d Â_d, dh0 = dy W_d), recomputes
+  g, u and makes dg, du, h and `dz = [dg B_g, du B_u]` together (no second read of dg and du for dz,
+  no full-width dz_d Â_d);
 - the input gradient `dx = dz Â_gu + dg W_g + du W_u` accumulates in place (`lora_ops`).
 On CUDA the two passes are Triton kernels (`swiglu_triton`); elsewhere (CPU, float64 tests) the
 same ops run in PyTorch.
@@ -33,7 +35,8 @@ from torch import Tensor, nn
 from .lora_ops import _LIB
 
 _LIB.define("swiglu_lora_forward(Tensor g0, Tensor u0, Tensor z, Tensor bg, Tensor bu, Tensor ad) -> Tensor[]")
-_LIB.define("swiglu_lora_backward(Tensor dh, Tensor g0, Tensor u0, Tensor z, Tensor bg, Tensor bu) -> Tensor[]")
+_LIB.define("swiglu_lora_backward(Tensor dh, Tensor dzd, Tensor ad, Tensor g0, Tensor u0, Tensor z, Tensor bg, "
+            "Tensor bu) -> Tensor[]")
 
 
 def _gate_up(g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,12 +55,13 @@ def swiglu_forward_reference(g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: 
     return [h, h @ ad.t()]
 
 
-def swiglu_backward_reference(dh: Tensor, g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor) -> list[Tensor]:
-    """[dg, du, h, dz = [dg B_g, du B_u]] for the upstream gradient dh."""
+def swiglu_backward_reference(dh: Tensor, dzd: Tensor, ad: Tensor, g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor,
+                              bu: Tensor) -> list[Tensor]:
+    """[dg, du, h, dz = [dg B_g, du B_u]] for the upstream gradient dh + dzd ad (summed in fp32 at least)."""
     g, u = _gate_up(g0, u0, z, bg, bu)
     s = torch.sigmoid(g)
     silu = g * s
-    dhf = dh.to(g.dtype)
+    dhf = torch.addmm(dh.to(g.dtype), dzd.to(g.dtype), ad.to(g.dtype))
     dg = (dhf * u * s * (1 + g * (1 - s))).to(dh.dtype)
     du = (dhf * silu).to(dh.dtype)
     return [dg, du, (silu * u).to(dh.dtype), torch.cat([dg @ bg, du @ bu], dim=1)]
@@ -73,11 +77,11 @@ def _cuda_forward(g0, u0, z, bg, bu, ad):
     return swiglu_triton.forward(g0, u0, z, bg, bu, ad)
 
 
-def _cuda_backward(dh, g0, u0, z, bg, bu):
+def _cuda_backward(dh, dzd, ad, g0, u0, z, bg, bu):
     if g0.dtype not in _KERNEL_DTYPES:
-        return swiglu_backward_reference(dh, g0, u0, z, bg, bu)
+        return swiglu_backward_reference(dh, dzd, ad, g0, u0, z, bg, bu)
     from . import swiglu_triton
-    return swiglu_triton.backward(dh, g0, u0, z, bg, bu)
+    return swiglu_triton.backward(dh, dzd, ad, g0, u0, z, bg, bu)
 
 
 _LIB.impl("swiglu_lora_forward", swiglu_forward_reference, "CompositeExplicitAutograd")
@@ -103,7 +107,7 @@ def _(g0, u0, z, bg, bu, ad):
 
 
 @torch.library.register_fake("efftune::swiglu_lora_backward", lib=_LIB)
-def _(dh, g0, u0, z, bg, bu):
+def _(dh, dzd, ad, g0, u0, z, bg, bu):
     return [torch.empty_like(g0), torch.empty_like(u0), torch.empty_like(g0), torch.empty_like(z)]
 
 
@@ -122,11 +126,12 @@ class SwigluLora(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, g0, u0, z, zd, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d = ctx.saved_tensors
-        dh, dzd, db_d = torch.ops.efftune.lora_linears_backward([dy], [w_d], a_d, [b_d], zd, True)
-        dg, du, h, dz = torch.ops.efftune.swiglu_lora_backward(dh, g0, u0, z, b_g, b_u)
+        dzd = dy @ b_d
+        dh0 = dy @ w_d  # the frozen down projection's input gradient, plain: its LoRA term joins in the pass
+        dg, du, h, dz = torch.ops.efftune.swiglu_lora_backward(dh0, dzd, a_d, g0, u0, z, b_g, b_u)
         rg = b_g.shape[1]
         dx = torch.ops.efftune.input_grad(dz, a_gu, [dg, du], [w_g, w_u]) if ctx.needs_input_grad[0] else None
-        return (dx, dz.t() @ x, dzd.t() @ h, None, None, None, dg.t() @ z[:, :rg], du.t() @ z[:, rg:], db_d)
+        return (dx, dz.t() @ x, dzd.t() @ h, None, None, None, dg.t() @ z[:, :rg], du.t() @ z[:, rg:], dy.t() @ zd)
 
 
 _STANDARD_FORWARD = re.compile(r"(\w+) = self\.down_proj\(self\.act_fn\(self\.gate_proj\(x\)\) \* self\.up_proj\(x\)\)"

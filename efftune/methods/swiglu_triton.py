@@ -4,6 +4,9 @@ Both passes walk the MLP's middle tensors (tokens × intermediate) once. A progr
 a group of COLS columns and loops over its (BT × BO) tiles; the rank-r products that reduce over
 columns (forward `z_d = h Â_dᵀ`, backward `dz = [dg B_g, du B_u]`) accumulate in registers and are
 written as one fp32 partial per column group, summed by the caller (deterministic, no atomics).
+Backward also adds the down projection's LoRA term `dz_d Â_d` to each tile of its frozen input
+gradient `dy W_d` as it loads it (a rank-r dot), so that GEMM runs plain instead of accumulating onto
+a full-width product (14% slower at 8B shapes, plus the product's own write).
 Reductions over tokens (dB_gate, dB_up, dÂ_down) are left to cuBLAS, which reads dg, du and h
 again: done in-kernel they need transposed tiles, and a version that did ran at a third of the
 memory bandwidth (bench/RESULTS.md, session 7).
@@ -25,9 +28,10 @@ def _rank_tile(ptr, idx, mask, stride, step, off, R, RP: tl.constexpr):
 
 
 @triton.jit
-def _plus_update(base, z, b_ptr, cols, cmask, R, RP: tl.constexpr, PREC: tl.constexpr):
-    """A frozen GEMM's output tile plus its LoRA update z b[cols]ᵀ, in fp32; and b[cols]."""
-    b = _rank_tile(b_ptr, cols, cmask, R, 1, 0, R, RP)
+def _plus_update(base, z, b_ptr, cols, cmask, stride, step, R, RP: tl.constexpr, PREC: tl.constexpr):
+    """A frozen GEMM's output tile plus its LoRA update z b[cols]ᵀ, in fp32; and b[cols] (b's
+    element (col, k) at col * stride + k * step)."""
+    b = _rank_tile(b_ptr, cols, cmask, stride, step, 0, R, RP)
     return base.to(tl.float32) + tl.dot(z, tl.trans(b), input_precision=PREC), b
 
 
@@ -53,8 +57,8 @@ def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_par
         tile = rmask[:, None] & cmask[None, :]
         offs = rows[:, None] * F + cols[None, :]
         g0, u0 = tl.load(g0_ptr + offs, mask=tile, other=0.), tl.load(u0_ptr + offs, mask=tile, other=0.)
-        g, _ = _plus_update(g0, zg, bg_ptr, cols, cmask, RG, RP, PREC)
-        u, _ = _plus_update(u0, zu, bu_ptr, cols, cmask, RU, RP, PREC)
+        g, _ = _plus_update(g0, zg, bg_ptr, cols, cmask, RG, 1, RG, RP, PREC)
+        u, _ = _plus_update(u0, zu, bu_ptr, cols, cmask, RU, 1, RU, RP, PREC)
         h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + offs, h, mask=tile)
         ad = _rank_tile(ad_ptr, cols, cmask, 1, F, 0, RD, RPD)  # Â_d[:, cols]ᵀ
@@ -65,10 +69,11 @@ def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_par
 
 
 @triton.jit
-def _backward_kernel(dh_ptr, g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, dg_ptr, du_ptr, h_ptr, dz_part,
-                     N, F, ZS, RG, RU, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
-                     RP: tl.constexpr, PREC: tl.constexpr):
+def _backward_kernel(dh_ptr, dzd_ptr, ad_ptr, g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, dg_ptr, du_ptr, h_ptr,
+                     dz_part, N, F, ZS, RG, RU, RD, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
+                     RP: tl.constexpr, RPD: tl.constexpr, PREC: tl.constexpr):
     rows, rmask, zg, zu = _token_block(z_ptr, N, ZS, RG, RU, BT, RP)
+    dzd = _rank_tile(dzd_ptr, rows, rmask, RD, 1, 0, RD, RPD)  # the down projection's dz_d rows
     col0 = tl.program_id(1) * COLS
     acc_g = tl.zeros((BT, RP), tl.float32)
     acc_u = tl.zeros((BT, RP), tl.float32)
@@ -88,9 +93,9 @@ def _backward_kernel(dh_ptr, g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, dg_ptr, du_p
         g0_next = tl.load(g0_ptr + offs + BO, mask=nxt, other=0.)
         u0_next = tl.load(u0_ptr + offs + BO, mask=nxt, other=0.)
         d_next = tl.load(dh_ptr + offs + BO, mask=nxt, other=0.)
-        g, bg = _plus_update(g0, zg, bg_ptr, cols, cmask, RG, RP, PREC)
-        u, bu = _plus_update(u0, zu, bu_ptr, cols, cmask, RU, RP, PREC)
-        df = d.to(tl.float32)
+        g, bg = _plus_update(g0, zg, bg_ptr, cols, cmask, RG, 1, RG, RP, PREC)
+        u, bu = _plus_update(u0, zu, bu_ptr, cols, cmask, RU, 1, RU, RP, PREC)
+        df, _ = _plus_update(d, dzd, ad_ptr, cols, cmask, 1, F, RD, RPD, PREC)  # dh = dh0 + dz_d Â_d
         s = tl.sigmoid(g)
         silu = g * s
         dg = (df * u * s * (1.0 + g * (1.0 - s))).to(dtype)
@@ -115,8 +120,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
 
-# tile sizes, from bench/kernels.py --only swiglu on an H100 (8B MLP shapes)
-FORWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
+# tile sizes, from bench/kernels.py --only swiglu on an H100 (8B MLP shapes; the forward pass gains
+# nothing from prefetching the next tile, which the backward pass does)
+FORWARD_CONFIG = dict(bt=128, bo=64, cols=512, num_warps=4, num_stages=3)
 BACKWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
 
 
@@ -139,15 +145,16 @@ def forward(g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor, ad: Tenso
     return [h, zd_part.sum(0).to(z.dtype)]
 
 
-def backward(dh: Tensor, g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor, **config) -> list[Tensor]:
-    """[dg, du, h, dz = [dg B_g, du B_u]]."""
+def backward(dh: Tensor, dzd: Tensor, ad: Tensor, g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor,
+             **config) -> list[Tensor]:
+    """[dg, du, h, dz = [dg B_g, du B_u]] for the upstream gradient dh + dzd ad."""
     c = {**BACKWARD_CONFIG, **config}
-    (n, f), rg, ru = g0.shape, bg.shape[1], bu.shape[1]
+    (n, f), rg, ru, rd = g0.shape, bg.shape[1], bu.shape[1], ad.shape[0]
     grid, cols = _grid(n, f, c)
     dg, du, h = torch.empty_like(g0), torch.empty_like(u0), torch.empty_like(g0)
     dz_part = torch.empty(grid[1], n, rg + ru, dtype=torch.float32, device=g0.device)
-    _backward_kernel[grid](dh, g0, u0, z, bg.contiguous(), bu.contiguous(), dg, du, h, dz_part, n, f, rg + ru,
-                           rg, ru, COLS=cols, BT=c["bt"], BO=c["bo"], RP=_pad(max(rg, ru)),
-                           PREC=_precision(g0.dtype), num_warps=c["num_warps"],
+    _backward_kernel[grid](dh, dzd.contiguous(), ad.contiguous(), g0, u0, z, bg.contiguous(), bu.contiguous(), dg,
+                           du, h, dz_part, n, f, rg + ru, rg, ru, rd, COLS=cols, BT=c["bt"], BO=c["bo"],
+                           RP=_pad(max(rg, ru)), RPD=_pad(rd), PREC=_precision(g0.dtype), num_warps=c["num_warps"],
                            num_stages=c["num_stages"])
     return [dg, du, h, dz_part.sum(0).to(z.dtype)]

@@ -76,3 +76,16 @@ def test_heads_that_do_more_take_the_plain_path():
     assert logprobs._plain_head(model) is model.lm_head
     model.config.final_logit_softcapping = 30.0
     assert logprobs._plain_head(model) is None
+
+
+def test_bf16_logit_gradient_is_rounded_once():
+    # a confident target (p near 1): its entry 1 − p must be made in fp32 and rounded once, not
+    # rounded as −p first (which would leave 1 − p with an absolute error of bf16's spacing near 1)
+    logits = torch.tensor([[9.0, 2.0, 1.0, 0.5], [0.1, 0.2, 8.0, 0.0]])
+    targets = torch.tensor([0, 2])
+    logprob, dlogits = logprobs._chunk_logprob_and_grad(logits.clone(), targets, torch.bfloat16)
+    ref = torch.nn.functional.one_hot(targets, 4).double() - logits.double().softmax(-1)
+    assert dlogits.dtype == torch.bfloat16
+    torch.testing.assert_close(dlogits.double(), ref.to(torch.bfloat16).double(), atol=0, rtol=0)
+    torch.testing.assert_close(logprob.double(), logits.double().log_softmax(-1).gather(1, targets[:, None])[:, 0],
+                               atol=1e-6, rtol=1e-6)

@@ -100,7 +100,7 @@ def random_swiglu_inputs(n, f, rg, ru, rd, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     make = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     return dict(dh=make(n, f), g0=make(n, f), u0=make(n, f), z=make(n, rg + ru), bg=make(f, rg) * 0.3,
-                bu=make(f, ru) * 0.3, ad=make(rd, f) * 0.1)
+                bu=make(f, ru) * 0.3, ad=make(rd, f) * 0.1, dzd=make(n, rd))
 
 
 def kernel_devices():
@@ -118,9 +118,10 @@ def test_triton_kernels_match_the_reference(dtype, shape):
     fp64 = {k: v.double() for k, v in t.items()}
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     args = ("g0", "u0", "z", "bg", "bu")
-    outs = swiglu_triton.forward(*(t[k] for k in args), t["ad"]) + swiglu_triton.backward(t["dh"], *(t[k] for k in args))
+    back = ("dh", "dzd", "ad") + args
+    outs = swiglu_triton.forward(*(t[k] for k in args), t["ad"]) + swiglu_triton.backward(*(t[k] for k in back))
     refs = swiglu_forward_reference(*(fp64[k] for k in args), fp64["ad"]) + swiglu_backward_reference(
-        fp64["dh"], *(fp64[k] for k in args))
+        *(fp64[k] for k in back))
     for name, out, r in zip(("h", "z_d", "dg", "du", "h again", "dz"), outs, refs):
         assert out.dtype == dtype, name
         assert out.shape == r.shape, name
