@@ -68,7 +68,7 @@ FFN = ["gate_proj", "up_proj", "down_proj"]
 
 def _timed(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
     """(seconds per step, last loss), after `warmup` untimed steps."""
-    step_s, loss = throughput.timed_steps(step, steps, warmup, device)
+    step_s, loss, _ = throughput.timed_steps(step, steps, warmup, device)
     return step_s, float(loss)
 
 

@@ -96,7 +96,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     step = train_step(lambda: loss_fn(model, loss_case, ids), opt, device)
-    step_s, loss = timed_steps(step, steps, warmup, device)
+    step_s, loss, _ = timed_steps(step, steps, warmup, device)
     extra = {}
     if profile and cuda:  # after the timing, so the profiler does not slow the timed steps
         from bench.profile_step import profile as profile_steps

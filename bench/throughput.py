@@ -28,6 +28,9 @@ FLOPs/token = 4·frozen + 6·trainable + 6·layers·seq·attn_width over 989 TFL
 `frozen` counts every base parameter, the embedding and lm_head both (a tied matrix twice), and a
 frozen LoRA-FA `A` (counted after the optimizer is made, as peft-fa freezes A there).
 `--batch` takes several sizes (a sweep); a case that runs out of memory reports error "OOM".
+With NVML (`pip install nvidia-ml-py`) each line also gives the GPU's joules per step, mean power
+against the enforced power limit, the SM clock at the end and tokens per joule: a case at the limit
+runs at a lowered clock (see EnergyMeter).
 A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch.
 Variants of the efftune cases: `--torch-partitioner` (train.compile_lean: false), `--autotune`
 (train.compile_autotune), `--unfused` (each LoRA layer runs its base linear and its two LoRA GEMMs
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -169,17 +173,51 @@ def train_step(compute_loss, opt: torch.optim.Optimizer, device: torch.device, c
     return step
 
 
-def timed_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    """(seconds per timed step, last loss) after `warmup` untimed steps (compilation happens there)."""
+def timed_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, torch.Tensor, dict]:
+    """(seconds per timed step, last loss, the GPU's energy over the timed steps) after `warmup`
+    untimed steps (compilation happens there)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         loss = step()
     sync()
+    meter = EnergyMeter(device)
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
     sync()
-    return (time.perf_counter() - start) / steps, loss
+    seconds = time.perf_counter() - start
+    return seconds / steps, loss, meter.read(seconds, steps)
+
+
+class EnergyMeter:
+    """The GPU's energy counter through NVML (`pip install nvidia-ml-py`), read at construction and
+    in `read`: mean power against the enforced power limit shows whether a case ran power-capped,
+    where the chip lowers its clock and time saved in memory-bound kernels buys less. Empty without
+    NVML or a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.nvml, self.handle, self.start, self.error = None, None, None, None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # NVML counts every GPU, CUDA the visible ones
+            if visible:
+                index = int(visible.split(",")[index])
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.nvml, self.start = pynvml, pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        except Exception as e:  # no NVML, or a driver without the energy counter
+            self.nvml, self.error = None, f"{type(e).__name__}: {e}"[:120]
+
+    def read(self, seconds: float, steps: int) -> dict:
+        if self.nvml is None:
+            return {} if self.error is None else dict(energy_error=self.error)
+        joules = (self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) - self.start) / 1000
+        return dict(joules_per_step=round(joules / steps, 2), mean_power_w=round(joules / seconds, 1),
+                    power_limit_w=self.nvml.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1000,
+                    sm_clock_mhz=self.nvml.nvmlDeviceGetClockInfo(self.handle, self.nvml.NVML_CLOCK_SM))
 
 
 def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int) -> dict:
@@ -196,7 +234,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     from efftune.train.compile import partitioner
     compiled = "-compile" in case
     with partitioner(MEMORY_BUDGET if compiled else None, lean=not TORCH_PARTITIONER):  # compiles in warm-up
-        step_s, loss = timed_steps(step, steps, warmup, device)
+        step_s, loss, energy = timed_steps(step, steps, warmup, device)
     cfg = SHAPES[shape]
     tokens_s = batch * seq / step_s
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
@@ -209,7 +247,8 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                 mfu=round(tokens_s * flops_token / PEAK_FLOPS, 4), frozen=frozen, trainable=trainable,
-                loss=round(loss.item(), 4), device=torch.cuda.get_device_name() if cuda else "cpu")
+                loss=round(loss.item(), 4), device=torch.cuda.get_device_name() if cuda else "cpu", **energy,
+                tokens_per_joule=round(batch * seq / energy["joules_per_step"], 1) if "joules_per_step" in energy else None)
 
 
 def run_worker(cmd: list[str], head: dict, timeout: int, env: dict | None = None) -> dict:
