@@ -10,6 +10,9 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
   swiglu     the fused SwiGLU-with-LoRA kernels (efftune.methods.swiglu_triton) at the MLP's shape:
              each pass's bandwidth over a sweep of tile sizes, and a compiled MLP forward + backward
              with the fused op against the lora_linears ops with SwiGLU left to Inductor
+  floor      the work no bf16 LoRA implementation can skip, one training step's worth back to back
+             (frozen GEMMs both ways, cuDNN attention, LM head): time and, with NVML, joules per step,
+             to set against a real step's (bench/throughput.py prints those too); not in the default run
 Prints one JSON line per measurement with its TFLOP/s (GB/s for the SwiGLU passes).
 
     PYTHONPATH=. python bench/kernels.py --shape llama3-8b
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -154,15 +158,68 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     return rows
 
 
+def floor(cfg: dict, seq: int, repeats: int = 15) -> list[dict]:
+    """The work no LoRA implementation can skip in bf16, run back to back as a training step runs it:
+    every frozen projection's forward and input-gradient GEMM in every layer (none for the first
+    layer's q/k/v, whose input needs no gradient), causal GQA attention forward and backward (cuDNN),
+    and the LM head both ways in 1,024-token chunks. Time and, with NVML, the GPU's energy per step:
+    what is left of a real step's time and joules is what LoRA, norms, RoPE, the loss and the
+    optimizer cost. 15 steps (over 3 s at 8B): the power limiter lets the first second run above the
+    limit, so fewer steps read too fast and too hot."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bench.throughput import EnergyMeter
+    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    dim, bf = h // heads, dict(device="cuda", dtype=torch.bfloat16)
+    projections = [(h, h), (h, dim * kv_heads), (h, dim * kv_heads), (h, h), (h, inter), (h, inter), (inter, h)]
+    weights = [[torch.randn(o, i, **bf) * 0.02 for i, o in projections] for _ in range(layers)]
+    head = torch.randn(vocab, h, **bf) * 0.02
+    acts = {n: torch.randn(seq, n, **bf) for n in {n for p in projections for n in p}}
+    q = torch.randn(1, heads, seq, dim, **bf, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, seq, dim, **bf, requires_grad=True) for _ in range(2))
+    grad_o, chunk = torch.randn_like(q), 1024
+
+    def step() -> int:
+        """One step's unavoidable work; returns its GEMM FLOPs."""
+        flops = 0
+        for layer, ws in enumerate(weights):
+            for slot, ((fan_in, fan_out), w) in enumerate(zip(projections, ws)):
+                acts[fan_in] @ w.t()
+                flops += 2 * seq * fan_in * fan_out
+                if layer or slot >= 3:  # the first layer's q/k/v input gradient is never needed
+                    acts[fan_out] @ w
+                    flops += 2 * seq * fan_in * fan_out
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            torch.autograd.grad(out, (q, k, v), grad_o)
+        for i in range(0, seq, chunk):
+            (acts[h][i:i + chunk] @ head.t()) @ head
+            flops += 4 * chunk * h * vocab
+        return flops
+
+    step()  # warm-up (cuDNN plans, cuBLAS heuristics)
+    torch.cuda.synchronize()
+    meter, start = EnergyMeter(torch.device("cuda")), time.perf_counter()
+    for _ in range(repeats):
+        flops = step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return [dict(kind="floor", what="frozen GEMMs + attention + LM head, one step", ms=round(seconds / repeats * 1e3, 1),
+                 gemm_tflop=round(flops / 1e12, 1), **meter.read(seconds, repeats))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu"), help="one kind of measurement")
+    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu", "floor"),
+                    help="one kind of measurement")
     args = ap.parse_args()
     cfg = SHAPES[args.shape]
-    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu}
-    for row in (row for kind, run in kinds.items() if args.only in (None, kind) for row in run(cfg, args.seq)):
+    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu, "floor": floor}
+    chosen = [args.only] if args.only else [k for k in kinds if k != "floor"]  # floor holds a whole model's weights
+    for row in (row for kind in chosen for row in kinds[kind](cfg, args.seq)):
         print(json.dumps(dict(shape=args.shape, seq=args.seq, **row)), flush=True)
 
 
