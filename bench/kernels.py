@@ -6,7 +6,9 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
              fused forms a model could use instead (q/k/v in one, gate/up in one), in bf16
   lora-add   ways to add a rank-16 LoRA term to those GEMMs: the frozen GEMM accumulating onto the
              LoRA product (beta = 1, what efftune's lora_linears does), the LoRA product
-             accumulating onto the frozen GEMM's output, or both apart plus an add
+             accumulating onto the frozen GEMM's output, or both apart plus an add; and the sibling
+             groups (q/k/v, gate/up) one GEMM per member, as efftune runs them, against their
+             weights stored as one matrix
   swiglu     the fused SwiGLU-with-LoRA kernels (efftune.methods.swiglu_triton) at the MLP's shape:
              each pass's bandwidth over a sweep of tile sizes, and a compiled MLP forward + backward
              with the fused op against the lora_linears ops with SwiGLU left to Inductor
@@ -108,6 +110,46 @@ def lora_adds(cfg: dict, seq: int, r: int = 16) -> list[dict]:
         }
         for (direction, way), fn in ways.items():
             rows.append(dict(kind="lora-add", projection=name, direction=direction, way=way,
+                             ms=round(cuda_time_ms(fn, iters=50), 4)))
+    return rows + packed_groups(cfg, seq, r)
+
+
+def packed_groups(cfg: dict, seq: int, r: int = 16) -> list[dict]:
+    """Siblings that read one input (q/k/v; gate/up) as efftune runs them, one frozen GEMM per member
+    accumulating onto the LoRA term, against their weights stored as one matrix: one GEMM each way
+    (the LoRA products against a block-diagonal B), and the copy that joins the members' output
+    gradients for it when they arrive apart."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for name, outs, lora_first in (("q/k/v", (h, kv, kv), True), ("gate/up", (inter, inter), False)):
+        x, a = torch.randn(seq, h, **bf), torch.randn(r * len(outs), h, **bf)
+        ws = [torch.randn(o, h, **bf) for o in outs]
+        bs = [torch.randn(o, r, **bf) for o in outs]
+        dys = [torch.randn(seq, o, **bf) for o in outs]
+        z, dz = torch.randn(seq, r * len(outs), **bf), torch.randn(seq, r * len(outs), **bf)
+        w_cat, b_diag, dy_cat = torch.cat(ws), torch.block_diag(*bs), torch.cat(dys, 1)
+
+        def forward_apart():
+            if lora_first:  # lora_linears: each member's frozen GEMM onto its LoRA product
+                return [(z[:, i * r:(i + 1) * r] @ b.T).addmm_(x, w.T) for i, (w, b) in enumerate(zip(ws, bs))]
+            return [x @ w.T for w in ws]  # swiglu_lora: plain GEMMs, the updates join in the Triton pass
+
+        def input_grad_apart():
+            dx = dz @ a
+            for dy, w in zip(dys, ws):
+                dx.addmm_(dy, w)
+            return dx
+
+        ways = {("forward", "apart (efftune now)"): forward_apart,
+                ("forward", "one matrix"): (lambda: (z @ b_diag.T).addmm_(x, w_cat.T)) if lora_first
+                else (lambda: x @ w_cat.T),
+                ("input grad", "apart (efftune now)"): input_grad_apart,
+                ("input grad", "one matrix"): lambda: (dz @ a).addmm_(dy_cat, w_cat),
+                ("input grad", "joining the output gradients"): lambda: torch.cat(dys, 1)}
+        for (direction, way), fn in ways.items():
+            rows.append(dict(kind="packed", group=name, direction=direction, way=way,
                              ms=round(cuda_time_ms(fn, iters=50), 4)))
     return rows
 
