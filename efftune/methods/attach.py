@@ -84,6 +84,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def hooked(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run hooks (their own or global ones). A fused path that
+    computes their outputs without calling them must step aside then, or the hooks would not run."""
+    from torch.nn.modules import module as m
+    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks \
+            or m._global_backward_pre_hooks:
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
+               for mod in modules)
+
+
 def wrappers(model: nn.Module, kind: type[T]) -> Iterator[tuple[str, T]]:
     """Every attached wrapper of type `kind`, with its module path."""
     for name, module in model.named_modules():

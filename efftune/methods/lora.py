@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, EfftuneError
-from .attach import _conv1d_class, find_targets, freeze_base, master_dtype, replace_module, wrappers
+from .attach import _conv1d_class, find_targets, freeze_base, hooked, master_dtype, replace_module, wrappers
 from .lora_ops import fused_lora_linears
 from .swiglu_lora import unwrap_swiglu_mlps, wrap_swiglu_mlps
 
@@ -114,8 +114,8 @@ class FusedLinears:
         for layer in self.layers:
             adapter, base = layer.adapters[name[0]], layer.base_layer
             if type(adapter) is not LoraAdapter or not isinstance(adapter.dropout, nn.Identity) \
-                    or layer.batch_adapters is not None or type(base) is not nn.Linear \
-                    or base._forward_hooks or base._forward_pre_hooks or base.weight.requires_grad \
+                    or layer.batch_adapters is not None or type(base) is not nn.Linear or hooked(base) \
+                    or base.weight.requires_grad \
                     or (base.bias is not None and base.bias.requires_grad):
                 return None
         return name[0]

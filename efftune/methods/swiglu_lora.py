@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attach import hooked
 from .lora_ops import _LIB
 
 _LIB.define("swiglu_lora_forward(Tensor g0, Tensor u0, Tensor z, Tensor bg, Tensor bu, Tensor ad) -> Tensor[]")
@@ -178,7 +179,7 @@ class FusedSwiGLU(nn.Module):
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         if not all(isinstance(m, LoraLinear) and m.fused is not None for m in (gate, up, down)) \
                 or gate.fused.layers != [gate, up] or down.fused.layers != [down] \
-                or _hooked(gate, up, down, self.act_fn):
+                or hooked(gate, up, down, self.act_fn):
             return None
         if any(m.base_layer.bias is not None for m in (gate, up, down)):
             return None
@@ -190,16 +191,6 @@ class FusedSwiGLU(nn.Module):
         (w_d,), _, a_d, (b_d,) = down.fused.operands(*d[1:])
         y = SwigluLora.apply(x.reshape(-1, x.shape[-1]).to(dtype), a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d)
         return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether calling these modules would run hooks, which the fused path does not call."""
-    from torch.nn.modules import module as m
-    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks \
-            or m._global_backward_pre_hooks:
-        return True
-    return any(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
-               for mod in modules)
 
 
 def wrap_swiglu_mlps(model: nn.Module) -> int:

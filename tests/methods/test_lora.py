@@ -300,5 +300,9 @@ def test_fused_linears_step_aside_for_what_they_cannot_fuse():
     handle = layer.base_layer.register_forward_hook(lambda *a: None)
     assert group._adapter() is None  # a hook on a base layer must still run
     handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    assert group._adapter() is None  # so must a global hook, which would see each base layer's call
+    handle.remove()
+    assert group._adapter() == "a"
     layer.base_layer.weight.requires_grad_(True)
     assert group._adapter() is None  # a trained base weight needs its gradient
