@@ -118,7 +118,8 @@ def packed_groups(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     """Siblings that read one input (q/k/v; gate/up) as efftune runs them, one frozen GEMM per member
     accumulating onto the LoRA term, against their weights stored as one matrix: one GEMM each way
     (the LoRA products against a block-diagonal B), and the copy that joins the members' output
-    gradients for it when they arrive apart."""
+    gradients for it when they arrive apart. Both ways run lora_ops' own functions."""
+    from efftune.methods.lora_ops import linears_input_grad, lora_output
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -133,20 +134,14 @@ def packed_groups(cfg: dict, seq: int, r: int = 16) -> list[dict]:
 
         def forward_apart():
             if lora_first:  # lora_linears: each member's frozen GEMM onto its LoRA product
-                return [(z[:, i * r:(i + 1) * r] @ b.T).addmm_(x, w.T) for i, (w, b) in enumerate(zip(ws, bs))]
+                return [lora_output(x, w, None, z[:, i * r:(i + 1) * r], b) for i, (w, b) in enumerate(zip(ws, bs))]
             return [x @ w.T for w in ws]  # swiglu_lora: plain GEMMs, the updates join in the Triton pass
 
-        def input_grad_apart():
-            dx = dz @ a
-            for dy, w in zip(dys, ws):
-                dx.addmm_(dy, w)
-            return dx
-
         ways = {("forward", "apart (efftune now)"): forward_apart,
-                ("forward", "one matrix"): (lambda: (z @ b_diag.T).addmm_(x, w_cat.T)) if lora_first
+                ("forward", "one matrix"): (lambda: lora_output(x, w_cat, None, z, b_diag)) if lora_first
                 else (lambda: x @ w_cat.T),
-                ("input grad", "apart (efftune now)"): input_grad_apart,
-                ("input grad", "one matrix"): lambda: (dz @ a).addmm_(dy_cat, w_cat),
+                ("input grad", "apart (efftune now)"): lambda: linears_input_grad(dz, a, dys, ws),
+                ("input grad", "one matrix"): lambda: linears_input_grad(dz, a, [dy_cat], [w_cat]),
                 ("input grad", "joining the output gradients"): lambda: torch.cat(dys, 1)}
         for (direction, way), fn in ways.items():
             rows.append(dict(kind="packed", group=name, direction=direction, way=way,
