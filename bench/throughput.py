@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -192,8 +191,8 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[fl
 class EnergyMeter:
     """The GPU's energy counter through NVML (`pip install nvidia-ml-py`), read at construction and
     in `read`: mean power against the enforced power limit shows whether a case ran power-capped,
-    where the chip lowers its clock and time saved in memory-bound kernels buys less. Empty without
-    NVML or a GPU."""
+    where the chip lowers its clock and time saved in memory-bound kernels buys less. The counter
+    moves in coarse updates: trust it over a second or more of timed steps. Empty without NVML or a GPU."""
 
     def __init__(self, device: torch.device):
         self.nvml, self.handle, self.start, self.error = None, None, None, None
@@ -202,11 +201,8 @@ class EnergyMeter:
         try:
             import pynvml
             pynvml.nvmlInit()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # NVML counts every GPU, CUDA the visible ones
-            if visible:
-                index = int(visible.split(",")[index])
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            # by UUID: NVML numbers every GPU on the host, CUDA only the visible ones
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(device).uuid}")
             self.nvml, self.start = pynvml, pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
         except Exception as e:  # no NVML, or a driver without the energy counter
             self.nvml, self.error = None, f"{type(e).__name__}: {e}"[:120]
@@ -215,6 +211,8 @@ class EnergyMeter:
         if self.nvml is None:
             return {} if self.error is None else dict(energy_error=self.error)
         joules = (self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) - self.start) / 1000
+        if joules <= 0:  # the counter moves in coarse updates: too short a run reads nothing
+            return dict(energy_error=f"the energy counter did not advance in {seconds:.3f} s")
         return dict(joules_per_step=round(joules / steps, 2), mean_power_w=round(joules / seconds, 1),
                     power_limit_w=self.nvml.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1000,
                     sm_clock_mhz=self.nvml.nvmlDeviceGetClockInfo(self.handle, self.nvml.NVML_CLOCK_SM))
