@@ -155,8 +155,8 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     from efftune.methods.swiglu_lora import SwigluLora
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     bf = dict(device="cuda", dtype=torch.bfloat16)
-    g0, u0, dh = (torch.randn(seq, f, **bf) for _ in range(3))
-    z, ad, dzd = torch.randn(seq, 2 * r, **bf), torch.randn(r, f, **bf), torch.randn(seq, r, **bf)
+    gu, dh = torch.randn(seq, 2 * f + 2 * r, **bf), torch.randn(seq, f, **bf)  # gu = [g0 | u0 | z]
+    ad, dzd = torch.randn(r, f, **bf), torch.randn(seq, r, **bf)
     bg, bu = torch.randn(f, r, **bf), torch.randn(f, r, **bf)
     rows = []
     sweep = [dict(num_warps=w, bt=bt, bo=bo, cols=co, num_stages=st) for w in (4, 8)
@@ -164,8 +164,8 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
              if (w, bt, bo) not in ((8, 32, 64), (8, 32, 128))]
     # bytes: forward reads g0, u0, writes h; backward reads dh, g0, u0, writes dg, du, h
     for part, fn, tensors, configs in (
-            ("forward", lambda c: swiglu_triton.forward(g0, u0, z, bg, bu, ad, **c), 3, sweep),
-            ("backward", lambda c: swiglu_triton.backward(dh, dzd, ad, g0, u0, z, bg, bu, **c), 6, sweep)):
+            ("forward", lambda c: swiglu_triton.forward(gu, bg, bu, ad, **c), 3, sweep),
+            ("backward", lambda c: swiglu_triton.backward(dh, dzd, ad, gu, bg, bu, **c), 6, sweep)):
         for c in configs:
             try:
                 ms = cuda_time_ms(lambda: fn(c), iters=10, warmup=2)
@@ -180,8 +180,8 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     a_gu, a_d = torch.randn(2 * r, h, **bf, requires_grad=True), torch.randn(r, f, **bf, requires_grad=True)
     b_g, b_u, b_d = (torch.randn(n, r, **bf, requires_grad=True) for n in (f, f, h))
 
-    def fused():
-        return SwigluLora.apply(x, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d)
+    def fused():  # w_g and w_u apart (not packed): the op multiplies them one by one
+        return SwigluLora.apply(x, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d, None)
 
     def apart():
         g, u = fused_lora_linears(x, [w_g, w_u], [None, None], a_gu, [b_g, b_u])

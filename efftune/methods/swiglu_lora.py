@@ -6,14 +6,16 @@
 Why: at 8B shapes the MLP's middle tensors (tokens × 14336) dominate LoRA's memory traffic.
 The `lora_linears` path writes the gate and up updates `z B_gᵀ`, `z B_uᵀ` at full width, reads h
 again for the down projection's `z_d`, and backward reads dg and du again for dz. Here:
-- forward adds the rank-r updates inside the SwiGLU pass (`swiglu_lora_forward`); the frozen
-  GEMMs write g0 = x W_gᵀ and u0 = x W_uᵀ, which are kept instead of g and u;
+- forward makes `[g0 | u0 | z] = x [W_g; W_u; Â_gu]ᵀ` in one GEMM (the frozen weights are stored as
+  one matrix with rows to spare for Â: `packing`) and adds the rank-r updates inside the SwiGLU
+  pass (`swiglu_lora_forward`); g0 and u0 are kept instead of g and u;
 - forward's pass also makes the down projection's `z_d = h Â_dᵀ` (no second read of h);
 - backward runs one pass over (dh0, g0, u0) (`swiglu_lora_backward`) that adds the down
   projection's LoRA term to its frozen input gradient (dh = dh0 + dz_d Â_d, dh0 = dy W_d), recomputes
-  g, u and makes dg, du, h and `dz = [dg B_g, du B_u]` together (no second read of dg and du for dz,
-  no full-width dz_d Â_d);
-- the input gradient `dx = dz Â_gu + dg W_g + du W_u` accumulates in place (`lora_ops`).
+  g, u and writes dg, du and `dz = [dg B_g, du B_u]` side by side, and h (no second read of dg and
+  du for dz, no full-width dz_d Â_d);
+- the input gradient `dx = [dg | du | dz] [W_g; W_u; Â_gu]` is then one plain GEMM, where three
+  GEMMs accumulating onto one output would each read it back.
 On CUDA the two passes are Triton kernels (`swiglu_triton`); elsewhere (CPU, float64 tests) the
 same ops run in PyTorch.
 
@@ -32,57 +34,58 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import packing
 from .attach import hooked
 from .lora_ops import _LIB
 
-_LIB.define("swiglu_lora_forward(Tensor g0, Tensor u0, Tensor z, Tensor bg, Tensor bu, Tensor ad) -> Tensor[]")
-_LIB.define("swiglu_lora_backward(Tensor dh, Tensor dzd, Tensor ad, Tensor g0, Tensor u0, Tensor z, Tensor bg, "
-            "Tensor bu) -> Tensor[]")
+_LIB.define("swiglu_lora_forward(Tensor gu, Tensor bg, Tensor bu, Tensor ad) -> Tensor[]")
+_LIB.define("swiglu_lora_backward(Tensor dh, Tensor dzd, Tensor ad, Tensor gu, Tensor bg, Tensor bu) -> Tensor[]")
 
 
-def _gate_up(g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor) -> tuple[Tensor, Tensor]:
-    """g and u with their LoRA updates, in fp32 at least (as the kernels add them)."""
-    acc = torch.promote_types(g0.dtype, torch.float32)
-    rg = bg.shape[1]
+def _gate_up(gu: Tensor, bg: Tensor, bu: Tensor) -> tuple[Tensor, Tensor]:
+    """g and u with their LoRA updates, in fp32 at least (as the kernels add them), from gu = [g0 | u0 | z]."""
+    acc = torch.promote_types(gu.dtype, torch.float32)
+    (f, rg), ru = bg.shape, bu.shape[1]
+    g0, u0, z = gu[:, :f], gu[:, f:2 * f], gu[:, 2 * f:]
     g = torch.addmm(g0.to(acc), z[:, :rg].to(acc), bg.t().to(acc))
-    u = torch.addmm(u0.to(acc), z[:, rg:].to(acc), bu.t().to(acc))
+    u = torch.addmm(u0.to(acc), z[:, rg:rg + ru].to(acc), bu.t().to(acc))
     return g, u
 
 
-def swiglu_forward_reference(g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor, ad: Tensor) -> list[Tensor]:
-    """[h, z_d]: h = silu(g0 + z_g B_gᵀ) · (u0 + z_u B_uᵀ) rounded once to g0's dtype, z_d = h Â_dᵀ."""
-    g, u = _gate_up(g0, u0, z, bg, bu)
-    h = (F.silu(g) * u).to(g0.dtype)
+def swiglu_forward_reference(gu: Tensor, bg: Tensor, bu: Tensor, ad: Tensor) -> list[Tensor]:
+    """[h, z_d]: h = silu(g0 + z_g B_gᵀ) · (u0 + z_u B_uᵀ) rounded once to gu's dtype, z_d = h Â_dᵀ."""
+    g, u = _gate_up(gu, bg, bu)
+    h = (F.silu(g) * u).to(gu.dtype)
     return [h, h @ ad.t()]
 
 
-def swiglu_backward_reference(dh: Tensor, dzd: Tensor, ad: Tensor, g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor,
-                              bu: Tensor) -> list[Tensor]:
-    """[dg, du, h, dz = [dg B_g, du B_u]] for the upstream gradient dh + dzd ad (summed in fp32 at least)."""
-    g, u = _gate_up(g0, u0, z, bg, bu)
+def swiglu_backward_reference(dh: Tensor, dzd: Tensor, ad: Tensor, gu: Tensor, bg: Tensor, bu: Tensor) -> list[Tensor]:
+    """[dgu = [dg | du | dz], h] for the upstream gradient dh + dzd ad (summed in fp32 at least),
+    dz = [dg B_g, du B_u]."""
+    g, u = _gate_up(gu, bg, bu)
     s = torch.sigmoid(g)
     silu = g * s
     dhf = torch.addmm(dh.to(g.dtype), dzd.to(g.dtype), ad.to(g.dtype))
     dg = (dhf * u * s * (1 + g * (1 - s))).to(dh.dtype)
     du = (dhf * silu).to(dh.dtype)
-    return [dg, du, (silu * u).to(dh.dtype), torch.cat([dg @ bg, du @ bu], dim=1)]
+    return [torch.cat([dg, du, dg @ bg, du @ bu], dim=1), (silu * u).to(dh.dtype)]
 
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 takes the PyTorch version
 
 
-def _cuda_forward(g0, u0, z, bg, bu, ad):
-    if g0.dtype not in _KERNEL_DTYPES:
-        return swiglu_forward_reference(g0, u0, z, bg, bu, ad)
+def _cuda_forward(gu, bg, bu, ad):
+    if gu.dtype not in _KERNEL_DTYPES:
+        return swiglu_forward_reference(gu, bg, bu, ad)
     from . import swiglu_triton
-    return swiglu_triton.forward(g0, u0, z, bg, bu, ad)
+    return swiglu_triton.forward(gu, bg, bu, ad)
 
 
-def _cuda_backward(dh, dzd, ad, g0, u0, z, bg, bu):
-    if g0.dtype not in _KERNEL_DTYPES:
-        return swiglu_backward_reference(dh, dzd, ad, g0, u0, z, bg, bu)
+def _cuda_backward(dh, dzd, ad, gu, bg, bu):
+    if gu.dtype not in _KERNEL_DTYPES:
+        return swiglu_backward_reference(dh, dzd, ad, gu, bg, bu)
     from . import swiglu_triton
-    return swiglu_triton.backward(dh, dzd, ad, g0, u0, z, bg, bu)
+    return swiglu_triton.backward(dh, dzd, ad, gu, bg, bu)
 
 
 _LIB.impl("swiglu_lora_forward", swiglu_forward_reference, "CompositeExplicitAutograd")
@@ -103,36 +106,40 @@ if triton_available():  # CUDA tensors take the kernels; the PyTorch versions st
 
 
 @torch.library.register_fake("efftune::swiglu_lora_forward", lib=_LIB)
-def _(g0, u0, z, bg, bu, ad):
-    return [torch.empty_like(g0), z.new_empty(z.shape[0], ad.shape[0])]
+def _(gu, bg, bu, ad):
+    return [gu.new_empty(gu.shape[0], bg.shape[0]), gu.new_empty(gu.shape[0], ad.shape[0])]
 
 
 @torch.library.register_fake("efftune::swiglu_lora_backward", lib=_LIB)
-def _(dh, dzd, ad, g0, u0, z, bg, bu):
-    return [torch.empty_like(g0), torch.empty_like(u0), torch.empty_like(g0), torch.empty_like(z)]
+def _(dh, dzd, ad, gu, bg, bu):
+    return [torch.empty_like(gu), gu.new_empty(gu.shape[0], bg.shape[0])]
 
 
 class SwigluLora(torch.autograd.Function):
-    """apply(x, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d) -> y, all 2-D in one compute dtype;
-    a_gu = [s_g A_g; s_u A_u], a_d = s_d A_d. Gradients for x, the A stacks and the B factors."""
+    """apply(x, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d, spare) -> y, all 2-D in one compute dtype;
+    a_gu = [s_g A_g; s_u A_u], a_d = s_d A_d; `spare`: the spare rows of w_g and w_u's packing, or None
+    (`packing`).
+    Gradients for x, the A stacks and the B factors."""
 
     @staticmethod
-    def forward(ctx, x, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d):
-        z = x @ a_gu.t()
-        g0, u0 = x @ w_g.t(), x @ w_u.t()
-        h, zd = torch.ops.efftune.swiglu_lora_forward(g0, u0, z, b_g, b_u, a_d)
-        ctx.save_for_backward(x, g0, u0, z, zd, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d)
+    def forward(ctx, x, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d, spare):
+        gu = torch.ops.efftune.rows_mm(x, [w_g, w_u], a_gu, spare)  # [g0 | u0 | z] in one GEMM
+        h, zd = torch.ops.efftune.swiglu_lora_forward(gu, b_g, b_u, a_d)
+        ctx.save_for_backward(x, gu, zd, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d, spare)
         return torch.ops.efftune.lora_output(h, w_d, None, zd, b_d)
 
     @staticmethod
     def backward(ctx, dy):
-        x, g0, u0, z, zd, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d = ctx.saved_tensors
+        x, gu, zd, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d, spare = ctx.saved_tensors
         dzd = dy @ b_d
         dh0 = dy @ w_d  # the frozen down projection's input gradient, plain: its LoRA term joins in the pass
-        dg, du, h, dz = torch.ops.efftune.swiglu_lora_backward(dh0, dzd, a_d, g0, u0, z, b_g, b_u)
-        rg = b_g.shape[1]
-        dx = torch.ops.efftune.input_grad(dz, a_gu, [dg, du], [w_g, w_u]) if ctx.needs_input_grad[0] else None
-        return (dx, dz.t() @ x, dzd.t() @ h, None, None, None, dg.t() @ z[:, :rg], du.t() @ z[:, rg:], dy.t() @ zd)
+        dgu, h = torch.ops.efftune.swiglu_lora_backward(dh0, dzd, a_d, gu, b_g, b_u)
+        (f, rg), ru = b_g.shape, b_u.shape[1]
+        # dx = [dg | du | dz] [W_g; W_u; Â_gu]: one plain GEMM where the weights are packed
+        dx = torch.ops.efftune.rows_grad(dgu, [w_g, w_u], a_gu, spare) if ctx.needs_input_grad[0] else None
+        z, dz = gu[:, 2 * f:], dgu[:, 2 * f:]
+        return (dx, dz.t() @ x, dzd.t() @ h, None, None, None, dgu[:, :f].t() @ z[:, :rg],
+                dgu[:, f:2 * f].t() @ z[:, rg:], dy.t() @ zd, None)
 
 
 _STANDARD_FORWARD = re.compile(r"(\w+) = self\.down_proj\(self\.act_fn\(self\.gate_proj\(x\)\) \* self\.up_proj\(x\)\)"
@@ -160,10 +167,35 @@ class FusedSwiGLU(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn
         self.__dict__["_original"] = mlp  # not a submodule: its children are registered here already
+        # the spare rows after the gate and up weights, packed as one matrix (set by pack())
+        self.register_buffer("gate_up_spare", None, persistent=False)
+
+    def pack(self) -> None:
+        """Store the gate and up projections' frozen weights as one matrix with spare rows for the
+        widest pair of their adapters' A factors (`packing`); a packing that still fits is kept."""
+        from .lora import LoraLinear
+        gate, up = self.gate_proj, self.up_proj
+        if not (isinstance(gate, LoraLinear) and isinstance(up, LoraLinear)) \
+                or type(gate.base_layer) is not nn.Linear or type(up.base_layer) is not nn.Linear:
+            self.gate_up_spare = None
+            return
+        rows = max((gate.adapters[n].r + up.adapters[n].r for n in gate.adapters if n in up.adapters), default=0)
+        bases = [gate.base_layer, up.base_layer]
+        if packing.matrix([b.weight for b in bases], self.gate_up_spare, rows) is None:
+            self.gate_up_spare = packing.pack_rows(bases, rows)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.gate_up_spare is not None:  # a move or a cast gave the weights storage of their own
+            self.pack()
+        return self
 
     def original(self) -> nn.Module:
-        """The replaced module, its children set to this one's current children."""
+        """The replaced module, its children set to this one's current children, and the gate and
+        up weights in storage of their own again."""
         mlp = self._original
+        packing.unpack([m.base_layer if hasattr(m, "base_layer") else m for m in (self.gate_proj, self.up_proj)])
+        self.gate_up_spare = None
         for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
             setattr(mlp, name, getattr(self, name))
         return mlp
@@ -189,7 +221,8 @@ class FusedSwiGLU(nn.Module):
         dtype = gu[2]
         (w_g, w_u), _, a_gu, (b_g, b_u) = gate.fused.operands(*gu[1:])
         (w_d,), _, a_d, (b_d,) = down.fused.operands(*d[1:])
-        y = SwigluLora.apply(x.reshape(-1, x.shape[-1]).to(dtype), a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d)
+        y = SwigluLora.apply(x.reshape(-1, x.shape[-1]).to(dtype), a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d,
+                             self.gate_up_spare)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -199,12 +232,13 @@ def wrap_swiglu_mlps(model: nn.Module) -> int:
     from .lora import LoraLinear
     count = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, FusedSwiGLU):
-            count += 1
-        elif is_swiglu_mlp(module) and all(isinstance(getattr(module, p, None), LoraLinear)
-                                           for p in ("gate_proj", "up_proj", "down_proj")):
+        if is_swiglu_mlp(module) and all(isinstance(getattr(module, p, None), LoraLinear)
+                                         for p in ("gate_proj", "up_proj", "down_proj")):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, FusedSwiGLU(module))
+            module = FusedSwiGLU(module)
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        if isinstance(module, FusedSwiGLU):
+            module.pack()  # again after a new adapter: its A factors may need more spare rows
             count += 1
     return count
 

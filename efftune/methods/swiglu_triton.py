@@ -1,6 +1,8 @@
 """Triton kernels for `swiglu_lora` (see there for the maths).
 
-Both passes walk the MLP's middle tensors (tokens × intermediate) once. A program owns BT tokens and
+Both passes walk the MLP's middle tensors (tokens × intermediate) once. They read g0, u0 and z as
+the column blocks of one matrix [g0 | u0 | z] (any row stride), and backward writes dg, du and dz
+the same way, so the input gradient is one GEMM over them. A program owns BT tokens and
 a group of COLS columns and loops over its (BT × BO) tiles; the rank-r products that reduce over
 columns (forward `z_d = h Â_dᵀ`, backward `dz = [dg B_g, du B_u]`) accumulate in registers and are
 written as one fp32 partial per column group, summed by the caller (deterministic, no atomics).
@@ -46,21 +48,21 @@ def _token_block(z_ptr, N, ZS, RG, RU, BT: tl.constexpr, RP: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_part,
-                    N, F, ZS, RG, RU, RD, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
+                    N, F, S, RG, RU, RD, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
                     RP: tl.constexpr, RPD: tl.constexpr, PREC: tl.constexpr):
-    rows, rmask, zg, zu = _token_block(z_ptr, N, ZS, RG, RU, BT, RP)
+    rows, rmask, zg, zu = _token_block(z_ptr, N, S, RG, RU, BT, RP)
     col0 = tl.program_id(1) * COLS
     acc = tl.zeros((BT, RPD), tl.float32)
     for ci in range(0, COLS // BO):
         cols = col0 + ci * BO + tl.arange(0, BO)
         cmask = cols < F
         tile = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * F + cols[None, :]
+        offs = rows[:, None] * S + cols[None, :]
         g0, u0 = tl.load(g0_ptr + offs, mask=tile, other=0.), tl.load(u0_ptr + offs, mask=tile, other=0.)
         g, _ = _plus_update(g0, zg, bg_ptr, cols, cmask, RG, 1, RG, RP, PREC)
         u, _ = _plus_update(u0, zu, bu_ptr, cols, cmask, RU, 1, RU, RP, PREC)
         h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + offs, h, mask=tile)
+        tl.store(h_ptr + rows[:, None] * F + cols[None, :], h, mask=tile)
         ad = _rank_tile(ad_ptr, cols, cmask, 1, F, 0, RD, RPD)  # Â_d[:, cols]ᵀ
         acc += tl.dot(h, ad, input_precision=PREC)
     kd = tl.arange(0, RPD)
@@ -70,29 +72,31 @@ def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_par
 
 @triton.jit
 def _backward_kernel(dh_ptr, dzd_ptr, ad_ptr, g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, dg_ptr, du_ptr, h_ptr,
-                     dz_part, N, F, ZS, RG, RU, RD, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
+                     dz_part, N, F, S, DS, RG, RU, RD, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
                      RP: tl.constexpr, RPD: tl.constexpr, PREC: tl.constexpr):
-    rows, rmask, zg, zu = _token_block(z_ptr, N, ZS, RG, RU, BT, RP)
+    rows, rmask, zg, zu = _token_block(z_ptr, N, S, RG, RU, BT, RP)
     dzd = _rank_tile(dzd_ptr, rows, rmask, RD, 1, 0, RD, RPD)  # the down projection's dz_d rows
     col0 = tl.program_id(1) * COLS
     acc_g = tl.zeros((BT, RP), tl.float32)
     acc_u = tl.zeros((BT, RP), tl.float32)
     dtype = dg_ptr.dtype.element_ty
     cols = col0 + tl.arange(0, BO)
-    offs = rows[:, None] * F + cols[None, :]
+    offs = rows[:, None] * S + cols[None, :]  # g0, u0 (row stride S)
+    offs_f = rows[:, None] * F + cols[None, :]  # dh, h (row stride F)
     tile = rmask[:, None] & (cols < F)[None, :]
     g0, u0 = tl.load(g0_ptr + offs, mask=tile, other=0.), tl.load(u0_ptr + offs, mask=tile, other=0.)
-    d = tl.load(dh_ptr + offs, mask=tile, other=0.)
+    d = tl.load(dh_ptr + offs_f, mask=tile, other=0.)
     for ci in range(0, COLS // BO):
         cols = col0 + ci * BO + tl.arange(0, BO)
         cmask = cols < F
         tile = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * F + cols[None, :]
+        offs = rows[:, None] * S + cols[None, :]
+        offs_f = rows[:, None] * F + cols[None, :]
         # the next tile's loads go out before this tile's work: more bytes in flight (5% faster)
         nxt = tile & (ci + 1 < COLS // BO) & ((cols + BO) < F)[None, :]
         g0_next = tl.load(g0_ptr + offs + BO, mask=nxt, other=0.)
         u0_next = tl.load(u0_ptr + offs + BO, mask=nxt, other=0.)
-        d_next = tl.load(dh_ptr + offs + BO, mask=nxt, other=0.)
+        d_next = tl.load(dh_ptr + offs_f + BO, mask=nxt, other=0.)
         g, bg = _plus_update(g0, zg, bg_ptr, cols, cmask, RG, 1, RG, RP, PREC)
         u, bu = _plus_update(u0, zu, bu_ptr, cols, cmask, RU, 1, RU, RP, PREC)
         df, _ = _plus_update(d, dzd, ad_ptr, cols, cmask, 1, F, RD, RPD, PREC)  # dh = dh0 + dz_d Â_d
@@ -100,14 +104,15 @@ def _backward_kernel(dh_ptr, dzd_ptr, ad_ptr, g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_
         silu = g * s
         dg = (df * u * s * (1.0 + g * (1.0 - s))).to(dtype)
         du = (df * silu).to(dtype)
-        tl.store(dg_ptr + offs, dg, mask=tile)
-        tl.store(du_ptr + offs, du, mask=tile)
-        tl.store(h_ptr + offs, (silu * u).to(dtype), mask=tile)
+        offs_d = rows[:, None] * DS + cols[None, :]
+        tl.store(dg_ptr + offs_d, dg, mask=tile)
+        tl.store(du_ptr + offs_d, du, mask=tile)
+        tl.store(h_ptr + offs_f, (silu * u).to(dtype), mask=tile)
         acc_g += tl.dot(dg, bg, input_precision=PREC)
         acc_u += tl.dot(du, bu, input_precision=PREC)
         g0, u0, d = g0_next, u0_next, d_next
     ks = tl.arange(0, RP)
-    out = dz_part + tl.program_id(1) * N * ZS + rows[:, None] * ZS + ks[None, :]
+    out = dz_part + tl.program_id(1) * N * (RG + RU) + rows[:, None] * (RG + RU) + ks[None, :]
     tl.store(out, acc_g, mask=rmask[:, None] & (ks[None, :] < RG))
     tl.store(out + RG, acc_u, mask=rmask[:, None] & (ks[None, :] < RU))
 
@@ -131,30 +136,41 @@ def _grid(n: int, f: int, c: dict) -> tuple[tuple[int, int], int]:
     return (triton.cdiv(n, c["bt"]), triton.cdiv(f, cols)), cols
 
 
-def forward(g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor, ad: Tensor, **config) -> list[Tensor]:
-    """[h, z_d = h adᵀ] (z_d in z's dtype)."""
+def _split(gu: Tensor, f: int, rg: int, ru: int) -> tuple[Tensor, Tensor, Tensor]:
+    """g0, u0, z: the column blocks of [g0 | u0 | z] (row stride gu.stride(0))."""
+    if gu.dim() != 2 or gu.stride(1) != 1 or gu.shape[1] != 2 * f + rg + ru:
+        raise ValueError(f"expected [g0 | u0 | z] of width {2 * f + rg + ru} with unit column stride, "
+                         f"got shape {tuple(gu.shape)} strides {gu.stride()}")
+    return gu[:, :f], gu[:, f:2 * f], gu[:, 2 * f:]
+
+
+def forward(gu: Tensor, bg: Tensor, bu: Tensor, ad: Tensor, **config) -> list[Tensor]:
+    """[h, z_d = h adᵀ] for gu = [g0 | u0 | z] (z_d in gu's dtype)."""
     c = {**FORWARD_CONFIG, **config}
-    (n, f), rg, ru, rd = g0.shape, bg.shape[1], bu.shape[1], ad.shape[0]
+    (f, rg), ru, rd, n = bg.shape, bu.shape[1], ad.shape[0], gu.shape[0]
+    g0, u0, z = _split(gu, f, rg, ru)
     grid, cols = _grid(n, f, c)
-    h = torch.empty_like(g0)
-    zd_part = torch.empty(grid[1], n, rd, dtype=torch.float32, device=g0.device)
+    h = gu.new_empty(n, f)
+    zd_part = torch.empty(grid[1], n, rd, dtype=torch.float32, device=gu.device)
     _forward_kernel[grid](g0, u0, z, bg.contiguous(), bu.contiguous(), ad.contiguous(), h, zd_part, n, f,
-                          z.shape[1], rg, ru, rd, COLS=cols, BT=c["bt"], BO=c["bo"], RP=_pad(max(rg, ru)),
-                          RPD=_pad(rd), PREC=_precision(g0.dtype), num_warps=c["num_warps"],
+                          gu.stride(0), rg, ru, rd, COLS=cols, BT=c["bt"], BO=c["bo"], RP=_pad(max(rg, ru)),
+                          RPD=_pad(rd), PREC=_precision(gu.dtype), num_warps=c["num_warps"],
                           num_stages=c["num_stages"])
-    return [h, zd_part.sum(0).to(z.dtype)]
+    return [h, zd_part.sum(0).to(gu.dtype)]
 
 
-def backward(dh: Tensor, dzd: Tensor, ad: Tensor, g0: Tensor, u0: Tensor, z: Tensor, bg: Tensor, bu: Tensor,
-             **config) -> list[Tensor]:
-    """[dg, du, h, dz = [dg B_g, du B_u]] for the upstream gradient dh + dzd ad."""
+def backward(dh: Tensor, dzd: Tensor, ad: Tensor, gu: Tensor, bg: Tensor, bu: Tensor, **config) -> list[Tensor]:
+    """[dgu = [dg | du | dz], h] for the upstream gradient dh + dzd ad, dz = [dg B_g, du B_u]."""
     c = {**BACKWARD_CONFIG, **config}
-    (n, f), rg, ru, rd = g0.shape, bg.shape[1], bu.shape[1], ad.shape[0]
+    (f, rg), ru, rd, n = bg.shape, bu.shape[1], ad.shape[0], gu.shape[0]
+    g0, u0, z = _split(gu, f, rg, ru)
     grid, cols = _grid(n, f, c)
-    dg, du, h = torch.empty_like(g0), torch.empty_like(u0), torch.empty_like(g0)
-    dz_part = torch.empty(grid[1], n, rg + ru, dtype=torch.float32, device=g0.device)
-    _backward_kernel[grid](dh, dzd.contiguous(), ad.contiguous(), g0, u0, z, bg.contiguous(), bu.contiguous(), dg,
-                           du, h, dz_part, n, f, rg + ru, rg, ru, rd, COLS=cols, BT=c["bt"], BO=c["bo"],
-                           RP=_pad(max(rg, ru)), RPD=_pad(rd), PREC=_precision(g0.dtype), num_warps=c["num_warps"],
-                           num_stages=c["num_stages"])
-    return [dg, du, h, dz_part.sum(0).to(z.dtype)]
+    dgu, h = gu.new_empty(gu.shape), gu.new_empty(n, f)
+    dg, du, dz = _split(dgu, f, rg, ru)
+    dz_part = torch.empty(grid[1], n, rg + ru, dtype=torch.float32, device=gu.device)
+    _backward_kernel[grid](dh.contiguous(), dzd.contiguous(), ad.contiguous(), g0, u0, z, bg.contiguous(),
+                           bu.contiguous(), dg, du, h, dz_part, n, f, gu.stride(0), dgu.stride(0), rg, ru, rd,
+                           COLS=cols, BT=c["bt"], BO=c["bo"], RP=_pad(max(rg, ru)), RPD=_pad(rd),
+                           PREC=_precision(gu.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+    dz.copy_(dz_part.sum(0))
+    return [dgu, h]

@@ -1,0 +1,135 @@
+"""Frozen weights of sibling linears stored as the rows of one matrix, with spare rows after them.
+
+Why: the MLP's input gradient `dx = dg W_g + du W_u + dz Â` runs as three GEMMs that accumulate
+onto one output, and each accumulating GEMM reads that output back while its tensor cores run (at
+8B shapes 5% slower each, and the step is held at the GPU's power limit). With W_g, W_u and the
+stacked LoRA factors Â as consecutive rows of one matrix, the same sum is one plain GEMM over the
+side-by-side gradients [dg | du | dz]; forward's `[g0 | u0 | z] = x [W_g; W_u; Â]ᵀ` is one GEMM too.
+The spare rows take Â, written by the op that multiplies, right before each use.
+
+Each weight stays an ordinary contiguous parameter, now a view into the shared matrix: state dicts,
+in-place merging and peft files see no difference. The spare rows are a view too, and the owner of a
+packing keeps it (a non-persistent buffer): it is the packing's token, passed to the ops as a
+tensor (a graph input under torch.compile, so blocks that differ only in where their weights live
+share one compiled graph), and spare rows are only ever written where `pack_rows` made them, never
+merely after weights that happen to sit next to each other. Anything that gives a weight storage of
+its own (`.to()` into another dtype or device, `train.fp8_base`) ends the packing, `matrix` then
+says so, and the ops multiply member by member instead, with the same result. `unpack` gives every
+weight its own storage again: transformers' `save_pretrained` would take weights that share storage
+for tied ones.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .lora_ops import _LIB
+
+
+def matrix(weights: Sequence[Tensor], spare: Tensor | None, rows: int) -> Tensor | None:
+    """The matrix [w_0; …; w_{m-1}; `rows` spare rows] when the weights are consecutive rows of the
+    packing that `spare` (from `pack_rows`) belongs to, in order, and it has that many spare rows;
+    else None. The result has a version counter of its own, so writing its spare rows does not look
+    like a change to a weight that autograd saved."""
+    if spare is None or not weights or spare.dim() != 2 or spare.shape[0] < rows:
+        return None
+    first, address = weights[0], spare.untyped_storage().data_ptr()
+    cols, offset = spare.shape[1], weights[0].storage_offset()
+    for w in weights:
+        if (w.dim() != 2 or w.shape[1] != cols or not w.is_contiguous() or w.dtype != spare.dtype
+                or w.untyped_storage().data_ptr() != address or w.storage_offset() != offset):
+            return None
+        offset += w.numel()
+    if offset != spare.storage_offset() or not spare.is_contiguous():
+        return None
+    return first.data.as_strided(((offset - first.storage_offset()) // cols + rows, cols), (cols, 1),
+                                 first.storage_offset())
+
+
+def pack_rows(linears: Sequence[nn.Linear], spare: int) -> Tensor | None:
+    """Store the linears' frozen weights as consecutive rows of one new matrix with `spare` rows
+    after them (zeros until an op writes them). Returns the spare rows, the packing's token for
+    `matrix` and the ops; None (and nothing changes) where the weights cannot share one matrix:
+    different input sizes, dtypes or devices, a weight that trains, or one that is not a plain
+    dense tensor."""
+    weights = [layer.weight for layer in linears]
+    first = weights[0]
+    if any(w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.device != first.device
+           or w.requires_grad or w.layout != torch.strided or w.is_meta or type(w.data) is not Tensor
+           for w in weights):
+        return None
+    rows = sum(w.shape[0] for w in weights)
+    shared = torch.zeros(rows + spare, first.shape[1], dtype=first.dtype, device=first.device)
+    start = 0
+    with torch.no_grad():
+        for layer in linears:
+            n = layer.weight.shape[0]
+            shared[start:start + n].copy_(layer.weight)
+            layer.weight.data = shared[start:start + n]
+            start += n
+    return shared[rows:]
+
+
+def unpack(linears: Sequence[nn.Linear]) -> None:
+    """Give each linear's weight storage of its own (a copy; a weight already alone is left as is)."""
+    with torch.no_grad():
+        for layer in linears:
+            w = layer.weight
+            if w.untyped_storage().nbytes() != w.numel() * w.element_size():
+                layer.weight.data = w.data.clone()
+
+
+# The ops that multiply by a packing: opaque to torch.compile, which must not see the spare rows'
+# write. Both take the blocks as the caller would stack them, so a weight that left its packing
+# costs speed, never correctness.
+
+_LIB.define("rows_mm(Tensor x, Tensor[] weights, Tensor extra, Tensor? spare) -> Tensor")
+_LIB.define("rows_grad(Tensor d, Tensor[] weights, Tensor extra, Tensor? spare) -> Tensor")
+
+
+def rows_mm(x: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | None) -> Tensor:
+    """x [w_0; …; w_{m-1}; extra]ᵀ, shape (N, Σ out_i + rows of extra): one GEMM where the weights
+    are packed with `spare` (extra goes into the spare rows), else one per block into its columns."""
+    full = matrix(weights, spare, extra.shape[0])
+    if full is not None:
+        full[full.shape[0] - extra.shape[0]:].copy_(extra)
+        return x @ full.t()
+    blocks = list(weights) + [extra]
+    out = x.new_empty(x.shape[0], sum(b.shape[0] for b in blocks))
+    start = 0
+    for b in blocks:
+        torch.mm(x, b.t(), out=out[:, start:start + b.shape[0]])
+        start += b.shape[0]
+    return out
+
+
+def rows_grad(d: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | None) -> Tensor:
+    """d [w_0; …; w_{m-1}; extra] for d (N, Σ out_i + rows of extra): rows_mm's input gradient. One
+    plain GEMM over a packing; else the extra term first and each weight's GEMM accumulating onto it."""
+    full = matrix(weights, spare, extra.shape[0])
+    if full is not None:
+        full[full.shape[0] - extra.shape[0]:].copy_(extra)
+        return d @ full
+    n = d.shape[1] - extra.shape[0]
+    out = d[:, n:] @ extra
+    start = 0
+    for w in weights:
+        out.addmm_(d[:, start:start + w.shape[0]], w)
+        start += w.shape[0]
+    return out
+
+
+_LIB.impl("rows_mm", rows_mm, "CompositeExplicitAutograd")
+_LIB.impl("rows_grad", rows_grad, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("efftune::rows_mm", lib=_LIB)
+def _(x, weights, extra, spare):
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights) + extra.shape[0])
+
+
+@torch.library.register_fake("efftune::rows_grad", lib=_LIB)
+def _(d, weights, extra, spare):
+    return d.new_empty(d.shape[0], extra.shape[1])
