@@ -155,7 +155,9 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     from efftune.methods.swiglu_lora import SwigluLora
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     bf = dict(device="cuda", dtype=torch.bfloat16)
-    gu, dh = torch.randn(seq, 2 * f + 2 * r, **bf), torch.randn(seq, f, **bf)  # gu = [g0 | u0 | z]
+    from efftune.methods.packing import aligned_rows
+    gu, dh = aligned_rows(seq, 2 * f + 2 * r, torch.empty(0, **bf)), torch.randn(seq, f, **bf)  # [g0 | u0 | z]
+    gu.normal_()
     ad, dzd = torch.randn(r, f, **bf), torch.randn(seq, r, **bf)
     bg, bu = torch.randn(f, r, **bf), torch.randn(f, r, **bf)
     rows = []

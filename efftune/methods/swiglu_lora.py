@@ -68,7 +68,9 @@ def swiglu_backward_reference(dh: Tensor, dzd: Tensor, ad: Tensor, gu: Tensor, b
     dhf = torch.addmm(dh.to(g.dtype), dzd.to(g.dtype), ad.to(g.dtype))
     dg = (dhf * u * s * (1 + g * (1 - s))).to(dh.dtype)
     du = (dhf * silu).to(dh.dtype)
-    return [torch.cat([dg, du, dg @ bg, du @ bu], dim=1), (silu * u).to(dh.dtype)]
+    dgu = packing.aligned_rows(dg.shape[0], 2 * dg.shape[1] + bg.shape[1] + bu.shape[1], dg)
+    torch.cat([dg, du, dg @ bg, du @ bu], dim=1, out=dgu)
+    return [dgu, (silu * u).to(dh.dtype)]
 
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 takes the PyTorch version
@@ -112,7 +114,7 @@ def _(gu, bg, bu, ad):
 
 @torch.library.register_fake("efftune::swiglu_lora_backward", lib=_LIB)
 def _(dh, dzd, ad, gu, bg, bu):
-    return [torch.empty_like(gu), gu.new_empty(gu.shape[0], bg.shape[0])]
+    return [packing.aligned_rows(gu.shape[0], gu.shape[1], gu), gu.new_empty(gu.shape[0], bg.shape[0])]
 
 
 class SwigluLora(torch.autograd.Function):

@@ -125,9 +125,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
 
-# tile sizes, from bench/kernels.py --only swiglu on an H100 (8B MLP shapes; the forward pass gains
-# nothing from prefetching the next tile, which the backward pass does)
-FORWARD_CONFIG = dict(bt=128, bo=64, cols=512, num_warps=4, num_stages=3)
+# tile sizes, from bench/kernels.py --only swiglu on an H100 (8B MLP shapes, [g0 | u0 | z] with aligned
+# rows; the forward pass gains nothing from prefetching the next tile, which the backward pass does)
+FORWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
 BACKWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
 
 
@@ -165,7 +165,8 @@ def backward(dh: Tensor, dzd: Tensor, ad: Tensor, gu: Tensor, bg: Tensor, bu: Te
     (f, rg), ru, rd, n = bg.shape, bu.shape[1], ad.shape[0], gu.shape[0]
     g0, u0, z = _split(gu, f, rg, ru)
     grid, cols = _grid(n, f, c)
-    dgu, h = gu.new_empty(gu.shape), gu.new_empty(n, f)
+    from .packing import aligned_rows
+    dgu, h = aligned_rows(n, gu.shape[1], gu), gu.new_empty(n, f)
     dg, du, dz = _split(dgu, f, rg, ru)
     dz_part = torch.empty(grid[1], n, rg + ru, dtype=torch.float32, device=gu.device)
     _backward_kernel[grid](dh.contiguous(), dzd.contiguous(), ad.contiguous(), g0, u0, z, bg.contiguous(),
