@@ -240,9 +240,17 @@ def wrap_swiglu_mlps(model: nn.Module) -> int:
             module = FusedSwiGLU(module)
             setattr(model.get_submodule(parent) if parent else model, child, module)
         if isinstance(module, FusedSwiGLU):
-            module.pack()  # again after a new adapter: its A factors may need more spare rows
             count += 1
+    pack_swiglu_mlps(model)  # again after a new adapter: its A factors may need more spare rows
     return count
+
+
+def pack_swiglu_mlps(model: nn.Module) -> None:
+    """Bring every `FusedSwiGLU`'s packing up to date: after a new adapter, or after its base
+    layers were swapped (`train.fp8_base`), which must not leave the old matrix held by its spare rows."""
+    for module in model.modules():
+        if isinstance(module, FusedSwiGLU):
+            module.pack()
 
 
 def unwrap_swiglu_mlps(model: nn.Module) -> None:

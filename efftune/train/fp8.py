@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..methods.attach import replace_module
+from ..methods.swiglu_lora import pack_swiglu_mlps
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -126,16 +127,19 @@ class Fp8Base:
                               "FP8 (plain nn.Linear, frozen, sizes multiples of 16)")
         check_fp8_device(targets[0][2].weight.device)
         self.swapped: list[tuple[nn.Module, str, nn.Linear, torch.device]] = []
+        self.model = model
         for block, name, linear in targets:
             device = linear.weight.device
             replace_module(block, name, Fp8Linear(linear))
             linear.to("cpu")  # the exact weights wait here; the FP8 copy is half their size
             self.swapped.append((block, name, linear, device))
+        pack_swiglu_mlps(model)  # the bf16 gate/up matrix goes too, not kept alive by its spare rows
 
     def restore(self) -> None:
         for block, name, linear, device in reversed(self.swapped):
             replace_module(block, name, linear.to(device))
         self.swapped = []
+        pack_swiglu_mlps(self.model)
 
     def __enter__(self) -> "Fp8Base":
         return self

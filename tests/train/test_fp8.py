@@ -61,6 +61,13 @@ def lora_model():
     return m
 
 
+def fused_mlps(model):
+    from efftune.methods.swiglu_lora import FusedSwiGLU
+    mlps = [mod for mod in model.modules() if isinstance(mod, FusedSwiGLU)]
+    assert mlps
+    return mlps
+
+
 def test_fp8_base_swaps_the_frozen_linears_and_restores_them_exactly():
     m = lora_model()
     ids = torch.randint(0, 300, (2, 12))
@@ -71,12 +78,14 @@ def test_fp8_base_swaps_the_frozen_linears_and_restores_them_exactly():
         assert len(fp8s) == 2 * 7 == len(swap.swapped)  # q k v o gate up down in both blocks; not lm_head
         assert isinstance(m.lm_head, nn.Linear)
         assert all(lin.weight.device.type == "cpu" for _, _, lin, _ in swap.swapped)
+        assert all(mlp.gate_up_spare is None for mlp in fused_mlps(m))  # the packed matrix is let go
         out = m(ids).logits
         assert rel_err(out, ref) < REL_MODEL
         out.sum().backward()  # gradients reach the LoRA factors through the FP8 base
         grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
     assert not any(isinstance(mod, Fp8Linear) for mod in m.modules())
+    assert all(mlp.gate_up_spare is not None for mlp in fused_mlps(m))  # packed again on the way back
     after = m.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     torch.testing.assert_close(m(ids).logits, ref, rtol=0, atol=0)
