@@ -1,11 +1,12 @@
 """Frozen weights of sibling linears stored as the rows of one matrix, with spare rows after them.
 
 Why: the MLP's input gradient `dx = dg W_g + du W_u + dz Â` runs as three GEMMs that accumulate
-onto one output, and each accumulating GEMM reads that output back while its tensor cores run (at
-8B shapes 5% slower each, and the step is held at the GPU's power limit). With W_g, W_u and the
+onto one output, each reading that output back while its tensor cores run. With W_g, W_u and the
 stacked LoRA factors Â as consecutive rows of one matrix, the same sum is one plain GEMM over the
 side-by-side gradients [dg | du | dz]; forward's `[g0 | u0 | z] = x [W_g; W_u; Â]ᵀ` is one GEMM too.
-The spare rows take Â, written by the op that multiplies, right before each use.
+The spare rows take Â, written by the op that multiplies, right before each use. In isolation at
+full clock the GEMMs take about as long either way; in the 8B training step, which the GPU's power
+limit holds, the step needs 4% fewer joules and runs 1.2% faster (bench/RESULTS.md, session 9).
 
 Each weight stays an ordinary contiguous parameter, now a view into the shared matrix: state dicts,
 in-place merging and peft files see no difference. The spare rows are a view too, and the owner of a
