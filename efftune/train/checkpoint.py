@@ -36,6 +36,20 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
     return tensors, scalars
 
 
+def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor detached, contiguous and with storage of its own. Packed base weights
+    (`efftune.methods.packing`: ReLoRA's merged weights, a warm start's trainable ones) are views into
+    one matrix, which older safetensors releases refuse to save side by side; those are copied to
+    host memory apart (where safetensors copies every tensor anyway)."""
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.to("cpu", copy=True)
+        out[name] = t.contiguous()
+    return out
+
+
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     extra: dict, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `directory` (e.g. run/checkpoints/step-000100) and point `latest` at it.
@@ -46,15 +60,14 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     names = {id(p): n for n, p in model.named_parameters()}
 
     def write(tmp: Path) -> None:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(_saveable(trainable_state(model)), str(tmp / "trainable.safetensors"))
         opt_tensors, opt_scalars = _optimizer_tensors(optimizer, names)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))
-        save_file({k: v.detach().contiguous() for k, v in (extra_tensors or {}).items()},
-                  str(tmp / "extra.safetensors"))
+        save_file(_saveable(extra_tensors or {}), str(tmp / "extra.safetensors"))
         state = {"step": step, "optimizer_scalars": opt_scalars,
                  "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
                  **extra}

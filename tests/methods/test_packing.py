@@ -108,3 +108,16 @@ def test_packed_mlp_trains_like_the_plain_one_across_interleaved_adapters():
     for n, p in packed.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], atol=1e-12, rtol=1e-10, msg=n)
+
+
+def test_checkpoints_save_packed_weights_as_tensors_of_their_own(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from efftune.train.checkpoint import _saveable
+    layers = linears(5, 3)
+    packing.pack_rows(layers, spare=4)
+    tensors = _saveable({"a": layers[0].weight, "b": layers[1].weight})
+    assert tensors["a"].untyped_storage().data_ptr() != tensors["b"].untyped_storage().data_ptr()
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    loaded = load_file(str(tmp_path / "w.safetensors"))
+    assert torch.equal(loaded["a"], layers[0].weight) and torch.equal(loaded["b"], layers[1].weight)
