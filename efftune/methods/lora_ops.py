@@ -30,7 +30,6 @@ _LIB = torch.library.Library("efftune", "DEF")
 _LIB.define("lora_linears(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor a, Tensor[] bs) -> Tensor[]")
 _LIB.define("lora_linears_backward(Tensor[] dys, Tensor[] weights, Tensor a, Tensor[] bs, Tensor z, "
             "bool need_dx) -> Tensor[]")
-_LIB.define("input_grad(Tensor dz, Tensor a, Tensor[] dys, Tensor[] weights) -> Tensor")
 _LIB.define("lora_output(Tensor x, Tensor weight, Tensor? bias, Tensor z, Tensor b) -> Tensor")
 
 
@@ -80,7 +79,6 @@ def linears_input_grad(dz: Tensor, a: Tensor, dys: list[Tensor], weights: list[T
 
 _LIB.impl("lora_linears", linears_forward, "CompositeExplicitAutograd")
 _LIB.impl("lora_linears_backward", linears_backward, "CompositeExplicitAutograd")
-_LIB.impl("input_grad", linears_input_grad, "CompositeExplicitAutograd")
 _LIB.impl("lora_output", lora_output, "CompositeExplicitAutograd")
 
 
@@ -93,11 +91,6 @@ def _(x, weights, biases, a, bs):
 def _(dys, weights, a, bs, z, need_dx):
     dx = z.new_empty(z.shape[0], a.shape[1]) if need_dx else z.new_empty(0)
     return [dx, z.new_empty(z.shape)] + [b.new_empty(b.shape) for b in bs]
-
-
-@torch.library.register_fake("efftune::input_grad", lib=_LIB)
-def _(dz, a, dys, weights):
-    return dz.new_empty(dz.shape[0], a.shape[1])
 
 
 @torch.library.register_fake("efftune::lora_output", lib=_LIB)
