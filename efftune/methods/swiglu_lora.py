@@ -171,6 +171,8 @@ class FusedSwiGLU(nn.Module):
         self.__dict__["_original"] = mlp  # not a submodule: its children are registered here already
         # the spare rows after the gate and up weights, packed as one matrix (set by pack())
         self.register_buffer("gate_up_spare", None, persistent=False)
+        # load_state_dict(assign=True) puts new tensors in place of the weights: pack those
+        self.register_load_state_dict_post_hook(lambda module, keys: module.pack())
 
     def pack(self) -> None:
         """Store the gate and up projections' frozen weights as one matrix with spare rows for the

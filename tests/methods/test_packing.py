@@ -121,3 +121,14 @@ def test_checkpoints_save_packed_weights_as_tensors_of_their_own(tmp_path):
     save_file(tensors, str(tmp_path / "w.safetensors"))
     loaded = load_file(str(tmp_path / "w.safetensors"))
     assert torch.equal(loaded["a"], layers[0].weight) and torch.equal(loaded["b"], layers[1].weight)
+
+
+def test_loading_a_state_dict_by_assignment_packs_the_new_weights():
+    m = tiny_llama(dtype=torch.float64)
+    add_lora(m, LoraConfig(r=4))
+    mlp = m.model.layers[0].mlp
+    state = {k: v.clone() + 1 for k, v in m.state_dict().items()}
+    m.load_state_dict(state, assign=True)
+    full = packing.matrix(gate_up(mlp), mlp.gate_up_spare, 8)
+    assert full is not None and torch.equal(full[:-8], torch.cat([state[
+        "model.layers.0.mlp.gate_proj.base_layer.weight"], state["model.layers.0.mlp.up_proj.base_layer.weight"]]))
