@@ -33,12 +33,17 @@ _LIB.define("lora_linears_backward(Tensor[] dys, Tensor[] weights, Tensor a, Ten
 _LIB.define("lora_output(Tensor x, Tensor weight, Tensor? bias, Tensor z, Tensor b) -> Tensor")
 
 
-def _rank_slices(bs: Sequence[Tensor]) -> list[slice]:
+def column_slices(widths: Sequence[int]) -> list[slice]:
+    """The column ranges of blocks of these widths placed side by side."""
     out, start = [], 0
-    for b in bs:
-        out.append(slice(start, start + b.shape[1]))
-        start += b.shape[1]
+    for width in widths:
+        out.append(slice(start, start + width))
+        start += width
     return out
+
+
+def _rank_slices(bs: Sequence[Tensor]) -> list[slice]:
+    return column_slices([b.shape[1] for b in bs])
 
 
 def linears_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], a: Tensor,

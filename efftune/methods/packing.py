@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .lora_ops import _LIB
+from .lora_ops import _LIB, column_slices, linears_input_grad
 
 
 def matrix(weights: Sequence[Tensor], spare: Tensor | None, rows: int) -> Tensor | None:
@@ -73,13 +73,17 @@ def pack_rows(linears: Sequence[nn.Linear], spare: int) -> Tensor | None:
     return shared[rows:]
 
 
+def owns_storage(t: Tensor) -> bool:
+    """Whether t is all of its storage (not, say, one weight of a packing)."""
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def unpack(linears: Sequence[nn.Linear]) -> None:
     """Give each linear's weight storage of its own (a copy; a weight already alone is left as is)."""
     with torch.no_grad():
         for layer in linears:
-            w = layer.weight
-            if w.untyped_storage().nbytes() != w.numel() * w.element_size():
-                layer.weight.data = w.data.clone()
+            if not owns_storage(layer.weight):
+                layer.weight.data = layer.weight.data.clone()
 
 
 # The ops that multiply by a packing: opaque to torch.compile, which must not see the spare rows'
@@ -101,37 +105,38 @@ def aligned_rows(rows: int, cols: int, like: Tensor) -> Tensor:
     return like.new_empty(rows, stride)[:, :cols]
 
 
+def _filled(weights: list[Tensor], extra: Tensor, spare: Tensor | None) -> Tensor | None:
+    """The packed matrix [w_0; …; w_{m-1}; extra], extra just written into the spare rows; None
+    where the weights are not packed with `spare`."""
+    full = matrix(weights, spare, extra.shape[0])
+    if full is not None:
+        full[full.shape[0] - extra.shape[0]:].copy_(extra)
+    return full
+
+
 def rows_mm(x: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | None) -> Tensor:
     """x [w_0; …; w_{m-1}; extra]ᵀ, shape (N, Σ out_i + rows of extra), row stride aligned
     (`aligned_rows`): one GEMM where the weights are packed with `spare` (extra goes into the spare
     rows), else one per block into its columns."""
     blocks = list(weights) + [extra]
     out = aligned_rows(x.shape[0], sum(b.shape[0] for b in blocks), x)
-    full = matrix(weights, spare, extra.shape[0])
+    full = _filled(weights, extra, spare)
     if full is not None:
-        full[full.shape[0] - extra.shape[0]:].copy_(extra)
         return torch.mm(x, full.t(), out=out)
-    start = 0
-    for b in blocks:
-        torch.mm(x, b.t(), out=out[:, start:start + b.shape[0]])
-        start += b.shape[0]
+    for b, cols in zip(blocks, column_slices([b.shape[0] for b in blocks])):
+        torch.mm(x, b.t(), out=out[:, cols])
     return out
 
 
 def rows_grad(d: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | None) -> Tensor:
     """d [w_0; …; w_{m-1}; extra] for d (N, Σ out_i + rows of extra): rows_mm's input gradient. One
-    plain GEMM over a packing; else the extra term first and each weight's GEMM accumulating onto it."""
-    full = matrix(weights, spare, extra.shape[0])
+    plain GEMM over a packing; else `lora_ops.linears_input_grad` (the extra term first, each
+    weight's GEMM accumulating onto it)."""
+    full = _filled(weights, extra, spare)
     if full is not None:
-        full[full.shape[0] - extra.shape[0]:].copy_(extra)
         return d @ full
-    n = d.shape[1] - extra.shape[0]
-    out = d[:, n:] @ extra
-    start = 0
-    for w in weights:
-        out.addmm_(d[:, start:start + w.shape[0]], w)
-        start += w.shape[0]
-    return out
+    *cols, extra_cols = column_slices([w.shape[0] for w in weights] + [extra.shape[0]])
+    return linears_input_grad(d[:, extra_cols], extra, [d[:, c] for c in cols], weights)
 
 
 _LIB.impl("rows_mm", rows_mm, "CompositeExplicitAutograd")

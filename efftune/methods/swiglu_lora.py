@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import packing
-from .attach import hooked
+from .attach import hooked, replace_module
 from .lora_ops import _LIB
 
 _LIB.define("swiglu_lora_forward(Tensor gu, Tensor bg, Tensor bu, Tensor ad) -> Tensor[]")
@@ -238,9 +238,8 @@ def wrap_swiglu_mlps(model: nn.Module) -> int:
     for name, module in list(model.named_modules()):
         if is_swiglu_mlp(module) and all(isinstance(getattr(module, p, None), LoraLinear)
                                          for p in ("gate_proj", "up_proj", "down_proj")):
-            parent, _, child = name.rpartition(".")
             module = FusedSwiGLU(module)
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+            replace_module(model, name, module)
         if isinstance(module, FusedSwiGLU):
             count += 1
     pack_swiglu_mlps(model)  # again after a new adapter: its A factors may need more spare rows
@@ -259,5 +258,4 @@ def unwrap_swiglu_mlps(model: nn.Module) -> None:
     """Put the original MLP modules back (with their current children)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedSwiGLU):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.original())
+            replace_module(model, name, module.original())

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io import replace_dir_atomically, write_text_atomically
+from ..methods.packing import owns_storage
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "extra.safetensors", "state.json")
 
@@ -44,7 +45,7 @@ def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in tensors.items():
         t = t.detach()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        if not owns_storage(t):
             t = t.to("cpu", copy=True)
         out[name] = t.contiguous()
     return out
