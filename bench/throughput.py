@@ -35,7 +35,8 @@ A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per
 Variants of the efftune cases: `--torch-partitioner` (train.compile_lean: false), `--autotune`
 (train.compile_autotune), `--unfused` (each LoRA layer runs its base linear and its two LoRA GEMMs
 apart, without the `lora_linears` op), `--unfused-mlp` (SwiGLU MLPs on the `lora_linears` ops, without
-the fused `swiglu_lora` op), `--memory-budget` (train.compile_memory_budget).
+the fused `swiglu_lora` op), `--memory-budget` (train.compile_memory_budget), `--attention flash4`
+(train.attention: FlashAttention-4 for the efftune cases' attention; peft keeps SDPA).
 
     PYTHONPATH=. python bench/throughput.py --shape llama3.2-1b llama3-8b
     PYTHONPATH=. python bench/throughput.py --cases efftune efftune-fa peft-fa --batch 1 2
@@ -74,6 +75,7 @@ TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's de
 UNFUSED = False  # --unfused: efftune LoRA layers compute apart, without the fused lora_linears op
 UNFUSED_MLP = False  # --unfused-mlp: the MLPs' LoRA layers on lora_linears ops, without swiglu_lora
 AUTOTUNE = False  # --autotune: compiled cases benchmark GEMM kernels per shape (train.compile_autotune)
+ATTENTION = "sdpa"  # --attention flash4: efftune cases' maskless attention kernel (train.attention)
 
 
 def default_seq(shape: str) -> int:
@@ -108,6 +110,9 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         if UNFUSED_MLP:
             from efftune.methods.swiglu_lora import unwrap_swiglu_mlps
             unwrap_swiglu_mlps(model)
+    if ATTENTION != "sdpa":
+        from efftune.eval.causal import set_attention_kernel
+        set_attention_kernel(model, ATTENTION)
     if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
@@ -239,6 +244,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if compiled else None,
                 partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
                 autotune=AUTOTUNE if compiled else None,
+                attention=ATTENTION if case.startswith("efftune") else "sdpa",
                 fused=(not UNFUSED) if case.startswith("efftune") else None,
                 fused_mlp=(not UNFUSED and not UNFUSED_MLP) if case.startswith("efftune") else None, seq=seq,
                 batch=batch, steps=steps, tokens_s=round(tokens_s, 1), step_s=round(step_s, 4),
@@ -269,7 +275,8 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
     cmd += (["--torch-partitioner"] * args.torch_partitioner + ["--autotune"] * args.autotune
-            + ["--unfused"] * args.unfused + ["--unfused-mlp"] * args.unfused_mlp)
+            + ["--unfused"] * args.unfused + ["--unfused-mlp"] * args.unfused_mlp
+            + ["--attention", args.attention])
     head = dict(shape=shape, case=case, batch=batch)
     return run_worker(cmd, head, args.case_timeout)
 
@@ -324,10 +331,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="efftune LoRA: base linear and LoRA GEMMs apart in each layer (no lora_linears op)")
     ap.add_argument("--unfused-mlp", action="store_true",
                     help="efftune LoRA: SwiGLU MLPs on the lora_linears ops, without the swiglu_lora op")
+    ap.add_argument("--attention", choices=("sdpa", "flash4"), default="sdpa",
+                    help="efftune cases: kernel for the maskless causal attention (train.attention; flash4 "
+                         "needs the flash-attn-4 package)")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP
+    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP, ATTENTION
     MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE = args.memory_budget, args.torch_partitioner, args.autotune
+    ATTENTION = args.attention
     UNFUSED, UNFUSED_MLP = args.unfused, args.unfused_mlp
     if args.worker:  # inside the subprocess: one shape, one case
         shape = args.shape[0]

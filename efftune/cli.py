@@ -55,6 +55,9 @@ TRAIN_FLAGS = {
                     "with --compile: replay each block as CUDA graphs, rows padded to --max-length (GPU; "
                     "pays where the CPU cannot keep up)"),
     "fp8-base": ("train", "fp8_base", bool, "run the frozen base linears in FP8 while training (H100/Ada GPUs)"),
+    "attention": ("train", "attention", str,
+                  "sdpa | flash4: attention kernel for rows holding one causal sequence each (flash4: "
+                  "FlashAttention-4, needs the flash-attn-4 package and a Hopper/Blackwell GPU)"),
     "eval-every": ("train", "eval_every", int, "evaluate every N steps (0: before and after only)"),
     "save-every": ("train", "save_every", int, "checkpoint every N steps"),
     "seed": ("train", "seed", int, "random seed"),

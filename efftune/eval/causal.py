@@ -12,6 +12,10 @@ mask function, so mask preparation ends at once and SDPA runs with `is_causal`.
 Only for model types whose mask is exactly causal over full attention (no sliding windows, no
 chunked or bidirectional parts), only when the model's attention is sdpa, and only around a plain
 transformers body (not one wrapped by prefix tuning, whose cached prefix needs a real mask).
+
+`set_attention_kernel(model, "flash4")` makes this path run FlashAttention-4 (`flash4.py`, an
+optional package) instead of SDPA: `efftune_plain_causal_flash4`, the same contract. Inputs the
+kernels do not take (fp32, other head sizes, attention dropout while training) still go to SDPA.
 """
 from __future__ import annotations
 
@@ -22,9 +26,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..errors import EfftuneError
+from ..errors import ConfigError, EfftuneError
+from . import flash4
 
 PLAIN_CAUSAL = "efftune_plain_causal"
+PLAIN_CAUSAL_FLASH4 = "efftune_plain_causal_flash4"
+ATTENTION_KERNELS = ("sdpa", "flash4")
 PLAIN_CAUSAL_MODEL_TYPES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmo", "olmo2", "olmoe",
     "granite", "granitemoe", "phi3"})
@@ -39,10 +46,35 @@ def _plain_causal_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
 
+def _plain_causal_flash4(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         **kwargs):
+    if dropout or attention_mask is not None or query.shape[-2] != key.shape[-2] \
+            or not flash4.supports(query, key):
+        return _plain_causal_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return flash4.causal_attention(query, key, value, scale), None
+
+
 @functools.cache
 def _register() -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(PLAIN_CAUSAL, _plain_causal_sdpa)
+    AttentionInterface.register(PLAIN_CAUSAL_FLASH4, _plain_causal_flash4)
+
+
+def set_attention_kernel(model: nn.Module, kernel: str) -> None:
+    """Which kernel runs `model`'s maskless causal forwards (`plain_causal`): "sdpa", the default,
+    or "flash4" (FlashAttention-4; needs the flash-attn-4 package and a Hopper/Blackwell GPU)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+    if kernel == "flash4":
+        device = next(model.parameters()).device
+        reason = flash4.unavailable_reason(device)
+        if reason:
+            raise ConfigError(f"train.attention: flash4 {reason}")
+    model._efftune_attention_kernel = kernel
 
 
 def qualifies(model: nn.Module) -> bool:
@@ -69,7 +101,8 @@ def plain_causal(model: nn.Module, position_ids: torch.Tensor | None,
         return
     _register()
     config = model.config
-    config._attn_implementation = PLAIN_CAUSAL
+    flash = getattr(model, "_efftune_attention_kernel", "sdpa") == "flash4"
+    config._attn_implementation = PLAIN_CAUSAL_FLASH4 if flash else PLAIN_CAUSAL
     try:
         yield
     finally:

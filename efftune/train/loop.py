@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..eval.causal import ATTENTION_KERNELS, set_attention_kernel
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
@@ -53,6 +54,7 @@ class TrainConfig:
     cuda_graphs: bool = False       # with compile: replay the blocks as CUDA graphs (rows padded to max_length)
     compile_autotune: bool = False  # with compile: pick each GEMM's kernel by benchmarking (slow first step)
     fp8_base: bool = False          # frozen base linears in FP8 while training (efftune.train.fp8)
+    attention: str = "sdpa"         # kernel for rows that are one causal sequence each: sdpa | flash4 (efftune.eval.flash4)
     eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -72,6 +74,8 @@ class TrainConfig:
         for option in ("cuda_graphs", "compile_autotune"):
             if getattr(self, option) and not self.compile:
                 raise ConfigError(f"train.{option} needs train.compile: true")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
         if self.compile_memory_budget is not None:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
@@ -169,9 +173,13 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     frozen base linears run in FP8 for the whole run (evaluations inside it included) and the
     exact model is back when `train` returns or raises. With `config.cuda_graphs` evaluations
     inside the run are eager, and the blocks are eager again when `train` returns or raises.
+    `config.attention` picks the kernel for rows that hold one causal sequence each (no mask
+    needed); the model's previous choice is back when `train` returns.
     """
     hooks = hooks or TrainHooks()
     with ExitStack() as scope:
+        scope.callback(set_attention_kernel, model, getattr(model, "_efftune_attention_kernel", "sdpa"))
+        set_attention_kernel(model, config.attention)
         if config.fp8_base:
             if not hooks.keeps_base_weights:
                 raise ConfigError(f"train.fp8_base cannot run with {type(hooks).__name__}: it changes the base "
