@@ -1,7 +1,8 @@
 """Kernel microbenchmarks behind a LoRA step: SDPA attention backends and the step's GEMM shapes.
 
 For one model shape (bench/throughput.py's SHAPES) and sequence length, times on the GPU:
-  attention  causal GQA `scaled_dot_product_attention`, forward + backward, per SDPA backend
+  attention  causal GQA `scaled_dot_product_attention`, forward + backward, per SDPA backend, and
+             FlashAttention-4 through efftune's op (efftune.eval.flash4) where the package is installed
   gemm       every base projection's forward (x @ W^T) and input-gradient (dy @ W) GEMM, plus the
              fused forms a model could use instead (q/k/v in one, gate/up in one), in bf16
   lora-add   ways to add a rank-16 LoRA term to those GEMMs: the frozen GEMM accumulating onto the
@@ -67,6 +68,15 @@ def attention(cfg: dict, seq: int) -> list[dict]:
             rows.append(dict(kind="attention", backend=backend.name, error=str(e)[:200]))
             continue
         rows.append(dict(kind="attention", backend=backend.name, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1)))
+    from efftune.eval import flash4
+    reason = flash4.unavailable_reason(q.device)
+    if reason:
+        return rows + [dict(kind="attention", backend="flash4", error=reason[:200])]
+
+    def flash4_fwd_bwd():
+        flash4.causal_attention(q, k, v, dim ** -0.5).backward(grad.transpose(1, 2))
+    ms = cuda_time_ms(flash4_fwd_bwd)
+    rows.append(dict(kind="attention", backend="flash4", ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1)))
     return rows
 
 

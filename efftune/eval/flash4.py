@@ -7,18 +7,23 @@ head dim 128, 4,096 tokens, bf16) its forward and backward take 0.96 ms against 
 cuDNN kernel SDPA picks; at head dim 64 (Llama-3.2-1B) it is no faster (bench/RESULTS.md).
 
 The kernels run as two torch custom ops, forward and backward, so `torch.compile` keeps each as
-one opaque call and CUDA graphs record them. Inputs use the [batch, tokens, heads, head_dim]
-layout, which is how the projections wrote them: no transposing copies. Fewer KV heads than
-query heads (GQA) is handled by the kernels themselves.
+one opaque call, and Inductor's CUDA graphs (`train.cuda_graphs`) record and replay them. (A
+hand-made `torch.cuda.graph` capture of forward and backward through autograd fails with this
+package release; the backward op called in the capturing thread captures fine.) Inputs use the
+[batch, tokens, heads, head_dim] layout, which is how the projections wrote them: no transposing
+copies. Fewer KV heads than query heads (GQA) is handled by the kernels themselves.
 
-Install: `pip install flash-attn-4 "nvidia-cutlass-dsl[cu13]"` (or `[cu12]` to match the
-CUDA build of torch). The first call at each shape compiles its kernels (seconds).
+Install: `pip install "efftune[flash4]"` and, with a CUDA 13 build of torch,
+`pip install "nvidia-cutlass-dsl[cu13]"`. The first call at each shape compiles its kernels
+(about 5 s). Checked with flash-attn-4 4.0.0b36 and nvidia-cutlass-dsl 4.8.1 on torch 2.11
+(CUDA 13), H100. torch's own switch (`torch.nn.attention.activate_flash_attention_impl("FA4")`)
+expects the package's private forward to return two values (this release returns five) and fails,
+so efftune calls the kernels itself, here and nowhere else.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-from contextlib import nullcontext
 
 import torch
 
@@ -62,22 +67,11 @@ def _kernels():
     return module._flash_attn_fwd, module._flash_attn_bwd
 
 
-def _on_torch_stream(device: torch.device):
-    """The kernels launch on the stream TVM-FFI (the package's launcher) holds as current. Make
-    that torch's current stream of this thread: the autograd engine runs backward in a thread of
-    its own, and there the launcher's stream would be the default one, outside a graph capture."""
-    if device.type != "cuda":
-        return nullcontext()
-    import tvm_ffi
-    return tvm_ffi.use_torch_stream()
-
-
 @torch.library.custom_op("efftune::flash4_causal", mutates_args=())
 def flash4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, H, D], k/v [B, T, H_kv, D] -> out [B, T, H, D], log-sum-exp [B, H, T] (fp32)."""
     forward, _ = _kernels()
-    with _on_torch_stream(q.device):
-        out, lse = forward(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
+    out, lse = forward(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
     return out, lse
 
 
@@ -92,8 +86,7 @@ def flash4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor,
                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, backward = _kernels()
-    with _on_torch_stream(q.device):
-        dq, dk, dv = backward(q, k, v, out, dout, lse, scale, True)[:3]
+    dq, dk, dv = backward(q, k, v, out, dout, lse, scale, True)[:3]
     return dq, dk, dv
 
 
