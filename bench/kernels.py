@@ -51,17 +51,19 @@ def attention(cfg: dict, seq: int) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     dim = cfg["hidden_size"] // heads
-    q = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn_like(k, requires_grad=True)
-    grad = torch.randn_like(q)
+    # [batch, heads, tokens, dim] views of [batch, tokens, heads, dim] memory: the layout transformers
+    # passes (its projections write tokens-major); flash4 takes that memory as it is
+    q = torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, seq, kv_heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, seq, kv_heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    grad = torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16)  # o_proj's input gradient
     flops = 4 * seq * seq * dim * heads / 2 * 3.5  # causal; backward ~2.5x forward
     rows = []
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         def fwd_bwd():
             with sdpa_kernel(backend):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            out.backward(grad)
+            out.backward(grad.transpose(1, 2))
         try:
             ms = cuda_time_ms(fwd_bwd)
         except RuntimeError as e:
@@ -74,7 +76,7 @@ def attention(cfg: dict, seq: int) -> list[dict]:
         return rows + [dict(kind="attention", backend="flash4", error=reason[:200])]
 
     def flash4_fwd_bwd():
-        flash4.causal_attention(q, k, v, dim ** -0.5).backward(grad.transpose(1, 2))
+        flash4.causal_attention(q, k, v, dim ** -0.5).backward(grad)
     ms = cuda_time_ms(flash4_fwd_bwd)
     rows.append(dict(kind="attention", backend="flash4", ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1)))
     return rows

@@ -3,8 +3,9 @@ over whole sequences.
 
 Opt-in, for the maskless causal path only (`causal.plain_causal`: no mask, no position ids);
 everything else keeps SDPA. On one H100 at Llama-3-8B's attention shape (32 query and 8 KV heads,
-head dim 128, 4,096 tokens, bf16) its forward and backward take 0.96 ms against 1.07 ms for the
-cuDNN kernel SDPA picks; at head dim 64 (Llama-3.2-1B) it is no faster (bench/RESULTS.md).
+head dim 128, 4,096 tokens, bf16) its forward and backward take 0.97-0.99 ms against 1.07-1.11 ms
+for the cuDNN kernel SDPA picks; at head dim 64 (Llama-3.2-1B) it is not reliably faster and often
+slower (bench/RESULTS.md, session 10).
 
 The kernels run as two torch custom ops, forward and backward, so `torch.compile` keeps each as
 one opaque call, and Inductor's CUDA graphs (`train.cuda_graphs`) record and replay them. (A
