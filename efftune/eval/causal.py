@@ -64,11 +64,15 @@ def _register() -> None:
     AttentionInterface.register(PLAIN_CAUSAL_FLASH4, _plain_causal_flash4)
 
 
+def check_attention_kernel(kernel: str) -> None:
+    if kernel not in ATTENTION_KERNELS:
+        raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+
+
 def set_attention_kernel(model: nn.Module, kernel: str) -> None:
     """Which kernel runs `model`'s maskless causal forwards (`plain_causal`): "sdpa", the default,
     or "flash4" (FlashAttention-4; needs the flash-attn-4 package and a Hopper/Blackwell GPU)."""
-    if kernel not in ATTENTION_KERNELS:
-        raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+    check_attention_kernel(kernel)
     if kernel == "flash4":
         device = next(model.parameters()).device
         reason = flash4.unavailable_reason(device)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
-from ..eval.causal import ATTENTION_KERNELS, set_attention_kernel
+from ..eval.causal import check_attention_kernel, set_attention_kernel
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
@@ -74,8 +74,7 @@ class TrainConfig:
         for option in ("cuda_graphs", "compile_autotune"):
             if getattr(self, option) and not self.compile:
                 raise ConfigError(f"train.{option} needs train.compile: true")
-        if self.attention not in ATTENTION_KERNELS:
-            raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
+        check_attention_kernel(self.attention)
         if self.compile_memory_budget is not None:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
