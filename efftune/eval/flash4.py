@@ -87,13 +87,16 @@ def flash4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor,
                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, backward = _kernels()
+    # contiguous inputs (no copies on the usual path) make the kernels' gradients contiguous too,
+    # the strides the fake below promises
+    q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
     dq, dk, dv = backward(q, k, v, out, dout, lse, scale, True)[:3]
     return dq, dk, dv
 
 
 @flash4_causal_backward.register_fake
 def _(dout, q, k, v, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save(ctx, inputs, output) -> None:
@@ -106,7 +109,7 @@ def _save(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = flash4_causal_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale)
+    dq, dk, dv = flash4_causal_backward(dout, q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None
 
 
