@@ -20,6 +20,8 @@ trained against its 4-bit base. Numbers: bench/RESULTS.md.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -100,15 +102,32 @@ def fp8_eligible(module: nn.Module) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
+@functools.cache
+def cpu_rowwise_fp8_error() -> str | None:
+    """Why this torch's CPU `_scaled_mm` cannot take row-wise scales (None: it can). torch 2.13's
+    can; 2.11's takes only one scale per matrix, and would fail at the first training step."""
+    if not hasattr(torch, "_scaled_mm"):
+        return "torch._scaled_mm is missing (torch >= 2.5 has it)"
+    try:
+        fp8_matmul(torch.ones(16, 16).to(FP8), torch.ones(16, 1), torch.ones(16, 16).to(FP8).t(),
+                   torch.ones(1, 16), torch.float32)
+    except Exception as e:  # RuntimeError in the builds seen; any failure means no
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return None
+
+
 def check_fp8_device(device: torch.device) -> None:
     """FP8 matmuls need CUDA compute capability 8.9+ (Ada, Hopper) or a CPU build that has them."""
+    if not hasattr(torch, "_scaled_mm"):
+        raise ConfigError("train.fp8_base needs torch._scaled_mm (torch >= 2.5)")
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
             raise ConfigError(f"train.fp8_base needs an FP8 GPU (compute capability 8.9+, e.g. H100); "
                               f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
-    if not hasattr(torch, "_scaled_mm"):
-        raise ConfigError("train.fp8_base needs torch._scaled_mm (torch >= 2.5)")
+    elif device.type == "cpu" and cpu_rowwise_fp8_error():
+        raise ConfigError(f"train.fp8_base on CPU needs row-wise scaled FP8 matmuls, which this torch "
+                          f"({torch.__version__}) lacks: {cpu_rowwise_fp8_error()}")
 
 
 class Fp8Base:

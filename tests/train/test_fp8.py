@@ -6,13 +6,18 @@ from torch import nn
 
 from efftune.errors import ConfigError
 from efftune.methods.lora import LoraConfig, add_lora
-from efftune.train.fp8 import FP8, Fp8Base, Fp8Linear, quantize_rows
+from efftune.train.fp8 import FP8, Fp8Base, Fp8Linear, cpu_rowwise_fp8_error, quantize_rows
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import randomize_lora, tiny_llama
 from tests.train.test_loop import data
 
 REL = 0.08  # one matmul: e4m3 keeps 3 mantissa bits, per-element relative error <= 1/16
 REL_MODEL = 0.25  # logits of the tiny random model: the rounding of 14 FP8 linears compounds
+
+
+# these run FP8 matmuls on CPU tensors: torch 2.13's CPU _scaled_mm takes row-wise scales, 2.11's does not
+cpu_fp8 = pytest.mark.skipif(cpu_rowwise_fp8_error() is not None,
+                             reason=f"this torch's CPU FP8 matmul: {cpu_rowwise_fp8_error()}")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,6 +34,7 @@ def test_quantize_rows_scales_each_row_to_the_fp8_range():
     assert torch.equal(q0.float(), torch.zeros(2, 16))
 
 
+@cpu_fp8
 def test_fp8_linear_matches_the_linear_and_saves_no_activation():
     torch.manual_seed(0)
     lin = nn.Linear(64, 48, bias=True).requires_grad_(False)
@@ -68,6 +74,7 @@ def fused_mlps(model):
     return mlps
 
 
+@cpu_fp8
 def test_fp8_base_swaps_the_frozen_linears_and_restores_them_exactly():
     m = lora_model()
     ids = torch.randint(0, 300, (2, 12))
@@ -91,6 +98,7 @@ def test_fp8_base_swaps_the_frozen_linears_and_restores_them_exactly():
     torch.testing.assert_close(m(ids).logits, ref, rtol=0, atol=0)
 
 
+@cpu_fp8
 def test_training_with_fp8_base_learns_and_leaves_the_base_untouched(tokenizer, tmp_path):
     m = lora_model()
     base = {k: v.clone() for k, v in m.state_dict().items() if "lora_" not in k}
@@ -115,3 +123,12 @@ def test_fp8_base_refuses_relora_and_models_without_eligible_linears(tokenizer, 
     trainable = tiny_llama().requires_grad_(True)  # full fine-tuning: no frozen linear to convert
     with pytest.raises(ConfigError, match="no frozen linear"):
         Fp8Base(trainable)
+
+
+def test_a_cpu_torch_without_row_wise_fp8_is_refused_up_front(monkeypatch):
+    import efftune.train.fp8 as fp8
+    monkeypatch.setattr(fp8, "cpu_rowwise_fp8_error", lambda: "Only per-tensor scaling is supported")
+    m = lora_model()
+    with pytest.raises(ConfigError, match="train.fp8_base on CPU needs row-wise scaled FP8 matmuls.*per-tensor"):
+        Fp8Base(m)
+    assert not any(isinstance(mod, Fp8Linear) for mod in m.modules())
