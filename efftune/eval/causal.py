@@ -37,22 +37,25 @@ PLAIN_CAUSAL_MODEL_TYPES = frozenset({
     "granite", "granitemoe", "phi3"})
 
 
-def _plain_causal_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def _require_plain(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
     if attention_mask is not None or query.shape[-2] != key.shape[-2]:  # a cache or a mask: not ours to run
         raise EfftuneError("efftune_plain_causal attention got a mask or cached keys; it serves only "
                            "maskless forwards over whole sequences")
+
+
+def _plain_causal_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    _require_plain(query, key, attention_mask)
     return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
 
 def _plain_causal_flash4(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                          **kwargs):
-    if dropout or attention_mask is not None or query.shape[-2] != key.shape[-2] \
-            or not flash4.supports(query, key):
-        return _plain_causal_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    _require_plain(query, key, attention_mask)
+    if dropout or not flash4.supports(query, key):
+        return _plain_causal_sdpa(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return flash4.causal_attention(query, key, value, scale), None
 
@@ -81,6 +84,11 @@ def set_attention_kernel(model: nn.Module, kernel: str) -> None:
     model._efftune_attention_kernel = kernel
 
 
+def attention_kernel(model: nn.Module) -> str:
+    """The kernel `set_attention_kernel` chose for `model` ("sdpa" until then)."""
+    return getattr(model, "_efftune_attention_kernel", "sdpa")
+
+
 def qualifies(model: nn.Module) -> bool:
     """Whether `model`'s own mask over maskless rows would be plain causal SDPA."""
     from transformers import PreTrainedModel
@@ -105,8 +113,7 @@ def plain_causal(model: nn.Module, position_ids: torch.Tensor | None,
         return
     _register()
     config = model.config
-    flash = getattr(model, "_efftune_attention_kernel", "sdpa") == "flash4"
-    config._attn_implementation = PLAIN_CAUSAL_FLASH4 if flash else PLAIN_CAUSAL
+    config._attn_implementation = PLAIN_CAUSAL_FLASH4 if attention_kernel(model) == "flash4" else PLAIN_CAUSAL
     try:
         yield
     finally:

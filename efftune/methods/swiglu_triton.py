@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .packing import aligned_rows
+
 
 @triton.jit
 def _rank_tile(ptr, idx, mask, stride, step, off, R, RP: tl.constexpr):
@@ -165,7 +167,6 @@ def backward(dh: Tensor, dzd: Tensor, ad: Tensor, gu: Tensor, bg: Tensor, bu: Te
     (f, rg), ru, rd, n = bg.shape, bu.shape[1], ad.shape[0], gu.shape[0]
     g0, u0, z = _split(gu, f, rg, ru)
     grid, cols = _grid(n, f, c)
-    from .packing import aligned_rows
     dgu, h = aligned_rows(n, gu.shape[1], gu), gu.new_empty(n, f)
     dg, du, dz = _split(dgu, f, rg, ru)
     dz_part = torch.empty(grid[1], n, rg + ru, dtype=torch.float32, device=gu.device)

@@ -125,9 +125,9 @@ def check_fp8_device(device: torch.device) -> None:
         if (major, minor) < (8, 9):
             raise ConfigError(f"train.fp8_base needs an FP8 GPU (compute capability 8.9+, e.g. H100); "
                               f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
-    elif device.type == "cpu" and cpu_rowwise_fp8_error():
+    elif device.type == "cpu" and (error := cpu_rowwise_fp8_error()):
         raise ConfigError(f"train.fp8_base on CPU needs row-wise scaled FP8 matmuls, which this torch "
-                          f"({torch.__version__}) lacks: {cpu_rowwise_fp8_error()}")
+                          f"({torch.__version__}) lacks: {error}")
 
 
 class Fp8Base:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
-from ..eval.causal import check_attention_kernel, set_attention_kernel
+from ..eval.causal import attention_kernel, check_attention_kernel, set_attention_kernel
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
@@ -177,7 +177,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     """
     hooks = hooks or TrainHooks()
     with ExitStack() as scope:
-        scope.callback(set_attention_kernel, model, getattr(model, "_efftune_attention_kernel", "sdpa"))
+        scope.callback(set_attention_kernel, model, attention_kernel(model))
         set_attention_kernel(model, config.attention)
         if config.fp8_base:
             if not hooks.keeps_base_weights:

@@ -185,7 +185,7 @@ def test_option_is_checked():
         causal.set_attention_kernel(model, "flash4")
     with pytest.raises(ConfigError, match="train.attention must be one of"):
         causal.set_attention_kernel(model, "xformers")
-    assert getattr(model, "_efftune_attention_kernel", "sdpa") == "sdpa"
+    assert causal.attention_kernel(model) == "sdpa"
 
 
 def test_train_checks_the_option_first_and_puts_the_kernel_back(tmp_path, monkeypatch):
@@ -197,9 +197,9 @@ def test_train_checks_the_option_first_and_puts_the_kernel_back(tmp_path, monkey
     monkeypatch.setattr(flash4, "unavailable_reason", lambda device: None)
     seen = []
     monkeypatch.setattr("efftune.train.loop._train",
-                        lambda model, *a, **k: seen.append(model._efftune_attention_kernel))
+                        lambda model, *a, **k: seen.append(causal.attention_kernel(model)))
     train(model, [], TrainConfig(attention="flash4"), tmp_path / "run")
-    assert seen == ["flash4"] and model._efftune_attention_kernel == "sdpa"
+    assert seen == ["flash4"] and causal.attention_kernel(model) == "sdpa"
 
 
 requires_flash4 = pytest.mark.skipif(
