@@ -37,6 +37,11 @@ Variants of the efftune cases: `--torch-partitioner` (train.compile_lean: false)
 apart, without the `lora_linears` op), `--unfused-mlp` (SwiGLU MLPs on the `lora_linears` ops, without
 the fused `swiglu_lora` op), `--memory-budget` (train.compile_memory_budget), `--attention flash4`
 (train.attention: FlashAttention-4 for the efftune cases' attention; peft keeps SDPA).
+`--rows packed|tree` trains on rows with a mask instead of one sequence per row: 8 documents side by
+side, or a 256-token prompt with 15 continuations as branches (efftune.data.layout). Every case gets
+the same boolean mask and position ids (peft through the model's own forward, labels shifted as
+transformers does, so a branch's first token is not a target there); `--masked-attention flex`
+runs the efftune cases' masked attention through FlexAttention (train.masked_attention).
 
     PYTHONPATH=. python bench/throughput.py --shape llama3.2-1b llama3-8b
     PYTHONPATH=. python bench/throughput.py --cases efftune efftune-fa peft-fa --batch 1 2
@@ -76,6 +81,8 @@ UNFUSED = False  # --unfused: efftune LoRA layers compute apart, without the fus
 UNFUSED_MLP = False  # --unfused-mlp: the MLPs' LoRA layers on lora_linears ops, without swiglu_lora
 AUTOTUNE = False  # --autotune: compiled cases benchmark GEMM kernels per shape (train.compile_autotune)
 ATTENTION = "sdpa"  # --attention flash4: efftune cases' maskless attention kernel (train.attention)
+ROWS = "single"  # --rows packed | tree: rows with a mask (efftune.data.layout)
+MASKED_ATTENTION = "sdpa"  # --masked-attention flex: efftune cases' masked attention (train.masked_attention)
 
 
 def default_seq(shape: str) -> int:
@@ -113,6 +120,9 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     if ATTENTION != "sdpa":
         from efftune.eval.causal import set_attention_kernel
         set_attention_kernel(model, ATTENTION)
+    if MASKED_ATTENTION != "sdpa" and case.startswith("efftune"):
+        from efftune.eval.causal import set_masked_attention
+        set_masked_attention(model, MASKED_ATTENTION)
     if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
@@ -141,6 +151,48 @@ def loss_fn(model: torch.nn.Module, case: str, ids: torch.Tensor) -> torch.Tenso
         cols = torch.arange(1, n, device=ids.device).repeat(b)
         return -target_logprobs(model, ids, rows, cols - 1, ids[rows, cols]).mean()
     return model(input_ids=ids, labels=ids).loss
+
+
+def masked_batch(ids: torch.Tensor, kind: str):
+    """`ids` laid out as rows with a mask (efftune.data.layout.Batch, on ids' device): "packed", 8
+    documents side by side, each token but a document's first a target; "tree", the first 256
+    tokens (a quarter of a shorter row) a prompt with no targets and the rest 15 continuations of
+    it, every token a target."""
+    from efftune.data.layout import Row, collate
+    from efftune.data.tokenize import IGNORE
+
+    def split(tokens: list[int], parts: int) -> list[list[int]]:
+        size = len(tokens) // parts
+        return [tokens[i * size:(i + 1) * size if i < parts - 1 else len(tokens)] for i in range(parts)]
+    rows = []
+    for tokens in ids.tolist():
+        row = Row()
+        if kind == "packed":
+            for doc in split(tokens, 8):
+                row.add(doc, labels=[IGNORE] + doc[1:])
+        else:
+            prompt = min(256, len(tokens) // 4)
+            row.add(tokens[:prompt])
+            for branch in split(tokens[prompt:], 15):
+                row.add(branch, parent=0, labels=branch)
+        rows.append(row)
+    return collate(rows, 0, "sdpa", length=ids.shape[1]).to(ids.device)
+
+
+def masked_loss_fn(model: torch.nn.Module, case: str, batch) -> torch.Tensor:
+    """`loss_fn` over a masked batch: efftune's log-probs of its targets, or the model's own loss
+    with the same mask and positions (labels: a target whose predicting token is the one before it)."""
+    if case in LOGPROBS_LOSS:
+        from efftune.eval.logprobs import target_logprobs
+        return -target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
+                                batch.position_ids, batch.mask).mean()
+    labels = torch.full_like(batch.input_ids, -100)
+    shifted = batch.sources + 1 < batch.input_ids.shape[1]
+    keep = shifted & (batch.input_ids[batch.rows, (batch.sources + 1).clamp(max=batch.input_ids.shape[1] - 1)]
+                      == batch.targets)
+    labels[batch.rows[keep], batch.sources[keep] + 1] = batch.targets[keep]
+    return model(input_ids=batch.input_ids, attention_mask=batch.mask, position_ids=batch.position_ids,
+                 labels=labels).loss
 
 
 def param_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -233,7 +285,12 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step = train_step(lambda: loss_fn(model, case, ids), opt, device, cuda_graphs=case.endswith("-cg"))
+    if ROWS == "single":
+        step = train_step(lambda: loss_fn(model, case, ids), opt, device, cuda_graphs=case.endswith("-cg"))
+    else:
+        batch_rows = masked_batch(ids, ROWS)
+        step = train_step(lambda: masked_loss_fn(model, case, batch_rows), opt, device,
+                          cuda_graphs=case.endswith("-cg"))
     from efftune.train.compile import partitioner
     compiled = "-compile" in case
     with partitioner(MEMORY_BUDGET if compiled else None, lean=not TORCH_PARTITIONER):  # compiles in warm-up
@@ -244,7 +301,8 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if compiled else None,
                 partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
                 autotune=AUTOTUNE if compiled else None,
-                attention=ATTENTION if case.startswith("efftune") else "sdpa",
+                attention=ATTENTION if case.startswith("efftune") else "sdpa", rows=ROWS,
+                masked_attention=MASKED_ATTENTION if case.startswith("efftune") and ROWS != "single" else None,
                 fused=(not UNFUSED) if case.startswith("efftune") else None,
                 fused_mlp=(not UNFUSED and not UNFUSED_MLP) if case.startswith("efftune") else None, seq=seq,
                 batch=batch, steps=steps, tokens_s=round(tokens_s, 1), step_s=round(step_s, 4),
@@ -276,7 +334,7 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
         cmd += ["--memory-budget", str(args.memory_budget)]
     cmd += (["--torch-partitioner"] * args.torch_partitioner + ["--autotune"] * args.autotune
             + ["--unfused"] * args.unfused + ["--unfused-mlp"] * args.unfused_mlp
-            + ["--attention", args.attention])
+            + ["--attention", args.attention, "--rows", args.rows, "--masked-attention", args.masked_attention])
     head = dict(shape=shape, case=case, batch=batch)
     return run_worker(cmd, head, args.case_timeout)
 
@@ -334,11 +392,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--attention", choices=("sdpa", "flash4"), default="sdpa",
                     help="efftune cases: kernel for the maskless causal attention (train.attention; flash4 "
                          "needs the flash-attn-4 package)")
+    ap.add_argument("--rows", choices=("single", "packed", "tree"), default="single",
+                    help="one sequence per row, or rows with a mask: 8 packed documents, or a prompt with 15 "
+                         "continuations as a token tree")
+    ap.add_argument("--masked-attention", choices=("sdpa", "flex"), default="sdpa",
+                    help="efftune cases with --rows packed|tree: kernel for the masked attention "
+                         "(train.masked_attention)")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP, ATTENTION
+    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP, ATTENTION, ROWS, MASKED_ATTENTION
     MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE = args.memory_budget, args.torch_partitioner, args.autotune
-    ATTENTION = args.attention
+    ATTENTION, ROWS, MASKED_ATTENTION = args.attention, args.rows, args.masked_attention
     UNFUSED, UNFUSED_MLP = args.unfused, args.unfused_mlp
     if args.worker:  # inside the subprocess: one shape, one case
         shape = args.shape[0]

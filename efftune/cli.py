@@ -58,6 +58,9 @@ TRAIN_FLAGS = {
     "attention": ("train", "attention", str,
                   "sdpa | flash4: attention kernel for rows holding one causal sequence each (flash4: "
                   "FlashAttention-4, needs the flash-attn-4 package and a Hopper/Blackwell GPU)"),
+    "masked-attention": ("train", "masked_attention", str,
+                         "sdpa | flex: attention kernel for rows with a mask, i.e. packed sequences and "
+                         "token trees (flex: FlexAttention, skips masked blocks; CUDA)"),
     "eval-every": ("train", "eval_every", int, "evaluate every N steps (0: before and after only)"),
     "save-every": ("train", "save_every", int, "checkpoint every N steps"),
     "seed": ("train", "seed", int, "random seed"),

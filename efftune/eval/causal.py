@@ -16,6 +16,10 @@ transformers body (not one wrapped by prefix tuning, whose cached prefix needs a
 `set_attention_kernel(model, "flash4")` makes this path run FlashAttention-4 (`flash4.py`, an
 optional package) instead of SDPA: `efftune_plain_causal_flash4`, the same contract. Inputs the
 kernels do not take (fp32, other head sizes, attention dropout while training) still go to SDPA.
+
+Rows with a mask (packed sequences, token trees) go to SDPA with the mask, or, after
+`set_masked_attention(model, "flex")`, to FlexAttention (`flex.py`): `masked_rows` turns the
+boolean mask into a block mask once per forward and runs the model under `efftune_masked_flex`.
 """
 from __future__ import annotations
 
@@ -27,11 +31,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, EfftuneError
-from . import flash4
+from . import flash4, flex
 
 PLAIN_CAUSAL = "efftune_plain_causal"
 PLAIN_CAUSAL_FLASH4 = "efftune_plain_causal_flash4"
+MASKED_FLEX = "efftune_masked_flex"
 ATTENTION_KERNELS = ("sdpa", "flash4")
+MASKED_KERNELS = ("sdpa", "flex")
 PLAIN_CAUSAL_MODEL_TYPES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmo", "olmo2", "olmoe",
     "granite", "granitemoe", "phi3"})
@@ -60,11 +66,22 @@ def _plain_causal_flash4(module: nn.Module, query: torch.Tensor, key: torch.Tens
     return flash4.causal_attention(query, key, value, scale), None
 
 
+def _masked_flex(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    from torch.nn.attention.flex_attention import BlockMask
+    if not isinstance(attention_mask, BlockMask) or query.shape[-2] != key.shape[-2] or dropout:
+        raise EfftuneError("efftune_masked_flex attention serves only forwards over whole masked rows "
+                           "(a block mask from masked_rows, no cache, no attention dropout)")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return flex.attention(query, key, value, attention_mask, scale), None
+
+
 @functools.cache
 def _register() -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(PLAIN_CAUSAL, _plain_causal_sdpa)
     AttentionInterface.register(PLAIN_CAUSAL_FLASH4, _plain_causal_flash4)
+    AttentionInterface.register(MASKED_FLEX, _masked_flex)
 
 
 def check_attention_kernel(kernel: str) -> None:
@@ -87,6 +104,30 @@ def set_attention_kernel(model: nn.Module, kernel: str) -> None:
 def attention_kernel(model: nn.Module) -> str:
     """The kernel `set_attention_kernel` chose for `model` ("sdpa" until then)."""
     return getattr(model, "_efftune_attention_kernel", "sdpa")
+
+
+def check_masked_attention(kernel: str) -> None:
+    if kernel not in MASKED_KERNELS:
+        raise ConfigError(f"train.masked_attention must be one of {', '.join(MASKED_KERNELS)}, got {kernel!r}")
+
+
+def set_masked_attention(model: nn.Module, kernel: str) -> None:
+    """Which kernel runs `model`'s forwards over rows with a mask (packing, token trees; `masked_rows`):
+    "sdpa", the default, or "flex" (FlexAttention; CUDA only, no attention dropout)."""
+    check_masked_attention(kernel)
+    if kernel == "flex":
+        reason = flex.unavailable_reason(next(model.parameters()).device)
+        if reason:
+            raise ConfigError(f"train.masked_attention: flex {reason}")
+        if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
+            raise ConfigError("train.masked_attention: flex has no attention dropout, and the model's "
+                              f"config.attention_dropout is {model.config.attention_dropout}")
+    model._efftune_masked_attention = kernel
+
+
+def masked_attention(model: nn.Module) -> str:
+    """The kernel `set_masked_attention` chose for `model` ("sdpa" until then)."""
+    return getattr(model, "_efftune_masked_attention", "sdpa")
 
 
 def qualifies(model: nn.Module) -> bool:
@@ -116,5 +157,25 @@ def plain_causal(model: nn.Module, position_ids: torch.Tensor | None,
     config._attn_implementation = PLAIN_CAUSAL_FLASH4 if attention_kernel(model) == "flash4" else PLAIN_CAUSAL
     try:
         yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+@contextmanager
+def masked_rows(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterator[object]:
+    """Yields the mask to pass to `model` for rows with this boolean mask (rows, 1, queries, keys):
+    with "flex" chosen (`set_masked_attention`) and a qualifying model whose heads the kernels take, its
+    block mask, with `model` running under `efftune_masked_flex` within the block; otherwise the mask
+    itself, nothing changed."""
+    if attention_mask is None or attention_mask.dtype != torch.bool or masked_attention(model) != "flex" \
+            or not qualifies(model) or not flex.supports(model):
+        yield attention_mask
+        return
+    _register()
+    block = flex.block_mask(attention_mask)
+    config = model.config
+    config._attn_implementation = MASKED_FLEX
+    try:
+        yield block
     finally:
         config._attn_implementation = "sdpa"

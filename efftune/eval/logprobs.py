@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.tokenize import IGNORE
-from .causal import plain_causal
+from .causal import masked_rows, plain_causal
 
 CHUNK = 1024  # target positions per chunk of logits
 
@@ -135,18 +135,19 @@ def target_logprobs(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tenso
                     targets: torch.Tensor, position_ids: torch.Tensor | None = None,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log p(targets[n] | output at (rows[n], sources[n])) for every n, in float32 (or float64).
-    Without position ids and mask the rows are plain causal sequences (see `causal.plain_causal`)."""
+    Without position ids and mask the rows are plain causal sequences (see `causal.plain_causal`);
+    a boolean mask may run through FlexAttention (`causal.masked_rows`)."""
     head = _plain_head(model)
     if head is not None:
         body = getattr(model, model.base_model_prefix)
-        with plain_causal(model, position_ids, attention_mask):
-            hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+        with plain_causal(model, position_ids, attention_mask), masked_rows(model, attention_mask) as mask:
+            hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                           use_cache=False).last_hidden_state
         return ChunkedTargetLogprob.apply(hidden[rows, sources], head.weight, targets, CHUNK,
                                           bool(getattr(model, FUSED_HEAD, False)))
     keep = torch.unique(sources)  # sorted positions whose outputs are needed
-    with plain_causal(model, position_ids, attention_mask):
-        out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+    with plain_causal(model, position_ids, attention_mask), masked_rows(model, attention_mask) as mask:
+        out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                     logits_to_keep=keep, use_cache=False)
     logits = out.logits[rows, torch.searchsorted(keep, sources)]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 kept

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
-from ..eval.causal import attention_kernel, check_attention_kernel, set_attention_kernel
+from ..eval.causal import (attention_kernel, check_attention_kernel, check_masked_attention, masked_attention,
+                           set_attention_kernel, set_masked_attention)
 from ..eval.logprobs import target_logprobs
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
@@ -55,6 +56,7 @@ class TrainConfig:
     compile_autotune: bool = False  # with compile: pick each GEMM's kernel by benchmarking (slow first step)
     fp8_base: bool = False          # frozen base linears in FP8 while training (efftune.train.fp8)
     attention: str = "sdpa"         # kernel for rows that are one causal sequence each: sdpa | flash4 (efftune.eval.flash4)
+    masked_attention: str = "sdpa"  # kernel for rows with a mask (packing, trees): sdpa | flex (efftune.eval.flex)
     eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -75,6 +77,11 @@ class TrainConfig:
             if getattr(self, option) and not self.compile:
                 raise ConfigError(f"train.{option} needs train.compile: true")
         check_attention_kernel(self.attention)
+        check_masked_attention(self.masked_attention)
+        if self.masked_attention == "flex" and self.cuda_graphs:
+            # measured on an H100: the graphed step ran at half the speed of the compiled one (bench/RESULTS.md)
+            raise ConfigError("train.masked_attention: flex runs slower replayed as CUDA graphs than without; "
+                              "set train.cuda_graphs: false with it")
         if self.compile_memory_budget is not None:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
@@ -173,12 +180,15 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     exact model is back when `train` returns or raises. With `config.cuda_graphs` evaluations
     inside the run are eager, and the blocks are eager again when `train` returns or raises.
     `config.attention` picks the kernel for rows that hold one causal sequence each (no mask
-    needed); the model's previous choice is back when `train` returns.
+    needed), `config.masked_attention` the one for rows with a mask (packing, token trees); the
+    model's previous choices are back when `train` returns.
     """
     hooks = hooks or TrainHooks()
     with ExitStack() as scope:
         scope.callback(set_attention_kernel, model, attention_kernel(model))
         set_attention_kernel(model, config.attention)
+        scope.callback(set_masked_attention, model, masked_attention(model))
+        set_masked_attention(model, config.masked_attention)
         if config.fp8_base:
             if not hooks.keeps_base_weights:
                 raise ConfigError(f"train.fp8_base cannot run with {type(hooks).__name__}: it changes the base "

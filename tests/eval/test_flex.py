@@ -1,0 +1,200 @@
+"""FlexAttention for masked rows (packing, token trees): the block mask, the model hook, the option.
+
+FlexAttention has no backward on CPU, so CPU runs check the block mask and no-grad forwards against
+SDPA with the same dense mask; the GPU tests at the end check training."""
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_mask
+
+from efftune.data.layout import collate, training_rows
+from efftune.data.tokenize import Encoded
+from efftune.errors import ConfigError
+from efftune.eval import causal, flex
+from efftune.eval.logprobs import target_logprobs
+from efftune.methods.lora import LoraConfig, add_lora
+from efftune.train.loop import TrainConfig
+from tests.conftest import randomize_lora, tiny_llama
+
+IGN = -100
+
+
+def _sequences(n: int, shared: int, seed: int = 0) -> list[Encoded]:
+    """Prompts that share `shared` leading tokens (a tree when >= 8), answers labelled."""
+    g = torch.Generator().manual_seed(seed)
+    trunk = torch.randint(3, 300, (shared,), generator=g).tolist()
+    out = []
+    for i in range(n):
+        rest = torch.randint(3, 300, (5 + 7 * i % 23,), generator=g).tolist()
+        answer = torch.randint(3, 300, (3,), generator=g).tolist()
+        ids = trunk + rest + answer
+        out.append(Encoded(ids, [IGN] * (len(ids) - 3) + answer))
+    return out
+
+
+def _batch(shared: int, max_length: int = 150, length: int | None = None):
+    return collate(training_rows(_sequences(12, shared), max_length), 1, "sdpa", length)
+
+
+@pytest.mark.parametrize("shared,length", [(12, None), (0, None), (12, 300)])
+def test_block_mask_is_the_dense_mask(shared, length):
+    batch = _batch(shared, length=length)  # trees / packed roots; 150 and 300 tokens: partial blocks
+    mask = batch.mask
+    assert mask is not None and mask.dtype == torch.bool
+    block = flex.block_mask(mask)
+    rows, _, n, m = mask.shape
+    assert block.shape == (rows, 1, n, m)
+    dense = create_mask(block.mask_mod, rows, 1, n, m, device="cpu")
+    assert torch.equal(dense, mask)
+    # a block listed as full has no masked entry; one left out has no allowed entry
+    kv_full, kv_partial = block.full_kv_num_blocks, block.kv_num_blocks
+    covered = torch.zeros(rows, 1, -(-n // flex.BLOCK), -(-m // flex.BLOCK), dtype=torch.bool)
+    for r in range(rows):
+        for qb in range(covered.shape[2]):
+            for idx, count in ((block.full_kv_indices, kv_full), (block.kv_indices, kv_partial)):
+                covered[r, 0, qb, idx[r, 0, qb, :count[r, 0, qb]].long()] = True
+    padded = torch.zeros(rows, 1, covered.shape[2] * flex.BLOCK, covered.shape[3] * flex.BLOCK, dtype=torch.bool)
+    padded[..., :n, :m] = mask
+    any_allowed = padded.unflatten(2, (-1, flex.BLOCK)).unflatten(4, (-1, flex.BLOCK)).any(5).any(3)
+    assert torch.equal(covered, any_allowed)
+
+
+def test_block_mask_rejects_other_masks():
+    with pytest.raises(ValueError, match="boolean mask"):
+        flex.block_mask(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="boolean mask"):
+        flex.block_mask(torch.ones(2, 8, 8, dtype=torch.bool))
+
+
+def _logprobs(model, batch):
+    return target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets, batch.position_ids,
+                           batch.mask)
+
+
+def _llama16(dtype=torch.float32):
+    """The tests' tiny Llama with heads of 16 (FlexAttention takes no smaller)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa",
+                      initializer_range=0.2)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+@pytest.mark.parametrize("shared", [12, 0])
+def test_model_forward_with_flex_equals_sdpa(shared, monkeypatch):
+    """A LoRA Llama over tree rows and packed rows: FlexAttention's log-probs equal SDPA's with the
+    same mask (no grad: FlexAttention's CPU backward does not exist)."""
+    monkeypatch.setattr(flex, "unavailable_reason", lambda device: None)
+    model = _llama16().eval()
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    batch = _batch(shared)
+    seen = []
+    real = flex.attention
+    monkeypatch.setattr(flex, "attention", lambda *a: seen.append(model.config._attn_implementation) or real(*a))
+    with torch.no_grad():
+        want = _logprobs(model, batch)
+        assert not seen
+        causal.set_masked_attention(model, "flex")
+        got = _logprobs(model, batch)
+    assert seen == [causal.MASKED_FLEX] * 2  # one call per layer
+    assert model.config._attn_implementation == "sdpa"  # put back after the forward
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_maskless_rows_and_other_masks_are_left_alone(monkeypatch):
+    monkeypatch.setattr(flex, "unavailable_reason", lambda device: None)
+    small = tiny_llama()  # heads of 8: not for the kernels
+    causal.set_masked_attention(small, "flex")
+    with causal.masked_rows(small, torch.ones(1, 1, 4, 4, dtype=torch.bool)) as mask:
+        assert mask.dtype == torch.bool and small.config._attn_implementation == "sdpa"
+    model = _llama16()
+    causal.set_masked_attention(model, "flex")
+    with causal.masked_rows(model, None) as mask:
+        assert mask is None and model.config._attn_implementation == "sdpa"
+    additive = torch.zeros(1, 1, 4, 4)
+    with causal.masked_rows(model, additive) as mask:
+        assert mask is additive
+    model.config._attn_implementation = "eager"  # not a model the hook serves
+    with causal.masked_rows(model, torch.ones(1, 1, 4, 4, dtype=torch.bool)) as mask:
+        assert mask.dtype == torch.bool
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(RuntimeError, match="boom"):
+        with causal.masked_rows(model, torch.ones(1, 1, 4, 4, dtype=torch.bool)) as mask:
+            assert model.config._attn_implementation == causal.MASKED_FLEX
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_option_is_checked():
+    with pytest.raises(ConfigError, match="train.masked_attention must be one of sdpa, flex"):
+        TrainConfig(masked_attention="dense")
+    with pytest.raises(ConfigError, match="train.masked_attention: flex.*train.cuda_graphs: false"):
+        TrainConfig(masked_attention="flex", compile=True, cuda_graphs=True)
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="train.masked_attention: flex needs a CUDA device"):
+        causal.set_masked_attention(model, "flex")
+    assert causal.masked_attention(model) == "sdpa"
+
+
+def test_attention_dropout_is_refused(monkeypatch):
+    monkeypatch.setattr(flex, "unavailable_reason", lambda device: None)
+    model = tiny_llama()
+    model.config.attention_dropout = 0.1
+    with pytest.raises(ConfigError, match="no attention dropout.*0.1"):
+        causal.set_masked_attention(model, "flex")
+
+
+def test_train_checks_the_option_first_and_puts_the_kernel_back(tmp_path, monkeypatch):
+    from efftune.train.loop import train
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="train.masked_attention: flex needs a CUDA device"):
+        train(model, [], TrainConfig(masked_attention="flex"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    monkeypatch.setattr(flex, "unavailable_reason", lambda device: None)
+    seen = []
+    monkeypatch.setattr("efftune.train.loop._train",
+                        lambda model, *a, **k: seen.append(causal.masked_attention(model)))
+    train(model, [], TrainConfig(masked_attention="flex"), tmp_path / "run")
+    assert seen == ["flex"] and causal.masked_attention(model) == "sdpa"
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention trains on CUDA only")
+
+
+def _train_steps(model, batches, steps: int = 4):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    out = []
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        loss = -_logprobs(model, batch).mean()
+        loss.backward()
+        out.append((loss.detach().float(), [p.grad.float().clone() for p in params]))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+@requires_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_with_flex_equals_sdpa_on_gpu(compiled):
+    """Loss and LoRA gradients over tree and packed rows, FlexAttention against SDPA with the mask
+    (fp32), eager and with compiled blocks (new rows every step)."""
+    from efftune.train.compile import compile_blocks, uncompile_blocks
+    batches = [_batch(12, length=256).to("cuda"), _batch(0, length=256).to("cuda")]
+    runs = []
+    for kernel in ("sdpa", "flex"):
+        model = _llama16().cuda().train()
+        add_lora(model, LoraConfig(r=4, alpha=8))
+        randomize_lora(model)
+        causal.set_masked_attention(model, kernel)
+        if compiled:
+            compile_blocks(model)
+        runs.append(_train_steps(model, batches))
+        if compiled:
+            uncompile_blocks(model)
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(*runs):
+        torch.testing.assert_close(loss_b, loss_a, atol=1e-4, rtol=1e-4)
+        for a, b in zip(grads_a, grads_b):
+            assert ((a - b).norm() / a.norm()) < 1e-3
