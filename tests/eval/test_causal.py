@@ -6,7 +6,8 @@ from transformers import MistralConfig, MistralForCausalLM
 from transformers import masking_utils
 
 from efftune.data.layout import Row, collate
-from efftune.errors import EfftuneError
+from efftune.errors import ConfigError, EfftuneError
+from efftune.eval import causal
 from efftune.eval.causal import PLAIN_CAUSAL, _plain_causal_sdpa, plain_causal, qualifies
 from efftune.eval.logprobs import target_logprobs
 from tests.conftest import tiny_llama
@@ -72,3 +73,21 @@ def test_the_attention_refuses_masks_and_caches():
         _plain_causal_sdpa(torch.nn.Module(), q, torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), None)
     with pytest.raises(EfftuneError, match=PLAIN_CAUSAL):
         _plain_causal_sdpa(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("field,kernel,module,chosen,error", [
+    ("attention", "flash4", "flash4", causal.attention_kernel, "train.attention: flash4 needs a CUDA GPU"),
+    ("masked_attention", "flex", "flex", causal.masked_attention, "train.masked_attention: flex needs a CUDA device")])
+def test_train_checks_the_kernel_options_first_and_puts_the_kernels_back(field, kernel, module, chosen, error,
+                                                                         tmp_path, monkeypatch):
+    from efftune.eval import flash4, flex
+    from efftune.train.loop import TrainConfig, train
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match=error):
+        train(model, [], TrainConfig(**{field: kernel}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    monkeypatch.setattr({"flash4": flash4, "flex": flex}[module], "unavailable_reason", lambda device: None)
+    seen = []
+    monkeypatch.setattr("efftune.train.loop._train", lambda model, *a, **k: seen.append(chosen(model)))
+    train(model, [], TrainConfig(**{field: kernel}), tmp_path / "run")
+    assert seen == [kernel] and chosen(model) == "sdpa"

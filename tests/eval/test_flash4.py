@@ -188,20 +188,6 @@ def test_option_is_checked():
     assert causal.attention_kernel(model) == "sdpa"
 
 
-def test_train_checks_the_option_first_and_puts_the_kernel_back(tmp_path, monkeypatch):
-    from efftune.train.loop import train
-    model = _tiny_llama()
-    with pytest.raises(ConfigError, match="train.attention: flash4 needs a CUDA GPU"):
-        train(model, [], TrainConfig(attention="flash4"), tmp_path / "run")
-    assert not (tmp_path / "run").exists()  # refused before anything was written
-    monkeypatch.setattr(flash4, "unavailable_reason", lambda device: None)
-    seen = []
-    monkeypatch.setattr("efftune.train.loop._train",
-                        lambda model, *a, **k: seen.append(causal.attention_kernel(model)))
-    train(model, [], TrainConfig(attention="flash4"), tmp_path / "run")
-    assert seen == ["flash4"] and causal.attention_kernel(model) == "sdpa"
-
-
 requires_flash4 = pytest.mark.skipif(
     not torch.cuda.is_available() or flash4.unavailable_reason(torch.device("cuda")) is not None,
     reason="needs a Hopper/Blackwell GPU and the flash-attn-4 package")

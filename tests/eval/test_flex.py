@@ -145,20 +145,6 @@ def test_attention_dropout_is_refused(monkeypatch):
         causal.set_masked_attention(model, "flex")
 
 
-def test_train_checks_the_option_first_and_puts_the_kernel_back(tmp_path, monkeypatch):
-    from efftune.train.loop import train
-    model = tiny_llama()
-    with pytest.raises(ConfigError, match="train.masked_attention: flex needs a CUDA device"):
-        train(model, [], TrainConfig(masked_attention="flex"), tmp_path / "run")
-    assert not (tmp_path / "run").exists()  # refused before anything was written
-    monkeypatch.setattr(flex, "unavailable_reason", lambda device: None)
-    seen = []
-    monkeypatch.setattr("efftune.train.loop._train",
-                        lambda model, *a, **k: seen.append(causal.masked_attention(model)))
-    train(model, [], TrainConfig(masked_attention="flex"), tmp_path / "run")
-    assert seen == ["flex"] and causal.masked_attention(model) == "sdpa"
-
-
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention trains on CUDA only")
 
 
