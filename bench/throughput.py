@@ -122,7 +122,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         set_attention_kernel(model, ATTENTION)
     if MASKED_ATTENTION != "sdpa" and case.startswith("efftune"):
         from efftune.eval.causal import set_masked_attention
-        set_masked_attention(model, MASKED_ATTENTION)
+        set_masked_attention(model, MASKED_ATTENTION, static_masks=case.endswith("-cg"))  # as train() does
     if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them

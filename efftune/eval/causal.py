@@ -111,9 +111,10 @@ def check_masked_attention(kernel: str) -> None:
         raise ConfigError(f"train.masked_attention must be one of {', '.join(MASKED_KERNELS)}, got {kernel!r}")
 
 
-def set_masked_attention(model: nn.Module, kernel: str) -> None:
+def set_masked_attention(model: nn.Module, kernel: str, static_masks: bool = False) -> None:
     """Which kernel runs `model`'s forwards over rows with a mask (packing, token trees; `masked_rows`):
-    "sdpa", the default, or "flex" (FlexAttention; CUDA only, no attention dropout)."""
+    "sdpa", the default, or "flex" (FlexAttention; CUDA only, no attention dropout). `static_masks`:
+    block masks in storage kept per shape, for blocks replayed as CUDA graphs (`flex.block_mask`)."""
     check_masked_attention(kernel)
     if kernel == "flex":
         reason = flex.unavailable_reason(next(model.parameters()).device)
@@ -123,6 +124,7 @@ def set_masked_attention(model: nn.Module, kernel: str) -> None:
             raise ConfigError("train.masked_attention: flex has no attention dropout, and the model's "
                               f"config.attention_dropout is {model.config.attention_dropout}")
     model._efftune_masked_attention = kernel
+    model._efftune_static_block_masks = static_masks
 
 
 def masked_attention(model: nn.Module) -> str:
@@ -172,7 +174,7 @@ def masked_rows(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterat
         yield attention_mask
         return
     _register()
-    block = flex.block_mask(attention_mask)
+    block = flex.block_mask(attention_mask, static=getattr(model, "_efftune_static_block_masks", False))
     config = model.config
     config._attn_implementation = MASKED_FLEX
     try:

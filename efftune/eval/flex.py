@@ -32,8 +32,6 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 BLOCK = 128  # FlexAttention's default block size
-
-
 MIN_HEAD_DIM = 16  # FlexAttention's kernels take no smaller head
 
 
@@ -44,21 +42,49 @@ def supports(model) -> bool:
     return head_dim >= MIN_HEAD_DIM
 
 
-def block_mask(mask: Tensor):
+_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+            "full_q_num_blocks", "full_q_indices")
+_STATIC: dict[tuple, tuple[Tensor, object]] = {}  # (device, mask shape) -> (dense mask buffer, its BlockMask)
+
+
+def block_mask(mask: Tensor, static: bool = False):
     """The FlexAttention BlockMask of a boolean mask (rows, 1, queries, keys), True = may attend.
 
     Built from the dense mask with a few tensor ops (which blocks are empty, full or partial)
     instead of `create_block_mask`, which evaluates a mask function over every entry again
-    (about 10 ms a 4,096-token row on an H100)."""
-    from torch.nn.attention.flex_attention import BlockMask
+    (about 10 ms a 4,096-token row on an H100).
+
+    `static`: the result lives in storage kept per mask shape, refilled by each call, because CUDA
+    graphs take a block mask's tensors as fixed addresses and record again whenever they move (the
+    graphed step ran at half speed). So a static block mask holds only the latest mask of its shape:
+    run each forward's backward before the next forward (the training loop does)."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(f"expected a boolean mask (rows, 1, queries, keys), got {mask.dtype} {tuple(mask.shape)}")
     rows, _, queries, keys = mask.shape
     nq, nk = -(-queries // BLOCK), -(-keys // BLOCK)
+    whole = mask
     if (nq * BLOCK, nk * BLOCK) != (queries, keys):  # whole blocks, so the mask function never reads past the end
-        padded = mask.new_zeros(rows, 1, nq * BLOCK, nk * BLOCK)
-        padded[..., :queries, :keys] = mask
-        mask = padded
+        whole = mask.new_zeros(rows, 1, nq * BLOCK, nk * BLOCK)
+        whole[..., :queries, :keys] = mask
+    if not static:
+        return _from_dense(whole, queries, keys)
+    key = (mask.device, tuple(mask.shape))
+    if key not in _STATIC:
+        dense = whole.clone()
+        _STATIC[key] = dense, _from_dense(dense, queries, keys)
+        return _STATIC[key][1]
+    dense, kept = _STATIC[key]
+    dense.copy_(whole)
+    fresh = _from_dense(dense, queries, keys)
+    for name in _TENSORS:
+        getattr(kept, name).copy_(getattr(fresh, name))
+    return kept
+
+
+def _from_dense(mask: Tensor, queries: int, keys: int):
+    """block_mask's work on a mask of whole blocks; the mask function reads `mask` itself."""
+    from torch.nn.attention.flex_attention import BlockMask
+    rows, nq, nk = mask.shape[0], mask.shape[2] // BLOCK, mask.shape[3] // BLOCK
     blocks = mask.view(rows, 1, nq, BLOCK, nk, BLOCK)
     full = blocks.all(5).all(3)  # (rows, 1, nq, nk)
     partial = blocks.any(5).any(3) & ~full

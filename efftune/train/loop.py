@@ -78,10 +78,6 @@ class TrainConfig:
                 raise ConfigError(f"train.{option} needs train.compile: true")
         check_attention_kernel(self.attention)
         check_masked_attention(self.masked_attention)
-        if self.masked_attention == "flex" and self.cuda_graphs:
-            # measured on an H100: the graphed step ran at half the speed of the compiled one (bench/RESULTS.md)
-            raise ConfigError("train.masked_attention: flex runs slower replayed as CUDA graphs than without; "
-                              "set train.cuda_graphs: false with it")
         if self.compile_memory_budget is not None:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
@@ -188,7 +184,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
         scope.callback(set_attention_kernel, model, attention_kernel(model))
         set_attention_kernel(model, config.attention)
         scope.callback(set_masked_attention, model, masked_attention(model))
-        set_masked_attention(model, config.masked_attention)
+        # graphed blocks take the block masks' tensors at fixed addresses (efftune.eval.flex.block_mask)
+        set_masked_attention(model, config.masked_attention, static_masks=config.cuda_graphs)
         if config.fp8_base:
             if not hooks.keeps_base_weights:
                 raise ConfigError(f"train.fp8_base cannot run with {type(hooks).__name__}: it changes the base "

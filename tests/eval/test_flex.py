@@ -58,6 +58,22 @@ def test_block_mask_is_the_dense_mask(shared, length):
     assert torch.equal(covered, any_allowed)
 
 
+def test_static_block_masks_keep_their_storage_and_take_the_new_mask():
+    """For CUDA graphs: one BlockMask per mask shape, refilled in place by each call."""
+    first, second = _batch(12, length=300).mask, _batch(0, length=300).mask
+    assert not torch.equal(first, second)
+    a = flex.block_mask(first, static=True)
+    pointers = [getattr(a, name).data_ptr() for name in flex._TENSORS]
+    b = flex.block_mask(second, static=True)
+    assert b is a and [getattr(b, name).data_ptr() for name in flex._TENSORS] == pointers
+    rows, _, n, m = second.shape
+    assert torch.equal(create_mask(b.mask_mod, rows, 1, n, m, device="cpu"), second)
+    fresh = flex.block_mask(second)
+    for name in flex._TENSORS:
+        assert torch.equal(getattr(b, name), getattr(fresh, name)), name
+    assert flex.block_mask(first) is not flex.block_mask(first)  # not static: new tensors each call
+
+
 def test_block_mask_rejects_other_masks():
     with pytest.raises(ValueError, match="boolean mask"):
         flex.block_mask(torch.zeros(2, 1, 8, 8))
@@ -129,8 +145,6 @@ def test_maskless_rows_and_other_masks_are_left_alone(monkeypatch):
 def test_option_is_checked():
     with pytest.raises(ConfigError, match="train.masked_attention must be one of sdpa, flex"):
         TrainConfig(masked_attention="dense")
-    with pytest.raises(ConfigError, match="train.masked_attention: flex.*train.cuda_graphs: false"):
-        TrainConfig(masked_attention="flex", compile=True, cuda_graphs=True)
     model = tiny_llama()
     with pytest.raises(ConfigError, match="train.masked_attention: flex needs a CUDA device"):
         causal.set_masked_attention(model, "flex")
@@ -153,6 +167,8 @@ def _train_steps(model, batches, steps: int = 4):
     opt = torch.optim.SGD(params, lr=0.5)
     out = []
     for i in range(steps):
+        if getattr(model, "_graphs", False):
+            torch.compiler.cudagraph_mark_step_begin()
         batch = batches[i % len(batches)]
         loss = -_logprobs(model, batch).mean()
         loss.backward()
@@ -163,10 +179,11 @@ def _train_steps(model, batches, steps: int = 4):
 
 
 @requires_cuda
-@pytest.mark.parametrize("compiled", [False, True])
-def test_training_with_flex_equals_sdpa_on_gpu(compiled):
+@pytest.mark.parametrize("compiled,graphs", [(False, False), (True, False), (True, True)])
+def test_training_with_flex_equals_sdpa_on_gpu(compiled, graphs):
     """Loss and LoRA gradients over tree and packed rows, FlexAttention against SDPA with the mask
-    (fp32), eager and with compiled blocks (new rows every step)."""
+    (fp32), eager, with compiled blocks, and with compiled blocks replayed as CUDA graphs (static block
+    masks; new rows every step)."""
     from efftune.train.compile import compile_blocks, uncompile_blocks
     batches = [_batch(12, length=256).to("cuda"), _batch(0, length=256).to("cuda")]
     runs = []
@@ -174,9 +191,10 @@ def test_training_with_flex_equals_sdpa_on_gpu(compiled):
         model = _llama16().cuda().train()
         add_lora(model, LoraConfig(r=4, alpha=8))
         randomize_lora(model)
-        causal.set_masked_attention(model, kernel)
+        causal.set_masked_attention(model, kernel, static_masks=graphs)
         if compiled:
-            compile_blocks(model)
+            compile_blocks(model, cuda_graphs=graphs)
+            model._graphs = graphs
         runs.append(_train_steps(model, batches))
         if compiled:
             uncompile_blocks(model)
