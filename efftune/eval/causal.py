@@ -174,7 +174,9 @@ def masked_rows(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterat
         yield attention_mask
         return
     _register()
-    block = flex.block_mask(attention_mask, static=getattr(model, "_efftune_static_block_masks", False))
+    # static storage for training forwards only: evaluations come in many shapes and run no graphs
+    static = getattr(model, "_efftune_static_block_masks", False) and torch.is_grad_enabled()
+    block = flex.block_mask(attention_mask, static=static)
     config = model.config
     config._attn_implementation = MASKED_FLEX
     try:
