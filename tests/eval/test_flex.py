@@ -186,6 +186,8 @@ def test_training_with_flex_equals_sdpa_on_gpu(compiled, graphs):
     masks; new rows every step)."""
     from efftune.train.compile import compile_blocks, uncompile_blocks
     batches = [_batch(12, length=256).to("cuda"), _batch(0, length=256).to("cuda")]
+    if not graphs:  # rows of another length, not whole blocks (graphs would record each shape again)
+        batches.append(_batch(12).to("cuda"))
     runs = []
     for kernel in ("sdpa", "flex"):
         model = _llama16().cuda().train()
@@ -202,3 +204,37 @@ def test_training_with_flex_equals_sdpa_on_gpu(compiled, graphs):
         torch.testing.assert_close(loss_b, loss_a, atol=1e-4, rtol=1e-4)
         for a, b in zip(grads_a, grads_b):
             assert ((a - b).norm() / a.norm()) < 1e-3
+
+
+@requires_cuda
+def test_train_loop_with_flex_and_cuda_graphs_equals_sdpa_on_gpu(tmp_path):
+    """`train()` with train.masked_attention: flex over tree rows, two micro-batches a step, compiled
+    blocks replayed as CUDA graphs (static block masks), an evaluation in between: the losses, gradient
+    norms and trained factors of SDPA with the mask, in fp32."""
+    import json
+    from efftune.train.loop import train
+    seqs = _sequences(12, shared=12)
+
+    @torch.no_grad()
+    def probe(model):
+        return {"n": float(model(torch.ones(1, 5, dtype=torch.long, device="cuda")).logits.sum())}
+
+    runs = []
+    for kernel in ("sdpa", "flex"):
+        model = _llama16().cuda()
+        add_lora(model, LoraConfig(r=4, alpha=8))
+        randomize_lora(model)
+        out = tmp_path / kernel
+        train(model, seqs, TrainConfig(steps=3, batch_size=6, micro_batch_size=3, lr=1e-2, warmup_steps=1,
+                                       max_length=128, precision="fp32", compile=True, cuda_graphs=True,
+                                       eval_every=1, masked_attention=kernel), out, pad_id=1, evaluate=probe)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append(([(r["loss"], r["grad_norm"]) for r in rows if "loss" in r],
+                     {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert causal.masked_attention(model) == "sdpa"  # put back
+    (log_a, params_a), (log_b, params_b) = runs
+    assert len(log_b) == 3
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(log_a, log_b):
+        assert abs(loss_a - loss_b) < 1e-4 and abs(norm_a - norm_b) < 1e-3 * norm_a
+    for name in params_a:
+        torch.testing.assert_close(params_b[name], params_a[name], atol=1e-4, rtol=1e-3, msg=name)
