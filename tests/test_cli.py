@@ -90,6 +90,7 @@ def test_config_file_and_flag_override(capsys, model_dir, data_file, tmp_path):
     ("train: {steps: many}", "train.steps: expected int"),
     ("lora: {r: 0}", "lora.r must be a positive integer"),
     ("method: dora", "unknown method 'dora'"),
+    ("train: {masked_attention: dense}", "train.masked_attention must be one of sdpa, flex"),
     ("- a list", "expected a mapping"),
 ])
 def test_bad_config_is_one_clear_line(capsys, tmp_path, yaml_text, message):
@@ -145,6 +146,18 @@ def test_fp8_base_from_flags(capsys, model_dir, data_file, tmp_path):
     code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--method", "relora",
                          "--fp8-base", "--steps", 2, "--batch-size", 4, "--output", tmp_path / "r")
     assert code != 0 and "train.fp8_base cannot run with ReLoraHooks" in err
+
+
+def test_masked_attention_flag_reaches_the_config(capsys, model_dir, data_file, tmp_path):
+    # flex needs CUDA: on CPU the run stops at the option, in one line, before writing anything
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--masked-attention", "flex",
+                         "--steps", 2, "--batch-size", 4, "--output", tmp_path / "flex")
+    assert code != 0 and "train.masked_attention: flex needs a CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "flex" / "adapter").exists()
+    code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--masked-attention", "sdpa",
+                         "--steps", 2, "--batch-size", 4, "--output", tmp_path / "sdpa")
+    assert code == 0, err
+    assert json.loads((tmp_path / "sdpa" / "config.json").read_text())["train"]["masked_attention"] == "sdpa"
 
 
 @pytest.mark.parametrize("method, extra, artifact", [
