@@ -154,13 +154,8 @@ def plain_causal(model: nn.Module, position_ids: torch.Tensor | None,
     if position_ids is not None or attention_mask is not None or not qualifies(model):
         yield
         return
-    _register()
-    config = model.config
-    config._attn_implementation = PLAIN_CAUSAL_FLASH4 if attention_kernel(model) == "flash4" else PLAIN_CAUSAL
-    try:
+    with _running_under(model, PLAIN_CAUSAL_FLASH4 if attention_kernel(model) == "flash4" else PLAIN_CAUSAL):
         yield
-    finally:
-        config._attn_implementation = "sdpa"
 
 
 @contextmanager
@@ -173,13 +168,21 @@ def masked_rows(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterat
             or not qualifies(model) or not flex.supports(model):
         yield attention_mask
         return
-    _register()
     # static storage for training forwards only: evaluations come in many shapes and run no graphs
     static = getattr(model, "_efftune_static_block_masks", False) and torch.is_grad_enabled()
     block = flex.block_mask(attention_mask, static=static)
-    config = model.config
-    config._attn_implementation = MASKED_FLEX
-    try:
+    with _running_under(model, MASKED_FLEX):
         yield block
+
+
+@contextmanager
+def _running_under(model: nn.Module, implementation: str) -> Iterator[None]:
+    """`model` runs under one of efftune's registered attention functions within the block (a
+    qualifying model's own implementation is sdpa, which is put back)."""
+    _register()
+    config = model.config
+    config._attn_implementation = implementation
+    try:
+        yield
     finally:
         config._attn_implementation = "sdpa"

@@ -75,6 +75,24 @@ def test_the_attention_refuses_masks_and_caches():
         _plain_causal_sdpa(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("field,bad,setter,chosen,kernel,error", [
+    ("attention", "flash3", causal.set_attention_kernel, causal.attention_kernel, "flash4",
+     "train.attention: flash4 needs a CUDA GPU"),
+    ("masked_attention", "dense", causal.set_masked_attention, causal.masked_attention, "flex",
+     "train.masked_attention: flex needs a CUDA device")])
+def test_kernel_options_are_checked(field, bad, setter, chosen, kernel, error):
+    from efftune.train.loop import TrainConfig
+    names = {"attention": "sdpa, flash4", "masked_attention": "sdpa, flex"}[field]
+    with pytest.raises(ConfigError, match=f"train.{field} must be one of {names}"):
+        TrainConfig(**{field: bad})
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match=error):
+        setter(model, kernel)
+    with pytest.raises(ConfigError, match=f"train.{field} must be one of"):
+        setter(model, "xformers")
+    assert chosen(model) == "sdpa"
+
+
 @pytest.mark.parametrize("field,kernel,module,chosen,error", [
     ("attention", "flash4", "flash4", causal.attention_kernel, "train.attention: flash4 needs a CUDA GPU"),
     ("masked_attention", "flex", "flex", causal.masked_attention, "train.masked_attention: flex needs a CUDA device")])

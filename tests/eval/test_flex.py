@@ -142,15 +142,6 @@ def test_maskless_rows_and_other_masks_are_left_alone(monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_option_is_checked():
-    with pytest.raises(ConfigError, match="train.masked_attention must be one of sdpa, flex"):
-        TrainConfig(masked_attention="dense")
-    model = tiny_llama()
-    with pytest.raises(ConfigError, match="train.masked_attention: flex needs a CUDA device"):
-        causal.set_masked_attention(model, "flex")
-    assert causal.masked_attention(model) == "sdpa"
-
-
 def test_attention_dropout_is_refused(monkeypatch):
     monkeypatch.setattr(flex, "unavailable_reason", lambda device: None)
     model = tiny_llama()
