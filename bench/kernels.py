@@ -13,6 +13,9 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
   swiglu     the fused SwiGLU-with-LoRA kernels (efftune.methods.swiglu_triton) at the MLP's shape:
              each pass's bandwidth over a sweep of tile sizes, and a compiled MLP forward + backward
              with the fused op against the lora_linears ops with SwiGLU left to Inductor
+  head       the chunked LM-head loss's softmax work on one 1,024-token chunk of logits (log-prob and
+             onehot − softmax in bf16): the Triton kernels (efftune.eval.head_triton) against the
+             compiled PyTorch version, with the bandwidth each reaches counting one read and one write
   floor      the work no bf16 LoRA implementation can skip, one training step's worth back to back
              (frozen GEMMs both ways, cuDNN attention, LM head): time and, with NVML, joules per step,
              to set against a real step's (bench/throughput.py prints those too); not in the default run
@@ -209,6 +212,26 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     return rows
 
 
+def head(cfg: dict, seq: int, chunk: int = 1024) -> list[dict]:
+    from efftune.eval import head_triton, logprobs
+    logits = torch.randn(chunk, cfg["vocab_size"], device="cuda", dtype=torch.bfloat16) * 3
+    targets = torch.randint(0, cfg["vocab_size"], (chunk,), device="cuda")
+    compiled = logprobs._fused("logprob_grad")
+    rows = []
+    sweep = [dict(block=b, max_segments=sg, num_warps=w) for b in (1024, 2048, 4096) for sg in (4, 8, 16)
+             for w in (4, 8, 16) if b // (32 * w) >= 4]
+    ways = [(f"triton {c}", lambda *a, c=c: head_triton.logprob_and_grad(*a, **c)) for c in sweep]
+    for way, fn in ways + [("torch.compile", compiled)]:
+        # each call gets a fresh copy, as the real chunk is a temporary the gradient may overwrite;
+        # the copy's time is measured alone and taken off
+        both = cuda_time_ms(lambda: fn(logits.clone(), targets, torch.bfloat16), iters=20)
+        copy = cuda_time_ms(lambda: logits.clone(), iters=20)
+        ms = both - copy
+        rows.append(dict(kind="head", way=way, chunk=chunk, ms=round(ms, 4),
+                         gb_s=round(2 * logits.numel() * 2 / ms / 1e6, 1)))
+    return rows
+
+
 def floor(cfg: dict, seq: int, repeats: int = 15) -> list[dict]:
     """The work no LoRA implementation can skip in bf16, run back to back as a training step runs it:
     every frozen projection's forward and input-gradient GEMM in every layer (none for the first
@@ -264,11 +287,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu", "floor"),
+    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu", "head", "floor"),
                     help="one kind of measurement")
     args = ap.parse_args()
     cfg = SHAPES[args.shape]
-    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu, "floor": floor}
+    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu, "head": head, "floor": floor}
     chosen = [args.only] if args.only else [k for k in kinds if k != "floor"]  # floor holds a whole model's weights
     for row in (row for kind in chosen for row in kinds[kind](cfg, args.seq)):
         print(json.dumps(dict(shape=args.shape, seq=args.seq, **row)), flush=True)

@@ -42,7 +42,7 @@ class ChunkedTargetLogprob(torch.autograd.Function):
         ctx.early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         if ctx.early:
             grad_rows = torch.empty_like(hidden)
-            pick = _fused("logprob_grad") if fused else _chunk_logprob_and_grad
+            pick = _logprob_and_grad_for(hidden, fused)
             for i in range(0, hidden.shape[0], chunk):
                 out[i:i + chunk], dlogits = pick(hidden[i:i + chunk] @ w.T, targets[i:i + chunk], hidden.dtype)
                 grad_rows[i:i + chunk] = dlogits @ w
@@ -99,6 +99,17 @@ def _chunk_logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor,
     # −softmax rounded to `dtype` in one go (compiled: one pass with the exponential, no fp32 array
     # written), then the targets' entries put in: rounded once, as if added before the cast
     return logprob, p.neg_().to(dtype).scatter_(1, picked, one_minus_p.to(dtype))
+
+
+def _logprob_and_grad_for(hidden: torch.Tensor, fused: bool):
+    """The per-chunk softmax work for a frozen head: on a CUDA GPU with Triton the two-pass
+    kernels (`head_triton`), else compiled when `fused`, else eager."""
+    from ..methods.swiglu_lora import triton_available
+    if hidden.is_cuda and triton_available():
+        from . import head_triton
+        if hidden.dtype in head_triton.KERNEL_DTYPES:
+            return head_triton.logprob_and_grad
+    return _fused("logprob_grad") if fused else _chunk_logprob_and_grad
 
 
 _FUSED: dict[str, object] = {}

@@ -137,11 +137,12 @@ class SwigluLora(torch.autograd.Function):
         dh0 = dy @ w_d  # the frozen down projection's input gradient, plain: its LoRA term joins in the pass
         dgu, h = torch.ops.efftune.swiglu_lora_backward(dh0, dzd, a_d, gu, b_g, b_u)
         (f, rg), ru = b_g.shape, b_u.shape[1]
+        z, dz = gu[:, 2 * f:], dgu[:, 2 * f:]
+        # the reductions over tokens first, while the pass's last writes of h, dg and du are in L2
+        da_d, db_g, db_u = dzd.t() @ h, dgu[:, :f].t() @ z[:, :rg], dgu[:, f:2 * f].t() @ z[:, rg:]
         # dx = [dg | du | dz] [W_g; W_u; Â_gu]: one plain GEMM where the weights are packed
         dx = torch.ops.efftune.rows_grad(dgu, [w_g, w_u], a_gu, spare) if ctx.needs_input_grad[0] else None
-        z, dz = gu[:, 2 * f:], dgu[:, 2 * f:]
-        return (dx, dz.t() @ x, dzd.t() @ h, None, None, None, dgu[:, :f].t() @ z[:, :rg],
-                dgu[:, f:2 * f].t() @ z[:, rg:], dy.t() @ zd, None)
+        return dx, dz.t() @ x, da_d, None, None, None, db_g, db_u, dy.t() @ zd, None
 
 
 _STANDARD_FORWARD = re.compile(r"(\w+) = self\.down_proj\(self\.act_fn\(self\.gate_proj\(x\)\) \* self\.up_proj\(x\)\)"

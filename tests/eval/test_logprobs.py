@@ -89,3 +89,49 @@ def test_bf16_logit_gradient_is_rounded_once():
     torch.testing.assert_close(dlogits.double(), ref.to(torch.bfloat16).double(), atol=0, rtol=0)
     torch.testing.assert_close(logprob.double(), logits.double().log_softmax(-1).gather(1, targets[:, None])[:, 0],
                                atol=1e-6, rtol=1e-6)
+
+
+def _cuda_triton() -> bool:
+    from efftune.methods.swiglu_lora import triton_available
+    return torch.cuda.is_available() and triton_available()
+
+
+@pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and Triton (the LM-head kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, v", [(5, 37), (300, 5000), (64, 128256)])
+def test_head_kernels_match_the_reference(dtype, n, v):
+    from efftune.eval import head_triton
+    torch.manual_seed(0)
+    logits = (torch.randn(n, v, device="cuda") * 4).to(dtype)
+    logits[0, 1] = 30.0  # a confident row: its target entry 1 − p is rounded once
+    targets = torch.randint(0, v, (n,), device="cuda")
+    targets[0], targets[-1] = 1, v - 1  # the first and the last column
+    ref_lp, ref_grad = logprobs._chunk_logprob_and_grad(logits.clone(), targets, dtype)
+    work = logits.clone()
+    lp, grad = head_triton.logprob_and_grad(work, targets, dtype)
+    assert grad.dtype == dtype and lp.dtype == torch.float32
+    assert grad.data_ptr() == work.data_ptr()  # same dtype: the gradient takes the logits' place
+    torch.testing.assert_close(lp, ref_lp, atol=1e-4, rtol=1e-5)
+    # fp32 sums in another order: at most one step of the output dtype's spacing apart
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2 ** -8, rtol=2 ** -7)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), **tol)
+    assert grad[0, 1].float().item() == pytest.approx(ref_grad[0, 1].float().item(), abs=2 ** -9)
+    # another output dtype: a new tensor, the logits untouched
+    lp2, grad2 = head_triton.logprob_and_grad(logits, targets, torch.float16)
+    assert grad2.dtype == torch.float16 and torch.equal(lp2, lp)
+
+
+@pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and Triton (the LM-head kernels)")
+def test_chunked_head_on_cuda_equals_full_logits():
+    torch.manual_seed(0)
+    hidden = torch.randn(70, 32, device="cuda", requires_grad=True)
+    weight = torch.randn(3001, 32, device="cuda")  # frozen: the kernels' path
+    targets = torch.randint(0, 3001, (70,), device="cuda")
+    g = torch.randn(70, device="cuda")
+    ours = ChunkedTargetLogprob.apply(hidden, weight, targets, 32)
+    ours.backward(g)
+    h2 = hidden.detach().double().requires_grad_()
+    ref = -F.cross_entropy(h2 @ weight.double().T, targets, reduction="none")
+    ref.backward(g.double())
+    torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hidden.grad.double(), h2.grad, atol=1e-3, rtol=1e-3)
