@@ -9,10 +9,11 @@ sum of exponentials, then the exponentials again for the gradient) in one progra
 Each row is cut into a few segments, so a 1,024-row chunk of a 128k vocabulary gives thousands of
 programs instead of 1,024 long ones:
 - `_stats_kernel`: per segment, the maximum and the sum of exp(x − maximum), in one read (an
-  online softmax kept per lane);
+  online softmax kept per lane), and in the target's segment the target's logit;
 - `_grad_kernel`: per segment, combines its row's segment statistics into the log-sum-exp, reads
   the logits again and writes the gradient; the target's entry is 1 − p made in fp32 and rounded
-  once (as `logprobs._chunk_logprob_and_grad` does), and the first segment writes the log-prob.
+  once (as `logprobs._chunk_logprob_and_grad` does), and the first segment writes the log-prob
+  from the target's logit kept by the first kernel.
 The gradient may take the logits' place (same dtype): each element is read before it is written,
 by the same program.
 """
@@ -92,6 +93,8 @@ def logprob_and_grad(logits: Tensor, targets: Tensor, dtype: torch.dtype, **conf
     `logits` must be a temporary: the gradient takes its place when the dtypes agree."""
     c = {**CONFIG, **config}
     n, v = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
     segments, seg, block = _layout(v, c["block"], c["max_segments"])
     targets = targets.contiguous()
     stats = torch.empty(2, n, segments, dtype=torch.float32, device=logits.device)  # maxima, sums of exp

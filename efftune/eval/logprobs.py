@@ -31,7 +31,8 @@ class ChunkedTargetLogprob(torch.autograd.Function):
     softmax(logits_n)) W`, an (N, d) tensor kept instead of `hidden`, and backward is just
     `grad[n] · G[n]`. That saves the head's matmul that backward would otherwise rerun to rebuild
     the logits. A trainable head takes the general path, which recomputes the logits in backward.
-    `fused`: run the per-chunk softmax work compiled (one pass over the logits instead of several).
+    The per-chunk softmax work runs as Triton kernels on a CUDA GPU (`head_triton`); elsewhere
+    `fused` runs it compiled (one pass over the logits instead of several).
     """
 
     @staticmethod
