@@ -67,9 +67,10 @@ class ChunkedTargetLogprob(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        pick = _logprob_and_grad_for(hidden, fused=False)
         for i in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[i:i + ctx.chunk]
-            _, dlogits = _chunk_logprob_and_grad(h @ w.T, targets[i:i + ctx.chunk], acc)
+            _, dlogits = pick(h @ w.T, targets[i:i + ctx.chunk], acc)
             dlogits *= grad_out[i:i + ctx.chunk, None].to(acc)
             if grad_hidden is not None:
                 grad_hidden[i:i + ctx.chunk] = (dlogits.to(h.dtype) @ w).to(hidden.dtype)

@@ -122,16 +122,20 @@ def test_head_kernels_match_the_reference(dtype, n, v):
 
 
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and Triton (the LM-head kernels)")
-def test_chunked_head_on_cuda_equals_full_logits():
+@pytest.mark.parametrize("head_trains", [False, True])  # the gradient made in forward, or in backward
+def test_chunked_head_on_cuda_equals_full_logits(head_trains):
     torch.manual_seed(0)
     hidden = torch.randn(70, 32, device="cuda", requires_grad=True)
-    weight = torch.randn(3001, 32, device="cuda")  # frozen: the kernels' path
+    weight = torch.randn(3001, 32, device="cuda", requires_grad=head_trains)
     targets = torch.randint(0, 3001, (70,), device="cuda")
     g = torch.randn(70, device="cuda")
     ours = ChunkedTargetLogprob.apply(hidden, weight, targets, 32)
     ours.backward(g)
     h2 = hidden.detach().double().requires_grad_()
-    ref = -F.cross_entropy(h2 @ weight.double().T, targets, reduction="none")
+    w2 = weight.detach().double().requires_grad_(head_trains)
+    ref = -F.cross_entropy(h2 @ w2.T, targets, reduction="none")
     ref.backward(g.double())
     torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(hidden.grad.double(), h2.grad, atol=1e-3, rtol=1e-3)
+    if head_trains:
+        torch.testing.assert_close(weight.grad.double(), w2.grad, atol=1e-3, rtol=1e-3)
