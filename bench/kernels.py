@@ -217,16 +217,15 @@ def head(cfg: dict, seq: int, chunk: int = 1024) -> list[dict]:
     logits = torch.randn(chunk, cfg["vocab_size"], device="cuda", dtype=torch.bfloat16) * 3
     targets = torch.randint(0, cfg["vocab_size"], (chunk,), device="cuda")
     compiled = logprobs._fused("logprob_grad")
+    # each call gets a fresh copy, as the real chunk is a temporary the gradient may overwrite;
+    # the copy's time is measured once and taken off every way's
+    copy = cuda_time_ms(lambda: logits.clone(), iters=20)
     rows = []
     sweep = [dict(block=b, max_segments=sg, num_warps=w) for b in (1024, 2048, 4096) for sg in (4, 8, 16)
              for w in (4, 8, 16) if b // (32 * w) >= 4]
     ways = [(f"triton {c}", lambda *a, c=c: head_triton.logprob_and_grad(*a, **c)) for c in sweep]
     for way, fn in ways + [("torch.compile", compiled)]:
-        # each call gets a fresh copy, as the real chunk is a temporary the gradient may overwrite;
-        # the copy's time is measured alone and taken off
-        both = cuda_time_ms(lambda: fn(logits.clone(), targets, torch.bfloat16), iters=20)
-        copy = cuda_time_ms(lambda: logits.clone(), iters=20)
-        ms = both - copy
+        ms = cuda_time_ms(lambda: fn(logits.clone(), targets, torch.bfloat16), iters=20) - copy
         rows.append(dict(kind="head", way=way, chunk=chunk, ms=round(ms, 4),
                          gb_s=round(2 * logits.numel() * 2 / ms / 1e6, 1)))
     return rows

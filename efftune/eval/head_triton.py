@@ -1,5 +1,5 @@
-"""Triton kernels for the chunked LM-head loss (`logprobs.ChunkedTargetLogprob`, frozen head):
-from one chunk's logits (rows × vocabulary) and the rows' targets make
+"""Triton kernels for the chunked LM-head loss (`logprobs.ChunkedTargetLogprob`: in forward for a
+frozen head, in backward for a trainable one): from one chunk's logits (rows × vocabulary) and the rows' targets make
 
     logprob[n] = logits[n, t_n] − logsumexp(logits[n])
     dlogits[n] = onehot(t_n) − softmax(logits[n])   (rounded once to the output dtype)

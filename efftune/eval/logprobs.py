@@ -104,8 +104,8 @@ def _chunk_logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def _logprob_and_grad_for(hidden: torch.Tensor, fused: bool):
-    """The per-chunk softmax work for a frozen head: on a CUDA GPU with Triton the two-pass
-    kernels (`head_triton`), else compiled when `fused`, else eager."""
+    """The per-chunk softmax work (log-probs and logit gradient): on a CUDA GPU with Triton the
+    two-pass kernels (`head_triton`), else compiled when `fused`, else eager."""
     from ..methods.swiglu_lora import triton_available
     if hidden.is_cuda and triton_available():
         from . import head_triton
