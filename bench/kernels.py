@@ -13,6 +13,7 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
   swiglu     the fused SwiGLU-with-LoRA kernels (efftune.methods.swiglu_triton) at the MLP's shape:
              each pass's bandwidth over a sweep of tile sizes, and a compiled MLP forward + backward
              with the fused op against the lora_linears ops with SwiGLU left to Inductor
+             (`--shipped`: the shipped settings only, median of 7 repeats)
   head       the chunked LM-head loss's softmax work on one 1,024-token chunk of logits (log-prob and
              onehot − softmax in bf16): the Triton kernels (efftune.eval.head_triton) against the
              compiled PyTorch version, with the bandwidth each reaches counting one read and one write
@@ -164,6 +165,15 @@ def packed_groups(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     return rows
 
 
+SHIPPED = False  # --shipped: only the shipped tile settings, timed in repeats (before/after comparisons)
+
+
+def _repeated_ms(fn, repeats: int = 7, iters: int = 50) -> dict:
+    """Median and range of `repeats` timings of `iters` calls each (ms per call)."""
+    times = sorted(cuda_time_ms(fn, iters=iters, warmup=5) for _ in range(repeats))
+    return dict(ms=round(times[len(times) // 2], 4), ms_min=round(times[0], 4), ms_max=round(times[-1], 4))
+
+
 def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     from efftune.methods import swiglu_triton
     from efftune.methods.lora_ops import fused_lora_linears
@@ -176,6 +186,13 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     ad, dzd = torch.randn(r, f, **bf), torch.randn(seq, r, **bf)
     bg, bu = torch.randn(f, r, **bf), torch.randn(f, r, **bf)
     rows = []
+    if SHIPPED:
+        for part, fn, tensors, c in (
+                ("forward", lambda: swiglu_triton.forward(gu, bg, bu, ad), 3, swiglu_triton.FORWARD_CONFIG),
+                ("backward", lambda: swiglu_triton.backward(dh, dzd, ad, gu, bg, bu), 6, swiglu_triton.BACKWARD_CONFIG)):
+            t = _repeated_ms(fn)
+            rows.append(dict(kind="swiglu", part=part, config=c, **t, gb_s=round(tensors * seq * f * 2 / t["ms"] / 1e6, 1)))
+        return rows
     sweep = [dict(num_warps=w, bt=bt, bo=bo, cols=co, num_stages=st) for w in (4, 8)
              for bt, bo in ((32, 64), (64, 64), (32, 128), (128, 64)) for co in (256, 512, 1024) for st in (1, 3)
              if (w, bt, bo) not in ((8, 32, 64), (8, 32, 128))]
@@ -221,6 +238,11 @@ def head(cfg: dict, seq: int, chunk: int = 1024) -> list[dict]:
     # the copy's time is measured once and taken off every way's
     copy = cuda_time_ms(lambda: logits.clone(), iters=20)
     rows = []
+    if SHIPPED:
+        t = _repeated_ms(lambda: head_triton.logprob_and_grad(logits.clone(), targets, torch.bfloat16))
+        ms = t["ms"] - copy
+        return [dict(kind="head", way=f"triton {head_triton.CONFIG}", chunk=chunk, **t, copy_ms=round(copy, 4),
+                     gb_s=round(2 * logits.numel() * 2 / ms / 1e6, 1))]
     sweep = [dict(block=b, max_segments=sg, num_warps=w) for b in (1024, 2048, 4096) for sg in (4, 8, 16)
              for w in (4, 8, 16) if b // (32 * w) >= 4]
     ways = [(f"triton {c}", lambda *a, c=c: head_triton.logprob_and_grad(*a, **c)) for c in sweep]
@@ -288,7 +310,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu", "head", "floor"),
                     help="one kind of measurement")
+    ap.add_argument("--shipped", action="store_true",
+                    help="swiglu and head: only the shipped tile settings, median of 7 repeats of 50 calls "
+                         "(with their range), for comparing two versions of a kernel")
     args = ap.parse_args()
+    global SHIPPED
+    SHIPPED = args.shipped
     cfg = SHAPES[args.shape]
     kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu, "head": head, "floor": floor}
     chosen = [args.only] if args.only else [k for k in kinds if k != "floor"]  # floor holds a whole model's weights

@@ -16,6 +16,9 @@ programs instead of 1,024 long ones:
   from the target's logit kept by the first kernel.
 The gradient may take the logits' place (same dtype): each element is read before it is written,
 by the same program.
+Offsets: a row's start (row × row stride) and the per-row statistics' are formed in 64 bits, so a
+chunk may pass 2^31 elements (16,800 rows of a 128k vocabulary do); the columns inside a row are
+32-bit (`kernel_limits.head_fits`).
 """
 from __future__ import annotations
 
@@ -24,14 +27,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..kernel_limits import HEAD_MAX_OVERSHOOT, head_fits
+
 _FLOOR = tl.constexpr(-1.0e30)  # a lane's running maximum before it has seen a logit (finite: exp(−inf − −inf) is nan)
 
 
 @triton.jit
 def _stats_kernel(x_ptr, t_ptr, m_ptr, l_ptr, pick_ptr, V, stride,
                   S: tl.constexpr, SEG: tl.constexpr, BLOCK: tl.constexpr):
-    n, s = tl.program_id(0), tl.program_id(1)
-    row = x_ptr + n.to(tl.int64) * stride
+    n, s = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    row = x_ptr + n * stride
     target = tl.load(t_ptr + n)
     m = tl.full((BLOCK,), _FLOOR, tl.float32)
     l = tl.zeros((BLOCK,), tl.float32)
@@ -53,14 +58,14 @@ def _stats_kernel(x_ptr, t_ptr, m_ptr, l_ptr, pick_ptr, V, stride,
 @triton.jit
 def _grad_kernel(x_ptr, t_ptr, m_ptr, l_ptr, pick_ptr, g_ptr, lp_ptr, V, stride, gstride,
                  S: tl.constexpr, SEG: tl.constexpr, BLOCK: tl.constexpr):
-    n, s = tl.program_id(0), tl.program_id(1)
+    n, s = tl.program_id(0).to(tl.int64), tl.program_id(1)
     seg = tl.arange(0, S)
     ms, ls = tl.load(m_ptr + n * S + seg), tl.load(l_ptr + n * S + seg)
     top = tl.max(ms, 0)
     lse = top + tl.log(tl.sum(ls * tl.exp(ms - top), 0))
     target = tl.load(t_ptr + n)
-    row = x_ptr + n.to(tl.int64) * stride
-    grow = g_ptr + n.to(tl.int64) * gstride
+    row = x_ptr + n * stride
+    grow = g_ptr + n * gstride
     for i in range(0, SEG // BLOCK):
         cols = s * SEG + i * BLOCK + tl.arange(0, BLOCK)
         mask = cols < V
@@ -93,6 +98,9 @@ def logprob_and_grad(logits: Tensor, targets: Tensor, dtype: torch.dtype, **conf
     `logits` must be a temporary: the gradient takes its place when the dtypes agree."""
     c = {**CONFIG, **config}
     n, v = logits.shape
+    if not head_fits(n, v) or c["block"] * c["max_segments"] > HEAD_MAX_OVERSHOOT:
+        raise ValueError(f"{n} × {v} logits with {c['max_segments']} segments of {c['block']}-column blocks: "
+                         f"column offsets pass 2^31 (logprobs routes such chunks to its PyTorch version)")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     segments, seg, block = _layout(v, c["block"], c["max_segments"])

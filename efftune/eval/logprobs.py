@@ -43,7 +43,7 @@ class ChunkedTargetLogprob(torch.autograd.Function):
         ctx.early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         if ctx.early:
             grad_rows = torch.empty_like(hidden)
-            pick = _logprob_and_grad_for(hidden, fused)
+            pick = _logprob_and_grad_for(hidden, fused, min(chunk, hidden.shape[0]), w.shape[0])
             for i in range(0, hidden.shape[0], chunk):
                 out[i:i + chunk], dlogits = pick(hidden[i:i + chunk] @ w.T, targets[i:i + chunk], hidden.dtype)
                 grad_rows[i:i + chunk] = dlogits @ w
@@ -67,7 +67,7 @@ class ChunkedTargetLogprob(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
-        pick = _logprob_and_grad_for(hidden, fused=False)
+        pick = _logprob_and_grad_for(hidden, False, min(ctx.chunk, hidden.shape[0]), w.shape[0])
         for i in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[i:i + ctx.chunk]
             _, dlogits = pick(h @ w.T, targets[i:i + ctx.chunk], acc)
@@ -103,11 +103,13 @@ def _chunk_logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor,
     return logprob, p.neg_().to(dtype).scatter_(1, picked, one_minus_p.to(dtype))
 
 
-def _logprob_and_grad_for(hidden: torch.Tensor, fused: bool):
-    """The per-chunk softmax work (log-probs and logit gradient): on a CUDA GPU with Triton the
-    two-pass kernels (`head_triton`), else compiled when `fused`, else eager."""
+def _logprob_and_grad_for(hidden: torch.Tensor, fused: bool, rows: int, vocabulary: int):
+    """The per-chunk softmax work (log-probs and logit gradient) for chunks of up to `rows` ×
+    `vocabulary` logits: on a CUDA GPU with Triton the two-pass kernels (`head_triton`) where
+    their offsets fit (`kernel_limits.head_fits`), else compiled when `fused`, else eager."""
+    from ..kernel_limits import head_fits
     from ..methods.swiglu_lora import triton_available
-    if hidden.is_cuda and triton_available():
+    if hidden.is_cuda and head_fits(rows, vocabulary) and triton_available():
         from . import head_triton
         if hidden.dtype in head_triton.KERNEL_DTYPES:
             return head_triton.logprob_and_grad

@@ -16,7 +16,8 @@ again for the down projection's `z_d`, and backward reads dg and du again for dz
   du for dz, no full-width dz_d Â_d);
 - the input gradient `dx = [dg | du | dz] [W_g; W_u; Â_gu]` is then one plain GEMM, where three
   GEMMs accumulating onto one output would each read it back.
-On CUDA the two passes are Triton kernels (`swiglu_triton`); elsewhere (CPU, float64 tests) the
+On CUDA the two passes are Triton kernels (`swiglu_triton`, 64-bit row offsets: any token count);
+elsewhere (CPU, float64 tests, a width whose in-tile offsets would pass 2^31: `takes_kernel`) the
 same ops run in PyTorch.
 
 `FusedSwiGLU` replaces a transformers MLP module whose forward is exactly
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernel_limits import swiglu_fits
 from . import packing
 from .attach import hooked, replace_module
 from .lora_ops import _LIB
@@ -76,15 +78,24 @@ def swiglu_backward_reference(dh: Tensor, dzd: Tensor, ad: Tensor, gu: Tensor, b
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 takes the PyTorch version
 
 
+def takes_kernel(gu: Tensor, bg: Tensor) -> bool:
+    """Whether the op on gu = [g0 | u0 | z] (gate B factor bg) runs the Triton kernels on CUDA, or
+    the PyTorch version: a kernel dtype, and offsets inside one tile that fit 32 bits
+    (`kernel_limits.swiglu_fits`; backward's [dg | du | dz] has gu's width on aligned rows).
+    Reads shapes, strides and dtypes only (meta tensors will do)."""
+    stride = max(gu.stride(0), packing.aligned_stride(gu.shape[1]))
+    return gu.dtype in _KERNEL_DTYPES and swiglu_fits(gu.shape[0], bg.shape[0], stride)
+
+
 def _cuda_forward(gu, bg, bu, ad):
-    if gu.dtype not in _KERNEL_DTYPES:
+    if not takes_kernel(gu, bg):
         return swiglu_forward_reference(gu, bg, bu, ad)
     from . import swiglu_triton
     return swiglu_triton.forward(gu, bg, bu, ad)
 
 
 def _cuda_backward(dh, dzd, ad, gu, bg, bu):
-    if gu.dtype not in _KERNEL_DTYPES:
+    if not takes_kernel(gu, bg):
         return swiglu_backward_reference(dh, dzd, ad, gu, bg, bu)
     from . import swiglu_triton
     return swiglu_triton.backward(dh, dzd, ad, gu, bg, bu)

@@ -12,6 +12,10 @@ a full-width product (14% slower at 8B shapes, plus the product's own write).
 Reductions over tokens (dB_gate, dB_up, dÂ_down) are left to cuBLAS, which reads dg, du and h
 again: done in-kernel they need transposed tiles, and a version that did ran at a third of the
 memory bandwidth (bench/RESULTS.md, session 7).
+Offsets: each program moves its pointers to its first token row in 64 bits (row × row stride passes
+2^31 elements in long inputs: 131,072 tokens of Llama-3-8B's [g0 | u0 | z] hold 3.8e9) and indexes
+inside its own rows in 32 bits, so the per-element address arithmetic is what it was;
+`kernel_limits.swiglu_fits` says which shapes keep those in-tile offsets under 2^31.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..kernel_limits import SWIGLU_MAX_TILE_ROWS, SWIGLU_MIN_COLS, swiglu_fits
 from .packing import aligned_rows
 
 
@@ -41,18 +46,24 @@ def _plus_update(base, z, b_ptr, cols, cmask, stride, step, R, RP: tl.constexpr,
 
 @triton.jit
 def _token_block(z_ptr, N, ZS, RG, RU, BT: tl.constexpr, RP: tl.constexpr):
-    """This program's token rows, their mask, and their z_gate and z_up tiles."""
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    rmask = rows < N
+    """This program's first token row (int64: the callers move their pointers there), its rows
+    counted from that one (int32), their mask, and their z_gate and z_up tiles."""
+    row0 = tl.program_id(0).to(tl.int64) * BT
+    rows = tl.arange(0, BT)
+    rmask = rows < tl.minimum(N - row0, BT).to(tl.int32)  # a 32-bit compare per element
+    z_ptr += row0 * ZS
     zg = _rank_tile(z_ptr, rows, rmask, ZS, 1, 0, RG, RP)
-    return rows, rmask, zg, _rank_tile(z_ptr, rows, rmask, ZS, 1, RG, RU, RP)
+    return row0, rows, rmask, zg, _rank_tile(z_ptr, rows, rmask, ZS, 1, RG, RU, RP)
 
 
 @triton.jit
 def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_part,
                     N, F, S, RG, RU, RD, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
                     RP: tl.constexpr, RPD: tl.constexpr, PREC: tl.constexpr):
-    rows, rmask, zg, zu = _token_block(z_ptr, N, S, RG, RU, BT, RP)
+    row0, rows, rmask, zg, zu = _token_block(z_ptr, N, S, RG, RU, BT, RP)
+    g0_ptr += row0 * S
+    u0_ptr += row0 * S
+    h_ptr += row0 * F
     col0 = tl.program_id(1) * COLS
     acc = tl.zeros((BT, RPD), tl.float32)
     for ci in range(0, COLS // BO):
@@ -68,7 +79,8 @@ def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_par
         ad = _rank_tile(ad_ptr, cols, cmask, 1, F, 0, RD, RPD)  # Â_d[:, cols]ᵀ
         acc += tl.dot(h, ad, input_precision=PREC)
     kd = tl.arange(0, RPD)
-    tl.store(zd_part + tl.program_id(1) * N * RD + rows[:, None] * RD + kd[None, :], acc,
+    zd_part += (tl.program_id(1).to(tl.int64) * N + row0) * RD
+    tl.store(zd_part + rows[:, None] * RD + kd[None, :], acc,
              mask=rmask[:, None] & (kd[None, :] < RD))
 
 
@@ -76,8 +88,14 @@ def _forward_kernel(g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, ad_ptr, h_ptr, zd_par
 def _backward_kernel(dh_ptr, dzd_ptr, ad_ptr, g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_ptr, dg_ptr, du_ptr, h_ptr,
                      dz_part, N, F, S, DS, RG, RU, RD, COLS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
                      RP: tl.constexpr, RPD: tl.constexpr, PREC: tl.constexpr):
-    rows, rmask, zg, zu = _token_block(z_ptr, N, S, RG, RU, BT, RP)
-    dzd = _rank_tile(dzd_ptr, rows, rmask, RD, 1, 0, RD, RPD)  # the down projection's dz_d rows
+    row0, rows, rmask, zg, zu = _token_block(z_ptr, N, S, RG, RU, BT, RP)
+    g0_ptr += row0 * S
+    u0_ptr += row0 * S
+    dh_ptr += row0 * F
+    h_ptr += row0 * F
+    dg_ptr += row0 * DS
+    du_ptr += row0 * DS
+    dzd = _rank_tile(dzd_ptr + row0 * RD, rows, rmask, RD, 1, 0, RD, RPD)  # the down projection's dz_d rows
     col0 = tl.program_id(1) * COLS
     acc_g = tl.zeros((BT, RP), tl.float32)
     acc_u = tl.zeros((BT, RP), tl.float32)
@@ -114,7 +132,7 @@ def _backward_kernel(dh_ptr, dzd_ptr, ad_ptr, g0_ptr, u0_ptr, z_ptr, bg_ptr, bu_
         acc_u += tl.dot(du, bu, input_precision=PREC)
         g0, u0, d = g0_next, u0_next, d_next
     ks = tl.arange(0, RP)
-    out = dz_part + tl.program_id(1) * N * (RG + RU) + rows[:, None] * (RG + RU) + ks[None, :]
+    out = dz_part + (tl.program_id(1).to(tl.int64) * N + row0) * (RG + RU) + rows[:, None] * (RG + RU) + ks[None, :]
     tl.store(out, acc_g, mask=rmask[:, None] & (ks[None, :] < RG))
     tl.store(out + RG, acc_u, mask=rmask[:, None] & (ks[None, :] < RU))
 
@@ -133,8 +151,14 @@ FORWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
 BACKWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
 
 
-def _grid(n: int, f: int, c: dict) -> tuple[tuple[int, int], int]:
+def _grid(n: int, f: int, stride: int, c: dict) -> tuple[tuple[int, int], int]:
+    """The launch grid and the column group, for n tokens of width f whose widest tensor has row
+    stride `stride`; ValueError where the config leaves `kernel_limits`' bounds (offsets inside a
+    tile past 2^31, or too many column groups for the grid), which swiglu_lora routes around."""
     cols = min(c["cols"], triton.cdiv(f, c["bo"]) * c["bo"])  # a multiple of bo
+    if c["bt"] > SWIGLU_MAX_TILE_ROWS or cols < min(f, SWIGLU_MIN_COLS) or not swiglu_fits(n, f, stride):
+        raise ValueError(f"{n} tokens of width {f} (row stride {stride}) in {c['bt']} × {cols} tiles: offsets "
+                         f"inside a tile pass 2^31 or the grid is too wide (kernel_limits.swiglu_fits)")
     return (triton.cdiv(n, c["bt"]), triton.cdiv(f, cols)), cols
 
 
@@ -151,7 +175,7 @@ def forward(gu: Tensor, bg: Tensor, bu: Tensor, ad: Tensor, **config) -> list[Te
     c = {**FORWARD_CONFIG, **config}
     (f, rg), ru, rd, n = bg.shape, bu.shape[1], ad.shape[0], gu.shape[0]
     g0, u0, z = _split(gu, f, rg, ru)
-    grid, cols = _grid(n, f, c)
+    grid, cols = _grid(n, f, gu.stride(0), c)
     h = gu.new_empty(n, f)
     zd_part = torch.empty(grid[1], n, rd, dtype=torch.float32, device=gu.device)
     _forward_kernel[grid](g0, u0, z, bg.contiguous(), bu.contiguous(), ad.contiguous(), h, zd_part, n, f,
@@ -166,8 +190,8 @@ def backward(dh: Tensor, dzd: Tensor, ad: Tensor, gu: Tensor, bg: Tensor, bu: Te
     c = {**BACKWARD_CONFIG, **config}
     (f, rg), ru, rd, n = bg.shape, bu.shape[1], ad.shape[0], gu.shape[0]
     g0, u0, z = _split(gu, f, rg, ru)
-    grid, cols = _grid(n, f, c)
     dgu, h = aligned_rows(n, gu.shape[1], gu), gu.new_empty(n, f)
+    grid, cols = _grid(n, f, max(gu.stride(0), dgu.stride(0)), c)
     dg, du, dz = _split(dgu, f, rg, ru)
     dz_part = torch.empty(grid[1], n, rg + ru, dtype=torch.float32, device=gu.device)
     _backward_kernel[grid](dh.contiguous(), dzd.contiguous(), ad.contiguous(), g0, u0, z, bg.contiguous(),
