@@ -28,6 +28,8 @@ kv_heads, `prefix_projection: false`) and `adapter_model.safetensors` holding `p
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,6 +108,26 @@ class _PrefixOnlyLayer(DynamicLayer):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
+def _cache_argument(forward) -> str:
+    """The name under which `forward` takes the attention cache: `cache` from transformers 5.24 on,
+    `past_key_values` before. (5.24+ still accepts the old name alone, but a call that carries
+    both, e.g. our cache as `past_key_values` next to the `cache=None` the LM head passes down,
+    silently drops ours.)"""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_field(out) -> str | None:
+    """The field under which a model output carries its cache: `cache` from transformers 5.24 on,
+    `past_key_values` before (the other name still works there, but logs a deprecation warning)."""
+    names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()
+    return next((name for name in ("cache", "past_key_values") if name in names), None)
+
+
+def _output_cache(out) -> Cache | None:
+    field = _cache_field(out)
+    return getattr(out, field) if field else None
+
+
 @contextmanager
 def _cache_through_checkpointing(layers: list[nn.Module], on: bool):
     """transformers drops the cache in activation-checkpointed layers, since a storing cache would
@@ -133,6 +155,7 @@ class PrefixTuningBody(nn.Module):
         self.base_layer = base_layer
         self.config = base_layer.config
         self.kv_shape = KVShape.of(self.config)
+        self._cache_arg = _cache_argument(base_layer.forward)
         w = base_layer.get_input_embeddings().weight
         dtype = master_dtype(w.dtype)
         P, hidden = num_virtual_tokens, self.config.hidden_size
@@ -214,6 +237,9 @@ class PrefixTuningBody(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs):
+        # transformers 5.24+ passes the cache down as `cache`, older versions as `past_key_values`
+        incoming = kwargs.pop("cache", None)
+        past_key_values = past_key_values if past_key_values is not None else incoming
         x = input_ids if input_ids is not None else inputs_embeds
         layers = [m for m in self.base_layer.modules() if isinstance(m, GradientCheckpointingLayer)]
         checkpointing = self.training and any(layer.gradient_checkpointing for layer in layers)
@@ -225,10 +251,11 @@ class PrefixTuningBody(nn.Module):
             position_ids = position_ids + self.num_virtual_tokens
         with _cache_through_checkpointing(layers, checkpointing and not isinstance(cache, DynamicCache)):
             out = self.base_layer(input_ids=input_ids, attention_mask=self._extend_mask(attention_mask, total),
-                                  position_ids=position_ids, past_key_values=cache, inputs_embeds=inputs_embeds,
-                                  use_cache=use_cache, **kwargs)
-        if not isinstance(cache, DynamicCache) and getattr(out, "past_key_values", None) is cache:
-            out.past_key_values = None  # the prefix-only cache is no past to continue from
+                                  position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                  use_cache=use_cache, **{self._cache_arg: cache}, **kwargs)
+        if not isinstance(cache, DynamicCache) and _output_cache(out) is cache:
+            # the prefix-only cache is no past to continue from
+            setattr(out, _cache_field(out), None)
         return out
 
 
@@ -282,7 +309,7 @@ def _init(wrapper: PrefixTuningBody, config: PrefixTuningConfig, tokenizer) -> N
     # The keys and values the model computes for the tokens as a text: rotary positions 0..P-1
     # are already applied, as they are to any cached key.
     was_training = body.training
-    cache = body.eval()(input_ids=ids[None], use_cache=True).past_key_values
+    cache = _output_cache(body.eval()(input_ids=ids[None], use_cache=True))
     body.train(was_training)
     rows = [torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]]) for i in range(wrapper.kv_shape.layers)]
     table = torch.stack(rows).permute(3, 0, 1, 2, 4)  # (P, layers, 2, kv_heads, head_dim)

@@ -10,7 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from efftune.data.layout import Row, collate
 from efftune.errors import AdapterError, ConfigError, EfftuneError
 from efftune.eval.logprobs import target_logprobs
-from efftune.methods.prefix_tuning import (PrefixTuningBody, PrefixTuningConfig, _vocab_tokens, add_prefix_tuning,
+from efftune.train.loop import enable_activation_checkpointing
+from efftune.methods.prefix_tuning import (PrefixTuningBody, PrefixTuningConfig, _cache_argument, _output_cache,
+                                           _vocab_tokens, add_prefix_tuning,
                                            fold_prefix_tuning, load_prefix_tuning, prefix_body,
                                            remove_prefix_tuning, save_prefix_tuning)
 
@@ -145,6 +147,18 @@ def test_we_load_what_peft_saves(tmp_path):
     torch.testing.assert_close(logits(ours), logits(pm), atol=1e-5, rtol=1e-5)
 
 
+def peft_greedy(pm, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by peft's uncached forward over the whole sequence at every step, with the
+    position ids `generate` gives left-padded rows. (Not peft's `generate`: peft 0.21 hands its
+    prefix to the model as `past_key_values` while transformers 5.24+ generate passes `cache`, so
+    from the second token on peft's own generate drops its prefix.)"""
+    for _ in range(new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt = pm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
 def test_greedy_generate_matches_peft():
     m = prefixed()
     pm = peft_copy(prefix_body(m).prefix)
@@ -152,8 +166,7 @@ def test_greedy_generate_matches_peft():
     mask[1, :2] = 0
     with torch.no_grad():
         ours = m.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        theirs = pm.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        assert torch.equal(ours, theirs)
+        assert torch.equal(ours, peft_greedy(pm, IDS, mask, 8))
         # and the cached steps agree with one uncached pass over the result (row 0: no padding)
         full = m(input_ids=ours[:1], use_cache=False).logits[0, 6:-1].argmax(-1)
     assert torch.equal(full, ours[0, 7:])
@@ -164,9 +177,10 @@ def test_cache_continues_and_checkpointing_keeps_the_prefix():
     full = logits(m)
     with torch.no_grad():
         first = m(input_ids=IDS[:, :4], use_cache=True)
-        assert first.past_key_values.get_seq_length() == P + 4  # the prefix, then the tokens
-        rest = m(input_ids=IDS[:, 4:], past_key_values=first.past_key_values).logits
-        assert m(input_ids=IDS, use_cache=False).past_key_values is None
+        cache = _output_cache(first)  # `cache` from transformers 5.24 on, `past_key_values` before
+        assert cache.get_seq_length() == P + 4  # the prefix, then the tokens
+        rest = m(input_ids=IDS[:, 4:], **{_cache_argument(m.forward): cache}).logits
+        assert _output_cache(m(input_ids=IDS, use_cache=False)) is None
     torch.testing.assert_close(torch.cat([first.logits, rest], 1), full, atol=1e-5, rtol=1e-5)
     # Activation checkpointing: transformers drops a storing cache in checkpointed layers; the
     # prefix-only cache of a pass without one stays, and gradients are those of a plain pass.
@@ -174,7 +188,7 @@ def test_cache_continues_and_checkpointing_keeps_the_prefix():
     for checkpoint in (False, True):
         m.zero_grad()
         if checkpoint:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(m)
         m.train()
         target_logprobs(m, IDS, torch.tensor([0, 1]), torch.tensor([5, 6]), torch.tensor([3, 4])).sum().backward()
         grads.append(prefix_body(m).embedding.grad.clone())
