@@ -18,6 +18,7 @@ from .methods import get_method
 from .methods.attach import trainable_parameters
 from .models import load_model
 from .train.loop import train
+from .train.seed import seed_everything
 
 
 def load_examples(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
@@ -82,6 +83,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, log=pr
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
+    seed_everything(cfg.train.seed)  # the adapter's initial weights too come from --seed
     method.attach(model, method_cfg, tokenizer)
     formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
                           prefix_ids=method.prefix(model, method_cfg) if method.prefix else None)

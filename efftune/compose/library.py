@@ -50,6 +50,7 @@ from ..methods.lora import (LoraConfig, add_lora, delete_adapter, lora_layers, m
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..train.loop import (TrainConfig, TrainHooks, autocast_for, clip_grad_norm, enable_activation_checkpointing,
                           example_order, make_optimizer, prune_checkpoints, train)
+from ..train.seed import seed_everything
 
 INDEX_FILE = "library.json"
 WORK_DIR = "_runs"
@@ -444,7 +445,7 @@ def _build_pending(model, tokenizer, pending, output_dir: Path, build: dict, wan
         log(f"hub build: training {', '.join(names)} ({g + len(group)}/{len(pending)})")
         seqs = {s.name: [formatter.encode(e) for e in s.train] for s in group}
         for n in names:
-            torch.manual_seed(_init_seed(train_cfg.seed, n))
+            seed_everything(_init_seed(train_cfg.seed, n))
             add_lora(model, lora_cfg, adapter=n)
         try:
             _train_group(model, group, seqs, formatter, train_cfg, work, pad_id, on_step)
