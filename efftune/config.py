@@ -5,6 +5,8 @@ Every key is checked: an unknown key or a value of the wrong type is an error th
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +38,8 @@ class RunConfig:
     task: list[str] = field(default_factory=lambda: [DEFAULT_TASK])  # BIG-bench task(s)
     data: str | None = None           # a JSONL file instead of BIG-bench
     eval_data: str | None = None      # a JSONL file to evaluate on (default: held-out split)
-    eval_size: int = 200              # held-out examples per task (split off before training)
+    eval_size: int | None = None      # held-out examples per task, split off before training (None: 200,
+                                      # at most half a task; a number asked for must fit in half)
     method: str = "lora"
     output: str = "runs/efftune"
     chat_template: bool = False
@@ -54,6 +57,32 @@ class RunConfig:
     esft: EsftConfig = field(default_factory=EsftConfig)                      # method: esft (MoE models)
     mixlora: MixLoraConfig = field(default_factory=MixLoraConfig)             # method: mixlora
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        # what can be checked without loading anything is checked here, before a run touches the disk
+        if self.eval_size is not None and self.eval_size < 0:
+            raise ConfigError(f"eval_size must be 0 or more, got {self.eval_size}")
+        from .models import check_device, resolve_dtype
+        check_device(self.device)
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype, None)
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                for key in PATTERN_KEYS:
+                    check_pattern(getattr(value, key, None), f"{section.name}.{key}")
+
+
+PATTERN_KEYS = ("target_modules", "feedforward_modules", "embeddings")  # a string there is a regex
+
+
+def check_pattern(value: Any, key: str) -> None:
+    """A module pattern given as a string is a regex (full match): it must compile."""
+    if isinstance(value, str) and value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ConfigError(f"{key}: {value!r} is not a valid regex ({exc})") from None
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -100,7 +129,9 @@ def build(cls, values: dict, section: str = ""):
     for key, value in values.items():
         name = f"{section}.{key}" if section else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown config key {name!r} (known: {', '.join(fields)})")
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown config key {name!r} ({hint}known: {', '.join(fields)})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = build(hint, value, name)
@@ -109,11 +140,20 @@ def build(cls, values: dict, section: str = ""):
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{section + ': ' if section else ''}{exc}") from None
+        named = not section or str(exc).startswith((f"{section}.", f"{section}:"))  # the key is in the message
+        raise ConfigError(f"{'' if named else section + ': '}{exc}") from None
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
@@ -121,12 +161,18 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> RunCo
     values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; pass a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path}: byte offset {exc.start} is not UTF-8") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deeply") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
     for key, value in (overrides or {}).items():

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .cache import cache_dir, pip_download
@@ -94,10 +96,89 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device torch cannot name or this machine does not have, in one line."""
+    if device in (None, "auto") or isinstance(device, torch.device):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EfftuneError(f"device: unknown device {device!r} (choose auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise EfftuneError(f"device: {device!r} asked for, but {why}; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EfftuneError(f"device: {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) "
+                               f"are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None) or getattr(torch.backends, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise EfftuneError(f"device: {device!r} is not available here (choose auto, cpu, cuda or cuda:N)")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     return torch.device(device)
+
+
+# A hub id is `name` or `owner/name` (letters, digits, `-`, `_`, `.`); anything else names a path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def is_path_like(name: str) -> bool:
+    """Whether `name` can only mean a local path (so a missing one is an error at once, without
+    asking the hub): it starts with `./`, `../`, `/` or `~`, ends in `.gguf`, is not shaped like a hub
+    id, or its first component is a local directory (`models/x` beside a `models/` folder)."""
+    if name.startswith(("./", "../", "/", "~", "." + os.sep, ".." + os.sep)) or name.endswith(".gguf"):
+        return True
+    if not _HUB_ID.fullmatch(name) or name.endswith((".", "-")) or ".." in name:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def _check_model_dir(path: Path) -> None:
+    """A local model directory must hold a config, weights and a tokenizer; name the missing one."""
+    present = {p.name for p in path.iterdir()}
+    if "config.json" not in present:
+        what = "an adapter directory (pass it with --adapter)" if "adapter_config.json" in present \
+            else "not a transformers model directory"
+        raise EfftuneError(f"model: {path} holds no config.json: {what}")
+    if not present & set(WEIGHT_FILES):
+        raise EfftuneError(f"model: {path} holds no weights ({', '.join(WEIGHT_FILES[:1] + WEIGHT_FILES[2:3])} "
+                           "or a sharded index)")
+    if not present & set(TOKENIZER_FILES):
+        raise EfftuneError(f"model: {path} holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+
+
+def _check_gguf(path: Path) -> None:
+    if path.is_dir():
+        raise EfftuneError(f"model: {path} is a directory, not a GGUF file")
+    if not path.is_file():
+        raise EfftuneError(f"model: GGUF file {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":  # every GGUF file starts with these magic bytes
+            raise EfftuneError(f"model: {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def local_source(name: str) -> tuple[str, dict] | None:
+    """(directory, extra from_pretrained arguments) for a local model, checked; None for a hub id.
+    A path-like name that does not exist is an error here, before anything touches the network."""
+    path = Path(name).expanduser()
+    if name.endswith(".gguf") or (path.is_file() and not path.is_dir()):
+        _check_gguf(path)
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        _check_model_dir(path)
+        return str(path), {}
+    if is_path_like(name):
+        raise EfftuneError(f"model: local directory {name} does not exist")
+    return None
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = "auto",
@@ -115,23 +196,25 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = {}
     name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    local = None
     if name == DEFAULT_MODEL:
         source = str(default_model_dir())
-    elif name.endswith(".gguf"):
-        path = Path(name)
-        if not path.is_file():
-            raise EfftuneError(f"model: GGUF file {name} does not exist")
-        source, kwargs["gguf_file"] = str(path.parent), path.name
     else:
-        source = name
-        if os.path.sep in name and not Path(name).exists():
-            raise EfftuneError(f"model: local directory {name} does not exist")
+        local = local_source(name)
+        source, kwargs = local if local is not None else (name, {})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs)
-    except OSError as exc:  # missing files, no network for a hub id
-        raise EfftuneError(f"model: cannot load {name!r}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:
+        # missing or corrupt files, an unknown architecture, no network for a hub id: transformers
+        # says which in the first line of its message. A GGUF file is parsed by struct reads, which
+        # fail on a torn file in whatever way the read hits first.
+        if not isinstance(exc, (OSError, ValueError, KeyError, SafetensorError)) and "gguf_file" not in kwargs:
+            raise
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        where = "" if local is not None or name == DEFAULT_MODEL else " (not a local path; tried the hub)"
+        raise EfftuneError(f"model: cannot load {name!r}{where}: {first.strip()}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import EfftuneError
 from ..io import replace_dir_atomically
-from ..methods.lora import (LoraAdapter, LoraConfig, LoraEmbedding, adapter_names, lora_layers, merge_and_unload,
-                            set_active_adapters, set_trainable_adapters)
+from ..methods.lora import (LoraAdapter, LoraConfig, LoraEmbedding, check_ranks, adapter_names, lora_layers,
+                            merge_and_unload, set_active_adapters, set_trainable_adapters)
 
 
 # ---- checks shared by the pure functions and the model-level API -------------------------------
@@ -195,6 +195,8 @@ def merge_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[
         raise EfftuneError(f"merge: adapter {new_adapter!r} already exists; choose another new_adapter name")
     if r is not None and (not isinstance(r, int) or r < 1):
         raise EfftuneError(f"merge: r must be a positive integer, got {r!r}")
+    if r is not None:  # a rank above a module's smaller side is zero padding
+        check_ranks(model, [p for p, layer in lora_layers(model) if set(adapters) & set(layer.adapters)], r, {})
     _check_fraction("density", density)
     _check_fraction("drop", drop, allow_one=False)
 
@@ -227,6 +229,41 @@ def merge_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[
     linear = sorted({p.rsplit(".", 1)[-1] for p, l, *_ in plan if not isinstance(l, LoraEmbedding)})
     return LoraConfig(r=top, alpha=float(top), target_modules=linear,
                       embeddings=[p for p, l, *_ in plan if isinstance(l, LoraEmbedding)])
+
+
+def merge_notes(model: nn.Module, adapters: Sequence[str], labels: Sequence[str] | None = None,
+                method: str = "linear", r: int | None = None) -> list[str]:
+    """One line each on what `merge_adapters` does with inputs that differ (nothing when they
+    agree): modules some adapters lack, ranks that differ, and a linear merge that a rank below
+    the sum of the input ranks makes approximate. `labels` name the adapters in the lines (e.g.
+    their directories; default: the adapter names)."""
+    labels = list(labels or adapters)
+    covers = {n: {} for n in adapters}  # adapter -> {module path: rank}
+    for path, layer in lora_layers(model):
+        for n in adapters:
+            if n in layer.adapters:
+                covers[n][path] = layer.adapters[n].r
+    every = set().union(*(set(c) for c in covers.values()))
+    notes = []
+    lacking = [(label, every - set(covers[n])) for n, label in zip(adapters, labels) if every - set(covers[n])]
+    if lacking:
+        parts = "; ".join(f"{label} lacks {len(missing)} of {len(every)} (e.g. {sorted(missing)[0]})"
+                          for label, missing in lacking)
+        notes.append(f"merge: the adapters adapt different modules ({parts}); where one lacks a module its "
+                     "update there counts as zero")
+    ranks = sorted({rank for c in covers.values() for rank in c.values()})
+    if len(ranks) > 1:
+        notes.append(f"merge: input ranks differ ({', '.join(map(str, ranks))}); the merged adapter has rank "
+                     f"{r if r else 'the largest input rank of each module'}")
+    if method == "linear":
+        short = [p for p in every if (r or max(c[p] for c in covers.values() if p in c))
+                 < sum(c[p] for c in covers.values() if p in c)]
+        if short:
+            need = max(sum(c[p] for c in covers.values() if p in c) for p in every)
+            notes.append(f"merge: rank {r or 'max'} is below the sum of the input ranks on {len(short)} module(s), "
+                         f"so there the merge is the best low-rank approximation (SVD) of the weighted sum; "
+                         f"--rank {need} keeps it exact")
+    return notes
 
 
 def export_merged(model: nn.Module, tokenizer, directory: str | os.PathLike, inplace: bool = False) -> Path:

@@ -5,6 +5,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
+from ..errors import DataError
+
 
 @dataclass(frozen=True)
 class MultipleChoice:
@@ -37,17 +39,33 @@ class Completion:
 Example = Union[MultipleChoice, Completion]
 
 
-def split_examples(examples: Sequence[Example], eval_size: int | float, seed: int = 0
-                   ) -> tuple[list[Example], list[Example]]:
+DEFAULT_EVAL_SIZE = 200  # held out per task when no size is given (at most half the task)
+
+
+def split_examples(examples: Sequence[Example], eval_size: int | float | None, seed: int = 0,
+                   source: str = "the data", strict: bool = True) -> tuple[list[Example], list[Example]]:
     """Deterministic train/eval split: shuffle with `seed`, the first `eval_size` go to eval.
 
-    `eval_size` is a count, or a fraction when below 1. The split depends only on the order of
-    `examples` and the seed, so the held-out set is the same across runs and machines.
+    `eval_size` is a count, a fraction when below 1, or None: DEFAULT_EVAL_SIZE. At most half of
+    the examples are held out: asking for more is an error naming `source` (a task or file) when
+    `strict`, and is cut to half otherwise (one size for several tasks of different sizes). The
+    split depends only on the order of `examples` and the seed, so the held-out set is the same
+    across runs and machines.
     """
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_eval = int(round(eval_size * len(order))) if 0 < eval_size < 1 else int(eval_size)
-    n_eval = min(n_eval, len(order) // 2) if len(order) > 1 else 0
+    half = len(order) // 2
+    if eval_size is None:
+        n_eval = min(DEFAULT_EVAL_SIZE, half)
+    elif eval_size < 0:
+        raise DataError(f"eval_size must be 0 or more, got {eval_size}")
+    else:
+        n_eval = int(round(eval_size * len(order))) if 0 < eval_size < 1 else int(eval_size)
+        if n_eval > half and not strict:
+            n_eval = half
+        elif n_eval > half:
+            raise DataError(f"eval_size {eval_size}: {source} has {len(order)} examples, so at most {half} "
+                            "(half) can be held out")
     eval_set = [examples[i] for i in order[:n_eval]]
     train_set = [examples[i] for i in order[n_eval:]]
     return train_set, eval_set

@@ -23,6 +23,8 @@ def _row(obj, where: str) -> Example:
         choices = obj["choices"]
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             raise DataError(f"{where}: field 'choices' must be a list of at least two strings")
+        if "" in choices:  # an empty continuation has log-likelihood 0 and would win every comparison
+            raise DataError(f"{where}: field 'choices' holds an empty string (choice {choices.index('')})")
         answer = obj["answer"]
         if isinstance(answer, str):
             if answer not in choices:
@@ -36,6 +38,8 @@ def _row(obj, where: str) -> Example:
     if set(obj) == {"text"}:
         if not isinstance(obj["text"], str):
             raise DataError(f"{where}: field 'text' must be a string")
+        if not obj["text"]:
+            raise DataError(f"{where}: field 'text' is empty: there is nothing to train on")
         return Completion("", obj["text"])
     for key in ("prompt", "completion"):
         if key not in obj:
@@ -43,24 +47,48 @@ def _row(obj, where: str) -> Example:
                             "or input+choices+answer)")
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: field {key!r} must be a string")
+    if not obj["completion"]:
+        raise DataError(f"{where}: field 'completion' is empty: the loss covers only the completion, so the "
+                        "row would train nothing")
     return Completion(obj["prompt"], obj["completion"])
 
 
+def _decode(raw: bytes, where: str, offset: int, first: bool) -> str:
+    """One line's bytes as text; a byte that is not UTF-8 is named with its offset in the file."""
+    if first and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
+        raw, offset = raw[3:], offset + 3
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start]
+        raise DataError(f"{where}: byte 0x{bad:02x} at byte offset {offset + exc.start} of the file (column "
+                        f"{exc.start + 1}) is not UTF-8; save the file as UTF-8") from None
+
+
 def load_jsonl(path: str | Path) -> list[Example]:
+    """Every row of a JSONL file as an Example; the first bad row raises DataError naming file:line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass a JSONL file (one JSON object a line)")
     if not path.is_file():
-        raise DataError(f"data: file {path} does not exist")
+        raise DataError(f"data file {path} does not exist")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    # bytes, not text: a decoding error must name the line, which text mode cannot
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where, offset, lineno == 1)
+            offset += len(raw)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply") from None
             examples.append(_row(obj, where))
     if not examples:
-        raise DataError(f"data: {path} holds no rows")
+        raise DataError(f"data file {path} holds no rows")
     return examples

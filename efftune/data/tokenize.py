@@ -15,9 +15,11 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class Encoded:
-    """One training sequence: `labels` is IGNORE on the prompt, the token id on the answer."""
+    """One training sequence: `labels` is IGNORE on the prompt, the token id on the answer.
+    `dropped`: tokens cut to fit `max_length` (0 for most), so a run can say how many were cut."""
     input_ids: list[int]
     labels: list[int]
+    dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -43,6 +45,8 @@ class Formatter:
         self.max_length = max_length
         self.prefix_ids = list(prefix_ids or [])
         self._bos = [tokenizer.bos_token_id] if self._adds_bos(tokenizer) else []
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("chat_template: this model's tokenizer has no chat template; drop --chat-template")
 
     @staticmethod
     def _adds_bos(tokenizer) -> bool:
@@ -92,11 +96,23 @@ class Formatter:
             raise TypeError(f"not an example: {example!r}")
         if not prompt_ids:  # plain text: the first token has nothing to be predicted from
             prompt_ids, answer_ids = answer_ids[:1], answer_ids[1:]
+        full = len(prompt_ids) + len(answer_ids)
         answer_ids = answer_ids[: self.max_length - len(prefix) - 1]
         # keep the prefix and the end of a long prompt
         rest = prompt_ids[len(prefix):]
-        prompt_ids = prefix + rest[len(rest) - (self.max_length - len(prefix) - len(answer_ids)):]
-        return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+        prompt_ids = prefix + rest[max(0, len(rest) - (self.max_length - len(prefix) - len(answer_ids))):]
+        ids = prompt_ids + answer_ids
+        return Encoded(ids, [IGNORE] * len(prompt_ids) + answer_ids, dropped=full - len(ids))
+
+
+def truncation_note(sequences: Seq[Encoded], max_length: int, what: str = "training examples") -> str | None:
+    """One line saying how many sequences were cut to `max_length` tokens (None when none were)."""
+    cut = [s.dropped for s in sequences if s.dropped]
+    if not cut:
+        return None
+    return (f"data: {len(cut)} of {len(sequences)} {what} are longer than max_length {max_length} tokens and were "
+            f"cut ({sum(cut):,} tokens dropped: a prompt loses its start, an answer its end; raise --max-length to "
+            "keep them)")
 
 
 def pack(lengths: Seq[int], row_length: int) -> list[list[int]]:

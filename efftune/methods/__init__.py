@@ -3,7 +3,6 @@ attaches to a model, how its result is saved and loaded, and (optionally) how it
 training loop."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -124,15 +123,15 @@ _OWN_FORMATS = {"bitfit_config.json": "bitfit", "bottleneck_config.json": "bottl
 def detect_method(directory) -> Method:
     """The method whose files `directory` holds (efftune's or peft's), for loading it."""
     from ..errors import AdapterError
+    from ..io import read_json_object
     d = Path(directory)
+    if d.is_file():
+        raise AdapterError(f"adapter: {d} is a file; pass the adapter's directory")
     if not d.is_dir():
         raise AdapterError(f"adapter: directory {d} does not exist")
     if (d / "adapter_config.json").is_file():
-        try:
-            kind = json.loads((d / "adapter_config.json").read_text()).get("peft_type", "LORA")
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"adapter: {d / 'adapter_config.json'} is not valid JSON ({exc.msg})") from None
-        if kind not in _PEFT_TYPES:
+        kind = read_json_object(d / "adapter_config.json").get("peft_type", "LORA")
+        if not isinstance(kind, str) or kind not in _PEFT_TYPES:
             raise AdapterError(f"adapter: {d} holds a peft {kind} adapter; efftune loads "
                                f"{', '.join(_PEFT_TYPES)}")
         return get_method(_PEFT_TYPES[kind])

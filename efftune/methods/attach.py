@@ -51,6 +51,11 @@ def name_matches(name: str, targets: Targets) -> bool:
 def find_targets(model: nn.Module, targets: Targets,
                  accept: Callable[[nn.Module], bool] = is_linear) -> list[str]:
     """Names of the modules `targets` selects, in model order. Raises TargetError on no match."""
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise TargetError(f"target_modules {targets!r} is not a valid regex ({exc})") from None
     head = _output_head(model)
     names = []
     for name, module in model.named_modules():

@@ -39,6 +39,8 @@ class LoraConfig:
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"lora.r must be a positive integer, got {self.r!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"lora.alpha must be a positive finite number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
@@ -367,10 +369,11 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
         raise EfftuneError(f"adapter {adapter!r} already exists; delete it or choose another name")
     if not config.target_modules and not config.embeddings:
         raise ConfigError("lora.target_modules is empty: name the modules to adapt")
-    freeze_base(model)
     names = find_targets(model, config.target_modules) if config.target_modules else []
     if config.embeddings:
         names += find_targets(model, config.embeddings, accept=lambda m: isinstance(m, nn.Embedding))
+    check_ranks(model, names, config.r, rank_of or {})
+    freeze_base(model)  # only once nothing can fail: a refused attach leaves the model as it was
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
@@ -383,6 +386,26 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
     link_fused_linears(model)
     wrap_swiglu_mlps(model)
     return names
+
+
+def matrix_sides(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of the matrix an adapter on `module` updates."""
+    base = getattr(module, "base_layer", module)
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    w = base.weight
+    return (w.shape[0], w.shape[1]) if isinstance(base, _conv1d_class()) else (w.shape[1], w.shape[0])
+
+
+def check_ranks(model: nn.Module, names: list[str], r: int, rank_of: dict[str, int]) -> None:
+    """Refuse a configured rank above a target's smaller side: B @ A cannot exceed that rank, so
+    the extra rows only add parameters (r = 1000 on a 576-wide model trains more than the model).
+    Ranks given per module (`rank_of`: a loaded adapter's own tensors) are taken as they are."""
+    sides = {name: matrix_sides(model.get_submodule(name)) for name in names if name not in rank_of}
+    if sides and r > (limit := min(min(s) for s in sides.values())):
+        name, (n_in, n_out) = next((n, s) for n, s in sides.items() if min(s) == limit)
+        raise ConfigError(f"LoRA rank r={r} is larger than {name}'s smaller side ({n_in} in, {n_out} out): "
+                          f"it adds parameters but no expressiveness; use r <= {limit} (--rank, lora.r)")
 
 
 def set_active_adapters(model: nn.Module, names: str | Sequence[str] | None) -> None:
