@@ -8,6 +8,7 @@ safetensors are read unless the caller allows pickle explicitly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -18,8 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import AdapterError
-from .methods.lora import LoraConfig, LoraEmbedding, LoraLayer, add_lora, lora_layers
+from .errors import AdapterError, EfftuneError
+from .faults import fault_point
+from .methods.attach import is_linear
+from .methods.lora import LoraConfig, LoraEmbedding, LoraLayer, add_lora, lora_layers, matrix_sides
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -47,31 +50,71 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     return state
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write `path` through a temporary file and a rename: readers see the old or the new text, whole."""
+def _fsync(path: Path) -> None:
+    """Flush `path` (a file or a directory's entries) to the disk, so a rename that follows
+    never lands before the data it names (power loss; a killed process loses nothing either way)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str, fault: str | None = None) -> Path:
+    """Write `path` through a temporary file and a rename: readers see the old or the new text, whole.
+    On an error (a full disk) the temporary file is removed and `path` is as it was. `fault`: the
+    `efftune.faults` point to die at halfway through the write (tests)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            if fault:
+                fault_point(fault, tear=(tmp, len(text.encode()) // 2))
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
 def replace_dir_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Let `write` fill `directory.tmp`, then swap it in for `directory`: a crash never leaves a
-    half-written directory, and an old one stays whole until the new one is complete."""
+    half-written directory, and an old one stays whole until the new one is complete.
+
+    An error while writing (a full disk) removes `directory.tmp` and leaves `directory` as it was.
+    `directory` must not be a file (that is the caller's mistake to report; it is never replaced).
+    """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise EfftuneError(f"{directory} is a file, not a directory; it is left as it is")
     tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    if old.is_dir() and not directory.exists():  # an earlier swap died between its two renames
+        os.replace(old, directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
-        old = directory.with_name(directory.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+    _fsync(directory.parent)
     return directory
 
 
@@ -85,25 +128,54 @@ def write_adapter_dir(directory: str | os.PathLike, config: dict, tensors: dict[
     return replace_dir_atomically(directory, write)
 
 
+def read_json_object(path: Path, what: str = "adapter", error: type[EfftuneError] = AdapterError) -> dict:
+    """A JSON file that must hold an object; any other content is `error` naming the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{what}: {path}: byte offset {exc.start} is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{what}: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise error(f"{what}: {path}: JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise error(f"{what}: {path} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
+def read_safetensors(path: Path, what: str = "adapter", error: type[EfftuneError] = AdapterError
+                     ) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a torn or garbage file is `error` naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' own error type, an OSError, a dtype torch lacks
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise error(f"{what}: {path} is not a readable safetensors file (truncated or corrupt? {first.strip()})") \
+            from None
+
+
+def _adapter_directory(directory: Path) -> None:
+    if directory.is_file():
+        raise AdapterError(f"adapter: {directory} is a file; pass the adapter's directory")
+    if not directory.is_dir():
+        raise AdapterError(f"adapter: directory {directory} does not exist")
+
+
 def read_adapter_dir(directory: str | os.PathLike, config_file: str = CONFIG_FILE,
                      weights_file: str = WEIGHTS_FILE, kind: tuple[str, str] | None = None
                      ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of a directory `write_adapter_dir` made; names the missing or bad file.
     `kind` = (field, value) the config must hold, e.g. ("peft_type", "IA3")."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterError(f"adapter: directory {directory} does not exist")
+    _adapter_directory(directory)
     for name in (config_file, weights_file):
         if not (directory / name).is_file():
             raise AdapterError(f"adapter: {directory} has no {name}")
-    try:
-        config = json.loads((directory / config_file).read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter: {directory / config_file} is not valid JSON ({exc.msg})") from None
+    config = read_json_object(directory / config_file)
     if kind and config.get(kind[0]) != kind[1]:
         raise AdapterError(f"adapter: {directory / config_file} has {kind[0]}={config.get(kind[0])!r}, "
                            f"expected {kind[1]!r}")
-    return config, load_file(str(directory / weights_file))
+    return config, read_safetensors(directory / weights_file)
 
 
 def first_mismatch(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
@@ -162,14 +234,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraCon
 def read_adapter_config(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     cfg_path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise AdapterError(f"adapter: directory {directory} does not exist")
+    _adapter_directory(directory)
     if not cfg_path.is_file():
         raise AdapterError(f"adapter: {directory} has no {CONFIG_FILE}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter: {cfg_path} is not valid JSON ({exc.msg})") from None
+    cfg = read_json_object(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter: {cfg_path} holds a {cfg.get('peft_type')} adapter, not LORA")
     if cfg.get("use_dora"):
@@ -179,12 +247,19 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
 
 def _read_tensors(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if (directory / WEIGHTS_FILE).is_file():
-        return load_file(str(directory / WEIGHTS_FILE))
+        return read_safetensors(directory / WEIGHTS_FILE)
     if (directory / PICKLE_FILE).is_file():
         if not allow_pickle:
             raise AdapterError(f"adapter: {directory} holds only {PICKLE_FILE}, a pickle file that can run "
                                "code when loaded; pass allow_pickle=True (--allow-pickle) if you trust it")
-        return torch.load(directory / PICKLE_FILE, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(directory / PICKLE_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling fails in whatever way the torn bytes lead it to
+            raise AdapterError(f"adapter: {directory / PICKLE_FILE} cannot be read ({type(exc).__name__})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                    for k, v in tensors.items()):
+            raise AdapterError(f"adapter: {directory / PICKLE_FILE} does not hold a dict of named tensors")
+        return tensors
     raise AdapterError(f"adapter: {directory} has no {WEIGHTS_FILE}")
 
 
@@ -196,69 +271,142 @@ def _pattern_value(patterns: dict, path: str, default):
     return default
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_rank(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _lora_fields(cfg: dict, where: Path) -> dict:
+    """The fields of a peft LoRA config that loading uses, each checked (peft's defaults when absent)."""
+    checks = {  # key: (default, test, what it must be)
+        "r": (8, _is_rank, "a positive integer"),
+        "lora_alpha": (8, lambda v: _is_number(v) and v > 0, "a positive number"),
+        "lora_dropout": (0.0, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "use_rslora": (False, lambda v: isinstance(v, bool), "true or false"),
+        "rank_pattern": ({}, lambda v: isinstance(v, dict) and all(map(_is_rank, v.values())),
+                         "an object of positive integers"),
+        "alpha_pattern": ({}, lambda v: isinstance(v, dict) and all(_is_number(x) and x > 0 for x in v.values()),
+                          "an object of positive numbers"),
+        "target_modules": (None, lambda v: v is None or isinstance(v, str)
+                           or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                           "a string or a list of strings"),
+    }
+    out = {}
+    for key, (default, test, want) in checks.items():
+        value = cfg.get(key)
+        value = default if value is None else value
+        if not test(value):
+            raise AdapterError(f"adapter: {where}: field {key!r} is {value!r}, expected {want}")
+        out[key] = value
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in out[key]:
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as exc:
+                raise AdapterError(f"adapter: {where}: {key} key {pattern!r} is not a valid regex ({exc})") from None
+    return out
+
+
+_FACTOR = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                     r"(?:\.[^.]+)?(?:\.weight)?")
+
+
+def _factors(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, str]]:
+    """module path -> {"A": key, "B": key, "kind": "linear" | "embedding"}; every key must be one factor."""
+    found: dict[str, dict[str, str]] = {}
+    for key in tensors:
+        m = _FACTOR.fullmatch(key)
+        if not m:
+            raise AdapterError(f"adapter: {where} has key {key!r}, which is not a LoRA factor "
+                               "(modules_to_save and bias training are not supported)")
+        path, name = m.group(1), m.group(2)
+        entry = found.setdefault(path, {"kind": "embedding" if "embedding" in name else "linear"})
+        if entry["kind"] != ("embedding" if "embedding" in name else "linear"):
+            raise AdapterError(f"adapter: {where} mixes embedding and linear factors for module {path!r}")
+        if name[-1] in entry:
+            raise AdapterError(f"adapter: {where} has two {name} tensors for module {path!r}: "
+                               f"{entry[name[-1]]!r} and {key!r}")
+        entry[name[-1]] = key
+    if not found:
+        raise AdapterError(f"adapter: {where} holds no LoRA tensors")
+    for path, entry in found.items():
+        for factor in ("A", "B"):
+            if factor not in entry:
+                other = entry["B" if factor == "A" else "A"]
+                raise AdapterError(f"adapter: {where} has {other!r} but no lora_{factor} for module {path!r}")
+    return found
+
+
+def _check_factors(model: nn.Module, tensors: dict[str, torch.Tensor], found: dict, fields: dict,
+                   cfg: dict, directory: Path) -> dict[str, int]:
+    """Every factor against the model and the config (kind, shape, rank, dtype, finite values),
+    before anything is attached: a load that fails leaves the model as it was. Returns the ranks."""
+    weights, cfg_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    modules = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(modules)}  # report misfits in model order, not key order
+    ranks = {}
+    for path, entry in sorted(found.items(), key=lambda item: order.get(item[0], -1)):
+        if path not in modules:
+            raise AdapterError(f"adapter: key {entry['A']!r} is for module {path!r}, but this model has no such module "
+                               f"(base model of the adapter: {cfg.get('base_model_name_or_path')})")
+        base = getattr(modules[path], "base_layer", modules[path])
+        fits = isinstance(base, nn.Embedding) if entry["kind"] == "embedding" else is_linear(base)
+        if not fits:
+            raise AdapterError(f"adapter: key {entry['A']!r} is a {entry['kind']} factor, but {path!r} is a "
+                               f"{type(base).__name__}")
+        A, B = tensors[entry["A"]], tensors[entry["B"]]
+        for key, t in ((entry["A"], A), (entry["B"], B)):
+            if t.ndim != 2 or not t.is_floating_point():
+                raise AdapterError(f"adapter: key {key!r} in {weights} is a {t.ndim}-d {t.dtype} tensor, "
+                                   "expected a 2-d floating-point matrix")
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterError(f"adapter: key {key!r} in {weights} holds NaN or infinite values")
+        n_in, n_out = matrix_sides(modules[path])
+        r = A.shape[0]
+        for key, t, want in ((entry["A"], A, (r, n_in)), (entry["B"], B, (n_out, r))):
+            if r < 1 or tuple(t.shape) != want:
+                raise AdapterError(f"adapter: key {key!r} has shape {tuple(t.shape)}, the model expects "
+                                   f"{want} (was the adapter made for another base model?)")
+        said = _pattern_value(fields["rank_pattern"], path, fields["r"])
+        if said != r:
+            raise AdapterError(f"adapter: {cfg_path} says r={said} for {path!r}, but its tensors have rank {r} "
+                               f"({entry['A']!r} is {tuple(A.shape)})")
+        ranks[path] = r
+    return ranks
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
                  allow_pickle: bool = False, adapter_cls=None) -> LoraConfig:
     """Attach the LoRA adapter saved in `directory` (by efftune or peft) as `adapter`.
 
-    Checks every key and shape against the model and names the first that does not fit.
+    Checks the config's fields and every key, shape, rank and value against the model and the
+    config, and names the first that does not fit; a refused adapter leaves the model as it was.
     """
     directory = Path(directory)
     cfg = read_adapter_config(directory)
+    fields = _lora_fields(cfg, directory / CONFIG_FILE)
     tensors = _read_tensors(directory, allow_pickle)
-    # Which modules the file covers, and their ranks, come from the tensors themselves.
-    found: dict[str, tuple[str, str]] = {}
-    for key in tensors:
-        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_embedding_A)(?:\.[^.]+)?(\.weight)?", key)
-        if m:
-            found[m.group(1)] = (m.group(2), key)
-        elif not re.fullmatch(r"base_model\.model\.(.+)\.(lora_B|lora_embedding_B)(?:\.[^.]+)?(\.weight)?", key):
-            raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} has key {key!r}, which is not a LoRA "
-                               "factor (modules_to_save and bias training are not supported)")
-    if not found:
-        raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} holds no LoRA tensors")
-    modules = dict(model.named_modules())
-    missing = [p for p in found if p not in modules]
-    if missing:
-        raise AdapterError(f"adapter: key for module {missing[0]!r} does not fit this model (no such "
-                           f"module; base model of the adapter: {cfg.get('base_model_name_or_path')})")
+    found = _factors(tensors, directory / WEIGHTS_FILE)
+    rank_of = _check_factors(model, tensors, found, fields, cfg, directory)
+
     def exact(paths: list[str]) -> str | list[str]:
         return "|".join(re.escape(p) for p in paths) if paths else []
 
-    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    r, alpha = fields["r"], float(fields["lora_alpha"])
     attach_cfg = LoraConfig(
-        r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=bool(cfg.get("use_rslora", False)),
-        target_modules=exact([p for p, (kind, _) in found.items() if kind == "lora_A"]),
-        embeddings=exact([p for p, (kind, _) in found.items() if kind == "lora_embedding_A"]))
-    rank_of = {p: tensors[k].shape[0] for p, (_, k) in found.items()}
-    alpha_of = {p: float(_pattern_value(cfg.get("alpha_pattern") or {}, p, alpha)) for p in found}
+        r=r, alpha=alpha, dropout=float(fields["lora_dropout"]), use_rslora=fields["use_rslora"],
+        target_modules=exact([p for p, e in found.items() if e["kind"] == "linear"]),
+        embeddings=exact([p for p, e in found.items() if e["kind"] == "embedding"]))
+    alpha_of = {p: float(_pattern_value(fields["alpha_pattern"], p, alpha)) for p in found}
     add_lora(model, attach_cfg, adapter, rank_of=rank_of, alpha_of=alpha_of, adapter_cls=adapter_cls)
-    _copy_tensors(model, tensors, adapter, directory)
-    targets = cfg.get("target_modules") or "all-linear"
+    with torch.no_grad():
+        for path, entry in found.items():
+            a = model.get_submodule(path).adapters[adapter]
+            a.lora_A.copy_(tensors[entry["A"]].to(a.lora_A.dtype))
+            a.lora_B.copy_(tensors[entry["B"]].to(a.lora_B.dtype))
+    targets = fields["target_modules"] or "all-linear"
     return LoraConfig(r=r, alpha=alpha, dropout=attach_cfg.dropout, use_rslora=attach_cfg.use_rslora,
                       target_modules=targets if isinstance(targets, str) else list(targets))
-
-
-def _copy_tensors(model, tensors, adapter, directory) -> None:
-    used = set()
-    for path, layer in lora_layers(model):
-        if adapter not in layer.adapters:
-            continue
-        a = layer.adapters[adapter]
-        key_a, key_b = _keys(path, layer)
-        for key, param in ((key_a, a.lora_A), (key_b, a.lora_B)):
-            src = tensors.get(key)
-            if src is None:  # peft files written with the adapter name inside the key
-                alt = [k for k in tensors if k.startswith(key.rsplit(".weight", 1)[0] + ".")]
-                src = tensors[alt[0]] if len(alt) == 1 else None
-                key = alt[0] if src is not None else key
-            if src is None:
-                raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} lacks key {key!r}")
-            if tuple(src.shape) != tuple(param.shape):
-                raise AdapterError(f"adapter: key {key!r} has shape {tuple(src.shape)}, the model expects "
-                                   f"{tuple(param.shape)} (was the adapter made for another base model?)")
-            with torch.no_grad():
-                param.copy_(src.to(param.dtype))
-            used.add(key)
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise AdapterError(f"adapter: key {unused[0]!r} in {directory / WEIGHTS_FILE} was not used")
