@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
+import signal
 import sys
+import threading
 import traceback
 
 from .errors import EfftuneError
@@ -63,6 +66,8 @@ TRAIN_FLAGS = {
                          "token trees (flex: FlexAttention, skips masked blocks; CUDA)"),
     "eval-every": ("train", "eval_every", int, "evaluate every N steps (0: before and after only)"),
     "save-every": ("train", "save_every", int, "checkpoint every N steps"),
+    "save-every-minutes": ("train", "save_every_minutes", float,
+                           "also checkpoint when this many minutes have passed since the last (0: off)"),
     "seed": ("train", "seed", int, "random seed"),
 }
 
@@ -81,7 +86,7 @@ def model_flags(p: argparse.ArgumentParser, adapter: bool = True) -> None:
 
 BUILD_FLAGS = (  # flag(s), type, default, help
     ("--together", int, 1, "modules trained at once in one forward/backward (each example through its own module)"),
-    ("--eval-size", int, 200, "held-out examples per task (0: no evaluation)"),
+    ("--eval-size", int, None, "held-out examples per task (default 200, at most half a task; 0: no evaluation)"),
     ("--rank --r", int, 8, "LoRA rank r"),
     ("--alpha", float, 16.0, "LoRA alpha (scaling = alpha / r)"),
     ("--dropout", float, 0.0, "LoRA dropout (0 keeps --together k equal to one by one)"),
@@ -112,8 +117,16 @@ def add_build_parser(subparsers) -> None:
     b.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (exit status 2, as argparse's own): its usage block
+    would add several. Subcommands get this class too (add_subparsers uses the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"efftune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="efftune", description="Efficient fine-tuning of causal language models.")
+    p = Parser(prog="efftune", description="Efficient fine-tuning of causal language models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command")
 
@@ -123,7 +136,11 @@ def parser() -> argparse.ArgumentParser:
                                    "lora_fa.* with --method lora-fa).")
     t.add_argument("--config", help="YAML run config (keys as in the brackets below)")
     t.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --output")
+    t.add_argument("--resume-changed", action="store_true",
+                   help="like --resume, but accept config values that change what the run computes (--lr, "
+                        "--data, --steps, ...); the summary lists them")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in --output (it is kept until the new run's first checkpoint)")
     t.add_argument("--debug", action="store_true", help="show tracebacks")
     for flag, (section, key, typ, text) in TRAIN_FLAGS.items():
         name = f"{section}.{key}" if section else key
@@ -139,12 +156,13 @@ def parser() -> argparse.ArgumentParser:
     model_flags(e)
     e.add_argument("--task", help="BIG-bench task(s), comma-separated: scored on the held-out split")
     e.add_argument("--data", help="JSONL file to score (all rows)")
-    e.add_argument("--eval-size", type=int, default=200, help="held-out examples per task (as in training)")
+    e.add_argument("--eval-size", type=int, help="held-out examples per task (as in training; default 200, at "
+                                                 "most half a task)")
     e.add_argument("--debug", action="store_true", help="show tracebacks")
 
     g = sub.add_parser("generate", help="greedy generation")
     model_flags(g)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (at least 1)")
     g.add_argument("prompt")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -160,6 +178,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--drop", type=float, default=0.5, help="DARE: drop probability")
     m.add_argument("--seed", type=int, default=0, help="DARE: random seed")
     m.add_argument("--output", required=True, help="directory for the merged adapter (or model)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory (once the "
+                                                            "new output is completely written)")
     m.add_argument("--full-model", action="store_true", help="write a whole transformers model with the merge folded in")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -176,13 +196,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--shots", type=int, default=5, help="with --task: few-shot examples drawn (seeded)")
     c.add_argument("--eval-data", help="JSONL multiple-choice examples to report held-out accuracy on "
                                        "(default with --task: its held-out split)")
-    c.add_argument("--eval-size", type=int, default=200, help="with --task: held-out examples (as in training)")
+    c.add_argument("--eval-size", type=int, help="with --task: held-out examples (as in training; default 200, "
+                                                 "at most half a task)")
     c.add_argument("--max-modules", type=int, default=20, help="modules sampled from the library (seeded)")
     c.add_argument("--budget", type=int, default=40, help="objective evaluations (forward passes) of the search")
     c.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name")
     c.add_argument("--regularization", type=float, default=0.05, help="weight of mean|w| in the objective")
     c.add_argument("--seed", type=int, default=0, help="module sampling, shot sampling and optimizer seed")
     c.add_argument("--output", required=True, help="directory for the composed adapter (or model)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory (once the "
+                                                            "new output is completely written)")
     c.add_argument("--full-model", action="store_true", help="write a whole transformers model with it merged in")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -214,7 +237,20 @@ def _train(args) -> dict:
     if method == "lora-fa" and "lora" in overrides:
         overrides["lora_fa"] = overrides.pop("lora")
     cfg = load_config(args.config, overrides)
-    return run(cfg, overwrite=args.overwrite, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
+    return run(cfg, overwrite=args.overwrite, resume=args.resume, resume_changed=args.resume_changed,
+               log=lambda m: print(m, file=sys.stderr))
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Before any work: --output may be a new or empty directory, or (with --overwrite) a full one;
+    never a file. The writers replace it only once the new output is complete (replace_dir_atomically)."""
+    from pathlib import Path
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise EfftuneError(f"--output {p} is a file, not a directory; name a directory (--overwrite replaces "
+                           "only a directory)")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise EfftuneError(f"--output {p} already exists and is not empty; pass --overwrite to replace it")
 
 
 def _load_for_inference(args):
@@ -224,10 +260,10 @@ def _load_for_inference(args):
     from .methods import detect_method
     from .models import load_model
 
+    method = detect_method(args.adapter) if args.adapter else None  # a bad path fails before the model loads
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     prefix = None
-    if args.adapter:
-        method = detect_method(args.adapter)
+    if method is not None:
         if method.name == "lora":
             load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
         else:
@@ -248,6 +284,8 @@ def _eval(args) -> dict:
         _, examples = load_examples(cfg)
     else:
         examples = load_jsonl(args.data)
+    if not examples:
+        raise EfftuneError(f"eval: --eval-size {args.eval_size} holds out no examples of {args.task} to score")
     model, formatter = _load_for_inference(args)
     result = evaluator(formatter, examples)(model)
     return {**result, "examples": len(examples), "adapter": args.adapter}
@@ -255,21 +293,49 @@ def _eval(args) -> dict:
 
 def _generate(args) -> str:
     from .eval.generate import generate
+    if args.max_new_tokens < 1:
+        raise EfftuneError(f"generate: --max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model, formatter = _load_for_inference(args)
     return generate(model, formatter, args.prompt, args.max_new_tokens)
 
 
+def _merge_weights(text: str | None, n: int) -> list[float]:
+    """--weights: one finite number per adapter (default: all 1)."""
+    if not n:
+        raise EfftuneError("merge: --adapters names no adapter directory")
+    if text is None:
+        return [1.0] * n
+    parts = [w.strip() for w in text.split(",")]
+    weights = []
+    for w in parts:
+        try:
+            weights.append(float(w))
+        except ValueError:
+            raise EfftuneError(f"merge: --weights {text!r}: {w!r} is not a number") from None
+        if not math.isfinite(weights[-1]):
+            raise EfftuneError(f"merge: --weights {text!r}: {w!r} is not a finite number")
+    if len(weights) != n:
+        raise EfftuneError(f"merge: --weights gives {len(weights)} weight(s) for {n} adapter(s) in --adapters; "
+                           "give one per adapter")
+    return weights
+
+
 def _merge(args) -> dict:
-    from .compose.merge import export_merged, merge_adapters
-    from .io import load_adapter, save_adapter
+    from .compose.merge import export_merged, merge_adapters, merge_notes
+    from .io import load_adapter, read_adapter_config, save_adapter
     from .models import load_model
 
+    check_output_dir(args.output, args.overwrite)
     dirs = [d for d in args.adapters.split(",") if d]
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(dirs)
+    weights = _merge_weights(args.weights, len(dirs))
+    for d in dirs:  # every adapter's config read before the model loads: a bad path fails in a second
+        read_adapter_config(d)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     names = [f"a{i}" for i in range(len(dirs))]
     for name, d in zip(names, dirs):
         load_adapter(model, d, adapter=name, allow_pickle=args.allow_pickle)
+    for note in merge_notes(model, names, dirs, args.combine, args.rank):
+        print(note, file=sys.stderr)
     cfg = merge_adapters(model, names, weights, args.combine, new_adapter="merged", r=args.rank,
                          density=args.density, drop=args.drop, seed=args.seed)
     if args.full_model:
@@ -293,6 +359,7 @@ def _hub_compose(args) -> dict:
 
     if bool(args.task) == bool(args.examples):
         raise EfftuneError("hub compose: pass exactly one of --task or --examples")
+    check_output_dir(args.output, args.overwrite)
     held_out = []
     if args.task:
         pool, held_out = load_examples(RunConfig(task=[t for t in args.task.split(",") if t],
@@ -330,11 +397,30 @@ def _tasks(args) -> None:
             print(f"{info.name}\t{info.kind}\t{info.examples}")
 
 
+def _terminate(signum, frame):
+    from .train.interrupt import RunInterrupted
+    raise RunInterrupted("terminated", signum)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError as one line naming the path: `PATH: Permission denied`."""
+    if exc.filename is None:
+        return exc.strerror or str(exc)
+    paths = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
+    return f"{paths}: {exc.strerror or type(exc).__name__}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    command = args.command or "train"
-    if args.command is None:  # `efftune` alone runs the main job
-        args = parser().parse_args(["train"] + (["--debug"] if args.debug else []))
+    try:
+        args = parser().parse_args(argv)
+        command = args.command or "train"
+        if args.command is None:  # `efftune` alone runs the main job
+            args = parser().parse_args(["train"] + (["--debug"] if args.debug else []))
+    except SystemExit as exc:  # a flag refused (one line printed) or --help: main returns the status
+        return exc.code if isinstance(exc.code, int) else 2
+    # SIGTERM as an exception, like Ctrl-C: a run cleans up (or checkpoints) and exits 143
+    previous = signal.signal(signal.SIGTERM, _terminate) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         if command == "train":
             print(json.dumps(_train(args)))
@@ -357,9 +443,22 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"efftune: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("efftune: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143): the run said what it kept
+        if args.debug:
+            traceback.print_exc()
+        what = str(exc) if command == "train" and str(exc) else "interrupted"
+        if command == "hub" and args.hub_command == "build":
+            what += "; run the same command again to continue (finished modules are kept)"
+        print(f"efftune: {what}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
+    except OSError as exc:  # a path that cannot be read or written: permissions, a read-only disk, ...
+        if args.debug:
+            traceback.print_exc()
+        print(f"efftune: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

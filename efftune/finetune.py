@@ -2,22 +2,25 @@
 evaluate again, save. `efftune train` is this function."""
 from __future__ import annotations
 
-import json
-import shutil
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-
 from .config import RunConfig
 from .data import Completion, Example, Formatter, MultipleChoice, load_jsonl, load_task, split_examples
+from .data.tokenize import truncation_note
 from .errors import ConfigError, DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
 from .eval.perplexity import perplexity
+from .faults import fault_point
+from .io import write_text_atomically
 from .methods import get_method
 from .methods.attach import trainable_parameters
 from .models import load_model
-from .train.loop import train
+from .rundir import RunDir
+from .train.interrupt import RunInterrupted
+from .train.loop import strict_json, train
 from .train.seed import seed_everything
 
 
@@ -27,12 +30,14 @@ def load_examples(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
         examples = load_jsonl(cfg.data)
         if cfg.eval_data:
             return examples, load_jsonl(cfg.eval_data)
-        return split_examples(examples, cfg.eval_size, seed=cfg.train.seed)
+        return split_examples(examples, cfg.eval_size, seed=cfg.train.seed, source=cfg.data)
     if not cfg.task:
         raise ConfigError("task: name at least one BIG-bench task, or pass data: FILE.jsonl")
     train_set, eval_set = [], []
     for name in cfg.task:
-        tr, ev = split_examples(load_task(name), cfg.eval_size, seed=0)  # fixed: same held-out set always
+        # seed 0, fixed: the same held-out set always; with several tasks, at most half of each
+        tr, ev = split_examples(load_task(name), cfg.eval_size, seed=0, source=f"task {name}",
+                                strict=len(cfg.task) == 1)
         train_set += tr
         eval_set += ev
     if cfg.eval_data:
@@ -55,31 +60,44 @@ def evaluator(formatter: Formatter, examples: list[Example]):
     return evaluate
 
 
-def prepare_output(path: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a previous run unless asked; `resume` continues in place."""
-    if resume:
-        if not (path / "checkpoints").is_dir():
-            raise EfftuneError(f"--resume: {path} has no checkpoints to resume from")
-        return
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise EfftuneError(f"output directory {path} already holds a run; pass --overwrite to replace "
-                               "it or --resume to continue it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume_changed: bool = False,
+        log=print) -> dict:
+    """Fine-tune as `cfg` says; returns the summary printed as the CLI's last line.
 
-
-def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, log=print) -> dict:
-    """Fine-tune as `cfg` says; returns the summary printed as the CLI's last line."""
+    `overwrite` replaces a run in `cfg.output`, but only once the new run has written its first
+    checkpoint (`efftune.rundir`); `resume` continues it from its last checkpoint, refusing a
+    config that computes differently unless `resume_changed` (which implies `resume`).
+    """
     method = get_method(cfg.method)
     method_cfg = getattr(cfg, method.config_key)
     out = Path(cfg.output)
+    resume = resume or resume_changed
     train_set, eval_set = load_examples(cfg)  # fail on bad data before touching the output dir
     if not train_set:
         raise DataError("no training examples")
-    prepare_output(out, overwrite, resume)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    rundir = RunDir(out, log)
+    changed = rundir.resume(asdict(cfg), resume_changed) if resume else rundir.start(asdict(cfg), overwrite)
+    try:
+        return _run(cfg, method, method_cfg, out, train_set, eval_set, rundir, resume, resume_changed, changed or [],
+                    log)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if isinstance(exc, RunInterrupted) and rundir.committed:
+            raise  # the loop wrote a checkpoint and says so
+        rundir.abandon()
+        if rundir.committed:
+            raise RunInterrupted(f"interrupted; the run's last checkpoint is kept: resume with --resume", signum) \
+                from None
+        back = f"; the previous run in {out} is back" if rundir.restored else ""
+        raise RunInterrupted(f"interrupted before the first checkpoint, so nothing of this run was kept{back}; "
+                             "run the same command again to start it", signum) from None
+    except BaseException:
+        rundir.abandon()  # a run without a checkpoint does not count (an --overwrite puts the old one back)
+        raise
 
+
+def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, rundir: RunDir, resume: bool,
+         resume_changed: bool, changed: list[str], log) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
@@ -93,27 +111,39 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, log=pr
     sequences = [formatter.encode(e) for e in train_set]
     log(f"data: {len(train_set)} training examples ({sum(map(len, sequences)) / len(sequences):.0f} tokens "
         f"on average), {len(eval_set)} held out")
+    if note := truncation_note(sequences, cfg.train.max_length):  # never cut rows without a word
+        log(note)
 
     result = train(model, sequences, cfg.train, out, pad_id=tokenizer.pad_token_id, resume=resume,
-                   evaluate=evaluator(formatter, eval_set) if eval_set else None, hooks=hooks)
+                   evaluate=evaluator(formatter, eval_set) if eval_set else None, hooks=hooks,
+                   resume_changed=resume_changed, on_checkpoint=rundir.commit)
+    rundir.commit()  # a resumed finished run writes no checkpoint
     adapter_dir = out / method.artifact
-    before = result.evals[0] if result.evals else {}
-    after = result.evals[-1] if result.evals else {}
-    method.save(model, adapter_dir, method_cfg, {"tasks": cfg.task if not cfg.data else None,
-                                                 "data": cfg.data, "steps": cfg.train.steps, **after})
-    if method.artifact == "model":
-        tokenizer.save_pretrained(adapter_dir)
+    # The summary is computed from this run's metrics (a resumed run's included), never carried over.
+    before = result.evals[0] if result.evals and result.evals[0]["step"] == 0 else {}
+    after = result.evals[-1] if result.evals and result.evals[-1]["step"] == result.steps else {}
     summary = {
         "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
         "perplexity_before": before.get("perplexity"), "perplexity_after": after.get("perplexity"),
         method.artifact: str(adapter_dir), "steps": result.steps, "train_seconds": round(result.train_seconds, 1),
-        "final_loss": round(result.final_loss, 4), "eval_examples": len(eval_set),
-        "train_examples": len(train_set), "trainable_parameters": trainable,
+        "final_loss": None if result.final_loss is None else round(result.final_loss, 4),
+        "eval_examples": len(eval_set), "train_examples": len(train_set), "trainable_parameters": trainable,
+        "truncated_examples": sum(1 for q in sequences if q.dropped),
         "metrics": str(out / "metrics.jsonl"), "plot": str(out / "training.png"),
+        "resumed_from_step": result.start_step if resume else None, "changed_on_resume": changed or None,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     summary = {k: v for k, v in summary.items() if v is not None}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        method.save(model, adapter_dir, method_cfg, {"tasks": cfg.task if not cfg.data else None,
+                                                     "data": cfg.data, "steps": cfg.train.steps, **after})
+        if method.artifact == "model":
+            tokenizer.save_pretrained(adapter_dir)
+        fault_point("after_adapter_save")
+        write_text_atomically(out / "summary.json", strict_json(summary, indent=2), fault="summary_write")
+    except OSError as exc:  # a full disk: the final checkpoint is whole, so a resume finishes the job
+        raise EfftuneError(f"could not write {exc.filename or out}: {exc.strerror or exc}; the run's final "
+                           "checkpoint is intact: free space and run again with --resume") from None
     scores = [f"{k} {before.get(k)} -> {after[k]}" for k in ("accuracy", "perplexity") if k in after]
     log(f"held-out {', '.join(scores) or '(no evaluation)'}; {method.artifact}: {adapter_dir}; metrics: "
         f"{out / 'metrics.jsonl'}; plot: {out / 'training.png'}; summary: {out / 'summary.json'}")

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import AdapterError, EfftuneError
+from .faults import fault_point
 from .methods.attach import is_linear
 from .methods.lora import LoraConfig, LoraEmbedding, LoraLayer, add_lora, lora_layers, matrix_sides
 
@@ -49,31 +50,71 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     return state
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write `path` through a temporary file and a rename: readers see the old or the new text, whole."""
+def _fsync(path: Path) -> None:
+    """Flush `path` (a file or a directory's entries) to the disk, so a rename that follows
+    never lands before the data it names (power loss; a killed process loses nothing either way)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str, fault: str | None = None) -> Path:
+    """Write `path` through a temporary file and a rename: readers see the old or the new text, whole.
+    On an error (a full disk) the temporary file is removed and `path` is as it was. `fault`: the
+    `efftune.faults` point to die at halfway through the write (tests)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            if fault:
+                fault_point(fault, tear=(tmp, len(text.encode()) // 2))
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
 def replace_dir_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Let `write` fill `directory.tmp`, then swap it in for `directory`: a crash never leaves a
-    half-written directory, and an old one stays whole until the new one is complete."""
+    half-written directory, and an old one stays whole until the new one is complete.
+
+    An error while writing (a full disk) removes `directory.tmp` and leaves `directory` as it was.
+    `directory` must not be a file (that is the caller's mistake to report; it is never replaced).
+    """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise EfftuneError(f"{directory} is a file, not a directory; it is left as it is")
     tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    if old.is_dir() and not directory.exists():  # an earlier swap died between its two renames
+        os.replace(old, directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
-        old = directory.with_name(directory.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+    _fsync(directory.parent)
     return directory
 
 

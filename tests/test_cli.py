@@ -66,8 +66,13 @@ def test_resume_continues_a_stopped_run(capsys, model_dir, data_file, tmp_path):
     base = ["train", "--model", model_dir, "--data", data_file, "--batch-size", 2, "--save-every", 2,
             "--output", tmp_path / "r"]
     assert run(capsys, *base, "--steps", 2)[0] == 0
-    code, out, err = run(capsys, *base, "--steps", 4, "--resume")
+    config = (tmp_path / "r" / "config.json").read_bytes()
+    code, out, err = run(capsys, *base, "--steps", 4, "--resume")  # more steps: another lr schedule
+    assert code == 2 and "train.steps" in err and "2 -> 4" in err and "--resume-changed" in err
+    assert (tmp_path / "r" / "config.json").read_bytes() == config  # a failed resume rewrites nothing
+    code, out, err = run(capsys, *base, "--steps", 4, "--resume-changed")
     assert code == 0, err
+    assert last_json(out)["changed_on_resume"] == ["train.steps"] and last_json(out)["resumed_from_step"] == 2
     steps = [json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(l)]
     assert steps == [1, 2, 3, 4]
@@ -105,6 +110,7 @@ def test_target_that_matches_nothing(capsys, model_dir, data_file, tmp_path):
     code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--target-modules", "query,value",
                          "--output", tmp_path / "o")
     assert code == 2 and "matches no module" in err and "q_proj" in err
+    assert not (tmp_path / "o").exists()  # a run that never started leaves nothing that blocks a rerun
 
 
 def test_bad_data_row_names_file_and_line(capsys, model_dir, tmp_path):
@@ -209,6 +215,27 @@ def test_merge_two_adapters(capsys, model_dir, data_file, tmp_path):
     code, out, err = run(capsys, "merge", "--model", model_dir, "--adapters", adapters, "--full-model",
                          "--output", tmp_path / "full")
     assert code == 0 and (tmp_path / "full" / "config.json").is_file(), err
+    # an existing --output: refused without --overwrite; a file is never replaced; with --overwrite, replaced
+    merged = tmp_path / "merged"
+    before = tree(merged)
+    code, out, err = run(capsys, "merge", "--model", model_dir, "--adapters", adapters, "--output", merged)
+    assert code == 2 and "already exists and is not empty; pass --overwrite" in err and tree(merged) == before
+    (tmp_path / "file").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        code, out, err = run(capsys, "merge", "--model", model_dir, "--adapters", adapters, "--output",
+                             tmp_path / "file", *extra)
+        assert code == 2 and "is a file, not a directory" in err and len(err.strip().splitlines()) == 1
+        assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "file.old").exists()
+    code, out, err = run(capsys, "merge", "--model", model_dir, "--adapters", adapters, "--rank", 1, "--output",
+                         merged, "--overwrite")
+    assert code == 0, err
+    assert json.loads((merged / "adapter_config.json").read_text())["r"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged")) == ["merged"]
+
+
+def tree(d):
+    """{relative path: bytes} of every file under `d`: equal before and after means untouched."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning", "ia3", "bottleneck", "lora-fa", "mixlora"])
@@ -244,6 +271,38 @@ def test_hub_compose_from_a_library(capsys, model_dir, data_file, tmp_path):
     assert all(-1.5 <= w <= 1.5 for w in result["weights"])
     assert result["objective"] <= result["base_objective"]
     assert (tmp_path / "composed" / "adapter_config.json").is_file()
+    before = tree(tmp_path / "composed")
+    code, out, err = run(capsys, "hub", "compose", "--model", model_dir, "--library", library, "--examples", data_file,
+                         "--budget", 6, "--output", tmp_path / "composed")
+    assert code == 2 and "pass --overwrite" in err and tree(tmp_path / "composed") == before
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(capsys, model_dir, data_file, tmp_path,
+                                                                       monkeypatch):
+    out_dir = tmp_path / "run"
+    base = ["train", "--model", model_dir, "--data", data_file, "--steps", 2, "--batch-size", 4, "--output", out_dir]
+    assert run(capsys, *base)[0] == 0
+    before = tree(out_dir)
+    # the new run fails after its model loaded: the old run is back, nothing else is left
+    code, out, err = run(capsys, *base, "--overwrite", "--target-modules", "query")
+    assert code == 2 and "matches no module" in err
+    assert tree(out_dir) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run", "train.jsonl"]
+    # Ctrl-C while the model loads: the message says what was kept, exit code 130
+    import efftune.finetune
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(efftune.finetune, "load_model", interrupted)
+    code, out, err = run(capsys, *base, "--overwrite")
+    assert code == 130 and "before the first checkpoint" in err and f"previous run in {out_dir} is back" in err
+    assert tree(out_dir) == before
+    code, out, err = run(capsys, *base[:-1], tmp_path / "fresh")
+    assert code == 130 and "run the same command again" in err and "--resume" not in err
+    assert not (tmp_path / "fresh").exists()
+    monkeypatch.undo()
+    code, out, err = run(capsys, *base, "--overwrite", "--steps", 3)
+    assert code == 0, err
+    assert last_json(out)["steps"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["run", "train.jsonl"]
 
 
 def test_compile_flags(capsys, model_dir, data_file, tmp_path):

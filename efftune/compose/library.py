@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import Encoded, Example, Formatter, MultipleChoice, load_jsonl, load_task, split_examples
+from ..data.tokenize import truncation_note
 from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE
 from ..errors import CheckpointError, ConfigError, DataError, EfftuneError, TrainingDiverged
@@ -87,7 +88,7 @@ def read_tasks_file(path: str | Path) -> list[str]:
             if line.split("#", 1)[0].strip()]
 
 
-def resolve_tasks(tasks: Sequence[str], eval_size: int | float = 200, seed: int = 0) -> list[LibraryTask]:
+def resolve_tasks(tasks: Sequence[str], eval_size: int | float | None = None, seed: int = 0) -> list[LibraryTask]:
     """Load every task's examples and held-out split before anything trains (bad names fail early).
 
     BIG-bench tasks use the split `efftune train` uses (seed 0, `eval_size` held out), so
@@ -105,10 +106,12 @@ def resolve_tasks(tasks: Sequence[str], eval_size: int | float = 200, seed: int 
     out = []
     for name, entry in seen.items():
         if _is_jsonl(entry):
-            train_set, held_out = split_examples(load_jsonl(entry), eval_size, seed=seed)
+            train_set, held_out = split_examples(load_jsonl(entry), eval_size, seed=seed, source=entry,
+                                               strict=len(seen) == 1)
         else:
             try:
-                train_set, held_out = split_examples(load_task(entry), eval_size, seed=0)
+                train_set, held_out = split_examples(load_task(entry), eval_size, seed=0, source=f"task {entry}",
+                                                   strict=len(seen) == 1)
             except DataError as exc:
                 raise DataError(f"hub build: {exc}") from None
         if not train_set:
@@ -358,7 +361,7 @@ def _training_tokens(seqs: Sequence[Encoded], config: TrainConfig) -> int:
 
 def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
                   lora_cfg: LoraConfig | None = None, train_cfg: TrainConfig | None = None, *,
-                  together: int = 1, eval_size: int | float = 200, chat_template: bool = False,
+                  together: int = 1, eval_size: int | float | None = None, chat_template: bool = False,
                   dtype: str = "auto", device: str = "auto",
                   on_step: Callable[[list[str], int], None] | None = None, log=print) -> dict:
     """Train one LoRA module per task into `output_dir` (see the module docstring); returns a summary.
@@ -374,6 +377,9 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
         raise ConfigError(f"hub build: together must be a positive integer, got {together!r}")
     specs = resolve_tasks(tasks, eval_size, train_cfg.seed)  # all data errors before any training
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise EfftuneError(f"hub build: --output {output_dir} is a file, not a directory; name a directory "
+                           "for the library")
     output_dir.mkdir(parents=True, exist_ok=True)
     want = recipe(lora_cfg, train_cfg)
     pending, skipped = [], []
@@ -444,6 +450,9 @@ def _build_pending(model, tokenizer, pending, output_dir: Path, build: dict, wan
         names = [s.name for s in group]
         log(f"hub build: training {', '.join(names)} ({g + len(group)}/{len(pending)})")
         seqs = {s.name: [formatter.encode(e) for e in s.train] for s in group}
+        for n in names:
+            if note := truncation_note(seqs[n], train_cfg.max_length, f"training examples of {n}"):
+                log(f"hub build: {note}")
         for n in names:
             seed_everything(_init_seed(train_cfg.seed, n))
             add_lora(model, lora_cfg, adapter=n)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
@@ -24,14 +25,18 @@ from tqdm import tqdm
 
 from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
-from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, EfftuneError, TrainingDiverged
 from ..eval.causal import (attention_kernel, check_attention_kernel, check_masked_attention, masked_attention,
                            set_attention_kernel, set_masked_attention)
 from ..eval.logprobs import target_logprobs
+from ..faults import fault_point
+from ..io import write_text_atomically
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
 from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
+                         save_checkpoint, set_aside, trainable_state)
+from .interrupt import RunInterrupted, StopSignals
 from .plot import plot_metrics, plot_routing
 from .schedule import warmup_cosine
 
@@ -59,6 +64,7 @@ class TrainConfig:
     masked_attention: str = "sdpa"  # kernel for rows with a mask (packing, trees): sdpa | flex (efftune.eval.flex)
     eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
+    save_every_minutes: float = 10.0  # also a checkpoint once this long has passed since the last (0: off)
     keep_checkpoints: int = 2
     seed: int = 0
 
@@ -71,11 +77,23 @@ class TrainConfig:
                               f"train.batch_size ({self.batch_size})")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"train.lr must be a positive finite number, got {self.lr}")
+        # negative counts used to be taken silently (save_every: -1 never saved)
+        for name, low in (("save_every", 0), ("eval_every", 0), ("warmup_steps", 0), ("seed", 0),
+                          ("keep_checkpoints", 1), ("max_length", 2)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"train.{name} must be at least {low}, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"train.{name} must be 0 or a positive finite number, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for option in ("cuda_graphs", "compile_autotune"):
             if getattr(self, option) and not self.compile:
                 raise ConfigError(f"train.{option} needs train.compile: true")
+        if not self.save_every_minutes >= 0:
+            raise ConfigError(f"train.save_every_minutes must be 0 (off) or positive, got {self.save_every_minutes}")
         check_attention_kernel(self.attention)
         check_masked_attention(self.masked_attention)
         if self.compile_memory_budget is not None:
@@ -115,10 +133,51 @@ class TrainHooks:
 @dataclass
 class TrainResult:
     steps: int
-    final_loss: float
-    train_seconds: float
+    final_loss: float | None  # the last step's loss, from the run's metrics (a resumed run's too)
+    train_seconds: float      # this call's time (a resumed run: since the resume)
     tokens: int
     evals: list[dict]
+    start_step: int = 0       # the step a resumed run continued from
+
+
+ZERO_GRAD_STEPS = 5  # consecutive steps with a zero gradient norm before the run warns
+
+
+def strict_json(value, indent: int | None = None) -> str:
+    """JSON text of `value` with every NaN or infinity written as null: valid JSON for any reader."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(value), allow_nan=False, indent=indent)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl. A torn last line (the write a kill interrupted) is dropped;
+    a bad line before it is an error naming the line."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    last = max((i for i, l in enumerate(lines) if l.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if i == last:
+                continue
+            raise CheckpointError(f"{path}:{i + 1} is not a JSON object ({str(exc).splitlines()[0]}); only a torn "
+                                  "last line is dropped on --resume, so fix or delete that line") from None
+        rows.append(row)
+    return rows
 
 
 def example_order(n: int, seed: int, start: int, count: int) -> list[int]:
@@ -165,7 +224,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, output_dir: str | Path, *,
           pad_id: int = 0, resume: bool = False,
-          evaluate: Callable[[nn.Module], dict] | None = None, hooks: TrainHooks | None = None) -> TrainResult:
+          evaluate: Callable[[nn.Module], dict] | None = None, hooks: TrainHooks | None = None,
+          resume_changed: bool = False, on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
     """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
 
     Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
@@ -178,6 +238,13 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     `config.attention` picks the kernel for rows that hold one causal sequence each (no mask
     needed), `config.masked_attention` the one for rows with a mask (packing, token trees); the
     model's previous choices are back when `train` returns.
+
+    Never losing work: a checkpoint is written every `save_every` steps, after `save_every_minutes`,
+    at the end, and when SIGINT/SIGTERM arrive (the step finishes first; then `RunInterrupted`).
+    A checkpoint holds finite weights only; one whose weights give a non-finite loss (or gradient)
+    in the next step is renamed `step-N.diverged` and `latest` names the one before. `resume`
+    refuses a checkpoint made with a TrainConfig that computes differently (`checkpoint.FREE_KEYS`
+    may change) unless `resume_changed`. `on_checkpoint(path)` is called after each checkpoint.
     """
     hooks = hooks or TrainHooks()
     with ExitStack() as scope:
@@ -194,11 +261,13 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
             scope.enter_context(Fp8Base(model))
         if config.cuda_graphs:  # graphs recorded for the training shapes would re-record for every later one
             scope.callback(uncompile_blocks, model)
-        return _train(model, sequences, config, output_dir, pad_id, resume, evaluate, hooks)
+        return _train(model, sequences, config, output_dir, pad_id, resume, evaluate, hooks, resume_changed,
+                      on_checkpoint)
 
 
 def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, output_dir: str | Path,
-           pad_id: int, resume: bool, evaluate: Callable[[nn.Module], dict] | None, hooks: TrainHooks) -> TrainResult:
+           pad_id: int, resume: bool, evaluate: Callable[[nn.Module], dict] | None, hooks: TrainHooks,
+           resume_changed: bool, on_checkpoint: Callable[[Path], None] | None) -> TrainResult:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = output_dir / "checkpoints"
@@ -218,27 +287,41 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
 
     metrics_path = output_dir / "metrics.jsonl"
     start_step, rows_log = 0, []
+    last_ckpt = None     # the newest checkpoint on disk
+    unconfirmed = False  # True until a forward pass with last_ckpt's weights gave a finite loss
     if resume:
         found = latest_checkpoint(ckpt_root)
         if found is None:
             raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
-        state = load_checkpoint(found, model, optimizer, hooks.load_state)
-        if state.get("train_config", {}).get("seed") != config.seed:
-            raise CheckpointError(f"checkpoint {found} was made with another seed; resume needs the same config")
+        changed = changed_keys(read_state(found).get("train_config", {}), asdict(config), "train.")
+        if changed and not resume_changed:
+            raise CheckpointError(f"--resume: checkpoint {found} was made with another {', '.join(changed)}; "
+                                  "a resume computes what the run would have (pass --resume-changed to accept "
+                                  "the change)")
+        rows_log = read_metrics(metrics_path)  # a bad file fails here, before the model changes
+        state = load_checkpoint(found, model, optimizer, hooks.load_state, expected_extra=hooks.state())
         start_step = state["step"]
-        if metrics_path.exists():  # keep what was logged up to the checkpoint
-            rows_log = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-            rows_log = [r for r in rows_log if r.get("step", 0) <= start_step]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows_log))
+        rows_log = [r for r in rows_log if r.get("step", 0) <= start_step]  # what was logged up to the checkpoint
+        last_ckpt, unconfirmed = found, start_step < config.steps
+    write_text_atomically(metrics_path, "".join(strict_json(r) + "\n" for r in rows_log))
 
     def log(row: dict) -> None:
-        rows_log.append(row)
+        line = strict_json(row) + "\n"
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            start = f.tell()
+            f.write(line)
+            f.flush()
+            fault_point("mid_metrics_append", tear=(metrics_path, start + len(line) // 2))
+        rows_log.append(row)
 
     evals = [{k: v for k, v in r.items() if k != "eval"} for r in rows_log if r.get("eval")]
 
+    def eval_due(step: int) -> bool:
+        return step in (0, config.steps) or bool(config.eval_every and step % config.eval_every == 0)
+
     def run_eval(step: int) -> None:
+        if step == config.steps:
+            fault_point("final_eval")
         # CUDA graphs: evaluation shapes vary, and each new shape would record graphs of its own
         with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext():
             result = {"step": step, **evaluate(model)}
@@ -246,86 +329,144 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
         log({"eval": True, **result})
         model.train()
 
-    if evaluate and start_step == 0:
-        run_eval(0)
+    def diverged(step: int, what: str) -> None:
+        nonlocal last_ckpt
+        note = ""
+        if unconfirmed and last_ckpt is not None:  # this step ran on its weights: it leads nowhere
+            bad = last_ckpt
+            last_ckpt = set_aside(bad)
+            note = f" (moved {bad.name}, whose weights gave it, to {bad.name}.diverged)"
+        where = (f"the last good checkpoint is {last_ckpt}: resume from it with a lower --lr and --resume-changed"
+                 if last_ckpt else "no good checkpoint was written")
+        raise TrainingDiverged(f"{what} at step {step}; stopped{note}, {where}")
+
+    def checkpoint(done: int) -> None:
+        nonlocal last_ckpt, unconfirmed, last_save
+        bad = first_nonfinite(trainable_state(model)) or first_nonfinite(hooks.state())
+        if bad:  # a checkpoint holds finite weights only
+            diverged(done, f"weight {bad!r} became NaN or infinite")
+        last_ckpt = save_checkpoint(ckpt_root / f"step-{done:06d}", model, optimizer, done,
+                                    {"train_config": asdict(config)}, hooks.state())
+        last_save = time.monotonic()
+        # The last checkpoint is not followed by a forward pass; every other is pruned after one.
+        unconfirmed = done < config.steps
+        fault_point("before_prune")
+        if not unconfirmed:
+            prune_checkpoints(ckpt_root, config.keep_checkpoints)
+        if on_checkpoint:
+            on_checkpoint(last_ckpt)
+        plot_metrics(rows_log, output_dir / "training.png")
+
+    if evaluate and eval_due(start_step) and not any(e["step"] == start_step for e in evals):
+        run_eval(start_step)  # a fresh run's first, or one the interrupted run did not finish
     micro = config.micro_batch_size or config.batch_size
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     model.train()
-    t_start, tokens_seen, loss_value = time.perf_counter(), 0, float("nan")
+    t_start, tokens_seen, last_save = time.perf_counter(), 0, time.monotonic()
+    zero_grad = 0  # consecutive steps with a zero gradient norm, carried over a resume
+    for r in reversed([r for r in rows_log if "grad_norm" in r]):
+        if r["grad_norm"] != 0:
+            break
+        zero_grad += 1
     routing_load = None  # MoE models: tokens per (layer, expert) over the run, drawn at the end
-    last_ckpt = latest_checkpoint(ckpt_root) if resume else None
+    fault_point("before_first_step")
     bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    for step in range(start_step, config.steps):
-        t0 = time.perf_counter()
-        if config.cuda_graphs:  # the last step's graph outputs (its gradients too) are dead from here
-            torch.compiler.cudagraph_mark_step_begin()
-        batch_idx = example_order(len(sequences), config.seed, step * config.batch_size, config.batch_size)
-        batch = [sequences[i] for i in batch_idx]
-        n_targets = sum(sum(1 for t in s.labels if t != IGNORE) for s in batch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step)
-        total, aux_log = 0.0, {}
-        for m0 in range(0, len(batch), micro):
-            part = batch[m0:m0 + micro]
-            # CUDA graphs are recorded per input shape: fixed-length rows keep it to one per row count
-            inputs = collate(training_rows(part, config.max_length), pad_id, attention,
-                             length=config.max_length if config.cuda_graphs else None).to(device)
-            partition = partitioner(config.compile_memory_budget, config.compile_lean) if config.compile else nullcontext()
-            with autocast_for(config.precision, device), partition:
-                logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
-                                       inputs.position_ids, inputs.mask)
-            loss = -logp.sum() / n_targets
-            total += loss.item()
-            # MoE: efftune's routed layers and transformers' own MoE blocks (RouterTap) report
-            # balance losses; each is added with the micro-batch's share and logged
-            for aux, aux_stats, loads in (collect_aux_losses(model) + (expert_loads(model),),
-                                          hf_router_aux(model)):
-                if aux is None:
-                    continue
-                routing_load = loads if routing_load is None else [
-                    [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(routing_load, loads)]
-                loss = loss + aux * (len(part) / len(batch))
-                for k, v in aux_stats.items():
-                    aux_log[k] = aux_log.get(k, 0.0) + v * len(part) / len(batch)
-            loss.backward()
-            tokens_seen += inputs.tokens
-        if not math.isfinite(total):
-            bar.close()
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise TrainingDiverged(f"loss became {total} at step {step + 1}; stopped, {where}")
-        grad_norm = clip_grad_norm(params, config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        extra = hooks.after_step(step + 1, optimizer)
-        loss_value = total
-        dt = time.perf_counter() - t0
-        # tokens/s counts the examples' own tokens, so the shared-prefix saving shows as speed
-        row = {"step": step + 1, "loss": round(total, 6), "lr": lr_at(step), "grad_norm": round(grad_norm, 4),
-               "tokens_per_s": round(sum(len(s) for s in batch) / dt, 1), "seconds": round(dt, 3),
-               **{k: round(v, 6) for k, v in aux_log.items()}, **extra}
-        log(row)
-        bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        done = step + 1
-        if (config.save_every and done % config.save_every == 0) or done == config.steps:
-            last_ckpt = save_checkpoint(ckpt_root / f"step-{done:06d}", model, optimizer, done,
-                                        {"train_config": asdict(config)}, hooks.state())
-            prune_checkpoints(ckpt_root, config.keep_checkpoints)
-            plot_metrics(rows_log, output_dir / "training.png")
-        if evaluate and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
-            run_eval(done)
-    bar.close()
+    try:
+        with StopSignals() as stop:
+            for step in range(start_step, config.steps):
+                t0 = time.perf_counter()
+                if config.cuda_graphs:  # the last step's graph outputs (its gradients too) are dead from here
+                    torch.compiler.cudagraph_mark_step_begin()
+                batch_idx = example_order(len(sequences), config.seed, step * config.batch_size, config.batch_size)
+                batch = [sequences[i] for i in batch_idx]
+                n_targets = sum(sum(1 for t in s.labels if t != IGNORE) for s in batch)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(step)
+                total, aux_log = 0.0, {}
+                for m0 in range(0, len(batch), micro):
+                    part = batch[m0:m0 + micro]
+                    # CUDA graphs are recorded per input shape: fixed-length rows keep it to one per row count
+                    inputs = collate(training_rows(part, config.max_length), pad_id, attention,
+                                     length=config.max_length if config.cuda_graphs else None).to(device)
+                    partition = partitioner(config.compile_memory_budget, config.compile_lean) if config.compile \
+                        else nullcontext()
+                    with autocast_for(config.precision, device), partition:
+                        logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
+                                               inputs.position_ids, inputs.mask)
+                    loss = -logp.sum() / n_targets
+                    total += loss.item()
+                    # MoE: efftune's routed layers and transformers' own MoE blocks (RouterTap) report
+                    # balance losses; each is added with the micro-batch's share and logged
+                    for aux, aux_stats, loads in (collect_aux_losses(model) + (expert_loads(model),),
+                                                  hf_router_aux(model)):
+                        if aux is None:
+                            continue
+                        routing_load = loads if routing_load is None else [
+                            [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(routing_load, loads)]
+                        loss = loss + aux * (len(part) / len(batch))
+                        for k, v in aux_stats.items():
+                            aux_log[k] = aux_log.get(k, 0.0) + v * len(part) / len(batch)
+                    loss.backward()
+                    tokens_seen += inputs.tokens
+                if not math.isfinite(total):
+                    diverged(step + 1, f"the loss became {total}")
+                fault_point("mid_step")
+                grad_norm = clip_grad_norm(params, config.grad_clip)
+                if not math.isfinite(grad_norm):  # the optimizer step would make every weight NaN
+                    diverged(step + 1, f"the gradient norm became {grad_norm}")
+                if unconfirmed:  # the newest checkpoint's weights gave a finite loss: it is good
+                    unconfirmed = False
+                    prune_checkpoints(ckpt_root, config.keep_checkpoints)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                fault_point("after_optimizer_step")
+                extra = hooks.after_step(step + 1, optimizer)
+                dt = time.perf_counter() - t0
+                # tokens/s counts the examples' own tokens, so the shared-prefix saving shows as speed
+                row = {"step": step + 1, "loss": round(total, 6), "lr": lr_at(step), "grad_norm": round(grad_norm, 4),
+                       "tokens_per_s": round(sum(len(s) for s in batch) / dt, 1), "seconds": round(dt, 3),
+                       **{k: round(v, 6) for k, v in aux_log.items()}, **extra}
+                zero_grad = zero_grad + 1 if grad_norm < 1e-10 else 0
+                if zero_grad >= ZERO_GRAD_STEPS:
+                    row["zero_grad_steps"] = zero_grad
+                    if zero_grad == ZERO_GRAD_STEPS:
+                        tqdm.write(f"efftune: warning: the gradient norm has been 0 for {zero_grad} steps (since "
+                                   f"step {step + 2 - zero_grad}), so the loss cannot change: the weights may have "
+                                   f"saturated (is lr {config.lr:g} too high?) or nothing reaches the trainable "
+                                   "parameters", file=sys.stderr)
+                log(row)
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                done = step + 1
+                minutes = config.save_every_minutes
+                if (config.save_every and done % config.save_every == 0) or done == config.steps \
+                        or (minutes and time.monotonic() - last_save >= 60 * minutes):
+                    checkpoint(done)
+                if evaluate and eval_due(done):
+                    run_eval(done)
+                if stop.signum is not None:
+                    if last_ckpt is None or last_ckpt.name != f"step-{done:06d}":
+                        checkpoint(done)
+                    raise RunInterrupted(f"stopped after step {done}; checkpoint {last_ckpt} written: resume "
+                                         "with --resume", stop.signum)
+    except OSError as exc:  # a full disk, a lost mount: the checkpoint before is whole (atomic writes)
+        where = f"the last checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written yet"
+        raise EfftuneError(f"could not write {exc.filename or 'to ' + str(output_dir)}: "
+                           f"{exc.strerror or exc}; stopped, {where}") from None
+    finally:
+        bar.close()
     plot_metrics(rows_log, output_dir / "training.png")
     if routing_load:
         (output_dir / "routing.json").write_text(json.dumps({"expert_load": routing_load}))
         plot_routing(routing_load, output_dir / "routing.png")
-    return TrainResult(steps=config.steps, final_loss=loss_value, train_seconds=time.perf_counter() - t_start,
-                       tokens=tokens_seen, evals=evals)
+    losses = [r["loss"] for r in rows_log if "loss" in r]
+    return TrainResult(steps=config.steps, final_loss=losses[-1] if losses else None,
+                       train_seconds=time.perf_counter() - t_start, tokens=tokens_seen, evals=evals,
+                       start_step=start_step)
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` step-* checkpoints under `root`."""
     import shutil
-    found = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit())  # not .tmp/.old
-    for old in found[:-keep] if keep > 0 else []:
+    for old in checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,7 @@ from efftune.data import Formatter, MultipleChoice
 from efftune.errors import CheckpointError, TrainingDiverged
 from efftune.methods.lora import LoraConfig, add_lora
 from efftune.train.checkpoint import latest_checkpoint
-from efftune.train.loop import TrainConfig, example_order, train
+from efftune.train.loop import TrainConfig, TrainHooks, example_order, train
 from efftune.train.schedule import warmup_cosine
 from tests.conftest import randomize_lora, tiny_llama
 
@@ -252,3 +252,189 @@ def test_moe_aux_losses_are_added_and_logged(tokenizer, tmp_path, monkeypatch):
     routers = [(a, b) for (n, a), (_, b) in zip(with_aux.named_parameters(), without.named_parameters())
                if "router" in n]
     assert routers and any(not torch.equal(a, b) for a, b in routers)  # the aux loss moved the routers
+
+
+# ---- never losing work: resume checks, bad checkpoints, divergence, signals ---------------------------------
+
+def _metrics(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def _untimed(rows):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in rows]
+
+
+def test_torn_last_metrics_line_is_dropped_a_torn_middle_line_named(tokenizer, tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=2, save_every=2, warmup_steps=1)
+    full = lora_model()
+    train(full, data(tokenizer), cfg, tmp_path / "a", pad_id=1)
+    train(lora_model(), data(tokenizer), TrainConfig(**{**cfg.__dict__, "steps": 2}), tmp_path / "b", pad_id=1)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    rows = metrics.read_text()
+    metrics.write_text(rows + '{"step": 3, "loss": 1.2')  # a kill during the append of step 3's row
+    m = lora_model()
+    train(m, data(tokenizer), cfg, tmp_path / "b", pad_id=1, resume=True, resume_changed=True)
+    assert [r["step"] for r in _metrics(metrics)] == [1, 2, 3, 4]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:1] + ['{"step": 2, "lo'] + lines[2:]) + "\n")
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl:2 is not a JSON object"):
+        train(lora_model(), data(tokenizer), cfg, tmp_path / "b", pad_id=1, resume=True)
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"])
+def test_truncated_checkpoint_file_is_one_error_and_changes_nothing(tokenizer, tmp_path, name):
+    cfg = TrainConfig(steps=2, batch_size=2, save_every=2, warmup_steps=1)
+    train(lora_model(), data(tokenizer), cfg, tmp_path, pad_id=1)
+    f = tmp_path / "checkpoints" / "step-000002" / name
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    metrics_before = (tmp_path / "metrics.jsonl").read_bytes()
+    m = lora_model()
+    before = trainable(m)
+    with pytest.raises(CheckpointError) as err:
+        train(m, data(tokenizer), cfg, tmp_path, pad_id=1, resume=True)
+    msg = str(err.value)
+    assert name in msg and "truncated or corrupt" in msg and "\n" not in msg
+    assert all(torch.equal(before[n], p) for n, p in trainable(m).items())
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics_before
+
+
+def test_checkpoint_whose_optimizer_state_does_not_fit_changes_nothing(tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+    cfg = TrainConfig(steps=2, batch_size=2, save_every=2, warmup_steps=1)
+    train(lora_model(), data(tokenizer), cfg, tmp_path, pad_id=1)
+    f = tmp_path / "checkpoints" / "step-000002" / "optimizer.safetensors"
+    opt = load_file(str(f))
+    key = next(k for k in opt if k.endswith("::exp_avg"))
+    opt[key] = torch.zeros(3, 3)  # a shape no parameter of this run has
+    save_file(opt, str(f))
+    m = lora_model()
+    before = trainable(m)
+    with pytest.raises(CheckpointError, match=r"optimizer state .*exp_avg' has shape \(3, 3\)"):
+        train(m, data(tokenizer), cfg, tmp_path, pad_id=1, resume=True)
+    assert all(torch.equal(before[n], p) for n, p in trainable(m).items())
+
+
+def test_resume_refuses_a_config_that_computes_differently(tokenizer, tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=2, save_every=2, warmup_steps=1)
+    def stop(checkpoint):
+        raise KeyboardInterrupt  # right after step 2's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train(lora_model(), data(tokenizer), cfg, tmp_path, pad_id=1, on_checkpoint=stop)
+    changed = TrainConfig(steps=4, batch_size=2, save_every=1, warmup_steps=1, lr=5e-3, eval_every=1)
+    with pytest.raises(CheckpointError, match=r"another train\.lr; .*--resume-changed"):
+        train(lora_model(), data(tokenizer), changed, tmp_path, pad_id=1, resume=True)
+    # save_every and eval_every change nothing the run computes: a resume may change them
+    res = train(lora_model(), data(tokenizer), TrainConfig(steps=4, batch_size=2, save_every=1, eval_every=1,
+                                                            warmup_steps=1), tmp_path, pad_id=1, resume=True)
+    assert res.start_step == 2
+    res = train(lora_model(), data(tokenizer), changed, tmp_path / "x", pad_id=1)  # (a fresh run is unaffected)
+    assert res.start_step == 0
+
+
+class _LrJump(TrainHooks):
+    """The schedule of a run that blows up: a sane learning rate for two steps, then 1e30."""
+
+    def lr_multiplier(self, step, config):
+        return 1.0 if step < 2 else 1e30
+
+
+def test_divergence_sets_the_bad_checkpoint_aside_and_resumes_from_a_good_one(tokenizer, tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=2, save_every=1, lr=1e-3, warmup_steps=0)
+    with pytest.raises(TrainingDiverged) as err:
+        train(lora_model(), data(tokenizer), cfg, tmp_path, pad_id=1, hooks=_LrJump())
+    # step 3 (lr 1e27) left finite but huge weights; they gave step 4 a NaN loss
+    msg = str(err.value)
+    assert "at step 4" in msg and "step-000003.diverged" in msg and "last good checkpoint is" in msg
+    assert msg.rstrip().endswith("--resume-changed") and "step-000002" in msg
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000002"
+    assert (tmp_path / "checkpoints" / "step-000003.diverged").is_dir()
+    res = train(lora_model(), data(tokenizer), cfg, tmp_path, pad_id=1, resume=True)  # the plain schedule
+    assert res.start_step == 2 and math.isfinite(res.final_loss)
+
+
+def test_non_finite_weights_are_never_checkpointed(tokenizer, tmp_path):
+    class Poison(TrainHooks):
+        def after_step(self, done, optimizer):
+            if done == 3:
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].fill_(float("inf"))
+            return {}
+
+    cfg = TrainConfig(steps=4, batch_size=2, save_every=3, warmup_steps=1)
+    with pytest.raises(TrainingDiverged, match=r"became NaN or infinite at step 3; stopped, no good checkpoint"):
+        train(lora_model(), data(tokenizer), cfg, tmp_path, pad_id=1, hooks=Poison())
+    assert latest_checkpoint(tmp_path / "checkpoints") is None and not list((tmp_path / "checkpoints").glob("step-*"))
+
+
+def test_zero_gradient_norm_for_several_steps_warns(tokenizer, tmp_path, capsys):
+    m = lora_model()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                p.zero_()  # A = B = 0: no gradient reaches either factor
+    train(m, data(tokenizer), TrainConfig(steps=6, batch_size=2, warmup_steps=1), tmp_path, pad_id=1)
+    rows = _metrics(tmp_path / "metrics.jsonl")
+    assert [r["grad_norm"] for r in rows] == [0.0] * 6
+    assert [r.get("zero_grad_steps") for r in rows] == [None, None, None, None, 5, 6]
+    err = capsys.readouterr().err
+    assert err.count("warning: the gradient norm has been 0 for 5 steps (since step 1)") == 1
+
+
+def test_time_based_checkpoints(tokenizer, tmp_path):
+    written = []
+    train(lora_model(), data(tokenizer), TrainConfig(steps=3, batch_size=2, save_every=0, save_every_minutes=1e-9,
+                                                     warmup_steps=1), tmp_path / "a", pad_id=1,
+          on_checkpoint=lambda p: written.append(p.name))
+    assert written == ["step-000001", "step-000002", "step-000003"]
+    written.clear()
+    train(lora_model(), data(tokenizer), TrainConfig(steps=3, batch_size=2, save_every=0, save_every_minutes=0,
+                                                     warmup_steps=1), tmp_path / "b", pad_id=1,
+          on_checkpoint=lambda p: written.append(p.name))
+    assert written == ["step-000003"]
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_finishes_the_step_checkpoints_and_resumes_identically(tokenizer, tmp_path, sig, code):
+    import os
+    import signal
+    from efftune.train.interrupt import RunInterrupted
+
+    class SignalAt(TrainHooks):
+        def after_step(self, done, optimizer):
+            if done == 3:
+                os.kill(os.getpid(), getattr(signal, sig))  # arrives in the middle of step 3's bookkeeping
+            return {}
+
+    cfg = TrainConfig(steps=5, batch_size=2, save_every=0, save_every_minutes=0, eval_every=2, warmup_steps=1)
+    seqs = data(tokenizer)
+    evaluate = lambda m: {"probe": round(float(sum(p.detach().sum() for p in m.parameters() if p.requires_grad)), 6)}
+    full = lora_model(dropout=0.1)
+    train(full, seqs, cfg, tmp_path / "a", pad_id=1, evaluate=evaluate)
+    with pytest.raises(RunInterrupted) as err:
+        train(lora_model(dropout=0.1), seqs, cfg, tmp_path / "b", pad_id=1, evaluate=evaluate, hooks=SignalAt())
+    assert err.value.exit_code == code and "after step 3" in str(err.value) and "--resume" in str(err.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000003"
+    resumed = lora_model(dropout=0.1)
+    train(resumed, seqs, cfg, tmp_path / "b", pad_id=1, evaluate=evaluate, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(trainable(full).values(), trainable(resumed).values()))
+    assert _untimed(_metrics(tmp_path / "a" / "metrics.jsonl")) == _untimed(_metrics(tmp_path / "b" / "metrics.jsonl"))
+
+
+def test_a_crash_in_the_final_evaluation_is_evaluated_again_on_resume(tokenizer, tmp_path):
+    cfg = TrainConfig(steps=3, batch_size=2, eval_every=0, warmup_steps=1)
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("crash in the final evaluation")
+        return {"accuracy": 0.25}
+    full = train(lora_model(), data(tokenizer), cfg, tmp_path / "a", pad_id=1, evaluate=lambda m: {"accuracy": 0.25})
+    with pytest.raises(RuntimeError):
+        train(lora_model(), data(tokenizer), cfg, tmp_path / "b", pad_id=1, evaluate=evaluate)
+    res = train(lora_model(), data(tokenizer), cfg, tmp_path / "b", pad_id=1, evaluate=evaluate, resume=True)
+    assert res.evals == full.evals == [{"step": 0, "accuracy": 0.25}, {"step": 3, "accuracy": 0.25}]
+    assert res.final_loss == full.final_loss and res.start_step == 3
+    again = train(lora_model(), data(tokenizer), cfg, tmp_path / "b", pad_id=1, evaluate=evaluate, resume=True)
+    assert again.evals == full.evals and len(calls) == 3  # a finished run's final evaluation is read back
