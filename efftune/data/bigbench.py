@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..cache import cache_dir, pip_download
 from ..errors import DataError
+from ..progress import QUIET_SECONDS, progress_bar
 from .examples import Completion, Example, MultipleChoice
 
 SDIST = "bigbench==1.0.0"
@@ -34,6 +37,32 @@ def _sdist_path() -> Path:
     if found:
         return found[0]
     return pip_download(SDIST, root)
+
+
+class _CountingReader:
+    """A binary file whose reads advance a progress bar (tarfile reads the sdist through gzip,
+    front to back, so the compressed bytes read measure how far a pass has come)."""
+
+    def __init__(self, raw, bar):
+        self.raw, self.bar = raw, bar
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.bar.update(len(data))
+        return data
+
+    def __getattr__(self, name):  # seek, tell, close, ... as the file has them
+        return getattr(self.raw, name)
+
+
+@contextmanager
+def _open_sdist(desc: str, *, leave: bool, delay: float = 0.0) -> Iterator[tarfile.TarFile]:
+    """The sdist as a tar archive, read with a progress bar over its compressed size."""
+    path = _sdist_path()
+    with open(path, "rb") as raw, progress_bar(path.stat().st_size, desc, unit="B", unit_scale=True,
+                                               unit_divisor=1024, leave=leave, delay=delay) as bar, \
+            tarfile.open(fileobj=_CountingReader(raw, bar), mode="r:gz") as tf:
+        yield tf
 
 
 def _task_name(member_name: str) -> str | None:
@@ -58,7 +87,7 @@ def task_index() -> dict[str, TaskInfo]:
     index_file = cache_dir("bigbench") / "index.json"
     if not index_file.exists():
         rows = {}
-        with tarfile.open(_sdist_path(), "r:gz") as tf:
+        with _open_sdist("indexing BIG-bench tasks (once)", leave=True) as tf:
             for member in tf:
                 name = _task_name(member.name)
                 if name is None:
@@ -96,7 +125,8 @@ def extract_task_files(entries: list[str]) -> dict[str, Path]:
     paths = {e: root / e / "task.json" for e in entries}
     missing = {e for e, p in paths.items() if not p.exists()}
     if missing:
-        with tarfile.open(_sdist_path(), "r:gz") as tf:
+        # a pass that may read up to the whole sdist (~10 s); shown only when it takes a while
+        with _open_sdist(f"extracting {', '.join(sorted(missing))}", leave=False, delay=QUIET_SECONDS) as tf:
             for member in tf:
                 name = _task_name(member.name)
                 if name in missing:

@@ -15,6 +15,7 @@ from torch import nn
 from ..data.examples import MultipleChoice
 from ..data.layout import MIN_SHARED, Row, collate, common_prefix
 from ..data.tokenize import Formatter, pack
+from ..progress import QUIET_SECONDS, progress_bar
 from .logprobs import target_logprobs
 
 
@@ -59,18 +60,25 @@ def score_rows(formatter: Formatter, examples: Sequence[MultipleChoice], row_tok
 
 @torch.no_grad()
 def choice_scores(model: nn.Module, formatter: Formatter, examples: Sequence[MultipleChoice],
-                  row_tokens: int = 512, rows_per_batch: int = 4, normalize: str = "sum") -> list[list[float]]:
-    """Log-likelihood of every choice of every example (`normalize="mean"`: per token)."""
+                  row_tokens: int = 512, rows_per_batch: int = 4, normalize: str = "sum",
+                  progress: bool = True) -> list[list[float]]:
+    """Log-likelihood of every choice of every example (`normalize="mean"`: per token).
+    `progress`: a bar over the examples on stderr, once scoring takes over a second (it closes
+    without a trace)."""
     device = next(model.parameters()).device
     attention = getattr(model.config, "_attn_implementation", "sdpa")
     rows = score_rows(formatter, examples, row_tokens)
     totals: dict[tuple[int, int], list[float]] = {}
-    for start in range(0, len(rows), rows_per_batch):
-        batch = collate(rows[start:start + rows_per_batch], formatter.tokenizer.pad_token_id, attention).to(device)
-        lp = target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
-                             batch.position_ids, batch.mask).tolist()
-        for tag, value in zip(batch.tags, lp):
-            totals.setdefault(tag, []).append(value)
+    with progress_bar(len(examples), "eval", unit="example", leave=False, enable=progress,
+                      delay=QUIET_SECONDS) as bar:
+        for start in range(0, len(rows), rows_per_batch):
+            batch = collate(rows[start:start + rows_per_batch], formatter.tokenizer.pad_token_id,
+                            attention).to(device)
+            lp = target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
+                                 batch.position_ids, batch.mask).tolist()
+            for tag, value in zip(batch.tags, lp):
+                totals.setdefault(tag, []).append(value)
+            bar.update(len({i for i, _ in batch.tags}))  # a row holds whole examples
     scores: list[list[float]] = [[] for _ in examples]
     for (i, j), values in sorted(totals.items()):
         scores[i].append(sum(values) / (len(values) if normalize == "mean" else 1))

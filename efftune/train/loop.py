@@ -33,6 +33,7 @@ from ..faults import fault_point
 from ..io import write_text_atomically
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
+from ..progress import SideTime
 from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
                          save_checkpoint, set_aside, trainable_state)
@@ -371,6 +372,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
     routing_load = None  # MoE models: tokens per (layer, expert) over the run, drawn at the end
     fault_point("before_first_step")
     bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    eval_time = SideTime(bar)  # evaluations stop the bar's clock: its time estimate counts steps only
     try:
         with StopSignals() as stop:
             for step in range(start_step, config.steps):
@@ -435,7 +437,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
                                    f"saturated (is lr {config.lr:g} too high?) or nothing reaches the trainable "
                                    "parameters", file=sys.stderr)
                 log(row)
-                bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                **eval_time.postfix())
                 bar.update(1)
                 done = step + 1
                 minutes = config.save_every_minutes
@@ -443,7 +446,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
                         or (minutes and time.monotonic() - last_save >= 60 * minutes):
                     checkpoint(done)
                 if evaluate and eval_due(done):
-                    run_eval(done)
+                    with eval_time:
+                        run_eval(done)
                 if stop.signum is not None:
                     if last_ckpt is None or last_ckpt.name != f"step-{done:06d}":
                         checkpoint(done)

@@ -48,6 +48,14 @@ def test_index_lists_kinds_and_sizes(fake_bigbench):
     assert (fake_bigbench / "index.json").exists()
 
 
+def test_indexing_shows_progress_over_the_sdist(fake_bigbench, capsys):
+    task_index()
+    err = capsys.readouterr().err
+    assert "indexing BIG-bench tasks (once)" in err and "100%" in err  # the whole sdist was read
+    task_index()  # from the index file: nothing to show
+    assert capsys.readouterr().err == ""
+
+
 def test_multiple_choice_formatting(fake_bigbench):
     ex = load_task("yesno")
     assert len(ex) == 20 and all(isinstance(e, MultipleChoice) for e in ex)
