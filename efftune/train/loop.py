@@ -454,7 +454,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
                     raise RunInterrupted(f"stopped after step {done}; checkpoint {last_ckpt} written: resume "
                                          "with --resume", stop.signum)
     except OSError as exc:  # a full disk, a lost mount: the checkpoint before is whole (atomic writes)
-        where = f"the last checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written yet"
+        where = (f"the last checkpoint {last_ckpt} is intact: free space and resume with --resume" if last_ckpt
+                 else "no checkpoint was written yet")
         raise EfftuneError(f"could not write {exc.filename or 'to ' + str(output_dir)}: "
                            f"{exc.strerror or exc}; stopped, {where}") from None
     finally:
