@@ -82,11 +82,11 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
                     log)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        if isinstance(exc, RunInterrupted) and rundir.committed:
+        if getattr(exc, "checkpoint", None) is not None:
             raise  # the loop wrote a checkpoint and says so
         rundir.abandon()
         if rundir.committed:
-            raise RunInterrupted(f"interrupted; the run's last checkpoint is kept: resume with --resume", signum) \
+            raise RunInterrupted("interrupted; the run's last checkpoint is kept: resume with --resume", signum) \
                 from None
         back = f"; the previous run in {out} is back" if rundir.restored else ""
         raise RunInterrupted(f"interrupted before the first checkpoint, so nothing of this run was kept{back}; "

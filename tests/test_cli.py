@@ -62,7 +62,7 @@ def test_refuses_to_overwrite_a_run(capsys, model_dir, data_file, tmp_path):
     assert code == 0, err
 
 
-def test_resume_continues_a_stopped_run(capsys, model_dir, data_file, tmp_path):
+def test_resume_continues_a_stopped_run(capsys, model_dir, data_file, tmp_path, monkeypatch):
     base = ["train", "--model", model_dir, "--data", data_file, "--batch-size", 2, "--save-every", 2,
             "--output", tmp_path / "r"]
     assert run(capsys, *base, "--steps", 2)[0] == 0
@@ -70,6 +70,15 @@ def test_resume_continues_a_stopped_run(capsys, model_dir, data_file, tmp_path):
     code, out, err = run(capsys, *base, "--steps", 4, "--resume")  # more steps: another lr schedule
     assert code == 2 and "train.steps" in err and "2 -> 4" in err and "--resume-changed" in err
     assert (tmp_path / "r" / "config.json").read_bytes() == config  # a failed resume rewrites nothing
+    import efftune.finetune
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:  # Ctrl-C while a resumed run loads: its checkpoint is still there
+        patch.setattr(efftune.finetune, "load_model", interrupted)
+        code, out, err = run(capsys, *base, "--steps", 4, "--resume-changed")
+    assert code == 130 and "last checkpoint is kept: resume with --resume" in err
+    assert (tmp_path / "r" / "config.json").read_bytes() == config
     code, out, err = run(capsys, *base, "--steps", 4, "--resume-changed")
     assert code == 0, err
     assert last_json(out)["changed_on_resume"] == ["train.steps"] and last_json(out)["resumed_from_step"] == 2

@@ -13,9 +13,12 @@ import threading
 
 
 class RunInterrupted(KeyboardInterrupt):
-    def __init__(self, message: str, signum: int = signal.SIGINT):
+    """`checkpoint`: the one the training loop wrote on its way out (None: it wrote none)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT, checkpoint=None):
         super().__init__(message)
         self.signum = int(signum)
+        self.checkpoint = checkpoint
 
     @property
     def exit_code(self) -> int:

@@ -452,7 +452,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
                     if last_ckpt is None or last_ckpt.name != f"step-{done:06d}":
                         checkpoint(done)
                     raise RunInterrupted(f"stopped after step {done}; checkpoint {last_ckpt} written: resume "
-                                         "with --resume", stop.signum)
+                                         "with --resume", stop.signum, checkpoint=last_ckpt)
     except OSError as exc:  # a full disk, a lost mount: the checkpoint before is whole (atomic writes)
         where = (f"the last checkpoint {last_ckpt} is intact: free space and resume with --resume" if last_ckpt
                  else "no checkpoint was written yet")
