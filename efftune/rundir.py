@@ -20,6 +20,7 @@ from typing import Callable
 from .errors import EfftuneError
 from .faults import fault_point
 from .io import write_text_atomically
+from .train.checkpoint import changed_keys, flatten_config, latest_checkpoint
 
 MARKER = ".efftune-incomplete"
 # What a run writes into its directory before its first checkpoint (and their temporary names)
@@ -57,8 +58,12 @@ class RunDir:
         except (OSError, ValueError, AttributeError):
             created = False
         for entry in out.iterdir():
-            if _is_run_file(entry.name):
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if not _is_run_file(entry.name):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         if created and not any(out.iterdir()):
             out.rmdir()
 
@@ -110,7 +115,6 @@ class RunDir:
     def resume(self, config: dict, allow_changed: bool) -> list[str]:
         """Check that the run can be resumed with `config`; returns the keys it changes (allowed
         only with `allow_changed`). config.json is rewritten only at commit()."""
-        from .train.checkpoint import changed_keys, latest_checkpoint
         out = self.path
         self.recover(clear_unfinished=False)  # a failed --resume changes nothing in the directory
         if not out.is_dir():
@@ -125,7 +129,7 @@ class RunDir:
                                "the run's config is needed to resume it") from None
         changed = changed_keys(saved, config)
         if changed and not allow_changed:
-            old, new = _flat(saved), _flat(config)
+            old, new = flatten_config(saved), flatten_config(config)
             shown = "; ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed[:4])
             raise EfftuneError(f"--resume: the run was started with other values of {', '.join(changed)} ({shown}); "
                                "resuming would not continue the same run: pass --resume-changed to accept that")
@@ -157,12 +161,3 @@ class RunDir:
             pass  # the next command's recover() tries again
         self.restored = self.path.is_dir() and not (self.path / MARKER).exists() and any(self.path.iterdir())
 
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in values.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -253,11 +253,12 @@ FREE_KEYS = frozenset({
 })
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
+def flatten_config(values: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: a config's keys as the errors name them."""
     out = {}
     for k, v in values.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -266,6 +267,6 @@ def _flat(values: dict, prefix: str = "") -> dict:
 def changed_keys(saved: dict, new: dict, prefix: str = "") -> list[str]:
     """Keys (dotted, e.g. "train.lr") whose value differs between the run's saved config and the
     new one, leaving out FREE_KEYS. A key the saved config lacks (an older efftune) is not compared."""
-    old, cur = _flat(saved, prefix), _flat(new, prefix)
+    old, cur = flatten_config(saved, prefix), flatten_config(new, prefix)
     return [k for k in cur if k in old and k not in FREE_KEYS and old[k] != cur[k]
             and not (isinstance(old[k], list) and isinstance(cur[k], (list, tuple)) and list(old[k]) == list(cur[k]))]
