@@ -48,15 +48,15 @@ class RunDir:
 
     # -- what an earlier, killed command left half done ------------------------------------------
     def _clear_unfinished(self) -> None:
-        """Remove what a run without a checkpoint wrote (its own files only); remove the directory
-        too if that run created it. Raises if other files are there (they are not ours to delete)."""
+        """Remove what a run without a checkpoint wrote (its own files only), and the directories
+        that run created (the output and the parents it made), those left empty."""
         out = self.path
         if not out.is_dir():
             return
         try:
-            created = json.loads((out / MARKER).read_text()).get("created", False)
-        except (OSError, ValueError, AttributeError):
-            created = False
+            created = int(json.loads((out / MARKER).read_text()).get("created", 0))
+        except (OSError, ValueError, AttributeError, TypeError):
+            created = 0
         for entry in out.iterdir():
             if not _is_run_file(entry.name):
                 continue
@@ -64,8 +64,10 @@ class RunDir:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        for d in [out, *out.parents][:created]:  # deepest first
+            if any(d.iterdir()):
+                break
+            d.rmdir()
 
     def recover(self, clear_unfinished: bool = True) -> None:
         """Finish what a killed command left: a committed run's leftovers are removed, an --overwrite
@@ -98,13 +100,15 @@ class RunDir:
         self.recover()
         if out.exists() and not out.is_dir():
             raise EfftuneError(f"output {out} is a file, not a directory; name a directory for the run")
-        created = not out.exists()
+        # how many directories this run creates: the output and any missing parents (removed again
+        # if the run never gets to a checkpoint)
+        created = next(i for i, d in enumerate([out, *out.parents]) if d.exists())
         if out.exists() and any(out.iterdir()):
             if not overwrite:
                 raise EfftuneError(f"output directory {out} already holds a run; pass --overwrite to replace "
                                    "it or --resume to continue it")
             os.replace(out, previous_dir(out))  # kept until the new run writes its first checkpoint
-            created = True
+            created = 1
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomically(out / MARKER, json.dumps({"created": created}))
         write_text_atomically(out / "config.json", json.dumps(config, indent=2))

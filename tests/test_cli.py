@@ -117,9 +117,9 @@ def test_bad_config_is_one_clear_line(capsys, tmp_path, yaml_text, message):
 
 def test_target_that_matches_nothing(capsys, model_dir, data_file, tmp_path):
     code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--target-modules", "query,value",
-                         "--output", tmp_path / "o")
+                         "--output", tmp_path / "o" / "deeper")
     assert code == 2 and "matches no module" in err and "q_proj" in err
-    assert not (tmp_path / "o").exists()  # a run that never started leaves nothing that blocks a rerun
+    assert not (tmp_path / "o").exists()  # a run that never started leaves nothing, not even the parents it made
 
 
 def test_bad_data_row_names_file_and_line(capsys, model_dir, tmp_path):
