@@ -124,8 +124,11 @@ class RunDir:
         if not out.is_dir():
             raise EfftuneError(f"--resume: {out} does not exist")
         if latest_checkpoint(out / "checkpoints") is None:
-            raise EfftuneError(f"--resume: {out} has no checkpoint to resume from (its run stopped before the "
-                               "first one); run without --resume to start it")
+            if (out / MARKER).exists():
+                raise EfftuneError(f"--resume: {out} has no checkpoint to resume from (its run stopped before the "
+                                   "first one); run without --resume to start it")
+            raise EfftuneError(f"--resume: {out} has no good checkpoint to resume from; start the run again "
+                               "with --overwrite")
         try:
             saved = json.loads((out / "config.json").read_text())
         except (OSError, ValueError) as exc:

@@ -338,7 +338,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, 
             last_ckpt = set_aside(bad)
             note = f" (moved {bad.name}, whose weights gave it, to {bad.name}.diverged)"
         where = (f"the last good checkpoint is {last_ckpt}: resume from it with a lower --lr and --resume-changed"
-                 if last_ckpt else "no good checkpoint was written")
+                 if last_ckpt else "no good checkpoint was written: start again with a lower --lr")
         raise TrainingDiverged(f"{what} at step {step}; stopped{note}, {where}")
 
     def checkpoint(done: int) -> None:
