@@ -13,13 +13,13 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import AdapterError, EfftuneError
+from .errors import AdapterError, ConfigError, EfftuneError
 from .faults import fault_point
 from .methods.attach import is_linear
 from .methods.lora import LoraConfig, LoraEmbedding, LoraLayer, add_lora, lora_layers, matrix_sides
@@ -178,6 +178,34 @@ def read_adapter_dir(directory: str | os.PathLike, config_file: str = CONFIG_FIL
     return config, read_safetensors(directory / weights_file)
 
 
+def checked_field(cfg: dict, key: str, test: Callable[[object], bool], want: str, where: Path, default=None):
+    """`cfg[key]` (`default` when absent or null) if it passes `test`, else an AdapterError
+    naming the file, the field, its value and what it must be."""
+    value = cfg.get(key)
+    value = default if value is None else value
+    if not test(value):
+        raise AdapterError(f"adapter: {where}: field {key!r} is {value!r}, expected {want}")
+    return value
+
+
+def is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def config_from(cls, cfg: dict, fields: Sequence[str], where: Path):
+    """Dataclass `cls` (a method's config) from the `fields` of a saved config, each checked as
+    a run config's keys are (type, then the class's own checks); a missing or bad field is an
+    AdapterError naming the file and the field."""
+    from .config import build  # config imports the methods, which import this module
+    missing = [f for f in fields if f not in cfg]
+    if missing:
+        raise AdapterError(f"adapter: {where} lacks field {missing[0]!r}")
+    try:
+        return build(cls, {f: cfg[f] for f in fields})
+    except ConfigError as exc:
+        raise AdapterError(f"adapter: {where}: {exc}") from None
+
+
 def first_mismatch(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
     """The first key that is missing, of the wrong shape, or unexpected, described; else None."""
     for key, param in expected.items():
@@ -290,17 +318,10 @@ def _lora_fields(cfg: dict, where: Path) -> dict:
                          "an object of positive integers"),
         "alpha_pattern": ({}, lambda v: isinstance(v, dict) and all(_is_number(x) and x > 0 for x in v.values()),
                           "an object of positive numbers"),
-        "target_modules": (None, lambda v: v is None or isinstance(v, str)
-                           or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "target_modules": (None, lambda v: v is None or isinstance(v, str) or is_str_list(v),
                            "a string or a list of strings"),
     }
-    out = {}
-    for key, (default, test, want) in checks.items():
-        value = cfg.get(key)
-        value = default if value is None else value
-        if not test(value):
-            raise AdapterError(f"adapter: {where}: field {key!r} is {value!r}, expected {want}")
-        out[key] = value
+    out = {key: checked_field(cfg, key, test, want, where, default) for key, (default, test, want) in checks.items()}
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern in out[key]:
             try:

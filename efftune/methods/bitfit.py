@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, config_from, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 
@@ -141,11 +141,7 @@ def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> BitFitConfig:
     Every key and shape is checked against the model; the first misfit is named."""
     directory = Path(directory)
     cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "bitfit"))
-    try:
-        config = BitFitConfig(target_modules=cfg["target_modules"], norms=bool(cfg["norms"]),
-                              add_biases=bool(cfg["add_biases"]))
-    except (KeyError, ConfigError) as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad or missing field {exc}") from None
+    config = config_from(BitFitConfig, cfg, ("target_modules", "norms", "add_biases"), directory / CONFIG_FILE)
     modules = dict(model.named_modules())
     for key in tensors:
         if not key.endswith(".bias") or key.removesuffix(".bias") not in modules:

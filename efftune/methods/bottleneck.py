@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, config_from, first_mismatch, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 
@@ -149,11 +149,8 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike) -> Bottlenec
     shape is checked against the model; the first misfit is named."""
     directory = Path(directory)
     cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "bottleneck"))
-    fields = ("bottleneck_size", "placement", "activation", "attn_module", "ffn_module")
-    try:
-        config = BottleneckConfig(**{f: cfg[f] for f in fields})
-    except (KeyError, ConfigError) as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad or missing field {exc}") from None
+    config = config_from(BottleneckConfig, cfg, ("bottleneck_size", "placement", "activation", "attn_module",
+                                                 "ffn_module"), directory / CONFIG_FILE)
     add_bottleneck(model, config)
     expected, params = bottleneck_state_dict(model), dict(model.named_parameters())
     problem = first_mismatch(tensors, expected)

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..io import base_model_name, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, checked_field, is_str_list, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import _conv1d_class, find_targets, freeze_base, master_dtype, name_matches, replace_module, wrappers
 
@@ -180,8 +180,19 @@ def load_ia3(model: nn.Module, directory: str | os.PathLike) -> IA3Config:
         if m.group(1) not in modules:
             raise AdapterError(f"adapter: key {key!r} names module {m.group(1)!r}, which this model lacks")
         paths[m.group(1)] = key
-    feedforward = cfg.get("feedforward_modules") or []
-    feedforward = feedforward if isinstance(feedforward, str) else list(feedforward)
+    def patterns(v) -> bool:
+        return isinstance(v, str) or is_str_list(v)
+    feedforward = checked_field(cfg, "feedforward_modules", patterns, "a string or a list of strings",
+                                directory / CONFIG_FILE, [])
+    targets = checked_field(cfg, "target_modules", patterns, "a string or a list of strings", directory / CONFIG_FILE,
+                            [])
+    for pattern in (feedforward, targets):
+        if isinstance(pattern, str) and pattern != "all-linear":
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AdapterError(f"adapter: {directory / CONFIG_FILE}: {pattern!r} is not a valid regex ({exc})") \
+                    from None
     exact = "|".join(re.escape(p) for p in paths)
     exact_ff = "|".join(re.escape(p) for p in paths if name_matches(p, feedforward)) or []
     add_ia3(model, IA3Config(target_modules=exact, feedforward_modules=exact_ff))
@@ -193,6 +204,6 @@ def load_ia3(model: nn.Module, directory: str | os.PathLike) -> IA3Config:
                                f"{tuple(layer.ia3_l.shape)} (another base model, or feedforward_modules differ?)")
         with torch.no_grad():
             layer.ia3_l.copy_(src.to(layer.ia3_l.dtype))
-    targets = cfg.get("target_modules") or exact
+    targets = targets or exact
     return IA3Config(target_modules=targets if isinstance(targets, str) else list(targets),
                      feedforward_modules=feedforward)

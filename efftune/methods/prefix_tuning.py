@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..errors import AdapterError, ConfigError, EfftuneError, TargetError
-from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, checked_field, first_mismatch, read_adapter_dir, write_adapter_dir
 from .attach import freeze_base, master_dtype, replace_module, wrappers
 
 CONFIG_FILE, WEIGHTS_FILE, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
@@ -401,6 +401,8 @@ def load_prefix_tuning(model: nn.Module, directory: str | os.PathLike) -> Prefix
     with torch.no_grad():
         wrapper.prefix.copy_(tensors[PEFT_KEY].to(wrapper.prefix.device, wrapper.prefix.dtype))
     _attach(model, name, wrapper)
-    ours = (cfg.get("efftune") or {}).get("prefix_tuning") or {}
-    init = ours.get("init") if ours.get("init") in INITS else "random"
+    where = directory / CONFIG_FILE
+    ours = checked_field(cfg, "efftune", lambda v: isinstance(v, dict), "an object", where, {})
+    ours = checked_field(ours, "prefix_tuning", lambda v: isinstance(v, dict), "an object", where, {})
+    init = ours.get("init") if isinstance(ours.get("init"), str) and ours["init"] in INITS else "random"
     return PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=False, init=init)

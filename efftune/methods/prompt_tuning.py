@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, ConfigError, EfftuneError, TargetError
-from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, checked_field, first_mismatch, is_str_list, read_adapter_dir, write_adapter_dir
 from .attach import freeze_base, master_dtype, replace_module
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
@@ -232,27 +232,36 @@ def save_prompt_tuning(model: nn.Module, directory: str | os.PathLike, config: P
 
 
 def _read_prompts(directory: Path) -> tuple[PromptTuningConfig, dict[str, torch.Tensor], dict[str, str], str]:
-    """(config, tensors, {task: key}, weights file name) of a prompt directory in either format."""
+    """(config, tensors, {task: key}, weights file name) of a prompt directory in either format;
+    every field used is checked and a bad one named."""
+    def text_or_none(v) -> bool:
+        return v is None or isinstance(v, str)
     if (directory / CONFIG_FILE).is_file():
+        where = directory / CONFIG_FILE
         cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "prompt-tuning"))
-        tasks, weights = list(cfg.get("tasks") or []), WEIGHTS_FILE
-        keys = {t: f"{PEFT_KEY}.{t}" for t in tasks}
-        init, init_text = cfg.get("init"), cfg.get("init_text")
+        tasks = checked_field(cfg, "tasks", is_str_list, "a list of task names", where, [])
+        weights, keys = WEIGHTS_FILE, {t: f"{PEFT_KEY}.{t}" for t in tasks}
+        init = checked_field(cfg, "init", text_or_none, "a string", where)
+        init_text = checked_field(cfg, "init_text", text_or_none, "a string", where)
     else:
+        where = directory / PEFT_CONFIG
         cfg, tensors = read_adapter_dir(directory, PEFT_CONFIG, PEFT_WEIGHTS, kind=("peft_type", "PROMPT_TUNING"))
-        if (cfg.get("num_transformer_submodules") or 1) != 1:
-            raise AdapterError(f"adapter: {directory / PEFT_CONFIG} is an encoder-decoder prompt "
+        if checked_field(cfg, "num_transformer_submodules", lambda v: isinstance(v, int), "an integer", where, 1) != 1:
+            raise AdapterError(f"adapter: {where} is an encoder-decoder prompt "
                                f"(num_transformer_submodules={cfg['num_transformer_submodules']})")
-        ours = (cfg.get("efftune") or {}).get("prompt_tuning") or {}
-        tasks, weights = list(ours.get("tasks") or ["default"])[:1], PEFT_WEIGHTS
-        keys = {tasks[0]: PEFT_KEY}
-        init = ours.get("init") or FROM_PEFT_INIT.get(str(cfg.get("prompt_tuning_init")))
-        init_text = ours.get("init_text") or cfg.get("prompt_tuning_init_text")
+        ours = checked_field(cfg, "efftune", lambda v: isinstance(v, dict), "an object", where, {})
+        ours = checked_field(ours, "prompt_tuning", lambda v: isinstance(v, dict), "an object", where, {})
+        tasks = checked_field(ours, "tasks", is_str_list, "a list of task names", where, ["default"])[:1]
+        weights, keys = PEFT_WEIGHTS, {t: PEFT_KEY for t in tasks}
+        init = checked_field(ours, "init", text_or_none, "a string", where) \
+            or FROM_PEFT_INIT.get(str(cfg.get("prompt_tuning_init")))
+        init_text = checked_field(ours, "init_text", text_or_none, "a string", where) \
+            or checked_field(cfg, "prompt_tuning_init_text", text_or_none, "a string", where)
     if not tasks:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE} lists no tasks")
-    k = cfg.get("num_virtual_tokens") or next((t.shape[0] for t in tensors.values()), None)
-    if not isinstance(k, int) or k < 1:
-        raise AdapterError(f"adapter: {directory} gives no num_virtual_tokens and holds no prompt")
+        raise AdapterError(f"adapter: {where} lists no tasks")
+    first = next(iter(tensors.values()), None)
+    k = checked_field(cfg, "num_virtual_tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                      "a positive integer", where, first.shape[0] if first is not None and first.ndim else None)
     if init not in INITS or (init == "text" and not init_text):
         init = "random"  # only a record of how training began
     config = PromptTuningConfig(num_virtual_tokens=k, init=init, init_text=init_text, tasks=tasks)
