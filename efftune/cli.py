@@ -6,6 +6,7 @@ Flags override the config file; each flag's help names its config key. Errors pr
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import re
@@ -123,6 +124,29 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"efftune: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a subcommand's unknown flags from the top parser; report them from the
+        # subcommand's, with the flag meant where one is close ("--stpes": did you mean --steps?)
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            chosen = self._chosen(ns)
+            flags = [o for a in chosen._actions for o in a.option_strings]
+            guesses = [m for e in extras if e.startswith("-")
+                       for m in difflib.get_close_matches(e.split("=", 1)[0], flags, n=1)]
+            hint = f"; did you mean {', '.join(guesses)}?" if guesses else ""
+            chosen.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return ns
+
+    def _chosen(self, ns) -> argparse.ArgumentParser:
+        """The (sub)command parser the parsed arguments ended in (`efftune hub build`'s, ...)."""
+        parser = self
+        while True:
+            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            name = getattr(ns, subs[0].dest, None) if subs else None
+            if name not in (subs[0].choices if subs else {}):
+                return parser
+            parser = subs[0].choices[name]
 
 
 def parser() -> argparse.ArgumentParser:

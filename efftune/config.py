@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, EfftuneError
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.esft import EsftConfig
@@ -63,9 +63,12 @@ class RunConfig:
         if self.eval_size is not None and self.eval_size < 0:
             raise ConfigError(f"eval_size must be 0 or more, got {self.eval_size}")
         from .models import check_device, resolve_dtype
-        check_device(self.device)
-        if self.dtype != "auto":
-            resolve_dtype(self.dtype, None)
+        try:
+            check_device(self.device)
+            if self.dtype != "auto":
+                resolve_dtype(self.dtype, None)
+        except EfftuneError as exc:
+            raise ConfigError(str(exc)) from None
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):

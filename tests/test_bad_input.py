@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,20 @@ from tests.data.test_bigbench import fake_bigbench  # noqa: F401  (fixture: a sm
 MC_ROWS = [{"input": f"Q: Is {w} blue?", "choices": ["yes", "no"], "answer": int(w != "sky")}
            for w in ["sky", "grass", "fox", "dog"] * 6]  # 24 rows
 GOOD = "".join(json.dumps(r) + "\n" for r in MC_ROWS)
+
+
+class NetworkUsed(BaseException):
+    """Raised by a socket call: not an Exception, so no library's retry loop swallows it."""
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """A bad input is refused without the network: a path-like --model that does not exist must
+    not be looked up on the hub (it used to spend 52 s retrying)."""
+    def refuse(*args, **kwargs):
+        raise NetworkUsed(f"a bad input reached for the network: {args[:2]}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture(autouse=True)
@@ -238,7 +253,8 @@ ROWS = [
     row("dropout-out-of-range", lambda c: (c.train("--dropout", "1.5"), "dropout")),
     row("method-unknown", lambda c: (c.train("--method", "qlora"), "'qlora'")),
     row("flag-not-an-int", lambda c: (c.train("--steps", "ten"), ("--steps", "'ten'"))),
-    row("flag-unknown", lambda c: (c.train("--nosuch-flag", "1"), "--nosuch-flag")),
+    row("flag-unknown", lambda c: (c.train("--nosuch-flag", "1"), ("--nosuch-flag", "efftune train --help"))),
+    row("flag-misspelled", lambda c: (c.train("--stpes", "5"), ("--stpes", "did you mean --steps?"))),
     # -- config files ---------------------------------------------------------------------------------
     row("config-unknown-key", lambda c: (yaml_config("train:\n  stepz: 3\n")(c)[0], ("train.stepz", "steps"))),
     row("config-wrong-type", lambda c: (yaml_config("train:\n  steps: many\n")(c)[0], ("train.steps", "'many'"))),
@@ -264,6 +280,7 @@ ROWS = [
     # -- eval / generate ------------------------------------------------------------------------------
     row("eval-needs-task-or-data", lambda c: (["eval", "--model", c.model], "--task")),
     row("eval-task-unknown", lambda c: (["eval", "--model", c.model, "--task", "yesnoo"], ("yesnoo", "yesno"))),
+    row("eval-task-misspelled", lambda c: (["eval", "--model", c.model, "--task", "yesmo"], ("yesmo", "yesno"))),
     row("eval-task-eval-size-negative", lambda c: (["eval", "--model", c.model, "--task", "yesno",
                                                     "--eval-size", "-5"], "eval_size")),
     row("eval-task-eval-size-too-big", lambda c: (["eval", "--model", c.model, "--task", "yesno",
@@ -416,3 +433,30 @@ def test_bad_input_is_one_line_naming_the_culprit(setup, shared, tmp_path, capsy
 
 def test_the_table_is_big_enough():
     assert len(ROWS) >= 45
+
+
+# ---- inputs that are taken, but not without a word ------------------------------------------------------
+
+def test_merge_of_differing_adapters_says_what_it_does(shared, tmp_path, capsys):
+    code = main(["merge", "--model", str(shared / "model"), "--adapters",
+                 f"{shared / 'adapter'},{shared / 'adapter_qv'}", "--output", str(tmp_path / "merged")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("merge: ")]
+    assert notes[0].startswith(f"merge: the adapters adapt different modules ({shared / 'adapter_qv'} lacks 10 "
+                               "of 14 (e.g. model.layers.0.mlp.down_proj))")
+    assert notes[1].startswith("merge: input ranks differ (2, 4)") and notes[2].endswith("--rank 6 keeps it exact")
+    assert json.loads(out.splitlines()[-1])["kind"] == "adapter"
+
+
+def test_rows_cut_to_max_length_are_counted(shared, tmp_path, capsys):
+    rows = [{"prompt": "The quick brown fox jumps over the lazy dog. " * 2000, "completion": " yes"}]
+    rows += [{"prompt": f"Q: {i}?", "completion": " no"} for i in range(5)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["train", "--model", str(shared / "model"), "--data", str(data), "--steps", "1", "--batch-size", "2",
+                 "--eval-size", "0", "--max-length", "32", "--output", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "data: 1 of 6 training examples are longer than max_length 32 tokens and were cut (" in err
+    assert json.loads(out.splitlines()[-1])["truncated_examples"] == 1

@@ -27,16 +27,32 @@ def test_yaml_and_overrides_merge_per_section(tmp_path):
     ("chat_template: maybe", "chat_template: expected bool"),
     ("lora: [1, 2]", "lora: expected a mapping"),
     ("task: [1, 2]", "task[0]: expected str"),
-    ("a: [", "not valid YAML"),
+    ("a: [", "not valid YAML: expected the node content, but found '<stream end>' (line 2, column 1)"),
+    ("modle: x", "did you mean 'model'?"),
+    ("eval_size: -5", "eval_size must be 0 or more, got -5"),
+    ("device: gpu", "device: unknown device 'gpu'"),
+    ("lora: {target_modules: 'q_proj('}", "lora.target_modules: 'q_proj(' is not a valid regex"),
+    ("ia3: {feedforward_modules: '[x'}", "ia3.feedforward_modules: '[x' is not a valid regex"),
+    ("train: {save_every: -1}", "train.save_every must be at least 0, got -1"),
+    ("train: {lr: .inf}", "train.lr must be a positive finite number, got inf"),
+    ("lora: {alpha: 0}", "lora.alpha must be a positive finite number, got 0.0"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, message):
     p = tmp_path / "c.yaml"
     p.write_text(text + "\n")
     with pytest.raises(ConfigError) as info:
         load_config(p)
-    assert message in str(info.value) and str(p) in str(info.value)
+    assert message in str(info.value) and str(p) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_a_directory_and_bytes_that_are_not_utf8(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; pass a YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "c.yaml").write_bytes(b"model: caf\xe9\n")
+    with pytest.raises(ConfigError, match="c.yaml: byte offset 10 is not UTF-8"):
+        load_config(tmp_path / "c.yaml")

@@ -130,3 +130,44 @@ def test_save_is_atomic_and_replaces(tmp_path):
     m, d = trained_adapter(tmp_path)
     save_adapter(m, d, LoraConfig(r=4, alpha=8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_rank_in_config_must_match_the_tensors_and_a_refusal_changes_nothing(tmp_path):
+    _, d = trained_adapter(tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))  # the tensors are rank 4
+    m = tiny_llama()
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    with pytest.raises(AdapterError, match=r"says r=8 for 'model.layers.0.self_attn.q_proj', but its tensors have "
+                                           r"rank 4"):
+        load_adapter(m, d)
+    assert not list(lora_layers(m)) and all(p.requires_grad for p in m.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"q_proj": 8}}))
+    with pytest.raises(AdapterError, match="says r=8 for 'model.layers.0.self_attn.q_proj'"):
+        load_adapter(tiny_llama(), d)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda cfg: cfg.update(lora_alpha="big"), "field 'lora_alpha' is 'big', expected a positive number"),
+    (lambda cfg: cfg.update(r=0), "field 'r' is 0, expected a positive integer"),
+    (lambda cfg: cfg.update(alpha_pattern={"q_proj(": 2}), "alpha_pattern key 'q_proj\\(' is not a valid regex"),
+])
+def test_bad_config_fields_are_named(tmp_path, change, message):
+    _, d = trained_adapter(tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    change(cfg)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(tiny_llama(), d)
+
+
+def test_torn_weights_and_non_object_config_are_named(tmp_path):
+    _, d = trained_adapter(tmp_path)
+    weights = d / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AdapterError, match="adapter_model.safetensors is not a readable safetensors file"):
+        load_adapter(tiny_llama(), d)
+    (d / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(AdapterError, match="adapter_config.json holds a JSON list, expected an object"):
+        load_adapter(tiny_llama(), d)

@@ -30,3 +30,48 @@ def test_missing_paths_are_named(tmp_path):
         load_model(str(tmp_path / "nope.gguf"))
     with pytest.raises(EfftuneError, match="local directory .*missing does not exist"):
         load_model(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("name, path_like", [
+    ("./m", True), ("../m", True), ("/abs/m", True), ("~/m", True), ("m.gguf", True), ("a/b/c", True),
+    ("has space", True), ("trailing-", True),
+    ("gpt2", False), ("HuggingFaceTB/SmolLM2-135M", False), ("org/name.v1", False),
+])
+def test_what_counts_as_a_path(name, path_like):
+    from efftune.models import is_path_like
+    assert is_path_like(name) is path_like
+
+
+def test_owner_slash_name_beside_a_local_folder_is_a_path(tmp_path, monkeypatch):
+    from efftune.models import is_path_like
+    monkeypatch.chdir(tmp_path)
+    assert not is_path_like("runs/model")
+    (tmp_path / "runs").mkdir()
+    assert is_path_like("runs/model")  # `runs/` is here: the user means a local directory
+    with pytest.raises(EfftuneError, match="local directory runs/model does not exist"):
+        load_model("runs/model")
+
+
+def test_model_directories_missing_a_part_are_named(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(EfftuneError, match="holds no config.json: not a transformers model directory"):
+        load_model(str(tmp_path / "m"))
+    (tmp_path / "m" / "adapter_config.json").write_text("{}")
+    with pytest.raises(EfftuneError, match="holds no config.json: an adapter directory \\(pass it with --adapter\\)"):
+        load_model(str(tmp_path / "m"))
+    tiny_llama().save_pretrained(tmp_path / "m")
+    with pytest.raises(EfftuneError, match="holds no tokenizer"):
+        load_model(str(tmp_path / "m"))
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04 not gguf")
+    with pytest.raises(EfftuneError, match="x.gguf is not a GGUF file"):
+        load_model(str(tmp_path / "x.gguf"))
+
+
+def test_devices_this_machine_lacks_are_refused():
+    from efftune.models import check_device
+    check_device("cpu")
+    check_device("auto")
+    with pytest.raises(EfftuneError, match="unknown device 'gpu'"):
+        check_device("gpu")
+    with pytest.raises(EfftuneError, match="'cuda:99' asked for"):
+        check_device("cuda:99")

@@ -233,9 +233,9 @@ def merge_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[
 
 def merge_notes(model: nn.Module, adapters: Sequence[str], labels: Sequence[str] | None = None,
                 method: str = "linear", r: int | None = None) -> list[str]:
-    """One line each on what `merge_adapters` does with inputs that differ (nothing when they
-    agree): modules some adapters lack, ranks that differ, and a linear merge that a rank below
-    the sum of the input ranks makes approximate. `labels` name the adapters in the lines (e.g.
+    """One line each on what `merge_adapters` will do that the user may not expect: modules some
+    adapters lack, ranks that differ, and a linear merge made approximate by a rank below the sum
+    of the input ranks (nothing for one adapter). `labels` name the adapters in the lines (e.g.
     their directories; default: the adapter names)."""
     labels = list(labels or adapters)
     covers = {n: {} for n in adapters}  # adapter -> {module path: rank}
@@ -253,16 +253,17 @@ def merge_notes(model: nn.Module, adapters: Sequence[str], labels: Sequence[str]
                      "update there counts as zero")
     ranks = sorted({rank for c in covers.values() for rank in c.values()})
     if len(ranks) > 1:
-        notes.append(f"merge: input ranks differ ({', '.join(map(str, ranks))}); the merged adapter has rank "
-                     f"{r if r else 'the largest input rank of each module'}")
+        notes.append(f"merge: input ranks differ ({', '.join(map(str, ranks))}); the merged adapter has rank {r}"
+                     if r else f"merge: input ranks differ ({', '.join(map(str, ranks))}); the merged adapter has, "
+                     "per module, the largest input rank there (--rank sets one for all)")
     if method == "linear":
         short = [p for p in every if (r or max(c[p] for c in covers.values() if p in c))
                  < sum(c[p] for c in covers.values() if p in c)]
         if short:
             need = max(sum(c[p] for c in covers.values() if p in c) for p in every)
-            notes.append(f"merge: rank {r or 'max'} is below the sum of the input ranks on {len(short)} module(s), "
-                         f"so there the merge is the best low-rank approximation (SVD) of the weighted sum; "
-                         f"--rank {need} keeps it exact")
+            notes.append(f"merge: {f'rank {r}' if r else 'that rank'} is below the sum of the input ranks on "
+                         f"{len(short)} module(s), so there the merge is the best low-rank approximation (SVD) of "
+                         f"the weighted sum; --rank {need} keeps it exact")
     return notes
 
 

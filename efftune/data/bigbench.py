@@ -6,6 +6,7 @@ for, so the cache holds a few MB instead of the 1.7 GB the whole benchmark unpac
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tarfile
@@ -114,7 +115,9 @@ def _resolve(name: str, index: dict[str, TaskInfo]) -> list[str]:
     subtasks = sorted(n for n in index if n.startswith(name + "/"))
     if subtasks:
         return subtasks
-    close = sorted(n for n in index if "/" not in n and (name in n or n in name))[:8]
+    tops = [n for n in index if "/" not in n]
+    # names holding the given one (or held in it), then near spellings (a typo: "intent_recogniton")
+    close = sorted(n for n in tops if name in n or n in name)[:8] or difflib.get_close_matches(name, tops, n=5)
     hint = f" (similar: {', '.join(close)})" if close else " (run `efftune tasks` for the list)"
     raise DataError(f"task: no BIG-bench task named {name!r}{hint}")
 

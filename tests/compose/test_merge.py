@@ -231,3 +231,27 @@ def test_export_without_active_adapter_is_refused(tmp_path):
     set_active_adapters(m, None)
     with pytest.raises(EfftuneError, match="no adapter is active"):
         export_merged(m, None, tmp_path / "x")
+
+
+def test_merge_notes_say_what_happens_to_differing_adapters():
+    from efftune.compose.merge import merge_notes
+    m = two_adapters()  # a: r=4 on all 14 linears; b: r=2 on the 4 q/v projections
+    notes = merge_notes(m, ["a", "b"], ["dirA", "dirB"])
+    assert notes == [
+        "merge: the adapters adapt different modules (dirB lacks 10 of 14 (e.g. model.layers.0.mlp.down_proj)); "
+        "where one lacks a module its update there counts as zero",
+        "merge: input ranks differ (2, 4); the merged adapter has, per module, the largest input rank there "
+        "(--rank sets one for all)",
+        # on q/v the default rank 4 < 4 + 2: an SVD; --rank 6 would concatenate exactly
+        "merge: that rank is below the sum of the input ranks on 4 module(s), so there the merge is the best "
+        "low-rank approximation (SVD) of the weighted sum; --rank 6 keeps it exact"]
+    assert merge_notes(m, ["a", "b"], ["dirA", "dirB"], r=6) == notes[:1] + [
+        "merge: input ranks differ (2, 4); the merged adapter has rank 6"]
+    assert merge_notes(m, ["a"]) == []  # one adapter: nothing to say
+
+
+def test_merge_rank_above_a_layer_is_refused_before_anything_changes():
+    m = two_adapters()
+    with pytest.raises(EfftuneError, match=r"r=17 is larger than model.layers.0.self_attn.k_proj's smaller side"):
+        merge_adapters(m, ["a", "b"], [1.0, 1.0], r=17)
+    assert "merged" not in {n for _, layer in lora_layers(m) for n in layer.adapters}

@@ -1,3 +1,5 @@
+import pytest
+
 from efftune.data import IGNORE, Completion, Formatter, MultipleChoice, pack
 
 
@@ -30,3 +32,24 @@ def test_pack_respects_row_length_and_uses_every_sequence():
     assert sorted(i for r in rows for i in r) == list(range(6))
     assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
     assert len(rows) == 3
+
+
+def test_cut_rows_say_how_many_tokens_they_lost(tokenizer):
+    from efftune.data.tokenize import truncation_note
+    f = Formatter(tokenizer, max_length=12)
+    long = Completion("The quick brown fox jumps over the lazy dog. " * 3, "yes")
+    short = Completion("Q: hi", "yes")
+    full = f.encode_pair(long.prompt, long.completion)
+    cut, kept = f.encode(long), f.encode(short)
+    assert cut.dropped == len(full[0]) + len(full[1]) + 1 - 12  # + 1: the EOS token
+    assert kept.dropped == 0 and truncation_note([kept], 12) is None
+    note = truncation_note([cut, kept], 12)
+    assert note.startswith(f"data: 1 of 2 training examples are longer than max_length 12 tokens and were cut "
+                           f"({cut.dropped:,} tokens dropped")
+
+
+def test_chat_template_without_one_is_refused():
+    from efftune.errors import ConfigError
+    from tests.conftest import make_tokenizer
+    with pytest.raises(ConfigError, match="no chat template"):
+        Formatter(make_tokenizer(), chat_template=True)
