@@ -29,6 +29,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from efftune.cli import main
 from efftune.io import save_adapter
+from efftune.methods import get_method
+from efftune.methods.ia3 import IA3Config
 from efftune.methods.lora import LoraConfig, add_lora
 from tests.conftest import make_tokenizer, randomize_lora, tiny_llama
 from tests.data.test_bigbench import fake_bigbench  # noqa: F401  (fixture: a small fake BIG-bench sdist)
@@ -76,6 +78,10 @@ def shared(tmp_path_factory):
                                         num_attention_heads=4, num_key_value_heads=2))
     add_lora(wide, LoraConfig(r=4, alpha=8))
     save_adapter(wide, root / "adapter_wide", LoraConfig(r=4, alpha=8))  # made for another base model
+    ia3 = get_method("ia3")
+    m = tiny_llama()
+    ia3.attach(m, IA3Config(), None)
+    ia3.save(m, root / "adapter_ia3", IA3Config(), {})
     (root / "train.jsonl").write_text(GOOD)
     run = root / "run"
     code = main(["train", "--model", str(model_dir), "--data", str(root / "train.jsonl"), "--steps", "2",
@@ -129,6 +135,12 @@ def resume_args(c: Ctx, run: Path) -> list[str]:
 def truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
+
+
+def torn(path: Path) -> Path:
+    """`path`'s directory, with `path` cut in half (as a crash mid-write leaves a file)."""
+    truncate(path)
+    return path.parent
 
 
 def with_config(c: Ctx, name: str, change: Callable[[dict], None]) -> Path:
@@ -229,6 +241,8 @@ ROWS = [
                                               "~/no-such-efftune-model")),
     row("model-nested-path-missing", lambda c: (["generate", "--model", "runs/x/no-such-model", "hi"],
                                                 "runs/x/no-such-model")),
+    pytest.param(lambda c: (c.train("--device", "cuda"), "'cuda'"), id="device-cuda-without-a-gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     row("device-cuda-99", lambda c: (c.train("--device", "cuda:99"), "cuda:99")),
     row("device-unknown", lambda c: (c.train("--device", "gpu"), "'gpu'")),
     row("dtype-unknown", lambda c: (c.train("--dtype", "fp8"), ("dtype", "'fp8'"))),
@@ -304,6 +318,9 @@ ROWS = [
                                                            lora_alpha="big")))], "lora_alpha")),
     row("adapter-for-another-model", lambda c: (["eval", "--model", c.model, "--data", c.data, "--adapter",
                                                  str(c.copy("adapter_wide"))], ("lora_A.weight", "(4, 48)"))),
+    row("adapter-ia3-torn", lambda c: (["eval", "--model", c.model, "--data", c.data, "--adapter",
+                                        str(torn(c.copy("adapter_ia3") / "adapter_model.safetensors"))],
+                                       "adapter_ia3/adapter_model.safetensors")),
     row("adapter-key-not-lora", lambda c: (["eval", "--model", c.model, "--data", c.data, "--adapter",
                                             str(broken_adapter(c, "extra_key"))], "up_proj.weight")),
     row("generate-max-new-tokens-zero", lambda c: (["generate", "--model", c.model, "--max-new-tokens", "0", "hi"],
@@ -341,6 +358,12 @@ ROWS = [
     row("build-task-file-bad-row", lambda c: (["hub", "build", "--model", c.model, "--tasks",
                                                c.file("t.jsonl", '{"prompt": 1, "completion": "x"}\n'),
                                                "--output", c.out("lib")], ("t.jsonl:1", "'prompt'"))),
+    row("build-rank-above-the-layer", lambda c: (["hub", "build", "--model", c.model, "--tasks", c.data, "--rank",
+                                                  "1000", "--output", c.out("lib")], ("r=1000", "k_proj"))),
+    row("build-target-regex", lambda c: (["hub", "build", "--model", c.model, "--tasks", c.data, "--target-modules",
+                                          "q_proj(", "--output", c.out("lib")], "'q_proj('")),
+    row("build-model-missing", lambda c: (["hub", "build", "--model", "./no-such-model", "--tasks", c.data,
+                                           "--output", c.out("lib")], "./no-such-model")),
     row("build-rank-zero", lambda c: (["hub", "build", "--model", c.model, "--tasks", c.data, "--rank", "0",
                                        "--output", c.out("lib")], "lora.r")),
     row("tasks-kind-unknown", lambda c: (["tasks", "--kind", "essay"], ("--kind", "'essay'"))),

@@ -38,15 +38,15 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import Encoded, Example, Formatter, MultipleChoice, load_jsonl, load_task, split_examples
-from ..data.tokenize import truncation_note
 from ..data.layout import collate, training_rows
-from ..data.tokenize import IGNORE
+from ..data.tokenize import IGNORE, truncation_note
 from ..errors import CheckpointError, ConfigError, DataError, EfftuneError, TrainingDiverged
 from ..eval.logprobs import target_logprobs
 from ..eval.multiple_choice import multiple_choice_accuracy, score_rows
 from ..io import (CONFIG_FILE, WEIGHTS_FILE, base_model_name, read_adapter_config, save_adapter,
                   write_text_atomically)
-from ..methods.lora import (LoraConfig, add_lora, delete_adapter, lora_layers, mixed_adapter_batch,
+from ..methods.attach import find_targets
+from ..methods.lora import (LoraConfig, add_lora, check_ranks, delete_adapter, lora_layers, mixed_adapter_batch,
                             set_active_adapters, set_trainable_adapters)
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..train.loop import (TrainConfig, TrainHooks, autocast_for, clip_grad_norm, enable_activation_checkpointing,
@@ -380,7 +380,6 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     if output_dir.exists() and not output_dir.is_dir():
         raise EfftuneError(f"hub build: --output {output_dir} is a file, not a directory; name a directory "
                            "for the library")
-    output_dir.mkdir(parents=True, exist_ok=True)
     want = recipe(lora_cfg, train_cfg)
     pending, skipped = [], []
     for spec in specs:
@@ -414,6 +413,10 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     if previous and skipped and previous != build["base_model"]:
         raise ConfigError(f"hub build: {output_dir} holds modules of base model {previous!r}, not "
                           f"{build['base_model']!r}; use another --output")
+    # what the model cannot take (a rank above a target's smaller side) fails before the first write
+    check_ranks(model, find_targets(model, lora_cfg.target_modules) if lora_cfg.target_modules else [], lora_cfg.r,
+                {})
+    output_dir.mkdir(parents=True, exist_ok=True)
     write_index(output_dir, build)
     with _model_state_kept(model):
         built = _build_pending(model, tokenizer, pending, output_dir, build, want, lora_cfg, train_cfg,

@@ -7,6 +7,7 @@ the model stays the user's transformers model throughout.
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -45,6 +46,13 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ConfigError(f"lora.init must be one of {INITS}, got {self.init!r}")
+        for key in ("target_modules", "embeddings"):  # a string is a regex: refuse one that cannot match
+            pattern = getattr(self, key)
+            if isinstance(pattern, str) and pattern != "all-linear":
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"lora.{key}: {pattern!r} is not a valid regex ({exc})") from None
 
     def scaling(self, r: int | None = None, alpha: float | None = None) -> float:
         r, alpha = r or self.r, self.alpha if alpha is None else alpha
