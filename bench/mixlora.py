@@ -95,7 +95,8 @@ def run_efftune(shape: str, case: str, steps: int, warmup: int, seq: int, batch:
         add_mixlora(model, MixLoraConfig(num_experts=E, top_k=K, r=R, alpha=ALPHA, attn_r=R, attn_alpha=ALPHA,
                                          aux_loss_coef=AUX, dropout=DROPOUT, dense=case.endswith("-dense")))
     if case.endswith("-ckpt"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from efftune.train.loop import enable_activation_checkpointing  # 5.24+ renamed the switch
+        enable_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), device=device,

@@ -127,7 +127,8 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
     if case.endswith("-ckpt"):  # what TrainConfig(activation_checkpointing=True) switches on
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from efftune.train.loop import enable_activation_checkpointing  # 5.24+ renamed the switch
+        enable_activation_checkpointing(model)
     if "-compile" in case:
         from efftune.train.compile import compile_blocks
         compile_blocks(model, cuda_graphs=case.endswith("-cg"), autotune=AUTOTUNE)
