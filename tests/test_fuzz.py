@@ -189,24 +189,35 @@ def test_config_loader_on_random_configs(scratch, values):
 
 # ---- the adapter loaders ------------------------------------------------------------------------------
 
-METHODS = {"lora": {}, "ia3": {}, "bottleneck": {"bottleneck_size": 8}, "prompt-tuning": {"num_virtual_tokens": 3},
-           "prefix-tuning": {"num_virtual_tokens": 3}, "bitfit": {"add_biases": True}}
+DENSE = {"lora": {}, "ia3": {}, "bottleneck": {"bottleneck_size": 8}, "prompt-tuning": {"num_virtual_tokens": 3},
+         "prefix-tuning": {"num_virtual_tokens": 3}, "bitfit": {"add_biases": True},
+         "mixlora": {"num_experts": 2, "top_k": 1, "r": 2}}
+MOE = {"expert-lora": {"r": 2}, "esft": {}}  # these adapt the experts of an MoE model
 
 
 class Saved(dict):
+    """method -> (config file name, weights file name, config, tensors) of its saved result, and
+    the base `model` they were made on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
     def __repr__(self) -> str:  # hypothesis prints a failing example's arguments: not every tensor
         return f"<saved adapters of {', '.join(self)}>"
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> dict[str, tuple[str, dict, dict]]:
-    """Each method's saved result on the tiny model: method -> (weights file name, config, tensors)."""
-    root, tokenizer, out = tmp_path_factory.mktemp("saved"), make_tokenizer(), Saved()
-    for name, options in METHODS.items():
+def save_each(root: Path, make_model, methods: dict) -> Saved:
+    tokenizer, out = make_tokenizer(), Saved(make_model())
+    for name, options in methods.items():
         method = get_method(name)
         cfg = dataclasses.replace(getattr(RunConfig(), method.config_key), **options)
-        model = tiny_llama()
-        method.attach(model, cfg, tokenizer)
+        model = make_model()
+        if name == "esft":  # full experts, chosen by hand (selecting them needs data)
+            from efftune.methods.esft import add_esft_full
+            add_esft_full(model, {"model.layers.0.mlp.experts": [1, 3], "model.layers.1.mlp.experts": [0]})
+        else:
+            method.attach(model, cfg, tokenizer)
         method.save(model, root / name, cfg, {})
         config_file = next((root / name).glob("*.json"))
         weights = next((root / name).glob("*.safetensors"))
@@ -214,17 +225,15 @@ def saved(tmp_path_factory) -> dict[str, tuple[str, dict, dict]]:
     return out
 
 
-class Model:
-    def __init__(self):
-        self.model = tiny_llama()
-
-    def __repr__(self) -> str:
-        return "<tiny llama>"
+@pytest.fixture(scope="module")
+def saved_dense(tmp_path_factory) -> Saved:
+    return save_each(tmp_path_factory.mktemp("dense"), tiny_llama, DENSE)
 
 
 @pytest.fixture(scope="module")
-def base_model():
-    return Model()
+def saved_moe(tmp_path_factory) -> Saved:
+    from tests.moe.test_expert_lora import tiny_moe
+    return save_each(tmp_path_factory.mktemp("moe"), lambda: tiny_moe(dtype=torch.float32), MOE)
 
 
 SIZES = [0, 1, 2, 3, 4, 8, 16, 32, 64, 300]
@@ -276,9 +285,11 @@ def broken_adapter(draw, saved):
     return method, config_name, config, weights_name, weights
 
 
+@pytest.mark.parametrize("family", ["dense", "moe"])
 @FUZZ
-@given(st.data())
-def test_adapter_loaders_on_broken_adapters(scratch, saved, base_model, data):
+@given(data=st.data())
+def test_adapter_loaders_on_broken_adapters(scratch, request, family, data):
+    saved = request.getfixturevalue(f"saved_{family}")
     method, config_name, config, weights_name, weights = data.draw(broken_adapter(saved))
     d = scratch / "adapter"
     d.mkdir(exist_ok=True)
@@ -297,13 +308,13 @@ def test_adapter_loaders_on_broken_adapters(scratch, saved, base_model, data):
         read_adapter_dir(d, config_name, weights_name)
     except EfftuneError as exc:
         one_line(exc)
-    model = copy.deepcopy(base_model.model)
+    model = copy.deepcopy(saved.model)
     try:
         detect_method(d).load(model, d)
     except EfftuneError as exc:
         one_line(exc)
     if method == "lora":  # the LoRA loader is all or nothing: a refused adapter attaches nothing
-        model = copy.deepcopy(base_model.model)
+        model = copy.deepcopy(saved.model)
         try:
             cfg = load_adapter(model, d)
         except EfftuneError as exc:

@@ -263,7 +263,7 @@ def load_esft(model: nn.Module, directory: str | os.PathLike):
     try:
         chosen = {str(p): [int(i) for i in ids] for p, ids in cfg["experts"].items()}
         add_esft_full(model, chosen)
-    except (KeyError, TypeError, AttributeError, EfftuneError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, EfftuneError) as exc:
         raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad experts field ({exc})") from None
     expected = {f"{p}.{n}": getattr(l, n) for p, l in wrappers(model, EsftExperts) for n in ("gate_up_proj", "down_proj")}
     problem = first_mismatch(tensors, expected)

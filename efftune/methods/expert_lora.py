@@ -27,7 +27,8 @@ from torch import nn
 
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import (base_model_name, checked_field, config_from, first_mismatch, read_adapter_dir,
+                  write_adapter_dir)
 from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
 from ..moe.router_tap import add_router_taps
 from .attach import freeze_base, master_dtype, replace_module, wrappers
@@ -240,12 +241,11 @@ def load_expert_lora(model: nn.Module, directory: str | os.PathLike) -> ExpertLo
     checked against the model and the first misfit named (file and key)."""
     directory = Path(directory)
     cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "expert-lora"))
-    try:
-        config = ExpertLoraConfig(r=cfg["r"], alpha=cfg["alpha"], targets=cfg["targets"],
-                                  target_modules=cfg["target_modules"], use_rslora=bool(cfg["use_rslora"]))
-        experts_of = dict(cfg["experts"])
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad or missing field {exc}") from None
+    where = directory / CONFIG_FILE
+    config = config_from(ExpertLoraConfig, cfg, ("r", "alpha", "targets", "target_modules", "use_rslora"), where)
+    experts_of = checked_field(cfg, "experts", lambda v: isinstance(v, dict) and all(
+        isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        for ids in v.values()), "an object of expert index lists", where)
     known = {p for p, _ in experts_modules(model)}
     unknown = [p for p in experts_of if p not in known]
     if unknown:

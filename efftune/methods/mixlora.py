@@ -52,7 +52,8 @@ from torch import nn
 
 from ..checks import non_negative_numbers, positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from ..io import base_model_name, first_mismatch, read_adapter_dir, save_adapter, write_adapter_dir
+from ..io import (base_model_name, config_from, first_mismatch, read_adapter_dir, save_adapter,
+                  write_adapter_dir)
 from ..moe.routing import Router, RouterConfig, Routing
 from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 from .lora import LoraAdapter, LoraConfig, LoraLayer, add_lora, delete_adapter, lora_layers
@@ -344,10 +345,8 @@ def load_mixlora(model: nn.Module, directory: str | os.PathLike) -> MixLoraConfi
     if cfg.get("format_version") != FORMAT_VERSION:
         raise AdapterError(f"adapter: {directory / CONFIG_FILE} has format_version "
                            f"{cfg.get('format_version')!r}; this efftune reads {FORMAT_VERSION}")
-    try:
-        config = MixLoraConfig(**{f.name: cfg[f.name] for f in fields(MixLoraConfig) if f.name in cfg})
-    except (ConfigError, TypeError) as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad field ({exc})") from None
+    config = config_from(MixLoraConfig, cfg, [f.name for f in fields(MixLoraConfig) if f.name in cfg],
+                         directory / CONFIG_FILE)
     add_mixlora(model, config)
     expected = mixlora_state_dict(model)
     problem = first_mismatch(tensors, expected)
