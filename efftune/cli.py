@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     except EfftuneError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"efftune: error: {exc}", file=sys.stderr)
+        # one line, whatever a message quoted (a library's several-line text, a path with a newline)
+        print(f"efftune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143): the run said what it kept
         if args.debug:
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path that cannot be read or written: permissions, a read-only disk, ...
         if args.debug:
             traceback.print_exc()
-        print(f"efftune: error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"efftune: error: {' '.join(describe_os_error(exc).split())}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:
