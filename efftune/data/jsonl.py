@@ -55,14 +55,13 @@ def _row(obj, where: str) -> Example:
 
 def _decode(raw: bytes, where: str, offset: int, first: bool) -> str:
     """One line's bytes as text; a byte that is not UTF-8 is named with its offset in the file."""
-    if first and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
-        raw, offset = raw[3:], offset + 3
+    skip = 3 if first and raw.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark, as some editors write
     try:
-        return raw.decode("utf-8")
+        return raw[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        bad = raw[exc.start]
-        raise DataError(f"{where}: byte 0x{bad:02x} at byte offset {offset + exc.start} of the file (column "
-                        f"{exc.start + 1}) is not UTF-8; save the file as UTF-8") from None
+        at = skip + exc.start
+        raise DataError(f"{where}: byte 0x{raw[at]:02x} at offset {offset + at} of the file (byte {at + 1} of the "
+                        "line) is not UTF-8; save the file as UTF-8") from None
 
 
 def load_jsonl(path: str | Path) -> list[Example]:

@@ -42,3 +42,31 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(DataError, match="holds no rows"):
         load_jsonl(tmp_path / "e.jsonl")
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_line_and_offset(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: byte 0xe9 at offset 50 of the file \(byte 16 of the line\) "
+                                        r"is not UTF-8"):
+        load_jsonl(p)
+
+
+def test_a_byte_order_mark_is_read_and_a_directory_is_named(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n')
+    assert load_jsonl(p) == [Completion("a", "b")]
+    with pytest.raises(DataError, match="is a directory; pass a JSONL file"):
+        load_jsonl(tmp_path)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "x", "completion": ""}, "field 'completion' is empty"),
+    ({"text": ""}, "field 'text' is empty"),
+    ({"input": "x", "choices": ["a", ""], "answer": 0}, "field 'choices' holds an empty string \\(choice 1\\)"),
+    ("[" * 100_000, "JSON nested too deeply"),
+])
+def test_rows_that_would_train_or_score_nothing(tmp_path, row, message):
+    p = write(tmp_path, [row])
+    with pytest.raises(DataError, match=f"d.jsonl:1: {message}"):
+        load_jsonl(p)
