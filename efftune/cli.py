@@ -23,7 +23,7 @@ TRAIN_FLAGS = {
     "task": (None, "task", str, "BIG-bench task name(s), comma-separated"),
     "data": (None, "data", str, "JSONL training data instead of BIG-bench"),
     "eval-data": (None, "eval_data", str, "JSONL evaluation data (default: a held-out split)"),
-    "eval-size": (None, "eval_size", int, "held-out examples per task"),
+    "eval-size": (None, "eval_size", int, "held-out examples per task (default 200, at most half a task)"),
     "method": (None, "method", str, "fine-tuning method: lora | lora-fa | relora | ia3 | bitfit | bottleneck | prompt-tuning | prefix-tuning | expert-lora | esft | mixlora"),
     "output": (None, "output", str, "run directory"),
     "chat-template": (None, "chat_template", bool, "wrap prompts in the tokenizer's chat template"),
