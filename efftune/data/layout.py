@@ -72,7 +72,8 @@ class Batch:
     """Tensors for one forward pass over rows. When every row is one sequence counted from position
     0, `mask` and `position_ids` are None: the model's own causal mask and positions are exact (a
     padded tail is never attended by real tokens), and the forward skips transformers' mask
-    preparation (`efftune.eval.causal`)."""
+    preparation (`efftune.eval.causal`). `real` (B, L) bool marks the rows' own tokens (False: padding),
+    for what counts tokens, such as an MoE balance loss."""
     input_ids: torch.Tensor
     position_ids: torch.Tensor | None
     mask: torch.Tensor | None
@@ -80,11 +81,12 @@ class Batch:
     sources: torch.Tensor
     targets: torch.Tensor
     tags: list
+    real: torch.Tensor
 
     def to(self, device) -> "Batch":
         move = lambda t: t.to(device) if t is not None else None
         return Batch(move(self.input_ids), move(self.position_ids), move(self.mask), move(self.rows),
-                     move(self.sources), move(self.targets), self.tags)
+                     move(self.sources), move(self.targets), self.tags, move(self.real))
 
     @property
     def tokens(self) -> int:
@@ -104,6 +106,7 @@ def collate(rows: Sequence[Row], pad_id: int, attention: str = "sdpa", length: i
         L = length
     n = len(rows)
     ids = torch.full((n, L), pad_id, dtype=torch.long)
+    real = torch.zeros((n, L), dtype=torch.bool)
     pos = torch.zeros((n, L), dtype=torch.long)
     seg = torch.zeros((n, L), dtype=torch.long)
     S = max(len(r.parents) for r in rows) + 1  # one extra segment for the padding
@@ -112,6 +115,7 @@ def collate(rows: Sequence[Row], pad_id: int, attention: str = "sdpa", length: i
     for i, r in enumerate(rows):
         k = len(r)
         ids[i, :k] = torch.tensor(r.ids)
+        real[i, :k] = True
         pos[i, :k] = torch.tensor(r.pos)
         pos[i, k:] = torch.arange(L - k)
         seg[i, :k] = torch.tensor(r.seg)
@@ -141,7 +145,7 @@ def collate(rows: Sequence[Row], pad_id: int, attention: str = "sdpa", length: i
     return Batch(ids, pos, mask, row_of,
                  torch.tensor([s for r in rows for s in r.sources], dtype=torch.long),
                  torch.tensor([t for r in rows for t in r.targets], dtype=torch.long),
-                 [tag for r in rows for tag in r.tags])
+                 [tag for r in rows for tag in r.tags], real)
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:

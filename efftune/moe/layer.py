@@ -125,22 +125,33 @@ def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(getattr(m, "router", None), Router) and hasattr(m, "last_routing")]
 
 
-def collect_aux_losses(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float]]:
+def _routings(model: nn.Module, real: torch.Tensor | None) -> list[tuple[nn.Module, Routing]]:
+    """Each routed layer with its last routing, counted over the real tokens when `real` is given."""
+    layers = [m for _, m in moe_layers(model) if m.last_routing is not None]
+    if real is None:
+        return [(m, m.last_routing) for m in layers]
+    return [(m, m.last_routing.over(real.reshape(-1))) for m in layers]
+
+
+def collect_aux_losses(model: nn.Module, real: torch.Tensor | None = None) -> tuple[torch.Tensor | None, dict[str, float]]:
     """After a forward pass: the sum of every routed layer's auxiliary loss (None without MoE layers),
     and the parts to log: load-balancing loss, z-loss, dropped-token fraction and router entropy
-    (nats, mean over tokens), averaged over layers."""
-    layers = [m for _, m in moe_layers(model) if m.last_routing is not None]
-    if not layers:
+    (nats, mean over tokens), averaged over layers. `real` (B, L) bool, the batch's real tokens: the
+    losses and statistics count those only (padding neither pulls the balance nor shows in the log);
+    None: every token the layers saw."""
+    routed = _routings(model, real)
+    if not routed:
         return None, {}
-    total = sum(m.aux_loss for m in layers)
-    n = len(layers)
-    stats = {"load_balancing_loss": sum(float(m.last_routing.load_balancing_loss.detach()) for m in layers) / n,
-             "z_loss": sum(float(m.last_routing.z_loss.detach()) for m in layers) / n,
-             "dropped_fraction": sum(float(m.last_routing.dropped_fraction) for m in layers) / n,
-             "router_entropy": sum(float(m.last_routing.router_entropy) for m in layers) / n}
+    total = sum(m.aux_loss for m, _ in routed) if real is None else sum(r.aux_loss for _, r in routed)
+    n = len(routed)
+    stats = {"load_balancing_loss": sum(float(r.load_balancing_loss.detach()) for _, r in routed) / n,
+             "z_loss": sum(float(r.z_loss.detach()) for _, r in routed) / n,
+             "dropped_fraction": sum(float(r.dropped_fraction) for _, r in routed) / n,
+             "router_entropy": sum(float(r.router_entropy) for _, r in routed) / n}
     return total, stats
 
 
-def expert_loads(model: nn.Module) -> list[list[float]]:
-    """Tokens each expert took in the last forward pass, one row per SparseMoE layer (model order)."""
-    return [m.last_routing.expert_load.float().tolist() for _, m in moe_layers(model) if m.last_routing is not None]
+def expert_loads(model: nn.Module, real: torch.Tensor | None = None) -> list[list[float]]:
+    """Tokens each expert took in the last forward pass, one row per SparseMoE layer (model order);
+    of the real tokens only when `real` (B, L) is given."""
+    return [r.expert_load.float().tolist() for _, r in _routings(model, real)]

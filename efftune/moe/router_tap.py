@@ -105,11 +105,14 @@ def hf_router_aux_loss(model: nn.Module, attention_mask: torch.Tensor | None = N
     return coef * load_balancing_loss(logits, int(config.num_experts_per_tok), attention_mask)
 
 
-def hf_router_aux(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float], list[list[float]]]:
+def hf_router_aux(model: nn.Module, real: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor | None, dict[str, float], list[list[float]]]:
     """For the training loop, after a forward: (the model's own load-balancing loss or None, the
     stats to log, tokens per expert per tapped layer) — the same shape of answer as efftune's
-    routed layers give (`efftune.moe.layer.collect_aux_losses`, `expert_loads`)."""
-    aux = hf_router_aux_loss(model)
+    routed layers give (`efftune.moe.layer.collect_aux_losses`, `expert_loads`). `real` (B, L) bool,
+    the batch's real tokens: the loss, the router entropy and the loads count those only (padding
+    is routed too, but must not pull the balance); None: every token."""
+    aux = hf_router_aux_loss(model, real)
     if aux is None:
         return None, {}, []
     top_k = int(model.config.num_experts_per_tok)
@@ -119,8 +122,12 @@ def hf_router_aux(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, floa
             if tap.last_logits is None:
                 continue
             probs = tap.last_logits.float().softmax(-1)
+            w = torch.ones(probs.shape[0], device=probs.device) if real is None else \
+                real.reshape(-1).to(probs.device, torch.float32)
             picked = probs.topk(top_k, dim=-1).indices.reshape(-1)
-            loads.append(torch.bincount(picked, minlength=probs.shape[-1]).float().tolist())
-            entropy.append(float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()))
+            loads.append(torch.bincount(picked, weights=w.repeat_interleave(top_k),
+                                        minlength=probs.shape[-1]).tolist())
+            token_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+            entropy.append(float((token_entropy * w).sum() / w.sum().clamp_min(1)))
     stats = {"load_balancing_loss": float(aux.detach()), "router_entropy": sum(entropy) / max(len(entropy), 1)}
     return aux, stats, loads

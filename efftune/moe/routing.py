@@ -51,42 +51,91 @@ class Routing:
     """One routing decision for `T` tokens, `E` experts and `k` slots per token.
 
     expert_index (T, k) long; weight (T, k) float, 0 where not kept; kept (T, k) bool;
-    probs, logits (T, E) float32 (or float64); losses and statistics are 0-d tensors except
-    expert_load (E,): tokens each expert processes after capacity.
+    probs, logits (T, E) float32 (or float64); assigned (T, E) bool: the experts each token chose
+    before capacity; losses and statistics are 0-d tensors except expert_load (E,): tokens each
+    expert processes after capacity. The coefficients are the router's, for `over`.
     """
     expert_index: torch.Tensor
     weight: torch.Tensor
     kept: torch.Tensor
     probs: torch.Tensor
     logits: torch.Tensor
+    assigned: torch.Tensor
     load_balancing_loss: torch.Tensor
     z_loss: torch.Tensor
     expert_load: torch.Tensor
     dropped_fraction: torch.Tensor
     router_entropy: torch.Tensor
+    aux_loss_coef: float
+    z_loss_coef: float
 
     @property
     def aux_loss(self) -> torch.Tensor:
         """What a training loop adds to its loss: load balancing + z-loss (coefficients applied)."""
         return self.load_balancing_loss + self.z_loss
 
+    def over(self, real: torch.Tensor) -> "Routing":
+        """The same decision with its losses and statistics counted over the tokens where `real`
+        (T,) is true only: a padded batch's padding tokens are routed too (the layer sees them), but
+        they must neither pull the balance loss nor show in the loads. Gradients flow as in the
+        original (through probs and logits). The decision itself is unchanged: in Switch and expert
+        choice mode padding still takes capacity (the layer would need the mask in its forward)."""
+        if real.shape != self.probs.shape[:1]:
+            raise ValueError(f"Routing.over: a mask of {tuple(real.shape)} for {self.probs.shape[0]} tokens")
+        real = real.to(self.probs.device, torch.bool)
+        return Routing(self.expert_index, self.weight, self.kept, self.probs, self.logits, self.assigned,
+                       **_summary(self.probs, self.logits, self.assigned, self.expert_index, self.kept,
+                                  self.aux_loss_coef, self.z_loss_coef, real),
+                       aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef)
 
-def load_balancing_loss(probs: torch.Tensor, assigned: torch.Tensor, coef: float) -> torch.Tensor:
+
+def _mean(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 0 (tokens), of the real tokens only when `real` (T,) bool is given."""
+    if real is None:
+        return x.mean(0)
+    w = real.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return (x * w).sum(0) / w.sum().clamp_min(1)
+
+
+def load_balancing_loss(probs: torch.Tensor, assigned: torch.Tensor, coef: float,
+                        real: torch.Tensor | None = None) -> torch.Tensor:
     """Switch's `α · E · Σ_i f_i · P_i`.
 
     probs (T, E): router probabilities; assigned (T, E) bool or 0/1: token t is routed to expert i
     (before capacity). f_i = share of all assignments going to i, P_i = mean probability of i.
+    `real` (T,) bool: count these tokens only (padding left out); None: all.
     Gradient flows through P only (f comes from a discrete choice). Equals α when P is uniform.
     """
     num_experts = probs.shape[-1]
-    counts = assigned.to(probs.dtype).sum(0)
+    assigned = assigned.to(probs.dtype)
+    if real is not None:
+        assigned = assigned * real.to(probs.dtype)[:, None]
+    counts = assigned.sum(0)
     f = counts / counts.sum().clamp_min(1)
-    return coef * num_experts * (f * probs.mean(0)).sum()
+    return coef * num_experts * (f * _mean(probs, real)).sum()
 
 
-def z_loss(logits: torch.Tensor, coef: float) -> torch.Tensor:
-    """ST-MoE router z-loss `c_z · mean_t (logsumexp_j logits[t, j])²`; keeps logits small. logits (T, E)."""
-    return coef * torch.logsumexp(logits, dim=-1).square().mean()
+def z_loss(logits: torch.Tensor, coef: float, real: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss `c_z · mean_t (logsumexp_j logits[t, j])²`; keeps logits small. logits (T, E);
+    `real` (T,) bool: the mean over these tokens only."""
+    return coef * _mean(torch.logsumexp(logits, dim=-1).square(), real)
+
+
+def _summary(probs: torch.Tensor, logits: torch.Tensor, assigned: torch.Tensor, expert_index: torch.Tensor,
+             kept: torch.Tensor, aux_loss_coef: float, z_loss_coef: float,
+             real: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A routing's losses and statistics, over the tokens where `real` is true (None: all)."""
+    with torch.no_grad():
+        num_experts = probs.shape[-1]
+        slots = torch.ones(kept.shape, device=probs.device) if real is None else \
+            real[:, None].expand(kept.shape).float()
+        expert_load = torch.zeros(num_experts, device=probs.device).index_add_(
+            0, expert_index[kept], slots[kept])
+        dropped = _mean((~kept.any(-1)).float(), real)
+        entropy = _mean(-(probs * probs.clamp_min(1e-30).log()).sum(-1), real)
+    return dict(load_balancing_loss=load_balancing_loss(probs, assigned, aux_loss_coef, real),
+                z_loss=z_loss(logits, z_loss_coef, real), expert_load=expert_load,
+                dropped_fraction=dropped, router_entropy=entropy)
 
 
 def capacity(num_tokens: int, num_experts: int, factor: float) -> int:
@@ -148,12 +197,7 @@ class Router(nn.Module):
                 kept = torch.ones_like(expert_index, dtype=torch.bool)
             weight = top_p * kept
 
-        with torch.no_grad():
-            expert_load = torch.zeros(num_experts, device=x.device).index_add_(
-                0, expert_index[kept], torch.ones(int(kept.sum()), device=x.device))
-            dropped = (~kept.any(-1)).float().mean()
-            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
         return Routing(expert_index=expert_index, weight=weight, kept=kept, probs=probs, logits=logits,
-                       load_balancing_loss=load_balancing_loss(probs, assigned, cfg.aux_loss_coef),
-                       z_loss=z_loss(logits, cfg.z_loss_coef), expert_load=expert_load,
-                       dropped_fraction=dropped, router_entropy=entropy)
+                       assigned=assigned, aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef,
+                       **_summary(probs, logits, assigned, expert_index, kept, cfg.aux_loss_coef,
+                                  cfg.z_loss_coef, None))

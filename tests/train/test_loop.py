@@ -240,12 +240,17 @@ def test_moe_aux_losses_are_added_and_logged(tokenizer, tmp_path, monkeypatch):
           pad_id=1)
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["load_balancing_loss"] > 0 and "z_loss" in r and "dropped_fraction" in r for r in rows)
+    # step 1 runs on upcycled routers, which start at zero: uniform probabilities make the Switch
+    # balance loss exactly α, the z-loss c_z · log(4)² and the entropy log(4)
+    assert rows[0]["load_balancing_loss"] == pytest.approx(1e-2, abs=1e-6)
+    assert rows[0]["z_loss"] == pytest.approx(round(1e-3 * math.log(4) ** 2, 6), abs=1e-9)
+    assert rows[0]["router_entropy"] == pytest.approx(math.log(4), abs=1e-6)
     assert all(0 < r["router_entropy"] <= math.log(4) + 1e-6 for r in rows)  # 4 experts
     load = json.loads((tmp_path / "a" / "routing.json").read_text())["expert_load"]
     assert len(load) == 2 and all(len(r) == 4 for r in load) and sum(map(sum, load)) > 0
     assert (tmp_path / "a" / "routing.png").stat().st_size > 1000
     real = loop.collect_aux_losses
-    monkeypatch.setattr(loop, "collect_aux_losses", lambda m: (real(m)[0] * 0, {}))  # same graph, no aux term
+    monkeypatch.setattr(loop, "collect_aux_losses", lambda m, mask=None: (real(m, mask)[0] * 0, {}))  # no aux term
     without = _moe_model()
     train(without, data(tokenizer), TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=1), tmp_path / "b",
           pad_id=1)
