@@ -30,6 +30,13 @@ def tokenizer():
     return make_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def peft():
+    """The peft package, for the tests that compare with it. peft is optional (`efftune[peft]`):
+    without it only the tests taking this fixture skip, not the modules they sit in."""
+    return pytest.importorskip("peft")
+
+
 def tiny_llama(vocab_size: int = 300, dtype=torch.float32, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,

@@ -9,7 +9,6 @@ from efftune.io import load_adapter, save_adapter
 from efftune.methods.lora import LoraConfig, add_lora, lora_layers
 from tests.conftest import randomize_lora, tiny_llama
 
-peft = pytest.importorskip("peft")
 IDS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
@@ -45,13 +44,13 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(logits(m2), logits(m), atol=0, rtol=0)
 
 
-def test_peft_loads_our_adapter(tmp_path):
+def test_peft_loads_our_adapter(tmp_path, peft):
     m, d = trained_adapter(tmp_path, LoraConfig(r=4, alpha=8, use_rslora=True))
     pm = peft.PeftModel.from_pretrained(tiny_llama(), str(d)).eval()
     torch.testing.assert_close(logits(pm), logits(m), atol=1e-5, rtol=0)
 
 
-def peft_adapter_with_patterns(directory):
+def peft_adapter_with_patterns(directory, peft):
     """A peft LoRA with per-module ranks and alphas and non-zero B, saved to `directory`."""
     pcfg = peft.LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
                            rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3})
@@ -65,8 +64,8 @@ def peft_adapter_with_patterns(directory):
     return pm
 
 
-def test_we_load_peft_adapter(tmp_path):
-    pm = peft_adapter_with_patterns(tmp_path / "p")
+def test_we_load_peft_adapter(tmp_path, peft):
+    pm = peft_adapter_with_patterns(tmp_path / "p", peft)
     expected = logits(pm)
     m = tiny_llama()
     load_adapter(m, tmp_path / "p")
@@ -75,8 +74,8 @@ def test_we_load_peft_adapter(tmp_path):
     assert ranks["model.layers.0.mlp.down_proj"] == 2 and ranks["model.layers.0.self_attn.q_proj"] == 6
 
 
-def test_mixed_ranks_survive_our_save_for_peft(tmp_path):
-    pm = peft_adapter_with_patterns(tmp_path / "p")
+def test_mixed_ranks_survive_our_save_for_peft(tmp_path, peft):
+    pm = peft_adapter_with_patterns(tmp_path / "p", peft)
     m = tiny_llama()
     cfg = load_adapter(m, tmp_path / "p")
     save_adapter(m, tmp_path / "ours", cfg)

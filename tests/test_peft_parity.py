@@ -1,15 +1,12 @@
 """Training parity with peft: same init, same data, same optimizer -> the same loss curve (fp32)."""
-import pytest
 import torch
 
 from efftune.eval.logprobs import labelled_logprobs
 from efftune.methods.lora import LoraConfig, add_lora, lora_layers
 from tests.conftest import tiny_llama
 
-peft = pytest.importorskip("peft")
 
-
-def test_loss_curve_matches_peft():
+def test_loss_curve_matches_peft(peft):
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (4, 24))
     labels = ids.clone()

@@ -206,10 +206,9 @@ def test_search_uses_the_preselection(tokenizer):
     assert len(res.weights) == 2
 
 
-def test_library_with_a_peft_module_and_peft_reads_the_result(tmp_path):
-    peft = pytest.importorskip("peft")
+def test_library_with_a_peft_module_and_peft_reads_the_result(tmp_path, peft):
     from tests.test_io import peft_adapter_with_patterns
-    pm = peft_adapter_with_patterns(tmp_path / "lib" / "p")  # ranks 6 and 2, alphas 12 and 3
+    pm = peft_adapter_with_patterns(tmp_path / "lib" / "p", peft)  # ranks 6 and 2, alphas 12 and 3
     with torch.no_grad():
         expected = pm(input_ids=IDS).logits
     ours = mixed_library()

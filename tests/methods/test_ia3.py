@@ -10,7 +10,6 @@ from efftune.methods.ia3 import (IA3Config, IA3Layer, add_ia3, ia3_layers, load_
                                  unload_ia3, unmerge_ia3)
 from tests.conftest import tiny_llama
 
-peft = pytest.importorskip("peft")
 IDS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
@@ -120,13 +119,13 @@ def test_save_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("cfg", [None, IA3Config(target_modules=r"model\.layers\.1\.(self_attn\.v_proj|mlp\.down_proj)",
                                                  feedforward_modules=r".*down_proj")])
-def test_peft_loads_our_adapter(tmp_path, cfg):
+def test_peft_loads_our_adapter(tmp_path, cfg, peft):
     m, d = trained(tmp_path, cfg)
     pm = peft.PeftModel.from_pretrained(tiny_llama(), str(d)).eval()
     torch.testing.assert_close(logits(pm), logits(m), atol=1e-5, rtol=0)
 
 
-def test_we_load_peft_adapter(tmp_path):
+def test_we_load_peft_adapter(tmp_path, peft):
     pcfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     pm = peft.get_peft_model(tiny_llama(), pcfg)
     with torch.no_grad():

@@ -16,7 +16,6 @@ from efftune.methods.prefix_tuning import (PrefixTuningBody, PrefixTuningConfig,
                                            fold_prefix_tuning, load_prefix_tuning, prefix_body,
                                            remove_prefix_tuning, save_prefix_tuning)
 
-peft = pytest.importorskip("peft")
 P, V = 5, 128
 IDS = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(0))
 WIDTH = 2 * 2 * 2 * 16  # layers · (key, value) · kv_heads · head_dim
@@ -47,7 +46,7 @@ def logits(m, ids=IDS, **kw):
         return m(input_ids=ids, **kw).logits
 
 
-def peft_copy(table: torch.Tensor):
+def peft_copy(table: torch.Tensor, peft):
     """peft's prefix-tuned model of the same base, its table set to `table`."""
     pm = peft.get_peft_model(llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     with torch.no_grad():
@@ -110,9 +109,15 @@ def test_fold_keeps_outputs():
     torch.testing.assert_close(logits(m), before, atol=1e-6, rtol=1e-6)
 
 
-def test_save_load_round_trip_and_peft_loads_ours(tmp_path):
+def saved_prefix(directory) -> LlamaForCausalLM:
+    """A prefix-tuned model (with the projection) whose adapter is saved to `directory`."""
     m = prefixed(projection=True)
-    save_prefix_tuning(m, tmp_path / "a", PrefixTuningConfig(num_virtual_tokens=P), {"tasks": ["t"]})
+    save_prefix_tuning(m, directory, PrefixTuningConfig(num_virtual_tokens=P), {"tasks": ["t"]})
+    return m
+
+
+def test_save_load_round_trip(tmp_path):
+    m = saved_prefix(tmp_path / "a")
     assert not prefix_body(m).folded  # saving folds into the file only
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["prefix_projection"] is False
@@ -124,6 +129,12 @@ def test_save_load_round_trip_and_peft_loads_ours(tmp_path):
     assert load_prefix_tuning(ours, tmp_path / "a").num_virtual_tokens == P
     torch.testing.assert_close(logits(ours), logits(m), atol=1e-6, rtol=1e-6)
 
+
+def test_peft_loads_ours(tmp_path, peft):
+    m = saved_prefix(tmp_path / "a")
+    ours = llama()
+    load_prefix_tuning(ours, tmp_path / "a")
+    torch.testing.assert_close(logits(ours), logits(m), atol=1e-6, rtol=1e-6)
     pm = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "a")).eval()
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :3] = 0  # left padding
@@ -133,7 +144,7 @@ def test_save_load_round_trip_and_peft_loads_ours(tmp_path):
         torch.testing.assert_close(a[mask.bool()], b[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
-def test_we_load_what_peft_saves(tmp_path):
+def test_we_load_what_peft_saves(tmp_path, peft):
     pm = peft.get_peft_model(llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
                                                               prefix_projection=True, encoder_hidden_size=24))
     torch.manual_seed(5)
@@ -159,9 +170,9 @@ def peft_greedy(pm, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> t
     return ids
 
 
-def test_greedy_generate_matches_peft():
+def test_greedy_generate_matches_peft(peft):
     m = prefixed()
-    pm = peft_copy(prefix_body(m).prefix)
+    pm = peft_copy(prefix_body(m).prefix, peft)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, :2] = 0
     with torch.no_grad():
@@ -195,34 +206,49 @@ def test_cache_continues_and_checkpointing_keeps_the_prefix():
     torch.testing.assert_close(grads[1], grads[0])
 
 
+SHARED, BRANCHES = [7, 8, 9, 10, 11, 12], [[20, 21, 22], [30, 31]]
+
+
+def scored_alone(m, attn: str) -> list[torch.Tensor]:
+    """The branches' target log-probs, each sequence (shared + branch) scored alone (no mask)."""
+    alone = []
+    with torch.no_grad():
+        for b in BRANCHES:
+            r = Row()
+            r.add(SHARED + b, labels=[-100] * len(SHARED) + b)
+            one = collate([r], pad_id=0, attention=attn)
+            assert one.mask is None
+            alone.append(target_logprobs(m, one.input_ids, one.rows, one.sources, one.targets,
+                                         one.position_ids, one.mask))
+    return alone
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_tree_mask_scores_like_separate_sequences(attn):
     """A shared prompt with two branches (4-D mask, explicit positions) scores as each sequence alone."""
     m = prefixed(attn=attn)
-    shared, branches = [7, 8, 9, 10, 11, 12], [[20, 21, 22], [30, 31]]
     row = Row()
-    root = row.add(shared)
-    for b in branches:
+    root = row.add(SHARED)
+    for b in BRANCHES:
         row.add(b, parent=root, labels=b)
     batch = collate([row], pad_id=0, attention=attn)
     assert batch.mask is not None and batch.mask.dim() == 4
     with torch.no_grad():
         tree = target_logprobs(m, batch.input_ids, batch.rows, batch.sources, batch.targets,
                                batch.position_ids, batch.mask)
-        alone = []
-        for b in branches:
-            r = Row()
-            r.add(shared + b, labels=[-100] * len(shared) + b)
-            one = collate([r], pad_id=0, attention=attn)
-            assert one.mask is None
-            alone.append(target_logprobs(m, one.input_ids, one.rows, one.sources, one.targets,
-                                         one.position_ids, one.mask))
-    torch.testing.assert_close(tree, torch.cat(alone), atol=1e-5, rtol=1e-5)
-    # and the same numbers as peft's own forward over each sequence
-    pm = peft_copy(prefix_body(m).prefix)
+    torch.testing.assert_close(tree, torch.cat(scored_alone(m, attn)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_scores_equal_peft_forward(attn, peft):
+    """A sequence scored alone gives the same numbers as peft's own forward over it."""
+    m = prefixed(attn=attn)
+    alone = scored_alone(m, attn)
+    pm = peft_copy(prefix_body(m).prefix, peft)
+    shared, branch = SHARED, BRANCHES[0]
     with torch.no_grad():
-        ref = torch.log_softmax(pm(input_ids=torch.tensor([shared + branches[0]])).logits[0], -1)
-    expect = ref[torch.arange(len(shared) - 1, len(shared) + 2), torch.tensor(branches[0])]
+        ref = torch.log_softmax(pm(input_ids=torch.tensor([shared + branch])).logits[0], -1)
+    expect = ref[torch.arange(len(shared) - 1, len(shared) + 2), torch.tensor(branch)]
     torch.testing.assert_close(alone[0], expect, atol=1e-5, rtol=1e-5)
 
 

@@ -17,7 +17,6 @@ from efftune.methods.prompt_tuning import (PromptEmbedding, PromptTuningConfig, 
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import make_tokenizer, tiny_llama
 
-peft = pytest.importorskip("peft")
 K = 4
 IDS = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
 
@@ -101,7 +100,7 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(logits(m3, with_prompt(m3, task=t)), logits(multi, with_prompt(multi, task=t)))
 
 
-def test_peft_loads_our_prompt(tmp_path):
+def test_peft_loads_our_prompt(tmp_path, peft):
     m = prompted()
     save_prompt_tuning(m, tmp_path / "p")
     pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "p")).eval()
@@ -111,7 +110,7 @@ def test_peft_loads_our_prompt(tmp_path):
     torch.testing.assert_close(theirs[:, K:], ours[:, K:], atol=1e-5, rtol=0)
 
 
-def test_we_load_peft_prompt(tmp_path):
+def test_we_load_peft_prompt(tmp_path, peft):
     pm = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=K))
     with torch.no_grad():
         pm.prompt_encoder["default"].embedding.weight.normal_(std=0.5)

@@ -205,8 +205,7 @@ def test_save_load_round_trip_and_errors(tmp_path):
         load_expert_lora(tiny_moe(), tmp_path)
 
 
-def test_peft_export_loads_in_peft_with_equal_logits(tmp_path):
-    peft = pytest.importorskip("peft")
+def test_peft_export_loads_in_peft_with_equal_logits(tmp_path, peft):
     cfg = ExpertLoraConfig(r=4, alpha=8, experts=[0, 3, 5], target_modules=ATTN)
     model, x, want = adapted_with_logits(cfg)
     export_peft(model, tmp_path / "p", cfg)
@@ -215,8 +214,7 @@ def test_peft_export_loads_in_peft_with_equal_logits(tmp_path):
         torch.testing.assert_close(peft_model(input_ids=x).logits, want, rtol=1e-9, atol=1e-9)
 
 
-def test_peft_export_of_one_target(tmp_path):
-    peft = pytest.importorskip("peft")
+def test_peft_export_of_one_target(tmp_path, peft):
     cfg = ExpertLoraConfig(r=2, alpha=2, targets=["down_proj"])
     model = tiny_moe("mixtral")
     add_expert_lora(model, cfg)
