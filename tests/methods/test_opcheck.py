@@ -1,0 +1,138 @@
+"""`torch.library.opcheck` for every registered `efftune::` op: the schema tells the truth (no
+undeclared mutation or aliasing), the fake (meta) kernel gives the real outputs' shapes, strides and
+dtypes, and the op survives torch.compile's AOT dispatch with dynamic shapes. CPU runs the PyTorch
+versions; the CUDA cases (the Triton kernels of the SwiGLU op) run where a GPU is.
+(flash4's two ops are checked in tests/eval/test_flash4.py, whose reference kernels they need.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import efftune.eval.flash4  # noqa: F401  (registers the flash4 ops)
+from efftune.methods import packing
+import efftune.methods.swiglu_lora  # noqa: F401  (registers the SwiGLU ops)
+
+N, IN = 7, 8          # tokens, input width
+OUTS, RANKS = (6, 4), (2, 3)
+F_, RG, RU, RD = 10, 2, 3, 4  # SwiGLU: intermediate width, gate/up/down LoRA ranks
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+OPS = torch.ops.efftune
+
+
+def randn(*shape, device="cpu", dtype=torch.float32, seed=[0]):
+    seed[0] += 1  # a different tensor every call, the same ones every run
+    g = torch.Generator().manual_seed(seed[0])
+    return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+
+def check(op, args, **kw) -> None:
+    torch.library.opcheck(op, args, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linears(device, bias):
+    weights = [randn(o, IN, device=device) for o in OUTS]
+    biases = [randn(OUTS[0], device=device) if bias else None, None]
+    a = randn(sum(RANKS), IN, device=device)
+    bs = [randn(o, r, device=device) for o, r in zip(OUTS, RANKS)]
+    check(OPS.lora_linears.default, (randn(N, IN, device=device), weights, biases, a, bs))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("need_dx", [True, False])
+def test_lora_linears_backward(device, need_dx):
+    dys = [randn(N, o, device=device) for o in OUTS]
+    weights = [randn(o, IN, device=device) for o in OUTS]
+    bs = [randn(o, r, device=device) for o, r in zip(OUTS, RANKS)]
+    args = (dys, weights, randn(sum(RANKS), IN, device=device), bs, randn(N, sum(RANKS), device=device), need_dx)
+    check(OPS.lora_linears_backward.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_output(device, bias):
+    args = (randn(N, IN, device=device), randn(OUTS[0], IN, device=device),
+            randn(OUTS[0], device=device) if bias else None, randn(N, RANKS[0], device=device),
+            randn(OUTS[0], RANKS[0], device=device))
+    check(OPS.lora_output.default, args)
+
+
+def swiglu_inputs(device, dtype):
+    gu = randn(N, 2 * F_ + RG + RU, device=device, dtype=dtype)  # [g0 | u0 | z]
+    return gu, randn(F_, RG, device=device, dtype=dtype), randn(F_, RU, device=device, dtype=dtype), \
+        randn(RD, F_, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64 takes the PyTorch version on CUDA too
+def test_swiglu_lora_forward(device, dtype):
+    check(OPS.swiglu_lora_forward.default, swiglu_inputs(device, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_swiglu_lora_backward(device, dtype):
+    gu, bg, bu, ad = swiglu_inputs(device, dtype)
+    args = (randn(N, F_, device=device, dtype=dtype), randn(N, RD, device=device, dtype=dtype), ad, gu, bg, bu)
+    check(OPS.swiglu_lora_backward.default, args)
+
+
+def packed_weights(device, packed: bool, extra_rows: int):
+    """The two frozen weights, packed with `extra_rows` spare rows after them (or apart), and the
+    packing's spare rows (None apart)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(IN, o, bias=False).requires_grad_(False).to(device) for o in OUTS]
+    spare = packing.pack_rows(layers, extra_rows) if packed else None
+    assert (spare is not None) == packed
+    return [layer.weight for layer in layers], spare
+
+
+def rows_args(op: str, device, packed: bool):
+    extra = randn(sum(RANKS), IN, device=device)
+    weights, spare = packed_weights(device, packed, extra.shape[0])
+    first = randn(N, IN, device=device) if op == "rows_mm" else randn(N, sum(OUTS) + extra.shape[0], device=device)
+    return first, weights, extra, spare
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["rows_mm", "rows_grad"])
+def test_rows_ops(device, op):
+    check(getattr(OPS, op).default, rows_args(op, device, packed=False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["rows_mm", "rows_grad"])
+def test_rows_ops_on_a_packing(device, op):
+    """opcheck runs on copies of its inputs, and copies share no storage: no packing. So the packed
+    branch (one GEMM over the weights and the spare rows) gets opcheck's checks here by hand: the
+    fake kernel's outputs have the real ones' shape, strides and dtype, a compiled call (AOT
+    dispatch, dynamic shapes) gives the eager result, and both equal the unpacked op's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map_only
+    x, weights, extra, spare = rows_args(op, device, packed=True)
+    fn = getattr(OPS, op).default
+    out = fn(x, weights, extra, spare)
+    assert torch.equal(spare, extra)  # the packed branch ran: it wrote the extra rows into the spare ones
+    apart = fn(x, [w.clone() for w in weights], extra, None)
+    torch.testing.assert_close(out, apart, rtol=1e-6, atol=1e-6)
+    assert out.stride() == apart.stride()
+    with FakeTensorMode() as mode:
+        fake = fn(*tree_map_only(torch.Tensor, mode.from_tensor, (x, weights, extra, spare)))
+    assert (fake.shape, fake.stride(), fake.dtype, fake.device) == (out.shape, out.stride(), out.dtype, out.device)
+    compiled = torch.compile(lambda *args: fn(*args), backend="aot_eager", dynamic=True, fullgraph=True)
+    torch.testing.assert_close(compiled(x, weights, extra, spare), out, rtol=0, atol=0)
+
+
+CHECKED_HERE = {"lora_linears", "lora_linears_backward", "lora_output", "swiglu_lora_forward",
+                "swiglu_lora_backward", "rows_mm", "rows_grad"}
+CHECKED_IN_FLASH4_TESTS = {"flash4_causal", "flash4_causal_backward"}
+
+
+def test_every_registered_op_is_checked():
+    """A new `efftune::` op must get its opcheck here (or beside its reference kernels)."""
+    registered = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("efftune::")}
+    assert registered == CHECKED_HERE | CHECKED_IN_FLASH4_TESTS
