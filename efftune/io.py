@@ -4,16 +4,22 @@ Keys are `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.wei
 embeddings use `.lora_embedding_A` (r, vocab) and `.lora_embedding_B` (dim, r). So
 `peft.PeftModel.from_pretrained` reads what we write, and we read what peft writes. Only
 safetensors are read unless the caller allows pickle explicitly.
+
+Also what every method's files share: atomic writes, the checked readers, `AdapterFormat` (an
+efftune method's own config + safetensors pair) and `load_all_or_nothing`, through which every
+method loads, so that a load that fails leaves the model as it was.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -215,6 +221,159 @@ def first_mismatch(tensors: dict[str, torch.Tensor], expected: dict[str, torch.T
             return f"has key {key!r} of shape {tuple(tensors[key].shape)}, the model expects {tuple(param.shape)}"
     extra = [k for k in tensors if k not in expected]
     return f"has key {extra[0]!r}, which fits nothing in this model" if extra else None
+
+
+# ---- loading all or nothing -------------------------------------------------------------------
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without plain storage
+        return None
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return None
+
+
+def _view(t: torch.Tensor) -> tuple:
+    return _storage(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+class ModelSnapshot:
+    """What a load can change in `model`, kept by reference so that `restore` puts it back exactly.
+
+    A load changes a model in three ways, and each is recorded: (1) its module tree and every
+    module's attributes (children, parameters, buffers and hooks are dicts among a module's
+    attributes: each dict, list or set attribute is copied one level deep, so an entry added to
+    it is removed again); (2) the tensor behind each existing parameter or buffer (`.data`, which
+    packing swaps for a view into a shared matrix) and its requires_grad flag; (3) the values of
+    existing tensors, which only `load_all_or_nothing` writes, cloning each just before (`keep`).
+    An attach must not write existing tensors in place; `check_untouched` enforces that. No
+    tensor is copied otherwise: a snapshot of a large model costs a walk over its modules."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = [(m, {k: (v, copy.copy(v) if isinstance(v, (dict, list, set)) else None)
+                             for k, v in vars(m).items()}) for m in model.modules()]
+        unique = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        self.tensors = [(t, t.data, _view(t), t.requires_grad, _version(t)) for t in unique.values()]
+        self.storages = {_view(t)[0] for t in unique.values()} - {None, 0}
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(self, target: torch.Tensor) -> None:
+        """Clone `target` if it is (a view of) a tensor the model had before: it is about to be written."""
+        if _storage(target) in self.storages:
+            self.kept.append((target, target.detach().clone()))
+
+    def check_untouched(self) -> None:
+        for t, _, _, _, version in self.tensors:
+            if version is not None and _version(t) != version:
+                raise RuntimeError("efftune bug: an adapter's attach wrote to a tensor the model already had, "
+                                   "which a failed load could not put back")
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for target, old in reversed(self.kept):
+            target.copy_(old)
+        for module, attrs in self.modules:
+            d = vars(module)
+            for key in [k for k in d if k not in attrs]:
+                del d[key]
+            for key, (value, contents) in attrs.items():
+                if isinstance(value, dict):
+                    value.clear()
+                    value.update(contents)
+                elif isinstance(value, list):
+                    value[:] = contents
+                elif isinstance(value, set):
+                    value.clear()
+                    value.update(contents)
+                d[key] = value
+        for t, data, view, requires_grad, _ in self.tensors:
+            if _view(t) != view:
+                t.data = data
+            if t.requires_grad != requires_grad:
+                t.requires_grad_(requires_grad)
+
+
+def load_all_or_nothing(model: nn.Module, attach: Callable[[], object], tensors: Mapping[str, torch.Tensor],
+                        targets: Callable[[], Mapping[str, torch.Tensor]], where: Path, hint: str = "") -> None:
+    """Attach an adapter to `model` and fill it with `tensors` (a file's, `where`), all or nothing:
+    the one way every method loads.
+
+    `attach()` changes the model (wraps modules, adds parameters, sets requires_grad); `targets()`
+    then gives, by file key and in model order, the tensors to fill. Key by key, each must be in
+    the file, floating point, of its target's shape and finite, and is copied (into the target's
+    dtype); then no key may be left over. If anything raises — a misfit, an error inside
+    `attach`, Ctrl-C — the model is put back exactly as it was (`ModelSnapshot`) and the error
+    goes on; a misfit is an AdapterError naming `where`, the key and the shapes, then `hint`."""
+    snapshot = ModelSnapshot(model)
+    try:
+        attach()
+        expected = dict(targets())
+        snapshot.check_untouched()
+        with torch.no_grad():
+            for key, target in expected.items():
+                problem = _misfit(key, tensors.get(key), target)
+                if problem:
+                    raise AdapterError(f"adapter: {where} {problem}{hint}")
+                snapshot.keep(target)
+                target.copy_(tensors[key].to(target.dtype))
+        extra = [k for k in tensors if k not in expected]
+        if extra:
+            raise AdapterError(f"adapter: {where} has key {extra[0]!r}, which fits nothing in this model{hint}")
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def _misfit(key: str, t: torch.Tensor | None, target: torch.Tensor) -> str | None:
+    if t is None:
+        return f"lacks key {key!r}"
+    if not t.is_floating_point():
+        return f"has key {key!r} of dtype {t.dtype}, expected floating point"
+    if t.shape != target.shape:
+        return f"has key {key!r} of shape {tuple(t.shape)}, the model expects {tuple(target.shape)}"
+    if not bool(torch.isfinite(t).all()):
+        return f"has key {key!r} holding NaN or infinite values"
+    return None
+
+
+@dataclass(frozen=True)
+class AdapterFormat:
+    """An efftune method's own files: `config_file`, JSON {"method", "format_version", the
+    method's fields, "base_model_name_or_path", "efftune": run metadata}, and `weights_file`,
+    safetensors. `save` and `read` are every own-format method's save and load, less what is
+    the method's own (its fields, its tensors, how it attaches)."""
+    method: str
+    config_file: str
+    weights_file: str
+    version: int = 1
+
+    def save(self, model: nn.Module, directory: str | os.PathLike, fields: dict,
+             state: Mapping[str, torch.Tensor], metadata: dict | None = None) -> Path:
+        cfg = {"method": self.method, "format_version": self.version, **fields,
+               "base_model_name_or_path": base_model_name(model)}
+        if metadata:
+            cfg["efftune"] = metadata
+        return write_adapter_dir(directory, cfg, dict(state), self.config_file, self.weights_file)
+
+    def read(self, directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(config, tensors); the config must name this method and this format version."""
+        directory = Path(directory)
+        cfg, tensors = read_adapter_dir(directory, self.config_file, self.weights_file, kind=("method", self.method))
+        if cfg.get("format_version") != self.version:
+            raise AdapterError(f"adapter: {directory / self.config_file} has format_version "
+                               f"{cfg.get('format_version')!r}; this efftune reads {self.version}")
+        return cfg, tensors
+
+    def load(self, model: nn.Module, directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+             attach: Callable[[], object], targets: Callable[[], Mapping[str, torch.Tensor]], hint: str = "") -> None:
+        """`load_all_or_nothing` with this format's weights file named in errors."""
+        load_all_or_nothing(model, attach, tensors, targets, Path(directory) / self.weights_file, hint)
 
 
 def base_model_name(model: nn.Module) -> str | None:
@@ -422,12 +581,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
         target_modules=exact([p for p, e in found.items() if e["kind"] == "linear"]),
         embeddings=exact([p for p, e in found.items() if e["kind"] == "embedding"]))
     alpha_of = {p: float(_pattern_value(fields["alpha_pattern"], p, alpha)) for p in found}
-    add_lora(model, attach_cfg, adapter, rank_of=rank_of, alpha_of=alpha_of, adapter_cls=adapter_cls)
-    with torch.no_grad():
-        for path, entry in found.items():
-            a = model.get_submodule(path).adapters[adapter]
-            a.lora_A.copy_(tensors[entry["A"]].to(a.lora_A.dtype))
-            a.lora_B.copy_(tensors[entry["B"]].to(a.lora_B.dtype))
+
+    def factors() -> dict[str, torch.Tensor]:
+        out = {}
+        for path in rank_of:  # model order
+            entry, a = found[path], model.get_submodule(path).adapters[adapter]
+            out[entry["A"]], out[entry["B"]] = a.lora_A, a.lora_B
+        return out
+    load_all_or_nothing(model, lambda: add_lora(model, attach_cfg, adapter, rank_of=rank_of, alpha_of=alpha_of,
+                                                adapter_cls=adapter_cls),
+                        tensors, factors, directory / WEIGHTS_FILE)
     targets = fields["target_modules"] or "all-linear"
     return LoraConfig(r=r, alpha=alpha, dropout=attach_cfg.dropout, use_rslora=attach_cfg.use_rslora,
                       target_modules=targets if isinstance(targets, str) else list(targets))

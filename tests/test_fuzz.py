@@ -34,6 +34,7 @@ from efftune.io import load_adapter, read_adapter_dir
 from efftune.methods import detect_method, get_method
 from efftune.methods.lora import lora_layers
 from tests.conftest import make_tokenizer, tiny_llama
+from tests.methods.test_load_all_or_nothing import assert_same, fingerprint
 
 # EFFTUNE_FUZZ_EXAMPLES=5000 searches longer (by hand, not in CI)
 FUZZ = settings(max_examples=int(os.environ.get("EFFTUNE_FUZZ_EXAMPLES", 150)), deadline=None, database=None,
@@ -309,10 +310,12 @@ def test_adapter_loaders_on_broken_adapters(scratch, request, family, data):
     except EfftuneError as exc:
         one_line(exc)
     model = copy.deepcopy(saved.model)
+    before = fingerprint(model)
     try:
         detect_method(d).load(model, d)
     except EfftuneError as exc:
         one_line(exc)
+        assert_same(before, fingerprint(model))  # every method's load is all or nothing
     if method == "lora":  # the LoRA loader is all or nothing: a refused adapter attaches nothing
         model = copy.deepcopy(saved.model)
         try:

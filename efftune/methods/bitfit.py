@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import base_model_name, config_from, first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import AdapterFormat, config_from
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 
 CONFIG_FILE = "bitfit_config.json"
 WEIGHTS_FILE = "bitfit_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT = AdapterFormat("bitfit", CONFIG_FILE, WEIGHTS_FILE)
 
 
 @dataclass
@@ -120,39 +120,31 @@ def unload_bitfit(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
+def bitfit_state_dict(model: nn.Module, config: BitFitConfig) -> dict[str, torch.Tensor]:
+    """The biases BitFit trains, under their file keys (`<module path>.bias`), in model order."""
+    return {f"{p}.bias": model.get_submodule(p).bias for p in _bias_paths(model, config)}
+
+
 def save_bitfit(model: nn.Module, directory: str | os.PathLike, config: BitFitConfig,
                 metadata: dict | None = None) -> Path:
     """Write the trained biases and `config` to `directory` (atomically)."""
-    paths = _bias_paths(model, config)
-    if not paths:
+    state = bitfit_state_dict(model, config)
+    if not state:
         raise AdapterError("the model has no biases for this BitFit config to save")
-    state = {f"{p}.bias": model.get_submodule(p).bias.detach().contiguous() for p in paths}
-    cfg = {"method": "bitfit", "format_version": FORMAT_VERSION, "target_modules": config.target_modules,
-           "norms": config.norms, "add_biases": config.add_biases,
-           "added": [p for p, _ in wrappers(model, AddedBias)],
-           "base_model_name_or_path": base_model_name(model)}
-    if metadata:
-        cfg["efftune"] = metadata
-    return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)
+    fields = {"target_modules": config.target_modules, "norms": config.norms, "add_biases": config.add_biases,
+              "added": [p for p, _ in wrappers(model, AddedBias)]}
+    return FORMAT.save(model, directory, fields, state, metadata)
 
 
 def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> BitFitConfig:
-    """Set up BitFit as saved in `directory` and load its biases; returns the saved config.
-    Every key and shape is checked against the model; the first misfit is named."""
+    """Set up BitFit as saved in `directory` and load its biases, all or nothing; returns the
+    saved config. Every key and shape is checked against the model; the first misfit is named."""
     directory = Path(directory)
-    cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "bitfit"))
+    cfg, tensors = FORMAT.read(directory)
     config = config_from(BitFitConfig, cfg, ("target_modules", "norms", "add_biases"), directory / CONFIG_FILE)
     modules = dict(model.named_modules())
     for key in tensors:
         if not key.endswith(".bias") or key.removesuffix(".bias") not in modules:
             raise AdapterError(f"adapter: key {key!r} in {directory / WEIGHTS_FILE} names no module of this model")
-    add_bitfit(model, config)
-    expected = {f"{p}.bias": model.get_submodule(p).bias for p in _bias_paths(model, config)}
-    problem = first_mismatch(tensors, expected)
-    if problem:
-        unload_bitfit(model, merge=False)  # leave the model as it was
-        raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem}")
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(tensors[key].to(param.dtype))
+    FORMAT.load(model, directory, tensors, lambda: add_bitfit(model, config), lambda: bitfit_state_dict(model, config))
     return config

@@ -26,13 +26,14 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..io import base_model_name, config_from, first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import AdapterFormat, config_from
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 
 CONFIG_FILE = "bottleneck_config.json"
 WEIGHTS_FILE = "bottleneck_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT = AdapterFormat("bottleneck", CONFIG_FILE, WEIGHTS_FILE)
+FIELDS = ("bottleneck_size", "placement", "activation", "attn_module", "ffn_module")  # saved, in this order
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 PLACEMENTS = ("houlsby", "pfeiffer")
 
@@ -121,11 +122,12 @@ def unload_bottleneck(model: nn.Module) -> nn.Module:
 
 
 def bottleneck_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter parameter under its file key (its name in the adapted model), in model order."""
     state = {}
     for path, adapter in bottleneck_adapters(model):
         for name, p in adapter.named_parameters():
             if not name.startswith("base_layer."):
-                state[f"{path}.{name}"] = p.detach().contiguous()
+                state[f"{path}.{name}"] = p
     return state
 
 
@@ -135,29 +137,14 @@ def save_bottleneck(model: nn.Module, directory: str | os.PathLike, config: Bott
     state = bottleneck_state_dict(model)
     if not state:
         raise AdapterError("the model has no bottleneck adapters to save")
-    cfg = {"method": "bottleneck", "format_version": FORMAT_VERSION,
-           "bottleneck_size": config.bottleneck_size, "placement": config.placement,
-           "activation": config.activation, "attn_module": config.attn_module, "ffn_module": config.ffn_module,
-           "base_model_name_or_path": base_model_name(model)}
-    if metadata:
-        cfg["efftune"] = metadata
-    return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)
+    return FORMAT.save(model, directory, {f: getattr(config, f) for f in FIELDS}, state, metadata)
 
 
 def load_bottleneck(model: nn.Module, directory: str | os.PathLike) -> BottleneckConfig:
-    """Attach the bottleneck adapters saved in `directory`; returns their config. Every key and
-    shape is checked against the model; the first misfit is named."""
+    """Attach the bottleneck adapters saved in `directory`, all or nothing; returns their config.
+    Every key and shape is checked against the model; the first misfit is named."""
     directory = Path(directory)
-    cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "bottleneck"))
-    config = config_from(BottleneckConfig, cfg, ("bottleneck_size", "placement", "activation", "attn_module",
-                                                 "ffn_module"), directory / CONFIG_FILE)
-    add_bottleneck(model, config)
-    expected, params = bottleneck_state_dict(model), dict(model.named_parameters())
-    problem = first_mismatch(tensors, expected)
-    if problem:
-        unload_bottleneck(model)  # leave the model as it was
-        raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem}")
-    with torch.no_grad():
-        for key in expected:
-            params[key].copy_(tensors[key].to(params[key].dtype))
+    cfg, tensors = FORMAT.read(directory)
+    config = config_from(BottleneckConfig, cfg, FIELDS, directory / CONFIG_FILE)
+    FORMAT.load(model, directory, tensors, lambda: add_bottleneck(model, config), lambda: bottleneck_state_dict(model))
     return config

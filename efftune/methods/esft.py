@@ -29,7 +29,7 @@ from torch import nn
 
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from ..io import base_model_name, first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import AdapterFormat
 from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
 from ..moe.router_tap import add_router_taps, remove_router_taps, router_taps
 from .attach import freeze_base, master_dtype, replace_module, wrappers
@@ -39,7 +39,7 @@ MODES = ("full", "lora")
 SCORES = ("gate", "token")
 CONFIG_FILE = "esft_config.json"
 WEIGHTS_FILE = "esft_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT = AdapterFormat("esft", CONFIG_FILE, WEIGHTS_FILE)
 
 
 @dataclass
@@ -237,6 +237,12 @@ def add_esft(model: nn.Module, config: EsftConfig, tokenizer=None) -> list[str]:
     return add_esft_full(model, chosen, config.impl)
 
 
+def esft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The selected experts' trainable weights under their file keys, in model order (full mode)."""
+    return {f"{p}.{n}": getattr(layer, n) for p, layer in wrappers(model, EsftExperts)
+            for n in ("gate_up_proj", "down_proj")}
+
+
 def save_esft(model: nn.Module, directory: str | os.PathLike, config: EsftConfig,
               metadata: dict | None = None) -> Path:
     """Full mode: the selected experts' weights only (esft format); lora mode: expert_lora's format."""
@@ -246,31 +252,23 @@ def save_esft(model: nn.Module, directory: str | os.PathLike, config: EsftConfig
     layers = list(wrappers(model, EsftExperts))
     if not layers:
         raise AdapterError("the model has no ESFT experts to save")
-    state = {f"{p}.{n}": getattr(l, n) for p, l in layers for n in ("gate_up_proj", "down_proj")}
-    cfg = {"method": "esft", "format_version": FORMAT_VERSION, "mode": "full",
-           "experts": {p: l.experts for p, l in layers}, "base_model_name_or_path": base_model_name(model)}
-    if metadata:
-        cfg["efftune"] = metadata
-    return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)
+    return FORMAT.save(model, directory, {"mode": "full", "experts": {p: l.experts for p, l in layers}},
+                       esft_state_dict(model), metadata)
 
 
 def load_esft(model: nn.Module, directory: str | os.PathLike):
-    """Load what `save_esft` wrote (either mode); keys and shapes are checked, misfits named."""
+    """Load what `save_esft` wrote (either mode), all or nothing; keys and shapes are checked,
+    misfits named."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file() and (directory / "expert_lora_config.json").is_file():
         return load_expert_lora(model, directory)
-    cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "esft"))
-    try:
-        chosen = {str(p): [int(i) for i in ids] for p, ids in cfg["experts"].items()}
-        add_esft_full(model, chosen)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, EfftuneError) as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad experts field ({exc})") from None
-    expected = {f"{p}.{n}": getattr(l, n) for p, l in wrappers(model, EsftExperts) for n in ("gate_up_proj", "down_proj")}
-    problem = first_mismatch(tensors, expected)
-    if problem:
-        unload_esft(model, merge=False)
-        raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem}")
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(tensors[key].to(param.dtype))
+    cfg, tensors = FORMAT.read(directory)
+
+    def attach() -> None:
+        try:
+            chosen = {str(p): [int(i) for i in ids] for p, ids in cfg["experts"].items()}
+            add_esft_full(model, chosen)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, EfftuneError) as exc:
+            raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad experts field ({exc})") from None
+    FORMAT.load(model, directory, tensors, attach, lambda: esft_state_dict(model))
     return EsftConfig(mode="full", selection=None)

@@ -27,8 +27,7 @@ from torch import nn
 
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from ..io import (base_model_name, checked_field, config_from, first_mismatch, read_adapter_dir,
-                  write_adapter_dir)
+from ..io import AdapterFormat, base_model_name, checked_field, config_from, write_adapter_dir
 from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
 from ..moe.router_tap import add_router_taps
 from .attach import freeze_base, master_dtype, replace_module, wrappers
@@ -36,7 +35,7 @@ from .attach import freeze_base, master_dtype, replace_module, wrappers
 TARGETS = ("gate_up_proj", "down_proj")
 CONFIG_FILE = "expert_lora_config.json"
 WEIGHTS_FILE = "expert_lora_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT = AdapterFormat("expert-lora", CONFIG_FILE, WEIGHTS_FILE)
 
 
 @dataclass
@@ -213,7 +212,8 @@ def _linear_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+def expert_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every factor under its file key (module docstring): the experts' in model order, then the linears'."""
     state = {}
     for path, layer in expert_lora_layers(model):
         for name, f in layer.lora.items():
@@ -227,41 +227,35 @@ def save_expert_lora(model: nn.Module, directory: str | os.PathLike, config: Exp
     layers = expert_lora_layers(model)
     if not layers:
         raise AdapterError("the model has no expert LoRA to save")
-    cfg = {"method": "expert-lora", "format_version": FORMAT_VERSION, "r": config.r, "alpha": config.alpha,
-           "use_rslora": config.use_rslora, "targets": list(config.targets),
-           "target_modules": list(config.target_modules), "num_experts": layers[0][1].num_experts,
-           "experts": {p: l.experts for p, l in layers}, "base_model_name_or_path": base_model_name(model)}
-    if metadata:
-        cfg["efftune"] = metadata
-    return write_adapter_dir(directory, cfg, _state(model), CONFIG_FILE, WEIGHTS_FILE)
+    fields = {"r": config.r, "alpha": config.alpha, "use_rslora": config.use_rslora, "targets": list(config.targets),
+              "target_modules": list(config.target_modules), "num_experts": layers[0][1].num_experts,
+              "experts": {p: l.experts for p, l in layers}}
+    return FORMAT.save(model, directory, fields, expert_lora_state_dict(model), metadata)
 
 
 def load_expert_lora(model: nn.Module, directory: str | os.PathLike) -> ExpertLoraConfig:
-    """Attach the expert LoRA saved in `directory` and load its factors; every key and shape is
-    checked against the model and the first misfit named (file and key)."""
+    """Attach the expert LoRA saved in `directory` and load its factors, all or nothing; every key
+    and shape is checked against the model and the first misfit named (file and key)."""
     directory = Path(directory)
-    cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "expert-lora"))
+    cfg, tensors = FORMAT.read(directory)
     where = directory / CONFIG_FILE
     config = config_from(ExpertLoraConfig, cfg, ("r", "alpha", "targets", "target_modules", "use_rslora"), where)
-    experts_of = checked_field(cfg, "experts", lambda v: isinstance(v, dict) and all(
-        isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
-        for ids in v.values()), "an object of expert index lists", where)
+    experts_of = checked_field(cfg, "experts", lambda v: isinstance(v, dict) and all(  # null: all experts
+        ids is None or isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                     for i in ids)
+        for ids in v.values()), "an object of expert index lists (or null for all)", where)
     known = {p for p, _ in experts_modules(model)}
     unknown = [p for p in experts_of if p not in known]
     if unknown:
         raise AdapterError(f"adapter: {directory / CONFIG_FILE} names experts module {unknown[0]!r}, which this "
                            f"model lacks (base model of the adapter: {cfg.get('base_model_name_or_path')})")
-    try:
-        add_expert_lora(model, config, experts_of)
-    except ConfigError as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE}: {exc}") from None
-    expected = _state(model)
-    problem = first_mismatch(tensors, expected)
-    if problem:
-        raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem}")
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(tensors[key].to(param.dtype))
+
+    def attach() -> None:
+        try:
+            add_expert_lora(model, config, experts_of)
+        except ConfigError as exc:
+            raise AdapterError(f"adapter: {directory / CONFIG_FILE}: {exc}") from None
+    FORMAT.load(model, directory, tensors, attach, lambda: expert_lora_state_dict(model))
     return config
 
 

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..io import base_model_name, checked_field, is_str_list, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, checked_field, is_str_list, load_all_or_nothing, read_adapter_dir, write_adapter_dir
 from ..errors import AdapterError, ConfigError, EfftuneError
 from .attach import _conv1d_class, find_targets, freeze_base, master_dtype, name_matches, replace_module, wrappers
 
@@ -143,6 +143,11 @@ def _suffixes_or_regex(paths: list[str], selects) -> list[str] | str:
     return suffixes if selects(suffixes) else "|".join(re.escape(p) for p in paths)
 
 
+def ia3_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every (IA)³ vector under its peft key, in model order."""
+    return {f"{PREFIX}{p}.ia3_l": layer.ia3_l for p, layer in ia3_layers(model)}
+
+
 def save_ia3(model: nn.Module, directory: str | os.PathLike, config: IA3Config | None = None,
              metadata: dict | None = None) -> Path:
     """Write the vectors as a peft IA3 adapter directory (atomically). `config` is accepted for
@@ -163,12 +168,11 @@ def save_ia3(model: nn.Module, directory: str | os.PathLike, config: IA3Config |
            "inference_mode": True, "modules_to_save": None, "exclude_modules": None}
     if metadata:
         cfg["efftune"] = metadata
-    state = {f"{PREFIX}{p}.ia3_l": layer.ia3_l.detach().contiguous() for p, layer in layers}
-    return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)
+    return write_adapter_dir(directory, cfg, ia3_state_dict(model), CONFIG_FILE, WEIGHTS_FILE)
 
 
 def load_ia3(model: nn.Module, directory: str | os.PathLike) -> IA3Config:
-    """Attach the (IA)³ vectors saved in `directory` (by efftune or peft); returns their config.
+    """Attach the (IA)³ vectors saved in `directory` (by efftune or peft), all or nothing; returns their config.
     Every key and shape is checked against the model; the first misfit is named."""
     directory = Path(directory)
     cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("peft_type", "IA3"))
@@ -195,15 +199,9 @@ def load_ia3(model: nn.Module, directory: str | os.PathLike) -> IA3Config:
                     from None
     exact = "|".join(re.escape(p) for p in paths)
     exact_ff = "|".join(re.escape(p) for p in paths if name_matches(p, feedforward)) or []
-    add_ia3(model, IA3Config(target_modules=exact, feedforward_modules=exact_ff))
-    for path, layer in ia3_layers(model):
-        src, key = tensors[paths[path]], paths[path]
-        if tuple(src.shape) != tuple(layer.ia3_l.shape):
-            unload_ia3(model, merge=False)  # leave the model as it was
-            raise AdapterError(f"adapter: key {key!r} has shape {tuple(src.shape)}, the model expects "
-                               f"{tuple(layer.ia3_l.shape)} (another base model, or feedforward_modules differ?)")
-        with torch.no_grad():
-            layer.ia3_l.copy_(src.to(layer.ia3_l.dtype))
+    load_all_or_nothing(model, lambda: add_ia3(model, IA3Config(target_modules=exact, feedforward_modules=exact_ff)),
+                        tensors, lambda: {paths[p]: layer.ia3_l for p, layer in ia3_layers(model)},
+                        directory / WEIGHTS_FILE, " (another base model, or feedforward_modules differ?)")
     targets = targets or exact
     return IA3Config(target_modules=targets if isinstance(targets, str) else list(targets),
                      feedforward_modules=feedforward)

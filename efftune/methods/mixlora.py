@@ -52,15 +52,14 @@ from torch import nn
 
 from ..checks import non_negative_numbers, positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from ..io import (base_model_name, config_from, first_mismatch, read_adapter_dir, save_adapter,
-                  write_adapter_dir)
+from ..io import AdapterFormat, config_from, save_adapter
 from ..moe.routing import Router, RouterConfig, Routing
 from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 from .lora import LoraAdapter, LoraConfig, LoraLayer, add_lora, delete_adapter, lora_layers
 
 CONFIG_FILE = "mixlora_config.json"
 WEIGHTS_FILE = "mixlora_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT = AdapterFormat("mixlora", CONFIG_FILE, WEIGHTS_FILE)
 ATTN_ADAPTER = "mixlora"           # name of the attention LoRA adapter
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ROUTER_INIT_STD = 0.02             # MixLoRA's router initialisation: N(0, 0.02²)
@@ -327,35 +326,19 @@ def mixlora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_mixlora(model: nn.Module, directory: str | os.PathLike, config: MixLoraConfig,
                  metadata: dict | None = None) -> Path:
     """Write experts, routers and the attention LoRA with `config` to `directory` (atomically)."""
-    state = {k: v.detach() for k, v in mixlora_state_dict(model).items()}
     if not any(True for _ in mixlora_blocks(model)):
         raise AdapterError("the model has no MixLoRA blocks to save")
-    cfg = {"method": "mixlora", "format_version": FORMAT_VERSION, **asdict(config),
-           "base_model_name_or_path": base_model_name(model)}
-    if metadata:
-        cfg["efftune"] = metadata
-    return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)
+    return FORMAT.save(model, directory, asdict(config), mixlora_state_dict(model), metadata)
 
 
 def load_mixlora(model: nn.Module, directory: str | os.PathLike) -> MixLoraConfig:
-    """Attach the MixLoRA adapter saved in `directory`; returns its config. Every key and shape
-    is checked against the model; the first misfit is named (and the model left as it was)."""
+    """Attach the MixLoRA adapter saved in `directory`, all or nothing; returns its config. Every
+    key and shape is checked against the model; the first misfit is named."""
     directory = Path(directory)
-    cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "mixlora"))
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE} has format_version "
-                           f"{cfg.get('format_version')!r}; this efftune reads {FORMAT_VERSION}")
+    cfg, tensors = FORMAT.read(directory)
     config = config_from(MixLoraConfig, cfg, [f.name for f in fields(MixLoraConfig) if f.name in cfg],
                          directory / CONFIG_FILE)
-    add_mixlora(model, config)
-    expected = mixlora_state_dict(model)
-    problem = first_mismatch(tensors, expected)
-    if problem:
-        unload_mixlora(model)
-        raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem}")
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(tensors[key].to(param.dtype))
+    FORMAT.load(model, directory, tensors, lambda: add_mixlora(model, config), lambda: mixlora_state_dict(model))
     return config
 
 

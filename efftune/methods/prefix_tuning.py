@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..errors import AdapterError, ConfigError, EfftuneError, TargetError
-from ..io import base_model_name, checked_field, first_mismatch, read_adapter_dir, write_adapter_dir
+from ..io import base_model_name, checked_field, load_all_or_nothing, read_adapter_dir, write_adapter_dir
 from .attach import freeze_base, master_dtype, replace_module, wrappers
 
 CONFIG_FILE, WEIGHTS_FILE, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
@@ -348,6 +348,11 @@ def remove_prefix_tuning(model: nn.Module) -> nn.Module:
 
 # ---- save / load --------------------------------------------------------------------------------
 
+def prefix_tuning_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The prefix table under its peft key; a projection is computed into a table (not a parameter)."""
+    return {PEFT_KEY: prefix_body(model).table()}
+
+
 def save_prefix_tuning(model: nn.Module, directory: str | os.PathLike, config: PrefixTuningConfig | None = None,
                        metadata: dict | None = None) -> Path:
     """Write the prefix table as a peft PREFIX_TUNING adapter (atomically). A projection is folded
@@ -355,7 +360,7 @@ def save_prefix_tuning(model: nn.Module, directory: str | os.PathLike, config: P
     wrapper = prefix_body(model)
     s, P = wrapper.kv_shape, wrapper.num_virtual_tokens
     with torch.no_grad():
-        table = wrapper.table().detach().float()
+        table = prefix_tuning_state_dict(model)[PEFT_KEY].detach().float()
     config = config or PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=not wrapper.folded)
     ours = {"prefix_projection": config.prefix_projection, "projection_hidden_size": config.projection_hidden_size,
             "init": config.init}
@@ -382,8 +387,8 @@ def _check_config(cfg: dict, shape: KVShape, where: Path) -> None:
 
 
 def load_prefix_tuning(model: nn.Module, directory: str | os.PathLike) -> PrefixTuningConfig:
-    """Attach the prefixes saved in `directory` (by efftune or peft) as a plain, trainable table.
-    The config and the tensor's key and shape are checked before the model is touched."""
+    """Attach the prefixes saved in `directory` (by efftune or peft) as a plain, trainable table,
+    all or nothing. The config, the tensor's key, shape and values are checked, a misfit named."""
     directory = Path(directory)
     cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("peft_type", "PREFIX_TUNING"))
     name, body = _body(model)
@@ -393,14 +398,9 @@ def load_prefix_tuning(model: nn.Module, directory: str | os.PathLike) -> Prefix
     if not isinstance(P, int) or isinstance(P, bool) or P < 1:
         raise AdapterError(f"adapter: {directory / CONFIG_FILE} has num_virtual_tokens={P!r}, "
                            "expected a positive integer")
-    problem = first_mismatch(tensors, {PEFT_KEY: torch.empty(P, shape.width, device="meta")})
-    if problem:
-        raise AdapterError(f"adapter: {directory / WEIGHTS_FILE} {problem} (another base model, or another "
-                           "prefix length?)")
-    wrapper = PrefixTuningBody(body, P)
-    with torch.no_grad():
-        wrapper.prefix.copy_(tensors[PEFT_KEY].to(wrapper.prefix.device, wrapper.prefix.dtype))
-    _attach(model, name, wrapper)
+    load_all_or_nothing(model, lambda: _attach(model, name, PrefixTuningBody(body, P)), tensors,
+                        lambda: prefix_tuning_state_dict(model), directory / WEIGHTS_FILE,
+                        " (another base model, or another prefix length?)")
     where = directory / CONFIG_FILE
     ours = checked_field(cfg, "efftune", lambda v: isinstance(v, dict), "an object", where, {})
     ours = checked_field(ours, "prefix_tuning", lambda v: isinstance(v, dict), "an object", where, {})

@@ -27,11 +27,14 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, ConfigError, EfftuneError, TargetError
-from ..io import base_model_name, checked_field, first_mismatch, is_str_list, read_adapter_dir, write_adapter_dir
+from ..io import (AdapterFormat, base_model_name, checked_field, first_mismatch, is_str_list, load_all_or_nothing,
+                  read_adapter_dir, write_adapter_dir)
 from .attach import freeze_base, master_dtype, replace_module
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
-CONFIG_FILE, WEIGHTS_FILE, FORMAT_VERSION = "prompt_tuning_config.json", "prompt_tuning_model.safetensors", 1
+CONFIG_FILE, WEIGHTS_FILE = "prompt_tuning_config.json", "prompt_tuning_model.safetensors"
+FORMAT = AdapterFormat("prompt-tuning", CONFIG_FILE, WEIGHTS_FILE)  # several tasks: efftune's own files
+SHAPE_HINT = " (another base model, or another prompt length?)"
 INITS = ("vocab", "text", "random")
 # peft's TEXT demands a tokenizer path and re-initialises from it when loaded trainable
 TO_PEFT_INIT = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "RANDOM"}
@@ -204,6 +207,14 @@ def add_prompt_tuning(model: nn.Module, config: PromptTuningConfig | None = None
 
 # ---- save / load --------------------------------------------------------------------------------
 
+def prompt_tuning_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The prompts under their file keys: peft's one key for one task, one key per task for several."""
+    emb = prompt_embedding(model)
+    if len(emb.tasks) == 1:
+        return {PEFT_KEY: emb.prompts[0]}
+    return {f"{PEFT_KEY}.{task}": emb.prompts[i] for i, task in enumerate(emb.tasks)}
+
+
 def save_prompt_tuning(model: nn.Module, directory: str | os.PathLike, config: PromptTuningConfig | None = None,
                        metadata: dict | None = None) -> Path:
     """Write the prompts (atomically): peft's format for one task, efftune's for several.
@@ -224,11 +235,8 @@ def save_prompt_tuning(model: nn.Module, directory: str | os.PathLike, config: P
                "tokenizer_name_or_path": None, "tokenizer_kwargs": None, "inference_mode": True,
                "modules_to_save": None, "revision": None,
                "efftune": {**(metadata or {}), "prompt_tuning": ours}}
-        return write_adapter_dir(directory, cfg, {PEFT_KEY: emb.prompts[0]}, PEFT_CONFIG, PEFT_WEIGHTS)
-    cfg = {"method": "prompt-tuning", "format_version": FORMAT_VERSION, **ours,
-           "base_model_name_or_path": base, "efftune": metadata or {}}
-    state = {f"{PEFT_KEY}.{task}": emb.prompts[i] for i, task in enumerate(emb.tasks)}
-    return write_adapter_dir(directory, cfg, state, CONFIG_FILE, WEIGHTS_FILE)
+        return write_adapter_dir(directory, cfg, prompt_tuning_state_dict(model), PEFT_CONFIG, PEFT_WEIGHTS)
+    return FORMAT.save(model, directory, ours, prompt_tuning_state_dict(model), metadata)
 
 
 def _read_prompts(directory: Path) -> tuple[PromptTuningConfig, dict[str, torch.Tensor], dict[str, str], str]:
@@ -238,7 +246,7 @@ def _read_prompts(directory: Path) -> tuple[PromptTuningConfig, dict[str, torch.
         return v is None or isinstance(v, str)
     if (directory / CONFIG_FILE).is_file():
         where = directory / CONFIG_FILE
-        cfg, tensors = read_adapter_dir(directory, CONFIG_FILE, WEIGHTS_FILE, kind=("method", "prompt-tuning"))
+        cfg, tensors = FORMAT.read(directory)
         tasks = checked_field(cfg, "tasks", is_str_list, "a list of task names", where, [])
         weights, keys = WEIGHTS_FILE, {t: f"{PEFT_KEY}.{t}" for t in tasks}
         init = checked_field(cfg, "init", text_or_none, "a string", where)
@@ -272,15 +280,17 @@ def _check_shapes(tensors: dict[str, torch.Tensor], keys, k: int, hidden: int, w
     """`tensors` must be exactly `keys`, each (k, hidden); the first misfit is named with shapes."""
     problem = first_mismatch(tensors, {key: torch.empty(k, hidden, device="meta") for key in keys})
     if problem:
-        raise AdapterError(f"adapter: {where} {problem} (another base model, or another prompt length?)")
+        raise AdapterError(f"adapter: {where} {problem}{SHAPE_HINT}")
 
 
 def load_prompt_tuning(model: nn.Module, directory: str | os.PathLike) -> PromptTuningConfig:
-    """Attach the prompts saved in `directory` (by efftune, either format, or by peft); they train
-    if training follows. Keys and shapes are checked before the model is touched."""
+    """Attach the prompts saved in `directory` (by efftune, either format, or by peft), all or
+    nothing; they train if training follows. Every key and shape is checked, the first misfit named."""
     directory = Path(directory)
     config, tensors, keys, weights = _read_prompts(directory)
     path, emb = _input_embedding(model)
-    _check_shapes(tensors, keys.values(), config.num_virtual_tokens, emb.embedding_dim, directory / weights)
-    _attach(model, path, emb, config.tasks, torch.stack([tensors[keys[t]] for t in config.tasks]))
+    zeros = torch.zeros(len(config.tasks), config.num_virtual_tokens, emb.embedding_dim)
+    load_all_or_nothing(model, lambda: _attach(model, path, emb, config.tasks, zeros), tensors,
+                        lambda: {keys[t]: prompt_embedding(model).prompts[i] for i, t in enumerate(config.tasks)},
+                        directory / weights, SHAPE_HINT)
     return config
