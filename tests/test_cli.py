@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from efftune.cli import main
 from tests.conftest import make_tokenizer, tiny_llama
@@ -35,6 +36,37 @@ def last_json(out):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def reference_accuracy(model_path, rows, adapter=None) -> float:
+    """Accuracy by its plain definition, apart from efftune's scoring and adapter loading: each
+    choice scored by one transformers forward over prompt + choice (no shared rows), the LoRA
+    update `W += alpha/r · B A` merged by hand from the adapter's files."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from efftune.data import Formatter
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    if adapter is not None:
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        with torch.no_grad():
+            for key, a in tensors.items():
+                if key.endswith(".lora_A.weight"):
+                    module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                    b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                    model.get_submodule(module).weight += cfg["lora_alpha"] / cfg["r"] * (b @ a)
+    formatter = Formatter(AutoTokenizer.from_pretrained(model_path))
+    hits = 0
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            prompt, cont = formatter.encode_pair(row["input"], choice)
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + cont])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(cont)))
+        hits += max(range(len(scores)), key=scores.__getitem__) == row["answer"]
+    return hits / len(rows)
+
+
 def test_train_then_eval_with_adapter(capsys, model_dir, data_file, tmp_path):
     out_dir = tmp_path / "run"
     code, out, err = run(capsys, "train", "--model", model_dir, "--data", data_file, "--steps", 4, "--batch-size", 4,
@@ -49,7 +81,8 @@ def test_train_then_eval_with_adapter(capsys, model_dir, data_file, tmp_path):
     code, out, err = run(capsys, "eval", "--model", model_dir, "--adapter", out_dir / "adapter", "--data", data_file)
     assert code == 0, err
     result = last_json(out)
-    assert 0 <= result["accuracy"] <= 1 and result["examples"] == len(ROWS)
+    assert result["examples"] == len(ROWS)
+    assert result["accuracy"] == pytest.approx(reference_accuracy(model_dir, ROWS, out_dir / "adapter"), abs=1e-12)
 
 
 def test_refuses_to_overwrite_a_run(capsys, model_dir, data_file, tmp_path):
@@ -199,7 +232,7 @@ def test_relora_result_is_a_model_transformers_loads(capsys, model_dir, data_fil
     assert [r["step"] for r in rows if r.get("relora_restart")] == [2, 4]
     code, out, err = run(capsys, "eval", "--model", out_dir / "model", "--data", data_file)
     assert code == 0, err
-    assert 0 <= last_json(out)["accuracy"] <= 1
+    assert last_json(out)["accuracy"] == pytest.approx(reference_accuracy(out_dir / "model", ROWS), abs=1e-12)
     AutoModelForCausalLM.from_pretrained(out_dir / "model")
 
 
@@ -277,7 +310,21 @@ def test_hub_compose_from_a_library(capsys, model_dir, data_file, tmp_path):
     assert code == 0, err
     result = last_json(out)
     assert result["modules"] == ["m1", "m2"] and len(result["weights"]) == 2
-    assert all(-1.5 <= w <= 1.5 for w in result["weights"])
+    assert all(-1.5 <= w <= 1.5 for w in result["weights"])  # LoraHub's bounds
+    # the written adapter is the composition with the weights reported: A = Σ w_i A_i, B = Σ w_i s_i B_i
+    # (each module's scaling alpha/r folded into its B, the result at scaling 1)
+    from safetensors.torch import load_file
+    composed = load_file(tmp_path / "composed" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "composed" / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] and config["efftune"]["lorahub"]["weights"] == result["weights"]
+    modules = [load_file(library / n / "adapter_model.safetensors") for n in ("m1", "m2")]
+    scales = [(lambda c: c["lora_alpha"] / c["r"])(json.loads((library / n / "adapter_config.json").read_text()))
+              for n in ("m1", "m2")]
+    assert composed.keys() == modules[0].keys() == modules[1].keys()
+    for key, value in composed.items():
+        factor = [1.0, 1.0] if ".lora_A." in key else scales
+        want = sum(w * f * m[key] for w, f, m in zip(result["weights"], factor, modules))
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-7, msg=key)
     assert result["objective"] <= result["base_objective"]
     assert (tmp_path / "composed" / "adapter_config.json").is_file()
     before = tree(tmp_path / "composed")

@@ -40,11 +40,17 @@ def test_side_time_keeps_evaluations_out_of_the_rate_and_estimate():
 
 
 def test_disabled_bars_and_side_time_do_nothing(capsys):
+    now = [10.0]
     bar = progress_bar(5, "x", enable=False)
+    bar._time = lambda: now[0]  # a clock the test moves by hand
     with SideTime(bar) as side:
+        now[0] += 7.5
         bar.update(5)
     bar.close()
-    assert side.seconds >= 0 and capsys.readouterr().err == ""
+    # the side time is still counted (the run's postfix), but a disabled bar (which keeps no clock
+    # of its own) is left alone
+    assert side.seconds == 7.5 and side.postfix() == {"eval": "8s"}
+    assert not hasattr(bar, "start_t") and capsys.readouterr().err == ""
 
 
 def _choice_examples(n: int) -> list[MultipleChoice]:

@@ -63,9 +63,24 @@ def test_perplexity_matches_mean_nll(model, tokenizer):
     assert math.isclose(perplexity(model, f, ex), math.exp(nll / n), rel_tol=1e-4)
 
 
-def test_generate_returns_text(model, tokenizer):
-    text = generate(model, Formatter(tokenizer), "Q: Is the sky blue?\nA:", max_new_tokens=5)
-    assert isinstance(text, str)
+def greedy_by_hand(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    """Greedy decoding without a cache: one full forward per token, the argmax appended; stops at
+    EOS; the new tokens decoded without special tokens."""
+    ids = Formatter(tokenizer).encode_prompt(prompt)
+    start = len(ids)
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(nxt)
+        if nxt == tokenizer.eos_token_id:
+            break
+    return tokenizer.decode(ids[start:], skip_special_tokens=True)
+
+
+def test_generate_returns_the_greedy_continuation(model, tokenizer):
+    for prompt in ("Q: Is the sky blue?\nA:", "Take 3 steps"):
+        text = generate(model, Formatter(tokenizer), prompt, max_new_tokens=5)
+        assert text == greedy_by_hand(model, tokenizer, prompt, 5) and text  # a random model still says something
 
 
 def test_shared_instruction_scores_equal_naive_scores(model, tokenizer):

@@ -169,8 +169,15 @@ def test_greedy_generation_with_cache(tokenizer):
     for _ in range(5):
         step = torch.cat([step, logits(m, step)[:, -1:].argmax(-1)], 1)
     assert torch.equal(out, step)
+    # efftune's generate: the virtual tokens go first, and it decodes what the same greedy loop gives
     f = Formatter(tokenizer, prefix_ids=virtual_ids(m))
-    assert isinstance(generate(m, f, "Q: Is the sky blue?\nA:", max_new_tokens=3), str)
+    prompt = "Q: Is the sky blue?\nA:"
+    step = torch.tensor([virtual_ids(m) + tokenizer("Q: Is the sky blue?\nA:", add_special_tokens=False)["input_ids"]])
+    start = step.shape[1]
+    for _ in range(3):
+        step = torch.cat([step, logits(m, step)[:, -1:].argmax(-1)], 1)
+    want = tokenizer.decode(step[0, start:], skip_special_tokens=True)
+    assert generate(m, f, prompt, max_new_tokens=3) == want and want
 
 
 def test_formatter_prefix_goes_first():

@@ -56,8 +56,10 @@ def test_switch_respects_capacity_and_drops_to_zero():
     cap = capacity(32, E, 1.25)
     assert cap == 10
     assert r.expert_load.max() <= cap and r.expert_load[0] == cap
-    assert r.dropped_fraction > 0
     dropped = ~r.kept[:, 0]
+    # each expert keeps its first `cap` tokens: the rest of the 32 are dropped
+    sent = torch.bincount(r.expert_index[:, 0], minlength=E).tolist()
+    assert sent[0] > cap and r.dropped_fraction.item() == pytest.approx(sum(max(0, n - cap) for n in sent) / 32)
     # the first `cap` tokens sent to expert 0 are kept, in token order
     to_zero = (r.expert_index[:, 0] == 0).nonzero().flatten()
     assert r.kept[to_zero[:cap], 0].all() and not r.kept[to_zero[cap:], 0].any()
