@@ -9,7 +9,6 @@ import argparse
 import difflib
 import json
 import math
-import re
 import signal
 import sys
 import threading
@@ -17,110 +16,68 @@ import traceback
 
 from .errors import EfftuneError
 
-# flag -> (config section or None, key, type, help)
-TRAIN_FLAGS = {
-    "model": (None, "model", str, "hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
-    "task": (None, "task", str, "BIG-bench task name(s), comma-separated"),
-    "data": (None, "data", str, "JSONL training data instead of BIG-bench"),
-    "eval-data": (None, "eval_data", str, "JSONL evaluation data (default: a held-out split)"),
-    "eval-size": (None, "eval_size", int, "held-out examples per task (default 200, at most half a task)"),
-    "method": (None, "method", str, "fine-tuning method: lora | lora-fa | relora | ia3 | bitfit | bottleneck | prompt-tuning | prefix-tuning | expert-lora | esft | mixlora"),
-    "output": (None, "output", str, "run directory"),
-    "chat-template": (None, "chat_template", bool, "wrap prompts in the tokenizer's chat template"),
-    "dtype": (None, "dtype", str, "auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU)"),
-    "device": (None, "device", str, "auto | cpu | cuda | cuda:N"),
-    "rank": ("lora", "r", int, "LoRA rank r"),
-    "alpha": ("lora", "alpha", float, "LoRA alpha (scaling = alpha / r)"),
-    "dropout": ("lora", "dropout", float, "LoRA dropout"),
-    "target-modules": ("lora", "target_modules", str,
-                       "all-linear, comma-separated module-name suffixes, or a regex (full match)"),
-    "rslora": ("lora", "use_rslora", bool, "rsLoRA scaling alpha / sqrt(r)"),
-    "no-fa-correction": ("lora", "correction", "off", "LoRA-FA: plain B gradient, no (A Aᵀ + δI)⁻¹ / s² correction"),
-    "restart-every": ("relora", "restart_every", int, "ReLoRA: steps between merge-and-restart"),
-    "steps": ("train", "steps", int, "optimizer steps"),
-    "batch-size": ("train", "batch_size", int, "examples per optimizer step"),
-    "micro-batch-size": ("train", "micro_batch_size", int, "examples per forward pass (gradient accumulation)"),
-    "lr": ("train", "lr", float, "peak learning rate"),
-    "warmup-steps": ("train", "warmup_steps", int, "linear warmup steps"),
-    "max-length": ("train", "max_length", int, "tokens per packed row"),
-    "precision": ("train", "precision", str, "auto | fp32 | bf16 autocast"),
-    "activation-checkpointing": ("train", "activation_checkpointing", bool,
-                                 "recompute activations in backward (less memory, slower)"),
-    "compile": ("train", "compile", bool, "torch.compile each decoder block (faster on GPU, less memory)"),
-    "compile-memory-budget": ("train", "compile_memory_budget", float,
-                              "with --compile: fraction (0, 1] of activations to keep; the rest is recomputed"),
-    "compile-speed-first": ("train", "compile_lean", "off",
-                            "with --compile: keep torch's own recompute rules (a few %% faster on small models, "
-                            "about a third more activation memory)"),
-    "compile-autotune": ("train", "compile_autotune", bool,
-                         "with --compile: benchmark GEMM kernels per shape and keep the fastest (GPU; "
-                         "minutes of compilation on the first step)"),
-    "cuda-graphs": ("train", "cuda_graphs", bool,
-                    "with --compile: replay each block as CUDA graphs, rows padded to --max-length (GPU; "
-                    "pays where the CPU cannot keep up)"),
-    "fp8-base": ("train", "fp8_base", bool, "run the frozen base linears in FP8 while training (H100/Ada GPUs)"),
-    "attention": ("train", "attention", str,
-                  "sdpa | flash4: attention kernel for rows holding one causal sequence each (flash4: "
-                  "FlashAttention-4, needs the flash-attn-4 package and a Hopper/Blackwell GPU)"),
-    "masked-attention": ("train", "masked_attention", str,
-                         "sdpa | flex: attention kernel for rows with a mask, i.e. packed sequences and "
-                         "token trees (flex: FlexAttention, skips masked blocks; CUDA)"),
-    "eval-every": ("train", "eval_every", int, "evaluate every N steps (0: before and after only)"),
-    "save-every": ("train", "save_every", int, "checkpoint every N steps"),
-    "save-every-minutes": ("train", "save_every_minutes", float,
-                           "also checkpoint when this many minutes have passed since the last (0: off)"),
-    "seed": ("train", "seed", int, "random seed"),
-}
-
 
 def model_flags(p: argparse.ArgumentParser, adapter: bool = True) -> None:
-    """The flags that choose the model (and, where one is loaded, the adapter)."""
-    p.add_argument("--model", default="default", help=TRAIN_FLAGS["model"][3])
+    """The flags that choose the model (and, where one is loaded, the adapter) for the commands
+    that take no run config (eval, generate, merge, hub compose); help texts as train's."""
+    from .flags import HELP
+    p.add_argument("--model", default="default", help=HELP["model"])
     if adapter:
         p.add_argument("--adapter", help="adapter directory of any method (efftune's, or peft's LoRA, IA3, "
                                          "prompt tuning)")
         p.add_argument("--allow-pickle", action="store_true", help="allow loading adapter_model.bin (pickle)")
-    p.add_argument("--chat-template", action="store_true", help=TRAIN_FLAGS["chat-template"][3])
-    p.add_argument("--dtype", default="auto", help=TRAIN_FLAGS["dtype"][3])
-    p.add_argument("--device", default="auto", help=TRAIN_FLAGS["device"][3])
+    p.add_argument("--chat-template", action="store_true", help=HELP["chat_template"])
+    p.add_argument("--dtype", default="auto", help=HELP["dtype"])
+    p.add_argument("--device", default="auto", help=HELP["device"])
 
 
-BUILD_FLAGS = (  # flag(s), type, default, help
-    ("--together", int, 1, "modules trained at once in one forward/backward (each example through its own module)"),
-    ("--eval-size", int, None, "held-out examples per task (default 200, at most half a task; 0: no evaluation)"),
-    ("--rank --r", int, 8, "LoRA rank r"),
-    ("--alpha", float, 16.0, "LoRA alpha (scaling = alpha / r)"),
-    ("--dropout", float, 0.0, "LoRA dropout (0 keeps --together k equal to one by one)"),
-    ("--target-modules", str, "all-linear", "all-linear, comma-separated module-name suffixes, or a regex"),
-    ("--steps", int, 60, "optimizer steps per module"),
-    ("--batch-size", int, 16, "examples per step per module"),
-    ("--micro-batch-size", int, 0, "examples per module per forward pass (gradient accumulation)"),
-    ("--lr", float, 1e-3, "peak learning rate"),
-    ("--warmup-steps", int, 6, "linear warmup steps"),
-    ("--max-length", int, 512, "tokens per packed row"),
-    ("--precision", str, "auto", "auto | fp32 | bf16 autocast"),
-    ("--save-every", int, 20, "checkpoint every N steps"),
-    ("--seed", int, 0, "random seed (data order, adapter init)"),
-)
+def _eval_size_help(what: str) -> str:
+    from .data.examples import DEFAULT_EVAL_SIZE
+    return f"{what} (as in training; default {DEFAULT_EVAL_SIZE}, at most half a task)"
 
 
-def add_build_parser(subparsers) -> None:
-    """Add `build` to the `efftune hub` subcommands (run by efftune.compose.library.run_build)."""
-    b = subparsers.add_parser("build", help="train a library of LoRA modules, one per task (k at once), "
-                                            "for hub compose; resumes an interrupted build")
-    model_flags(b, adapter=False)
-    tasks = b.add_mutually_exclusive_group(required=True)
-    tasks.add_argument("--tasks", help="BIG-bench task names and/or JSONL files, comma-separated")
-    tasks.add_argument("--tasks-file", help="file with one task (BIG-bench name or JSONL path) a line")
-    b.add_argument("--output", required=True, help="library directory: one LoRA module per task + library.json")
-    for flag, typ, default, text in BUILD_FLAGS:
-        b.add_argument(*flag.split(), type=typ, default=default, help=text)
-    b.add_argument("--debug", action="store_true", help="show tracebacks")
+# `hub build` takes these config keys (the training part of a run config) from the same flag table;
+# train.eval_every is left out: a build evaluates before and after training only
+BUILD_KEYS = ("model", "chat_template", "dtype", "device", "eval_size", "lora", "train")
+BUILD_LEAVES_OUT = ("train.eval_every",)
+BUILD_HELP = {  # what the key means for a library of modules
+    "train.steps": "optimizer steps per module",
+    "train.batch_size": "examples per step per module",
+    "train.micro_batch_size": "examples per module per forward pass (gradient accumulation; 0: the whole batch)",
+    "lora.dropout": "LoRA dropout (0 keeps --together k equal to one by one)",
+}
+
+
+def build_flags():
+    """The config flags of `efftune hub build`: the `Flag`s of BUILD_KEYS."""
+    from .flags import config_flags
+    return [f for f in config_flags(BUILD_KEYS) if f.key not in BUILD_LEAVES_OUT]
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with its errors as one line (exit status 2, as argparse's own): its usage block
-    would add several. Subcommands get this class too (add_subparsers uses the parent's)."""
+    would add several. Subcommands get this class too (add_subparsers uses the parent's).
+
+    `populate(parser)` adds flags when this parser is first used: the config flags need the config
+    dataclasses, whose modules import torch and transformers (seconds), which `efftune tasks` or
+    `efftune --help` need not wait for."""
+
+    def __init__(self, *args, populate=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def populated(self) -> "Parser":
+        """This parser with all its flags."""
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(Parser, self.populated()).parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        return super(Parser, self.populated()).format_help()
 
     def error(self, message: str):
         self.exit(2, f"efftune: error: {message} (see `{self.prog} --help`)\n")
@@ -149,15 +106,52 @@ class Parser(argparse.ArgumentParser):
             parser = subs[0].choices[name]
 
 
-def parser() -> argparse.ArgumentParser:
+def add_config_flags(p: argparse.ArgumentParser, flags, help_overrides=None, notes=None) -> None:
+    from .flags import add_config_flags
+    add_config_flags(p, flags, help_overrides, notes)
+
+
+def config_flags(keys=None):
+    from .flags import config_flags
+    return config_flags(keys)
+
+
+def parser() -> Parser:
+    """The command line. Each subcommand's flags are added when it is parsed (Parser.populate)."""
     p = Parser(prog="efftune", description="Efficient fine-tuning of causal language models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command")
+    sub.add_parser("train", help="fine-tune (no arguments: LoRA on the embedded default model and task)",
+                   populate=_train_flags,
+                   usage="efftune train [--config FILE] [--resume | --resume-changed] [--overwrite] [--debug] "
+                         "[--KEY VALUE ...]",
+                   description="Fine-tune a model. Every config key is a flag (--KEY, --SECTION.KEY; train.* "
+                               "keys without their section: --steps) that overrides the --config YAML file; "
+                               "each flag's help ends with its key and default.")
+    sub.add_parser("eval", help="accuracy (multiple choice) or perplexity of a model, with an adapter or not",
+                   populate=_eval_flags)
+    sub.add_parser("generate", help="greedy generation", populate=_generate_flags)
+    sub.add_parser("merge", help="merge LoRA adapters (linear, TIES, DARE) into one adapter or a full model",
+                   populate=_merge_flags)
+    h = sub.add_parser("hub", help="LoraHub: build a library of LoRA modules (one per task) and compose it "
+                                   "for a new task from a few examples")
+    hsub = h.add_subparsers(dest="hub_command", required=True)
+    hsub.add_parser("compose", help="search weights for the library's modules on a few examples (gradient-free) "
+                                    "and save the composition as one LoRA adapter", populate=_compose_flags)
+    hsub.add_parser("build", help="train a library of LoRA modules, one per task (k at once), for hub compose; "
+                                  "resumes an interrupted build", populate=_build_flags,
+                    usage="efftune hub build (--tasks T1,T2,... | --tasks-file FILE) --output LIB [--together K] "
+                          "[--debug] [--KEY VALUE ...]",
+                    description="Train a library of LoRA modules, one per task. The training flags are "
+                                "`efftune train`'s, with the same defaults; the config key is given in brackets.")
+    k = sub.add_parser("tasks", help="list BIG-bench tasks with their kind and size")
+    k.add_argument("--kind", choices=["multiple_choice", "generative", "mixed"], help="only this kind")
+    k.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
 
-    t = sub.add_parser("train", help="fine-tune (no arguments: LoRA on the embedded default model and task)",
-                       description="Fine-tune a model. Flags override keys of the --config YAML file; "
-                                   "the config key is given in brackets (lora.* keys live under "
-                                   "lora_fa.* with --method lora-fa).")
+
+def _train_flags(t: argparse.ArgumentParser) -> None:
+    from .flags import add_config_flags, config_flags
     t.add_argument("--config", help="YAML run config (keys as in the brackets below)")
     t.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     t.add_argument("--resume-changed", action="store_true",
@@ -166,31 +160,25 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing run in --output (it is kept until the new run's first checkpoint)")
     t.add_argument("--debug", action="store_true", help="show tracebacks")
-    for flag, (section, key, typ, text) in TRAIN_FLAGS.items():
-        name = f"{section}.{key}" if section else key
-        if typ is bool:
-            t.add_argument(f"--{flag}", action="store_true", default=None, help=f"{text} [{name}]")
-        elif typ == "off":
-            where = f"lora_fa.{key}" if section == "lora" else name
-            t.add_argument(f"--{flag}", action="store_false", default=None, help=f"{text} [{where}: false]")
-        else:
-            t.add_argument(f"--{flag}", type=typ, help=f"{text} [{name}]")
+    add_config_flags(t, config_flags())
 
-    e = sub.add_parser("eval", help="accuracy (multiple choice) or perplexity of a model, with an adapter or not")
+
+def _eval_flags(e: argparse.ArgumentParser) -> None:
     model_flags(e)
     e.add_argument("--task", help="BIG-bench task(s), comma-separated: scored on the held-out split")
     e.add_argument("--data", help="JSONL file to score (all rows)")
-    e.add_argument("--eval-size", type=int, help="held-out examples per task (as in training; default 200, at "
-                                                 "most half a task)")
+    e.add_argument("--eval-size", type=int, help=_eval_size_help("held-out examples per task"))
     e.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    g = sub.add_parser("generate", help="greedy generation")
+
+def _generate_flags(g: argparse.ArgumentParser) -> None:
     model_flags(g)
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (at least 1)")
     g.add_argument("prompt")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    m = sub.add_parser("merge", help="merge LoRA adapters (linear, TIES, DARE) into one adapter or a full model")
+
+def _merge_flags(m: argparse.ArgumentParser) -> None:
     model_flags(m, adapter=False)
     m.add_argument("--allow-pickle", action="store_true", help="allow loading adapter_model.bin (pickle)")
     m.add_argument("--adapters", required=True, help="adapter directories, comma-separated")
@@ -204,14 +192,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--output", required=True, help="directory for the merged adapter (or model)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory (once the "
                                                             "new output is completely written)")
-    m.add_argument("--full-model", action="store_true", help="write a whole transformers model with the merge folded in")
+    m.add_argument("--full-model", action="store_true",
+                   help="write a whole transformers model with the merge folded in")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    h = sub.add_parser("hub", help="LoraHub: build a library of LoRA modules (one per task) and compose it "
-                                   "for a new task from a few examples")
-    hsub = h.add_subparsers(dest="hub_command", required=True)
-    c = hsub.add_parser("compose", help="search weights for the library's modules on a few examples (gradient-free) "
-                                        "and save the composition as one LoRA adapter")
+
+def _compose_flags(c: argparse.ArgumentParser) -> None:
     model_flags(c, adapter=False)
     c.add_argument("--library", required=True,
                    help="directory whose subdirectories are LoRA adapters (efftune's or peft's), one per module")
@@ -220,8 +206,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--shots", type=int, default=5, help="with --task: few-shot examples drawn (seeded)")
     c.add_argument("--eval-data", help="JSONL multiple-choice examples to report held-out accuracy on "
                                        "(default with --task: its held-out split)")
-    c.add_argument("--eval-size", type=int, help="with --task: held-out examples (as in training; default 200, "
-                                                 "at most half a task)")
+    c.add_argument("--eval-size", type=int, help=_eval_size_help("with --task: held-out examples"))
     c.add_argument("--max-modules", type=int, default=20, help="modules sampled from the library (seeded)")
     c.add_argument("--budget", type=int, default=40, help="objective evaluations (forward passes) of the search")
     c.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name")
@@ -233,36 +218,51 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--full-model", action="store_true", help="write a whole transformers model with it merged in")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    add_build_parser(hsub)
 
-    k = sub.add_parser("tasks", help="list BIG-bench tasks with their kind and size")
-    k.add_argument("--kind", choices=["multiple_choice", "generative", "mixed"], help="only this kind")
-    k.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+def _build_flags(b: argparse.ArgumentParser) -> None:
+    """`efftune hub build` (run by _hub_build): its own flags, then train's for the training part."""
+    from .flags import add_config_flags
+    tasks = b.add_mutually_exclusive_group(required=True)
+    tasks.add_argument("--tasks", help="BIG-bench task names and/or JSONL files, comma-separated")
+    tasks.add_argument("--tasks-file", help="file with one task (BIG-bench name or JSONL path) a line")
+    b.add_argument("--output", required=True, help="library directory: one LoRA module per task + library.json")
+    b.add_argument("--together", type=int, default=1,
+                   help="modules trained at once in one forward/backward (each example through its own module)")
+    b.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_config_flags(b, build_flags(), BUILD_HELP, notes={})
+
+
+def train_config(args: argparse.Namespace):
+    """`efftune train`'s run config: the --config file with the flags given over it."""
+    from .config import load_config
+    from .flags import config_flags, overrides_from
+
+    # the LoRA aliases (--rank, ...) set the section of the method in use (lora_fa.r with --method lora-fa)
+    method = getattr(args, "method", None) or load_config(args.config).method
+    return load_config(args.config, overrides_from(args, config_flags(), method))
+
+
+def build_config(args: argparse.Namespace):
+    """`efftune hub build`'s run config (model, eval_size, lora, train): its flags, checked as train's."""
+    from .config import load_config
+    from .flags import overrides_from
+    return load_config(None, overrides_from(args, build_flags()))
 
 
 def _train(args) -> dict:
-    from .config import load_config
     from .finetune import run
-
-    overrides: dict = {}
-    for flag, (section, key, typ, _) in TRAIN_FLAGS.items():
-        value = getattr(args, flag.replace("-", "_"))
-        if value is None:
-            continue
-        if key == "target_modules" and value != "all-linear" and re.fullmatch(r"[\w.,\s-]+", value):
-            value = [v.strip() for v in value.split(",") if v.strip()]  # suffixes; anything else is a regex
-        if section:
-            overrides.setdefault(section, {})[key] = value
-        else:
-            overrides[key] = value
-    # LoRA flags set the section of the method in use (lora_fa.r with --method lora-fa)
-    method = overrides.get("method") or load_config(args.config).method
-    if method == "lora-fa" and "lora" in overrides:
-        overrides["lora_fa"] = overrides.pop("lora")
-    cfg = load_config(args.config, overrides)
-    return run(cfg, overwrite=args.overwrite, resume=args.resume, resume_changed=args.resume_changed,
+    return run(train_config(args), overwrite=args.overwrite, resume=args.resume, resume_changed=args.resume_changed,
                log=lambda m: print(m, file=sys.stderr))
+
+
+def _hub_build(args) -> dict:
+    from .compose.library import build_library, read_tasks_file
+
+    cfg = build_config(args)
+    tasks = read_tasks_file(args.tasks_file) if args.tasks_file else [t for t in args.tasks.split(",") if t.strip()]
+    return build_library(cfg.model, tasks, args.output, cfg.lora, cfg.train, together=args.together,
+                         eval_size=cfg.eval_size, chat_template=cfg.chat_template, dtype=cfg.dtype,
+                         device=cfg.device, log=lambda m: print(m, file=sys.stderr))
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:
@@ -455,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "merge":
             print(json.dumps(_merge(args)))
         elif command == "hub" and args.hub_command == "build":
-            from .compose.library import run_build
-            print(json.dumps(run_build(args)))
+            print(json.dumps(_hub_build(args)))
         elif command == "hub":
             print(json.dumps(_hub_compose(args)))
         elif command == "tasks":

@@ -267,6 +267,12 @@ ROWS = [
     row("dropout-out-of-range", lambda c: (c.train("--dropout", "1.5"), "dropout")),
     row("method-unknown", lambda c: (c.train("--method", "qlora"), "'qlora'")),
     row("flag-not-an-int", lambda c: (c.train("--steps", "ten"), ("--steps", "'ten'"))),
+    row("flag-list-not-ints", lambda c: (c.train("--expert-lora.experts", "1,x"), ("--expert-lora.experts",
+                                                                                    "'1,x'"))),
+    row("weight-decay-negative", lambda c: (c.train("--weight-decay", "-1"), "train.weight_decay")),
+    row("method-option-out-of-range", lambda c: (c.train("--method", "mixlora", "--mixlora.top-k", "9"),
+                                                 ("mixlora.top_k", "mixlora.num_experts"))),
+    row("lora-fa-rank-zero", lambda c: (c.train("--method", "lora-fa", "--rank", "0"), "lora_fa.r")),
     row("flag-unknown", lambda c: (c.train("--nosuch-flag", "1"), ("--nosuch-flag", "efftune train --help"))),
     row("flag-misspelled", lambda c: (c.train("--stpes", "5"), ("--stpes", "did you mean --steps?"))),
     # -- config files ---------------------------------------------------------------------------------
@@ -366,6 +372,8 @@ ROWS = [
                                            "--output", c.out("lib")], "./no-such-model")),
     row("build-rank-zero", lambda c: (["hub", "build", "--model", c.model, "--tasks", c.data, "--rank", "0",
                                        "--output", c.out("lib")], "lora.r")),
+    row("build-grad-clip-negative", lambda c: (["hub", "build", "--model", c.model, "--tasks", c.data,
+                                                "--grad-clip", "-1", "--output", c.out("lib")], "train.grad_clip")),
     row("tasks-kind-unknown", lambda c: (["tasks", "--kind", "essay"], ("--kind", "'essay'"))),
 ]
 

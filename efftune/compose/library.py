@@ -502,20 +502,3 @@ def _train_group(model, group: list[LibraryTask], seqs: dict, formatter: Formatt
         model, formatter, {n: held_out[n] for n in which if n in held_out}).items()}) if held_out else None
     train_together(model, seqs, cfg, work, pad_id=pad_id, evaluate=evaluate, on_step=on_step)
 
-
-# ---- command line: `efftune hub build` ------------------------------------------------------------------
-
-def run_build(args) -> dict:
-    """`efftune hub build` (its flags are defined in efftune/cli.py)."""
-    import sys
-    tasks = read_tasks_file(args.tasks_file) if args.tasks_file else [t for t in args.tasks.split(",") if t.strip()]
-    targets = args.target_modules
-    if targets != "all-linear" and re.fullmatch(r"[\w.,\s-]+", targets):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    lora_cfg = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets)
-    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                            lr=args.lr, warmup_steps=args.warmup_steps, max_length=args.max_length,
-                            precision=args.precision, save_every=args.save_every, seed=args.seed)
-    return build_library(args.model, tasks, args.output, lora_cfg, train_cfg, together=args.together,
-                         eval_size=args.eval_size, chat_template=args.chat_template, dtype=args.dtype,
-                         device=args.device, log=lambda m: print(m, file=sys.stderr))

@@ -14,6 +14,7 @@ On disk a LoRA-FA adapter is a LoRA adapter (peft format); `load_lora_fa` re-fre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from .lora import LoraAdapter, LoraConfig, adapter_input, add_lora
 class LoraFAConfig(LoraConfig):
     correction: bool = True   # precondition grad_B by (A Aᵀ + δI)⁻¹ / s²
     delta: float = 1e-8
+    SECTION: ClassVar[str] = "lora_fa"
 
     def __post_init__(self):
         super().__post_init__()

@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from efftune.compose.library import (INDEX_FILE, WORK_DIR, accuracies_together, build_library,
-                                     module_name, run_build)
+from efftune.compose.library import INDEX_FILE, WORK_DIR, accuracies_together, build_library, module_name
 from efftune.compose.lorahub import load_library, lorahub
 from efftune.data import Formatter, MultipleChoice
 from efftune.errors import ConfigError, DataError, EfftuneError
@@ -224,17 +223,19 @@ def test_bigbench_tasks_and_clear_errors(fake_bigbench, tokenizer, tmp_path):  #
     assert (out / "stray" / "notes.txt").read_text() == "mine"
 
 
-def test_cli_build(tasks, tokenizer, tmp_path):
+def test_cli_build(tasks, tokenizer, tmp_path, capsys):
     model_dir = tmp_path / "model"
     tiny_llama().save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     (tmp_path / "tasks.txt").write_text(f"# my library\n{tasks[0]}\n\n{tasks[1]}  # second\n")
-    from efftune.cli import parser
+    from efftune.cli import main, parser
     p = parser()
-    args = p.parse_args(["hub", "build", "--model", str(model_dir), "--tasks-file", str(tmp_path / "tasks.txt"),
-                         "--output", str(tmp_path / "lib"), "--steps", "2", "--batch-size", "2", "--together", "2",
-                         "--r", "2", "--lr", "0.01", "--target-modules", "q_proj,v_proj", "--eval-size", "4"])
-    summary = run_build(args)
+    code = main(["hub", "build", "--model", str(model_dir), "--tasks-file", str(tmp_path / "tasks.txt"),
+                 "--output", str(tmp_path / "lib"), "--steps", "2", "--batch-size", "2", "--together", "2",
+                 "--r", "2", "--lr", "0.01", "--target-modules", "q_proj,v_proj", "--eval-size", "4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
     assert summary["built"] == ["colors", "parity"] and summary["together"] == 2
     config = json.loads((tmp_path / "lib" / "colors" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"]
