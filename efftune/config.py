@@ -38,8 +38,9 @@ class RunConfig:
     task: list[str] = field(default_factory=lambda: [DEFAULT_TASK])  # BIG-bench task(s)
     data: str | None = None           # a JSONL file instead of BIG-bench
     eval_data: str | None = None      # a JSONL file to evaluate on (default: held-out split)
-    eval_size: int | None = None      # held-out examples per task, split off before training (None: 200,
-                                      # at most half a task; a number asked for must fit in half)
+    eval_size: int | None = None      # held-out examples per task, split off before training (None:
+                                      # data.examples.DEFAULT_EVAL_SIZE, at most half a task; a number
+                                      # asked for must fit in half)
     method: str = "lora"
     output: str = "runs/efftune"
     chat_template: bool = False
