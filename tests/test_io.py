@@ -17,7 +17,8 @@ def logits(m):
         return m(input_ids=IDS).logits
 
 
-def trained_adapter(tmp_path, cfg=LoraConfig(r=4, alpha=8)):
+def trained_adapter(tmp_path, cfg: LoraConfig | None = None):
+    cfg = cfg or LoraConfig(r=4, alpha=8)
     m = tiny_llama()
     add_lora(m, cfg)
     randomize_lora(m)

@@ -80,7 +80,7 @@ def choice_scores(model: nn.Module, formatter: Formatter, examples: Sequence[Mul
                 totals.setdefault(tag, []).append(value)
             bar.update(len({i for i, _ in batch.tags}))  # a row holds whole examples
     scores: list[list[float]] = [[] for _ in examples]
-    for (i, j), values in sorted(totals.items()):
+    for (i, _choice), values in sorted(totals.items()):
         scores[i].append(sum(values) / (len(values) if normalize == "mean" else 1))
     return scores
 

@@ -147,7 +147,7 @@ class SwigluLora(torch.autograd.Function):
         dzd = dy @ b_d
         dh0 = dy @ w_d  # the frozen down projection's input gradient, plain: its LoRA term joins in the pass
         dgu, h = torch.ops.efftune.swiglu_lora_backward(dh0, dzd, a_d, gu, b_g, b_u)
-        (f, rg), ru = b_g.shape, b_u.shape[1]
+        f, rg = b_g.shape
         z, dz = gu[:, 2 * f:], dgu[:, 2 * f:]
         # the reductions over tokens first, while the pass's last writes of h, dg and du are in L2
         da_d, db_g, db_u = dzd.t() @ h, dgu[:, :f].t() @ z[:, :rg], dgu[:, f:2 * f].t() @ z[:, rg:]

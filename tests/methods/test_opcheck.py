@@ -5,6 +5,8 @@ versions; the CUDA cases (the Triton kernels of the SwiGLU op) run where a GPU i
 (flash4's two ops are checked in tests/eval/test_flash4.py, whose reference kernels they need.)"""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -21,9 +23,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 OPS = torch.ops.efftune
 
 
-def randn(*shape, device="cpu", dtype=torch.float32, seed=[0]):
-    seed[0] += 1  # a different tensor every call, the same ones every run
-    g = torch.Generator().manual_seed(seed[0])
+_CALLS = itertools.count(1)  # a different tensor every call, the same ones every run
+
+
+def randn(*shape, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(next(_CALLS))
     return torch.randn(*shape, generator=g, dtype=dtype).to(device)
 
 

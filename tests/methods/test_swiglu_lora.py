@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers, set_active_adapters, unload_lora
+from efftune.methods.lora import LoraConfig, add_lora, set_active_adapters, unload_lora
 from efftune.methods.swiglu_lora import (FusedSwiGLU, is_swiglu_mlp, swiglu_backward_reference,
                                          swiglu_forward_reference, triton_available, unwrap_swiglu_mlps)
 from tests.conftest import randomize_lora, tiny_llama
