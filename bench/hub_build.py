@@ -1,9 +1,9 @@
-"""Building a LoRA module library: k modules one by one (`train()` each) vs k at once (`train_together`).
+"""Building a LoRA module library: k modules one by one (`train()` each) vs k at once (one `train()`).
 
 Both modes train the same k LoRA modules (r=8, alpha=16, all linear layers) for the same steps on
 the same per-task batches; one-by-one runs `efftune.train.loop.train` once per module (what
 `efftune hub build --together 1` does), k-at-once runs all k in one forward/backward per step with
-each row going through its own task's adapter (`--together k`). Tokens/s counts the examples' own
+each row going through its own task's adapter (`--together k`: `train()` given {adapter: sequences}). Tokens/s counts the examples' own
 tokens (as train()'s metrics do) over the timed steps, i.e. after `--warmup` steps of each run;
 the time is the sum of the per-step times the loops log (no evaluation, checkpoints or plots).
 
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import SHAPES, build_model  # noqa: E402  (the benchmark shapes, one definition)
 
-from efftune.compose.library import resolve_tasks, train_together  # noqa: E402
+from efftune.compose.library import resolve_tasks  # noqa: E402
 from efftune.data import Encoded, Formatter  # noqa: E402
 from efftune.data.tokenize import IGNORE  # noqa: E402
 from efftune.methods.lora import (LoraConfig, add_lora, delete_adapter, set_active_adapters,  # noqa: E402
@@ -105,7 +105,8 @@ def run(model, tasks: dict[str, list[Encoded]], cfg: TrainConfig, lora: LoraConf
             train(model, tasks[n], cfg, work / mode / n, pad_id=pad_id)
             seconds += timed(rows_of(work / mode / n / "metrics.jsonl"), warmup)
     else:
-        train_together(model, tasks, cfg, work / mode, pad_id=pad_id)
+        set_trainable_adapters(model, names)
+        train(model, tasks, cfg, work / mode, pad_id=pad_id)
         seconds = timed(rows_of(work / mode / names[0] / "metrics.jsonl"), warmup)
     wall = time.perf_counter() - wall
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None

@@ -9,21 +9,21 @@ Resuming is the default: a finished module is never retrained, and an unfinished
 from its last checkpoint. Checkpoints are per module and in `train()`'s format, so a build may
 resume with another `together`.
 
-**k modules at once** (`together=k`): every step takes each task's `batch_size` examples exactly
-as `train()` alone would (same seeded order), lays each task's examples out in rows of its own,
-and runs all rows in one forward/backward over the frozen base under `mixed_adapter_batch`, so a
-row only goes through its task's adapter. The loss is `Σ_task (answer NLL of the task) / (answer
-tokens of the task)`; adapters share no parameters, so each gets exactly its own loss's gradient.
-Gradient clipping is per module and each module has its own AdamW (same hyperparameters as
-`train()`), so with the same per-task batches and learning rate, k-at-once equals one-by-one up to
-float rounding (reduction order and padding change the last bits). What is *not* equal: dropout
-masks (drawn from one RNG stream in another order; use dropout 0 for equality), and wall-clock
-metadata (`seconds` of a module trained with others is the shared time of those steps).
+**k modules at once** (`together=k`) is `efftune.train.loop.train`'s k-adapter mode (everything
+the loop does applies: compile, CUDA graphs, FP8 base, attention kernels, MoE balance losses,
+checkpoints, signals): every step takes each task's `batch_size` examples exactly as training the
+module alone would (same seeded order), lays each task's examples out in rows of its own, and
+runs all rows in one forward/backward over the frozen base, each row through its own task's
+adapter. The loss is `Σ_task (answer NLL of the task) / (answer tokens of the task)`; adapters
+share no parameters, so each gets exactly its own loss's gradient, and gradient clipping and
+AdamW act per module, so k-at-once equals one-by-one up to float rounding (reduction order and
+padding change the last bits). What is *not* equal: dropout masks (drawn from one RNG stream in
+another order; use dropout 0 for equality), and wall-clock metadata (`seconds` of a module
+trained with others is the shared time of those steps).
 """
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import time
@@ -35,12 +35,11 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..data import Encoded, Example, Formatter, MultipleChoice, load_jsonl, load_task, split_examples
-from ..data.layout import collate, training_rows
-from ..data.tokenize import IGNORE, truncation_note
-from ..errors import CheckpointError, ConfigError, DataError, EfftuneError, TrainingDiverged
+from ..data.layout import collate
+from ..data.tokenize import truncation_note
+from ..errors import ConfigError, DataError, EfftuneError
 from ..eval.logprobs import target_logprobs
 from ..eval.multiple_choice import multiple_choice_accuracy, score_rows
 from ..io import (CONFIG_FILE, WEIGHTS_FILE, base_model_name, read_adapter_config, save_adapter,
@@ -48,9 +47,8 @@ from ..io import (CONFIG_FILE, WEIGHTS_FILE, base_model_name, read_adapter_confi
 from ..methods.attach import find_targets
 from ..methods.lora import (LoraConfig, add_lora, check_ranks, delete_adapter, lora_layers, mixed_adapter_batch,
                             set_active_adapters, set_trainable_adapters)
-from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..train.loop import (TrainConfig, TrainHooks, autocast_for, clip_grad_norm, enable_activation_checkpointing,
-                          example_order, make_optimizer, prune_checkpoints, train)
+from ..train.checkpoint import latest_checkpoint, read_state
+from ..train.loop import TrainConfig, TrainHooks, example_order, read_metrics, train
 from ..train.seed import seed_everything
 
 INDEX_FILE = "library.json"
@@ -148,148 +146,7 @@ def write_index(output_dir: Path, build: dict) -> dict:
     return index
 
 
-# ---- training k modules at once -------------------------------------------------------------------
-
-def _adapter_params(model: nn.Module, name: str) -> list[torch.Tensor]:
-    """The adapter's parameters in model order (the order train() builds its optimizer in)."""
-    own = {id(p) for _, layer in lora_layers(model) if name in layer.adapters
-           for p in layer.adapters[name].parameters()}
-    return [p for p in model.parameters() if id(p) in own]
-
-
-@contextmanager
-def _only_trainable(model: nn.Module, name: str, everyone: list[str]):
-    """Checkpoints hold 'the trainable parameters': narrow them to one module while saving/loading."""
-    set_trainable_adapters(model, [name])
-    try:
-        yield
-    finally:
-        set_trainable_adapters(model, everyone)
-
-
-def _read_rows(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
-
-
-def _append_row(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def train_together(model: nn.Module, sequences: dict[str, Sequence[Encoded]], config: TrainConfig,
-                   work_dir: str | Path, *, pad_id: int = 0,
-                   evaluate: Callable[[list[str]], dict[str, dict]] | None = None,
-                   on_step: Callable[[list[str], int], None] | None = None) -> None:
-    """Train the attached adapters named by `sequences`' keys at once, each on its own sequences.
-
-    Each adapter's run lives in `work_dir/<name>/` (metrics.jsonl, checkpoints/) in `train()`'s
-    format and resumes from its own latest checkpoint; adapters at different steps train
-    together from the step each is at. `evaluate(names)` -> {name: metrics} runs before step 1
-    (adapters starting fresh) and after the last step; `on_step(names, done)` after each step.
-    """
-    names = list(sequences)
-    if not names:
-        raise ConfigError("train_together: no adapters to train")
-    work_dir = Path(work_dir)
-    device = next(model.parameters()).device
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
-    set_trainable_adapters(model, names)
-    params = {n: _adapter_params(model, n) for n in names}
-    # train()'s optimizer, one per module, so a module's checkpoints load in either
-    optimizers = {n: make_optimizer(params[n], config, device) for n in names}
-    if config.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    torch.manual_seed(config.seed)
-
-    start: dict[str, int] = {}
-    for n in names:  # resume each module from its own checkpoint
-        (work_dir / n).mkdir(parents=True, exist_ok=True)
-        found = latest_checkpoint(work_dir / n / "checkpoints")
-        start[n] = 0
-        if found is not None:
-            with _only_trainable(model, n, names):
-                state = load_checkpoint(found, model, optimizers[n])
-            if state.get("train_config", {}).get("seed") != config.seed:
-                raise CheckpointError(f"checkpoint {found} was made with another seed; resume needs the same config")
-            start[n] = state["step"]
-        rows = [r for r in _read_rows(work_dir / n / "metrics.jsonl") if r.get("step", 0) <= start[n]]
-        (work_dir / n / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def run_eval(which: list[str], step: int) -> None:
-        if not evaluate or not which:
-            return
-        model.eval()
-        for n, result in evaluate(which).items():
-            _append_row(work_dir / n / "metrics.jsonl", {"eval": True, "step": step, **result})
-        model.train()
-
-    run_eval([n for n in names if start[n] == 0], 0)
-    model.train()
-    micro = config.micro_batch_size or config.batch_size
-    first = min(start.values())
-    bar = tqdm(total=config.steps, initial=first, desc=f"train {len(names)} modules", unit="step",
-               dynamic_ncols=True)
-    for step in range(first, config.steps):
-        t0 = time.perf_counter()
-        live = [n for n in names if start[n] <= step]
-        batches = {n: [sequences[n][i] for i in example_order(len(sequences[n]), config.seed,
-                                                              step * config.batch_size, config.batch_size)]
-                   for n in live}
-        n_targets = [sum(1 for s in batches[n] for t in s.labels if t != IGNORE) for n in live]
-        lr = config.lr * TrainHooks().lr_multiplier(step, config)
-        for n in live:
-            for g in optimizers[n].param_groups:
-                g["lr"] = lr
-        totals = [0.0] * len(live)
-        for m0 in range(0, config.batch_size, micro):
-            rows, owner = [], []
-            for j, n in enumerate(live):  # a row never mixes tasks: it goes through one adapter
-                part = training_rows(batches[n][m0:m0 + micro], config.max_length)
-                rows += part
-                owner += [j] * len(part)
-            inputs = collate(rows, pad_id, attention).to(device)
-            task_of_row = torch.tensor(owner, device=device)
-            with mixed_adapter_batch(model, [live[j] for j in owner]):
-                with autocast_for(config.precision, device):
-                    logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
-                                           inputs.position_ids, inputs.mask)
-                scale = torch.tensor([1.0 / t for t in n_targets], dtype=logp.dtype, device=device)
-                per_task = torch.zeros(len(live), dtype=logp.dtype, device=device).index_add(
-                    0, task_of_row[inputs.rows], -logp) * scale
-                per_task.sum().backward()  # inside the context: checkpointed layers recompute here
-            totals = [a + b for a, b in zip(totals, per_task.tolist())]
-        bad = [n for n, t in zip(live, totals) if not math.isfinite(t)]
-        if bad:
-            bar.close()
-            raise TrainingDiverged(f"loss of module(s) {', '.join(bad)} became non-finite at step {step + 1}; "
-                                   f"stopped (checkpoints under {work_dir})")
-        norms = {}
-        for n in live:
-            norms[n] = clip_grad_norm(params[n], config.grad_clip)
-            optimizers[n].step()
-            optimizers[n].zero_grad(set_to_none=True)
-        done = step + 1
-        if on_step is not None:
-            on_step(live, done)
-        dt = time.perf_counter() - t0
-        step_tokens = sum(len(s) for n in live for s in batches[n])
-        for j, n in enumerate(live):
-            _append_row(work_dir / n / "metrics.jsonl", {
-                "step": done, "loss": round(totals[j], 6), "lr": lr, "grad_norm": round(norms[n], 4),
-                "tokens": sum(len(s) for s in batches[n]), "tokens_per_s": round(step_tokens / dt, 1),
-                "seconds": round(dt, 3), "together": len(live)})
-        bar.set_postfix(loss=f"{sum(totals) / len(totals):.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
-        bar.update(1)
-        if (config.save_every and done % config.save_every == 0) or done == config.steps:
-            for n in live:
-                root = work_dir / n / "checkpoints"
-                with _only_trainable(model, n, names):
-                    save_checkpoint(root / f"step-{done:06d}", model, optimizers[n], done,
-                                    {"train_config": asdict(config)})
-                prune_checkpoints(root, config.keep_checkpoints)
-    bar.close()
-    run_eval(names, config.steps)
-
+# ---- evaluating k modules at once -------------------------------------------------------------------
 
 @torch.no_grad()
 def accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
@@ -297,6 +154,16 @@ def accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[s
     """Multiple-choice accuracy of each adapter on its own examples, every adapter in the same
     forward passes (`rows_per_batch` rows per adapter per pass); as `multiple_choice_accuracy`
     with that adapter alone active, up to rounding."""
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        return _accuracies_together(model, formatter, examples, row_tokens, rows_per_batch)
+    finally:
+        model.train(was_training)
+
+
+def _accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
+                         row_tokens: int, rows_per_batch: int) -> dict[str, float]:
     device = next(model.parameters()).device
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
     rows, owner = [], []
@@ -327,14 +194,15 @@ def accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[s
 # ---- the build --------------------------------------------------------------------------------------
 
 class _StepHook(TrainHooks):
-    """train()'s plain schedule plus a callback after each step (progress, tests' interruptions)."""
+    """train()'s plain schedule plus `on_step(modules, done)` after each step, naming the modules
+    that trained in it (progress, tests' interruptions); `starts`: each module's first step."""
 
-    def __init__(self, names: list[str], on_step):
-        self.names, self.on_step = names, on_step
+    def __init__(self, starts: dict[str, int], on_step):
+        self.starts, self.on_step = starts, on_step
 
     def after_step(self, done, optimizer):
         if self.on_step is not None:
-            self.on_step(self.names, done)
+            self.on_step([n for n, start in self.starts.items() if start < done], done)
         return {}
 
 
@@ -462,7 +330,7 @@ def _build_pending(model, tokenizer, pending, output_dir: Path, build: dict, wan
         try:
             _train_group(model, group, seqs, formatter, train_cfg, work, pad_id, on_step)
             for s in group:
-                rows = _read_rows(work / s.name / "metrics.jsonl")
+                rows = read_metrics(work / s.name / "metrics.jsonl")
                 out = _outcome(rows, train_cfg.steps)
                 if s.held_out and out["accuracy_after"] is None:  # stopped between last checkpoint and eval
                     set_active_adapters(model, s.name)
@@ -486,19 +354,23 @@ def _build_pending(model, tokenizer, pending, output_dir: Path, build: dict, wan
 
 def _train_group(model, group: list[LibraryTask], seqs: dict, formatter: Formatter, cfg: TrainConfig,
                  work: Path, pad_id: int, on_step) -> None:
+    """Train the group's modules, each with its run in `work/<module>/`, resuming those that have a
+    checkpoint: one module as `efftune train` trains it, several at once (train()'s k-adapter mode)."""
     names = [s.name for s in group]
-    if len(group) == 1:  # one module: the plain training loop, as `efftune train` runs it
+    set_trainable_adapters(model, names)  # and nothing else: a passed model's own adapters stay as they are
+    found = {n: latest_checkpoint(work / n / "checkpoints") for n in names}
+    starts = {n: read_state(c)["step"] if c else 0 for n, c in found.items()}
+    hooks, resume = _StepHook(starts, on_step), any(found.values())
+    if len(group) == 1:
         s = group[0]
         set_active_adapters(model, s.name)
         evaluate = (lambda m: {"accuracy": round(multiple_choice_accuracy(m, formatter, s.held_out), 4)}) \
             if s.held_out else None
-        resume = latest_checkpoint(work / s.name / "checkpoints") is not None
-        train(model, seqs[s.name], cfg, work / s.name, pad_id=pad_id, resume=resume, evaluate=evaluate,
-              hooks=_StepHook(names, on_step))
+        train(model, seqs[s.name], cfg, work / s.name, pad_id=pad_id, resume=resume, evaluate=evaluate, hooks=hooks)
         return
-    set_active_adapters(model, names)
     held_out = {s.name: s.held_out for s in group if s.held_out}
-    evaluate = (lambda which: {n: {"accuracy": a} for n, a in accuracies_together(
-        model, formatter, {n: held_out[n] for n in which if n in held_out}).items()}) if held_out else None
-    train_together(model, seqs, cfg, work, pad_id=pad_id, evaluate=evaluate, on_step=on_step)
+    evaluate = (lambda m, which: {n: {"accuracy": a} for n, a in accuracies_together(
+        m, formatter, {n: held_out[n] for n in which if n in held_out}).items()}) if held_out else None
+    train(model, {n: seqs[n] for n in names}, cfg, work, pad_id=pad_id, resume=resume, evaluate=evaluate,
+          hooks=hooks)
 

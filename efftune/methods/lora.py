@@ -6,6 +6,7 @@ the model stays the user's transformers model throughout.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from contextlib import contextmanager
@@ -196,7 +197,8 @@ class LoraLayer(nn.Module):
     """A base module plus named LoRA adapters; `active` ones add their update in `forward`.
 
     During a mixed-adapter batch (`mixed_adapter_batch`), `batch_adapters` names the adapter of
-    each example (or None for the base model) and each adapter runs only on its own rows.
+    each example (or None for the base model), `batch_rows` holds each adapter's row indices on
+    this layer's device, and each adapter runs only on its own rows.
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -206,7 +208,7 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.batch_adapters: Sequence[str | None] | None = None
-        self._row_cache: dict | None = None  # see _batch_rows
+        self.batch_rows: dict[str, torch.Tensor] | None = None
         self.fused: FusedLinears | None = None  # set by link_fused_linears
         self.fused_slot = 0
 
@@ -264,24 +266,17 @@ class LoraLayer(nn.Module):
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.merged:
             raise EfftuneError("a mixed-adapter batch needs unmerged adapters; call unmerge_lora first")
-        per_example = self.batch_adapters
-        if len(per_example) != x.shape[0]:
-            raise EfftuneError(f"mixed-adapter batch names {len(per_example)} adapters for {x.shape[0]} examples")
-        for name in dict.fromkeys(n for n in per_example if n is not None and n in self.adapters):
-            rows = self._batch_rows(name, x.device)
-            delta = self.lora_delta(self.adapters[name], x.index_select(0, rows))
-            y = y.index_add(0, rows, delta.to(y.dtype))
+        # Compiled (torch.compile of the block), this reads only tensors and the adapters' names: which
+        # row goes where is data, so a new layout of rows is no new graph. The check is eager-only.
+        if not torch.compiler.is_compiling() and len(self.batch_adapters) != x.shape[0]:
+            raise EfftuneError(f"mixed-adapter batch names {len(self.batch_adapters)} adapters for "
+                               f"{x.shape[0]} examples")
+        for name, adapter in self.adapters.items():
+            rows = self.batch_rows.get(name)
+            if rows is not None:
+                delta = self.lora_delta(adapter, x.index_select(0, rows))
+                y = y.index_add(0, rows, delta.to(y.dtype))
         return y
-
-    def _batch_rows(self, name: str, device: torch.device) -> torch.Tensor:
-        """Row indices of adapter `name` in the batch, made once per batch and device and shared
-        by every layer (`_row_cache` is one dict for the whole model): a fresh host-to-device copy
-        in each layer would stall the GPU once per layer."""
-        cache = self._row_cache if self._row_cache is not None else {}
-        key = (name, str(device))
-        if key not in cache:
-            cache[key] = torch.tensor([i for i, n in enumerate(self.batch_adapters) if n == name], device=device)
-        return cache[key]
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -481,11 +476,18 @@ def mixed_adapter_batch(model: nn.Module, per_example: Sequence[str | None]):
     if unknown:
         raise EfftuneError(f"mixed-adapter batch names unknown adapters: {', '.join(unknown)}")
     layers = [layer for _, layer in lora_layers(model)]
-    row_cache: dict = {}
+    # each adapter's row indices, copied to each layers' device once for the whole batch (not once a layer)
+    where = {name: [i for i, n in enumerate(per_example) if n == name]
+             for name in dict.fromkeys(n for n in per_example if n is not None)}
+    rows_on: dict[torch.device, dict[str, torch.Tensor]] = {}
     for layer in layers:
-        layer.batch_adapters, layer._row_cache = list(per_example), row_cache
+        # its adapters' device (its base may hold no `weight`: FP8 while training, efftune.train.fp8)
+        device = next(itertools.chain(layer.parameters(), layer.buffers())).device
+        if device not in rows_on:
+            rows_on[device] = {name: torch.tensor(rows, device=device) for name, rows in where.items()}
+        layer.batch_adapters, layer.batch_rows = list(per_example), rows_on[device]
     try:
         yield model
     finally:
         for layer in layers:
-            layer.batch_adapters, layer._row_cache = None, None
+            layer.batch_adapters, layer.batch_rows = None, None

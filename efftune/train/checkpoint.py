@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Collection
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,8 +27,10 @@ from ..methods.packing import owns_storage
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "extra.safetensors", "state.json")
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: nn.Module, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name; `names`: only those (one adapter of several trained at once)."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad and (names is None or n in names)}
 
 
 def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -78,17 +81,19 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    extra: dict, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                    extra: dict, extra_tensors: dict[str, torch.Tensor] | None = None,
+                    only: Collection[str] | None = None) -> Path:
     """Write checkpoint `directory` (e.g. run/checkpoints/step-000100) and point `latest` at it.
 
     `extra_tensors`: state a training mode keeps outside the trainable parameters (ReLoRA's
-    merged base weights), restored through `load_checkpoint`'s `load_extra`. An OSError (a full
-    disk) leaves no trace of the new checkpoint and `latest` naming the previous one.
+    merged base weights), restored through `load_checkpoint`'s `load_extra`. `only`: the names of
+    the trainable parameters it holds (default: all), those `optimizer` covers. An OSError (a
+    full disk) leaves no trace of the new checkpoint and `latest` naming the previous one.
     """
     names = {id(p): n for n, p in model.named_parameters()}
 
     def write(tmp: Path) -> None:
-        _save(_saveable(trainable_state(model)), tmp / "trainable.safetensors")
+        _save(_saveable(trainable_state(model, only)), tmp / "trainable.safetensors")
         fault_point("checkpoint_after_weights")
         opt_tensors, opt_scalars = _optimizer_tensors(optimizer, names)
         _save(opt_tensors, tmp / "optimizer.safetensors")
@@ -180,9 +185,10 @@ def _mismatch(where: Path, what: str, found: dict[str, torch.Tensor], expected: 
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    load_extra=None, expected_extra: dict[str, torch.Tensor] | None = None) -> dict:
+                    load_extra=None, expected_extra: dict[str, torch.Tensor] | None = None,
+                    only: Collection[str] | None = None) -> dict:
     """Restore trainable weights, optimizer state, RNG and (through `load_extra`) the extra
-    tensors; returns state.json's content.
+    tensors; returns state.json's content. `only`: as for `save_checkpoint`.
 
     Every file is read and checked first (readable, keys and shapes of the weights, of the
     optimizer state and, given `expected_extra`, of the extra tensors): a checkpoint that does not
@@ -196,7 +202,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
 
     params = dict(model.named_parameters())
     _mismatch(directory, "trainable parameters", weights,
-              {n: p for n, p in params.items() if p.requires_grad})
+              {n: p for n, p in params.items() if p.requires_grad and (only is None or n in only)})
     if expected_extra is not None:
         _mismatch(directory, "training-mode state (extra.safetensors)", extra, expected_extra)
     names = {id(p): n for n, p in params.items()}

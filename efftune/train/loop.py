@@ -6,6 +6,10 @@ resumed run sees exactly the examples it would have seen), splits them into micr
 examples share runs once per row: `efftune.data.layout`), and accumulates gradients over the
 micro-batches. The loss is the mean negative log-likelihood of the answer
 tokens of the whole step, so accumulation gives the same gradient as one big batch.
+
+The same loop trains k LoRA adapters at once (the module library's `--together k`): each adapter
+is a lane (`efftune.train.together`) with its own examples, loss, clipping, metrics and
+checkpoints, and the lanes' rows share each forward/backward, each row through its own adapter.
 """
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ import math
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +35,7 @@ from ..eval.causal import (attention_kernel, check_attention_kernel, check_maske
 from ..eval.logprobs import target_logprobs
 from ..faults import fault_point
 from ..io import write_text_atomically
+from ..methods.lora import mixed_adapter_batch
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
 from ..progress import SideTime
@@ -40,6 +45,7 @@ from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_chec
 from .interrupt import RunInterrupted, StopSignals
 from .plot import plot_metrics, plot_routing
 from .schedule import warmup_cosine
+from .together import Lane, lane_losses, lane_optimizer, make_lanes, take_lane_state
 
 
 @dataclass
@@ -138,7 +144,8 @@ class TrainResult:
     train_seconds: float      # this call's time (a resumed run: since the resume)
     tokens: int
     evals: list[dict]
-    start_step: int = 0       # the step a resumed run continued from
+    start_step: int = 0       # the step a resumed run continued from (k adapters: the earliest)
+    adapters: dict[str, "TrainResult"] = field(default_factory=dict)  # k adapters at once: each one's result
 
 
 ZERO_GRAD_STEPS = 5  # consecutive steps with a zero gradient norm before the run warns
@@ -208,11 +215,14 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         raise ConfigError("train.activation_checkpointing needs a transformers model")
 
 
-def make_optimizer(params: list[torch.Tensor], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `params`, weight decay on matrices only (fused on CUDA)."""
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                             lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+def make_optimizer(parts: Sequence[list[torch.Tensor]], config: TrainConfig, device: torch.device
+                   ) -> torch.optim.Optimizer:
+    """AdamW over each part's parameters (a run's lanes: `efftune.train.together`), two groups a
+    part in part order: its matrices with weight decay, the rest without (fused on CUDA)."""
+    groups = [g for params in parts for g in (
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
@@ -223,9 +233,9 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
 
-def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, output_dir: str | Path, *,
-          pad_id: int = 0, resume: bool = False,
-          evaluate: Callable[[nn.Module], dict] | None = None, hooks: TrainHooks | None = None,
+def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
+          output_dir: str | Path, *, pad_id: int = 0, resume: bool = False,
+          evaluate: Callable[..., dict] | None = None, hooks: TrainHooks | None = None,
           resume_changed: bool = False, on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
     """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
 
@@ -240,6 +250,17 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     needed), `config.masked_attention` the one for rows with a mask (packing, token trees); the
     model's previous choices are back when `train` returns.
 
+    **k LoRA adapters at once**: `sequences` a mapping {adapter name: its sequences} trains those
+    adapters of the model together, each as a run of its own would train it (`efftune.train.together`):
+    each step takes `batch_size` examples of every adapter in that adapter's seeded order, and every
+    row goes through its own adapter only. Each adapter's run lives in `output_dir/<adapter>/` in
+    the format of a one-adapter run (metrics.jsonl with its own loss and gradient norm, its
+    checkpoints, training.png), so it resumes with any other grouping; with `resume`, adapters that
+    have a checkpoint continue from it (each from its own step) and the others start. `evaluate(model,
+    names)` returns {name: metrics} for the adapters named; `TrainResult.adapters` holds each
+    adapter's result. Every trainable parameter must be one of the adapters'; `hooks` may change
+    the schedule and act after steps, but not keep state of their own or change base weights.
+
     Never losing work: a checkpoint is written every `save_every` steps, after `save_every_minutes`,
     at the end, and when SIGINT/SIGTERM arrive (the step finishes first; then `RunInterrupted`).
     A checkpoint holds finite weights only; one whose weights give a non-finite loss (or gradient)
@@ -248,6 +269,10 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
     may change) unless `resume_changed`. `on_checkpoint(path)` is called after each checkpoint.
     """
     hooks = hooks or TrainHooks()
+    if isinstance(sequences, Mapping):
+        if not hooks.keeps_base_weights or hooks.state():
+            raise ConfigError(f"train: k adapters at once cannot run with {type(hooks).__name__}: it keeps state "
+                              "of its own or changes the base weights, which the adapters share")
     with ExitStack() as scope:
         scope.callback(set_attention_kernel, model, attention_kernel(model))
         set_attention_kernel(model, config.attention)
@@ -262,212 +287,271 @@ def train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, o
             scope.enter_context(Fp8Base(model))
         if config.cuda_graphs:  # graphs recorded for the training shapes would re-record for every later one
             scope.callback(uncompile_blocks, model)
-        return _train(model, sequences, config, output_dir, pad_id, resume, evaluate, hooks, resume_changed,
+        return _train(model, sequences, config, Path(output_dir), pad_id, resume, evaluate, hooks, resume_changed,
                       on_checkpoint)
 
 
-def _train(model: nn.Module, sequences: Sequence[Encoded], config: TrainConfig, output_dir: str | Path,
-           pad_id: int, resume: bool, evaluate: Callable[[nn.Module], dict] | None, hooks: TrainHooks,
+def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
+           output_dir: Path, pad_id: int, resume: bool, evaluate: Callable[..., dict] | None, hooks: TrainHooks,
            resume_changed: bool, on_checkpoint: Callable[[Path], None] | None) -> TrainResult:
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = output_dir / "checkpoints"
     device = next(model.parameters()).device
     params = hooks.parameters(model)
     if not params:
         raise ConfigError("nothing to train: the model has no trainable parameters (attach a method first)")
-    if not sequences:
-        raise ConfigError("no training examples")
+    lanes = make_lanes(model, sequences, params, output_dir)
+    together = lanes[0].name is not None  # k adapters at once (rows go through their own adapter)
+    for lane in lanes:
+        lane.directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     if config.compile:
         compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
-    optimizer = make_optimizer(params, config, device)
+    optimizer = make_optimizer([lane.params for lane in lanes], config, device)
     lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
+    # a lane's checkpoints hold its own part of the optimizer (the whole optimizer for a one-lane run)
+    own_part = (lambda lane: lane_optimizer(optimizer, lane)) if together else (lambda lane: optimizer)
+    only = (lambda lane: lane.param_names) if together else (lambda lane: None)
 
-    metrics_path = output_dir / "metrics.jsonl"
-    start_step, rows_log = 0, []
-    last_ckpt = None     # the newest checkpoint on disk
-    unconfirmed = False  # True until a forward pass with last_ckpt's weights gave a finite loss
     if resume:
-        found = latest_checkpoint(ckpt_root)
-        if found is None:
-            raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
-        changed = changed_keys(read_state(found).get("train_config", {}), asdict(config), "train.")
-        if changed and not resume_changed:
-            raise CheckpointError(f"--resume: checkpoint {found} was made with another {', '.join(changed)}; "
-                                  "a resume computes what the run would have (pass --resume-changed to accept "
-                                  "the change)")
-        rows_log = read_metrics(metrics_path)  # a bad file fails here, before the model changes
-        state = load_checkpoint(found, model, optimizer, hooks.load_state, expected_extra=hooks.state())
-        start_step = state["step"]
-        rows_log = [r for r in rows_log if r.get("step", 0) <= start_step]  # what was logged up to the checkpoint
-        last_ckpt, unconfirmed = found, start_step < config.steps
-    write_text_atomically(metrics_path, "".join(strict_json(r) + "\n" for r in rows_log))
+        found = {lane.name: latest_checkpoint(lane.ckpt_root) for lane in lanes}
+        if not any(found.values()):
+            where = lanes[0].ckpt_root if not together else f"{output_dir}/*/checkpoints"
+            raise CheckpointError(f"--resume: no checkpoint under {where}")
+        for lane in lanes:  # every check before anything changes
+            if found[lane.name] is None:
+                continue
+            changed = changed_keys(read_state(found[lane.name]).get("train_config", {}), asdict(config), "train.")
+            if changed and not resume_changed:
+                raise CheckpointError(f"--resume: checkpoint {found[lane.name]} was made with another "
+                                      f"{', '.join(changed)}; a resume computes what the run would have (pass "
+                                      "--resume-changed to accept the change)")
+            lane.rows = read_metrics(lane.metrics_path)  # a bad file fails here, before the model changes
+        for lane in lanes:
+            if found[lane.name] is None:
+                lane.rows = []
+                continue
+            part = own_part(lane)
+            state = load_checkpoint(found[lane.name], model, part, hooks.load_state, expected_extra=hooks.state(),
+                                    only=only(lane))
+            if together:
+                take_lane_state(optimizer, lane, part)
+            lane.start = state["step"]
+            lane.rows = [r for r in lane.rows if r.get("step", 0) <= lane.start]  # what was logged up to it
+            lane.last_ckpt, lane.unconfirmed = found[lane.name], lane.start < config.steps
+    for lane in lanes:
+        write_text_atomically(lane.metrics_path, "".join(strict_json(r) + "\n" for r in lane.rows))
+        lane.evals = [{k: v for k, v in r.items() if k != "eval"} for r in lane.rows if r.get("eval")]
+        for r in reversed([r for r in lane.rows if "grad_norm" in r]):  # zero-gradient steps carry over a resume
+            if r["grad_norm"] != 0:
+                break
+            lane.zero_grad += 1
 
-    def log(row: dict) -> None:
+    def log(lane: Lane, row: dict) -> None:
         line = strict_json(row) + "\n"
-        with open(metrics_path, "a") as f:
+        with open(lane.metrics_path, "a") as f:
             start = f.tell()
             f.write(line)
             f.flush()
-            fault_point("mid_metrics_append", tear=(metrics_path, start + len(line) // 2))
-        rows_log.append(row)
-
-    evals = [{k: v for k, v in r.items() if k != "eval"} for r in rows_log if r.get("eval")]
+            fault_point("mid_metrics_append", tear=(lane.metrics_path, start + len(line) // 2))
+        lane.rows.append(row)
 
     def eval_due(step: int) -> bool:
         return step in (0, config.steps) or bool(config.eval_every and step % config.eval_every == 0)
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, which: list[Lane]) -> None:
         if step == config.steps:
             fault_point("final_eval")
         # CUDA graphs: evaluation shapes vary, and each new shape would record graphs of its own
         with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext():
-            result = {"step": step, **evaluate(model)}
-        evals.append(result)
-        log({"eval": True, **result})
+            results = {lanes[0].name: evaluate(model)} if not together else evaluate(model, [l.name for l in which])
+        for lane in which:  # an adapter the evaluation left out is logged with no metrics
+            result = {"step": step, **results.get(lane.name, {})}
+            lane.evals.append(result)
+            log(lane, {"eval": True, **result})
         model.train()
 
-    def diverged(step: int, what: str) -> None:
-        nonlocal last_ckpt
+    def diverged(lane: Lane, step: int, what: str) -> None:
         note = ""
-        if unconfirmed and last_ckpt is not None:  # this step ran on its weights: it leads nowhere
-            bad = last_ckpt
-            last_ckpt = set_aside(bad)
+        if lane.unconfirmed and lane.last_ckpt is not None:  # this step ran on its weights: it leads nowhere
+            bad = lane.last_ckpt
+            lane.last_ckpt = set_aside(bad)
             note = f" (moved {bad.name}, whose weights gave it, to {bad.name}.diverged)"
-        where = (f"the last good checkpoint is {last_ckpt}: resume from it with a lower --lr and --resume-changed"
-                 if last_ckpt else "no good checkpoint was written: start again with a lower --lr")
-        raise TrainingDiverged(f"{what} at step {step}; stopped{note}, {where}")
+        where = (f"the last good checkpoint is {lane.last_ckpt}: resume from it with a lower --lr and --resume-changed"
+                 if lane.last_ckpt else "no good checkpoint was written: start again with a lower --lr")
+        raise TrainingDiverged(f"{lane.label()}{what} at step {step}; stopped{note}, {where}")
 
-    def checkpoint(done: int) -> None:
-        nonlocal last_ckpt, unconfirmed, last_save
-        bad = first_nonfinite(trainable_state(model)) or first_nonfinite(hooks.state())
-        if bad:  # a checkpoint holds finite weights only
-            diverged(done, f"weight {bad!r} became NaN or infinite")
-        last_ckpt = save_checkpoint(ckpt_root / f"step-{done:06d}", model, optimizer, done,
-                                    {"train_config": asdict(config)}, hooks.state())
+    def checkpoint(done: int, which: list[Lane]) -> None:
+        nonlocal last_save
+        for lane in which:  # a checkpoint holds finite weights only
+            bad = first_nonfinite(trainable_state(model, only(lane))) or first_nonfinite(hooks.state())
+            if bad:
+                diverged(lane, done, f"weight {bad!r} became NaN or infinite")
+        for lane in which:
+            lane.last_ckpt = save_checkpoint(lane.ckpt_root / f"step-{done:06d}", model, own_part(lane), done,
+                                             {"train_config": asdict(config)}, hooks.state(), only=only(lane))
+            # The last checkpoint is not followed by a forward pass; every other is pruned after one.
+            lane.unconfirmed = done < config.steps
         last_save = time.monotonic()
-        # The last checkpoint is not followed by a forward pass; every other is pruned after one.
-        unconfirmed = done < config.steps
         fault_point("before_prune")
-        if not unconfirmed:
-            prune_checkpoints(ckpt_root, config.keep_checkpoints)
-        if on_checkpoint:
-            on_checkpoint(last_ckpt)
-        plot_metrics(rows_log, output_dir / "training.png")
+        for lane in which:
+            if not lane.unconfirmed:
+                prune_checkpoints(lane.ckpt_root, config.keep_checkpoints)
+            if on_checkpoint:
+                on_checkpoint(lane.last_ckpt)
+            plot_metrics(lane.rows, lane.directory / "training.png")
 
-    if evaluate and eval_due(start_step) and not any(e["step"] == start_step for e in evals):
-        run_eval(start_step)  # a fresh run's first, or one the interrupted run did not finish
+    if evaluate:  # a fresh run's first evaluation, or one the interrupted run did not finish
+        for start in sorted({lane.start for lane in lanes}):
+            which = [l for l in lanes if l.start == start and eval_due(start)
+                     and not any(e["step"] == start for e in l.evals)]
+            if which:
+                run_eval(start, which)
     micro = config.micro_batch_size or config.batch_size
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     model.train()
+    first = min(lane.start for lane in lanes)
     t_start, tokens_seen, last_save = time.perf_counter(), 0, time.monotonic()
-    zero_grad = 0  # consecutive steps with a zero gradient norm, carried over a resume
-    for r in reversed([r for r in rows_log if "grad_norm" in r]):
-        if r["grad_norm"] != 0:
-            break
-        zero_grad += 1
-    routing_load = None  # MoE models: tokens per (layer, expert) over the run, drawn at the end
+    lane_tokens = {lane.name: 0 for lane in lanes}
     fault_point("before_first_step")
-    bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=first, desc=f"train {len(lanes)} adapters" if together else "train",
+               unit="step", dynamic_ncols=True)
     eval_time = SideTime(bar)  # evaluations stop the bar's clock: its time estimate counts steps only
     try:
         with StopSignals() as stop:
-            for step in range(start_step, config.steps):
+            for step in range(first, config.steps):
                 t0 = time.perf_counter()
                 if config.cuda_graphs:  # the last step's graph outputs (its gradients too) are dead from here
                     torch.compiler.cudagraph_mark_step_begin()
-                batch_idx = example_order(len(sequences), config.seed, step * config.batch_size, config.batch_size)
-                batch = [sequences[i] for i in batch_idx]
-                n_targets = sum(sum(1 for t in s.labels if t != IGNORE) for s in batch)
+                live = [lane for lane in lanes if lane.start <= step]  # a lane resumed further on joins later
+                batches = [[lane.sequences[i] for i in example_order(len(lane.sequences), config.seed,
+                                                                     step * config.batch_size, config.batch_size)]
+                           for lane in live]
+                n_targets = [sum(sum(1 for t in s.labels if t != IGNORE) for s in batch) for batch in batches]
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(step)
-                total, aux_log = 0.0, {}
-                for m0 in range(0, len(batch), micro):
-                    part = batch[m0:m0 + micro]
+                totals, aux_logs = [0.0] * len(live), [{} for _ in live]
+                for m0 in range(0, config.batch_size, micro):
+                    rows, owner = [], []  # a row holds one lane's examples only
+                    for j, batch in enumerate(batches):
+                        part = training_rows(batch[m0:m0 + micro], config.max_length)
+                        rows += part
+                        owner += [j] * len(part)
+                        lane_tokens[live[j].name] += sum(len(r) for r in part)
                     # CUDA graphs are recorded per input shape: fixed-length rows keep it to one per row count
-                    inputs = collate(training_rows(part, config.max_length), pad_id, attention,
+                    inputs = collate(rows, pad_id, attention,
                                      length=config.max_length if config.cuda_graphs else None).to(device)
                     partition = partitioner(config.compile_memory_budget, config.compile_lean) if config.compile \
                         else nullcontext()
-                    with autocast_for(config.precision, device), partition:
-                        logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
-                                               inputs.position_ids, inputs.mask)
-                    loss = -logp.sum() / n_targets
-                    total += loss.item()
-                    # MoE: efftune's routed layers and transformers' own MoE blocks (RouterTap) report
-                    # balance losses; each is added with the micro-batch's share and logged
-                    for aux, aux_stats, loads in (collect_aux_losses(model) + (expert_loads(model),),
-                                                  hf_router_aux(model)):
-                        if aux is None:
-                            continue
-                        routing_load = loads if routing_load is None else [
-                            [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(routing_load, loads)]
-                        loss = loss + aux * (len(part) / len(batch))
-                        for k, v in aux_stats.items():
-                            aux_log[k] = aux_log.get(k, 0.0) + v * len(part) / len(batch)
-                    loss.backward()
+                    # each row through its own adapter; backward inside too (checkpointed layers recompute)
+                    with mixed_adapter_batch(model, [live[j].name for j in owner]) if together else nullcontext():
+                        with autocast_for(config.precision, device), partition:
+                            logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources,
+                                                   inputs.targets, inputs.position_ids, inputs.mask)
+                        if together:  # each lane's answer NLL over its own answer tokens; summed over lanes
+                            losses, reals = lane_losses(logp, inputs, owner, n_targets)
+                        else:
+                            losses, reals = (-logp.sum() / n_targets[0]).reshape(1), [inputs.real]
+                        loss = losses.sum()
+                        totals = [a + b for a, b in zip(totals, losses.tolist())]
+                        # MoE: efftune's routed layers and transformers' own MoE blocks (RouterTap) report
+                        # balance losses over each lane's real tokens (padding is routed too, but must not
+                        # count); each is added with the micro-batch's share and logged
+                        n_part = min(micro, config.batch_size - m0)  # examples of each lane in this micro-batch
+                        for j, real in enumerate(reals):
+                            found_aux = False
+                            for aux, aux_stats, loads in (collect_aux_losses(model, real)
+                                                          + (expert_loads(model, real),),
+                                                          hf_router_aux(model, real)):
+                                if aux is None:
+                                    continue
+                                found_aux, lane = True, live[j]
+                                lane.routing_load = loads if lane.routing_load is None else [
+                                    [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(lane.routing_load, loads)]
+                                loss = loss + aux * (n_part / config.batch_size)
+                                for k, v in aux_stats.items():
+                                    aux_logs[j][k] = aux_logs[j].get(k, 0.0) + v * n_part / config.batch_size
+                            if not found_aux:
+                                break  # no MoE layers: no other lane has any either
+                        loss.backward()
                     tokens_seen += inputs.tokens
-                if not math.isfinite(total):
-                    diverged(step + 1, f"the loss became {total}")
+                for lane, total in zip(live, totals):
+                    if not math.isfinite(total):
+                        diverged(lane, step + 1, f"the loss became {total}")
                 fault_point("mid_step")
-                grad_norm = clip_grad_norm(params, config.grad_clip)
-                if not math.isfinite(grad_norm):  # the optimizer step would make every weight NaN
-                    diverged(step + 1, f"the gradient norm became {grad_norm}")
-                if unconfirmed:  # the newest checkpoint's weights gave a finite loss: it is good
-                    unconfirmed = False
-                    prune_checkpoints(ckpt_root, config.keep_checkpoints)
+                grad_norms = [clip_grad_norm(lane.params, config.grad_clip) for lane in live]
+                for lane, grad_norm in zip(live, grad_norms):
+                    if not math.isfinite(grad_norm):  # the optimizer step would make every weight NaN
+                        diverged(lane, step + 1, f"the gradient norm became {grad_norm}")
+                for lane in live:
+                    if lane.unconfirmed:  # the newest checkpoint's weights gave a finite loss: it is good
+                        lane.unconfirmed = False
+                        prune_checkpoints(lane.ckpt_root, config.keep_checkpoints)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 fault_point("after_optimizer_step")
                 extra = hooks.after_step(step + 1, optimizer)
                 dt = time.perf_counter() - t0
                 # tokens/s counts the examples' own tokens, so the shared-prefix saving shows as speed
-                row = {"step": step + 1, "loss": round(total, 6), "lr": lr_at(step), "grad_norm": round(grad_norm, 4),
-                       "tokens_per_s": round(sum(len(s) for s in batch) / dt, 1), "seconds": round(dt, 3),
-                       **{k: round(v, 6) for k, v in aux_log.items()}, **extra}
-                zero_grad = zero_grad + 1 if grad_norm < 1e-10 else 0
-                if zero_grad >= ZERO_GRAD_STEPS:
-                    row["zero_grad_steps"] = zero_grad
-                    if zero_grad == ZERO_GRAD_STEPS:
-                        tqdm.write(f"efftune: warning: the gradient norm has been 0 for {zero_grad} steps (since "
-                                   f"step {step + 2 - zero_grad}), so the loss cannot change: the weights may have "
-                                   f"saturated (is lr {config.lr:g} too high?) or nothing reaches the trainable "
-                                   "parameters", file=sys.stderr)
-                log(row)
-                bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                **eval_time.postfix())
+                step_tokens = sum(len(s) for batch in batches for s in batch)
+                for j, lane in enumerate(live):
+                    row = {"step": step + 1, "loss": round(totals[j], 6), "lr": lr_at(step),
+                           "grad_norm": round(grad_norms[j], 4), "tokens_per_s": round(step_tokens / dt, 1),
+                           "seconds": round(dt, 3), **{k: round(v, 6) for k, v in aux_logs[j].items()}, **extra}
+                    if together:
+                        row.update(tokens=sum(len(s) for s in batches[j]), together=len(live))
+                    lane.zero_grad = lane.zero_grad + 1 if grad_norms[j] < 1e-10 else 0
+                    if lane.zero_grad >= ZERO_GRAD_STEPS:
+                        row["zero_grad_steps"] = lane.zero_grad
+                        if lane.zero_grad == ZERO_GRAD_STEPS:
+                            tqdm.write(f"efftune: warning: {lane.label()}the gradient norm has been 0 for "
+                                       f"{lane.zero_grad} steps (since step {step + 2 - lane.zero_grad}), so the loss "
+                                       f"cannot change: the weights may have saturated (is lr {config.lr:g} too "
+                                       "high?) or nothing reaches the trainable parameters", file=sys.stderr)
+                    log(lane, row)
+                bar.set_postfix(loss=f"{sum(totals) / len(totals):.4f}", lr=f"{lr_at(step):.2e}",
+                                tok_s=f"{step_tokens / dt:.0f}", **eval_time.postfix())
                 bar.update(1)
                 done = step + 1
                 minutes = config.save_every_minutes
                 if (config.save_every and done % config.save_every == 0) or done == config.steps \
                         or (minutes and time.monotonic() - last_save >= 60 * minutes):
-                    checkpoint(done)
+                    checkpoint(done, live)
                 if evaluate and eval_due(done):
                     with eval_time:
-                        run_eval(done)
+                        run_eval(done, live)
                 if stop.signum is not None:
-                    if last_ckpt is None or last_ckpt.name != f"step-{done:06d}":
-                        checkpoint(done)
-                    raise RunInterrupted(f"stopped after step {done}; checkpoint {last_ckpt} written: resume "
-                                         "with --resume", stop.signum, checkpoint=last_ckpt)
+                    behind = [l for l in live if l.last_ckpt is None or l.last_ckpt.name != f"step-{done:06d}"]
+                    if behind:
+                        checkpoint(done, behind)
+                    written = f"checkpoint {lanes[0].last_ckpt}" if not together else \
+                        f"checkpoints of step {done} under {output_dir}/*/checkpoints"
+                    raise RunInterrupted(f"stopped after step {done}; {written} written: resume with --resume",
+                                         stop.signum, checkpoint=lanes[0].last_ckpt)
     except OSError as exc:  # a full disk, a lost mount: the checkpoint before is whole (atomic writes)
-        where = (f"the last checkpoint {last_ckpt} is intact: free space and resume with --resume" if last_ckpt
-                 else "no checkpoint was written yet")
+        kept = [l.last_ckpt for l in lanes if l.last_ckpt]
+        where = ("no checkpoint was written yet" if not kept else
+                 f"the last checkpoint {kept[0]} is intact: free space and resume with --resume" if not together else
+                 f"the last checkpoints under {output_dir}/*/checkpoints are intact: free space and resume with --resume")
         raise EfftuneError(f"could not write {exc.filename or 'to ' + str(output_dir)}: "
                            f"{exc.strerror or exc}; stopped, {where}") from None
     finally:
         bar.close()
-    plot_metrics(rows_log, output_dir / "training.png")
-    if routing_load:
-        (output_dir / "routing.json").write_text(json.dumps({"expert_load": routing_load}))
-        plot_routing(routing_load, output_dir / "routing.png")
-    losses = [r["loss"] for r in rows_log if "loss" in r]
-    return TrainResult(steps=config.steps, final_loss=losses[-1] if losses else None,
-                       train_seconds=time.perf_counter() - t_start, tokens=tokens_seen, evals=evals,
-                       start_step=start_step)
+    seconds = time.perf_counter() - t_start
+    results = {}
+    for lane in lanes:
+        plot_metrics(lane.rows, lane.directory / "training.png")
+        if lane.routing_load:
+            (lane.directory / "routing.json").write_text(json.dumps({"expert_load": lane.routing_load}))
+            plot_routing(lane.routing_load, lane.directory / "routing.png")
+        losses = [r["loss"] for r in lane.rows if "loss" in r]
+        results[lane.name] = TrainResult(steps=config.steps, final_loss=losses[-1] if losses else None,
+                                         train_seconds=seconds, tokens=lane_tokens[lane.name], evals=lane.evals,
+                                         start_step=lane.start)
+    if not together:
+        return replace(results[None], tokens=tokens_seen)
+    return TrainResult(steps=config.steps, final_loss=None, train_seconds=seconds, tokens=tokens_seen, evals=[],
+                       start_step=first, adapters=results)
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

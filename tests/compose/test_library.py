@@ -252,3 +252,50 @@ def test_a_passed_model_keeps_its_own_adapters_as_they_were(tasks, tokenizer, tm
     build_library((model, tokenizer), tasks[:2], tmp_path / "lib", LORA, cfg(), together=2, eval_size=0)
     assert all(layer.active == ["mine"] and list(layer.adapters) == ["mine"] for _, layer in lora_layers(model))
     assert mine and all(p.requires_grad for p in mine)
+
+
+def test_cli_build_together_4_compiles_the_blocks(tasks, tokenizer, tmp_path, capsys, monkeypatch):
+    """`hub build --together 4 --compile` trains through train()'s k-adapter mode, so the decoder
+    blocks are compiled (as with --together 1) and the compiled graphs run; the modules equal an
+    uncompiled build's up to compile rounding."""
+    import efftune.train.loop as loop
+    from efftune.cli import main
+    from efftune.train.compile import decoder_blocks
+    model_dir = tmp_path / "model"
+    tiny_llama(layers=1).save_pretrained(model_dir)  # one block: one graph to compile (slow on CPU)
+    tokenizer.save_pretrained(model_dir)
+    size = tmp_path / "data" / "size.jsonl"
+    size.write_text("".join(json.dumps({"input": f"Q: Is a {w} big?", "choices": ["yes", "no"], "answer": i % 2})
+                            + "\n" for i, w in enumerate(WORDS * 2)))
+    names = ["colors", "parity", "echo", "size"]
+    compiled, compile_blocks = [], loop.compile_blocks
+
+    def watched(model, **options):  # the loop's own compile_blocks, noting the model it compiled
+        compiled.append(model)
+        return compile_blocks(model, **options)
+    monkeypatch.setattr(loop, "compile_blocks", watched)
+
+    def build(out, *flags):
+        code = main(["hub", "build", "--model", str(model_dir), "--tasks", ",".join(tasks + [str(size)]),
+                     "--output", str(out), "--together", "4", "--steps", "1", "--batch-size", "2",
+                     "--warmup-steps", "0", "--lr", "0.01", "--r", "2", "--target-modules", "q_proj,v_proj",
+                     "--eval-size", "0", *flags])
+        stdout, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    summary = build(tmp_path / "compiled", "--compile")
+    assert summary["built"] == names and summary["together"] == 4
+    assert len(compiled) == 1  # one group of four: one model compiled, once
+    blocks = decoder_blocks(compiled[0])
+    assert len(blocks) == 1 and blocks[0]._compiled_call_impl is not None
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # the compiled block ran (Dynamo traced it)
+    index = json.loads((tmp_path / "compiled" / INDEX_FILE).read_text())["modules"]
+    assert all(index[n]["trained_with"] == names for n in names)
+
+    build(tmp_path / "eager")
+    assert len(compiled) == 1  # without --compile nothing is compiled
+    assert_same_modules(tmp_path / "compiled", tmp_path / "eager", names, atol=1e-5)
+    moved = weights(tmp_path / "eager" / "size")
+    assert any(v.abs().max() > 0 for key, v in moved.items() if "lora_B" in key)  # the step did something

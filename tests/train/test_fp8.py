@@ -132,3 +132,41 @@ def test_a_cpu_torch_without_row_wise_fp8_is_refused_up_front(monkeypatch):
     with pytest.raises(ConfigError, match="train.fp8_base on CPU needs row-wise scaled FP8 matmuls.*per-tensor"):
         Fp8Base(m)
     assert not any(isinstance(mod, Fp8Linear) for mod in m.modules())
+
+
+@cpu_fp8
+def test_k_adapters_at_once_train_on_the_fp8_base_as_each_alone(tokenizer, tmp_path):
+    """train()'s k-adapter mode (the module library's --together) runs on the FP8 base too: the
+    frozen linears are FP8 during the run (row-wise scales: a row's rounding is its own, whatever
+    rows share the batch) and each adapter ends as it does trained alone on the FP8 base."""
+    from efftune.methods.lora import set_active_adapters, set_trainable_adapters
+    from tests.train.test_loop import other_data
+
+    def two():
+        m = tiny_llama()
+        for n in ("a", "b"):
+            add_lora(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), adapter=n)
+        return m
+    seqs = {"a": data(tokenizer), "b": other_data(tokenizer)}
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=1, fp8_base=True)
+    fp8_seen = []
+
+    def evaluate(m, names):
+        fp8_seen.append(any(isinstance(mod, Fp8Linear) for mod in m.modules()))
+        return {}
+    k = two()
+    base = {n: v.clone() for n, v in k.state_dict().items() if "lora_" not in n}
+    set_trainable_adapters(k, ["a", "b"])
+    train(k, seqs, cfg, tmp_path / "k", pad_id=1, evaluate=evaluate)
+    assert fp8_seen == [True, True]  # before and after training, inside the run
+    assert not any(isinstance(mod, Fp8Linear) for mod in k.modules())
+    assert all(torch.equal(v, k.state_dict()[n]) for n, v in base.items())  # the exact base is back
+    for n in ("a", "b"):
+        solo = two()
+        set_trainable_adapters(solo, [n])
+        set_active_adapters(solo, n)
+        train(solo, seqs[n], cfg, tmp_path / n, pad_id=1)
+        mine = {key: v for key, v in solo.state_dict().items() if f".adapters.{n}." in key}
+        assert mine and any(not torch.equal(v, two().state_dict()[key]) for key, v in mine.items())  # trained
+        for key, v in mine.items():
+            torch.testing.assert_close(k.state_dict()[key], v, atol=1e-5, rtol=1e-4, msg=key)

@@ -443,3 +443,225 @@ def test_a_crash_in_the_final_evaluation_is_evaluated_again_on_resume(tokenizer,
     assert res.final_loss == full.final_loss and res.start_step == 3
     again = train(lora_model(), data(tokenizer), cfg, tmp_path / "b", pad_id=1, evaluate=evaluate, resume=True)
     assert again.evals == full.evals and len(calls) == 3  # a finished run's final evaluation is read back
+
+
+# ---- k LoRA adapters at once (the module library's --together k) ------------------------------------------
+
+def two_adapters(model=None):
+    """float64 tiny llama with LoRA adapters a and b (the same initial weights on every call)."""
+    from efftune.methods.lora import set_trainable_adapters
+    m = model if model is not None else tiny_llama(dtype=torch.float64)
+    for n in ("a", "b"):
+        add_lora(m, LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]), adapter=n)
+    set_trainable_adapters(m, ["a", "b"])
+    return m
+
+
+def adapter_weights(m, name):
+    return {k: p.detach().clone() for k, p in m.named_parameters() if f".adapters.{name}." in k}
+
+
+def alone(m, name):
+    """Model m set to train adapter `name` by itself (the plain loop)."""
+    from efftune.methods.lora import set_active_adapters, set_trainable_adapters
+    set_trainable_adapters(m, [name])
+    set_active_adapters(m, name)
+    return m
+
+
+def other_data(tokenizer):
+    f = Formatter(tokenizer)
+    return [f.encode(MultipleChoice(p, ("True", "False"), i % 2)) for i, p in enumerate(PROMPTS[::-1] * 2)]
+
+
+def test_k_adapters_train_as_each_alone_and_a_signal_resumes_identically(tokenizer, tmp_path):
+    """Two adapters at once (float64, micro-batches, active clipping) end where each alone ends, with
+    each one's own loss and gradient norm logged in its own run directory; SIGTERM after step 3
+    checkpoints both, and the resume equals the uninterrupted run bit for bit."""
+    import os
+    import signal
+    from efftune.train.interrupt import RunInterrupted
+    seqs = {"a": data(tokenizer), "b": other_data(tokenizer)}
+    cfg = TrainConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=1, grad_clip=0.05,
+                      weight_decay=0.01, eval_every=2, save_every=0, save_every_minutes=0)
+    calls = []
+
+    def evaluate(m, names):  # each adapter's own numbers
+        calls.append(names)
+        return {n: {"probe": round(float(sum(p.sum() for p in adapter_weights(m, n).values())), 9)} for n in names}
+    full = two_adapters()
+    res = train(full, seqs, cfg, tmp_path / "k", pad_id=1, evaluate=evaluate)
+    assert calls == [["a", "b"]] * 3  # steps 0, 2 and 4
+    for n in ("a", "b"):
+        solo = alone(two_adapters(), n)
+        train(solo, seqs[n], cfg, tmp_path / n, pad_id=1)
+        for (key, x), y in zip(adapter_weights(solo, n).items(), adapter_weights(full, n).values()):
+            torch.testing.assert_close(y, x, atol=1e-10, rtol=0, msg=key)
+        k_rows = [r for r in _metrics(tmp_path / "k" / n / "metrics.jsonl") if "loss" in r]
+        one_rows = _metrics(tmp_path / n / "metrics.jsonl")
+        assert [r["loss"] for r in k_rows] == pytest.approx([r["loss"] for r in one_rows], abs=2e-6)
+        assert [r["grad_norm"] for r in k_rows] == pytest.approx([r["grad_norm"] for r in one_rows], abs=2e-4)
+        assert all(r["together"] == 2 for r in k_rows) and one_rows[0]["grad_norm"] > 0.05  # clipping acts
+        assert res.adapters[n].final_loss == k_rows[-1]["loss"] and res.adapters[n].evals[-1]["step"] == 4
+        assert latest_checkpoint(tmp_path / "k" / n / "checkpoints").name == "step-000004"
+    assert adapter_weights(full, "a").keys().isdisjoint(adapter_weights(full, "b").keys())
+
+    class SignalAt(TrainHooks):
+        def after_step(self, done, optimizer):
+            if done == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return {}
+    with pytest.raises(RunInterrupted, match="after step 3"):
+        train(two_adapters(), seqs, cfg, tmp_path / "s", pad_id=1, evaluate=evaluate, hooks=SignalAt())
+    assert all(latest_checkpoint(tmp_path / "s" / n / "checkpoints").name == "step-000003" for n in ("a", "b"))
+    resumed = two_adapters()
+    again = train(resumed, seqs, cfg, tmp_path / "s", pad_id=1, evaluate=evaluate, resume=True)
+    assert again.start_step == 3 and all(r.start_step == 3 for r in again.adapters.values())
+    for n in ("a", "b"):
+        assert all(torch.equal(x, y) for x, y in zip(adapter_weights(full, n).values(),
+                                                      adapter_weights(resumed, n).values()))
+        assert _untimed(_metrics(tmp_path / "k" / n / "metrics.jsonl")) == \
+            _untimed(_metrics(tmp_path / "s" / n / "metrics.jsonl"))
+
+
+def test_k_adapters_resume_each_from_its_own_step(tokenizer, tmp_path):
+    """An adapter whose run stopped at step 2 (trained alone) continues beside a fresh one: each
+    ends as it would alone, and the plain loop resumes an adapter's checkpoint of a k-adapter run."""
+    seqs = {"a": data(tokenizer), "b": other_data(tokenizer)}
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=1, save_every=1)
+    ref = {}
+    for n in ("a", "b"):
+        solo = alone(two_adapters(), n)
+        train(solo, seqs[n], cfg, tmp_path / "ref" / n, pad_id=1)
+        ref[n] = adapter_weights(solo, n)
+    import shutil
+    shutil.copytree(tmp_path / "ref" / "a", tmp_path / "run" / "a")  # a trained alone...
+    shutil.rmtree(tmp_path / "run" / "a" / "checkpoints" / "step-000003")  # ...and stopped after step 2
+    (tmp_path / "run" / "a" / "checkpoints" / "latest").write_text("step-000002")
+    m = two_adapters()
+    res = train(m, seqs, cfg, tmp_path / "run", pad_id=1, resume=True)
+    assert {n: r.start_step for n, r in res.adapters.items()} == {"a": 2, "b": 0}
+    for n in ("a", "b"):
+        for (key, x), y in zip(ref[n].items(), adapter_weights(m, n).values()):
+            torch.testing.assert_close(y, x, atol=1e-10, rtol=0, msg=key)
+    steps = [r["step"] for r in _metrics(tmp_path / "run" / "a" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3]  # step 3 of the solo run was dropped with its checkpoint, then trained again
+    assert [r.get("together") for r in _metrics(tmp_path / "run" / "a" / "metrics.jsonl") if "loss" in r] == \
+        [None, None, 2]
+    solo = alone(two_adapters(), "b")  # b's checkpoint of the k-adapter run resumes in the plain loop
+    (tmp_path / "run" / "b" / "checkpoints" / "latest").write_text("step-000002")
+    assert train(solo, seqs["b"], cfg, tmp_path / "run" / "b", pad_id=1, resume=True).start_step == 2
+    for (key, x), y in zip(ref["b"].items(), adapter_weights(solo, "b").values()):
+        torch.testing.assert_close(y, x, atol=1e-10, rtol=0, msg=key)
+
+
+def test_k_adapters_moe_balance_loss_is_each_adapters_own(tmp_path):
+    """A tiny Qwen3-MoE (float64, balance loss weighted 1): adapters a and b trained at once get
+    each its own balance loss over its own rows' real tokens, so they end as each alone; logged
+    losses and routing.json per adapter equal the one-adapter runs'."""
+    from efftune.data.tokenize import IGNORE, Encoded
+    from efftune.moe.router_tap import add_router_taps
+    from tests.moe.test_expert_lora import tiny_moe
+
+    def moe_two_adapters(coef=1.0):
+        m = tiny_moe("qwen3")
+        m.config.router_aux_loss_coef = coef
+        add_router_taps(m)
+        return two_adapters(m)
+    g = torch.Generator().manual_seed(0)
+
+    def task(n):
+        out = []
+        for _ in range(n):
+            p, a = torch.randint(1, 64, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist(), \
+                torch.randint(1, 64, (2,), generator=g).tolist()
+            out.append(Encoded(p + a, [IGNORE] * len(p) + a))
+        return out
+    seqs = {"a": task(6), "b": task(5)}
+    cfg = TrainConfig(steps=2, batch_size=3, lr=1e-2, warmup_steps=0)
+    k = moe_two_adapters()
+    train(k, seqs, cfg, tmp_path / "k", pad_id=0)
+    for n in ("a", "b"):
+        solo = alone(moe_two_adapters(), n)
+        train(solo, seqs[n], cfg, tmp_path / n, pad_id=0)
+        for (key, x), y in zip(adapter_weights(solo, n).items(), adapter_weights(k, n).values()):
+            torch.testing.assert_close(y, x, atol=1e-10, rtol=0, msg=key)
+        k_rows, one_rows = _metrics(tmp_path / "k" / n / "metrics.jsonl"), _metrics(tmp_path / n / "metrics.jsonl")
+        for key in ("loss", "load_balancing_loss", "router_entropy"):
+            assert [r[key] for r in k_rows] == pytest.approx([r[key] for r in one_rows], abs=2e-6), key
+        assert json.loads((tmp_path / "k" / n / "routing.json").read_text()) == \
+            json.loads((tmp_path / n / "routing.json").read_text())
+    without = alone(moe_two_adapters(coef=0.0), "a")  # the balance loss moved the adapters: it counts
+    train(without, seqs["a"], cfg, tmp_path / "no_aux", pad_id=0)
+    assert any((x - y).abs().max() > 1e-6 for x, y in zip(adapter_weights(without, "a").values(),
+                                                          adapter_weights(k, "a").values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the graphs themselves)")
+def test_k_adapters_train_under_cuda_graphs_as_eager_on_gpu(tokenizer, tmp_path):
+    """Two adapters at once, compiled blocks replayed as CUDA graphs (rows padded to max_length; the
+    adapters' row indices are graph inputs, so a new layout of rows is no new graph), two
+    micro-batches a step and evaluations between: the same logs and weights as eager."""
+    seqs = {"a": data(tokenizer), "b": other_data(tokenizer)}
+    runs = []
+
+    @torch.no_grad()
+    def probe(model, names):
+        return {n: {"n": float(sum(p.sum() for p in adapter_weights(model, n).values()))} for n in names}
+
+    for graphs in (False, True):
+        m = two_adapters(tiny_llama().to("cuda", torch.float64))
+        randomize_lora(m)  # B != 0, so every factor has a gradient from the first step
+        train(m, seqs, TrainConfig(steps=3, batch_size=6, micro_batch_size=3, lr=1e-2, warmup_steps=1, max_length=64,
+                                   precision="fp32", compile=graphs, cuda_graphs=graphs, eval_every=1),
+              tmp_path / str(graphs), pad_id=1, evaluate=probe)
+        logs = {n: [(r["loss"], r["grad_norm"]) for r in _metrics(tmp_path / str(graphs) / n / "metrics.jsonl")
+                    if "loss" in r] for n in ("a", "b")}
+        runs.append(({n: adapter_weights(m, n) for n in ("a", "b")}, logs))
+    (eager, eager_log), (graphed, graphed_log) = runs
+    assert len(graphed_log["a"]) == 3 and graphed_log == eager_log
+    for n in ("a", "b"):
+        for x, y in zip(eager[n].values(), graphed[n].values()):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_k_adapters_refuse_what_cannot_be_split_and_name_a_diverging_adapter(tokenizer, tmp_path):
+    from efftune.errors import ConfigError
+    seqs = {"a": data(tokenizer), "b": other_data(tokenizer)}
+    cfg = TrainConfig(steps=3, batch_size=2, warmup_steps=0, save_every=1)
+    m = two_adapters()
+    with pytest.raises(ConfigError, match="no LoRA adapter named 'c'"):
+        train(m, {"a": seqs["a"], "c": seqs["b"]}, cfg, tmp_path, pad_id=1)
+    with pytest.raises(ConfigError, match="no training examples for adapter 'b'"):
+        train(m, {"a": seqs["a"], "b": []}, cfg, tmp_path, pad_id=1)
+
+    class Counter(TrainHooks):  # state of its own: one for all adapters, though each resumes from its own step
+        def state(self):
+            return {"count": torch.zeros(1)}
+
+    class Merging(TrainHooks):  # writes into the base weights the adapters share (as ReLoRA's restarts)
+        keeps_base_weights = False
+    for hooks in (Counter(), Merging()):
+        with pytest.raises(ConfigError, match=f"cannot run with {type(hooks).__name__}"):
+            train(m, seqs, cfg, tmp_path, pad_id=1, hooks=hooks)
+    m.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ConfigError, match="lm_head.weight is trainable but belongs to none of the adapters"):
+        train(m, seqs, cfg, tmp_path, pad_id=1)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+    class PoisonB(TrainHooks):
+        def after_step(self, done, optimizer):
+            if done == 2:
+                with torch.no_grad():
+                    next(iter(adapter_weights_live(m2, "b"))).fill_(float("inf"))
+            return {}
+    m2 = two_adapters()
+    with pytest.raises(TrainingDiverged, match=r"^adapter b: weight '.*\.adapters\.b\..*' became NaN or infinite at "
+                                               r"step 2; stopped, the last good checkpoint is .*step-000001"):
+        train(m2, seqs, cfg, tmp_path / "run", pad_id=1, hooks=PoisonB())
+    for n in ("a", "b"):  # the step-2 checkpoint of neither was written
+        assert latest_checkpoint(tmp_path / "run" / n / "checkpoints").name == "step-000001"
+
+
+def adapter_weights_live(m, name):
+    return [p for k, p in m.named_parameters() if f".adapters.{name}." in k]
