@@ -7,14 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from efftune.compose.library import INDEX_FILE, WORK_DIR, accuracies_together, build_library, module_name
+from efftune.compose.library import (INDEX_FILE, WORK_DIR, accuracies_together, build_library, module_name,
+                                     resolve_tasks)
 from efftune.compose.lorahub import load_library, lorahub
 from efftune.data import Formatter, MultipleChoice
 from efftune.errors import ConfigError, DataError, EfftuneError
 from efftune.eval.multiple_choice import multiple_choice_accuracy
 from efftune.io import load_adapter
 from efftune.methods.lora import LoraConfig, add_lora, set_active_adapters
-from efftune.train.loop import TrainConfig
+from efftune.train.loop import TrainConfig, example_order
 from tests.conftest import randomize_lora, tiny_llama
 from tests.data.test_bigbench import fake_bigbench  # noqa: F401  (fixture: a small fake BIG-bench sdist)
 
@@ -71,19 +72,33 @@ def test_build_writes_peft_modules_and_index(tasks, tokenizer, tmp_path):
     index = json.loads((out / INDEX_FILE).read_text())
     assert set(index["modules"]) == {"colors", "parity", "echo"}
     assert index["recipe"]["lora"]["r"] == 2 and index["recipe"]["train"]["steps"] == 3
+    split = {s.name: s for s in resolve_tasks(tasks, 6, seed=0)}  # the build's split (its own tests: data/)
+    train = {n: s.train for n, s in split.items()}
+    held_out = {n: s.held_out for n, s in split.items()}
+    formatter = Formatter(tokenizer)
     for name in ("colors", "parity", "echo"):
         config = json.loads((out / name / "adapter_config.json").read_text())
         meta = config["efftune"]["library"]
         assert config["peft_type"] == "LORA" and config["r"] == 2
         assert meta == {k: v for k, v in index["modules"][name].items() if k != "path"}
         assert meta["steps"] == 3 and meta["examples"] == (18 if name != "echo" else 10)
-        assert meta["tokens"] > 0 and meta["seconds"] > 0 and meta["final_loss"] > 0
+        # tokens: every example each step drew (the loop's sampler), encoded as training encodes it
+        drawn = example_order(len(train[name]), 0, 0, 3 * 4)  # seed 0, 3 steps of 4
+        assert meta["tokens"] == sum(len(formatter.encode(train[name][i])) for i in drawn)
+        rows = [json.loads(line) for line in (out / WORK_DIR / name / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "loss" in r and not r.get("eval")]
+        assert [r["step"] for r in steps] == [1, 2, 3] and meta["final_loss"] == steps[-1]["loss"]
+        assert meta["seconds"] == round(sum(r["seconds"] for r in steps), 2)  # training steps only, no evaluation
         assert meta["trained_with"] == (["colors", "parity"] if name != "echo" else ["echo"])
         assert not (out / WORK_DIR / name / "checkpoints").exists()  # dropped once the module is saved
-        assert (out / WORK_DIR / name / "metrics.jsonl").is_file()
     for name in ("colors", "parity"):
         meta = index["modules"][name]
-        assert 0 <= meta["accuracy_before"] <= 1 and 0 <= meta["accuracy_after"] <= 1 and meta["eval_examples"] == 6
+        assert meta["eval_examples"] == 6
+        # before: the base model (a new adapter's B is zero); after: the saved module, loaded afresh
+        assert meta["accuracy_before"] == round(multiple_choice_accuracy(tiny_llama(), formatter, held_out[name]), 4)
+        trained = tiny_llama()
+        load_adapter(trained, out / name)
+        assert meta["accuracy_after"] == round(multiple_choice_accuracy(trained, formatter, held_out[name]), 4)
     assert index["modules"]["echo"]["accuracy_before"] is None  # generative: no accuracy
 
 
