@@ -14,7 +14,7 @@ INT32_LIMIT = 2 ** 31  # offsets must stay below this
 GRID_Y_LIMIT = 65535  # CUDA's largest grid size on the second axis
 
 # The largest token block (`bt`) swiglu_triton runs with: its shipped configs use 64, and
-# bench/kernels.py's sweep goes up to 128. swiglu_triton refuses a larger one.
+# bench/kernel_bench.py's sweep goes up to 128. swiglu_triton refuses a larger one.
 SWIGLU_MAX_TILE_ROWS = 128
 SWIGLU_MIN_COLS = 256  # the narrowest column group (`cols`) they run with: the grid's second axis
 
@@ -30,7 +30,7 @@ def swiglu_fits(tokens: int, width: int, row_stride: int) -> bool:
 
 
 # eval.head_triton: a row is cut into at most 16 segments of blocks of at most 4,096 columns
-# (bench/kernels.py's sweep), and a program indexes its row's columns in 32 bits
+# (bench/kernel_bench.py's sweep), and a program indexes its row's columns in 32 bits
 HEAD_MAX_OVERSHOOT = 16 * 4096
 
 

@@ -88,7 +88,7 @@ def _layout(v: int, block: int, max_segments: int) -> tuple[int, int, int]:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# from bench/kernels.py --only head on an H100 (1,024 rows of a 128,256-token vocabulary, bf16)
+# from bench/kernel_bench.py --only head on an H100 (1,024 rows of a 128,256-token vocabulary, bf16)
 CONFIG = dict(block=1024, max_segments=8, num_warps=4)
 
 

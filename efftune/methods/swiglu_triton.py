@@ -145,7 +145,7 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
 
-# tile sizes, from bench/kernels.py --only swiglu on an H100 (8B MLP shapes, [g0 | u0 | z] with aligned
+# tile sizes, from bench/kernel_bench.py --only swiglu on an H100 (8B MLP shapes, [g0 | u0 | z] with aligned
 # rows; the forward pass gains nothing from prefetching the next tile, which the backward pass does)
 FORWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
 BACKWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)

@@ -77,7 +77,7 @@ def test_accumulation_equals_one_big_batch(tokenizer, tmp_path):
     train(b, seqs, TrainConfig(steps=3, batch_size=6, micro_batch_size=2, lr=1e-2, warmup_steps=1),
           tmp_path / "b", pad_id=1)
     for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer, tmp_path):
@@ -125,7 +125,7 @@ def test_activation_checkpointing_gives_the_same_training(tokenizer, tmp_path):
           tmp_path / "b", pad_id=1)
     assert b.model.layers[0].gradient_checkpointing
     for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
 def test_compiled_blocks_give_the_same_training(tokenizer, tmp_path):
@@ -138,7 +138,7 @@ def test_compiled_blocks_give_the_same_training(tokenizer, tmp_path):
                                compile_memory_budget=0.5), tmp_path / "b", pad_id=1)
     assert len(decoder_blocks(b)) == 2 and all(blk._compiled_call_impl is not None for blk in decoder_blocks(b))
     for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
 
 def test_cuda_graph_training_pads_rows_to_max_length_and_trains_like_eager(tokenizer, tmp_path, monkeypatch):
@@ -167,7 +167,7 @@ def test_cuda_graph_training_pads_rows_to_max_length_and_trains_like_eager(token
     from efftune.train.compile import decoder_blocks
     assert all(blk._compiled_call_impl is None for blk in decoder_blocks(b))  # eager again afterwards
     for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the graphs themselves)")
@@ -374,7 +374,7 @@ def test_non_finite_weights_are_never_checkpointed(tokenizer, tmp_path):
 def test_zero_gradient_norm_for_several_steps_warns(tokenizer, tmp_path, capsys):
     m = lora_model()
     with torch.no_grad():
-        for n, p in m.named_parameters():
+        for p in m.parameters():
             if p.requires_grad:
                 p.zero_()  # A = B = 0: no gradient reaches either factor
     train(m, data(tokenizer), TrainConfig(steps=6, batch_size=2, warmup_steps=1), tmp_path, pad_id=1)

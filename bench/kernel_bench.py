@@ -22,7 +22,7 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
              to set against a real step's (bench/throughput.py prints those too); not in the default run
 Prints one JSON line per measurement with its TFLOP/s (GB/s for the SwiGLU passes).
 
-    PYTHONPATH=. python bench/kernels.py --shape llama3-8b
+    PYTHONPATH=. python bench/kernel_bench.py --shape llama3-8b
 """
 from __future__ import annotations
 
