@@ -95,7 +95,9 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     loss_case = "efftune" if case.startswith("efftune") else "peft"  # which loss path (throughput.py's)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step = train_step(lambda: loss_fn(model, loss_case, ids), opt, device)
+    from efftune.eval.options import ForwardOptions
+    options = ForwardOptions(fused_head=case == "efftune-compile")  # as train() with train.compile
+    step = train_step(lambda: loss_fn(model, loss_case, ids, options), opt, device)
     step_s, loss, _ = timed_steps(step, steps, warmup, device)
     extra = {}
     if profile and cuda:  # after the timing, so the profiler does not slow the timed steps

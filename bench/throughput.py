@@ -117,12 +117,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         if UNFUSED_MLP:
             from efftune.methods.swiglu_lora import unwrap_swiglu_mlps
             unwrap_swiglu_mlps(model)
-    if ATTENTION != "sdpa":
-        from efftune.eval.causal import set_attention_kernel
-        set_attention_kernel(model, ATTENTION)
-    if MASKED_ATTENTION != "sdpa" and case.startswith("efftune"):
-        from efftune.eval.causal import set_masked_attention
-        set_masked_attention(model, MASKED_ATTENTION, static_masks=case.endswith("-cg"))  # as train() does
+    forward_options(case).check(model)  # flash4 / flex available here, as train() checks
     if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
@@ -135,6 +130,16 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     return model
 
 
+def forward_options(case: str):
+    """The options train() would pass with the case's forwards (efftune.eval.options): --attention,
+    --masked-attention for efftune cases, block masks kept in place for CUDA graphs (-cg), the LM
+    head's softmax work compiled with compiled blocks (-compile)."""
+    from efftune.eval.options import ForwardOptions
+    ours = case.startswith("efftune")
+    return ForwardOptions(attention=ATTENTION, masked_attention=MASKED_ATTENTION if ours else "sdpa",
+                          static_masks=ours and case.endswith("-cg"), fused_head="-compile" in case)
+
+
 def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:
     if case == "peft-fa":
         from peft.optimizers import create_lorafa_optimizer
@@ -142,7 +147,8 @@ def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
 
-def loss_fn(model: torch.nn.Module, case: str, ids: torch.Tensor) -> torch.Tensor:
+def loss_fn(model: torch.nn.Module, case: str, ids: torch.Tensor, options=None) -> torch.Tensor:
+    """The case's loss over `ids`; `options`: the forward options (default: the case's, `forward_options`)."""
     if case in LOGPROBS_LOSS:
         from efftune.eval.logprobs import target_logprobs
         # every token but the first is a target, predicted from the one before; the index tensors
@@ -150,7 +156,8 @@ def loss_fn(model: torch.nn.Module, case: str, ids: torch.Tensor) -> torch.Tenso
         b, n = ids.shape
         rows = torch.arange(b, device=ids.device).repeat_interleave(n - 1)
         cols = torch.arange(1, n, device=ids.device).repeat(b)
-        return -target_logprobs(model, ids, rows, cols - 1, ids[rows, cols]).mean()
+        return -target_logprobs(model, ids, rows, cols - 1, ids[rows, cols],
+                                options=options or forward_options(case)).mean()
     return model(input_ids=ids, labels=ids).loss
 
 
@@ -186,7 +193,7 @@ def masked_loss_fn(model: torch.nn.Module, case: str, batch) -> torch.Tensor:
     if case in LOGPROBS_LOSS:
         from efftune.eval.logprobs import target_logprobs
         return -target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
-                                batch.position_ids, batch.mask).mean()
+                                batch.position_ids, batch.mask, options=forward_options(case)).mean()
     labels = torch.full_like(batch.input_ids, -100)
     shifted = batch.sources + 1 < batch.input_ids.shape[1]
     keep = shifted & (batch.input_ids[batch.rows, (batch.sources + 1).clamp(max=batch.input_ids.shape[1] - 1)]

@@ -141,7 +141,7 @@ def parser() -> Parser:
     hsub.add_parser("build", help="train a library of LoRA modules, one per task (k at once), for hub compose; "
                                   "resumes an interrupted build", populate=_build_flags,
                     usage="efftune hub build (--tasks T1,T2,... | --tasks-file FILE) --output LIB [--together K] "
-                          "[--debug] [--KEY VALUE ...]",
+                          "[--resume-changed] [--debug] [--KEY VALUE ...]",
                     description="Train a library of LoRA modules, one per task. The training flags are "
                                 "`efftune train`'s, with the same defaults; the config key is given in brackets.")
     k = sub.add_parser("tasks", help="list BIG-bench tasks with their kind and size")
@@ -228,6 +228,9 @@ def _build_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("--output", required=True, help="library directory: one LoRA module per task + library.json")
     b.add_argument("--together", type=int, default=1,
                    help="modules trained at once in one forward/backward (each example through its own module)")
+    b.add_argument("--resume-changed", action="store_true",
+                   help="resume unfinished modules even where a setting that changes what they compute (--lr, "
+                        "--max-length, ...) differs from their checkpoint's (a build resumes by default)")
     b.add_argument("--debug", action="store_true", help="show tracebacks")
     add_config_flags(b, build_flags(), BUILD_HELP, notes={})
 
@@ -262,7 +265,8 @@ def _hub_build(args) -> dict:
     tasks = read_tasks_file(args.tasks_file) if args.tasks_file else [t for t in args.tasks.split(",") if t.strip()]
     return build_library(cfg.model, tasks, args.output, cfg.lora, cfg.train, together=args.together,
                          eval_size=cfg.eval_size, chat_template=cfg.chat_template, dtype=cfg.dtype,
-                         device=cfg.device, log=lambda m: print(m, file=sys.stderr))
+                         device=cfg.device, resume_changed=args.resume_changed,
+                         log=lambda m: print(m, file=sys.stderr))
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:

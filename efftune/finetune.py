@@ -12,6 +12,7 @@ from .data import Completion, Example, Formatter, MultipleChoice, load_jsonl, lo
 from .data.tokenize import truncation_note
 from .errors import ConfigError, DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
+from .eval.options import DEFAULT, ForwardOptions
 from .eval.perplexity import perplexity
 from .faults import fault_point
 from .io import write_text_atomically
@@ -45,17 +46,18 @@ def load_examples(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
     return train_set, eval_set
 
 
-def evaluator(formatter: Formatter, examples: list[Example]):
-    """Accuracy on the multiple-choice examples, perplexity on the rest (whichever exist)."""
+def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOptions = DEFAULT):
+    """Accuracy on the multiple-choice examples, perplexity on the rest (whichever exist), each
+    forward run with `options` (the training run's: `TrainConfig.forward_options()`)."""
     mc = [e for e in examples if isinstance(e, MultipleChoice)]
     text = [e for e in examples if isinstance(e, Completion)]
 
     def evaluate(model) -> dict:
         out = {}
         if mc:
-            out["accuracy"] = round(multiple_choice_accuracy(model, formatter, mc), 4)
+            out["accuracy"] = round(multiple_choice_accuracy(model, formatter, mc, options=options), 4)
         if text:
-            out["perplexity"] = round(perplexity(model, formatter, text), 4)
+            out["perplexity"] = round(perplexity(model, formatter, text, options=options), 4)
         return out
     return evaluate
 
@@ -115,7 +117,8 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         log(note)
 
     result = train(model, sequences, cfg.train, out, pad_id=tokenizer.pad_token_id, resume=resume,
-                   evaluate=evaluator(formatter, eval_set) if eval_set else None, hooks=hooks,
+                   evaluate=evaluator(formatter, eval_set, cfg.train.forward_options()) if eval_set else None,
+                   hooks=hooks,
                    resume_changed=resume_changed, on_checkpoint=rundir.commit)
     rundir.commit()  # a resumed finished run writes no checkpoint
     adapter_dir = out / method.artifact

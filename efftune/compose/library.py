@@ -23,6 +23,7 @@ trained with others is the shared time of those steps).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -31,7 +32,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -39,15 +40,16 @@ from torch import nn
 from ..data import Encoded, Example, Formatter, MultipleChoice, load_jsonl, load_task, split_examples
 from ..data.layout import collate
 from ..data.tokenize import truncation_note
-from ..errors import ConfigError, DataError, EfftuneError
+from ..errors import CheckpointError, ConfigError, DataError, EfftuneError
 from ..eval.logprobs import target_logprobs
+from ..eval.options import DEFAULT, ForwardOptions
 from ..eval.multiple_choice import multiple_choice_accuracy, score_rows
 from ..io import (CONFIG_FILE, WEIGHTS_FILE, base_model_name, read_adapter_config, save_adapter,
                   write_text_atomically)
 from ..methods.attach import find_targets
-from ..methods.lora import (LoraConfig, add_lora, check_ranks, delete_adapter, lora_layers, mixed_adapter_batch,
-                            set_active_adapters, set_trainable_adapters)
-from ..train.checkpoint import latest_checkpoint, read_state
+from ..methods.lora import (LoraConfig, adapter_names, add_lora, check_ranks, delete_adapter, lora_layers,
+                            mixed_adapter_batch, set_active_adapters, set_trainable_adapters)
+from ..train.checkpoint import changed_keys, latest_checkpoint, read_state
 from ..train.loop import TrainConfig, TrainHooks, example_order, read_metrics, train
 from ..train.seed import seed_everything
 
@@ -60,7 +62,7 @@ RECIPE_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min
 
 @dataclass
 class LibraryTask:
-    name: str                     # module, adapter and directory name
+    name: str                     # module and directory name (it trains as a slot's adapter: SLOT)
     source: str                   # the BIG-bench task name or the JSONL path it came from
     train: list[Example]
     held_out: list[MultipleChoice]  # multiple-choice held-out examples (empty: no evaluation)
@@ -150,20 +152,21 @@ def write_index(output_dir: Path, build: dict) -> dict:
 
 @torch.no_grad()
 def accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
-                        row_tokens: int = 512, rows_per_batch: int = 4) -> dict[str, float]:
+                        row_tokens: int = 512, rows_per_batch: int = 4,
+                        options: ForwardOptions = DEFAULT) -> dict[str, float]:
     """Multiple-choice accuracy of each adapter on its own examples, every adapter in the same
     forward passes (`rows_per_batch` rows per adapter per pass); as `multiple_choice_accuracy`
-    with that adapter alone active, up to rounding."""
+    with that adapter alone active, up to rounding. `options`: the forwards' kernels."""
     was_training = model.training
     model.eval()  # no dropout
     try:
-        return _accuracies_together(model, formatter, examples, row_tokens, rows_per_batch)
+        return _accuracies_together(model, formatter, examples, row_tokens, rows_per_batch, options)
     finally:
         model.train(was_training)
 
 
 def _accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
-                         row_tokens: int, rows_per_batch: int) -> dict[str, float]:
+                         row_tokens: int, rows_per_batch: int, options: ForwardOptions) -> dict[str, float]:
     device = next(model.parameters()).device
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
     rows, owner = [], []
@@ -177,7 +180,7 @@ def _accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[
         batch = collate(rows[s:s + step], formatter.tokenizer.pad_token_id, attention).to(device)
         with mixed_adapter_batch(model, owner[s:s + step]):
             lp = target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
-                                 batch.position_ids, batch.mask).tolist()
+                                 batch.position_ids, batch.mask, options=options).tolist()
         for r, (i, j), value in zip(batch.rows.tolist(), batch.tags, lp):
             key = (owner[s + r], i, j)
             totals[key] = totals.get(key, 0.0) + value
@@ -230,14 +233,16 @@ def _training_tokens(seqs: Sequence[Encoded], config: TrainConfig) -> int:
 def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
                   lora_cfg: LoraConfig | None = None, train_cfg: TrainConfig | None = None, *,
                   together: int = 1, eval_size: int | float | None = None, chat_template: bool = False,
-                  dtype: str = "auto", device: str = "auto",
+                  dtype: str = "auto", device: str = "auto", resume_changed: bool = False,
                   on_step: Callable[[list[str], int], None] | None = None, log=print) -> dict:
     """Train one LoRA module per task into `output_dir` (see the module docstring); returns a summary.
 
     `model_source`: a model name/path for `efftune.models.load_model`, or a `(model, tokenizer)`
     pair (its adapters are removed again afterwards). `tasks`: BIG-bench names and/or JSONL paths.
     `together`: modules trained at once (1: each with `train()`). Evaluation is before and after
-    training only (`train_cfg.eval_every` is ignored); `eval_size=0` skips it.
+    training only (`train_cfg.eval_every` is ignored); `eval_size=0` skips it. An unfinished
+    module resumes only with the settings its checkpoint was made with (those that change what it
+    computes), unless `resume_changed` (as `efftune train --resume-changed`).
     """
     lora_cfg = lora_cfg or LoraConfig()
     train_cfg = replace(train_cfg or TrainConfig(), eval_every=0)
@@ -288,7 +293,7 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     write_index(output_dir, build)
     with _model_state_kept(model):
         built = _build_pending(model, tokenizer, pending, output_dir, build, want, lora_cfg, train_cfg,
-                               together, chat_template, on_step, log)
+                               together, chat_template, resume_changed, on_step, log)
     index = write_index(output_dir, build)
     return {"output": str(output_dir), "index": str(output_dir / INDEX_FILE), "built": built,
             "skipped": skipped, "modules": len(index["modules"]), "together": together,
@@ -310,36 +315,42 @@ def _model_state_kept(model: nn.Module):
 
 
 def _build_pending(model, tokenizer, pending, output_dir: Path, build: dict, want: dict, lora_cfg, train_cfg,
-                   together: int, chat_template: bool, on_step, log) -> list[str]:
+                   together: int, chat_template: bool, resume_changed: bool, on_step, log) -> list[str]:
     """Train and save every pending module, `together` at a time; returns their names."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     formatter = Formatter(tokenizer, chat_template=chat_template, max_length=train_cfg.max_length)
     work = output_dir / WORK_DIR
-    built = []
-    for g in range(0, len(pending), together):
-        group = pending[g:g + together]
+    found = {s.name: latest_checkpoint(work / s.name / "checkpoints") for s in pending}
+    _check_resumable(found, train_cfg, resume_changed)  # every unfinished module before any trains
+    held = {n: _checkpoint_adapter(c) for n, c in found.items()}
+    built, done = [], 0
+    for group, slots in _slot_groups(pending, held, together, set(adapter_names(model))):
         names = [s.name for s in group]
-        log(f"hub build: training {', '.join(names)} ({g + len(group)}/{len(pending)})")
+        done += len(group)
+        log(f"hub build: training {', '.join(names)} ({done}/{len(pending)})")
         seqs = {s.name: [formatter.encode(e) for e in s.train] for s in group}
         for n in names:
             if note := truncation_note(seqs[n], train_cfg.max_length, f"training examples of {n}"):
                 log(f"hub build: {note}")
-        for n in names:
-            seed_everything(_init_seed(train_cfg.seed, n))
-            add_lora(model, lora_cfg, adapter=n)
+        added = []
         try:
-            _train_group(model, group, seqs, formatter, train_cfg, work, pad_id, on_step)
+            for n in names:
+                seed_everything(_init_seed(train_cfg.seed, n))  # the module's name, not its slot's
+                add_lora(model, lora_cfg, adapter=slots[n])
+                added.append(slots[n])
+            _train_group(model, group, slots, seqs, formatter, train_cfg, work, pad_id, resume_changed, on_step)
             for s in group:
                 rows = read_metrics(work / s.name / "metrics.jsonl")
                 out = _outcome(rows, train_cfg.steps)
                 if s.held_out and out["accuracy_after"] is None:  # stopped between last checkpoint and eval
-                    set_active_adapters(model, s.name)
-                    out["accuracy_after"] = round(multiple_choice_accuracy(model, formatter, s.held_out), 4)
+                    set_active_adapters(model, slots[s.name])
+                    out["accuracy_after"] = round(multiple_choice_accuracy(
+                        model, formatter, s.held_out, options=train_cfg.forward_options()), 4)
                 meta = {"task": s.source, "steps": train_cfg.steps, "examples": len(s.train),
                         "eval_examples": len(s.held_out), **out,
                         "tokens": _training_tokens(seqs[s.name], train_cfg),
                         "trained_with": names, "recipe": want}
-                save_adapter(model, output_dir / s.name, lora_cfg, adapter=s.name,
+                save_adapter(model, output_dir / s.name, lora_cfg, adapter=slots[s.name],
                              metadata={"tasks": [s.source], "steps": train_cfg.steps, "library": meta})
                 shutil.rmtree(work / s.name / "checkpoints", ignore_errors=True)  # the module is the result
                 write_index(output_dir, build)
@@ -347,30 +358,85 @@ def _build_pending(model, tokenizer, pending, output_dir: Path, build: dict, wan
                 log(f"hub build: {s.name}: accuracy {out['accuracy_before']} -> {out['accuracy_after']}, "
                     f"loss {out['final_loss']}, {out['seconds']} s")
         finally:
-            for n in names:
-                delete_adapter(model, n)
+            for a in added:
+                delete_adapter(model, a)
     return built
 
 
-def _train_group(model, group: list[LibraryTask], seqs: dict, formatter: Formatter, cfg: TrainConfig,
-                 work: Path, pad_id: int, on_step) -> None:
-    """Train the group's modules, each with its run in `work/<module>/`, resuming those that have a
-    checkpoint: one module as `efftune train` trains it, several at once (train()'s k-adapter mode)."""
+# A module trains under a slot's adapter name ("slot0", "slot1", ...), not its own: compiled blocks
+# (--compile) guard on the adapter names they read (LoraLayer's adapters and active lists), so
+# names that changed with every group would compile new graphs for each group until Dynamo's
+# recompile limit sends the blocks back to eager. With slots, group after group sees the same
+# names and runs the graphs compiled for the first. A module with a checkpoint keeps the adapter
+# name its checkpoint holds (its parameters are saved by name), whatever `together` made it then.
+SLOT = "slot{}"
+
+
+def _checkpoint_adapter(checkpoint: Path | None) -> str | None:
+    """The adapter name the parameters of a module's checkpoint carry (None: no checkpoint)."""
+    if checkpoint is None:
+        return None
+    for name in itertools.chain.from_iterable(read_state(checkpoint).get("param_names", [])):
+        if m := re.search(r"(?:^|\.)adapters\.([^.]+)\.", name):
+            return m.group(1)
+    raise CheckpointError(f"hub build: checkpoint {checkpoint} holds no LoRA adapter's parameters; "
+                          f"move {checkpoint.parent.parent} away to train that module afresh")
+
+
+def _slot_groups(pending: list[LibraryTask], held: dict[str, str | None], together: int, taken: set[str]
+                 ) -> Iterator[tuple[list[LibraryTask], dict[str, str]]]:
+    """Groups of up to `together` modules in task order, each with {module: adapter name}: the name
+    its checkpoint holds (`held`), else the first slot free in the group and not among the model's
+    own adapters (`taken`). Two modules whose checkpoints hold the same name train in different groups."""
+    left = list(pending)
+    while left:
+        group, used = [], set()
+        for s in left:
+            if len(group) < together and held[s.name] not in used:
+                group.append(s)
+                if held[s.name] is not None:
+                    used.add(held[s.name])
+        left = [s for s in left if s not in group]
+        free = (SLOT.format(i) for i in itertools.count() if SLOT.format(i) not in used | taken)
+        yield group, {s.name: held[s.name] or next(free) for s in group}
+
+
+def _check_resumable(found: dict[str, Path | None], cfg: TrainConfig, resume_changed: bool) -> None:
+    """Refuse to resume a module's checkpoint made with settings that compute differently (as train's
+    resume does), unless `resume_changed`; named for hub build, whose resume is the default."""
+    for name, checkpoint in found.items():
+        if checkpoint is None or resume_changed:
+            continue
+        changed = changed_keys(read_state(checkpoint).get("train_config", {}), asdict(cfg), "train.")
+        if changed:
+            raise CheckpointError(f"hub build: module {name}'s checkpoint {checkpoint} was made with another "
+                                  f"{', '.join(changed)}; the build resumes a module as it would have run (pass "
+                                  "--resume-changed to accept the change, or use another --output)")
+
+
+def _train_group(model, group: list[LibraryTask], slots: dict[str, str], seqs: dict, formatter: Formatter,
+                 cfg: TrainConfig, work: Path, pad_id: int, resume_changed: bool, on_step) -> None:
+    """Train the group's modules (module `n` as adapter `slots[n]`), each with its run in
+    `work/<module>/`, resuming those that have a checkpoint: one module as `efftune train` trains
+    it, several at once (train()'s k-adapter mode)."""
     names = [s.name for s in group]
-    set_trainable_adapters(model, names)  # and nothing else: a passed model's own adapters stay as they are
+    set_trainable_adapters(model, [slots[n] for n in names])  # and nothing else: a passed model's own adapters stay
     found = {n: latest_checkpoint(work / n / "checkpoints") for n in names}
     starts = {n: read_state(c)["step"] if c else 0 for n, c in found.items()}
     hooks, resume = _StepHook(starts, on_step), any(found.values())
+    options = cfg.forward_options()  # evaluations run with the training forwards' kernels
     if len(group) == 1:
         s = group[0]
-        set_active_adapters(model, s.name)
-        evaluate = (lambda m: {"accuracy": round(multiple_choice_accuracy(m, formatter, s.held_out), 4)}) \
+        set_active_adapters(model, slots[s.name])
+        evaluate = (lambda m: {"accuracy": round(multiple_choice_accuracy(m, formatter, s.held_out,
+                                                                          options=options), 4)}) \
             if s.held_out else None
-        train(model, seqs[s.name], cfg, work / s.name, pad_id=pad_id, resume=resume, evaluate=evaluate, hooks=hooks)
+        train(model, seqs[s.name], cfg, work / s.name, pad_id=pad_id, resume=resume, evaluate=evaluate, hooks=hooks,
+              resume_changed=resume_changed)
         return
-    held_out = {s.name: s.held_out for s in group if s.held_out}
-    evaluate = (lambda m, which: {n: {"accuracy": a} for n, a in accuracies_together(
-        m, formatter, {n: held_out[n] for n in which if n in held_out}).items()}) if held_out else None
-    train(model, {n: seqs[n] for n in names}, cfg, work, pad_id=pad_id, resume=resume, evaluate=evaluate,
-          hooks=hooks)
-
+    held_out = {slots[s.name]: s.held_out for s in group if s.held_out}
+    evaluate = (lambda m, which: {a: {"accuracy": acc} for a, acc in accuracies_together(
+        m, formatter, {a: held_out[a] for a in which if a in held_out}, options=options).items()}) \
+        if held_out else None
+    train(model, {slots[n]: seqs[n] for n in names}, cfg, work, pad_id=pad_id, resume=resume, evaluate=evaluate,
+          hooks=hooks, resume_changed=resume_changed, run_dirs={slots[n]: work / n for n in names})

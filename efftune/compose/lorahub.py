@@ -29,6 +29,7 @@ from ..data.layout import collate, training_rows
 from ..data.tokenize import Formatter
 from ..errors import ConfigError, EfftuneError
 from ..eval.logprobs import target_logprobs
+from ..eval.options import DEFAULT, ForwardOptions
 from ..io import CONFIG_FILE, load_adapter, save_adapter
 from ..methods.lora import (LoraConfig, LoraEmbedding, LoraLayer, adapter_names, lora_layers, merge_lora,
                             set_active_adapters)
@@ -137,10 +138,10 @@ class FewShotLoss:
     per forward (one forward when they fit)."""
 
     def __init__(self, model: nn.Module, formatter: Formatter, examples: Sequence[Example],
-                 row_tokens: int = 1024, rows_per_batch: int = 8):
+                 row_tokens: int = 1024, rows_per_batch: int = 8, options: ForwardOptions = DEFAULT):
         if not examples:
             raise EfftuneError("lorahub: no few-shot examples")
-        self.model = model
+        self.model, self.options = model, options
         seqs = [formatter.encode(ex) for ex in examples]
         rows = training_rows(seqs, max(row_tokens, max(len(s) for s in seqs)))
         attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
@@ -160,7 +161,8 @@ class FewShotLoss:
         try:
             total = 0.0
             for b in self.batches:
-                lp = target_logprobs(self.model, b.input_ids, b.rows, b.sources, b.targets, b.position_ids, b.mask)
+                lp = target_logprobs(self.model, b.input_ids, b.rows, b.sources, b.targets, b.position_ids, b.mask,
+                                     options=self.options)
                 total -= float(lp.double().sum())
         finally:
             self.model.train(was_training)
@@ -217,12 +219,14 @@ def _stop_threads(opt) -> None:
 def lorahub(model: nn.Module, formatter: Formatter, examples: Sequence[Example], library: Sequence[str], *,
             max_modules: int = 20, budget: int = 40, optimizer: str = "NGOpt", regularization: float = 0.05,
             bound: float = 1.5, seed: int = 0, eval_examples: Sequence[MultipleChoice] | None = None,
-            name: str = "lorahub", row_tokens: int = 1024, rows_per_batch: int = 8) -> tuple[LoraHub, LoraHubResult]:
+            name: str = "lorahub", row_tokens: int = 1024, rows_per_batch: int = 8,
+            options: ForwardOptions = DEFAULT) -> tuple[LoraHub, LoraHubResult]:
     """Find weights for (a seeded sample of at most `max_modules` of) the attached `library`
     adapters that minimise `few-shot loss(w) + regularization · mean|w|` over `w ∈ [-bound, bound]^N`.
 
     Leaves the best composition attached as the only active adapter `name`; returns the hub
     (`.save(dir)`, `.merge()`) and the result. `eval_examples` (multiple choice) adds held-out accuracy.
+    `options`: the forwards' kernels (`efftune.eval.options`).
     """
     import nevergrad as ng  # optional dependency (the "hub" extra)
 
@@ -233,7 +237,8 @@ def lorahub(model: nn.Module, formatter: Formatter, examples: Sequence[Example],
     if not bound > 0:
         raise ConfigError(f"lorahub: bound must be positive, got {bound}")
     modules = select_modules(library, max_modules, seed)
-    loss_fn = FewShotLoss(model, formatter, examples, row_tokens, rows_per_batch)  # before attaching: fail early
+    # before attaching: fail early
+    loss_fn = FewShotLoss(model, formatter, examples, row_tokens, rows_per_batch, options)
     hub = LoraHub(model, modules, name)
 
     evaluate = lambda w: objective(hub, loss_fn, w, regularization)
@@ -261,5 +266,5 @@ def lorahub(model: nn.Module, formatter: Formatter, examples: Sequence[Example],
     result = LoraHubResult(modules, best[2].tolist(), best[0], best[1], base, losses, tried)
     if eval_examples:
         from ..eval.multiple_choice import multiple_choice_accuracy
-        result.accuracy = multiple_choice_accuracy(model, formatter, list(eval_examples))
+        result.accuracy = multiple_choice_accuracy(model, formatter, list(eval_examples), options=options)
     return hub, result

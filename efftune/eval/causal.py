@@ -13,12 +13,13 @@ Only for model types whose mask is exactly causal over full attention (no slidin
 chunked or bidirectional parts), only when the model's attention is sdpa, and only around a plain
 transformers body (not one wrapped by prefix tuning, whose cached prefix needs a real mask).
 
-`set_attention_kernel(model, "flash4")` makes this path run FlashAttention-4 (`flash4.py`, an
-optional package) instead of SDPA: `efftune_plain_causal_flash4`, the same contract. Inputs the
-kernels do not take (fp32, other head sizes, attention dropout while training) still go to SDPA.
+`ForwardOptions(attention="flash4")` (`options.py`, passed with the call) makes this path run
+FlashAttention-4 (`flash4.py`, an optional package) instead of SDPA: `efftune_plain_causal_flash4`,
+the same contract. Inputs the kernels do not take (fp32, other head sizes, attention dropout while
+training) still go to SDPA.
 
-Rows with a mask (packed sequences, token trees) go to SDPA with the mask, or, after
-`set_masked_attention(model, "flex")`, to FlexAttention (`flex.py`): `masked_rows` turns the
+Rows with a mask (packed sequences, token trees) go to SDPA with the mask, or, with
+`ForwardOptions(masked_attention="flex")`, to FlexAttention (`flex.py`): `masked_rows` turns the
 boolean mask into a block mask once per forward and runs the model under `efftune_masked_flex`.
 """
 from __future__ import annotations
@@ -30,14 +31,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..errors import ConfigError, EfftuneError
+from ..errors import EfftuneError
 from . import flash4, flex
+from .options import DEFAULT, ForwardOptions
 
 PLAIN_CAUSAL = "efftune_plain_causal"
 PLAIN_CAUSAL_FLASH4 = "efftune_plain_causal_flash4"
 MASKED_FLEX = "efftune_masked_flex"
-ATTENTION_KERNELS = ("sdpa", "flash4")
-MASKED_KERNELS = ("sdpa", "flex")
 PLAIN_CAUSAL_MODEL_TYPES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmo", "olmo2", "olmoe",
     "granite", "granitemoe", "phi3"})
@@ -84,54 +84,6 @@ def _register() -> None:
     AttentionInterface.register(MASKED_FLEX, _masked_flex)
 
 
-def check_attention_kernel(kernel: str) -> None:
-    if kernel not in ATTENTION_KERNELS:
-        raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
-
-
-def set_attention_kernel(model: nn.Module, kernel: str) -> None:
-    """Which kernel runs `model`'s maskless causal forwards (`plain_causal`): "sdpa", the default,
-    or "flash4" (FlashAttention-4; needs the flash-attn-4 package and a Hopper/Blackwell GPU)."""
-    check_attention_kernel(kernel)
-    if kernel == "flash4":
-        device = next(model.parameters()).device
-        reason = flash4.unavailable_reason(device)
-        if reason:
-            raise ConfigError(f"train.attention: flash4 {reason}")
-    model._efftune_attention_kernel = kernel
-
-
-def attention_kernel(model: nn.Module) -> str:
-    """The kernel `set_attention_kernel` chose for `model` ("sdpa" until then)."""
-    return getattr(model, "_efftune_attention_kernel", "sdpa")
-
-
-def check_masked_attention(kernel: str) -> None:
-    if kernel not in MASKED_KERNELS:
-        raise ConfigError(f"train.masked_attention must be one of {', '.join(MASKED_KERNELS)}, got {kernel!r}")
-
-
-def set_masked_attention(model: nn.Module, kernel: str, static_masks: bool = False) -> None:
-    """Which kernel runs `model`'s forwards over rows with a mask (packing, token trees; `masked_rows`):
-    "sdpa", the default, or "flex" (FlexAttention; CUDA only, no attention dropout). `static_masks`:
-    block masks in storage kept per shape, for blocks replayed as CUDA graphs (`flex.block_mask`)."""
-    check_masked_attention(kernel)
-    if kernel == "flex":
-        reason = flex.unavailable_reason(next(model.parameters()).device)
-        if reason:
-            raise ConfigError(f"train.masked_attention: flex {reason}")
-        if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
-            raise ConfigError("train.masked_attention: flex has no attention dropout, and the model's "
-                              f"config.attention_dropout is {model.config.attention_dropout}")
-    model._efftune_masked_attention = kernel
-    model._efftune_static_block_masks = static_masks
-
-
-def masked_attention(model: nn.Module) -> str:
-    """The kernel `set_masked_attention` chose for `model` ("sdpa" until then)."""
-    return getattr(model, "_efftune_masked_attention", "sdpa")
-
-
 def qualifies(model: nn.Module) -> bool:
     """Whether `model`'s own mask over maskless rows would be plain causal SDPA."""
     from transformers import PreTrainedModel
@@ -147,29 +99,31 @@ def qualifies(model: nn.Module) -> bool:
 
 
 @contextmanager
-def plain_causal(model: nn.Module, position_ids: torch.Tensor | None,
-                 attention_mask: torch.Tensor | None) -> Iterator[None]:
-    """Within the block, `model` runs under `efftune_plain_causal` when that is exact: no mask, no
-    position ids (the model counts from 0), and a qualifying model; otherwise nothing changes."""
+def plain_causal(model: nn.Module, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                 options: ForwardOptions = DEFAULT) -> Iterator[None]:
+    """Within the block, `model` runs under `efftune_plain_causal` (`efftune_plain_causal_flash4` with
+    `options.attention` "flash4") when that is exact: no mask, no position ids (the model counts from
+    0), and a qualifying model; otherwise nothing changes."""
     if position_ids is not None or attention_mask is not None or not qualifies(model):
         yield
         return
-    with _running_under(model, PLAIN_CAUSAL_FLASH4 if attention_kernel(model) == "flash4" else PLAIN_CAUSAL):
+    with _running_under(model, PLAIN_CAUSAL_FLASH4 if options.attention == "flash4" else PLAIN_CAUSAL):
         yield
 
 
 @contextmanager
-def masked_rows(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterator[object]:
+def masked_rows(model: nn.Module, attention_mask: torch.Tensor | None,
+                options: ForwardOptions = DEFAULT) -> Iterator[object]:
     """Yields the mask to pass to `model` for rows with this boolean mask (rows, 1, queries, keys):
-    with "flex" chosen (`set_masked_attention`) and a qualifying model whose heads the kernels take, its
+    with `options.masked_attention` "flex" and a qualifying model whose heads the kernels take, its
     block mask, with `model` running under `efftune_masked_flex` within the block; otherwise the mask
     itself, nothing changed."""
-    if attention_mask is None or attention_mask.dtype != torch.bool or masked_attention(model) != "flex" \
+    if attention_mask is None or attention_mask.dtype != torch.bool or options.masked_attention != "flex" \
             or not qualifies(model) or not flex.supports(model):
         yield attention_mask
         return
     # static storage for training forwards only: evaluations come in many shapes and run no graphs
-    static = getattr(model, "_efftune_static_block_masks", False) and torch.is_grad_enabled()
+    static = options.static_masks and torch.is_grad_enabled()
     block = flex.block_mask(attention_mask, static=static)
     with _running_under(model, MASKED_FLEX):
         yield block
@@ -177,12 +131,19 @@ def masked_rows(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterat
 
 @contextmanager
 def _running_under(model: nn.Module, implementation: str) -> Iterator[None]:
-    """`model` runs under one of efftune's registered attention functions within the block (a
-    qualifying model's own implementation is sdpa, which is put back)."""
+    """`model` runs under one of efftune's registered attention functions within the block; its own
+    implementation (sdpa, for a qualifying model) is back when the block ends, however it ends.
+
+    The one place efftune writes to a model's config, and only for the span of one forward:
+    transformers (checked 5.17 and 5.25) picks both the attention function (each attention module's
+    `ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)`) and the mask
+    preparation (`masking_utils.create_causal_mask`) from `config._attn_implementation` alone; no
+    forward argument chooses them per call."""
     _register()
     config = model.config
+    own = config._attn_implementation
     config._attn_implementation = implementation
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = own

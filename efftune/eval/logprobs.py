@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.tokenize import IGNORE
 from .causal import masked_rows, plain_causal
+from .options import DEFAULT, ForwardOptions
 
 CHUNK = 1024  # target positions per chunk of logits
 
@@ -32,7 +33,7 @@ class ChunkedTargetLogprob(torch.autograd.Function):
     `grad[n] · G[n]`. That saves the head's matmul that backward would otherwise rerun to rebuild
     the logits. A trainable head takes the general path, which recomputes the logits in backward.
     The per-chunk softmax work runs as Triton kernels on a CUDA GPU (`head_triton`); elsewhere
-    `fused` runs it compiled (one pass over the logits instead of several).
+    `fused` (`ForwardOptions.fused_head`) runs it compiled (one pass over the logits instead of several).
     """
 
     @staticmethod
@@ -122,15 +123,12 @@ _FUSED: dict[str, object] = {}
 def _fused(name: str):
     """The per-chunk softmax work compiled (once, shape-dynamic): a few fused passes over the chunk's
     logits instead of a cast, a log-sum-exp, a subtraction, an exponential, a negation, an index
-    update and a cast, each over the whole (chunk × vocabulary) fp32 array. Used when the model's blocks are compiled
-    (`efftune.train.compile.compile_blocks` sets `FUSED_HEAD`)."""
+    update and a cast, each over the whole (chunk × vocabulary) fp32 array. Chosen per call by
+    `ForwardOptions.fused_head` (train() sets it with compiled blocks); compiled once, kept here."""
     if name not in _FUSED:
         fn = _chunk_logprob if name == "logprob" else _chunk_logprob_and_grad
         _FUSED[name] = torch.compile(fn, dynamic=True)
     return _FUSED[name]
-
-
-FUSED_HEAD = "efftune_fused_head"  # model attribute: True -> the LM-head loss chunks run compiled
 
 
 def _plain_head(model: nn.Module) -> nn.Linear | None:
@@ -148,20 +146,23 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
 
 def target_logprobs(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, sources: torch.Tensor,
                     targets: torch.Tensor, position_ids: torch.Tensor | None = None,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    attention_mask: torch.Tensor | None = None, *,
+                    options: ForwardOptions = DEFAULT) -> torch.Tensor:
     """log p(targets[n] | output at (rows[n], sources[n])) for every n, in float32 (or float64).
     Without position ids and mask the rows are plain causal sequences (see `causal.plain_causal`);
-    a boolean mask may run through FlexAttention (`causal.masked_rows`)."""
+    a boolean mask may run through FlexAttention (`causal.masked_rows`). `options` chooses the
+    attention kernels and the head's mode (`ForwardOptions`)."""
     head = _plain_head(model)
     if head is not None:
         body = getattr(model, model.base_model_prefix)
-        with plain_causal(model, position_ids, attention_mask), masked_rows(model, attention_mask) as mask:
+        with plain_causal(model, position_ids, attention_mask, options), \
+                masked_rows(model, attention_mask, options) as mask:
             hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                           use_cache=False).last_hidden_state
-        return ChunkedTargetLogprob.apply(hidden[rows, sources], head.weight, targets, CHUNK,
-                                          bool(getattr(model, FUSED_HEAD, False)))
+        return ChunkedTargetLogprob.apply(hidden[rows, sources], head.weight, targets, CHUNK, options.fused_head)
     keep = torch.unique(sources)  # sorted positions whose outputs are needed
-    with plain_causal(model, position_ids, attention_mask), masked_rows(model, attention_mask) as mask:
+    with plain_causal(model, position_ids, attention_mask, options), \
+            masked_rows(model, attention_mask, options) as mask:
         out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                     logits_to_keep=keep, use_cache=False)
     logits = out.logits[rows, torch.searchsorted(keep, sources)]
@@ -171,8 +172,10 @@ def target_logprobs(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tenso
 
 def labelled_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                       position_ids: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, *,
+                      options: ForwardOptions = DEFAULT) -> torch.Tensor:
     """Log-probability of every labelled token (label at t = token at t, predicted from t-1),
     in row-major order of `labels != IGNORE`."""
     rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
-    return target_logprobs(model, input_ids, rows, cols - 1, labels[rows, cols], position_ids, attention_mask)
+    return target_logprobs(model, input_ids, rows, cols - 1, labels[rows, cols], position_ids, attention_mask,
+                           options=options)

@@ -17,6 +17,7 @@ from ..data.layout import MIN_SHARED, Row, collate, common_prefix
 from ..data.tokenize import Formatter, pack
 from ..progress import QUIET_SECONDS, progress_bar
 from .logprobs import target_logprobs
+from .options import DEFAULT, ForwardOptions
 
 
 def _encode(formatter: Formatter, ex: MultipleChoice) -> tuple[list[int], list[list[int]]]:
@@ -61,10 +62,10 @@ def score_rows(formatter: Formatter, examples: Sequence[MultipleChoice], row_tok
 @torch.no_grad()
 def choice_scores(model: nn.Module, formatter: Formatter, examples: Sequence[MultipleChoice],
                   row_tokens: int = 512, rows_per_batch: int = 4, normalize: str = "sum",
-                  progress: bool = True) -> list[list[float]]:
+                  progress: bool = True, options: ForwardOptions = DEFAULT) -> list[list[float]]:
     """Log-likelihood of every choice of every example (`normalize="mean"`: per token).
     `progress`: a bar over the examples on stderr, once scoring takes over a second (it closes
-    without a trace)."""
+    without a trace). `options`: the forwards' kernels (`efftune.eval.options`)."""
     device = next(model.parameters()).device
     attention = getattr(model.config, "_attn_implementation", "sdpa")
     rows = score_rows(formatter, examples, row_tokens)
@@ -75,7 +76,7 @@ def choice_scores(model: nn.Module, formatter: Formatter, examples: Sequence[Mul
             batch = collate(rows[start:start + rows_per_batch], formatter.tokenizer.pad_token_id,
                             attention).to(device)
             lp = target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
-                                 batch.position_ids, batch.mask).tolist()
+                                 batch.position_ids, batch.mask, options=options).tolist()
             for tag, value in zip(batch.tags, lp):
                 totals.setdefault(tag, []).append(value)
             bar.update(len({i for i, _ in batch.tags}))  # a row holds whole examples
@@ -87,7 +88,8 @@ def choice_scores(model: nn.Module, formatter: Formatter, examples: Sequence[Mul
 
 def multiple_choice_accuracy(model: nn.Module, formatter: Formatter, examples: Sequence[MultipleChoice],
                              **kwargs) -> float:
-    """Fraction of examples whose highest-scoring choice is a correct one."""
+    """Fraction of examples whose highest-scoring choice is a correct one (`kwargs`: `choice_scores`'s,
+    `options` among them)."""
     if not examples:
         return float("nan")
     was_training = model.training

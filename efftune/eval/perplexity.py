@@ -12,14 +12,15 @@ from ..data.layout import collate, training_rows
 from ..data.tokenize import Formatter
 from ..progress import QUIET_SECONDS, progress_bar
 from .logprobs import target_logprobs
+from .options import DEFAULT, ForwardOptions
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, formatter: Formatter, examples: Sequence[Completion],
-               row_tokens: int = 1024, progress: bool = True) -> float:
+               row_tokens: int = 1024, progress: bool = True, options: ForwardOptions = DEFAULT) -> float:
     """exp(mean negative log-likelihood per completion token), over packed rows (a shared prompt
     prefix runs once per row). `progress`: a bar over the rows on stderr, once it takes over a
-    second (it closes without a trace)."""
+    second (it closes without a trace). `options`: the forwards' kernels (`efftune.eval.options`)."""
     device = next(model.parameters()).device
     seqs = [formatter.encode(e) for e in examples]
     was_training = model.training
@@ -33,7 +34,7 @@ def perplexity(model: nn.Module, formatter: Formatter, examples: Sequence[Comple
             for start in range(0, len(rows), 4):
                 batch = collate(rows[start:start + 4], formatter.tokenizer.pad_token_id, attention).to(device)
                 lp = target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
-                                     batch.position_ids, batch.mask)
+                                     batch.position_ids, batch.mask, options=options)
                 total -= float(lp.sum())
                 count += lp.numel()
                 bar.update(len(rows[start:start + 4]))

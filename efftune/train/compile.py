@@ -3,10 +3,10 @@
 Compiling block by block (not the whole model) keeps compile time to one block's graph — the
 blocks share code, so one compilation serves them all — and leaves the loss, the tree attention
 masks and the optimizer step in eager mode (the loss's per-chunk softmax work is compiled on its
-own: `efftune.eval.logprobs`, switched on by the `FUSED_HEAD` attribute set here). Inductor fuses the elementwise chains around the
-matmuls (RMSNorm, RoPE, SwiGLU, the LoRA `y + delta` add) and its min-cut partitioner recomputes
-cheap pointwise results in backward instead of saving them, which is where most of a LoRA step's
-non-matmul time and activation memory go. Results equal eager ones up to float rounding (tested,
+own: `efftune.eval.logprobs`, chosen by `ForwardOptions.fused_head`, which train() sets with
+`train.compile`). Inductor fuses the elementwise chains around the matmuls (RMSNorm, RoPE, SwiGLU,
+the LoRA `y + delta` add) and its min-cut partitioner recomputes cheap pointwise results in backward
+instead of saving them, which is where most of a LoRA step's non-matmul time and activation memory go. Results equal eager ones up to float rounding (tested,
 ReLoRA restarts included), except that dropout draws its masks from Inductor's own random stream.
 `cuda_graphs` additionally replays the compiled blocks as CUDA graphs, for steps too short to hide
 the CPU's kernel launches (`train.cuda_graphs`).
@@ -52,8 +52,6 @@ def compile_blocks(model: nn.Module, cuda_graphs: bool = False, autotune: bool =
             module.before_compile()
     for block in blocks:
         block.compile(options={"triton.cudagraphs": cuda_graphs, "max_autotune_gemm": autotune})
-    from ..eval.logprobs import FUSED_HEAD
-    setattr(model, FUSED_HEAD, True)  # the chunked LM-head loss compiles its softmax work too
     return len(blocks)
 
 
@@ -62,9 +60,6 @@ def uncompile_blocks(model: nn.Module) -> None:
     callable in `_compiled_call_impl` and offers no public way back.)"""
     for block in decoder_blocks(model):
         block._compiled_call_impl = None
-    from ..eval.logprobs import FUSED_HEAD
-    if hasattr(model, FUSED_HEAD):
-        delattr(model, FUSED_HEAD)
 
 
 def check_memory_budget(budget: float) -> None:

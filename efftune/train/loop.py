@@ -30,9 +30,8 @@ from tqdm import tqdm
 from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, EfftuneError, TrainingDiverged
-from ..eval.causal import (attention_kernel, check_attention_kernel, check_masked_attention, masked_attention,
-                           set_attention_kernel, set_masked_attention)
 from ..eval.logprobs import target_logprobs
+from ..eval.options import ForwardOptions, check_attention_kernel, check_masked_attention
 from ..faults import fault_point
 from ..io import write_text_atomically
 from ..methods.lora import mixed_adapter_batch
@@ -107,6 +106,13 @@ class TrainConfig:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
             check_memory_budget(self.compile_memory_budget)
+
+    def forward_options(self) -> ForwardOptions:
+        """The options of this run's forwards (`efftune.eval.options`): its attention kernels, block
+        masks kept in place for CUDA graphs (`cuda_graphs`), the LM head's softmax work compiled with
+        the blocks (`compile`). Pass them to an `evaluate` that should run as the training forwards do."""
+        return ForwardOptions(attention=self.attention, masked_attention=self.masked_attention,
+                              static_masks=self.cuda_graphs, fused_head=self.compile)
 
 
 class TrainHooks:
@@ -236,7 +242,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
           output_dir: str | Path, *, pad_id: int = 0, resume: bool = False,
           evaluate: Callable[..., dict] | None = None, hooks: TrainHooks | None = None,
-          resume_changed: bool = False, on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
+          resume_changed: bool = False, on_checkpoint: Callable[[Path], None] | None = None,
+          run_dirs: Mapping[str, str | Path] | None = None) -> TrainResult:
     """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
 
     Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
@@ -247,16 +254,19 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
     exact model is back when `train` returns or raises. With `config.cuda_graphs` evaluations
     inside the run are eager, and the blocks are eager again when `train` returns or raises.
     `config.attention` picks the kernel for rows that hold one causal sequence each (no mask
-    needed), `config.masked_attention` the one for rows with a mask (packing, token trees); the
-    model's previous choices are back when `train` returns.
+    needed), `config.masked_attention` the one for rows with a mask (packing, token trees): they
+    travel with each forward call (`config.forward_options()`), nothing is set on the model.
+    `evaluate` runs its own forwards: the library's evaluators take `options=config.forward_options()`
+    to run with the same kernels (`efftune.finetune` passes them).
 
     **k LoRA adapters at once**: `sequences` a mapping {adapter name: its sequences} trains those
     adapters of the model together, each as a run of its own would train it (`efftune.train.together`):
     each step takes `batch_size` examples of every adapter in that adapter's seeded order, and every
     row goes through its own adapter only. Each adapter's run lives in `output_dir/<adapter>/` in
     the format of a one-adapter run (metrics.jsonl with its own loss and gradient norm, its
-    checkpoints, training.png), so it resumes with any other grouping; with `resume`, adapters that
-    have a checkpoint continue from it (each from its own step) and the others start. `evaluate(model,
+    checkpoints, training.png), or in `run_dirs[adapter]` where given, so it resumes with any other
+    grouping; with `resume`, adapters that have a checkpoint continue from it (each from its own
+    step) and the others start. `evaluate(model,
     names)` returns {name: metrics} for the adapters named; `TrainResult.adapters` holds each
     adapter's result. Every trainable parameter must be one of the adapters'; `hooks` may change
     the schedule and act after steps, but not keep state of their own or change base weights.
@@ -273,12 +283,10 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
         if not hooks.keeps_base_weights or hooks.state():
             raise ConfigError(f"train: k adapters at once cannot run with {type(hooks).__name__}: it keeps state "
                               "of its own or changes the base weights, which the adapters share")
+    # graphed blocks take the block masks' tensors at fixed addresses (static_masks: efftune.eval.flex.block_mask)
+    options = config.forward_options()
+    options.check(model, "train.")  # before anything is written
     with ExitStack() as scope:
-        scope.callback(set_attention_kernel, model, attention_kernel(model))
-        set_attention_kernel(model, config.attention)
-        scope.callback(set_masked_attention, model, masked_attention(model))
-        # graphed blocks take the block masks' tensors at fixed addresses (efftune.eval.flex.block_mask)
-        set_masked_attention(model, config.masked_attention, static_masks=config.cuda_graphs)
         if config.fp8_base:
             if not hooks.keeps_base_weights:
                 raise ConfigError(f"train.fp8_base cannot run with {type(hooks).__name__}: it changes the base "
@@ -288,17 +296,18 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
         if config.cuda_graphs:  # graphs recorded for the training shapes would re-record for every later one
             scope.callback(uncompile_blocks, model)
         return _train(model, sequences, config, Path(output_dir), pad_id, resume, evaluate, hooks, resume_changed,
-                      on_checkpoint)
+                      on_checkpoint, options, run_dirs)
 
 
 def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
            output_dir: Path, pad_id: int, resume: bool, evaluate: Callable[..., dict] | None, hooks: TrainHooks,
-           resume_changed: bool, on_checkpoint: Callable[[Path], None] | None) -> TrainResult:
+           resume_changed: bool, on_checkpoint: Callable[[Path], None] | None,
+           options: ForwardOptions, run_dirs: Mapping[str, str | Path] | None = None) -> TrainResult:
     device = next(model.parameters()).device
     params = hooks.parameters(model)
     if not params:
         raise ConfigError("nothing to train: the model has no trainable parameters (attach a method first)")
-    lanes = make_lanes(model, sequences, params, output_dir)
+    lanes = make_lanes(model, sequences, params, output_dir, run_dirs)
     together = lanes[0].name is not None  # k adapters at once (rows go through their own adapter)
     for lane in lanes:
         lane.directory.mkdir(parents=True, exist_ok=True)
@@ -316,7 +325,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     if resume:
         found = {lane.name: latest_checkpoint(lane.ckpt_root) for lane in lanes}
         if not any(found.values()):
-            where = lanes[0].ckpt_root if not together else f"{output_dir}/*/checkpoints"
+            where = lanes[0].ckpt_root if not together else \
+                f"{output_dir}/*/checkpoints" if not run_dirs else " or ".join(str(lane.ckpt_root) for lane in lanes)
             raise CheckpointError(f"--resume: no checkpoint under {where}")
         for lane in lanes:  # every check before anything changes
             if found[lane.name] is None:
@@ -447,7 +457,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                     with mixed_adapter_batch(model, [live[j].name for j in owner]) if together else nullcontext():
                         with autocast_for(config.precision, device), partition:
                             logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources,
-                                                   inputs.targets, inputs.position_ids, inputs.mask)
+                                                   inputs.targets, inputs.position_ids, inputs.mask,
+                                                   options=options)
                         if together:  # each lane's answer NLL over its own answer tokens; summed over lanes
                             losses, reals = lane_losses(logp, inputs, owner, n_targets)
                         else:

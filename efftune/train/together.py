@@ -52,15 +52,21 @@ class Lane:
         return self.directory / "checkpoints"
 
     def label(self) -> str:
-        """How messages name the lane: nothing for the whole run."""
-        return "" if self.name is None else f"adapter {self.name}: "
+        """How messages name the lane: nothing for the whole run; an adapter by its name, and by its
+        run directory where that is not named after it (the module library's slots)."""
+        if self.name is None:
+            return ""
+        return f"adapter {self.name}: " if self.directory.name == self.name else \
+            f"adapter {self.name} ({self.directory}): "
 
 
 def make_lanes(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]],
-               params: list[torch.Tensor], output_dir: Path) -> list[Lane]:
+               params: list[torch.Tensor], output_dir: Path,
+               run_dirs: Mapping[str, Path] | None = None) -> list[Lane]:
     """The run's lanes: one over `params` writing to `output_dir`, or, for a mapping {adapter:
-    sequences}, one a LoRA adapter writing to `output_dir/<adapter>/`, each over the parameters
-    of `params` that are its adapter's. Every parameter of `params` must be one adapter's."""
+    sequences}, one a LoRA adapter writing to `run_dirs[adapter]` (default `output_dir/<adapter>/`),
+    each over the parameters of `params` that are its adapter's. Every parameter of `params` must
+    be one adapter's."""
     names = {id(p): n for n, p in model.named_parameters()}
     if not isinstance(sequences, Mapping):
         if not sequences:
@@ -87,8 +93,8 @@ def make_lanes(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Seq
         mine = [p for p in params if owner[id(p)] == name]
         if not mine:
             raise ConfigError(f"train: adapter {name!r} has no trainable parameters")
-        lanes.append(Lane(name, sequences[name], output_dir / name, mine, [names[id(p)] for p in mine],
-                          [2 * i, 2 * i + 1]))
+        directory = Path((run_dirs or {}).get(name, output_dir / name))
+        lanes.append(Lane(name, sequences[name], directory, mine, [names[id(p)] for p in mine], [2 * i, 2 * i + 1]))
     return lanes
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -314,3 +315,107 @@ def test_cli_build_together_4_compiles_the_blocks(tasks, tokenizer, tmp_path, ca
     assert_same_modules(tmp_path / "compiled", tmp_path / "eager", names, atol=1e-5)
     moved = weights(tmp_path / "eager" / "size")
     assert any(v.abs().max() > 0 for key, v in moved.items() if "lora_B" in key)  # the step did something
+
+
+def test_compiled_build_runs_every_group_compiled(tokenizer, tmp_path, monkeypatch):
+    """Modules train under fixed slot names, so a compiled build's later groups reuse the first group's
+    graph: with Dynamo's recompile limit lowered to 2 and 4 groups (a new adapter name per group
+    would need 4 graphs: from the third group on the blocks would run eagerly), every group's step
+    runs the compiled block, one graph serves all four, and the modules equal an eager build's."""
+    import efftune.train.loop as loop
+    from efftune.train.compile import decoder_blocks
+    graphs, calls = [], []
+
+    def counting(gm, example_inputs):  # a backend that runs the captured graph and counts its runs
+        graphs.append(gm)
+
+        def run(*args):
+            calls.append(len(graphs))
+            return gm.forward(*args)
+        return run
+    compile_blocks = loop.compile_blocks
+
+    def watched(model, **options):  # the loop's own compile_blocks, its blocks then compiled with `counting`
+        n = compile_blocks(model, **options)
+        for block in decoder_blocks(model):
+            block.compile(backend=counting)
+        return n
+    monkeypatch.setattr(loop, "compile_blocks", watched)
+    rows = "".join(json.dumps({"input": f"Q: Is the {w} blue?", "choices": ["yes", "no"], "answer": i % 2}) + "\n"
+                   for i, w in enumerate(WORDS))
+    paths = []
+    for t in range(4):  # the same examples: the same shapes in every group, so only the names could differ
+        paths.append(tmp_path / f"task{t}.jsonl")
+        paths[-1].write_text(rows)
+    c = cfg(steps=1, batch_size=2, warmup_steps=0, save_every=0)
+    ran = []
+    torch._dynamo.reset()  # test isolation: earlier tests' graphs of the same block code count towards the limit
+    with torch._dynamo.config.patch(recompile_limit=2):
+        summary = build_library((tiny_llama(layers=1), tokenizer), [str(p) for p in paths], tmp_path / "compiled",
+                                LORA, replace(c, compile=True), together=1, eval_size=0,
+                                on_step=lambda names, done: ran.append((names, len(calls))))
+    names = [f"task{t}" for t in range(4)]
+    assert summary["built"] == names
+    assert [n for n, _ in ran] == [[n] for n in names]
+    counts = [0] + [k for _, k in ran]
+    assert all(b > a for a, b in zip(counts, counts[1:])), counts  # each group's step ran the compiled block
+    assert len(graphs) == 1  # one graph for all groups: no recompiles
+    build_library((tiny_llama(layers=1), tokenizer), [str(p) for p in paths], tmp_path / "eager", LORA, c,
+                  together=1, eval_size=0)
+    assert_same_modules(tmp_path / "compiled", tmp_path / "eager", names, atol=1e-6)
+    moved = weights(tmp_path / "eager" / "task3")
+    assert any(v.abs().max() > 0 for key, v in moved.items() if "lora_B" in key)  # the step did something
+
+
+def test_resumed_build_refuses_a_changed_setting_unless_resume_changed(tasks, tokenizer, tmp_path, capsys):
+    """An unfinished module resumes only with the settings its checkpoint was made with; `hub build
+    --resume-changed` accepts a change, resuming from the checkpoint (not from scratch)."""
+    from efftune.cli import main
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "lib"
+
+    def stop(names, done):
+        if done == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        build_library((tiny_llama(), tokenizer), tasks[:2], out, LORA, cfg(steps=4), together=2, eval_size=6,
+                      on_step=stop)
+    flags = ["hub", "build", "--model", str(model_dir), "--tasks", ",".join(tasks[:2]), "--output", str(out),
+             "--together", "2", "--steps", "4", "--batch-size", "4", "--lr", "0.01", "--warmup-steps", "1",
+             "--save-every", "2", "--r", "2", "--alpha", "4", "--eval-size", "6", "--max-length", "256"]
+    capsys.readouterr()
+    assert main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert err == (f"efftune: error: hub build: module colors's checkpoint {out / WORK_DIR / 'colors' / 'checkpoints'}"
+                   "/step-000002 was made with another train.max_length; the build resumes a module as it would "
+                   "have run (pass --resume-changed to accept the change, or use another --output)")
+    assert not (out / "colors").exists()
+    assert main(flags + ["--resume-changed"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["built"] == ["colors", "parity"]
+    for n in ("colors", "parity"):  # resumed: the metrics hold steps 1-2 once (from the checkpoint) and 3-4
+        steps = [r["step"] for r in map(json.loads, (out / WORK_DIR / n / "metrics.jsonl").read_text().splitlines())
+                 if "loss" in r and not r.get("eval")]
+        assert steps == [1, 2, 3, 4], (n, steps)
+
+
+def test_slot_groups_keep_each_checkpoints_adapter_name():
+    """Modules take the first free slots, a module with a checkpoint the adapter name it holds; two
+    whose checkpoints hold the same name go to different groups; the model's own adapters' names are skipped."""
+    from efftune.compose.library import LibraryTask, _slot_groups
+    tasks = [LibraryTask(n, n, [], []) for n in "abcde"]
+    held = {"a": None, "b": "slot0", "c": "slot0", "d": None, "e": "colors"}
+    groups = [([s.name for s in g], slots) for g, slots in _slot_groups(tasks, held, 3, {"slot1"})]
+    assert groups == [(["a", "b", "d"], {"a": "slot2", "b": "slot0", "d": "slot3"}),
+                      (["c", "e"], {"c": "slot0", "e": "colors"})]
+    assert [[s.name for s in g] for g, _ in _slot_groups(tasks, dict.fromkeys("abcde"), 2, set())] == \
+        [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_a_slots_messages_name_its_module_directory(tmp_path):
+    from efftune.train.together import Lane
+    assert Lane("slot0", [], tmp_path / "colors", [], [], [0, 1]).label() == f"adapter slot0 ({tmp_path / 'colors'}): "
+    assert Lane("colors", [], tmp_path / "colors", [], [], [0, 1]).label() == "adapter colors: "
+    assert Lane(None, [], tmp_path, [], [], [0, 1]).label() == ""

@@ -10,6 +10,7 @@ from efftune.errors import ConfigError, EfftuneError
 from efftune.eval import causal
 from efftune.eval.causal import PLAIN_CAUSAL, _plain_causal_sdpa, plain_causal, qualifies
 from efftune.eval.logprobs import target_logprobs
+from efftune.eval.options import ForwardOptions
 from tests.conftest import tiny_llama
 
 
@@ -75,29 +76,27 @@ def test_the_attention_refuses_masks_and_caches():
         _plain_causal_sdpa(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("field,bad,setter,chosen,kernel,error", [
-    ("attention", "flash3", causal.set_attention_kernel, causal.attention_kernel, "flash4",
-     "train.attention: flash4 needs a CUDA GPU"),
-    ("masked_attention", "dense", causal.set_masked_attention, causal.masked_attention, "flex",
-     "train.masked_attention: flex needs a CUDA device")])
-def test_kernel_options_are_checked(field, bad, setter, chosen, kernel, error):
+@pytest.mark.parametrize("field,bad,kernel,error", [
+    ("attention", "flash3", "flash4", "train.attention: flash4 needs a CUDA GPU"),
+    ("masked_attention", "dense", "flex", "train.masked_attention: flex needs a CUDA device")])
+def test_kernel_options_are_checked(field, bad, kernel, error):
     from efftune.train.loop import TrainConfig
     names = {"attention": "sdpa, flash4", "masked_attention": "sdpa, flex"}[field]
     with pytest.raises(ConfigError, match=f"train.{field} must be one of {names}"):
         TrainConfig(**{field: bad})
+    with pytest.raises(ConfigError, match=f"ForwardOptions.{field} must be one of {names}, got 'xformers'"):
+        ForwardOptions(**{field: "xformers"})
     model = tiny_llama()
     with pytest.raises(ConfigError, match=error):
-        setter(model, kernel)
-    with pytest.raises(ConfigError, match=f"train.{field} must be one of"):
-        setter(model, "xformers")
-    assert chosen(model) == "sdpa"
+        ForwardOptions(**{field: kernel}).check(model, "train.")
+    ForwardOptions().check(model)  # sdpa runs anywhere
 
 
-@pytest.mark.parametrize("field,kernel,module,chosen,error", [
-    ("attention", "flash4", "flash4", causal.attention_kernel, "train.attention: flash4 needs a CUDA GPU"),
-    ("masked_attention", "flex", "flex", causal.masked_attention, "train.masked_attention: flex needs a CUDA device")])
-def test_train_checks_the_kernel_options_first_and_puts_the_kernels_back(field, kernel, module, chosen, error,
-                                                                         tmp_path, monkeypatch):
+@pytest.mark.parametrize("field,kernel,module,error", [
+    ("attention", "flash4", "flash4", "train.attention: flash4 needs a CUDA GPU"),
+    ("masked_attention", "flex", "flex", "train.masked_attention: flex needs a CUDA device")])
+def test_train_checks_the_kernel_options_first_and_passes_them_down(field, kernel, module, error, tmp_path,
+                                                                    monkeypatch):
     from efftune.eval import flash4, flex
     from efftune.train.loop import TrainConfig, train
     model = tiny_llama()
@@ -106,6 +105,25 @@ def test_train_checks_the_kernel_options_first_and_puts_the_kernels_back(field, 
     assert not (tmp_path / "run").exists()  # refused before anything was written
     monkeypatch.setattr({"flash4": flash4, "flex": flex}[module], "unavailable_reason", lambda device: None)
     seen = []
-    monkeypatch.setattr("efftune.train.loop._train", lambda model, *a, **k: seen.append(chosen(model)))
+    monkeypatch.setattr("efftune.train.loop._train",
+                        lambda model, *a: seen.extend(x for x in a if isinstance(x, ForwardOptions)))
+    before = set(vars(model))
     train(model, [], TrainConfig(**{field: kernel}), tmp_path / "run")
-    assert seen == [kernel] and chosen(model) == "sdpa"
+    assert seen == [ForwardOptions(**{field: kernel})]  # the options travel as an argument
+    assert set(vars(model)) == before and model.config._attn_implementation == "sdpa"  # nothing set on the model
+
+
+def test_plain_causal_takes_the_kernel_from_its_options(model64):
+    """Two calls on one model, each with its own options: each runs the implementation its options name,
+    and the model's own is back after each."""
+    seen = []
+    for options in (ForwardOptions(attention="flash4"), ForwardOptions(), ForwardOptions(attention="flash4")):
+        with plain_causal(model64, None, None, options):
+            seen.append(model64.config._attn_implementation)
+        assert model64.config._attn_implementation == "sdpa"
+    assert seen == [causal.PLAIN_CAUSAL_FLASH4, PLAIN_CAUSAL, causal.PLAIN_CAUSAL_FLASH4]
+    with pytest.raises(RuntimeError, match="boom"):
+        with plain_causal(model64, None, None, ForwardOptions(attention="flash4")):
+            raise RuntimeError("boom")
+    assert model64.config._attn_implementation == "sdpa"
+    assert not [name for name in vars(model64) if name.startswith("_efftune")]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from efftune.eval import causal, flash4
 from efftune.eval.logprobs import target_logprobs
+from efftune.eval.options import DEFAULT, ForwardOptions
 from efftune.methods.lora import LoraConfig, add_lora
 
 
@@ -131,11 +132,11 @@ def _tiny_llama():
     return model
 
 
-def _loss_and_grads(model, ids):
+def _loss_and_grads(model, ids, options=DEFAULT):
     model.zero_grad()
     rows = torch.arange(ids.shape[0]).repeat_interleave(ids.shape[1] - 1)
     cols = torch.arange(ids.shape[1] - 1).repeat(ids.shape[0])
-    loss = -target_logprobs(model, ids, rows, cols, ids[:, 1:].reshape(-1)).mean()
+    loss = -target_logprobs(model, ids, rows, cols, ids[:, 1:].reshape(-1), options=options).mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -147,17 +148,16 @@ def test_model_with_flash4_trains_like_sdpa(kernels, monkeypatch):
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     loss_sdpa, grads_sdpa = _loss_and_grads(model, ids)
     assert kernels.calls["forward"] == 0
-    causal.set_attention_kernel(model, "flash4")
-    loss_fa, grads_fa = _loss_and_grads(model, ids)
+    loss_fa, grads_fa = _loss_and_grads(model, ids, ForwardOptions(attention="flash4"))
     assert kernels.calls == {"forward": 2, "backward": 2}  # one per layer each way
     torch.testing.assert_close(loss_fa, loss_sdpa)
     assert grads_fa.keys() == grads_sdpa.keys()
     for name in grads_sdpa:
         torch.testing.assert_close(grads_fa[name], grads_sdpa[name], msg=name)
     assert model.config._attn_implementation == "sdpa"  # put back after each forward
-    causal.set_attention_kernel(model, "sdpa")
-    _loss_and_grads(model, ids)
+    _loss_and_grads(model, ids, ForwardOptions())  # the next call's own options: sdpa
     assert kernels.calls["forward"] == 2
+    assert not [name for name in vars(model) if name.startswith("_efftune")]
 
 
 def test_inputs_the_kernels_do_not_take_go_to_sdpa(kernels):
@@ -216,7 +216,8 @@ def test_compiled_blocks_replayed_as_cuda_graphs_train_like_eager_on_gpu():
             for name, p in model.named_parameters():
                 if p.requires_grad and name.endswith("lora_B"):
                     p.normal_(std=0.05)
-        causal.set_attention_kernel(model, "flash4")
+        # as train() passes them: the compiled head with compiled blocks
+        options = ForwardOptions(attention="flash4", fused_head=graphs)
         if graphs:
             compile_blocks(model, cuda_graphs=True)
         opt = torch.optim.SGD(params, lr=0.5)
@@ -228,7 +229,7 @@ def test_compiled_blocks_replayed_as_cuda_graphs_train_like_eager_on_gpu():
             ids = torch.randint(0, 256, (2, 384), device="cuda", generator=g)
             rows = torch.arange(2, device="cuda").repeat_interleave(383)
             cols = torch.arange(383, device="cuda").repeat(2)
-            loss = -target_logprobs(model, ids, rows, cols, ids[:, 1:].reshape(-1)).mean()
+            loss = -target_logprobs(model, ids, rows, cols, ids[:, 1:].reshape(-1), options=options).mean()
             loss.backward()
             grads.append([p.grad.float().clone() for p in params])
             opt.step()

@@ -11,11 +11,13 @@ from efftune.data.tokenize import Encoded
 from efftune.errors import ConfigError
 from efftune.eval import causal, flex
 from efftune.eval.logprobs import target_logprobs
+from efftune.eval.options import DEFAULT, ForwardOptions
 from efftune.methods.lora import LoraConfig, add_lora
 from efftune.train.loop import TrainConfig
 from tests.conftest import randomize_lora, tiny_llama
 
 IGN = -100
+FLEX = ForwardOptions(masked_attention="flex")
 
 
 def _sequences(n: int, shared: int, seed: int = 0) -> list[Encoded]:
@@ -81,9 +83,9 @@ def test_block_mask_rejects_other_masks():
         flex.block_mask(torch.ones(2, 8, 8, dtype=torch.bool))
 
 
-def _logprobs(model, batch):
+def _logprobs(model, batch, options=DEFAULT):
     return target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets, batch.position_ids,
-                           batch.mask)
+                           batch.mask, options=options)
 
 
 def _llama16(dtype=torch.float32):
@@ -99,7 +101,8 @@ def _llama16(dtype=torch.float32):
 @pytest.mark.parametrize("shared", [12, 0])
 def test_model_forward_with_flex_equals_sdpa(shared, monkeypatch):
     """A LoRA Llama over tree rows and packed rows: FlexAttention's log-probs equal SDPA's with the
-    same mask (no grad: FlexAttention's CPU backward does not exist)."""
+    same mask (no grad: FlexAttention's CPU backward does not exist). Calls on the one model with
+    other options each run the kernel their own options name."""
     monkeypatch.setattr(flex, "unavailable_reason", lambda device: None)
     model = _llama16().eval()
     add_lora(model, LoraConfig(r=4, alpha=8))
@@ -111,32 +114,36 @@ def test_model_forward_with_flex_equals_sdpa(shared, monkeypatch):
     with torch.no_grad():
         want = _logprobs(model, batch)
         assert not seen
-        causal.set_masked_attention(model, "flex")
-        got = _logprobs(model, batch)
-    assert seen == [causal.MASKED_FLEX] * 2  # one call per layer
-    assert model.config._attn_implementation == "sdpa"  # put back after the forward
+        got = _logprobs(model, batch, FLEX)
+        assert seen == [causal.MASKED_FLEX] * 2  # one call per layer
+        assert model.config._attn_implementation == "sdpa"  # put back after the forward
+        again = _logprobs(model, batch, ForwardOptions())  # the same model, sdpa's options: no flex call
+    assert seen == [causal.MASKED_FLEX] * 2
+    assert not [name for name in vars(model) if name.startswith("_efftune")]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, want, atol=0, rtol=0)
 
 
 def test_maskless_rows_and_other_masks_are_left_alone(monkeypatch):
     monkeypatch.setattr(flex, "unavailable_reason", lambda device: None)
     small = tiny_llama()  # heads of 8: not for the kernels
-    causal.set_masked_attention(small, "flex")
-    with causal.masked_rows(small, torch.ones(1, 1, 4, 4, dtype=torch.bool)) as mask:
+    with causal.masked_rows(small, torch.ones(1, 1, 4, 4, dtype=torch.bool), FLEX) as mask:
         assert mask.dtype == torch.bool and small.config._attn_implementation == "sdpa"
     model = _llama16()
-    causal.set_masked_attention(model, "flex")
-    with causal.masked_rows(model, None) as mask:
+    with causal.masked_rows(model, None, FLEX) as mask:
         assert mask is None and model.config._attn_implementation == "sdpa"
     additive = torch.zeros(1, 1, 4, 4)
-    with causal.masked_rows(model, additive) as mask:
+    with causal.masked_rows(model, additive, FLEX) as mask:
         assert mask is additive
+    boolean = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    with causal.masked_rows(model, boolean) as mask:  # sdpa's options (the default): the mask itself
+        assert mask is boolean and model.config._attn_implementation == "sdpa"
     model.config._attn_implementation = "eager"  # not a model the hook serves
-    with causal.masked_rows(model, torch.ones(1, 1, 4, 4, dtype=torch.bool)) as mask:
+    with causal.masked_rows(model, boolean, FLEX) as mask:
         assert mask.dtype == torch.bool
     model.config._attn_implementation = "sdpa"
     with pytest.raises(RuntimeError, match="boom"):
-        with causal.masked_rows(model, torch.ones(1, 1, 4, 4, dtype=torch.bool)) as mask:
+        with causal.masked_rows(model, boolean, FLEX) as mask:
             assert model.config._attn_implementation == causal.MASKED_FLEX
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
@@ -146,22 +153,22 @@ def test_attention_dropout_is_refused(monkeypatch):
     monkeypatch.setattr(flex, "unavailable_reason", lambda device: None)
     model = tiny_llama()
     model.config.attention_dropout = 0.1
-    with pytest.raises(ConfigError, match="no attention dropout.*0.1"):
-        causal.set_masked_attention(model, "flex")
+    with pytest.raises(ConfigError, match="train.masked_attention: flex has no attention dropout.*0.1"):
+        FLEX.check(model, "train.")
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention trains on CUDA only")
 
 
-def _train_steps(model, batches, steps: int = 4):
+def _train_steps(model, batches, options: ForwardOptions, graphs: bool, steps: int = 4):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)
     out = []
     for i in range(steps):
-        if getattr(model, "_graphs", False):
+        if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         batch = batches[i % len(batches)]
-        loss = -_logprobs(model, batch).mean()
+        loss = -_logprobs(model, batch, options).mean()
         loss.backward()
         out.append((loss.detach().float(), [p.grad.float().clone() for p in params]))
         opt.step()
@@ -184,11 +191,11 @@ def test_training_with_flex_equals_sdpa_on_gpu(compiled, graphs):
         model = _llama16().cuda().train()
         add_lora(model, LoraConfig(r=4, alpha=8))
         randomize_lora(model)
-        causal.set_masked_attention(model, kernel, static_masks=graphs)
+        # as train() passes them: static block masks with graphs, the compiled head with compiled blocks
+        options = ForwardOptions(masked_attention=kernel, static_masks=graphs, fused_head=compiled)
         if compiled:
             compile_blocks(model, cuda_graphs=graphs)
-            model._graphs = graphs
-        runs.append(_train_steps(model, batches))
+        runs.append(_train_steps(model, batches, options, graphs))
         if compiled:
             uncompile_blocks(model)
     for (loss_a, grads_a), (loss_b, grads_b) in zip(*runs):
@@ -222,7 +229,8 @@ def test_train_loop_with_flex_and_cuda_graphs_equals_sdpa_on_gpu(tmp_path):
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs.append(([(r["loss"], r["grad_norm"]) for r in rows if "loss" in r],
                      {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
-        assert causal.masked_attention(model) == "sdpa"  # put back
+        assert model.config._attn_implementation == "sdpa"  # nothing left on the model
+        assert not [name for name in vars(model) if name.startswith("_efftune")]
     (log_a, params_a), (log_b, params_b) = runs
     assert len(log_b) == 3
     for (loss_a, norm_a), (loss_b, norm_b) in zip(log_a, log_b):

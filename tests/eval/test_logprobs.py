@@ -51,12 +51,31 @@ def test_fused_chunks_equal_the_eager_ones(dtype):
     torch.testing.assert_close(grads[1], grads[0], **tol)
 
 
-def test_compile_blocks_turns_on_the_fused_head():
-    from efftune.train.compile import compile_blocks
-    m = tiny_llama()
-    assert not getattr(m, logprobs.FUSED_HEAD, False)
-    compile_blocks(m)
-    assert getattr(m, logprobs.FUSED_HEAD) is True
+def test_the_call_chooses_the_fused_head_and_compile_blocks_sets_nothing(monkeypatch):
+    """`ForwardOptions.fused_head` picks the compiled per-chunk work for that call only (the compiled
+    functions are stood in for by the eager ones they compile, so the values must be equal exactly);
+    compiling the blocks no longer marks the model."""
+    from efftune.eval.options import ForwardOptions
+    from efftune.train.compile import compile_blocks, uncompile_blocks
+    model = tiny_llama(dtype=torch.float64)
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    eager = {"logprob": logprobs._chunk_logprob, "logprob_grad": logprobs._chunk_logprob_and_grad}
+    asked = []
+    monkeypatch.setattr(logprobs, "_fused", lambda name: asked.append(name) or eager[name])
+    plain = labelled_logprobs(model, ids, labels)
+    assert asked == []
+    fused = labelled_logprobs(model, ids, labels, options=ForwardOptions(fused_head=True))
+    assert asked == ["logprob"]  # the frozen-input path: log-probs only, no input gradient
+    again = labelled_logprobs(model, ids, labels, options=ForwardOptions())
+    assert asked == ["logprob"]
+    torch.testing.assert_close(fused, plain, atol=0, rtol=0)
+    torch.testing.assert_close(again, plain, atol=0, rtol=0)
+    before = set(vars(model))
+    assert compile_blocks(model) == 2
+    assert set(vars(model)) == before
+    uncompile_blocks(model)
 
 
 def test_model_path_equals_logits_path(monkeypatch):
