@@ -46,6 +46,15 @@ def tiny_llama(vocab_size: int = 300, dtype=torch.float32, seed: int = 0, layers
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny model and tokenizer saved as a local directory, for the command line (`--model DIR`)."""
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def model():
     return tiny_llama()

@@ -5,18 +5,9 @@ import pytest
 import torch
 
 from efftune.cli import main
-from tests.conftest import make_tokenizer, tiny_llama
 
 ROWS = [{"input": f"Q: Is {w} blue?", "choices": ["yes", "no"], "answer": int(w != "sky")}
         for w in ["sky", "grass", "fox", "dog", "sky", "grass", "fox", "dog"] * 3]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from efftune.cli import main, parser
 from efftune.config import RunConfig, load_config
 from efftune.methods.lora import LoraConfig
 from efftune.train.loop import TrainConfig
-from tests.conftest import make_tokenizer, tiny_llama
 
 
 def declared(f: dataclasses.Field):
@@ -367,14 +366,6 @@ def test_bad_values_name_the_flag_or_key(argv, culprit, capsys, tmp_path, monkey
 
 
 # ---- end to end: keys that had no flag before reach a run ------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
-
 
 @pytest.fixture
 def data_file(tmp_path):
