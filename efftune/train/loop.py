@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +24,6 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
@@ -37,7 +35,7 @@ from ..io import write_text_atomically
 from ..methods.lora import mixed_adapter_batch
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
-from ..progress import SideTime
+from ..progress import SideTime, note, progress_bar
 from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
                          save_checkpoint, set_aside, trainable_state)
@@ -424,8 +422,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     t_start, tokens_seen, last_save = time.perf_counter(), 0, time.monotonic()
     lane_tokens = {lane.name: 0 for lane in lanes}
     fault_point("before_first_step")
-    bar = tqdm(total=config.steps, initial=first, desc=f"train {len(lanes)} adapters" if together else "train",
-               unit="step", dynamic_ncols=True)
+    bar = progress_bar(config.steps, f"train {len(lanes)} adapters" if together else "train", unit="step",
+                       initial=first)
     eval_time = SideTime(bar)  # evaluations stop the bar's clock: its time estimate counts steps only
     try:
         with StopSignals() as stop:
@@ -515,10 +513,10 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                     if lane.zero_grad >= ZERO_GRAD_STEPS:
                         row["zero_grad_steps"] = lane.zero_grad
                         if lane.zero_grad == ZERO_GRAD_STEPS:
-                            tqdm.write(f"efftune: warning: {lane.label()}the gradient norm has been 0 for "
-                                       f"{lane.zero_grad} steps (since step {step + 2 - lane.zero_grad}), so the loss "
-                                       f"cannot change: the weights may have saturated (is lr {config.lr:g} too "
-                                       "high?) or nothing reaches the trainable parameters", file=sys.stderr)
+                            note(f"efftune: warning: {lane.label()}the gradient norm has been 0 for "
+                                 f"{lane.zero_grad} steps (since step {step + 2 - lane.zero_grad}), so the loss "
+                                 f"cannot change: the weights may have saturated (is lr {config.lr:g} too "
+                                 "high?) or nothing reaches the trainable parameters")
                     log(lane, row)
                 bar.set_postfix(loss=f"{sum(totals) / len(totals):.4f}", lr=f"{lr_at(step):.2e}",
                                 tok_s=f"{step_tokens / dt:.0f}", **eval_time.postfix())
