@@ -32,13 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import SHAPES, build_model  # noqa: E402  (the benchmark shapes, one definition)
 
+import efftune.train.loop as loop  # noqa: E402
 from efftune.compose.library import resolve_tasks  # noqa: E402
 from efftune.data import Encoded, Formatter  # noqa: E402
 from efftune.data.tokenize import IGNORE  # noqa: E402
-from efftune.methods.lora import (LoraConfig, add_lora, delete_adapter, set_active_adapters,  # noqa: E402
-                                  set_trainable_adapters)
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora, delete_adapter, set_active_adapters, set_trainable_adapters
 from efftune.train.loop import TrainConfig, train  # noqa: E402
-import efftune.train.loop as loop  # noqa: E402
 
 
 def load(shape: str, device: torch.device):

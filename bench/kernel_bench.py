@@ -2,7 +2,7 @@
 
 For one model shape (bench/throughput.py's SHAPES) and sequence length, times on the GPU:
   attention  causal GQA `scaled_dot_product_attention`, forward + backward, per SDPA backend, and
-             FlashAttention-4 through efftune's op (efftune.eval.flash4) where the package is installed
+             FlashAttention-4 through efftune's op (efftune.forward.flash4) where the package is installed
   gemm       every base projection's forward (x @ W^T) and input-gradient (dy @ W) GEMM, plus the
              fused forms a model could use instead (q/k/v in one, gate/up in one), in bf16
   lora-add   ways to add a rank-16 LoRA term to those GEMMs: the frozen GEMM accumulating onto the
@@ -10,12 +10,12 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
              accumulating onto the frozen GEMM's output, or both apart plus an add; and the sibling
              groups (q/k/v, gate/up) one GEMM per member, as efftune runs them, against their
              weights stored as one matrix
-  swiglu     the fused SwiGLU-with-LoRA kernels (efftune.methods.swiglu_triton) at the MLP's shape:
+  swiglu     the fused SwiGLU-with-LoRA kernels (efftune.methods.lora.swiglu_triton) at the MLP's shape:
              each pass's bandwidth over a sweep of tile sizes, and a compiled MLP forward + backward
              with the fused op against the lora_linears ops with SwiGLU left to Inductor
              (`--shipped`: the shipped settings only, median of 7 repeats)
   head       the chunked LM-head loss's softmax work on one 1,024-token chunk of logits (log-prob and
-             onehot − softmax in bf16): the Triton kernels (efftune.eval.head_triton) against the
+             onehot − softmax in bf16): the Triton kernels (efftune.forward.head_triton) against the
              compiled PyTorch version, with the bandwidth each reaches counting one read and one write
   floor      the work no bf16 LoRA implementation can skip, one training step's worth back to back
              (frozen GEMMs both ways, cuDNN attention, LM head): time and, with NVML, joules per step,
@@ -74,7 +74,7 @@ def attention(cfg: dict, seq: int) -> list[dict]:
             rows.append(dict(kind="attention", backend=backend.name, error=str(e)[:200]))
             continue
         rows.append(dict(kind="attention", backend=backend.name, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1)))
-    from efftune.eval import flash4
+    from efftune.forward import flash4
     reason = flash4.unavailable_reason(q.device)
     if reason:
         return rows + [dict(kind="attention", backend="flash4", error=reason[:200])]
@@ -135,7 +135,7 @@ def packed_groups(cfg: dict, seq: int, r: int = 16) -> list[dict]:
     accumulating onto the LoRA term, against their weights stored as one matrix: one GEMM each way
     (the LoRA products against a block-diagonal B), and the copy that joins the members' output
     gradients for it when they arrive apart. Both ways run lora_ops' own functions."""
-    from efftune.methods.lora_ops import linears_input_grad, lora_output
+    from efftune.methods.lora.ops import linears_input_grad, lora_output
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -175,12 +175,12 @@ def _repeated_ms(fn, repeats: int = 7, iters: int = 50) -> dict:
 
 
 def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
-    from efftune.methods import swiglu_triton
-    from efftune.methods.lora_ops import fused_lora_linears
-    from efftune.methods.swiglu_lora import SwigluLora
+    from efftune.methods.lora import swiglu_triton
+    from efftune.methods.lora.ops import fused_lora_linears
+    from efftune.methods.lora.swiglu import SwigluLora
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     bf = dict(device="cuda", dtype=torch.bfloat16)
-    from efftune.methods.packing import aligned_rows
+    from efftune.methods.lora.packing import aligned_rows
     gu, dh = aligned_rows(seq, 2 * f + 2 * r, torch.empty(0, **bf)), torch.randn(seq, f, **bf)  # [g0 | u0 | z]
     gu.normal_()
     ad, dzd = torch.randn(r, f, **bf), torch.randn(seq, r, **bf)
@@ -230,7 +230,7 @@ def swiglu(cfg: dict, seq: int, r: int = 16) -> list[dict]:
 
 
 def head(cfg: dict, seq: int, chunk: int = 1024) -> list[dict]:
-    from efftune.eval import head_triton, logprobs
+    from efftune.forward import head_triton, logprobs
     logits = torch.randn(chunk, cfg["vocab_size"], device="cuda", dtype=torch.bfloat16) * 3
     targets = torch.randint(0, cfg["vocab_size"], (chunk,), device="cuda")
     compiled = logprobs._fused("logprob_grad")

@@ -174,9 +174,8 @@ def build_tasks(spec: str | None, index: dict, eval_tasks: Sequence[str]) -> lis
 def split_task(task: str, eval_size: int) -> tuple[list, list[MultipleChoice]]:
     """(training pool, held-out multiple-choice examples): the split `efftune train/eval/hub compose
     --task` use (seed 0), so numbers are comparable and reproducible."""
-    from efftune.config import RunConfig
-    from efftune.finetune import load_examples
-    pool, held_out = load_examples(RunConfig(task=[task], eval_size=eval_size))
+    from efftune.data.loading import load_examples
+    pool, held_out = load_examples(tasks=[task], eval_size=eval_size)
     return pool, [e for e in held_out if isinstance(e, MultipleChoice)]
 
 
@@ -202,7 +201,9 @@ def accuracy(model, formatter, examples: Sequence[MultipleChoice]) -> float:
 def fewshot_lora(model, tokenizer, formatter, shots, held_out, args, work_dir: Path) -> float:
     """Train a fresh LoRA on the shots, score it, delete it; the model is the base model again."""
     import torch
-    from efftune.methods.lora import LoraConfig, add_lora, delete_adapter, set_active_adapters
+
+    from efftune.methods.lora.config import LoraConfig
+    from efftune.methods.lora.model import add_lora, delete_adapter, set_active_adapters
     from efftune.train.loop import TrainConfig, train
 
     name = "fewshot_lora"
@@ -225,7 +226,8 @@ def fewshot_lora(model, tokenizer, formatter, shots, held_out, args, work_dir: P
 def lorahub_seed(model, formatter, shots, held_out, library: list[str], seed: int, args) -> dict:
     """One LoraHub run (efftune's search), scored on the held-out split; the composition is removed."""
     from efftune.compose.lorahub import lorahub
-    from efftune.methods.lora import adapter_names, delete_adapter, set_active_adapters
+    from efftune.methods.lora.layer import adapter_names
+    from efftune.methods.lora.model import delete_adapter, set_active_adapters
 
     t0 = time.perf_counter()
     try:
@@ -364,6 +366,7 @@ def main(argv=None) -> None:
         return
 
     import torch
+
     from efftune.compose.lorahub import load_library
     from efftune.data import Formatter
     from efftune.models import load_model
@@ -376,7 +379,7 @@ def main(argv=None) -> None:
              "dtype": str(next(model.parameters()).dtype)}
     if lib_tasks:
         from efftune.compose.library import build_library
-        from efftune.methods.lora import LoraConfig
+        from efftune.methods.lora.config import LoraConfig
         from efftune.train.loop import TrainConfig
         t = time.perf_counter()
         built = build_library((model, tokenizer), lib_tasks, args.library, LoraConfig(),

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 
 from efftune.data import Formatter, load_task, split_examples
 from efftune.data.tokenize import IGNORE
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.model import add_lora
 from efftune.models import load_model
+from efftune.schedule import warmup_cosine
 from efftune.train.loop import TrainConfig, example_order, train
-from efftune.train.schedule import warmup_cosine
 
 
 def efftune_run(sequences, cfg: TrainConfig, init_seed: int, out: Path, args) -> tuple[list[float], dict]:

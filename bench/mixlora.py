@@ -83,8 +83,9 @@ def _result(shape, case, seq, batch, steps, step_s, loss, trainable, device) -> 
 
 
 def run_efftune(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int) -> dict:
-    from efftune.eval.logprobs import labelled_logprobs
-    from efftune.methods.lora import LoraConfig, add_lora
+    from efftune.forward.logprobs import labelled_logprobs
+    from efftune.methods.lora.config import LoraConfig
+    from efftune.methods.lora.model import add_lora
     from efftune.methods.mixlora import MixLoraConfig, add_mixlora
     from efftune.moe.layer import collect_aux_losses
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

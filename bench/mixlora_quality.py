@@ -28,10 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
 
+from efftune.attach import find_targets, trainable_parameters
 from efftune.data import Formatter, load_task, split_examples  # noqa: E402
 from efftune.eval.multiple_choice import multiple_choice_accuracy  # noqa: E402
-from efftune.methods.attach import find_targets, trainable_parameters  # noqa: E402
-from efftune.methods.lora import LoraConfig, add_lora  # noqa: E402
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora
 from efftune.methods.mixlora import MixLoraConfig, add_mixlora, unload_mixlora  # noqa: E402
 from efftune.models import load_model  # noqa: E402
 from efftune.train.loop import TrainConfig, train  # noqa: E402

@@ -70,7 +70,8 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                           target_modules=ATTN, **extra))
     from efftune.methods.expert_lora import ExpertLoraConfig, add_expert_lora
-    from efftune.methods.lora import LoraConfig, add_lora
+    from efftune.methods.lora.config import LoraConfig
+    from efftune.methods.lora.model import add_lora
     from efftune.moe.experts import use_grouped_experts
     if case in ("efftune", "efftune-compile"):
         add_expert_lora(model, ExpertLoraConfig(r=16, alpha=32, target_modules=ATTN))
@@ -95,7 +96,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     loss_case = "efftune" if case.startswith("efftune") else "peft"  # which loss path (throughput.py's)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    from efftune.eval.options import ForwardOptions
+    from efftune.forward.options import ForwardOptions
     options = ForwardOptions(fused_head=case == "efftune-compile")  # as train() with train.compile
     step = train_step(lambda: loss_fn(model, loss_case, ids, options), opt, device)
     step_s, loss, _ = timed_steps(step, steps, warmup, device)

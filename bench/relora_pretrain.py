@@ -71,6 +71,7 @@ def _texts(spec: dict):
 
 def prepare(max_mb: float, val_fraction: float) -> None:
     from transformers import AutoTokenizer
+
     from efftune.data.bigbench import _sdist_path, _task_name
     seen, docs = set(), []
     with tarfile.open(_sdist_path(), "r:gz") as tf:
@@ -131,9 +132,11 @@ def batch_order(n: int, batch: int, steps: int) -> torch.Tensor:
 
 def build(args, mode: str, hooks_cfg: dict, init: dict | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
-    from efftune.methods.lora import LoraConfig, add_lora
-    from efftune.train.loop import TrainHooks
-    from efftune.train.relora import ReLoraConfig, ReLoraHooks, train_full_rank
+
+    from efftune.methods.hooks import TrainHooks
+    from efftune.methods.lora.config import LoraConfig
+    from efftune.methods.lora.model import add_lora
+    from efftune.methods.relora import ReLoraConfig, ReLoraHooks, train_full_rank
     torch.manual_seed(0)  # the same initial weights for every run
     cfg = LlamaConfig(vocab_size=49152, hidden_size=args.hidden, intermediate_size=args.mlp,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,

@@ -1,4 +1,4 @@
-"""The fused SwiGLU-with-LoRA op (efftune.methods.swiglu_lora.SwigluLora) at a long input, against
+"""The fused SwiGLU-with-LoRA op (efftune.methods.lora.swiglu.SwigluLora) at a long input, against
 the `lora_linears` ops (cuBLAS GEMMs, SwiGLU in PyTorch): forward and backward of one MLP in fp32 and
 bf16, and the relative error ||a − b|| / ||b|| of the output and of every gradient against the fp32
 `lora_linears` run. The default shape is the one whose [g0 | u0 | z] (3.8e9 elements) crashed the
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from efftune.methods.lora_ops import fused_lora_linears  # noqa: E402
-from efftune.methods.swiglu_lora import SwigluLora  # noqa: E402
+from efftune.methods.lora.ops import fused_lora_linears
+from efftune.methods.lora.swiglu import SwigluLora
 
 TRAINED = ("x", "a_gu", "a_d", "b_g", "b_u", "b_d")
 

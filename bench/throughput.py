@@ -5,7 +5,7 @@ dropout 0 to every linear layer but lm_head, and times full training steps (forw
 autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Cases:
 
   peft            peft.get_peft_model, loss = model(input_ids=ids, labels=ids).loss
-  efftune         efftune.add_lora, loss through efftune.eval.logprobs.target_logprobs (chunked LM head)
+  efftune         efftune.add_lora, loss through efftune.forward.logprobs.target_logprobs (chunked LM head)
   efftune-plain   efftune.add_lora, loss = model(input_ids=ids, labels=ids).loss
   efftune-fa      efftune.add_lora_fa (A frozen, cached gradient correction), loss as `efftune`
   efftune-fa-nocorr  the same with LoraFAConfig(correction=False)
@@ -108,14 +108,15 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         from efftune.methods.lora_fa import LoraFAConfig, add_lora_fa
         add_lora_fa(model, LoraFAConfig(r=16, alpha=32, correction=case != "efftune-fa-nocorr"))
     else:
-        from efftune.methods.lora import LoraConfig, add_lora
+        from efftune.methods.lora.config import LoraConfig
+        from efftune.methods.lora.model import add_lora
         add_lora(model, LoraConfig(r=16, alpha=32))
         if UNFUSED:
-            from efftune.methods.lora import lora_layers
+            from efftune.methods.lora.layer import lora_layers
             for _, layer in lora_layers(model):
                 layer.fused = None
         if UNFUSED_MLP:
-            from efftune.methods.swiglu_lora import unwrap_swiglu_mlps
+            from efftune.methods.lora.swiglu import unwrap_swiglu_mlps
             unwrap_swiglu_mlps(model)
     forward_options(case).check(model)  # flash4 / flex available here, as train() checks
     if "-fp8" in case:  # before compiling, as train() does
@@ -131,10 +132,10 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
 
 
 def forward_options(case: str):
-    """The options train() would pass with the case's forwards (efftune.eval.options): --attention,
+    """The options train() would pass with the case's forwards (efftune.forward.options): --attention,
     --masked-attention for efftune cases, block masks kept in place for CUDA graphs (-cg), the LM
     head's softmax work compiled with compiled blocks (-compile)."""
-    from efftune.eval.options import ForwardOptions
+    from efftune.forward.options import ForwardOptions
     ours = case.startswith("efftune")
     return ForwardOptions(attention=ATTENTION, masked_attention=MASKED_ATTENTION if ours else "sdpa",
                           static_masks=ours and case.endswith("-cg"), fused_head="-compile" in case)
@@ -150,7 +151,7 @@ def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:
 def loss_fn(model: torch.nn.Module, case: str, ids: torch.Tensor, options=None) -> torch.Tensor:
     """The case's loss over `ids`; `options`: the forward options (default: the case's, `forward_options`)."""
     if case in LOGPROBS_LOSS:
-        from efftune.eval.logprobs import target_logprobs
+        from efftune.forward.logprobs import target_logprobs
         # every token but the first is a target, predicted from the one before; the index tensors
         # are built without a host sync, as train() builds them on the host
         b, n = ids.shape
@@ -191,7 +192,7 @@ def masked_loss_fn(model: torch.nn.Module, case: str, batch) -> torch.Tensor:
     """`loss_fn` over a masked batch: efftune's log-probs of its targets, or the model's own loss
     with the same mask and positions (labels: a target whose predicting token is the one before it)."""
     if case in LOGPROBS_LOSS:
-        from efftune.eval.logprobs import target_logprobs
+        from efftune.forward.logprobs import target_logprobs
         return -target_logprobs(model, batch.input_ids, batch.rows, batch.sources, batch.targets,
                                 batch.position_ids, batch.mask, options=forward_options(case)).mean()
     labels = torch.full_like(batch.input_ids, -100)

@@ -284,8 +284,8 @@ def check_output_dir(path: str, overwrite: bool) -> None:
 def _load_for_inference(args):
     """The model, with the adapter of any method attached, and a Formatter that feeds it."""
     from .data import Formatter
-    from .io import load_adapter
-    from .methods import detect_method
+    from .methods.lora.peft_format import load_adapter
+    from .methods.registry import detect_method
     from .models import load_model
 
     method = detect_method(args.adapter) if args.adapter else None  # a bad path fails before the model loads
@@ -301,15 +301,14 @@ def _load_for_inference(args):
 
 
 def _eval(args) -> dict:
-    from .config import RunConfig
     from .data import load_jsonl
-    from .finetune import evaluator, load_examples
+    from .data.loading import load_examples
+    from .finetune import evaluator
 
     if bool(args.task) == bool(args.data):
         raise EfftuneError("eval: pass exactly one of --task or --data")
     if args.task:
-        cfg = RunConfig(task=[t for t in args.task.split(",") if t], eval_size=args.eval_size)
-        _, examples = load_examples(cfg)
+        _, examples = load_examples(tasks=[t for t in args.task.split(",") if t], eval_size=args.eval_size)
     else:
         examples = load_jsonl(args.data)
     if not examples:
@@ -349,8 +348,9 @@ def _merge_weights(text: str | None, n: int) -> list[float]:
 
 
 def _merge(args) -> dict:
-    from .compose.merge import export_merged, merge_adapters, merge_notes
-    from .io import load_adapter, read_adapter_config, save_adapter
+    from .compose.merge import merge_adapters, merge_notes
+    from .methods.lora.model import export_merged
+    from .methods.lora.peft_format import load_adapter, read_adapter_config, save_adapter
     from .models import load_model
 
     check_output_dir(args.output, args.overwrite)
@@ -379,10 +379,9 @@ def _hub_compose(args) -> dict:
     import random
 
     from .compose.lorahub import load_library, lorahub
-    from .compose.merge import export_merged
-    from .config import RunConfig
     from .data import Formatter, MultipleChoice, load_jsonl
-    from .finetune import load_examples
+    from .data.loading import load_examples
+    from .methods.lora.model import export_merged
     from .models import load_model
 
     if bool(args.task) == bool(args.examples):
@@ -390,8 +389,7 @@ def _hub_compose(args) -> dict:
     check_output_dir(args.output, args.overwrite)
     held_out = []
     if args.task:
-        pool, held_out = load_examples(RunConfig(task=[t for t in args.task.split(",") if t],
-                                                 eval_size=args.eval_size))
+        pool, held_out = load_examples(tasks=[t for t in args.task.split(",") if t], eval_size=args.eval_size)
         if not 1 <= args.shots <= len(pool):
             raise EfftuneError(f"hub compose: --shots must be in [1, {len(pool)}], got {args.shots}")
         shots = random.Random(args.seed).sample(pool, args.shots)

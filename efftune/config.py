@@ -5,28 +5,24 @@ Every key is checked: an unknown key or a value of the wrong type is an error th
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from .checks import build, check_pattern
 from .errors import ConfigError, EfftuneError
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.esft import EsftConfig
 from .methods.expert_lora import ExpertLoraConfig
 from .methods.ia3 import IA3Config
-from .methods.lora import LoraConfig
+from .methods.lora.config import LoraConfig
 from .methods.lora_fa import LoraFAConfig
 from .methods.mixlora import MixLoraConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
-from .train.relora import ReLoraConfig
+from .methods.relora import ReLoraConfig
 from .train.loop import TrainConfig
 
 DEFAULT_TASK = "intent_recognition"
@@ -78,78 +74,6 @@ class RunConfig:
 
 
 PATTERN_KEYS = ("target_modules", "feedforward_modules", "embeddings")  # a string there is a regex
-
-
-def check_pattern(value: Any, key: str) -> None:
-    """A module pattern given as a string is a regex (full match): it must compile."""
-    if isinstance(value, str) and value != "all-linear":
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ConfigError(f"{key}: {value!r} is not a valid regex ({exc})") from None
-
-
-def _check_type(value: Any, hint: Any, key: str) -> Any:
-    """Coerce YAML scalars to the field's type (int -> float, str -> [str]) or raise."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            if option is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _check_type(value, option, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0] if errors else ConfigError(f"{key}: unexpected value {value!r}")
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def build(cls, values: dict, section: str = ""):
-    """Make dataclass `cls` from a dict, checking every key and type."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{section or 'config'}: expected a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        name = f"{section}.{key}" if section else str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"unknown config key {name!r} ({hint}known: {', '.join(fields)})")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = build(hint, value, name)
-        else:
-            kwargs[key] = _check_type(value, hint, name)
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        named = not section or str(exc).startswith((f"{section}.", f"{section}:"))  # the key is in the message
-        raise ConfigError(f"{'' if named else section + ': '}{exc}") from None
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

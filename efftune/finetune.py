@@ -7,43 +7,23 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .attach import trainable_parameters
 from .config import RunConfig
-from .data import Completion, Example, Formatter, MultipleChoice, load_jsonl, load_task, split_examples
+from .data import Completion, Example, Formatter, MultipleChoice
+from .data.loading import load_examples
 from .data.tokenize import truncation_note
-from .errors import ConfigError, DataError, EfftuneError
+from .errors import DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
-from .eval.options import DEFAULT, ForwardOptions
 from .eval.perplexity import perplexity
 from .faults import fault_point
-from .io import write_text_atomically
-from .methods import get_method
-from .methods.attach import trainable_parameters
+from .files import write_text_atomically
+from .forward.options import DEFAULT, ForwardOptions
+from .methods.registry import get_method
 from .models import load_model
-from .rundir import RunDir
 from .train.interrupt import RunInterrupted
 from .train.loop import strict_json, train
+from .train.rundir import RunDir
 from .train.seed import seed_everything
-
-
-def load_examples(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
-    """(train, eval) examples: the user's JSONL, or a deterministic split of each BIG-bench task."""
-    if cfg.data:
-        examples = load_jsonl(cfg.data)
-        if cfg.eval_data:
-            return examples, load_jsonl(cfg.eval_data)
-        return split_examples(examples, cfg.eval_size, seed=cfg.train.seed, source=cfg.data)
-    if not cfg.task:
-        raise ConfigError("task: name at least one BIG-bench task, or pass data: FILE.jsonl")
-    train_set, eval_set = [], []
-    for name in cfg.task:
-        # seed 0, fixed: the same held-out set always; with several tasks, at most half of each
-        tr, ev = split_examples(load_task(name), cfg.eval_size, seed=0, source=f"task {name}",
-                                strict=len(cfg.task) == 1)
-        train_set += tr
-        eval_set += ev
-    if cfg.eval_data:
-        eval_set = load_jsonl(cfg.eval_data)
-    return train_set, eval_set
 
 
 def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOptions = DEFAULT):
@@ -67,14 +47,15 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     """Fine-tune as `cfg` says; returns the summary printed as the CLI's last line.
 
     `overwrite` replaces a run in `cfg.output`, but only once the new run has written its first
-    checkpoint (`efftune.rundir`); `resume` continues it from its last checkpoint, refusing a
+    checkpoint (`efftune.train.rundir`); `resume` continues it from its last checkpoint, refusing a
     config that computes differently unless `resume_changed` (which implies `resume`).
     """
     method = get_method(cfg.method)
     method_cfg = getattr(cfg, method.config_key)
     out = Path(cfg.output)
     resume = resume or resume_changed
-    train_set, eval_set = load_examples(cfg)  # fail on bad data before touching the output dir
+    train_set, eval_set = load_examples(tasks=cfg.task, data=cfg.data, eval_data=cfg.eval_data,
+                                        eval_size=cfg.eval_size, seed=cfg.train.seed)  # fail on bad data before touching the output dir
     if not train_set:
         raise DataError("no training examples")
     rundir = RunDir(out, log)
@@ -104,7 +85,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
     seed_everything(cfg.train.seed)  # the adapter's initial weights too come from --seed
-    method.attach(model, method_cfg, tokenizer)
+    method.attach(model, method_cfg, tokenizer=tokenizer)
     formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
                           prefix_ids=method.prefix(model, method_cfg) if method.prefix else None)
     hooks = method.hooks(model, cfg) if method.hooks else None
@@ -138,8 +119,8 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     }
     summary = {k: v for k, v in summary.items() if v is not None}
     try:
-        method.save(model, adapter_dir, method_cfg, {"tasks": cfg.task if not cfg.data else None,
-                                                     "data": cfg.data, "steps": cfg.train.steps, **after})
+        method.save(model, adapter_dir, method_cfg, metadata={"tasks": cfg.task if not cfg.data else None,
+                                                              "data": cfg.data, "steps": cfg.train.steps, **after})
         if method.artifact == "model":
             tokenizer.save_pretrained(adapter_dir)
         fault_point("after_adapter_save")

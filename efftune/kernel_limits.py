@@ -20,7 +20,7 @@ SWIGLU_MIN_COLS = 256  # the narrowest column group (`cols`) they run with: the 
 
 
 def swiglu_fits(tokens: int, width: int, row_stride: int) -> bool:
-    """Whether the SwiGLU kernels (`methods.swiglu_triton`) take `tokens` rows of an MLP of
+    """Whether the SwiGLU kernels (`methods.lora.swiglu_triton`) take `tokens` rows of an MLP of
     intermediate size `width` whose widest tensor has row stride `row_stride` (that of
     [g0 | u0 | z] or its gradient, at least 2·width): a tile's rows × the stride plus a column must
     stay under 2^31, and the column groups within the grid's second axis. The token count itself
@@ -29,13 +29,13 @@ def swiglu_fits(tokens: int, width: int, row_stride: int) -> bool:
     return 0 <= tokens < INT32_LIMIT and inside < INT32_LIMIT and -(-width // SWIGLU_MIN_COLS) <= GRID_Y_LIMIT
 
 
-# eval.head_triton: a row is cut into at most 16 segments of blocks of at most 4,096 columns
+# forward.head_triton: a row is cut into at most 16 segments of blocks of at most 4,096 columns
 # (bench/kernel_bench.py's sweep), and a program indexes its row's columns in 32 bits
 HEAD_MAX_OVERSHOOT = 16 * 4096
 
 
 def head_fits(rows: int, vocabulary: int) -> bool:
-    """Whether the LM-head kernels (`eval.head_triton`) take a chunk of `rows` × `vocabulary`
+    """Whether the LM-head kernels (`forward.head_triton`) take a chunk of `rows` × `vocabulary`
     logits: one program per (row, segment), so rows up to the grid's first axis (2^31 − 1); the
     rows' offsets are 64-bit, the column index inside a row (past the vocabulary by at most one
     segment's last block) 32-bit."""

@@ -75,7 +75,7 @@ def default_model_dir() -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    from .io import replace_dir_atomically
+    from .files import replace_dir_atomically
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

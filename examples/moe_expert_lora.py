@@ -11,8 +11,8 @@ import transformers
 
 from efftune.data import Formatter, load_task, split_examples
 from efftune.methods.esft import expert_affinity, select_experts
-from efftune.methods.expert_lora import ExpertLoraConfig, add_expert_lora, export_peft, load_expert_lora, \
-    save_expert_lora
+from efftune.methods.expert_lora import (ExpertLoraConfig, add_expert_lora, export_peft, load_expert_lora,
+                                         save_expert_lora)
 from efftune.models import load_model
 from efftune.train.loop import TrainConfig, train
 

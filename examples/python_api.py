@@ -6,8 +6,7 @@ import torch
 
 from efftune.data import Formatter, load_task, split_examples
 from efftune.eval.multiple_choice import multiple_choice_accuracy
-from efftune.io import load_adapter, save_adapter
-from efftune.methods.lora import LoraConfig, add_lora, merge_and_unload
+from efftune.methods.lora import LoraConfig, add_lora, load_adapter, merge_and_unload, save_adapter
 from efftune.models import load_model
 from efftune.train.loop import TrainConfig, train
 

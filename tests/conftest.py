@@ -67,7 +67,7 @@ def model64():
 
 def randomize_lora(model, std: float = 0.1, seed: int = 1) -> None:
     """Give every LoRA B a non-zero value so the adapter changes the output."""
-    from efftune.methods.lora import lora_layers
+    from efftune.methods.lora.layer import lora_layers
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):

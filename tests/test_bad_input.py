@@ -28,10 +28,11 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from efftune.cli import main
-from efftune.io import save_adapter
-from efftune.methods import get_method
 from efftune.methods.ia3 import IA3Config
-from efftune.methods.lora import LoraConfig, add_lora
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora
+from efftune.methods.lora.peft_format import save_adapter
+from efftune.methods.registry import get_method
 from tests.conftest import make_tokenizer, randomize_lora, tiny_llama
 from tests.data.test_bigbench import fake_bigbench  # noqa: F401  (fixture: a small fake BIG-bench sdist)
 
@@ -80,8 +81,8 @@ def shared(tmp_path_factory):
     save_adapter(wide, root / "adapter_wide", LoraConfig(r=4, alpha=8))  # made for another base model
     ia3 = get_method("ia3")
     m = tiny_llama()
-    ia3.attach(m, IA3Config(), None)
-    ia3.save(m, root / "adapter_ia3", IA3Config(), {})
+    ia3.attach(m, IA3Config(), tokenizer=None)
+    ia3.save(m, root / "adapter_ia3", IA3Config(), metadata={})
     (root / "train.jsonl").write_text(GOOD)
     run = root / "run"
     code = main(["train", "--model", str(model_dir), "--data", str(root / "train.jsonl"), "--steps", "2",

@@ -11,7 +11,7 @@ import pytest
 from efftune import cli
 from efftune.cli import main, parser
 from efftune.config import RunConfig, load_config
-from efftune.methods.lora import LoraConfig
+from efftune.methods.lora.config import LoraConfig
 from efftune.train.loop import TrainConfig
 
 

@@ -30,9 +30,10 @@ from safetensors.torch import load_file, save_file
 from efftune.config import RunConfig, load_config
 from efftune.data import Completion, MultipleChoice, load_jsonl
 from efftune.errors import EfftuneError
-from efftune.io import load_adapter, read_adapter_dir
-from efftune.methods import detect_method, get_method
-from efftune.methods.lora import lora_layers
+from efftune.files import read_adapter_dir
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.peft_format import load_adapter
+from efftune.methods.registry import detect_method, get_method
 from tests.conftest import make_tokenizer, tiny_llama
 from tests.methods.test_load_all_or_nothing import assert_same, fingerprint
 
@@ -218,8 +219,8 @@ def save_each(root: Path, make_model, methods: dict) -> Saved:
             from efftune.methods.esft import add_esft_full
             add_esft_full(model, {"model.layers.0.mlp.experts": [1, 3], "model.layers.1.mlp.experts": [0]})
         else:
-            method.attach(model, cfg, tokenizer)
-        method.save(model, root / name, cfg, {})
+            method.attach(model, cfg, tokenizer=tokenizer)
+        method.save(model, root / name, cfg, metadata={})
         config_file = next((root / name).glob("*.json"))
         weights = next((root / name).glob("*.safetensors"))
         out[name] = (config_file.name, weights.name, json.loads(config_file.read_text()), load_file(str(weights)))

@@ -5,8 +5,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from efftune.errors import AdapterError
-from efftune.io import load_adapter, save_adapter
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.model import add_lora
+from efftune.methods.lora.peft_format import load_adapter, save_adapter
 from tests.conftest import randomize_lora, tiny_llama
 
 IDS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))

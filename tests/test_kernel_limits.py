@@ -7,10 +7,10 @@ rows at the start, around the 2^31-element boundary and at the end."""
 import pytest
 import torch
 
-from efftune.eval import logprobs
+from efftune.forward import logprobs
 from efftune.kernel_limits import INT32_LIMIT, head_fits, swiglu_fits
-from efftune.methods.packing import aligned_rows, aligned_stride
-from efftune.methods.swiglu_lora import (_cuda_backward, _cuda_forward, swiglu_backward_reference,
+from efftune.methods.lora.packing import aligned_rows, aligned_stride
+from efftune.methods.lora.swiglu import (_cuda_backward, _cuda_forward, swiglu_backward_reference,
                                          swiglu_forward_reference, takes_kernel, triton_available)
 
 LLAMA3_8B_MLP = dict(tokens=131072, f=14336, r=16)
@@ -76,7 +76,7 @@ def _row_slices(n: int, row_elements: int, k: int = 384) -> torch.Tensor:
 
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and Triton (the SwiGLU kernels)")
 def test_swiglu_kernels_past_2_31_elements():
-    from efftune.methods import swiglu_triton
+    from efftune.methods.lora import swiglu_triton
     n, f, r = 1_100_000, 2048, 16  # gu: 4.6e9 elements (past 2^32), dh and h: 2.25e9 (past 2^31)
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
@@ -103,7 +103,7 @@ def test_swiglu_kernels_past_2_31_elements():
 
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and Triton (the LM-head kernels)")
 def test_head_kernels_past_2_31_elements():
-    from efftune.eval import head_triton
+    from efftune.forward import head_triton
     n, v = 17000, 128256  # 2.18e9 logits
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(n, v, device="cuda", generator=g).mul_(4).to(torch.bfloat16)  # fp32 temp: 8.7 GB

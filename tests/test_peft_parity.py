@@ -1,8 +1,10 @@
 """Training parity with peft: same init, same data, same optimizer -> the same loss curve (fp32)."""
 import torch
 
-from efftune.eval.logprobs import labelled_logprobs
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers
+from efftune.forward.logprobs import labelled_logprobs
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.model import add_lora
 from tests.conftest import tiny_llama
 
 

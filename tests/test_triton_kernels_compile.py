@@ -26,7 +26,7 @@ def _compile(fn, pointers: dict[str, str], ints: list[str], constexprs: dict, nu
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_lm_head_kernels_compile(dtype):
-    from efftune.eval import head_triton as head
+    from efftune.forward import head_triton as head
     segments, seg, block = head._layout(128256, head.CONFIG["block"], head.CONFIG["max_segments"])
     sizes = dict(S=segments, SEG=seg, BLOCK=block)
     common = {"x_ptr": f"*{dtype}", "t_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "pick_ptr": "*fp32"}
@@ -36,7 +36,7 @@ def test_lm_head_kernels_compile(dtype):
 
 
 def test_swiglu_kernels_compile():
-    from efftune.methods import swiglu_triton as sw
+    from efftune.methods.lora import swiglu_triton as sw
     ranks = dict(RP=16, RPD=16, PREC="tf32")
     f, b = sw.FORWARD_CONFIG, sw.BACKWARD_CONFIG
     names = ("g0_ptr", "u0_ptr", "z_ptr", "bg_ptr", "bu_ptr", "ad_ptr", "h_ptr")

@@ -37,20 +37,22 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..attach import find_targets
 from ..data import Encoded, Example, Formatter, MultipleChoice, load_jsonl, load_task, split_examples
 from ..data.layout import collate
 from ..data.tokenize import truncation_note
 from ..errors import CheckpointError, ConfigError, DataError, EfftuneError
-from ..eval.logprobs import target_logprobs
-from ..eval.options import DEFAULT, ForwardOptions
 from ..eval.multiple_choice import multiple_choice_accuracy, score_rows
-from ..io import (CONFIG_FILE, WEIGHTS_FILE, base_model_name, read_adapter_config, save_adapter,
-                  write_text_atomically)
-from ..methods.attach import find_targets
-from ..methods.lora import (LoraConfig, adapter_names, add_lora, check_ranks, delete_adapter, lora_layers,
-                            mixed_adapter_batch, set_active_adapters, set_trainable_adapters)
+from ..files import CONFIG_FILE, WEIGHTS_FILE, base_model_name, write_text_atomically
+from ..forward.logprobs import target_logprobs
+from ..forward.options import DEFAULT, ForwardOptions
+from ..methods.hooks import TrainHooks
+from ..methods.lora.config import LoraConfig
+from ..methods.lora.layer import adapter_names, lora_layers, mixed_adapter_batch
+from ..methods.lora.model import add_lora, check_ranks, delete_adapter, set_active_adapters, set_trainable_adapters
+from ..methods.lora.peft_format import read_adapter_config, save_adapter
 from ..train.checkpoint import changed_keys, latest_checkpoint, read_state
-from ..train.loop import TrainConfig, TrainHooks, example_order, read_metrics, train
+from ..train.loop import TrainConfig, example_order, read_metrics, train
 from ..train.seed import seed_everything
 
 INDEX_FILE = "library.json"

@@ -28,11 +28,13 @@ from ..data.examples import Example, MultipleChoice
 from ..data.layout import collate, training_rows
 from ..data.tokenize import Formatter
 from ..errors import ConfigError, EfftuneError
-from ..eval.logprobs import target_logprobs
-from ..eval.options import DEFAULT, ForwardOptions
-from ..io import CONFIG_FILE, load_adapter, save_adapter
-from ..methods.lora import (LoraConfig, LoraEmbedding, LoraLayer, adapter_names, lora_layers, merge_lora,
-                            set_active_adapters)
+from ..files import CONFIG_FILE
+from ..forward.logprobs import target_logprobs
+from ..forward.options import DEFAULT, ForwardOptions
+from ..methods.lora.config import LoraConfig
+from ..methods.lora.layer import LoraEmbedding, LoraLayer, adapter_names, lora_layers
+from ..methods.lora.model import merge_lora, set_active_adapters
+from ..methods.lora.peft_format import load_adapter, save_adapter
 
 
 def load_library(model: nn.Module, directory: str | Path) -> list[str]:
@@ -226,7 +228,7 @@ def lorahub(model: nn.Module, formatter: Formatter, examples: Sequence[Example],
 
     Leaves the best composition attached as the only active adapter `name`; returns the hub
     (`.save(dir)`, `.merge()`) and the result. `eval_examples` (multiple choice) adds held-out accuracy.
-    `options`: the forwards' kernels (`efftune.eval.options`).
+    `options`: the forwards' kernels (`efftune.forward.options`).
     """
     import nevergrad as ng  # optional dependency (the "hub" extra)
 

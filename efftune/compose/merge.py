@@ -8,21 +8,17 @@ folded into its weights.
 """
 from __future__ import annotations
 
-import copy
 import math
 import numbers
-import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import EfftuneError
-from ..io import replace_dir_atomically
-from ..methods.lora import (LoraAdapter, LoraConfig, LoraEmbedding, check_ranks, adapter_names, lora_layers,
-                            merge_and_unload, set_active_adapters, set_trainable_adapters)
-
+from ..methods.lora.config import LoraConfig
+from ..methods.lora.layer import LoraAdapter, LoraEmbedding, adapter_names, lora_layers
+from ..methods.lora.model import check_ranks, set_active_adapters, set_trainable_adapters
 
 # ---- checks shared by the pure functions and the model-level API -------------------------------
 
@@ -265,28 +261,3 @@ def merge_notes(model: nn.Module, adapters: Sequence[str], labels: Sequence[str]
                          f"{len(short)} module(s), so there the merge is the best low-rank approximation (SVD) of "
                          f"the weighted sum; --rank {need} keeps it exact")
     return notes
-
-
-def export_merged(model: nn.Module, tokenizer, directory: str | os.PathLike, inplace: bool = False) -> Path:
-    """Fold the active adapters into the base weights and write a plain transformers model
-    directory (`save_pretrained` of model and `tokenizer`, if given), which
-    `AutoModelForCausalLM.from_pretrained` loads without efftune or peft.
-
-    The caller's model is left as it was: the merge runs on a deep copy, which costs one more
-    copy of the whole model (base weights included) in the memory it lives in — GPU memory for
-    a model on GPU. `inplace=True` avoids that by merging and unloading `model` itself (it loses
-    its LoRA layers). The directory is written as `<directory>.tmp` and then renamed into place,
-    so an interrupted export never leaves a half-written model under `directory`.
-    """
-    layers = [layer for _, layer in lora_layers(model)]
-    if layers and not any(layer.active for layer in layers):
-        raise EfftuneError("export: no adapter is active, so the export would be the base model; "
-                           "call set_active_adapters first")
-    target = model if inplace else copy.deepcopy(model)
-    merge_and_unload(target)
-
-    def write(tmp: Path) -> None:
-        target.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return replace_dir_atomically(directory, write)

@@ -72,7 +72,7 @@ class Batch:
     """Tensors for one forward pass over rows. When every row is one sequence counted from position
     0, `mask` and `position_ids` are None: the model's own causal mask and positions are exact (a
     padded tail is never attended by real tokens), and the forward skips transformers' mask
-    preparation (`efftune.eval.causal`). `real` (B, L) bool marks the rows' own tokens (False: padding),
+    preparation (`efftune.forward.causal`). `real` (B, L) bool marks the rows' own tokens (False: padding),
     for what counts tokens, such as an MoE balance loss."""
     input_ids: torch.Tensor
     position_ids: torch.Tensor | None

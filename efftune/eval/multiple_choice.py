@@ -15,9 +15,9 @@ from torch import nn
 from ..data.examples import MultipleChoice
 from ..data.layout import MIN_SHARED, Row, collate, common_prefix
 from ..data.tokenize import Formatter, pack
+from ..forward.logprobs import target_logprobs
+from ..forward.options import DEFAULT, ForwardOptions
 from ..progress import QUIET_SECONDS, progress_bar
-from .logprobs import target_logprobs
-from .options import DEFAULT, ForwardOptions
 
 
 def _encode(formatter: Formatter, ex: MultipleChoice) -> tuple[list[int], list[list[int]]]:
@@ -65,7 +65,7 @@ def choice_scores(model: nn.Module, formatter: Formatter, examples: Sequence[Mul
                   progress: bool = True, options: ForwardOptions = DEFAULT) -> list[list[float]]:
     """Log-likelihood of every choice of every example (`normalize="mean"`: per token).
     `progress`: a bar over the examples on stderr, once scoring takes over a second (it closes
-    without a trace). `options`: the forwards' kernels (`efftune.eval.options`)."""
+    without a trace). `options`: the forwards' kernels (`efftune.forward.options`)."""
     device = next(model.parameters()).device
     attention = getattr(model.config, "_attn_implementation", "sdpa")
     rows = score_rows(formatter, examples, row_tokens)

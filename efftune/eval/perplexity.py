@@ -10,9 +10,9 @@ from torch import nn
 from ..data.examples import Completion
 from ..data.layout import collate, training_rows
 from ..data.tokenize import Formatter
+from ..forward.logprobs import target_logprobs
+from ..forward.options import DEFAULT, ForwardOptions
 from ..progress import QUIET_SECONDS, progress_bar
-from .logprobs import target_logprobs
-from .options import DEFAULT, ForwardOptions
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def perplexity(model: nn.Module, formatter: Formatter, examples: Sequence[Comple
                row_tokens: int = 1024, progress: bool = True, options: ForwardOptions = DEFAULT) -> float:
     """exp(mean negative log-likelihood per completion token), over packed rows (a shared prompt
     prefix runs once per row). `progress`: a bar over the rows on stderr, once it takes over a
-    second (it closes without a trace). `options`: the forwards' kernels (`efftune.eval.options`)."""
+    second (it closes without a trace). `options`: the forwards' kernels (`efftune.forward.options`)."""
     device = next(model.parameters()).device
     seqs = [formatter.encode(e) for e in examples]
     was_training = model.training

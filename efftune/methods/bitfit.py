@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import AdapterFormat, config_from
+from ..attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
+from ..files import AdapterFormat, config_from
+from .registry import Method
 
 CONFIG_FILE = "bitfit_config.json"
 WEIGHTS_FILE = "bitfit_model.safetensors"
@@ -90,9 +91,10 @@ def _bias_paths(model: nn.Module, config: BitFitConfig) -> list[str]:
     return have + norms
 
 
-def add_bitfit(model: nn.Module, config: BitFitConfig | None = None) -> list[str]:
+def add_bitfit(model: nn.Module, config: BitFitConfig | None = None, *, tokenizer=None) -> list[str]:
     """Freeze the model and switch on the biases `config` selects (adding them first where
-    `add_biases`). Returns the module paths whose bias trains."""
+    `add_biases`). Returns the module paths whose bias trains. (`tokenizer`: unused, as
+    every method's attach takes one.)"""
     config = config or BitFitConfig()
     if any(True for _ in wrappers(model, AddedBias)):
         raise EfftuneError("the model already has BitFit biases added; unload them first")
@@ -148,3 +150,6 @@ def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> BitFitConfig:
             raise AdapterError(f"adapter: key {key!r} in {directory / WEIGHTS_FILE} names no module of this model")
     FORMAT.load(model, directory, tensors, lambda: add_bitfit(model, config), lambda: bitfit_state_dict(model, config))
     return config
+
+
+METHOD = Method("bitfit", "bitfit", attach=add_bitfit, save=save_bitfit, load=load_bitfit)

@@ -26,9 +26,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..io import AdapterFormat, config_from
+from ..attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
+from ..files import AdapterFormat, config_from
+from .registry import Method
 
 CONFIG_FILE = "bottleneck_config.json"
 WEIGHTS_FILE = "bottleneck_model.safetensors"
@@ -96,9 +97,9 @@ def bottleneck_adapters(model: nn.Module) -> Iterator[tuple[str, BottleneckAdapt
     return wrappers(model, BottleneckAdapter)
 
 
-def add_bottleneck(model: nn.Module, config: BottleneckConfig | None = None) -> list[str]:
+def add_bottleneck(model: nn.Module, config: BottleneckConfig | None = None, *, tokenizer=None) -> list[str]:
     """Freeze the model and wrap each targeted sublayer in a trainable BottleneckAdapter.
-    Returns the wrapped module paths."""
+    Returns the wrapped module paths. (`tokenizer`: unused, as every method's attach takes one.)"""
     config = config or BottleneckConfig()
     if any(True for _ in bottleneck_adapters(model)):
         raise EfftuneError("the model already has bottleneck adapters; unload them first")
@@ -148,3 +149,6 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike) -> Bottlenec
     config = config_from(BottleneckConfig, cfg, FIELDS, directory / CONFIG_FILE)
     FORMAT.load(model, directory, tensors, lambda: add_bottleneck(model, config), lambda: bottleneck_state_dict(model))
     return config
+
+
+METHOD = Method("bottleneck", "bottleneck", attach=add_bottleneck, save=save_bottleneck, load=load_bottleneck)

@@ -27,13 +27,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..attach import freeze_base, master_dtype, replace_module, wrappers
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from ..io import AdapterFormat
+from ..files import AdapterFormat
 from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
 from ..moe.router_tap import add_router_taps, remove_router_taps, router_taps
-from .attach import freeze_base, master_dtype, replace_module, wrappers
 from .expert_lora import ExpertLoraConfig, add_expert_lora, load_expert_lora, save_expert_lora
+from .registry import Method
 
 MODES = ("full", "lora")
 SCORES = ("gate", "token")
@@ -272,3 +273,7 @@ def load_esft(model: nn.Module, directory: str | os.PathLike):
             raise AdapterError(f"adapter: {directory / CONFIG_FILE}: bad experts field ({exc})") from None
     FORMAT.load(model, directory, tensors, attach, lambda: esft_state_dict(model))
     return EsftConfig(mode="full", selection=None)
+
+
+# selects experts from esft.selection (JSON) or by routing esft.data through the model
+METHOD = Method("esft", "esft", attach=add_esft, save=save_esft, load=load_esft)

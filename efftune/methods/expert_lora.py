@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..attach import freeze_base, master_dtype, replace_module, wrappers
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from ..io import AdapterFormat, base_model_name, checked_field, config_from, write_adapter_dir
+from ..files import AdapterFormat, base_model_name, checked_field, config_from, write_adapter_dir
 from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
 from ..moe.router_tap import add_router_taps
-from .attach import freeze_base, master_dtype, replace_module, wrappers
+from .registry import Method
 
 TARGETS = ("gate_up_proj", "down_proj")
 CONFIG_FILE = "expert_lora_config.json"
@@ -161,12 +162,13 @@ def expert_lora_layers(model: nn.Module) -> list[tuple[str, ExpertLora]]:
 
 
 def add_expert_lora(model: nn.Module, config: ExpertLoraConfig | None = None,
-                    experts_of: dict[str, list[int] | None] | None = None) -> list[str]:
+                    experts_of: dict[str, list[int] | None] | None = None, *, tokenizer=None) -> list[str]:
     """Freeze the model and wrap every fused-experts module in an ExpertLora (and give
     `config.target_modules` plain LoRA). `experts_of` maps an experts-module path to its adapted
     ids, overriding `config.experts` (ESFT picks per layer); a path missing from it is not adapted.
     Returns the adapted module paths."""
-    from .lora import LoraConfig, add_lora
+    from .lora.config import LoraConfig
+    from .lora.model import add_lora
     config = config or ExpertLoraConfig()
     if expert_lora_layers(model):
         raise EfftuneError("the model already has expert LoRA; load or attach it once")
@@ -203,7 +205,7 @@ def unload_expert_lora(model: nn.Module, merge: bool = False) -> nn.Module:
 
 
 def _linear_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    from .lora import lora_layers
+    from .lora.layer import lora_layers
     state = {}
     for path, layer in lora_layers(model):
         if "default" in layer.adapters:
@@ -275,7 +277,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, config: ExpertLo
     with PeftModel.from_pretrained). peft keeps factors for all E experts: lora_A.weight (E·r, in),
     expert-major rows; lora_B.weight (out, r·E), expert-minor columns. Experts this adapter does not
     adapt get zero factors. Linear LoRA (`target_modules`) is written as usual."""
-    from ..io import PREFIX
+    from ..files import PREFIX
     layers = expert_lora_layers(model)
     if not layers:
         raise AdapterError("the model has no expert LoRA to export")
@@ -297,3 +299,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, config: ExpertLo
            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
            "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
     return write_adapter_dir(directory, cfg, state)
+
+
+METHOD = Method("expert-lora", "expert_lora", attach=add_expert_lora, save=save_expert_lora, load=load_expert_lora)

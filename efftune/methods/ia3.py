@@ -21,9 +21,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..io import base_model_name, checked_field, is_str_list, load_all_or_nothing, read_adapter_dir, write_adapter_dir
+from ..attach import _conv1d_class, find_targets, freeze_base, master_dtype, name_matches, replace_module, wrappers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from .attach import _conv1d_class, find_targets, freeze_base, master_dtype, name_matches, replace_module, wrappers
+from ..files import (base_model_name, checked_field, is_str_list, load_all_or_nothing, read_adapter_dir,
+                     write_adapter_dir)
+from .registry import Method
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -105,9 +107,9 @@ def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Layer]]:
     return wrappers(model, IA3Layer)
 
 
-def add_ia3(model: nn.Module, config: IA3Config | None = None) -> list[str]:
+def add_ia3(model: nn.Module, config: IA3Config | None = None, *, tokenizer=None) -> list[str]:
     """Freeze the model and wrap every targeted linear in an IA3Layer whose `ia3_l` trains.
-    Returns the wrapped module paths."""
+    Returns the wrapped module paths. (`tokenizer`: unused, as every method's attach takes one.)"""
     config = config or IA3Config()
     if any(True for _ in ia3_layers(model)):
         raise EfftuneError("the model already has (IA)³ vectors; unload them first")
@@ -205,3 +207,6 @@ def load_ia3(model: nn.Module, directory: str | os.PathLike) -> IA3Config:
     targets = targets or exact
     return IA3Config(target_modules=targets if isinstance(targets, str) else list(targets),
                      feedforward_modules=feedforward)
+
+
+METHOD = Method("ia3", "ia3", attach=add_ia3, save=save_ia3, load=load_ia3)

@@ -13,7 +13,9 @@ On disk a LoRA-FA adapter is a LoRA adapter (peft format); `load_lora_fa` re-fre
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -21,7 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .lora import LoraAdapter, LoraConfig, adapter_input, add_lora
+from .lora.config import LoraConfig
+from .lora.layer import LoraAdapter, adapter_input
+from .lora.model import add_lora
+from .lora.peft_format import load_adapter, save_adapter
+from .registry import Method
 
 
 @dataclass
@@ -131,8 +137,10 @@ def _adapter_factory(config: LoraFAConfig):
     return make
 
 
-def add_lora_fa(model: nn.Module, config: LoraFAConfig | None = None, adapter: str = "default") -> list[str]:
-    """Attach a LoRA-FA adapter (A frozen, B trains) to every module `config` targets."""
+def add_lora_fa(model: nn.Module, config: LoraFAConfig | None = None, adapter: str = "default", *,
+                tokenizer=None) -> list[str]:
+    """Attach a LoRA-FA adapter (A frozen, B trains) to every module `config` targets.
+    (`tokenizer`: unused, as every method's attach takes one.)"""
     config = config or LoraFAConfig()
     return add_lora(model, config, adapter, adapter_cls=_adapter_factory(config))
 
@@ -140,7 +148,17 @@ def add_lora_fa(model: nn.Module, config: LoraFAConfig | None = None, adapter: s
 def load_lora_fa(model: nn.Module, directory, adapter: str = "default", config: LoraFAConfig | None = None,
                  allow_pickle: bool = False) -> LoraFAConfig:
     """Load a LoRA adapter directory (peft format) as LoRA-FA: its A frozen, its B trainable."""
-    from ..io import load_adapter
     fa = config or LoraFAConfig()
     lora_cfg = load_adapter(model, directory, adapter, allow_pickle=allow_pickle, adapter_cls=_adapter_factory(fa))
     return LoraFAConfig(**{**lora_cfg.__dict__, "correction": fa.correction, "delta": fa.delta})
+
+
+def save_lora_fa(model: nn.Module, directory: str | os.PathLike, config: LoraFAConfig,
+                 metadata: dict | None = None) -> Path:
+    """Write the adapter in peft's LoRA format (peft loads it as LoRA); the config's "efftune"
+    entry records that it is LoRA-FA and its correction."""
+    return save_adapter(model, directory, config,
+                        metadata={"method": "lora-fa", "correction": config.correction, **(metadata or {})})
+
+
+METHOD = Method("lora-fa", "lora_fa", attach=add_lora_fa, save=save_lora_fa, load=load_lora_fa)

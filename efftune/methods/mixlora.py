@@ -50,12 +50,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
 from ..checks import non_negative_numbers, positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
-from ..io import AdapterFormat, config_from, save_adapter
+from ..files import AdapterFormat, config_from
 from ..moe.routing import Router, RouterConfig, Routing
-from .attach import find_targets, freeze_base, master_dtype, replace_module, wrappers
-from .lora import LoraAdapter, LoraConfig, LoraLayer, add_lora, delete_adapter, lora_layers
+from .lora.config import LoraConfig
+from .lora.layer import LoraAdapter, LoraLayer, lora_layers
+from .lora.model import add_lora, delete_adapter
+from .lora.peft_format import save_adapter
+from .registry import Method
 
 CONFIG_FILE = "mixlora_config.json"
 WEIGHTS_FILE = "mixlora_model.safetensors"
@@ -354,3 +358,7 @@ def export_attention_peft(model: nn.Module, directory: str | os.PathLike, metada
     cfg = LoraConfig(r=a.r, alpha=a.scaling * a.r, dropout=0.0, target_modules=targets)
     return save_adapter(model, directory, cfg, adapter=ATTN_ADAPTER,
                         metadata={"method": "mixlora-attention", **(metadata or {})})
+
+
+# Experts and routers are token-routed (not mergeable): the result is efftune's own format.
+METHOD = Method("mixlora", "mixlora", attach=add_mixlora, save=save_mixlora, load=load_mixlora)

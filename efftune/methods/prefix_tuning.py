@@ -41,9 +41,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..attach import freeze_base, master_dtype, replace_module, wrappers
 from ..errors import AdapterError, ConfigError, EfftuneError, TargetError
-from ..io import base_model_name, checked_field, load_all_or_nothing, read_adapter_dir, write_adapter_dir
-from .attach import freeze_base, master_dtype, replace_module, wrappers
+from ..files import base_model_name, checked_field, load_all_or_nothing, read_adapter_dir, write_adapter_dir
+from .registry import Method
 
 CONFIG_FILE, WEIGHTS_FILE, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
 INITS = ("vocab", "random")
@@ -406,3 +407,8 @@ def load_prefix_tuning(model: nn.Module, directory: str | os.PathLike) -> Prefix
     ours = checked_field(ours, "prefix_tuning", lambda v: isinstance(v, dict), "an object", where, {})
     init = ours.get("init") if isinstance(ours.get("init"), str) and ours["init"] in INITS else "random"
     return PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=False, init=init)
+
+
+# The prefixes live in the wrapped decoder body's attention cache: prompts need no special ids.
+METHOD = Method("prefix-tuning", "prefix_tuning", attach=add_prefix_tuning, save=save_prefix_tuning,
+                load=load_prefix_tuning)

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..attach import freeze_base, master_dtype, replace_module
 from ..errors import AdapterError, ConfigError, EfftuneError, TargetError
-from ..io import (AdapterFormat, base_model_name, checked_field, first_mismatch, is_str_list, load_all_or_nothing,
-                  read_adapter_dir, write_adapter_dir)
-from .attach import freeze_base, master_dtype, replace_module
+from ..files import (AdapterFormat, base_model_name, checked_field, first_mismatch, is_str_list, load_all_or_nothing,
+                     read_adapter_dir, write_adapter_dir)
+from .registry import Method
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
 CONFIG_FILE, WEIGHTS_FILE = "prompt_tuning_config.json", "prompt_tuning_model.safetensors"
@@ -294,3 +295,13 @@ def load_prompt_tuning(model: nn.Module, directory: str | os.PathLike) -> Prompt
                         lambda: {keys[t]: prompt_embedding(model).prompts[i] for i, t in enumerate(config.tasks)},
                         directory / weights, SHAPE_HINT)
     return config
+
+
+def prompt_ids(model: nn.Module, config: PromptTuningConfig) -> list[int]:
+    """The virtual token ids every prompt of the run starts with (its first task's)."""
+    return virtual_ids(model, config.tasks[0])
+
+
+# Soft prompts are addressed by virtual token ids every prompt starts with (`prompt_ids`).
+METHOD = Method("prompt-tuning", "prompt_tuning", attach=add_prompt_tuning, save=save_prompt_tuning,
+                load=load_prompt_tuning, prefix=prompt_ids)

@@ -244,7 +244,7 @@ def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def use_grouped_experts(model: nn.Module, impl: str = "auto") -> list[str]:
     """Run every fused-experts module through GroupedExperts (no adapter): efftune's expert path
     with the model's weights unchanged. Returns the wrapped module paths."""
-    from ..methods.attach import replace_module
+    from ..attach import replace_module
     paths = [p for p, _ in experts_modules(model)]
     if not paths:
         raise EfftuneError("the model has no fused-experts module (3-D gate_up_proj / down_proj)")

@@ -44,7 +44,7 @@ def _router_of(block: nn.Module) -> tuple[str, nn.Module] | None:
 def add_router_taps(model: nn.Module) -> list[str]:
     """Wrap the router beside every fused-experts module in a RouterTap (idempotent).
     Returns the router paths now tapped."""
-    from ..methods.attach import replace_module
+    from ..attach import replace_module
     from .experts import GroupedExperts, experts_modules
     paths = [p for p, _ in experts_modules(model)]
     paths += [p for p, m in model.named_modules() if isinstance(m, GroupedExperts)]
@@ -63,7 +63,7 @@ def add_router_taps(model: nn.Module) -> list[str]:
 
 
 def remove_router_taps(model: nn.Module) -> None:
-    from ..methods.attach import replace_module, wrappers
+    from ..attach import replace_module, wrappers
     for path, tap in list(wrappers(model, RouterTap)):
         replace_module(model, path, tap.base_layer)
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..faults import fault_point
-from ..io import replace_dir_atomically, write_text_atomically
-from ..methods.packing import owns_storage
+from ..files import replace_dir_atomically, write_text_atomically
+from ..methods.lora.packing import owns_storage
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "extra.safetensors", "state.json")
 
@@ -56,7 +56,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
 
 def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each tensor detached, contiguous and with storage of its own. Packed base weights
-    (`efftune.methods.packing`: ReLoRA's merged weights, a warm start's trainable ones) are views into
+    (`efftune.methods.lora.packing`: ReLoRA's merged weights, a warm start's trainable ones) are views into
     one matrix, which older safetensors releases refuse to save side by side; those are copied to
     host memory apart (where safetensors copies every tensor anyway)."""
     out = {}

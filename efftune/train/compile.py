@@ -3,7 +3,7 @@
 Compiling block by block (not the whole model) keeps compile time to one block's graph — the
 blocks share code, so one compilation serves them all — and leaves the loss, the tree attention
 masks and the optimizer step in eager mode (the loss's per-chunk softmax work is compiled on its
-own: `efftune.eval.logprobs`, chosen by `ForwardOptions.fused_head`, which train() sets with
+own: `efftune.forward.logprobs`, chosen by `ForwardOptions.fused_head`, which train() sets with
 `train.compile`). Inductor fuses the elementwise chains around the matmuls (RMSNorm, RoPE, SwiGLU,
 the LoRA `y + delta` add) and its min-cut partitioner recomputes cheap pointwise results in backward
 instead of saving them, which is where most of a LoRA step's non-matmul time and activation memory go. Results equal eager ones up to float rounding (tested,

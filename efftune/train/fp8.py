@@ -25,9 +25,9 @@ import functools
 import torch
 from torch import nn
 
+from ..attach import replace_module
 from ..errors import ConfigError
-from ..methods.attach import replace_module
-from ..methods.swiglu_lora import pack_swiglu_mlps
+from ..methods.lora.swiglu import pack_swiglu_mlps
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max

@@ -28,20 +28,20 @@ from torch import nn
 from ..data.layout import collate, training_rows
 from ..data.tokenize import IGNORE, Encoded
 from ..errors import CheckpointError, ConfigError, EfftuneError, TrainingDiverged
-from ..eval.logprobs import target_logprobs
-from ..eval.options import ForwardOptions, check_attention_kernel, check_masked_attention
 from ..faults import fault_point
-from ..io import write_text_atomically
-from ..methods.lora import mixed_adapter_batch
+from ..files import write_text_atomically
+from ..forward.logprobs import target_logprobs
+from ..forward.options import ForwardOptions, check_attention_kernel, check_masked_attention
+from ..methods.hooks import TrainHooks
+from ..methods.lora.layer import mixed_adapter_batch
 from ..moe.layer import collect_aux_losses, expert_loads
 from ..moe.router_tap import hf_router_aux
 from ..progress import SideTime, note, progress_bar
-from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
                          save_checkpoint, set_aside, trainable_state)
+from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from .interrupt import RunInterrupted, StopSignals
 from .plot import plot_metrics, plot_routing
-from .schedule import warmup_cosine
 from .together import Lane, lane_losses, lane_optimizer, make_lanes, take_lane_state
 
 
@@ -64,8 +64,8 @@ class TrainConfig:
     cuda_graphs: bool = False       # with compile: replay the blocks as CUDA graphs (rows padded to max_length)
     compile_autotune: bool = False  # with compile: pick each GEMM's kernel by benchmarking (slow first step)
     fp8_base: bool = False          # frozen base linears in FP8 while training (efftune.train.fp8)
-    attention: str = "sdpa"         # kernel for rows that are one causal sequence each: sdpa | flash4 (efftune.eval.flash4)
-    masked_attention: str = "sdpa"  # kernel for rows with a mask (packing, trees): sdpa | flex (efftune.eval.flex)
+    attention: str = "sdpa"         # kernel for rows that are one causal sequence each: sdpa | flash4 (efftune.forward.flash4)
+    masked_attention: str = "sdpa"  # kernel for rows with a mask (packing, trees): sdpa | flex (efftune.forward.flex)
     eval_every: int = 20            # steps between evaluations (0: only before and after)
     save_every: int = 20            # steps between checkpoints (0: only at the end)
     save_every_minutes: float = 10.0  # also a checkpoint once this long has passed since the last (0: off)
@@ -106,39 +106,11 @@ class TrainConfig:
             check_memory_budget(self.compile_memory_budget)
 
     def forward_options(self) -> ForwardOptions:
-        """The options of this run's forwards (`efftune.eval.options`): its attention kernels, block
+        """The options of this run's forwards (`efftune.forward.options`): its attention kernels, block
         masks kept in place for CUDA graphs (`cuda_graphs`), the LM head's softmax work compiled with
         the blocks (`compile`). Pass them to an `evaluate` that should run as the training forwards do."""
         return ForwardOptions(attention=self.attention, masked_attention=self.masked_attention,
                               static_masks=self.cuda_graphs, fused_head=self.compile)
-
-
-class TrainHooks:
-    """The named points where a training mode (ReLoRA restarts, ...) changes the loop.
-
-    The defaults are the plain loop: warmup + cosine learning rate, nothing after a step, no
-    state beyond the trainable parameters.
-    """
-
-    keeps_base_weights = True  # False: the mode writes into frozen base weights (train.fp8_base refuses it)
-
-    def parameters(self, model: nn.Module) -> list[torch.Tensor]:
-        """The parameters the optimizer is built over (once, before the first step)."""
-        return [p for p in model.parameters() if p.requires_grad]
-
-    def lr_multiplier(self, step: int, config: "TrainConfig") -> float:
-        return warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
-
-    def after_step(self, done: int, optimizer: torch.optim.Optimizer) -> dict:
-        """Called after optimizer step number `done` (1-based); returns extra metrics to log."""
-        return {}
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """Tensors a checkpoint must hold besides the trainable parameters."""
-        return {}
-
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
 
 
 @dataclass
@@ -247,7 +219,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
     Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
     (optional) is called before the first step, every `eval_every` steps and after the last;
     its dicts are logged and returned in `TrainResult.evals`. `hooks` changes the schedule and
-    acts after each step (e.g. `efftune.train.relora.ReLoraHooks`). With `config.fp8_base` the
+    acts after each step (e.g. `efftune.methods.relora.ReLoraHooks`). With `config.fp8_base` the
     frozen base linears run in FP8 for the whole run (evaluations inside it included) and the
     exact model is back when `train` returns or raises. With `config.cuda_graphs` evaluations
     inside the run are eager, and the blocks are eager again when `train` returns or raises.
@@ -281,7 +253,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
         if not hooks.keeps_base_weights or hooks.state():
             raise ConfigError(f"train: k adapters at once cannot run with {type(hooks).__name__}: it keeps state "
                               "of its own or changes the base weights, which the adapters share")
-    # graphed blocks take the block masks' tensors at fixed addresses (static_masks: efftune.eval.flex.block_mask)
+    # graphed blocks take the block masks' tensors at fixed addresses (static_masks: efftune.forward.flex.block_mask)
     options = config.forward_options()
     options.check(model, "train.")  # before anything is written
     with ExitStack() as scope:

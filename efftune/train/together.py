@@ -23,7 +23,7 @@ from torch import nn
 from ..data.layout import Batch
 from ..data.tokenize import Encoded
 from ..errors import ConfigError
-from ..methods.lora import adapter_names, lora_layers
+from ..methods.lora.layer import adapter_names, lora_layers
 
 
 @dataclass

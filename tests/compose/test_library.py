@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from efftune.compose.library import (INDEX_FILE, WORK_DIR, accuracies_together, build_library, module_name,
-                                     resolve_tasks)
+from efftune.compose.library import INDEX_FILE, WORK_DIR, accuracies_together, build_library, module_name, resolve_tasks
 from efftune.compose.lorahub import load_library, lorahub
 from efftune.data import Formatter, MultipleChoice
 from efftune.errors import ConfigError, DataError, EfftuneError
 from efftune.eval.multiple_choice import multiple_choice_accuracy
-from efftune.io import load_adapter
-from efftune.methods.lora import LoraConfig, add_lora, set_active_adapters
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora, set_active_adapters
+from efftune.methods.lora.peft_format import load_adapter
 from efftune.train.loop import TrainConfig, example_order
 from tests.conftest import randomize_lora, tiny_llama
 from tests.data.test_bigbench import fake_bigbench  # noqa: F401  (fixture: a small fake BIG-bench sdist)
@@ -203,7 +203,8 @@ def test_built_library_loads_in_peft_and_composes_with_lorahub(tasks, tokenizer,
 def test_a_directory_of_peft_adapters_is_a_library(tasks, tokenizer, tmp_path):
     """Modules made elsewhere (peft) sit beside built ones: compose loads them, build indexes
     them as external and leaves them alone."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
     out = tmp_path / "lib"
     foreign = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     foreign.save_pretrained(out / "made_by_peft")
@@ -261,7 +262,8 @@ def test_cli_build(tasks, tokenizer, tmp_path, capsys):
 
 
 def test_a_passed_model_keeps_its_own_adapters_as_they_were(tasks, tokenizer, tmp_path):
-    from efftune.methods.lora import add_lora, lora_layers
+    from efftune.methods.lora.layer import lora_layers
+    from efftune.methods.lora.model import add_lora
     model = tiny_llama()
     add_lora(model, LORA, adapter="mine")
     mine = [p for n, p in model.named_parameters() if ".mine." in n]

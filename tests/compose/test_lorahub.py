@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from efftune.compose.lorahub import (FewShotLoss, LoraHub, load_library, lorahub, objective,
-                                     select_modules)
+from efftune.compose.lorahub import FewShotLoss, LoraHub, load_library, lorahub, objective, select_modules
 from efftune.data.examples import MultipleChoice
 from efftune.data.tokenize import Formatter
 from efftune.errors import EfftuneError
-from efftune.io import load_adapter, save_adapter
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers, set_active_adapters
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.model import add_lora, set_active_adapters
+from efftune.methods.lora.peft_format import load_adapter, save_adapter
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import randomize_lora, tiny_llama
 

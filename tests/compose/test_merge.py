@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
-from efftune.compose.merge import (dare, dare_merge, export_merged, linear_merge, low_rank, merge_adapters, ties_merge,
-                                   trim)
+from efftune.compose.merge import dare, dare_merge, linear_merge, low_rank, merge_adapters, ties_merge, trim
 from efftune.errors import EfftuneError
-from efftune.io import load_adapter, save_adapter
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers, set_active_adapters
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.model import add_lora, export_merged, set_active_adapters
+from efftune.methods.lora.peft_format import load_adapter, save_adapter
 from tests.conftest import randomize_lora, tiny_llama
 
 IDS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))

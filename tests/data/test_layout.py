@@ -4,8 +4,7 @@ import torch
 
 from efftune.data import Completion, Formatter
 from efftune.data.layout import Row, collate, common_prefix, training_rows
-
-from efftune.eval.logprobs import labelled_logprobs, target_logprobs
+from efftune.forward.logprobs import labelled_logprobs, target_logprobs
 
 INSTRUCTION = "Predict the intent of the utterance. The choices are: play, stop, skip.\n\nUtterance: "
 
@@ -54,7 +53,8 @@ def test_shared_prefix_rows_equal_separate_sequences(tokenizer, attention):
 
 
 def test_gradients_through_shared_prefix_equal_separate(tokenizer):
-    from efftune.methods.lora import LoraConfig, add_lora
+    from efftune.methods.lora.config import LoraConfig
+    from efftune.methods.lora.model import add_lora
     from tests.conftest import randomize_lora, tiny_llama
     seqs = encode(tokenizer, [(INSTRUCTION + u, " " + a) for u, a in [("play it", "play"), ("stop", "stop")]])
     grads = []

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from efftune.data import Completion, Formatter, MultipleChoice
+from efftune.eval.generate import generate
 from efftune.eval.multiple_choice import choice_scores, multiple_choice_accuracy
 from efftune.eval.perplexity import perplexity
-from efftune.eval.generate import generate
 
 EXAMPLES = [
     MultipleChoice("Q: Is the sky blue?\nA: ", ("yes", "no"), 0),

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from efftune.attach import wrappers
 from efftune.errors import AdapterError, ConfigError, TargetError
 from efftune.methods.bitfit import AddedBias, BitFitConfig, add_bitfit, load_bitfit, save_bitfit, unload_bitfit
-from efftune.methods.attach import wrappers
 from tests.conftest import tiny_llama
 
 IDS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))

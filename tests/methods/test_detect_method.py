@@ -9,7 +9,7 @@ import re
 import pytest
 
 from efftune.errors import AdapterError, EfftuneError
-from efftune.methods import detect_method
+from efftune.methods.registry import detect_method
 
 
 def refused(directory, *fragments: str) -> str:

@@ -6,8 +6,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from efftune.errors import AdapterError, ConfigError, TargetError
-from efftune.methods.ia3 import (IA3Config, IA3Layer, add_ia3, ia3_layers, load_ia3, merge_ia3, save_ia3,
-                                 unload_ia3, unmerge_ia3)
+from efftune.methods.ia3 import (IA3Config, IA3Layer, add_ia3, ia3_layers, load_ia3, merge_ia3, save_ia3, unload_ia3,
+                                 unmerge_ia3)
 from tests.conftest import tiny_llama
 
 IDS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))

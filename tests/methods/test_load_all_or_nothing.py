@@ -1,4 +1,4 @@
-"""Every method's adapter load is all or nothing (efftune.io.load_all_or_nothing): a load that fails
+"""Every method's adapter load is all or nothing (efftune.files.load_all_or_nothing): a load that fails
 on the last key it reaches leaves the model exactly as it was (its module tree, module objects,
 parameters bit for bit with their requires_grad and storage, buffers), and a good load afterwards
 works. Each method saves a real adapter on a tiny model (Llama; a Qwen3-MoE for the methods that
@@ -15,18 +15,21 @@ from torch import nn
 
 from efftune.config import RunConfig
 from efftune.errors import AdapterError, EfftuneError
-from efftune.io import adapter_state_dict, load_all_or_nothing
-from efftune.methods import get_method
+from efftune.files import load_all_or_nothing
 from efftune.methods.bitfit import BitFitConfig, bitfit_state_dict
 from efftune.methods.bottleneck import BottleneckConfig, add_bottleneck, bottleneck_state_dict
 from efftune.methods.esft import add_esft_full, esft_state_dict
 from efftune.methods.expert_lora import expert_lora_state_dict
 from efftune.methods.ia3 import ia3_layers, ia3_state_dict
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.model import add_lora
+from efftune.methods.lora.packing import owns_storage
+from efftune.methods.lora.peft_format import adapter_state_dict
 from efftune.methods.mixlora import mixlora_state_dict
-from efftune.methods.packing import owns_storage
 from efftune.methods.prefix_tuning import prefix_tuning_state_dict
 from efftune.methods.prompt_tuning import prompt_tuning_state_dict
+from efftune.methods.registry import get_method
 from tests.conftest import make_tokenizer, tiny_llama
 from tests.methods.test_bitfit import tiny_gpt2
 from tests.moe.test_expert_lora import tiny_moe
@@ -108,13 +111,13 @@ def saved(tmp_path_factory) -> dict:
         if name == "esft":  # full experts chosen by hand (choosing by data needs a data set)
             add_esft_full(model, ESFT_EXPERTS)
         else:
-            method.attach(model, cfg, tokenizer)
+            method.attach(model, cfg, tokenizer=tokenizer)
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():  # trained values: nothing a fresh attach would give by chance
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
-        method.save(model, root / case, cfg, {})
+        method.save(model, root / case, cfg, metadata={})
         weights = next((root / case).glob("*.safetensors"))
         out[case] = (root / case, weights, model, list(state(model))[-1])
     return out

@@ -2,11 +2,13 @@ import pytest
 import torch
 from torch import nn
 
+from efftune.attach import find_targets
 from efftune.errors import EfftuneError, TargetError
-from efftune.methods.attach import find_targets
-from efftune.methods.lora import (LoraConfig, LoraEmbedding, LoraLinear, add_lora, adapter_names, delete_adapter,
-                                  delta_weight, lora_layers, merge_and_unload, merge_lora, mixed_adapter_batch,
-                                  set_active_adapters, set_trainable_adapters, unload_lora, unmerge_lora)
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import (LoraEmbedding, LoraLinear, adapter_names, delta_weight, lora_layers,
+                                        mixed_adapter_batch)
+from efftune.methods.lora.model import (add_lora, delete_adapter, merge_and_unload, merge_lora, set_active_adapters,
+                                        set_trainable_adapters, unload_lora, unmerge_lora)
 from tests.conftest import randomize_lora, tiny_llama
 
 IDS = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -232,7 +234,7 @@ def forward_and_grads(model):
 
 
 def test_fused_linears_compute_what_the_per_layer_path_computes():
-    from efftune.methods.lora import FusedLinears
+    from efftune.methods.lora.layer import FusedLinears
 
     def build():  # tiny_llama seeds the RNG: both models get the same A init
         m = tiny_llama(dtype=torch.float64)

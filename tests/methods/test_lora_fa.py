@@ -3,9 +3,10 @@ import torch
 from torch import nn
 
 from efftune.data import Formatter, MultipleChoice
-from efftune.io import save_adapter
-from efftune.methods.lora import LoraLinear, add_lora, lora_layers
-from efftune.methods.lora_fa import (LoraFAAdapter, LoraFAConfig, add_lora_fa, correction_matrix, load_lora_fa)
+from efftune.methods.lora.layer import LoraLinear, lora_layers
+from efftune.methods.lora.model import add_lora
+from efftune.methods.lora.peft_format import save_adapter
+from efftune.methods.lora_fa import LoraFAAdapter, LoraFAConfig, add_lora_fa, correction_matrix, load_lora_fa
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import randomize_lora, tiny_llama
 

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from efftune.errors import AdapterError, ConfigError
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.model import add_lora
 from efftune.methods.mixlora import (ATTN_ADAPTER, MixLoraBlock, MixLoraConfig, add_mixlora, export_attention_peft,
                                      load_mixlora, mixlora_blocks, mixlora_routing, save_mixlora, unload_mixlora)
 from efftune.moe.layer import collect_aux_losses
@@ -150,7 +152,7 @@ def test_aux_loss_collected_and_routing_inspectable():
     aux, stats = collect_aux_losses(m)
     assert aux.requires_grad and stats["dropped_fraction"] == 0
     # by hand (float64, plain Python): Switch's α·E·Σ f_i P_i over the top-2 picks, per block
-    from tests.moe.test_padding import hand_switch_balance, hand_entropy
+    from tests.moe.test_padding import hand_entropy, hand_switch_balance
     balance, entropy = [], []
     for name, block in mixlora_blocks(m):
         w = block.router.W_r.weight.detach().tolist()

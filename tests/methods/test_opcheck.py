@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import itertools
 
+import efftune.forward.flash4  # noqa: F401  (registers the flash4 ops)
+import efftune.methods.lora.swiglu  # noqa: F401  (registers the SwiGLU ops)
 import pytest
 import torch
 from torch import nn
 
-import efftune.eval.flash4  # noqa: F401  (registers the flash4 ops)
-from efftune.methods import packing
-import efftune.methods.swiglu_lora  # noqa: F401  (registers the SwiGLU ops)
+from efftune.methods.lora import packing
 
 N, IN = 7, 8          # tokens, input width
 OUTS, RANKS = (6, 4), (2, 3)

@@ -1,10 +1,10 @@
 import torch
 from torch import nn
 
-from efftune.methods import packing
-from efftune.methods.lora import (LoraConfig, add_lora, set_active_adapters, set_trainable_adapters,
-                                  unload_lora)
-from efftune.methods.swiglu_lora import unwrap_swiglu_mlps
+from efftune.methods.lora import packing
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora, set_active_adapters, set_trainable_adapters, unload_lora
+from efftune.methods.lora.swiglu import unwrap_swiglu_mlps
 from tests.conftest import randomize_lora, tiny_llama
 
 IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))

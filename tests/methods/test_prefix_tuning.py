@@ -9,12 +9,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from efftune.data.layout import Row, collate
 from efftune.errors import AdapterError, ConfigError, EfftuneError
-from efftune.eval.logprobs import target_logprobs
-from efftune.train.loop import enable_activation_checkpointing
+from efftune.forward.logprobs import target_logprobs
 from efftune.methods.prefix_tuning import (PrefixTuningBody, PrefixTuningConfig, _cache_argument, _output_cache,
-                                           _vocab_tokens, add_prefix_tuning,
-                                           fold_prefix_tuning, load_prefix_tuning, prefix_body,
-                                           remove_prefix_tuning, save_prefix_tuning)
+                                           _vocab_tokens, add_prefix_tuning, fold_prefix_tuning, load_prefix_tuning,
+                                           prefix_body, remove_prefix_tuning, save_prefix_tuning)
+from efftune.train.loop import enable_activation_checkpointing
 
 P, V = 5, 128
 IDS = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -11,9 +11,8 @@ from efftune.data import Formatter, MultipleChoice
 from efftune.data.layout import training_rows
 from efftune.errors import AdapterError, ConfigError, EfftuneError
 from efftune.eval.generate import generate
-from efftune.methods.prompt_tuning import (PromptEmbedding, PromptTuningConfig, add_prompt_tuning,
-                                           load_prompt_tuning, prompt_embedding, save_prompt_tuning,
-                                           virtual_ids)
+from efftune.methods.prompt_tuning import (PromptEmbedding, PromptTuningConfig, add_prompt_tuning, load_prompt_tuning,
+                                           prompt_embedding, save_prompt_tuning, virtual_ids)
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import make_tokenizer, tiny_llama
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from efftune.methods.lora import LoraConfig, add_lora, set_active_adapters, unload_lora
-from efftune.methods.swiglu_lora import (FusedSwiGLU, is_swiglu_mlp, swiglu_backward_reference,
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora, set_active_adapters, unload_lora
+from efftune.methods.lora.swiglu import (FusedSwiGLU, is_swiglu_mlp, swiglu_backward_reference,
                                          swiglu_forward_reference, triton_available, unwrap_swiglu_mlps)
 from tests.conftest import randomize_lora, tiny_llama
 
@@ -115,7 +116,7 @@ def kernel_devices():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(100, 200, 4, 4, 8, 0), (300, 520, 16, 16, 16, 24), (4096, 1536, 16, 8, 32, 8)])
 def test_triton_kernels_match_the_reference(dtype, shape):
-    from efftune.methods import swiglu_triton
+    from efftune.methods.lora import swiglu_triton
     t = random_swiglu_inputs(*shape[:5], dtype=dtype, device="cuda", pad=shape[5])
     fp64 = {k: v.double() for k, v in t.items()}
     tol = 1e-5 if dtype == torch.float32 else 2e-2

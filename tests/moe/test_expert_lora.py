@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from efftune.errors import AdapterError, ConfigError
-from efftune.methods.expert_lora import (ExpertLora, ExpertLoraConfig, add_expert_lora, export_peft,
-                                         load_expert_lora, save_expert_lora, unload_expert_lora)
+from efftune.methods.expert_lora import (ExpertLora, ExpertLoraConfig, add_expert_lora, export_peft, load_expert_lora,
+                                         save_expert_lora, unload_expert_lora)
 from efftune.moe.experts import dispatch, grouped_linear, use_grouped_experts
 from efftune.moe.router_tap import hf_router_aux_loss
 

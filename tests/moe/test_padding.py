@@ -247,7 +247,7 @@ def test_training_loop_counts_real_tokens_only(tmp_path):
 
 def test_training_loop_loads_of_efftune_routed_layers_count_real_tokens(tmp_path):
     """An upcycled tiny Llama (top-2 of 4 experts): each layer's loads add up to 2 × the real tokens."""
-    from efftune.methods.attach import replace_module
+    from efftune.attach import replace_module
     from efftune.train.loop import TrainConfig, train
     m = tiny_llama()
     for i, layer in enumerate(m.model.layers):

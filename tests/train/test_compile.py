@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from efftune.errors import ConfigError
-from efftune.methods.lora import LoraConfig, add_lora
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora
 from efftune.train.compile import compile_blocks, partitioner
 from tests.conftest import randomize_lora, tiny_llama
 

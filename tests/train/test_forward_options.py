@@ -1,4 +1,4 @@
-"""Forward options travel with each call (`efftune.eval.options.ForwardOptions`): train() and the
+"""Forward options travel with each call (`efftune.forward.options.ForwardOptions`): train() and the
 evaluators pass them down, and nothing stays on the model or its config after them, an exception
 inside them included."""
 import pytest
@@ -6,18 +6,19 @@ import torch
 
 from efftune.compose.lorahub import FewShotLoss
 from efftune.data import Completion, Formatter, MultipleChoice
-from efftune.eval import causal, flash4, flex
 from efftune.eval import multiple_choice as mc_module
-from efftune.eval.logprobs import target_logprobs
 from efftune.eval.multiple_choice import multiple_choice_accuracy
-from efftune.eval.options import ForwardOptions
 from efftune.eval.perplexity import perplexity
 from efftune.finetune import evaluator
-from efftune.methods.lora import LoraConfig, add_lora
+from efftune.forward import causal, flash4, flex
+from efftune.forward.logprobs import target_logprobs
+from efftune.forward.options import ForwardOptions
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora
 from efftune.train import loop
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import randomize_lora, tiny_llama
-from tests.eval.test_flex import _llama16, _sequences
+from tests.forward.test_flex import _llama16, _sequences
 from tests.train.test_loop import PROMPTS, data
 
 FLEX = ForwardOptions(masked_attention="flex")

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from efftune.errors import ConfigError
-from efftune.methods.lora import LoraConfig, add_lora
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora
 from efftune.train.fp8 import FP8, Fp8Base, Fp8Linear, cpu_rowwise_fp8_error, quantize_rows
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import randomize_lora, tiny_llama
@@ -68,7 +69,7 @@ def lora_model():
 
 
 def fused_mlps(model):
-    from efftune.methods.swiglu_lora import FusedSwiGLU
+    from efftune.methods.lora.swiglu import FusedSwiGLU
     mlps = [mod for mod in model.modules() if isinstance(mod, FusedSwiGLU)]
     assert mlps
     return mlps
@@ -114,7 +115,7 @@ def test_training_with_fp8_base_learns_and_leaves_the_base_untouched(tokenizer, 
 
 
 def test_fp8_base_refuses_relora_and_models_without_eligible_linears(tokenizer, tmp_path):
-    from efftune.train.relora import ReLoraConfig, ReLoraHooks
+    from efftune.methods.relora import ReLoraConfig, ReLoraHooks
     m = lora_model()
     with pytest.raises(ConfigError, match="fp8_base cannot run with ReLoraHooks"):
         train(m, data(tokenizer), TrainConfig(steps=1, batch_size=2, fp8_base=True), tmp_path / "r", pad_id=1,
@@ -139,7 +140,7 @@ def test_k_adapters_at_once_train_on_the_fp8_base_as_each_alone(tokenizer, tmp_p
     """train()'s k-adapter mode (the module library's --together) runs on the FP8 base too: the
     frozen linears are FP8 during the run (row-wise scales: a row's rounding is its own, whatever
     rows share the batch) and each adapter ends as it does trained alone on the FP8 base."""
-    from efftune.methods.lora import set_active_adapters, set_trainable_adapters
+    from efftune.methods.lora.model import set_active_adapters, set_trainable_adapters
     from tests.train.test_loop import other_data
 
     def two():

@@ -1,15 +1,17 @@
-import math
 import json
+import math
 
 import pytest
 import torch
 
 from efftune.data import Formatter, MultipleChoice
 from efftune.errors import CheckpointError, TrainingDiverged
-from efftune.methods.lora import LoraConfig, add_lora
+from efftune.methods.hooks import TrainHooks
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora
+from efftune.schedule import warmup_cosine
 from efftune.train.checkpoint import latest_checkpoint
-from efftune.train.loop import TrainConfig, TrainHooks, example_order, train
-from efftune.train.schedule import warmup_cosine
+from efftune.train.loop import TrainConfig, example_order, train
 from tests.conftest import randomize_lora, tiny_llama
 
 PROMPTS = ["Q: Is the sky blue?\nA: ", "Q: Is grass red?\nA: ", "Take 3 steps forward.\nA: ",
@@ -222,7 +224,7 @@ def test_compile_memory_budget_is_checked():
 
 
 def _moe_model():
-    from efftune.methods.attach import replace_module
+    from efftune.attach import replace_module
     from efftune.moe.layer import upcycle_mlp
     from efftune.moe.routing import RouterConfig
     m = tiny_llama()
@@ -402,6 +404,7 @@ def test_time_based_checkpoints(tokenizer, tmp_path):
 def test_a_signal_finishes_the_step_checkpoints_and_resumes_identically(tokenizer, tmp_path, sig, code):
     import os
     import signal
+
     from efftune.train.interrupt import RunInterrupted
 
     class SignalAt(TrainHooks):
@@ -449,7 +452,7 @@ def test_a_crash_in_the_final_evaluation_is_evaluated_again_on_resume(tokenizer,
 
 def two_adapters(model=None):
     """float64 tiny llama with LoRA adapters a and b (the same initial weights on every call)."""
-    from efftune.methods.lora import set_trainable_adapters
+    from efftune.methods.lora.model import set_trainable_adapters
     m = model if model is not None else tiny_llama(dtype=torch.float64)
     for n in ("a", "b"):
         add_lora(m, LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]), adapter=n)
@@ -463,7 +466,7 @@ def adapter_weights(m, name):
 
 def alone(m, name):
     """Model m set to train adapter `name` by itself (the plain loop)."""
-    from efftune.methods.lora import set_active_adapters, set_trainable_adapters
+    from efftune.methods.lora.model import set_active_adapters, set_trainable_adapters
     set_trainable_adapters(m, [name])
     set_active_adapters(m, name)
     return m
@@ -480,6 +483,7 @@ def test_k_adapters_train_as_each_alone_and_a_signal_resumes_identically(tokeniz
     checkpoints both, and the resume equals the uninterrupted run bit for bit."""
     import os
     import signal
+
     from efftune.train.interrupt import RunInterrupted
     seqs = {"a": data(tokenizer), "b": other_data(tokenizer)}
     cfg = TrainConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=1, grad_clip=0.05,

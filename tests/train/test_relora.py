@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 from efftune.data import Formatter, MultipleChoice
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.model import add_lora
+from efftune.methods.relora import ReLoraConfig, ReLoraHooks, merge_and_restart, reset_optimizer_state, train_full_rank
+from efftune.schedule import jagged_cosine, warmup_cosine
 from efftune.train.loop import TrainConfig, train
-from efftune.train.relora import (ReLoraConfig, ReLoraHooks, merge_and_restart, reset_optimizer_state,
-                                  train_full_rank)
-from efftune.train.schedule import jagged_cosine, warmup_cosine
 from tests.conftest import randomize_lora, tiny_llama
 
 

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from efftune.methods.lora import LoraConfig, add_lora, lora_layers
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.layer import lora_layers
+from efftune.methods.lora.model import add_lora
 from efftune.train.seed import seed_everything
 from tests.conftest import make_tokenizer, tiny_llama
 

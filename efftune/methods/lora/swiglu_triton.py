@@ -1,4 +1,4 @@
-"""Triton kernels for `swiglu_lora` (see there for the maths).
+"""Triton kernels for the fused SwiGLU op (`swiglu`: see there for the maths).
 
 Both passes walk the MLP's middle tensors (tokens × intermediate) once. They read g0, u0 and z as
 the column blocks of one matrix [g0 | u0 | z] (any row stride), and backward writes dg, du and dz
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..kernel_limits import SWIGLU_MAX_TILE_ROWS, SWIGLU_MIN_COLS, swiglu_fits
+from ...kernel_limits import SWIGLU_MAX_TILE_ROWS, SWIGLU_MIN_COLS, swiglu_fits
 from .packing import aligned_rows
 
 
@@ -154,7 +154,7 @@ BACKWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
 def _grid(n: int, f: int, stride: int, c: dict) -> tuple[tuple[int, int], int]:
     """The launch grid and the column group, for n tokens of width f whose widest tensor has row
     stride `stride`; ValueError where the config leaves `kernel_limits`' bounds (offsets inside a
-    tile past 2^31, or too many column groups for the grid), which swiglu_lora routes around."""
+    tile past 2^31, or too many column groups for the grid), which `swiglu` routes around."""
     cols = min(c["cols"], triton.cdiv(f, c["bo"]) * c["bo"])  # a multiple of bo
     if c["bt"] > SWIGLU_MAX_TILE_ROWS or cols < min(f, SWIGLU_MIN_COLS) or not swiglu_fits(n, f, stride):
         raise ValueError(f"{n} tokens of width {f} (row stride {stride}) in {c['bt']} × {cols} tiles: offsets "

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .lora_ops import _LIB, column_slices, linears_input_grad
+from .ops import _LIB, column_slices, linears_input_grad
 
 
 def matrix(weights: Sequence[Tensor], spare: Tensor | None, rows: int) -> Tensor | None:
@@ -134,7 +134,7 @@ def rows_mm(x: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | Non
 
 def rows_grad(d: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | None) -> Tensor:
     """d [w_0; …; w_{m-1}; extra] for d (N, Σ out_i + rows of extra): rows_mm's input gradient. One
-    plain GEMM over a packing; else `lora_ops.linears_input_grad` (the extra term first, each
+    plain GEMM over a packing; else `ops.linears_input_grad` (the extra term first, each
     weight's GEMM accumulating onto it)."""
     full = _filled(weights, extra, spare)
     if full is not None:

@@ -19,16 +19,24 @@ resumed mid-cycle continues exactly.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..methods.attach import name_matches
-from ..methods.lora import lora_layers
-from .loop import TrainConfig, TrainHooks
-from .schedule import jagged_cosine, warmup_cosine
+from ..attach import name_matches
+from ..errors import AdapterError, ConfigError
+from ..schedule import jagged_cosine, warmup_cosine
+from .hooks import TrainHooks
+from .lora.layer import lora_layers
+from .lora.model import add_lora, export_merged
+from .registry import Method
+
+if TYPE_CHECKING:
+    from ..train.loop import TrainConfig
 
 RESETS = ("zero", "magnitude", "random")
 
@@ -235,3 +243,18 @@ def relora_hooks(model: nn.Module, run_config) -> ReLoraHooks:
     """The hooks of `method: relora`: the run config's `relora` section, full-rank modules on."""
     train_full_rank(model, run_config.relora.full_rank)
     return ReLoraHooks(model, run_config.relora)
+
+
+def save_relora(model: nn.Module, directory: str | os.PathLike, config, metadata: dict | None = None) -> Path:
+    """ReLoRA's result: the restarts merged into the base weights, so a whole model directory
+    (the last cycle's adapter merged in), which transformers loads as it is."""
+    return export_merged(model, None, directory)
+
+
+def load_relora(model: nn.Module, directory: str | os.PathLike):
+    raise AdapterError(f"adapter: {directory} is a ReLoRA run's result, a whole model: load it with --model {directory}")
+
+
+# ReLoRA changes the base weights at every restart, so its result is a whole model.
+METHOD = Method("relora", "lora", attach=add_lora, save=save_relora, load=load_relora, hooks=relora_hooks,
+                artifact="model")

@@ -1,64 +1,23 @@
 """LoRA (Hu et al. 2021): `h = W0 x + s · B (A x)` with `W0` frozen, `s = alpha / r`.
 
 `LoraLayer` wraps one base module (nn.Linear, transformers' Conv1D, nn.Embedding) and holds any
-number of named adapters. The model-level functions below attach, switch, merge and remove them;
-the model stays the user's transformers model throughout.
+number of named adapters; `FusedLinears` runs siblings that share an input (q/k/v, gate/up) through
+one fused op; `mixed_adapter_batch` sends each example of a batch through its own adapter.
 """
 from __future__ import annotations
 
 import itertools
 import math
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, EfftuneError
-from .attach import _conv1d_class, find_targets, freeze_base, hooked, master_dtype, replace_module, wrappers
-from .lora_ops import fused_lora_linears
-from .swiglu_lora import unwrap_swiglu_mlps, wrap_swiglu_mlps
-
-INITS = ("kaiming", "gaussian")
-
-
-@dataclass
-class LoraConfig:
-    """LoRA hyperparameters. `target_modules`: "all-linear", a list of module-name suffixes, or
-    a regex (full match on the module path). `init`: A Kaiming-uniform ("kaiming", as nn.Linear)
-    or Gaussian with std 1/r ("gaussian"); B starts at zero either way."""
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
-    use_rslora: bool = False
-    init: str = "kaiming"
-    embeddings: str | list[str] = field(default_factory=list)  # nn.Embedding modules to adapt too
-    SECTION: ClassVar[str] = "lora"  # the run config's section, named in errors (a subclass has its own)
-
-    def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"{self.SECTION}.r must be a positive integer, got {self.r!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError(f"{self.SECTION}.alpha must be a positive finite number, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{self.SECTION}.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"{self.SECTION}.init must be one of {INITS}, got {self.init!r}")
-        for key in ("target_modules", "embeddings"):  # a string is a regex: refuse one that cannot match
-            pattern = getattr(self, key)
-            if isinstance(pattern, str) and pattern != "all-linear":
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ConfigError(f"{self.SECTION}.{key}: {pattern!r} is not a valid regex ({exc})") from None
-
-    def scaling(self, r: int | None = None, alpha: float | None = None) -> float:
-        r, alpha = r or self.r, self.alpha if alpha is None else alpha
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+from ...attach import _conv1d_class, hooked, master_dtype, wrappers
+from ...errors import EfftuneError
+from .ops import fused_lora_linears
 
 
 def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -103,7 +62,7 @@ SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"
 
 
 class FusedLinears:
-    """LoRA linears computed by one `lora_linears` op (see `lora_ops`): a group of siblings that
+    """LoRA linears computed by one `lora_linears` op (see `ops`): a group of siblings that
     read one input (attention's q/k/v, the MLP's gate/up), or a single layer.
 
     The first member called computes every member's output — frozen GEMM and LoRA update in one
@@ -344,7 +303,7 @@ class LoraEmbedding(LoraLayer):
         return adapter
 
 
-# ---- model-level API ---------------------------------------------------------------------------
+# ---- the layers of a model ----------------------------------------------------------------------
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """Every LoRA-wrapped module with its path (the path of the module it wraps)."""
@@ -356,115 +315,6 @@ def adapter_names(model: nn.Module) -> list[str]:
     for _, layer in lora_layers(model):
         names.update(dict.fromkeys(layer.adapters))
     return list(names)
-
-
-def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default",
-             rank_of: dict[str, int] | None = None, alpha_of: dict[str, float] | None = None,
-             adapter_cls: type[LoraAdapter] | None = None) -> list[str]:
-    """Attach a LoRA adapter named `adapter` to every module `config` targets.
-
-    Everything else is frozen (earlier adapters too: `set_trainable_adapters` trains several);
-    the new adapter trains and becomes active beside any adapters already active. `rank_of` / `alpha_of` override r / alpha per module path (as
-    peft's rank_pattern does); `adapter_cls` picks a LoRA variant's adapter class (LoRA-FA).
-    Returns the adapted module paths.
-    """
-    config = config or LoraConfig()
-    if adapter in adapter_names(model):
-        raise EfftuneError(f"adapter {adapter!r} already exists; delete it or choose another name")
-    if not config.target_modules and not config.embeddings:
-        raise ConfigError("lora.target_modules is empty: name the modules to adapt")
-    names = find_targets(model, config.target_modules) if config.target_modules else []
-    if config.embeddings:
-        names += find_targets(model, config.embeddings, accept=lambda m: isinstance(m, nn.Embedding))
-    check_ranks(model, names, config.r, rank_of or {})
-    freeze_base(model)  # only once nothing can fail: a refused attach leaves the model as it was
-    for name in names:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoraLayer):
-            wrapper = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
-            replace_module(model, name, wrapper)
-            module = wrapper
-        r = (rank_of or {}).get(name, config.r)
-        scaling = config.scaling(r, (alpha_of or {}).get(name))
-        module.add_adapter(adapter, r, scaling, config.dropout, config.init, adapter_cls).requires_grad_(True)
-    link_fused_linears(model)
-    wrap_swiglu_mlps(model)
-    return names
-
-
-def matrix_sides(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of the matrix an adapter on `module` updates."""
-    base = getattr(module, "base_layer", module)
-    if isinstance(base, nn.Embedding):
-        return base.num_embeddings, base.embedding_dim
-    w = base.weight
-    return (w.shape[0], w.shape[1]) if isinstance(base, _conv1d_class()) else (w.shape[1], w.shape[0])
-
-
-def check_ranks(model: nn.Module, names: list[str], r: int, rank_of: dict[str, int]) -> None:
-    """Refuse a configured rank above a target's smaller side: B @ A cannot exceed that rank, so
-    the extra rows only add parameters (r = 1000 on a 576-wide model trains more than the model).
-    Ranks given per module (`rank_of`: a loaded adapter's own tensors) are taken as they are."""
-    sides = {name: matrix_sides(model.get_submodule(name)) for name in names if name not in rank_of}
-    if sides and r > (limit := min(min(s) for s in sides.values())):
-        name, (n_in, n_out) = next((n, s) for n, s in sides.items() if min(s) == limit)
-        raise ConfigError(f"LoRA rank r={r} is larger than {name}'s smaller side ({n_in} in, {n_out} out): "
-                          f"it adds parameters but no expressiveness; use r <= {limit} (--rank, lora.r)")
-
-
-def set_active_adapters(model: nn.Module, names: str | Sequence[str] | None) -> None:
-    """Which adapters run: a name, several (their updates add up), or None for the base model."""
-    names = [names] if isinstance(names, str) else list(names or [])
-    known = adapter_names(model)
-    for n in names:
-        if n not in known:
-            raise EfftuneError(f"no adapter named {n!r} (have: {', '.join(known) or 'none'})")
-    for _, layer in lora_layers(model):
-        if layer.merged:
-            raise EfftuneError("unmerge adapters before switching which are active")
-        layer.active = [n for n in names if n in layer.adapters]
-
-
-def set_trainable_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
-    names = [names] if isinstance(names, str) else list(names)
-    for _, layer in lora_layers(model):
-        for n, adapter in layer.adapters.items():
-            adapter.requires_grad_(n in names)
-
-
-def delete_adapter(model: nn.Module, name: str) -> None:
-    if name not in adapter_names(model):
-        raise EfftuneError(f"no adapter named {name!r}")
-    for _, layer in lora_layers(model):
-        if name in layer.adapters:
-            layer.delete_adapter(name)
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold the active adapters into the base weights (forward then skips them)."""
-    for _, layer in lora_layers(model):
-        layer.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
-        layer.unmerge()
-
-
-def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Put the base modules back, merging the active adapters first unless `merge=False`."""
-    for name, layer in list(lora_layers(model)):
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
-        replace_module(model, name, layer.base_layer)
-    unwrap_swiglu_mlps(model)
-    return model
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    return unload_lora(model, merge=True)
 
 
 @contextmanager

@@ -17,10 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .errors import EfftuneError
-from .faults import fault_point
-from .io import write_text_atomically
-from .train.checkpoint import changed_keys, flatten_config, latest_checkpoint
+from ..errors import EfftuneError
+from ..faults import fault_point
+from ..files import write_text_atomically
+from .checkpoint import changed_keys, flatten_config, latest_checkpoint
 
 MARKER = ".efftune-incomplete"
 # What a run writes into its directory before its first checkpoint (and their temporary names)

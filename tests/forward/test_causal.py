@@ -2,15 +2,14 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
-from transformers import masking_utils
+from transformers import MistralConfig, MistralForCausalLM, masking_utils
 
 from efftune.data.layout import Row, collate
 from efftune.errors import ConfigError, EfftuneError
-from efftune.eval import causal
-from efftune.eval.causal import PLAIN_CAUSAL, _plain_causal_sdpa, plain_causal, qualifies
-from efftune.eval.logprobs import target_logprobs
-from efftune.eval.options import ForwardOptions
+from efftune.forward import causal
+from efftune.forward.causal import PLAIN_CAUSAL, _plain_causal_sdpa, plain_causal, qualifies
+from efftune.forward.logprobs import target_logprobs
+from efftune.forward.options import ForwardOptions
 from tests.conftest import tiny_llama
 
 
@@ -97,7 +96,7 @@ def test_kernel_options_are_checked(field, bad, kernel, error):
     ("masked_attention", "flex", "flex", "train.masked_attention: flex needs a CUDA device")])
 def test_train_checks_the_kernel_options_first_and_passes_them_down(field, kernel, module, error, tmp_path,
                                                                     monkeypatch):
-    from efftune.eval import flash4, flex
+    from efftune.forward import flash4, flex
     from efftune.train.loop import TrainConfig, train
     model = tiny_llama()
     with pytest.raises(ConfigError, match=error):

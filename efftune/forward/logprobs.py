@@ -109,7 +109,7 @@ def _logprob_and_grad_for(hidden: torch.Tensor, fused: bool, rows: int, vocabula
     `vocabulary` logits: on a CUDA GPU with Triton the two-pass kernels (`head_triton`) where
     their offsets fit (`kernel_limits.head_fits`), else compiled when `fused`, else eager."""
     from ..kernel_limits import head_fits
-    from ..methods.swiglu_lora import triton_available
+    from ..methods.lora.swiglu import triton_available
     if hidden.is_cuda and head_fits(rows, vocabulary) and triton_available():
         from . import head_triton
         if hidden.dtype in head_triton.KERNEL_DTYPES:

@@ -9,10 +9,11 @@ from torch.nn.attention.flex_attention import create_mask
 from efftune.data.layout import collate, training_rows
 from efftune.data.tokenize import Encoded
 from efftune.errors import ConfigError
-from efftune.eval import causal, flex
-from efftune.eval.logprobs import target_logprobs
-from efftune.eval.options import DEFAULT, ForwardOptions
-from efftune.methods.lora import LoraConfig, add_lora
+from efftune.forward import causal, flex
+from efftune.forward.logprobs import target_logprobs
+from efftune.forward.options import DEFAULT, ForwardOptions
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora
 from efftune.train.loop import TrainConfig
 from tests.conftest import randomize_lora, tiny_llama
 
@@ -210,6 +211,7 @@ def test_train_loop_with_flex_and_cuda_graphs_equals_sdpa_on_gpu(tmp_path):
     blocks replayed as CUDA graphs (static block masks), an evaluation in between: the losses, gradient
     norms and trained factors of SDPA with the mask, in fp32."""
     import json
+
     from efftune.train.loop import train
     seqs = _sequences(12, shared=12)
 

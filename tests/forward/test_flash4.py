@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from efftune.eval import causal, flash4
-from efftune.eval.logprobs import target_logprobs
-from efftune.eval.options import DEFAULT, ForwardOptions
-from efftune.methods.lora import LoraConfig, add_lora
+from efftune.forward import causal, flash4
+from efftune.forward.logprobs import target_logprobs
+from efftune.forward.options import DEFAULT, ForwardOptions
+from efftune.methods.lora.config import LoraConfig
+from efftune.methods.lora.model import add_lora
 
 
 def _reference_math(q, k, v, scale):
@@ -202,6 +203,7 @@ def test_compiled_blocks_replayed_as_cuda_graphs_train_like_eager_on_gpu():
     """The kernels inside compiled, graph-replayed blocks: each step's gradients (new token ids and
     weights every step, so a kernel left out of the replay would show) match eager ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from efftune.train.compile import compile_blocks, uncompile_blocks
     steps = []
     for graphs in (False, True):

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from efftune.eval import logprobs
-from efftune.eval.logprobs import ChunkedTargetLogprob, labelled_logprobs
+from efftune.forward import logprobs
+from efftune.forward.logprobs import ChunkedTargetLogprob, labelled_logprobs
 from tests.conftest import tiny_llama
 
 
@@ -55,7 +55,7 @@ def test_the_call_chooses_the_fused_head_and_compile_blocks_sets_nothing(monkeyp
     """`ForwardOptions.fused_head` picks the compiled per-chunk work for that call only (the compiled
     functions are stood in for by the eager ones they compile, so the values must be equal exactly);
     compiling the blocks no longer marks the model."""
-    from efftune.eval.options import ForwardOptions
+    from efftune.forward.options import ForwardOptions
     from efftune.train.compile import compile_blocks, uncompile_blocks
     model = tiny_llama(dtype=torch.float64)
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -111,7 +111,7 @@ def test_bf16_logit_gradient_is_rounded_once():
 
 
 def _cuda_triton() -> bool:
-    from efftune.methods.swiglu_lora import triton_available
+    from efftune.methods.lora.swiglu import triton_available
     return torch.cuda.is_available() and triton_available()
 
 
@@ -119,7 +119,7 @@ def _cuda_triton() -> bool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, v", [(5, 37), (300, 5000), (64, 128256)])
 def test_head_kernels_match_the_reference(dtype, n, v):
-    from efftune.eval import head_triton
+    from efftune.forward import head_triton
     torch.manual_seed(0)
     logits = (torch.randn(n, v, device="cuda") * 4).to(dtype)
     logits[0, 1] = 30.0  # a confident row: its target entry 1 − p is rounded once

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 from torch import nn
 
-from ..errors import TargetError
+from .errors import TargetError
 
 T = TypeVar("T", bound=nn.Module)
 Targets = str | Sequence[str]

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernel_limits import swiglu_fits
+from ...attach import hooked, replace_module
+from ...kernel_limits import swiglu_fits
 from . import packing
-from .attach import hooked, replace_module
-from .lora_ops import _LIB
+from .ops import _LIB
 
 _LIB.define("swiglu_lora_forward(Tensor gu, Tensor bg, Tensor bu, Tensor ad) -> Tensor[]")
 _LIB.define("swiglu_lora_backward(Tensor dh, Tensor dzd, Tensor ad, Tensor gu, Tensor bg, Tensor bu) -> Tensor[]")
@@ -189,7 +189,7 @@ class FusedSwiGLU(nn.Module):
     def pack(self) -> None:
         """Store the gate and up projections' frozen weights as one matrix with spare rows for the
         widest pair of their adapters' A factors (`packing`); a packing that still fits is kept."""
-        from .lora import LoraLinear
+        from .layer import LoraLinear
         gate, up = self.gate_proj, self.up_proj
         if not (isinstance(gate, LoraLinear) and isinstance(up, LoraLinear)) \
                 or type(gate.base_layer) is not nn.Linear or type(up.base_layer) is not nn.Linear:
@@ -223,7 +223,7 @@ class FusedSwiGLU(nn.Module):
         return y
 
     def _fused(self, x: Tensor) -> Tensor | None:
-        from .lora import LoraLinear
+        from .layer import LoraLinear
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         if not all(isinstance(m, LoraLinear) and m.fused is not None for m in (gate, up, down)) \
                 or gate.fused.layers != [gate, up] or down.fused.layers != [down] \
@@ -245,7 +245,7 @@ class FusedSwiGLU(nn.Module):
 def wrap_swiglu_mlps(model: nn.Module) -> int:
     """Put a `FusedSwiGLU` in place of every SwiGLU MLP whose three projections are LoRA layers.
     Returns how many are wrapped now (earlier wrappers included)."""
-    from .lora import LoraLinear
+    from .layer import LoraLinear
     count = 0
     for name, module in list(model.named_modules()):
         if is_swiglu_mlp(module) and all(isinstance(getattr(module, p, None), LoraLinear)
