@@ -56,3 +56,10 @@ def test_a_directory_and_bytes_that_are_not_utf8(tmp_path):
     (tmp_path / "c.yaml").write_bytes(b"model: caf\xe9\n")
     with pytest.raises(ConfigError, match="c.yaml: byte offset 10 is not UTF-8"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_number_is_refused_where_a_positive_number_is_asked_for(value):
+    from efftune.config import load_config
+    with pytest.raises(ConfigError, match=r"mixlora\.alpha must be a positive number"):
+        load_config(None, {"mixlora": {"alpha": value}})
