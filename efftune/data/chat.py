@@ -58,6 +58,8 @@ def parse_conversation(obj: dict, where: str) -> Conversation:
             if key not in turn:
                 raise DataError(f"{at} is missing field {key!r}")
         role, content = turn[role_key], turn[content_key]
+        if not isinstance(role, str):  # (a list would not even be hashable for the lookup below)
+            raise DataError(f"{at}.{role_key} must be a string, found {type(role).__name__}")
         if sharegpt:
             if role not in SHAREGPT_ROLES:
                 raise DataError(f"{at}.from: unknown role {role!r} (known: {', '.join(SHAREGPT_ROLES)})")

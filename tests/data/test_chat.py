@@ -127,6 +127,7 @@ def test_sharegpt_rows_are_the_same_conversation():
     ({"messages": [{"role": "user"}]}, r"f.jsonl:3: messages\[0\] is missing field 'content'"),
     ({"messages": "hello"}, r"f.jsonl:3: field 'messages' must be a list"),
     ({"conversations": [{"from": "bot", "value": "x"}]}, r"f.jsonl:3: conversations\[0\]\.from: unknown role 'bot'"),
+    ({"conversations": [{"from": ["human"], "value": "x"}]}, r"f.jsonl:3: conversations\[0\]\.from must be a string"),
 ])
 def test_bad_conversation_rows_name_the_row_and_field(row, message):
     with pytest.raises(DataError, match=message):
