@@ -301,8 +301,8 @@ def _load_for_inference(args):
 
 
 def _eval(args) -> dict:
-    from .data import load_jsonl
     from .data.loading import load_examples
+    from .data.sources import load_data
     from .finetune import evaluator
 
     if bool(args.task) == bool(args.data):
@@ -310,7 +310,7 @@ def _eval(args) -> dict:
     if args.task:
         _, examples = load_examples(tasks=[t for t in args.task.split(",") if t], eval_size=args.eval_size)
     else:
-        examples = load_jsonl(args.data)
+        examples = load_data(args.data)  # any format --data takes (conversations: perplexity of the assistant turns)
     if not examples:
         raise EfftuneError(f"eval: --eval-size {args.eval_size} holds out no examples of {args.task} to score")
     model, formatter = _load_for_inference(args)

@@ -2,6 +2,7 @@
 evaluate again, save. `efftune train` is this function."""
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import asdict
@@ -10,34 +11,54 @@ from pathlib import Path
 from .attach import trainable_parameters
 from .config import RunConfig
 from .data import Completion, Example, Formatter, MultipleChoice
+from .data.examples import Conversation
 from .data.loading import load_examples
+from .data.options import apply_overflow, load_for_run
+from .data.token_cache import encode_all
 from .data.tokenize import truncation_note
 from .errors import DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
 from .eval.perplexity import perplexity
+from .eval.samples import append_samples, greedy_replies
 from .faults import fault_point
 from .files import write_text_atomically
 from .forward.options import DEFAULT, ForwardOptions
 from .methods.registry import get_method
 from .models import load_model
+from .progress import note as stderr_note
 from .train.interrupt import RunInterrupted
-from .train.loop import strict_json, train
+from .train.log_sinks import MetricSinks
+from .train.loop import read_metrics, strict_json, train
 from .train.rundir import RunDir
 from .train.seed import seed_everything
 
 
-def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOptions = DEFAULT):
-    """Accuracy on the multiple-choice examples, perplexity on the rest (whichever exist), each
-    forward run with `options` (the training run's: `TrainConfig.forward_options()`)."""
+def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOptions = DEFAULT,
+              samples: int = 0, run_dir: Path | None = None):
+    """Accuracy on the multiple-choice examples, perplexity on the rest (whichever exist; of a
+    conversation, on the tokens `train_on` covers, with its log as `eval_loss`), each forward run
+    with `options` (the training run's: `TrainConfig.forward_options()`). With `samples` and
+    conversations held out, greedy replies to the first `samples` of them go to
+    `run_dir`/samples.jsonl at each evaluation."""
     mc = [e for e in examples if isinstance(e, MultipleChoice)]
-    text = [e for e in examples if isinstance(e, Completion)]
+    text = [e for e in examples if isinstance(e, (Completion, Conversation))]
+    chats = [e for e in examples if isinstance(e, Conversation)][:samples] if run_dir is not None else []
 
     def evaluate(model) -> dict:
         out = {}
         if mc:
             out["accuracy"] = round(multiple_choice_accuracy(model, formatter, mc, options=options), 4)
         if text:
-            out["perplexity"] = round(perplexity(model, formatter, text, options=options), 4)
+            ppl = perplexity(model, formatter, text, options=options)
+            out["perplexity"] = round(ppl, 4)
+            if any(isinstance(e, Conversation) for e in text):
+                out["eval_loss"] = round(math.log(ppl), 4)
+        if chats:
+            # the step is not passed to an evaluation: the last training row logged says it
+            metrics = run_dir / "metrics.jsonl"
+            steps = [r["step"] for r in read_metrics(metrics) if "loss" in r] if metrics.is_file() else []
+            append_samples(run_dir / "samples.jsonl", steps[-1] if steps else 0,
+                           greedy_replies(model, formatter.tokenizer, chats))
         return out
     return evaluate
 
@@ -55,7 +76,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     out = Path(cfg.output)
     resume = resume or resume_changed
     train_set, eval_set = load_examples(tasks=cfg.task, data=cfg.data, eval_data=cfg.eval_data,
-                                        eval_size=cfg.eval_size, seed=cfg.train.seed)  # fail on bad data before touching the output dir
+                                        eval_size=cfg.eval_size, seed=cfg.train.seed,  # fail on bad data before
+                                        read=lambda _, evaluation: load_for_run(cfg, evaluation, stderr_note))  # the dir
     if not train_set:
         raise DataError("no training examples")
     rundir = RunDir(out, log)
@@ -87,20 +109,41 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     seed_everything(cfg.train.seed)  # the adapter's initial weights too come from --seed
     method.attach(model, method_cfg, tokenizer=tokenizer)
     formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
-                          prefix_ids=method.prefix(model, method_cfg) if method.prefix else None)
+                          prefix_ids=method.prefix(model, method_cfg) if method.prefix else None,
+                          train_on=cfg.data_train_on)
     hooks = method.hooks(model, cfg) if method.hooks else None
     trainable, total = trainable_parameters(model)
     log(f"{cfg.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
-    sequences = [formatter.encode(e) for e in train_set]
+    sequences = encode_all(formatter, train_set, use_cache=cfg.data_cache, log=log)
+    # rows over max_length: kept cut, dropped or refused as data_overflow says, never silently
+    kept, notes = apply_overflow(train_set, sequences, cfg.data_overflow, cfg.train.max_length,
+                                 source=cfg.data or "the training data")
+    for line in notes:
+        log(line)
+    dropped_examples = len(train_set) - len(kept)
+    if not kept:
+        raise DataError(f"no training example is left within max_length {cfg.train.max_length} tokens")
+    train_set, sequences = [train_set[i] for i in kept], [sequences[i] for i in kept]
     log(f"data: {len(train_set)} training examples ({sum(map(len, sequences)) / len(sequences):.0f} tokens "
         f"on average), {len(eval_set)} held out")
     if note := truncation_note(sequences, cfg.train.max_length):  # never cut rows without a word
         log(note)
 
-    result = train(model, sequences, cfg.train, out, pad_id=tokenizer.pad_token_id, resume=resume,
-                   evaluate=evaluator(formatter, eval_set, cfg.train.forward_options()) if eval_set else None,
-                   hooks=hooks,
-                   resume_changed=resume_changed, on_checkpoint=rundir.commit)
+    sinks = MetricSinks(cfg.log, out, asdict(cfg))  # TensorBoard / wandb, fed from metrics.jsonl
+
+    def on_checkpoint(path):
+        rundir.commit(path)
+        sinks.sync()
+
+    try:
+        result = train(model, sequences, cfg.train, out, pad_id=tokenizer.pad_token_id, resume=resume,
+                       evaluate=evaluator(formatter, eval_set, cfg.train.forward_options(), cfg.eval_samples, out)
+                       if eval_set else None,
+                       hooks=hooks, resume_changed=resume_changed, on_checkpoint=on_checkpoint)
+    except BaseException:
+        sinks.close(sync=False)  # what the checkpoints covered was sent; the error is what matters
+        raise
+    sinks.close()
     rundir.commit()  # a resumed finished run writes no checkpoint
     adapter_dir = out / method.artifact
     # The summary is computed from this run's metrics (a resumed run's included), never carried over.
@@ -113,6 +156,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         "final_loss": None if result.final_loss is None else round(result.final_loss, 4),
         "eval_examples": len(eval_set), "train_examples": len(train_set), "trainable_parameters": trainable,
         "truncated_examples": sum(1 for q in sequences if q.dropped),
+        "dropped_examples": dropped_examples or None,
         "metrics": str(out / "metrics.jsonl"), "plot": str(out / "training.png"),
         "resumed_from_step": result.start_step if resume else None, "changed_on_resume": changed or None,
         "total_seconds": round(time.perf_counter() - t0, 1),

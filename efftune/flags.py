@@ -33,8 +33,17 @@ HELP: dict[str, str] = {
     # -- the run
     "model": "hub id, local directory or .gguf file ('default': the embedded SmolLM2-135M-Instruct)",
     "task": "BIG-bench task name(s), comma-separated",
-    "data": "JSONL training data instead of BIG-bench",
-    "eval_data": "JSONL evaluation data (default: a held-out split)",
+    "data": "training data instead of BIG-bench: .jsonl, .json, .parquet or .csv file, a datasets.save_to_disk "
+            "directory, or a Hugging Face dataset id",
+    "eval_data": "evaluation data, the same kinds (default: a held-out split)",
+    "data_split": "split of a hub dataset or saved DatasetDict (none: train)",
+    "eval_split": "split of --eval-data (none: --data-split's)",
+    "data_columns": "read fields from other columns: FIELD=COLUMN,... (e.g. prompt=question,completion=answer)",
+    "data_train_on": "conversations' tokens the loss covers: assistant | last_assistant | all",
+    "data_overflow": "rows longer than --max-length: truncate | drop | error (each counted on stderr)",
+    "data_cache": "keep tokenised training data in efftune's cache, keyed by data, tokenizer, template and options",
+    "eval_samples": "greedy replies to this many held-out conversations at each evaluation, in samples.jsonl",
+    "log": "also log metrics to: tensorboard (events under OUTPUT/tensorboard) | wandb, comma-separated",
     "eval_size": f"held-out examples per task, split off before training (none: {DEFAULT_EVAL_SIZE}, at most "
                  "half a task; a number asked for must fit in half; 0: no evaluation)",
     "method": "fine-tuning method: lora | lora-fa | relora | ia3 | bitfit | bottleneck | prompt-tuning | "

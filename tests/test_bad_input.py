@@ -195,6 +195,11 @@ BAD_JSONL = {  # name -> (content, culprit besides the file name)
     "answer_not_a_choice": ('{"prompt": "a", "completion": "b"}\n{"input": "a", "choices": ["x", "y"], '
                             '"answer": "z"}\n', "'answer'"),
     "not_an_object": ('{"prompt": "a", "completion": "b"}\n[1, 2]\n', "JSON object"),
+    "chat_unknown_role": ('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "bot", "content": "x"}]}\n',
+                          "messages[0].role: unknown role 'bot'"),
+    "chat_empty": ('{"prompt": "a", "completion": "b"}\n{"messages": []}\n', "'messages' is an empty conversation"),
+    "chat_content_not_a_string": ('{"prompt": "a", "completion": "b"}\n{"conversations": [{"from": "human", '
+                                  '"value": 3}]}\n', "conversations[0].value must be a string"),
 }
 
 
@@ -224,6 +229,11 @@ ROWS = [
     row("train-eval-data-bad-row", lambda c: (c.train("--eval-data", c.file("ev.jsonl", '{"input": "x"}\n')),
                                               "ev.jsonl:1")),
     row("max-length-one", lambda c: (c.train("--max-length", "1"), "max_length")),
+    row("data-columns-column-twice", lambda c: (c.train("--data-columns", "prompt=q,completion=q"),
+                                                ("data_columns", "'q' is named twice"))),
+    row("chat-data-without-a-chat-template", lambda c: (c.train(data=c.file("chat.jsonl", 4 * (json.dumps(
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n"))),
+        ("chat.jsonl:", "chat template"))),
     # -- the model ------------------------------------------------------------------------------------
     row("model-random-bytes-gguf", lambda c: (["generate", "--model", c.file("x.gguf", os.urandom(4096)), "hi"],
                                               ("x.gguf", "not a GGUF file"))),

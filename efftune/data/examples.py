@@ -1,4 +1,4 @@
-"""The two kinds of example every loader produces and every trainer/evaluator consumes."""
+"""The kinds of example every loader produces and every trainer/evaluator consumes."""
 from __future__ import annotations
 
 import random
@@ -36,7 +36,19 @@ class Completion:
     completion: str
 
 
-Example = Union[MultipleChoice, Completion]
+@dataclass(frozen=True)
+class Conversation:
+    """A chat: (role, content) turns, rendered with the model's chat template
+    (`efftune.data.chat`); the loss covers the assistant turns. Roles: system, user, assistant, tool.
+    `where` (file:line or file row i) names the row when its rendering fails; not part of equality."""
+    messages: tuple[tuple[str, str], ...]
+    where: str = field(default="", compare=False, repr=False)
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+
+Example = Union[MultipleChoice, Completion, Conversation]
 
 
 DEFAULT_EVAL_SIZE = 200  # held out per task when no size is given (at most half the task)

@@ -1,8 +1,10 @@
 """The user's own data: one JSON object a line.
 
 Row shapes: `{"prompt": ..., "completion": ...}` (trained on the completion),
-`{"input": ..., "choices": [...], "answer": index or choice text}` (multiple choice), and
-`{"text": ...}` (plain text, trained on all of it).
+`{"input": ..., "choices": [...], "answer": index or choice text}` (multiple choice),
+`{"text": ...}` (plain text, trained on all of it), and conversations: `{"messages": [...]}` or
+ShareGPT's `{"conversations": [...]}` (`efftune.data.chat`). Other file formats and Hugging Face
+datasets: `efftune.data.sources`, which hands each row to `parse_row`.
 """
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
+from .chat import is_conversation_row, parse_conversation
 from .examples import Completion, Example, MultipleChoice
 
 
-def _row(obj, where: str) -> Example:
+def parse_row(obj, where: str) -> Example:
+    """One row (a dict) as an Example; a bad row raises DataError naming `where` and the field."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+    if is_conversation_row(obj):
+        return parse_conversation(obj, where)
     if "choices" in obj or "answer" in obj:
         for key in ("input", "choices", "answer"):
             if key not in obj:
@@ -53,6 +59,18 @@ def _row(obj, where: str) -> Example:
     return Completion(obj["prompt"], obj["completion"])
 
 
+def rename_columns(obj: dict, columns: dict[str, str], where: str) -> dict:
+    """The row with each mapped field read from its column ({"prompt": "question"}: "question"
+    becomes "prompt"); a mapped column the row lacks is named."""
+    out = {k: v for k, v in obj.items() if k not in columns.values()}
+    for field, column in columns.items():
+        if column not in obj:
+            raise DataError(f"{where}: no column {column!r} (mapped to {field!r}); the row has "
+                            f"{', '.join(map(repr, obj)) or 'no columns'}")
+        out[field] = obj[column]
+    return out
+
+
 def _decode(raw: bytes, where: str, offset: int, first: bool) -> str:
     """One line's bytes as text; a byte that is not UTF-8 is named with its offset in the file."""
     skip = 3 if first and raw.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark, as some editors write
@@ -64,8 +82,9 @@ def _decode(raw: bytes, where: str, offset: int, first: bool) -> str:
                         "line) is not UTF-8; save the file as UTF-8") from None
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Every row of a JSONL file as an Example; the first bad row raises DataError naming file:line."""
+def load_jsonl(path: str | Path, columns: dict[str, str] | None = None) -> list[Example]:
+    """Every row of a JSONL file as an Example; the first bad row raises DataError naming file:line.
+    `columns` maps a row field to the key it is read from ({"prompt": "question"})."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a directory; pass a JSONL file (one JSON object a line)")
@@ -87,7 +106,9 @@ def load_jsonl(path: str | Path) -> list[Example]:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             except RecursionError:
                 raise DataError(f"{where}: JSON nested too deeply") from None
-            examples.append(_row(obj, where))
+            if columns and isinstance(obj, dict):
+                obj = rename_columns(obj, columns, where)
+            examples.append(parse_row(obj, where))
     if not examples:
         raise DataError(f"data file {path} holds no rows")
     return examples

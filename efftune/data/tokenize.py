@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Sequence as Seq
 
 from ..errors import ConfigError
-from .examples import Completion, Example, MultipleChoice
+from .chat import encode_conversation
+from .examples import Completion, Conversation, Example, MultipleChoice
 
 IGNORE = -100
 
@@ -36,12 +37,16 @@ class Formatter:
     `prefix_ids` (e.g. prompt tuning's virtual token ids) go at the very start of every prompt,
     before BOS and any chat template, as peft places soft prompts; `encode`, `encode_pair` and
     `encode_prompt` take a per-call `prefix_ids` too (mixed-task batches), [] for none.
+
+    A Conversation is always rendered with the tokenizer's chat template (`efftune.data.chat`);
+    `train_on` says which of its tokens are targets (assistant | last_assistant | all).
     """
 
     def __init__(self, tokenizer, chat_template: bool = False, max_length: int = 512,
-                 prefix_ids: list[int] | None = None):
+                 prefix_ids: list[int] | None = None, train_on: str = "assistant"):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self.train_on = train_on
         self.max_length = max_length
         self.prefix_ids = list(prefix_ids or [])
         self._bos = [tokenizer.bos_token_id] if self._adds_bos(tokenizer) else []
@@ -81,11 +86,16 @@ class Formatter:
         return self.encode_pair(prompt, "", prefix_ids)[0]
 
     def encode(self, example: Example, prefix_ids: list[int] | None = None) -> Encoded:
-        """The training sequence of an example: prompt + answer (MC) or prompt + completion + EOS."""
+        """The training sequence of an example: prompt + answer (MC), prompt + completion + EOS, or a
+        conversation with its assistant turns as targets."""
         prefix = self._prefix(prefix_ids)
         if len(prefix) >= self.max_length - 1:
             raise ConfigError(f"max_length {self.max_length} leaves no room after the {len(prefix)} prefix "
                               "tokens (prompt tuning's virtual tokens)")
+        if isinstance(example, Conversation):
+            ids, labels, dropped = encode_conversation(self.tokenizer, example, self.train_on, self.max_length,
+                                                       prefix, example.where or "a conversation")
+            return Encoded(ids, labels, dropped)
         if isinstance(example, MultipleChoice):
             prompt_ids, answer_ids = self.encode_pair(example.prompt, example.completion, prefix)
         elif isinstance(example, Completion):

@@ -1,0 +1,46 @@
+"""Greedy replies to held-out conversations, written at each evaluation to samples.jsonl: what
+the model says, beside what the data says, as training goes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..data.chat import prompt_of
+from ..data.examples import Conversation
+
+
+@torch.no_grad()
+def greedy_replies(model: nn.Module, tokenizer, conversations: Sequence[Conversation],
+                   max_new_tokens: int = 64) -> list[dict]:
+    """For each conversation: its turns before the last assistant turn as the prompt (rendered
+    with the chat template and its generation prompt), the model's greedy reply, and the
+    conversation's own reply as the reference."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for conv in conversations:
+            found = prompt_of(conv)
+            if found is None:
+                continue
+            messages, reference = found
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            reply = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+            out.append({"prompt": messages, "reply": reply, "reference": reference})
+    finally:
+        model.train(was_training)
+    return out
+
+
+def append_samples(path: Path, step: int, samples: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for i, sample in enumerate(samples):
+            f.write(json.dumps({"step": step, "sample": i, **sample}, ensure_ascii=False) + "\n")

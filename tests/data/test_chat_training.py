@@ -1,0 +1,92 @@
+"""`efftune train --data chat.jsonl`: conversations train end to end through the command line
+(tiny model with SmolLM2's template), with TensorBoard events, samples.jsonl and the token cache.
+The slow test runs examples/chat.jsonl on the real default model: its held-out assistant loss falls."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from efftune.cli import main
+from tests.conftest import tiny_llama
+from tests.data.chat_fixtures import chatml_tokenizer
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "chat.jsonl"
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-chat")
+    tok = chatml_tokenizer()
+    tiny_llama(vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def run(capsys, *args):
+    code = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_conversations_train_from_the_command_line(capsys, chat_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
+    rows = [json.loads(line) for line in EXAMPLE.read_text().splitlines()[:40]]
+    rows.append({"messages": [{"role": "user", "content": "hello?"}]})  # no assistant turn: skipped, counted
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out_dir = tmp_path / "run"
+    args = ["train", "--model", chat_model_dir, "--data", data, "--steps", 6, "--batch-size", 8, "--eval-size", 8,
+            "--eval-every", 3, "--rank", 4, "--lr", "1e-2", "--log", "tensorboard", "--eval-samples", 2,
+            "--max-length", 1024, "--output", out_dir]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["train_examples"] == 32 and summary["eval_examples"] == 8
+    assert summary["perplexity_after"] < summary["perplexity_before"]
+    assert "1 of 41 conversations in" in err and "no assistant turn and were skipped" in err
+    evals = [r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if r.get("eval")]
+    assert [r["step"] for r in evals] == [0, 3, 6] and all("eval_loss" in r for r in evals)
+    samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["sample"]) for s in samples] == [(0, 0), (0, 1), (3, 0), (3, 1), (6, 0), (6, 1)]
+    assert samples[0]["prompt"][-1]["role"] == "user" and samples[0]["reference"].startswith("Capital: ")
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out_dir / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/perplexity", "eval/eval_loss"} <= set(
+        acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+    # the same data again: the tokens come from the cache, and the run computes the same
+    code, out2, err = run(capsys, *args[:-1], tmp_path / "run2")
+    assert code == 0, err
+    assert "read from the cache" in err
+    again = json.loads(out2.strip().splitlines()[-1])
+    assert again["perplexity_after"] == summary["perplexity_after"]
+
+
+def test_train_on_and_overflow_reach_the_run(capsys, chat_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(capsys, "train", "--model", chat_model_dir, "--data", EXAMPLE, "--steps", 1,
+                         "--batch-size", 4, "--eval-size", 0, "--max-length", 64, "--data-overflow", "error",
+                         "--output", tmp_path / "run")
+    assert code == 2 and "chat.jsonl:" in err and "more than train.max_length 64 (data_overflow: error" in err
+    code, out, err = run(capsys, "train", "--model", chat_model_dir, "--data", EXAMPLE, "--data-train-on", "everything",
+                         "--output", tmp_path / "run")
+    assert code == 2 and "data_train_on must be one of assistant, last_assistant, all" in err
+
+
+@pytest.mark.slow
+def test_default_model_learns_the_example_conversations(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "efftune.cli", "train", "--data", str(EXAMPLE), "--steps", "10",
+                           "--eval-size", "20", "--eval-every", "0", "--eval-samples", "2", "--output", str(out)],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["perplexity_after"] < 0.8 * summary["perplexity_before"], summary
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("eval")]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert (out / "samples.jsonl").is_file()

@@ -1,0 +1,65 @@
+"""--log tensorboard: every number of metrics.jsonl as a TensorBoard scalar, read back with
+TensorBoard's own event reader; a resumed run's events are its metrics.jsonl."""
+import json
+
+import pytest
+
+from efftune.errors import ConfigError
+from efftune.train.log_sinks import MetricSinks, check_sinks
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+ROWS = [
+    {"eval": True, "step": 0, "perplexity": 12.5, "eval_loss": 2.5257},
+    {"step": 1, "loss": 2.4, "lr": 0.0005, "grad_norm": 1.25, "tokens_per_s": 812.0, "router": {"load": [0.75, 0.25]}},
+    {"step": 2, "loss": 2.1, "lr": 0.001, "grad_norm": 0.5, "tokens_per_s": 830.5, "router": {"load": [0.5, 0.5]}},
+    {"eval": True, "step": 2, "perplexity": 8.0, "eval_loss": 2.0794},
+]
+
+
+def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    acc = event_accumulator.EventAccumulator(str(log_dir), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def write_metrics(run, rows):
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def expected(rows) -> dict[str, list[tuple[int, float]]]:
+    """The scalars by hand: a tag per number, under train/ or eval/."""
+    out: dict = {}
+    for r in rows:
+        section = "eval" if r.get("eval") else "train"
+        for k, v in r.items():
+            if k in ("step", "eval"):
+                continue
+            items = [(f"{k}/load/{i}", x) for i, x in enumerate(v["load"])] if k == "router" else [(k, v)]
+            for tag, x in items:
+                out.setdefault(f"{section}/{tag}", []).append((r["step"], pytest.approx(x)))
+    return out
+
+
+def test_every_metric_is_a_tensorboard_scalar(tmp_path):
+    write_metrics(tmp_path, ROWS[:2])
+    sinks = MetricSinks(["tensorboard"], tmp_path)
+    sinks.sync()  # as at a checkpoint
+    write_metrics(tmp_path, ROWS)
+    sinks.close()  # the rows since, at the end
+    assert read_scalars(tmp_path / "tensorboard") == expected(ROWS)
+
+
+def test_a_resumed_run_replaces_the_steps_past_its_checkpoint(tmp_path):
+    killed = ROWS + [{"step": 3, "loss": 9.0, "lr": 0.001, "grad_norm": 9.0, "tokens_per_s": 1.0}]
+    write_metrics(tmp_path, killed)
+    MetricSinks(["tensorboard"], tmp_path).close()  # the first process, killed after step 3
+    resumed = ROWS + [{"step": 3, "loss": 1.9, "lr": 0.001, "grad_norm": 0.4, "tokens_per_s": 829.0}]
+    write_metrics(tmp_path, resumed)  # resumed from step 2's checkpoint, step 3 again
+    MetricSinks(["tensorboard"], tmp_path).close()
+    assert read_scalars(tmp_path / "tensorboard") == expected(resumed)
+
+
+def test_unknown_sink_is_refused():
+    with pytest.raises(ConfigError, match="log: unknown sink 'tensorbored'"):
+        check_sinks(["tensorbored"])
