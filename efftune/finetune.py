@@ -133,13 +133,14 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
 
     def on_checkpoint(path):
         rundir.commit(path)
-        sinks.sync()
+        sinks.flush()
 
     try:
         result = train(model, sequences, cfg.train, out, pad_id=tokenizer.pad_token_id, resume=resume,
                        evaluate=evaluator(formatter, eval_set, cfg.train.forward_options(), cfg.eval_samples, out)
                        if eval_set else None,
-                       hooks=hooks, resume_changed=resume_changed, on_checkpoint=on_checkpoint)
+                       hooks=hooks, resume_changed=resume_changed, on_checkpoint=on_checkpoint,
+                       on_metrics=sinks.on_metrics)
     except BaseException:
         sinks.close(sync=False)  # what the checkpoints covered was sent; the error is what matters
         raise

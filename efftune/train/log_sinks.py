@@ -1,8 +1,8 @@
 """Metrics beyond metrics.jsonl: TensorBoard scalars and Weights & Biases (`--log tensorboard,wandb`).
 
 metrics.jsonl stays the run's record (resume reads it, the plots come from it); a sink mirrors its
-rows. `MetricSinks.sync()` sends the rows it has not sent yet, so the training loop needs no hook:
-the run calls it at each checkpoint and at the end. Every number of a row becomes a scalar at the
+rows as the loop writes them (`train(on_metrics=sinks.on_metrics)`), so TensorBoard shows a run
+live. Every number of a row becomes a scalar at the
 row's step: a training row's keys under `train/` (loss, lr, grad_norm, tokens_per_s, MoE router
 stats, ...), an evaluation's under `eval/`; lists are written per index, mappings per key.
 
@@ -59,7 +59,8 @@ class TensorBoardSink:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError(f"--log tensorboard needs the tensorboard package: {EXTRAS['tensorboard'][1]}") from None
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        # flush_secs: TensorBoard's default (120 s) leaves a live run's curves minutes behind
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=15)
 
     def write(self, row: dict) -> None:
         for tag, value in scalars(row):
@@ -126,6 +127,24 @@ class MetricSinks:
             for sink in self.sinks:
                 sink.write(row)
         self.sent = len(rows)
+        for sink in self.sinks:
+            sink.flush()
+
+    def on_metrics(self, adapter: str | None, row: dict) -> None:
+        """The loop's `on_metrics`: `row` was just appended to metrics.jsonl. The first call of a
+        process sends the whole file (a resumed run's history, this row last); later ones the row."""
+        if not self.names:
+            return
+        if not self.sinks:
+            self.sync()
+            return
+        for sink in self.sinks:
+            sink.write(row)
+        self.sent += 1
+
+    def flush(self, *_) -> None:
+        """Write what the sinks hold to disk (takes and ignores a checkpoint path, so it can follow
+        `on_checkpoint`)."""
         for sink in self.sinks:
             sink.flush()
 

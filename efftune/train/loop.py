@@ -213,7 +213,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
           output_dir: str | Path, *, pad_id: int = 0, resume: bool = False,
           evaluate: Callable[..., dict] | None = None, hooks: TrainHooks | None = None,
           resume_changed: bool = False, on_checkpoint: Callable[[Path], None] | None = None,
-          run_dirs: Mapping[str, str | Path] | None = None) -> TrainResult:
+          run_dirs: Mapping[str, str | Path] | None = None,
+          on_metrics: Callable[[str | None, dict], None] | None = None) -> TrainResult:
     """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
 
     Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
@@ -246,7 +247,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
     A checkpoint holds finite weights only; one whose weights give a non-finite loss (or gradient)
     in the next step is renamed `step-N.diverged` and `latest` names the one before. `resume`
     refuses a checkpoint made with a TrainConfig that computes differently (`checkpoint.FREE_KEYS`
-    may change) unless `resume_changed`. `on_checkpoint(path)` is called after each checkpoint.
+    may change) unless `resume_changed`. `on_checkpoint(path)` is called after each checkpoint,
+    `on_metrics(adapter, row)` after each row metrics.jsonl gains (TensorBoard takes them from there).
     """
     hooks = hooks or TrainHooks()
     if isinstance(sequences, Mapping):
@@ -266,13 +268,14 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
         if config.cuda_graphs:  # graphs recorded for the training shapes would re-record for every later one
             scope.callback(uncompile_blocks, model)
         return _train(model, sequences, config, Path(output_dir), pad_id, resume, evaluate, hooks, resume_changed,
-                      on_checkpoint, options, run_dirs)
+                      on_checkpoint, options, run_dirs, on_metrics)
 
 
 def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
            output_dir: Path, pad_id: int, resume: bool, evaluate: Callable[..., dict] | None, hooks: TrainHooks,
            resume_changed: bool, on_checkpoint: Callable[[Path], None] | None,
-           options: ForwardOptions, run_dirs: Mapping[str, str | Path] | None = None) -> TrainResult:
+           options: ForwardOptions, run_dirs: Mapping[str, str | Path] | None = None,
+           on_metrics: Callable[[str | None, dict], None] | None = None) -> TrainResult:
     device = next(model.parameters()).device
     params = hooks.parameters(model)
     if not params:
@@ -335,6 +338,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
             f.flush()
             fault_point("mid_metrics_append", tear=(lane.metrics_path, start + len(line) // 2))
         lane.rows.append(row)
+        if on_metrics is not None:
+            on_metrics(lane.name, row)
 
     def eval_due(step: int) -> bool:
         return step in (0, config.steps) or bool(config.eval_every and step % config.eval_every == 0)

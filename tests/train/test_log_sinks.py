@@ -63,3 +63,15 @@ def test_a_resumed_run_replaces_the_steps_past_its_checkpoint(tmp_path):
 def test_unknown_sink_is_refused():
     with pytest.raises(ConfigError, match="log: unknown sink 'tensorbored'"):
         check_sinks(["tensorbored"])
+
+
+def test_rows_reach_tensorboard_as_the_loop_writes_them(tmp_path):
+    """The loop's on_metrics: each row is in TensorBoard's files once flushed, before the run ends."""
+    sinks = MetricSinks(["tensorboard"], tmp_path)
+    for i, row in enumerate(ROWS):
+        write_metrics(tmp_path, ROWS[:i + 1])  # the loop appends the row, then calls on_metrics
+        sinks.on_metrics(None, row)
+        sinks.flush()  # as at a checkpoint (and every 15 s by itself)
+        assert read_scalars(tmp_path / "tensorboard") == expected(ROWS[:i + 1])
+    sinks.close()
+    assert read_scalars(tmp_path / "tensorboard") == expected(ROWS)
