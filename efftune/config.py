@@ -63,6 +63,8 @@ class RunConfig:
     esft: EsftConfig = field(default_factory=EsftConfig)                      # method: esft (MoE models)
     mixlora: MixLoraConfig = field(default_factory=MixLoraConfig)             # method: mixlora
     full: FullConfig = field(default_factory=FullConfig)                      # method: full (every weight)
+    retention: list[str] = field(default_factory=list)  # a retention panel (efftune.eval.retention): scored
+                                                        # before and after training; empty: none
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):

@@ -52,6 +52,8 @@ HELP: dict[str, str] = {
     "chat_template": "wrap prompts in the tokenizer's chat template",
     "dtype": "auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU)",
     "device": "auto | cpu | cuda | cuda:N",
+    "retention": "a retention panel scored before and after training to measure forgetting: default (= "
+                 "default-v1) or BIG-bench task names, comma-separated, none of them trained on",
     # -- LoRA (lora_fa shares these)
     "lora.r": "LoRA rank r",
     "lora.alpha": "LoRA alpha (scaling = alpha / r)",

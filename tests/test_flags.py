@@ -154,6 +154,7 @@ SETS = {
     "mixlora.ffn_module": (["--mixlora.ffn-module", "feed_forward"], "feed_forward"),
     "mixlora.dense": (["--mixlora.dense"], True),
     "full.target_modules": (["--full.target-modules", "mlp"], ["mlp"]),
+    "retention": (["--retention", "default"], ["default"]),
     "train.steps": (["--steps", "5"], 5),
     "train.batch_size": (["--batch-size", "8"], 8),
     "train.micro_batch_size": (["--micro-batch-size", "4"], 4),
