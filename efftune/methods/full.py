@@ -29,7 +29,7 @@ from torch import nn
 
 from ..attach import find_targets, master_dtype
 from ..errors import AdapterError, ConfigError
-from ..files import replace_dir_atomically
+from ..files import load_all_or_nothing, read_json_object, read_safetensors, replace_dir_atomically
 from .registry import Method
 
 CONFIG_FILE = "full_config.json"
@@ -125,34 +125,32 @@ def save_full(model: nn.Module, directory: str | os.PathLike, config: FullConfig
     return replace_dir_atomically(directory, write)
 
 
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights and persistent buffers by state-dict key, in model order, each tensor once
+    (a tied head is its embedding's key only, as `save_pretrained` writes it): what `load_full` fills."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[key] = t
+    return out
+
+
 def load_full(model: nn.Module, directory: str | os.PathLike) -> FullConfig:
-    """Load the weights of a model directory `save_full` wrote into `model` (same architecture),
-    all or nothing: every key and shape is checked before a weight changes. Returns its config."""
-    from safetensors.torch import load_file
+    """Load the weights of a model directory `save_full` wrote into `model` (same architecture, any
+    dtype), all or nothing (`files.load_all_or_nothing`: every key there, floating point, of its
+    shape and finite, none left over). Nothing trains afterwards: this is for using the result
+    (`efftune eval --adapter DIR`); to train on, load the directory as `--model`. Returns its config."""
     directory = Path(directory)
-    try:
-        record = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"adapter: {directory / CONFIG_FILE} cannot be read ({exc})") from None
+    record = read_json_object(directory / CONFIG_FILE)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise AdapterError(f"adapter: {directory} holds no .safetensors weights")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        try:
-            tensors.update(load_file(str(f)))
-        except Exception as exc:  # safetensors' own error type for a torn file
-            raise AdapterError(f"adapter: {f} cannot be read ({str(exc).splitlines()[0]})") from None
-    state = model.state_dict()
-    for key, t in tensors.items():
-        if key not in state:
-            raise AdapterError(f"adapter: key {key!r} in {directory} names no weight of this model")
-        if t.shape != state[key].shape:
-            raise AdapterError(f"adapter: {key!r} in {directory} has shape {tuple(t.shape)}, the model has "
-                               f"{tuple(state[key].shape)}")
-    with torch.no_grad():
-        for key, t in tensors.items():
-            state[key].copy_(t)
+        tensors.update(read_safetensors(f))
+    load_all_or_nothing(model, lambda: None, tensors, lambda: full_state_dict(model), directory)
     return FullConfig(target_modules=record.get("target_modules", ALL))
 
 
