@@ -20,7 +20,9 @@ chance 0.15, emoji_movie 0.70 vs 0.20, phrase_relatedness 0.40 vs 0.25, date_und
 fantasy_reasoning 0.57 vs 0.50), so a drop is visible; and four generative tasks whose targets are
 ordinary English sentences (dialogue turns, restaurant-booking replies, rephrased sentences,
 science headlines). None is a default training task (intent_recognition) or one of the experiments'
-targets. It scores in about 45 s on 2 CPU cores for that model.
+targets. For that model it should score in about 45 s on 2 idle CPU cores, extrapolated from the
+picking run (30 examples of each of the 8 multiple-choice tasks: 32 s); measured with the machine
+shared five ways it took 204 s of CPU time (7.6 min wall).
 """
 from __future__ import annotations
 
