@@ -21,6 +21,12 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-compile-fp8   both
   efftune-compile-cg    `efftune-compile` replayed as CUDA graphs (TrainConfig(compile=True,
                         cuda_graphs=True)); efftune-compile-fp8-cg: with FP8 too
+  full-plain      full fine-tuning as plain PyTorch/transformers does it: every weight trains in fp32
+                  under bf16 autocast, loss = model(input_ids=ids, labels=ids).loss, fused AdamW
+  efftune-full    efftune's --method full (efftune.methods.full: fp32 masters under the bf16 model),
+                  loss as `efftune` (chunked LM head), fused AdamW
+  efftune-full-8bit     `efftune-full` with train.optimizer adamw8bit (torchao; embeddings' moments fp32)
+  efftune-full-compile  `efftune-full` with every decoder block compiled
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
@@ -70,10 +76,12 @@ SHAPES: dict[str, dict] = {
 }
 CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
-         "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg")
+         "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
+         "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile")
 LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
                  "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8",
-                 "efftune-compile-cg", "efftune-compile-fp8-cg")
+                 "efftune-compile-cg", "efftune-compile-fp8-cg", "efftune-full", "efftune-full-8bit",
+                 "efftune-full-compile")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules
@@ -104,7 +112,12 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         import peft
         return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                           lora_dropout=0.0))
-    if case.startswith("efftune-fa"):
+    if case == "full-plain":  # every weight trains, in fp32 (the precision AdamW steps want) under autocast
+        return model.float()
+    if case.startswith("efftune-full"):
+        from efftune.methods.full import add_full
+        add_full(model)  # fp32 masters of every weight; the forward runs under bf16 autocast
+    elif case.startswith("efftune-fa"):
         from efftune.methods.lora_fa import LoraFAConfig, add_lora_fa
         add_lora_fa(model, LoraFAConfig(r=16, alpha=32, correction=case != "efftune-fa-nocorr"))
     else:
@@ -145,6 +158,11 @@ def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:
     if case == "peft-fa":
         from peft.optimizers import create_lorafa_optimizer
         return create_lorafa_optimizer(model, r=16, lora_alpha=32, lr=1e-4)
+    if case == "efftune-full-8bit":
+        from efftune.train.optimizers import build_optimizer, embedding_weights
+        params = [p for p in model.parameters() if p.requires_grad]
+        return build_optimizer("adamw8bit", [{"params": params, "weight_decay": 0.0}], 1e-4,
+                               next(model.parameters()).device, embedding_weights(model))
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
 
@@ -355,8 +373,8 @@ def _ratio(r: dict, base: dict | None, key: str) -> float | None:
 
 
 def summarize(results: list[dict]) -> dict:
-    """Per shape and batch: each case's tokens/s and peak-memory ratios to efftune (LoRA) and peft
-    (LoRA), and the LoRA-FA bar: efftune-fa peak <= peft-fa's and <= 0.7x efftune's, at >= 0.95x
+    """Per shape and batch: each case's tokens/s and peak-memory ratios to efftune (LoRA), peft (LoRA)
+    and plain full fine-tuning (full-plain), and the LoRA-FA bar: efftune-fa peak <= peft-fa's and <= 0.7x efftune's, at >= 0.95x
     efftune's tokens/s."""
     summary: dict[str, dict] = {}
     for shape, batch in dict.fromkeys((r["shape"], r["batch"]) for r in results):
@@ -368,7 +386,7 @@ def summarize(results: list[dict]) -> dict:
                 ratios[case] = r["error"]
                 continue
             ratios[case] = {f"{k}_vs_{b}": _ratio(r, ok.get(b), k)
-                            for b in ("efftune", "peft") for k in ("tokens_s", "peak_gib")}
+                            for b in ("efftune", "peft", "full-plain") for k in ("tokens_s", "peak_gib")}
         fa, lora, pfa = ok.get("efftune-fa"), ok.get("efftune"), ok.get("peft-fa")
         bar = None
         if fa and lora and fa["peak_gib"] is not None:

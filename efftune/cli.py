@@ -168,6 +168,8 @@ def _eval_flags(e: argparse.ArgumentParser) -> None:
     e.add_argument("--task", help="BIG-bench task(s), comma-separated: scored on the held-out split")
     e.add_argument("--data", help="JSONL file to score (all rows)")
     e.add_argument("--eval-size", type=int, help=_eval_size_help("held-out examples per task"))
+    e.add_argument("--retention", help="a retention panel to score (forgetting): default (= default-v1) or "
+                                       "BIG-bench task names, comma-separated")
     e.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -303,19 +305,24 @@ def _load_for_inference(args):
 def _eval(args) -> dict:
     from .data.loading import load_examples
     from .data.sources import load_data
+    from .eval.retention import load_panel, measure_retention
     from .finetune import evaluator
 
-    if bool(args.task) == bool(args.data):
-        raise EfftuneError("eval: pass exactly one of --task or --data")
+    if args.task and args.data or not (args.task or args.data or args.retention):
+        raise EfftuneError("eval: pass exactly one of --task or --data (or --retention alone)")
+    examples = None
     if args.task:
         _, examples = load_examples(tasks=[t for t in args.task.split(",") if t], eval_size=args.eval_size)
-    else:
+    elif args.data:
         examples = load_data(args.data)  # any format --data takes (conversations: perplexity of the assistant turns)
-    if not examples:
+    if examples is not None and not examples:
         raise EfftuneError(f"eval: --eval-size {args.eval_size} holds out no examples of {args.task} to score")
+    panel = load_panel(args.retention) if args.retention else None  # a bad panel fails before the model loads
     model, formatter = _load_for_inference(args)
-    result = evaluator(formatter, examples)(model)
-    return {**result, "examples": len(examples), "adapter": args.adapter}
+    result = {**evaluator(formatter, examples)(model), "examples": len(examples)} if examples else {}
+    if panel:
+        result["retention"] = measure_retention(model, formatter, panel)
+    return {**result, "adapter": args.adapter}
 
 
 def _generate(args) -> str:

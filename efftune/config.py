@@ -16,6 +16,7 @@ from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.esft import EsftConfig
 from .methods.expert_lora import ExpertLoraConfig
+from .methods.full import FullConfig
 from .methods.ia3 import IA3Config
 from .methods.lora.config import LoraConfig
 from .methods.lora_fa import LoraFAConfig
@@ -61,6 +62,9 @@ class RunConfig:
     expert_lora: ExpertLoraConfig = field(default_factory=ExpertLoraConfig)  # method: expert-lora (MoE models)
     esft: EsftConfig = field(default_factory=EsftConfig)                      # method: esft (MoE models)
     mixlora: MixLoraConfig = field(default_factory=MixLoraConfig)             # method: mixlora
+    full: FullConfig = field(default_factory=FullConfig)                      # method: full (every weight)
+    retention: list[str] = field(default_factory=list)  # a retention panel (efftune.eval.retention): scored
+                                                        # before and after training; empty: none
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -78,11 +82,27 @@ class RunConfig:
                 resolve_dtype(self.dtype, None)
         except EfftuneError as exc:
             raise ConfigError(str(exc)) from None
+        check_combination(self)
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):
                 for key in PATTERN_KEYS:
                     check_pattern(getattr(value, key, None), f"{section.name}.{key}")
+
+
+def check_combination(cfg: "RunConfig") -> None:
+    """Settings that cannot run together, refused before anything loads, naming both."""
+    if cfg.method == "full":
+        if cfg.train.fp8_base:
+            raise ConfigError("method full trains the base weights, so train.fp8_base (the frozen base linears "
+                              "in FP8) cannot run with it: drop --fp8-base or pick an adapter method")
+        for holder, prefix in ((cfg, ""), (cfg.train, "train.")):  # a quantized base (another issue's key)
+            if getattr(holder, "quantize", None):
+                raise ConfigError(f"method full trains the base weights, so {prefix}quantize (a frozen quantized "
+                                  "base) cannot run with it: drop the quantization or pick an adapter method")
+    if cfg.method == "relora" and cfg.train.optimizer == "adamw8bit":
+        raise ConfigError("method relora prunes Adam's moments in place at each restart, which train.optimizer "
+                          "adamw8bit's 8-bit moments do not support: use train.optimizer adamw")
 
 
 PATTERN_KEYS = ("target_modules", "feedforward_modules", "embeddings")  # a string there is a regex

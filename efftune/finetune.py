@@ -18,6 +18,7 @@ from .data.token_cache import encode_all
 from .data.tokenize import truncation_note
 from .errors import DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
+from .eval.retention import PanelExamples, describe, load_panel, measure_retention, retention_change
 from .eval.perplexity import perplexity
 from .eval.samples import append_samples, greedy_replies
 from .faults import fault_point
@@ -80,11 +81,12 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
                                         read=lambda _, evaluation: load_for_run(cfg, evaluation, stderr_note))  # the dir
     if not train_set:
         raise DataError("no training examples")
+    panel = load_panel(cfg.retention, trained=[] if cfg.data else cfg.task) if cfg.retention else None
     rundir = RunDir(out, log)
     changed = rundir.resume(asdict(cfg), resume_changed) if resume else rundir.start(asdict(cfg), overwrite)
     try:
         return _run(cfg, method, method_cfg, out, train_set, eval_set, rundir, resume, resume_changed, changed or [],
-                    log)
+                    log, panel)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         if getattr(exc, "checkpoint", None) is not None:
@@ -102,7 +104,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
 
 
 def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, rundir: RunDir, resume: bool,
-         resume_changed: bool, changed: list[str], log) -> dict:
+         resume_changed: bool, changed: list[str], log, panel: PanelExamples | None = None) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
@@ -128,6 +130,11 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         f"on average), {len(eval_set)} held out")
     if note := truncation_note(sequences, cfg.train.max_length):  # never cut rows without a word
         log(note)
+    # forgetting: the panel before training (on a resume too: the model is the untrained one until the
+    # loop loads the checkpoint, so the numbers are the uninterrupted run's)
+    retained = measure_retention(model, formatter, panel, cfg.train.forward_options()) if panel else None
+    if retained:
+        log(describe(retained))
 
     sinks = MetricSinks(cfg.log, out, asdict(cfg))  # TensorBoard / wandb, fed from metrics.jsonl
 
@@ -146,6 +153,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         raise
     sinks.close()
     rundir.commit()  # a resumed finished run writes no checkpoint
+    retained_after = measure_retention(model, formatter, panel, cfg.train.forward_options()) if panel else None
     adapter_dir = out / method.artifact
     # The summary is computed from this run's metrics (a resumed run's included), never carried over.
     before = result.evals[0] if result.evals and result.evals[0]["step"] == 0 else {}
@@ -160,6 +168,8 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         "dropped_examples": dropped_examples or None,
         "metrics": str(out / "metrics.jsonl"), "plot": str(out / "training.png"),
         "resumed_from_step": result.start_step if resume else None, "changed_on_resume": changed or None,
+        "retention_panel": retained and retained["panel"], "retention_before": retained,
+        "retention_after": retained_after, "retention_change": retained and retention_change(retained, retained_after),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     summary = {k: v for k, v in summary.items() if v is not None}
@@ -173,6 +183,8 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     except OSError as exc:  # a full disk: the final checkpoint is whole, so a resume finishes the job
         raise EfftuneError(f"could not write {exc.filename or out}: {exc.strerror or exc}; the run's final "
                            "checkpoint is intact: free space and run again with --resume") from None
+    if retained:
+        log(describe(retained, retained_after))
     scores = [f"{k} {before.get(k)} -> {after[k]}" for k in ("accuracy", "perplexity") if k in after]
     log(f"held-out {', '.join(scores) or '(no evaluation)'}; {method.artifact}: {adapter_dir}; metrics: "
         f"{out / 'metrics.jsonl'}; plot: {out / 'training.png'}; summary: {out / 'summary.json'}")

@@ -47,11 +47,13 @@ HELP: dict[str, str] = {
     "eval_size": f"held-out examples per task, split off before training (none: {DEFAULT_EVAL_SIZE}, at most "
                  "half a task; a number asked for must fit in half; 0: no evaluation)",
     "method": "fine-tuning method: lora | lora-fa | relora | ia3 | bitfit | bottleneck | prompt-tuning | "
-              "prefix-tuning | expert-lora | esft | mixlora",
+              "prefix-tuning | expert-lora | esft | mixlora | full",
     "output": "run directory",
     "chat_template": "wrap prompts in the tokenizer's chat template",
     "dtype": "auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU)",
     "device": "auto | cpu | cuda | cuda:N",
+    "retention": "a retention panel scored before and after training to measure forgetting: default (= "
+                 "default-v1) or BIG-bench task names, comma-separated, none of them trained on",
     # -- LoRA (lora_fa shares these)
     "lora.r": "LoRA rank r",
     "lora.alpha": "LoRA alpha (scaling = alpha / r)",
@@ -135,6 +137,9 @@ HELP: dict[str, str] = {
     "mixlora.ffn_targets": "MixLoRA: FFN projections the experts adapt (of gate_proj,up_proj,down_proj)",
     "mixlora.ffn_module": "MixLoRA: the FFN's module-name suffix",
     "mixlora.dense": "MixLoRA: run the blocks in the dense masked form (no host sync; same result)",
+    # -- full fine-tuning
+    "full.target_modules": "full fine-tuning: what trains: all (every weight), all-linear, module-name suffixes "
+                           "(mlp) or a regex over module names; every parameter inside a chosen module trains",
     # -- training
     "train.steps": "optimizer steps",
     "train.batch_size": "examples per optimizer step",
@@ -158,6 +163,8 @@ HELP: dict[str, str] = {
     "train.compile_autotune": "with --compile: benchmark GEMM kernels per shape and keep the fastest (GPU; "
                               "minutes of compilation on the first step)",
     "train.fp8_base": "run the frozen base linears in FP8 while training (H100/Ada GPUs)",
+    "train.optimizer": "adamw | adamw8bit (Adam moments in 8 bits, 2 bytes a weight instead of 8; needs "
+                       "pip install \"efftune[optim]\")",
     "train.attention": "sdpa | flash4: attention kernel for rows holding one causal sequence each (flash4: "
                        "FlashAttention-4, needs the flash-attn-4 package and a Hopper/Blackwell GPU)",
     "train.masked_attention": "sdpa | flex: attention kernel for rows with a mask, i.e. packed sequences and "
@@ -188,7 +195,7 @@ SECTION_TITLES: dict[str | None, str] = {
     "relora": "ReLoRA (relora.*)", "bitfit": "BitFit (bitfit.*)", "ia3": "IA3 (ia3.*)",
     "bottleneck": "bottleneck adapters (bottleneck.*)", "prompt_tuning": "prompt tuning (prompt_tuning.*)",
     "prefix_tuning": "prefix tuning (prefix_tuning.*)", "expert_lora": "expert LoRA (expert_lora.*)",
-    "esft": "ESFT (esft.*)", "mixlora": "MixLoRA (mixlora.*)",
+    "esft": "ESFT (esft.*)", "mixlora": "MixLoRA (mixlora.*)", "full": "full fine-tuning (full.*)",
 }
 SECTION_NOTES: dict[str | None, str] = {  # `efftune train`'s word on when a section is used
     "lora": "--method lora, and relora's adapter. With --method lora-fa, --rank, --alpha, --dropout, "
@@ -197,7 +204,7 @@ SECTION_NOTES: dict[str | None, str] = {  # `efftune train`'s word on when a sec
     "bitfit": "--method bitfit", "ia3": "--method ia3", "bottleneck": "--method bottleneck",
     "prompt_tuning": "--method prompt-tuning", "prefix_tuning": "--method prefix-tuning",
     "expert_lora": "--method expert-lora (MoE models)", "esft": "--method esft (MoE models)",
-    "mixlora": "--method mixlora",
+    "mixlora": "--method mixlora", "full": "--method full",
 }
 
 

@@ -286,6 +286,16 @@ ROWS = [
     row("lora-fa-rank-zero", lambda c: (c.train("--method", "lora-fa", "--rank", "0"), "lora_fa.r")),
     row("flag-unknown", lambda c: (c.train("--nosuch-flag", "1"), ("--nosuch-flag", "efftune train --help"))),
     row("flag-misspelled", lambda c: (c.train("--stpes", "5"), ("--stpes", "did you mean --steps?"))),
+    # -- full fine-tuning, optimizers and retention panels (issue 26) ----------------------------------
+    row("full-with-fp8-base", lambda c: (c.train("--method", "full", "--fp8-base"), ("method full", "fp8_base"))),
+    row("full-target-matches-nothing", lambda c: (c.train("--method", "full", "--full.target-modules", "nosuch"),
+                                                  "nosuch")),
+    row("optimizer-unknown", lambda c: (c.train("--optimizer", "sgd"), ("train.optimizer", "'sgd'"))),
+    row("retention-holds-a-trained-task", lambda c: (["train", "--model", c.model, "--task", "yesno", "--retention",
+                                                      "gen,yesno", "--output", c.out()], ("yesno", "trains on"))),
+    row("retention-task-missing", lambda c: (c.train("--retention", "gen,nosuch"), ("retention", "'nosuch'"))),
+    row("eval-retention-task-missing", lambda c: (["eval", "--model", c.model, "--retention", "nosuch"],
+                                                  ("retention", "'nosuch'"))),
     # -- config files ---------------------------------------------------------------------------------
     row("config-unknown-key", lambda c: (yaml_config("train:\n  stepz: 3\n")(c)[0], ("train.stepz", "steps"))),
     row("config-wrong-type", lambda c: (yaml_config("train:\n  steps: many\n")(c)[0], ("train.steps", "'many'"))),

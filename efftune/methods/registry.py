@@ -37,6 +37,7 @@ METHOD_MODULES: dict[str, str] = {
     "bitfit": "efftune.methods.bitfit", "ia3": "efftune.methods.ia3", "bottleneck": "efftune.methods.bottleneck",
     "prompt-tuning": "efftune.methods.prompt_tuning", "prefix-tuning": "efftune.methods.prefix_tuning",
     "expert-lora": "efftune.methods.expert_lora", "esft": "efftune.methods.esft", "mixlora": "efftune.methods.mixlora",
+    "full": "efftune.methods.full",
 }
 
 
@@ -52,7 +53,8 @@ def get_method(name: str) -> Method:
 _PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}
 _OWN_FORMATS = {"bitfit_config.json": "bitfit", "bottleneck_config.json": "bottleneck",
                 "prompt_tuning_config.json": "prompt-tuning", "expert_lora_config.json": "expert-lora",
-                "esft_config.json": "esft", "mixlora_config.json": "mixlora"}
+                "esft_config.json": "esft", "mixlora_config.json": "mixlora",
+                "full_config.json": "full"}
 
 
 def detect_method(directory) -> Method:

@@ -23,6 +23,7 @@ from ..errors import CheckpointError
 from ..faults import fault_point
 from ..files import replace_dir_atomically, write_text_atomically
 from ..methods.lora.packing import owns_storage
+from .optimizers import SCALE, state_tensors
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "extra.safetensors", "state.json")
 
@@ -42,13 +43,14 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
-    """Optimizer state keyed by parameter name (robust to parameter order)."""
+    """Optimizer state keyed by parameter name (robust to parameter order); an 8-bit moment as its
+    codes and block scales (`efftune.train.optimizers.state_tensors`)."""
     tensors, scalars = {}, {}
     for p, state in optimizer.state.items():
         name = names[id(p)]
         for k, v in state.items():
             if torch.is_tensor(v):
-                tensors[f"{name}::{k}"] = v.detach().contiguous()
+                tensors.update({f"{name}::{f}": t for f, t in state_tensors(k, v).items()})
             else:
                 scalars[f"{name}::{k}"] = v
     return tensors, scalars
@@ -220,7 +222,11 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         if name not in optimized or not field:
             raise CheckpointError(f"checkpoint {directory}: optimizer.safetensors has key {key!r}, which fits "
                                   "no trainable parameter of this run")
-        if torch.is_tensor(value) and field != "step" and value.shape != params[name].shape:
+        if field.endswith(SCALE) and not getattr(optimizer, "quantized_states", False):
+            raise CheckpointError(f"checkpoint {directory}: optimizer state {key!r} is an 8-bit moment's; "
+                                  "resume with train.optimizer adamw8bit")
+        if torch.is_tensor(value) and field != "step" and not field.endswith(SCALE) \
+                and value.shape != params[name].shape:
             raise CheckpointError(f"checkpoint {directory}: optimizer state {key!r} has shape "
                                   f"{tuple(value.shape)}, the parameter has {tuple(params[name].shape)}")
         per_param.setdefault(name, {})[field] = value

@@ -41,6 +41,7 @@ from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_chec
                          save_checkpoint, set_aside, trainable_state)
 from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from .interrupt import RunInterrupted, StopSignals
+from .optimizers import build_optimizer, check_optimizer, embedding_weights
 from .plot import plot_metrics, plot_routing
 from .together import Lane, lane_losses, lane_optimizer, make_lanes, take_lane_state
 
@@ -64,6 +65,7 @@ class TrainConfig:
     cuda_graphs: bool = False       # with compile: replay the blocks as CUDA graphs (rows padded to max_length)
     compile_autotune: bool = False  # with compile: pick each GEMM's kernel by benchmarking (slow first step)
     fp8_base: bool = False          # frozen base linears in FP8 while training (efftune.train.fp8)
+    optimizer: str = "adamw"        # adamw | adamw8bit (8-bit Adam moments, torchao: efftune.train.optimizers)
     attention: str = "sdpa"         # kernel for rows that are one causal sequence each: sdpa | flash4 (efftune.forward.flash4)
     masked_attention: str = "sdpa"  # kernel for rows with a mask (packing, trees): sdpa | flex (efftune.forward.flex)
     eval_every: int = 20            # steps between evaluations (0: only before and after)
@@ -100,6 +102,7 @@ class TrainConfig:
             raise ConfigError(f"train.save_every_minutes must be 0 (off) or positive, got {self.save_every_minutes}")
         check_attention_kernel(self.attention)
         check_masked_attention(self.masked_attention)
+        check_optimizer(self.optimizer)
         if self.compile_memory_budget is not None:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
@@ -191,14 +194,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         raise ConfigError("train.activation_checkpointing needs a transformers model")
 
 
-def make_optimizer(parts: Sequence[list[torch.Tensor]], config: TrainConfig, device: torch.device
-                   ) -> torch.optim.Optimizer:
-    """AdamW over each part's parameters (a run's lanes: `efftune.train.together`), two groups a
-    part in part order: its matrices with weight decay, the rest without (fused on CUDA)."""
+def make_optimizer(parts: Sequence[list[torch.Tensor]], config: TrainConfig, device: torch.device,
+                   fp32_moments: Sequence[torch.Tensor] = ()) -> torch.optim.Optimizer:
+    """`config.optimizer` (AdamW, or AdamW with 8-bit moments: `efftune.train.optimizers`) over each
+    part's parameters (a run's lanes: `efftune.train.together`), two groups a part in part order: its
+    matrices with weight decay, the rest without (fused on CUDA). `fp32_moments`: parameters whose
+    moments stay fp32 under adamw8bit (the embeddings: `optimizers.embedding_weights`)."""
     groups = [g for params in parts for g in (
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    return build_optimizer(config.optimizer, groups, config.lr, device, fp32_moments)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
@@ -289,7 +294,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         enable_activation_checkpointing(model)
     if config.compile:
         compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
-    optimizer = make_optimizer([lane.params for lane in lanes], config, device)
+    optimizer = make_optimizer([lane.params for lane in lanes], config, device, embedding_weights(model))
     lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
     # a lane's checkpoints hold its own part of the optimizer (the whole optimizer for a one-lane run)
     own_part = (lambda lane: lane_optimizer(optimizer, lane)) if together else (lambda lane: optimizer)

@@ -20,6 +20,7 @@ from efftune.methods.bitfit import BitFitConfig, bitfit_state_dict
 from efftune.methods.bottleneck import BottleneckConfig, add_bottleneck, bottleneck_state_dict
 from efftune.methods.esft import add_esft_full, esft_state_dict
 from efftune.methods.expert_lora import expert_lora_state_dict
+from efftune.methods.full import full_state_dict
 from efftune.methods.ia3 import ia3_layers, ia3_state_dict
 from efftune.methods.lora.config import LoraConfig
 from efftune.methods.lora.layer import lora_layers
@@ -56,6 +57,7 @@ CASES = {
     "mixlora": ("mixlora", tiny_llama, {"num_experts": 2, "top_k": 1, "r": 2}, mixlora_state_dict),
     "expert-lora": ("expert-lora", moe, {"r": 2, "target_modules": ["q_proj", "v_proj"]}, expert_lora_state_dict),
     "esft": ("esft", moe, {}, esft_state_dict),
+    "full": ("full", tiny_llama, {"target_modules": ["mlp"]}, full_state_dict),  # the whole model's weights
 }
 CORRUPTIONS = ("shape", "dtype", "drop", "nan")
 

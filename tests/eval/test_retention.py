@@ -1,0 +1,187 @@
+"""Retention panels (forgetting measured beside learning), on a small fake BIG-bench sdist and tiny models."""
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from efftune.data import Formatter, MultipleChoice
+from efftune.errors import ConfigError, DataError
+from efftune.eval.retention import PANELS, load_panel, measure_retention, resolve_panel, retention_change
+from efftune.methods.full import add_full
+from efftune.train.loop import TrainConfig, train
+from tests.conftest import make_tokenizer, tiny_llama
+from tests.test_cli import last_json, run
+
+ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+COLOURS = {"sky": "blue", "grass": "green", "blood": "red", "snow": "white"}
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Take 3 steps forward.", "Always face forward.",
+             "Is the sky blue?", "Turn left."]
+
+
+def _add(tf, name, obj):
+    data = json.dumps(obj).encode()
+    info = tarfile.TarInfo(ROOT + name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def bigbench(tmp_path, monkeypatch):
+    """colours (multiple choice, 48 examples), chat (generative: plain sentences), target (yes/no, to train on)."""
+    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    root = tmp_path / "cache" / "bigbench"
+    root.mkdir(parents=True)
+    with tarfile.open(root / "bigbench-1.0.0.tar.gz", "w:gz") as tf:
+        _add(tf, "colours/task.json", {"append_choices_to_input": False, "examples": [
+            {"input": f"Colour of {thing} {i}?", "target_scores": {c: int(c == colour) for c in COLOURS.values()}}
+            for i in range(12) for thing, colour in COLOURS.items()]})
+        _add(tf, "chat/task.json", {"examples": [{"input": f"say {i}", "target": SENTENCES[i % 5]}
+                                                 for i in range(20)]})
+        _add(tf, "target/task.json", {"append_choices_to_input": False, "examples": [
+            {"input": f"Q: Is {w} blue?", "target_scores": {"yes": int(w == "sky"), "no": int(w != "sky")}}
+            for w in ["sky", "grass", "fox", "dog"] * 6]})
+        _add(tf, "parent/one/task.json", {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]})
+    return root
+
+
+def test_the_default_panel_is_fixed():
+    # a changed panel needs a new name: runs that name default-v1 stay comparable
+    p = PANELS["default-v1"]
+    assert p.tasks == ("general_knowledge", "emoji_movie", "phrase_relatedness", "date_understanding",
+                       "human_organs_senses", "social_iqa", "anachronisms", "fantasy_reasoning",
+                       "topical_chat", "few_shot_nlg", "rephrase", "scientific_press_release")
+    assert (p.choice_examples, p.text_examples, p.seed) == (40, 50, 0)
+    assert resolve_panel("default") == resolve_panel(["default-v1"]) == p
+    assert "intent_recognition" not in p.tasks  # the main job's task
+
+
+def test_a_list_of_tasks_is_a_panel_with_fixed_examples(bigbench):
+    panel = load_panel("colours,chat")
+    assert panel.panel.name == "tasks:colours,chat"
+    assert set(panel.choice) == {"colours"} and set(panel.text) == {"chat"}
+    assert len(panel.choice["colours"]) == 40 and len(panel.text["chat"]) == 20  # at most 40 / 50 per task
+    assert all(t.prompt == "" and t.completion in SENTENCES for t in panel.text["chat"])  # targets as plain text
+    assert load_panel(["colours", "chat"]) == panel  # the panel's seed picks the same examples every time
+
+
+def _reference(model, tokenizer, panel) -> tuple[float, float]:
+    """Panel accuracy and cross-entropy by their plain definitions: one transformers forward per choice
+    (prompt + choice) and per text, no shared rows, no chunked head."""
+    f = Formatter(tokenizer)
+    accs, ces = [], []
+    with torch.no_grad():
+        for examples in panel.choice.values():
+            hits = 0
+            for ex in examples:
+                scores = []
+                for choice in ex.choices:
+                    prompt, cont = f.encode_pair(ex.prompt, choice)
+                    logp = model(torch.tensor([prompt + cont])).logits[0].log_softmax(-1)
+                    scores.append(sum(float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(cont)))
+                hits += max(range(len(scores)), key=scores.__getitem__) in ex.correct
+            accs.append(hits / len(examples))
+        for texts in panel.text.values():
+            nll, count = 0.0, 0
+            for t in texts:
+                enc = f.encode(t)
+                logp = model(torch.tensor([enc.input_ids])).logits[0].log_softmax(-1)
+                for pos, label in enumerate(enc.labels):
+                    if label != -100:
+                        nll -= float(logp[pos - 1, label])
+                        count += 1
+            ces.append(nll / count)
+    return sum(accs) / len(accs), sum(ces) / len(ces)
+
+
+def test_retention_numbers_match_their_plain_definition(bigbench, tokenizer):
+    model = tiny_llama()
+    panel = load_panel("colours,chat")
+    got = measure_retention(model, Formatter(tokenizer), panel)
+    acc, ce = _reference(model, tokenizer, panel)
+    assert got["accuracy"] == round(acc, 4) and got["cross_entropy"] == pytest.approx(ce, abs=1e-4)
+    assert got["tasks"] == {"colours": {"accuracy": round(acc, 4)}, "chat": {"cross_entropy": got["cross_entropy"]}}
+    assert retention_change(got, got) == {"accuracy": 0.0, "cross_entropy": 0.0}
+
+
+def test_a_zero_lr_run_keeps_the_retention_numbers(capsys, bigbench, model_dir, tmp_path):
+    # train.lr must be positive: 1e-30 moves no fp32 weight (every update is below half a unit in the last place)
+    code, out, err = run(capsys, "train", "--model", model_dir, "--task", "target", "--method", "full", "--lr", "1e-30",
+                         "--steps", 2, "--batch-size", 4, "--eval-size", 4, "--retention", "colours,chat",
+                         "--output", tmp_path / "r")
+    assert code == 0, err
+    s = last_json(out)
+    assert s["retention_panel"] == "tasks:colours,chat"
+    assert s["retention_before"] == s["retention_after"] and s["retention_change"] == {"accuracy": 0.0,
+                                                                                         "cross_entropy": 0.0}
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["retention_after"] == s["retention_after"]
+    assert "retention (tasks:colours,chat): accuracy" in err
+
+
+def _knows_colours(directory, tokenizer) -> float:
+    """A tiny model trained (fully) on the colours task until it knows it: a base with something to forget."""
+    from efftune.data import load_task
+    model = tiny_llama()
+    add_full(model)
+    f = Formatter(tokenizer)
+    seqs = [f.encode(e) for e in load_task("colours")]
+    train(model, seqs, TrainConfig(steps=40, batch_size=16, lr=1e-2, warmup_steps=0, eval_every=0, save_every=0),
+          directory / "pretrain", pad_id=tokenizer.pad_token_id)
+    model.save_pretrained(directory / "base")
+    tokenizer.save_pretrained(directory / "base")
+    return directory / "base"
+
+
+def test_a_run_that_destroys_the_base_shows_forgetting(capsys, bigbench, tmp_path):
+    base = _knows_colours(tmp_path, make_tokenizer())
+    code, out, err = run(capsys, "train", "--model", base, "--task", "target", "--method", "full", "--lr", "0.5",
+                         "--warmup-steps", 0, "--steps", 3, "--batch-size", 4, "--eval-size", 4,
+                         "--retention", "colours,chat", "--output", tmp_path / "r")
+    assert code == 0, err
+    s = last_json(out)
+    before, after = s["retention_before"], s["retention_after"]
+    assert before["accuracy"] > 0.9  # the base knew the colours ...
+    assert s["retention_change"]["accuracy"] < -0.4 and s["retention_change"]["cross_entropy"] > 0.5  # ... no more
+    assert s["retention_change"]["accuracy"] == round(after["accuracy"] - before["accuracy"], 4)
+    # the numbers are the saved model's: efftune eval --retention on it gives the same
+    code, out, err = run(capsys, "eval", "--model", tmp_path / "r" / "model", "--retention", "colours,chat")
+    assert code == 0, err
+    assert last_json(out)["retention"] == after
+    AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model")
+
+
+def test_a_panel_holding_a_trained_task_is_refused_naming_it(capsys, bigbench, model_dir, tmp_path):
+    code, out, err = run(capsys, "train", "--model", model_dir, "--task", "target", "--retention", "colours,target",
+                         "--output", tmp_path / "r")
+    assert code == 2 and "target" in err and "trains on" in err and "colours" not in err.split("holds")[1]
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="parent/one"):  # a task and its subtask are one task
+        load_panel("parent/one", trained=["parent"])
+
+
+def test_a_panel_naming_a_missing_task_is_refused_naming_it(capsys, bigbench, model_dir, tmp_path):
+    code, out, err = run(capsys, "train", "--model", model_dir, "--task", "target", "--retention", "colours,nosuch",
+                         "--output", tmp_path / "r")
+    assert code == 2 and "retention" in err and "'nosuch'" in err and not (tmp_path / "r").exists()
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--retention", "nosuch")
+    assert code == 2 and "'nosuch'" in err
+    with pytest.raises(ConfigError, match="named twice"):
+        resolve_panel("colours,colours")
+
+
+def test_panel_examples_are_the_tasks_own(bigbench):
+    panel = load_panel("colours")
+    assert all(isinstance(e, MultipleChoice) and e.choices == tuple(COLOURS.values()) for e in panel.choice["colours"])
+    assert not panel.text
+    with pytest.raises(DataError, match="no BIG-bench task"):
+        load_panel("colour")
+
+
+@pytest.mark.slow
+def test_the_default_panel_loads_from_bigbench():
+    panel = load_panel("default")
+    assert {t: len(e) for t, e in panel.choice.items()} == {t: 40 for t in PANELS["default-v1"].tasks[:8]}
+    assert {t: len(e) for t, e in panel.text.items()} == {t: 50 for t in PANELS["default-v1"].tasks[8:]}
