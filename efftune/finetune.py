@@ -2,6 +2,7 @@
 evaluate again, save. `efftune train` is this function."""
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import asdict
@@ -11,7 +12,7 @@ from .attach import trainable_parameters
 from .config import RunConfig
 from .data import Completion, Example, Formatter, MultipleChoice
 from .data.loading import load_examples
-from .data.tokenize import truncation_note
+from .data.tokenize import IGNORE, truncation_note
 from .errors import DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
 from .eval.perplexity import perplexity
@@ -20,17 +21,27 @@ from .files import write_text_atomically
 from .forward.options import DEFAULT, ForwardOptions
 from .methods.registry import get_method
 from .models import load_model
+from .train import distributed
 from .train.interrupt import RunInterrupted
 from .train.loop import strict_json, train
 from .train.rundir import RunDir
 from .train.seed import seed_everything
 
 
-def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOptions = DEFAULT):
+def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOptions = DEFAULT,
+              sharded: bool = False):
     """Accuracy on the multiple-choice examples, perplexity on the rest (whichever exist), each
-    forward run with `options` (the training run's: `TrainConfig.forward_options()`)."""
+    forward run with `options` (the training run's: `TrainConfig.forward_options()`).
+
+    `sharded` (several ranks, each with the whole model: `train.distributed: ddp`): each rank
+    scores every size-th example and the counts are summed over the ranks, so every rank returns
+    the result of the whole set. (Under fsdp every rank runs every forward, as sharded weights
+    need all ranks in each forward: the ranks score the whole set alike.)"""
     mc = [e for e in examples if isinstance(e, MultipleChoice)]
     text = [e for e in examples if isinstance(e, Completion)]
+    here = distributed.world() if sharded else distributed.World()
+    if here.size > 1:
+        return _sharded_evaluator(formatter, mc, text, options, here)
 
     def evaluate(model) -> dict:
         out = {}
@@ -42,6 +53,27 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
     return evaluate
 
 
+def _sharded_evaluator(formatter: Formatter, mc: list[MultipleChoice], text: list[Completion],
+                       options: ForwardOptions, here: distributed.World):
+    """`evaluator` over this rank's share of the examples, summed over the ranks: hits, and the
+    answer tokens' total NLL (perplexity = exp(mean NLL), so the NLL is log(perplexity) x tokens)."""
+    mine_mc, mine_text = distributed.shard(mc, here), distributed.shard(text, here)
+    tokens = sum(sum(1 for t in formatter.encode(e).labels if t != IGNORE) for e in mine_text)
+
+    def evaluate(model) -> dict:
+        hits = round(multiple_choice_accuracy(model, formatter, mine_mc, options=options) * len(mine_mc)) \
+            if mine_mc else 0
+        nll = math.log(perplexity(model, formatter, mine_text, options=options)) * tokens if mine_text else 0.0
+        hits, nll, count = distributed.all_sum([hits, nll, tokens])
+        out = {}
+        if mc:
+            out["accuracy"] = round(hits / len(mc), 4)
+        if text:
+            out["perplexity"] = round(math.exp(nll / max(count, 1)), 4)
+        return out
+    return evaluate
+
+
 def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume_changed: bool = False,
         log=print) -> dict:
     """Fine-tune as `cfg` says; returns the summary printed as the CLI's last line.
@@ -49,17 +81,28 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     `overwrite` replaces a run in `cfg.output`, but only once the new run has written its first
     checkpoint (`efftune.train.rundir`); `resume` continues it from its last checkpoint, refusing a
     config that computes differently unless `resume_changed` (which implies `resume`).
+
+    Under torchrun every rank runs this (`efftune.train.distributed`): rank 0 fetches the data and
+    the model first, prepares the output directory, logs and writes every file; the others train
+    beside it and return the same summary.
     """
+    here = distributed.init(cfg.device)
+    if not here.main:
+        log = lambda message: None  # noqa: E731 - one voice: rank 0's
     method = get_method(cfg.method)
     method_cfg = getattr(cfg, method.config_key)
     out = Path(cfg.output)
     resume = resume or resume_changed
-    train_set, eval_set = load_examples(tasks=cfg.task, data=cfg.data, eval_data=cfg.eval_data,
-                                        eval_size=cfg.eval_size, seed=cfg.train.seed)  # fail on bad data before touching the output dir
+    train_set, eval_set = distributed.main_first(lambda: load_examples(
+        tasks=cfg.task, data=cfg.data, eval_data=cfg.eval_data, eval_size=cfg.eval_size,
+        seed=cfg.train.seed))  # fail on bad data before touching the output dir
     if not train_set:
         raise DataError("no training examples")
     rundir = RunDir(out, log)
-    changed = rundir.resume(asdict(cfg), resume_changed) if resume else rundir.start(asdict(cfg), overwrite)
+    changed = distributed.on_main(
+        lambda: rundir.resume(asdict(cfg), resume_changed) if resume else rundir.start(asdict(cfg), overwrite))
+    if not here.main:
+        rundir.committed = True  # rank 0 owns the directory: the others never undo anything in it
     try:
         return _run(cfg, method, method_cfg, out, train_set, eval_set, rundir, resume, resume_changed, changed or [],
                     log)
@@ -82,7 +125,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
 def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, rundir: RunDir, resume: bool,
          resume_changed: bool, changed: list[str], log) -> dict:
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    here = distributed.world()
+    model, tokenizer = distributed.main_first(lambda: load_model(
+        cfg.model, dtype=cfg.dtype, device=distributed.device_for(cfg.device, here)))
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
     seed_everything(cfg.train.seed)  # the adapter's initial weights too come from --seed
     method.attach(model, method_cfg, tokenizer=tokenizer)
@@ -98,10 +143,12 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         log(note)
 
     result = train(model, sequences, cfg.train, out, pad_id=tokenizer.pad_token_id, resume=resume,
-                   evaluate=evaluator(formatter, eval_set, cfg.train.forward_options()) if eval_set else None,
+                   evaluate=evaluator(formatter, eval_set, cfg.train.forward_options(),
+                                      sharded=cfg.train.distributed == "ddp") if eval_set else None,
                    hooks=hooks,
                    resume_changed=resume_changed, on_checkpoint=rundir.commit)
-    rundir.commit()  # a resumed finished run writes no checkpoint
+    if here.main:
+        rundir.commit()  # a resumed finished run writes no checkpoint
     adapter_dir = out / method.artifact
     # The summary is computed from this run's metrics (a resumed run's included), never carried over.
     before = result.evals[0] if result.evals and result.evals[0]["step"] == 0 else {}
@@ -118,6 +165,8 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     summary = {k: v for k, v in summary.items() if v is not None}
+    if not here.main:  # rank 0 writes the adapter (the whole of it: every rank holds it, or it is gathered)
+        return summary
     try:
         method.save(model, adapter_dir, method_cfg, metadata={"tasks": cfg.task if not cfg.data else None,
                                                               "data": cfg.data, "steps": cfg.train.steps, **after})

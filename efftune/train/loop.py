@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -34,12 +36,13 @@ from ..forward.logprobs import target_logprobs
 from ..forward.options import ForwardOptions, check_attention_kernel, check_masked_attention
 from ..methods.hooks import TrainHooks
 from ..methods.lora.layer import mixed_adapter_batch
-from ..moe.layer import collect_aux_losses, expert_loads
-from ..moe.router_tap import hf_router_aux
+from ..moe.layer import collect_aux_losses, expert_loads, moe_layers
+from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
 from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
                          save_checkpoint, set_aside, trainable_state)
 from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
+from . import distributed
 from .interrupt import RunInterrupted, StopSignals
 from .plot import plot_metrics, plot_routing
 from .together import Lane, lane_losses, lane_optimizer, make_lanes, take_lane_state
@@ -71,6 +74,7 @@ class TrainConfig:
     save_every_minutes: float = 10.0  # also a checkpoint once this long has passed since the last (0: off)
     keep_checkpoints: int = 2
     seed: int = 0
+    distributed: str = "ddp"        # under torchrun: ddp (a whole model per rank) | fsdp (sharded; efftune.train.distributed)
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -99,6 +103,7 @@ class TrainConfig:
         if not self.save_every_minutes >= 0:
             raise ConfigError(f"train.save_every_minutes must be 0 (off) or positive, got {self.save_every_minutes}")
         check_attention_kernel(self.attention)
+        distributed.check_mode(self.distributed)
         check_masked_attention(self.masked_attention)
         if self.compile_memory_budget is not None:
             if not self.compile:
@@ -279,6 +284,12 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         raise ConfigError("nothing to train: the model has no trainable parameters (attach a method first)")
     lanes = make_lanes(model, sequences, params, output_dir, run_dirs)
     together = lanes[0].name is not None  # k adapters at once (rows go through their own adapter)
+    here = distributed.init(str(device))  # under torchrun: this rank among the others (efftune.train.distributed)
+    if here.active and together:
+        raise ConfigError("train: k adapters at once do not run under torchrun yet; build the library in one process")
+    micro = distributed.check_batch(config.batch_size, config.micro_batch_size, here)
+    local = config.batch_size // here.size  # this rank's examples of each step
+    main = here.main  # rank 0 writes every file and prints; the others compute
     for lane in lanes:
         lane.directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -319,8 +330,10 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
             lane.start = state["step"]
             lane.rows = [r for r in lane.rows if r.get("step", 0) <= lane.start]  # what was logged up to it
             lane.last_ckpt, lane.unconfirmed = found[lane.name], lane.start < config.steps
+        distributed.barrier()  # every rank has read the files before rank 0 rewrites metrics.jsonl
     for lane in lanes:
-        write_text_atomically(lane.metrics_path, "".join(strict_json(r) + "\n" for r in lane.rows))
+        if main:
+            write_text_atomically(lane.metrics_path, "".join(strict_json(r) + "\n" for r in lane.rows))
         lane.evals = [{k: v for k, v in r.items() if k != "eval"} for r in lane.rows if r.get("eval")]
         for r in reversed([r for r in lane.rows if "grad_norm" in r]):  # zero-gradient steps carry over a resume
             if r["grad_norm"] != 0:
@@ -328,12 +341,13 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
             lane.zero_grad += 1
 
     def log(lane: Lane, row: dict) -> None:
-        line = strict_json(row) + "\n"
-        with open(lane.metrics_path, "a") as f:
-            start = f.tell()
-            f.write(line)
-            f.flush()
-            fault_point("mid_metrics_append", tear=(lane.metrics_path, start + len(line) // 2))
+        if main:
+            line = strict_json(row) + "\n"
+            with open(lane.metrics_path, "a") as f:
+                start = f.tell()
+                f.write(line)
+                f.flush()
+                fault_point("mid_metrics_append", tear=(lane.metrics_path, start + len(line) // 2))
         lane.rows.append(row)
 
     def eval_due(step: int) -> bool:
@@ -355,7 +369,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         note = ""
         if lane.unconfirmed and lane.last_ckpt is not None:  # this step ran on its weights: it leads nowhere
             bad = lane.last_ckpt
-            lane.last_ckpt = set_aside(bad)
+            lane.last_ckpt = set_aside(bad) if main else ([c for c in checkpoints(bad.parent) if c != bad] or [None])[-1]
             note = f" (moved {bad.name}, whose weights gave it, to {bad.name}.diverged)"
         where = (f"the last good checkpoint is {lane.last_ckpt}: resume from it with a lower --lr and --resume-changed"
                  if lane.last_ckpt else "no good checkpoint was written: start again with a lower --lr")
@@ -368,13 +382,19 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
             if bad:
                 diverged(lane, done, f"weight {bad!r} became NaN or infinite")
         for lane in which:
-            lane.last_ckpt = save_checkpoint(lane.ckpt_root / f"step-{done:06d}", model, own_part(lane), done,
-                                             {"train_config": asdict(config)}, hooks.state(), only=only(lane))
+            directory = lane.ckpt_root / f"step-{done:06d}"
+            # under torchrun rank 0 writes the trainable state every rank holds (ddp), or gathers it (fsdp)
+            distributed.on_main(lambda: save_checkpoint(directory, model, own_part(lane), done,
+                                                        {"train_config": asdict(config)}, hooks.state(),
+                                                        only=only(lane)))
+            lane.last_ckpt = directory
             # The last checkpoint is not followed by a forward pass; every other is pruned after one.
             lane.unconfirmed = done < config.steps
         last_save = time.monotonic()
         fault_point("before_prune")
         for lane in which:
+            if not main:
+                continue
             if not lane.unconfirmed:
                 prune_checkpoints(lane.ckpt_root, config.keep_checkpoints)
             if on_checkpoint:
@@ -387,15 +407,18 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                      and not any(e["step"] == start for e in l.evals)]
             if which:
                 run_eval(start, which)
-    micro = config.micro_batch_size or config.batch_size
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     model.train()
+    # the forward: plain, or through DDP/FSDP under torchrun (their hooks reduce the gradients)
+    forward = distributed.data_parallel(model, has_moe=bool(moe_layers(model) or router_taps(model))) \
+        if here.active else partial(target_logprobs, model)
+    scale = float(here.size)  # DDP and FSDP average the ranks' gradients; the step's loss is their sum
     first = min(lane.start for lane in lanes)
     t_start, tokens_seen, last_save = time.perf_counter(), 0, time.monotonic()
     lane_tokens = {lane.name: 0 for lane in lanes}
     fault_point("before_first_step")
     bar = progress_bar(config.steps, f"train {len(lanes)} adapters" if together else "train", unit="step",
-                       initial=first)
+                       initial=first, enable=main)
     eval_time = SideTime(bar)  # evaluations stop the bar's clock: its time estimate counts steps only
     try:
         with StopSignals() as stop:
@@ -407,13 +430,15 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                 batches = [[lane.sequences[i] for i in example_order(len(lane.sequences), config.seed,
                                                                      step * config.batch_size, config.batch_size)]
                            for lane in live]
+                # the mean is over the whole (global) batch's answer tokens, whichever rank runs an example
                 n_targets = [sum(sum(1 for t in s.labels if t != IGNORE) for s in batch) for batch in batches]
+                mine = [batch[here.rank * local:(here.rank + 1) * local] for batch in batches]  # this rank's share
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(step)
                 totals, aux_logs = [0.0] * len(live), [{} for _ in live]
-                for m0 in range(0, config.batch_size, micro):
+                for m0 in range(0, local, micro):
                     rows, owner = [], []  # a row holds one lane's examples only
-                    for j, batch in enumerate(batches):
+                    for j, batch in enumerate(mine):
                         part = training_rows(batch[m0:m0 + micro], config.max_length)
                         rows += part
                         owner += [j] * len(part)
@@ -424,11 +449,11 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                     partition = partitioner(config.compile_memory_budget, config.compile_lean) if config.compile \
                         else nullcontext()
                     # each row through its own adapter; backward inside too (checkpointed layers recompute)
-                    with mixed_adapter_batch(model, [live[j].name for j in owner]) if together else nullcontext():
+                    with mixed_adapter_batch(model, [live[j].name for j in owner]) if together else nullcontext(), \
+                            distributed.no_sync(forward, last=m0 + micro >= local):
                         with autocast_for(config.precision, device), partition:
-                            logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources,
-                                                   inputs.targets, inputs.position_ids, inputs.mask,
-                                                   options=options)
+                            logp = forward(inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
+                                           inputs.position_ids, inputs.mask, options=options)
                         if together:  # each lane's answer NLL over its own answer tokens; summed over lanes
                             losses, reals = lane_losses(logp, inputs, owner, n_targets)
                         else:
@@ -438,7 +463,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                         # MoE: efftune's routed layers and transformers' own MoE blocks (RouterTap) report
                         # balance losses over each lane's real tokens (padding is routed too, but must not
                         # count); each is added with the micro-batch's share and logged
-                        n_part = min(micro, config.batch_size - m0)  # examples of each lane in this micro-batch
+                        n_part = min(micro, local - m0)  # examples of each lane in this micro-batch
                         for j, real in enumerate(reals):
                             found_aux = False
                             for aux, aux_stats, loads in (collect_aux_losses(model, real)
@@ -454,8 +479,18 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                                     aux_logs[j][k] = aux_logs[j].get(k, 0.0) + v * n_part / config.batch_size
                             if not found_aux:
                                 break  # no MoE layers: no other lane has any either
-                        loss.backward()
+                        (loss * scale if here.active else loss).backward()
                     tokens_seen += inputs.tokens
+                if here.active:  # the step's loss and metrics over all ranks' examples; a stop signal any rank got
+                    keys = [sorted(a) for a in aux_logs]
+                    summed = distributed.all_sum([*totals, *(a[k] for a, ks in zip(aux_logs, keys) for k in ks),
+                                                  float(stop.signum or 0)])
+                    totals, rest = summed[:len(totals)], summed[len(totals):]
+                    for a, ks in zip(aux_logs, keys):
+                        for k in ks:
+                            a[k], rest = rest[0], rest[1:]
+                    if rest[0] and stop.signum is None:  # every rank stops after the same step
+                        stop.signum = signal.SIGTERM
                 for lane, total in zip(live, totals):
                     if not math.isfinite(total):
                         diverged(lane, step + 1, f"the loss became {total}")
@@ -484,7 +519,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                     lane.zero_grad = lane.zero_grad + 1 if grad_norms[j] < 1e-10 else 0
                     if lane.zero_grad >= ZERO_GRAD_STEPS:
                         row["zero_grad_steps"] = lane.zero_grad
-                        if lane.zero_grad == ZERO_GRAD_STEPS:
+                        if lane.zero_grad == ZERO_GRAD_STEPS and main:
                             note(f"efftune: warning: {lane.label()}the gradient norm has been 0 for "
                                  f"{lane.zero_grad} steps (since step {step + 2 - lane.zero_grad}), so the loss "
                                  f"cannot change: the weights may have saturated (is lr {config.lr:g} too "
@@ -519,10 +554,15 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     finally:
         bar.close()
     seconds = time.perf_counter() - t_start
+    tokens_seen = int(distributed.all_sum([tokens_seen])[0])  # the run's tokens, all ranks'
     results = {}
     for lane in lanes:
-        plot_metrics(lane.rows, lane.directory / "training.png")
-        if lane.routing_load:
+        if lane.routing_load and here.active:  # each rank routed its own tokens: the run's load is their sum
+            flat = distributed.all_sum([v for layer in lane.routing_load for v in layer])
+            lane.routing_load = [[flat.pop(0) for _ in layer] for layer in lane.routing_load]
+        if main:
+            plot_metrics(lane.rows, lane.directory / "training.png")
+        if main and lane.routing_load:
             (lane.directory / "routing.json").write_text(json.dumps({"expert_load": lane.routing_load}))
             plot_routing(lane.routing_load, lane.directory / "routing.png")
         losses = [r["loss"] for r in lane.rows if "loss" in r]
