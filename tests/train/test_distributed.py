@@ -69,3 +69,81 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
     # the evaluation, sharded over the ranks, is the whole set's: 7 examples, 4 + 3
     assert [e["step"] for e in info["evals"]] == [0, 3] and all(0 <= e["accuracy"] <= 1 for e in info["evals"])
     assert (tmp_path / "ddp" / "run" / "checkpoints" / "step-000003").is_dir()
+
+
+def rewind(run_dir: Path, to: Path, step: int) -> None:
+    """A copy of `run_dir` as the run left it when it stopped after checkpoint `step`."""
+    import shutil
+    shutil.copytree(run_dir, to)
+    for c in (to / "checkpoints").glob("step-*"):
+        if int(c.name[5:]) > step:
+            shutil.rmtree(c)
+    (to / "checkpoints" / "latest").write_text(f"step-{step:06d}")
+
+
+def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(tmp_path):
+    config = {**CONFIG, "steps": 4, "save_every": 2}
+    ranks(tmp_path / "two", config)  # uninterrupted, checkpoints at steps 2 and 4
+    _, uninterrupted = one_process(tmp_path / "ref", config)
+    two = load_file(str(tmp_path / "two" / "rank-0.safetensors"))
+    assert_same_weights(uninterrupted, two)
+
+    rewind(tmp_path / "two" / "run", tmp_path / "on1" / "run", 2)
+    result, on_one = one_process(tmp_path / "on1", config, resume=True)
+    assert result.start_step == 2
+    assert_same_weights(uninterrupted, on_one)
+
+    rewind(tmp_path / "two" / "run", tmp_path / "on2" / "run", 2)
+    ranks(tmp_path / "on2", config, resume=True)
+    assert_same_weights(uninterrupted, load_file(str(tmp_path / "on2" / "rank-0.safetensors")))
+    assert losses(tmp_path / "on2" / "run") == pytest.approx(losses(tmp_path / "ref" / "run"), rel=1e-9)
+
+
+ROWS = [{"input": f"Q: Is {w} blue?", "choices": ["yes", "no"], "answer": int(w != "sky")}
+        for w in ["sky", "grass", "fox", "dog"] * 4]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+def test_nproc_refuses_more_processes_than_devices(capsys, model_dir, data_file, tmp_path):
+    import os
+
+    from efftune.cli import main
+    for n, message in ((0, "--nproc must be at least 1"), ((os.cpu_count() or 1) + 1, "CPU core(s)")):
+        code = main(["train", "--nproc", str(n), "--model", str(model_dir), "--data", str(data_file), "--device", "cpu",
+                     "--output", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_nproc_two_equals_one_process_from_the_cli(capsys, model_dir, data_file, tmp_path):
+    """`efftune train --nproc 2` starts torchrun, which starts 2 ranks; the adapter, the metrics and the
+    summary are rank 0's, written once, and equal the one-process run's (fp32: up to rounding)."""
+    import os
+    import subprocess
+    import sys
+
+    from efftune.cli import main
+    args = ["train", "--model", str(model_dir), "--data", str(data_file), "--eval-size", "4", "--steps", "2",
+            "--batch-size", "4", "--lr", "1e-2", "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "efftune", *args, "--nproc", "2", "--output", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [l for l in done.stdout.strip().splitlines() if l.startswith("{")]
+    assert len(lines) == 1, done.stdout  # the summary, from rank 0 only
+    two = json.loads(lines[0])
+    assert two["steps"] == 2 and two["final_loss"] == pytest.approx(one["final_loss"], abs=2e-4)
+    assert two["accuracy_after"] == one["accuracy_after"]
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert_same_weights(a, b, tol=1e-5)
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2 + 2  # 2 steps, 2 evaluations
