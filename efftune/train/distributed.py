@@ -141,13 +141,15 @@ def main_first(fn: Callable[[], T]) -> T:
     return fn()
 
 
-def on_main(fn: Callable[[], T]) -> T | None:
-    """`fn()` on rank 0 only, the other ranks waiting for it; its EfftuneError reaches every rank."""
+def on_main(fn: Callable[[], T], every_rank: bool = False) -> T | None:
+    """`fn()` on rank 0 only, the other ranks waiting for it; its failure reaches every rank (as an
+    EfftuneError there). `every_rank`: every rank calls `fn` (it gathers sharded state, and rank 0
+    writes it), rank 0's failure still reaching the others."""
     here = world()
     if not here.active or here.size == 1:
         return fn()
     failure: list = [None]
-    result = None
+    result = fn() if every_rank and not here.main else None
     if here.main:
         try:
             result = fn()
@@ -212,8 +214,75 @@ def data_parallel(model: nn.Module, has_moe: bool) -> nn.Module:
                                    find_unused_parameters=has_moe)
 
 
-def no_sync(wrapped: nn.Module, last: bool):
-    """Accumulation: gradients of every micro-batch but a step's last stay local (DDP)."""
+def fully_sharded(model: nn.Module, blocks: Sequence[nn.Module], param_dtype: torch.dtype | None) -> nn.Module:
+    """`Forward(model)` with FSDP2: each decoder block a unit of `fully_shard` (frozen base weights
+    sharded too), then the rest (embeddings, final norm, LM head) as the root unit. Compute in
+    `param_dtype` (bf16 under autocast on GPUs), gradients reduced in fp32, and the sharded
+    parameters the optimizer steps keep their own dtype (fp32 for what trains). Blocks compiled
+    before (`train.compile`) are sharded as compiled: torch's order, compile per block, then shard."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not blocks:
+        raise ConfigError(f"train.distributed fsdp: found no decoder blocks in {type(model).__name__} to shard "
+                          "(it lists none in _no_split_modules); use train.distributed ddp")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    root = Forward(model)
+    fully_shard(root, mp_policy=policy)
+    # The root must be the first unit to initialise, also where an evaluation before the first step
+    # calls the blocks without going through it (`gathered`). FSDP2 does this on the root's first
+    # forward; we do it now.
+    root._get_fsdp_state()._lazy_init()
+    return root
+
+
+def gathered(wrapped: nn.Module):
+    """Within it the model runs outside `wrapped`'s forward (evaluations): under FSDP the root's
+    parameters (embeddings, final norm, LM head) are gathered; the blocks gather their own."""
+    from contextlib import contextmanager
+    from torch.distributed.fsdp import FSDPModule
+
+    @contextmanager
+    def scope():
+        wrapped.unshard()
+        try:
+            yield
+        finally:
+            wrapped.reshard()
+    return scope() if isinstance(wrapped, FSDPModule) else nullcontext()
+
+
+def gradient_sync(wrapped: nn.Module, last: bool):
+    """Accumulation: gradients of every micro-batch but a step's last stay local (DDP's no_sync,
+    FSDP's set_requires_gradient_sync)."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(wrapped, FSDPModule):
+        wrapped.set_requires_gradient_sync(last)
+        return nullcontext()
     if last or not hasattr(wrapped, "no_sync"):
         return nullcontext()
     return wrapped.no_sync()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (a collective: every rank calls it), else `t`."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Whole tensor `t` (a checkpoint's) cut as `param` is sharded (this rank's part), else `t`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(param, DTensor):
+        return t
+    return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+
+
+def unshard_trainable(model: nn.Module) -> None:
+    """After training under FSDP: every trainable parameter whole again on every rank (a plain
+    tensor), so the adapter is saved and used as after any run; the frozen base stays sharded."""
+    from torch.distributed.tensor import DTensor
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.requires_grad and isinstance(p, DTensor):
+                setattr(module, name, nn.Parameter(p.full_tensor().detach(), requires_grad=True))

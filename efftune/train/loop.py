@@ -41,7 +41,7 @@ from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
 from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
                          save_checkpoint, set_aside, trainable_state)
-from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
+from .compile import check_memory_budget, compile_blocks, decoder_blocks, partitioner, uncompile_blocks
 from . import distributed
 from .interrupt import RunInterrupted, StopSignals
 from .plot import plot_metrics, plot_routing
@@ -210,8 +210,24 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """The gradients' total norm before clipping; clipped to `max_norm` when it is positive."""
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if any(type(p.grad).__name__ == "DTensor" for p in params):  # sharded (FSDP): torch sums the shards' norms
+        return float(torch.nn.utils.clip_grad_norm_(params, math.inf))  # (a factor of 1: nothing clipped)
     grads = [p.grad.norm() for p in params if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+
+def check_shardable(config: TrainConfig, hooks: TrainHooks) -> None:
+    """What cannot run with `train.distributed: fsdp`, refused before anything changes, with why."""
+    if not hooks.keeps_base_weights:
+        raise ConfigError(f"train.distributed fsdp cannot run {type(hooks).__name__}: it writes into the frozen "
+                          "base weights (ReLoRA merges its LoRA into them at each restart and saves the whole "
+                          "model), which FSDP keeps sharded across the ranks; use train.distributed ddp")
+    if config.fp8_base:
+        raise ConfigError("train.distributed fsdp cannot run with train.fp8_base: it swaps the base linears' "
+                          "weights for FP8 copies, which FSDP shards; use train.distributed ddp")
+    if config.cuda_graphs:
+        raise ConfigError("train.distributed fsdp cannot run with train.cuda_graphs: FSDP gathers each block's "
+                          "weights around its forward, outside a graph's fixed addresses; use train.compile alone")
 
 
 def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
@@ -279,24 +295,36 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
            resume_changed: bool, on_checkpoint: Callable[[Path], None] | None,
            options: ForwardOptions, run_dirs: Mapping[str, str | Path] | None = None) -> TrainResult:
     device = next(model.parameters()).device
+    here = distributed.init(str(device))  # under torchrun: this rank among the others (efftune.train.distributed)
+    if here.active and isinstance(sequences, Mapping):
+        raise ConfigError("train: k adapters at once do not run under torchrun yet; build the library in one process")
+    micro = distributed.check_batch(config.batch_size, config.micro_batch_size, here)
+    local = config.batch_size // here.size  # this rank's examples of each step
+    main = here.main  # rank 0 writes every file and prints; the others compute
+    sharded = here.active and config.distributed == "fsdp"
+    if sharded:
+        check_shardable(config, hooks)
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if config.compile:
+        compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
+    # the forward: plain, or through DDP/FSDP under torchrun (their hooks reduce the gradients); FSDP
+    # replaces the parameters by sharded ones, so the optimizer is built over those
+    if sharded:
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")  # autocast_for's
+        forward = distributed.fully_sharded(model, decoder_blocks(model), torch.bfloat16 if bf16 else None)
+    elif here.active:
+        forward = distributed.data_parallel(model, has_moe=bool(moe_layers(model) or router_taps(model)))
+    else:
+        forward = partial(target_logprobs, model)
     params = hooks.parameters(model)
     if not params:
         raise ConfigError("nothing to train: the model has no trainable parameters (attach a method first)")
     lanes = make_lanes(model, sequences, params, output_dir, run_dirs)
     together = lanes[0].name is not None  # k adapters at once (rows go through their own adapter)
-    here = distributed.init(str(device))  # under torchrun: this rank among the others (efftune.train.distributed)
-    if here.active and together:
-        raise ConfigError("train: k adapters at once do not run under torchrun yet; build the library in one process")
-    micro = distributed.check_batch(config.batch_size, config.micro_batch_size, here)
-    local = config.batch_size // here.size  # this rank's examples of each step
-    main = here.main  # rank 0 writes every file and prints; the others compute
     for lane in lanes:
         lane.directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    if config.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    if config.compile:
-        compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
     optimizer = make_optimizer([lane.params for lane in lanes], config, device)
     lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
     # a lane's checkpoints hold its own part of the optimizer (the whole optimizer for a one-lane run)
@@ -357,7 +385,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         if step == config.steps:
             fault_point("final_eval")
         # CUDA graphs: evaluation shapes vary, and each new shape would record graphs of its own
-        with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext():
+        with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext(), \
+                distributed.gathered(forward) if sharded else nullcontext():
             results = {lanes[0].name: evaluate(model)} if not together else evaluate(model, [l.name for l in which])
         for lane in which:  # an adapter the evaluation left out is logged with no metrics
             result = {"step": step, **results.get(lane.name, {})}
@@ -386,7 +415,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
             # under torchrun rank 0 writes the trainable state every rank holds (ddp), or gathers it (fsdp)
             distributed.on_main(lambda: save_checkpoint(directory, model, own_part(lane), done,
                                                         {"train_config": asdict(config)}, hooks.state(),
-                                                        only=only(lane)))
+                                                        only=only(lane), writer=main), every_rank=True)
             lane.last_ckpt = directory
             # The last checkpoint is not followed by a forward pass; every other is pruned after one.
             lane.unconfirmed = done < config.steps
@@ -409,9 +438,6 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                 run_eval(start, which)
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     model.train()
-    # the forward: plain, or through DDP/FSDP under torchrun (their hooks reduce the gradients)
-    forward = distributed.data_parallel(model, has_moe=bool(moe_layers(model) or router_taps(model))) \
-        if here.active else partial(target_logprobs, model)
     scale = float(here.size)  # DDP and FSDP average the ranks' gradients; the step's loss is their sum
     first = min(lane.start for lane in lanes)
     t_start, tokens_seen, last_save = time.perf_counter(), 0, time.monotonic()
@@ -450,7 +476,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                         else nullcontext()
                     # each row through its own adapter; backward inside too (checkpointed layers recompute)
                     with mixed_adapter_batch(model, [live[j].name for j in owner]) if together else nullcontext(), \
-                            distributed.no_sync(forward, last=m0 + micro >= local):
+                            distributed.gradient_sync(forward, last=m0 + micro >= local):
                         with autocast_for(config.precision, device), partition:
                             logp = forward(inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
                                            inputs.position_ids, inputs.mask, options=options)
@@ -554,6 +580,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     finally:
         bar.close()
     seconds = time.perf_counter() - t_start
+    if sharded:  # the adapter whole on every rank, for saving and using it (the base stays sharded)
+        distributed.unshard_trainable(model)
     tokens_seen = int(distributed.all_sum([tokens_seen])[0])  # the run's tokens, all ranks'
     results = {}
     for lane in lanes:

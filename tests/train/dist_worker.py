@@ -43,7 +43,7 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False) ->
         from efftune.finetune import evaluator
         from tests.conftest import make_tokenizer
         held = [MultipleChoice(f"Q: {w}?\nA: ", ("yes", "no"), i % 2) for i, w in enumerate("abcdefg")]
-        ev = evaluator(Formatter(make_tokenizer()), held, sharded=True)
+        ev = evaluator(Formatter(make_tokenizer()), held, sharded=config.get("distributed", "ddp") == "ddp")
     result = train(model, seqs, TrainConfig(**config), Path(out) / "run", pad_id=1, resume=resume, evaluate=ev)
     state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     rank = world().rank

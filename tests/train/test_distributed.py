@@ -147,3 +147,25 @@ def test_nproc_two_equals_one_process_from_the_cli(capsys, model_dir, data_file,
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert_same_weights(a, b, tol=1e-5)
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2 + 2  # 2 steps, 2 evaluations
+
+
+def test_fsdp_two_ranks_equal_one_process(tmp_path):
+    """FSDP2 (each block sharded, the base too) over 2 ranks: the losses, the adapter and a checkpoint
+    that resumes in one process, as one process computes them."""
+    config = {**CONFIG, "distributed": "fsdp", "micro_batch_size": 1, "steps": 4, "save_every": 2}
+    ranks(tmp_path / "fsdp", config, evaluate=True)
+    ref, weights = one_process(tmp_path / "one", config)
+    got = [load_file(str(tmp_path / "fsdp" / f"rank-{r}.safetensors")) for r in (0, 1)]
+    assert_same_weights(got[0], got[1], tol=0)  # the adapter whole on every rank after training
+    assert_same_weights(weights, got[0])
+    assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    info = json.loads((tmp_path / "fsdp" / "rank-0.json").read_text())
+    assert [e["step"] for e in info["evals"]] == [0, 4]
+    # its checkpoint holds the whole adapter and optimizer state: one process resumes it
+    rewind(tmp_path / "fsdp" / "run", tmp_path / "on1" / "run", 2)
+    _, on_one = one_process(tmp_path / "on1", config, resume=True)
+    assert_same_weights(weights, on_one)
+    # and on 2 ranks again, each loading its shards of it
+    rewind(tmp_path / "fsdp" / "run", tmp_path / "on2" / "run", 2)
+    ranks(tmp_path / "on2", config, resume=True)
+    assert_same_weights(weights, load_file(str(tmp_path / "on2" / "rank-1.safetensors")))
