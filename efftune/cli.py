@@ -292,7 +292,9 @@ def _launch(args, argv: list[str]) -> int:
     n = args.nproc
     if n < 1:
         raise EfftuneError(f"--nproc must be at least 1, got {n}")
+    from .finetune import check_distributed
     cfg = train_config(args)  # a bad flag fails here, once, before any process starts
+    check_distributed(cfg)
     on_gpu = torch.cuda.is_available() and not cfg.device.startswith("cpu")
     if on_gpu and n > torch.cuda.device_count():
         raise EfftuneError(f"--nproc {n}: only {torch.cuda.device_count()} GPU(s) are visible; one process a GPU "
@@ -312,9 +314,14 @@ def _launch(args, argv: list[str]) -> int:
     process = subprocess.Popen(command, env=env)
     while True:
         try:
-            return process.wait()
+            code = process.wait()
+            break
         except KeyboardInterrupt:  # torchrun got the Ctrl-C too and passes it on: wait for the ranks' checkpoint
             continue
+    if code:  # torchrun's report ends its output; the ranks' own one-line errors are above it
+        print(f"efftune: error: the {n} processes stopped (torchrun exit status {code}); each rank's "
+              "'efftune: error' line above says why", file=sys.stderr)
+    return code
 
 
 def _hub_build(args) -> dict:

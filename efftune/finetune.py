@@ -13,7 +13,7 @@ from .config import RunConfig
 from .data import Completion, Example, Formatter, MultipleChoice
 from .data.loading import load_examples
 from .data.tokenize import IGNORE, truncation_note
-from .errors import DataError, EfftuneError
+from .errors import ConfigError, DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
 from .eval.perplexity import perplexity
 from .faults import fault_point
@@ -23,7 +23,8 @@ from .methods.registry import get_method
 from .models import load_model
 from .train import distributed
 from .train.interrupt import RunInterrupted
-from .train.loop import strict_json, train
+from .methods.hooks import TrainHooks
+from .train.loop import check_shardable, strict_json, train
 from .train.rundir import RunDir
 from .train.seed import seed_everything
 
@@ -74,6 +75,17 @@ def _sharded_evaluator(formatter: Formatter, mc: list[MultipleChoice], text: lis
     return evaluate
 
 
+def check_distributed(cfg: RunConfig) -> None:
+    """What `train.distributed: fsdp` cannot run, refused from the config alone (before any process
+    starts under `--nproc`); the loop checks the rest (`efftune.train.loop.check_shardable`)."""
+    if cfg.train.distributed == "fsdp" and get_method(cfg.method).artifact == "model":
+        raise ConfigError(f"train.distributed fsdp cannot run method {cfg.method}: it merges into the base weights "
+                          "and saves the whole model, which FSDP keeps sharded across the ranks; use "
+                          "train.distributed ddp")
+    if cfg.train.distributed == "fsdp" and (cfg.train.fp8_base or cfg.train.cuda_graphs):
+        check_shardable(cfg.train, TrainHooks())
+
+
 def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume_changed: bool = False,
         log=print) -> dict:
     """Fine-tune as `cfg` says; returns the summary printed as the CLI's last line.
@@ -86,6 +98,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     the model first, prepares the output directory, logs and writes every file; the others train
     beside it and return the same summary.
     """
+    check_distributed(cfg)
     here = distributed.init(cfg.device)
     if not here.main:
         log = lambda message: None  # noqa: E731 - one voice: rank 0's

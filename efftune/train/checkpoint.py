@@ -265,7 +265,7 @@ FREE_KEYS = frozenset({
     "train.eval_every", "train.save_every", "train.save_every_minutes", "train.keep_checkpoints",
     "train.micro_batch_size", "train.activation_checkpointing", "train.compile", "train.compile_memory_budget",
     "train.compile_lean", "train.cuda_graphs", "train.compile_autotune", "train.attention",
-    "train.masked_attention",
+    "train.masked_attention", "train.distributed",
 })
 
 

@@ -114,9 +114,10 @@ def test_nproc_refuses_more_processes_than_devices(capsys, model_dir, data_file,
     import os
 
     from efftune.cli import main
-    for n, message in ((0, "--nproc must be at least 1"), ((os.cpu_count() or 1) + 1, "CPU core(s)")):
+    for n, extra, message in ((0, [], "--nproc must be at least 1"), ((os.cpu_count() or 1) + 1, [], "CPU core(s)"),
+                              (1, ["--distributed", "fsdp", "--method", "relora"], "cannot run method relora")):
         code = main(["train", "--nproc", str(n), "--model", str(model_dir), "--data", str(data_file), "--device", "cpu",
-                     "--output", str(tmp_path / "o")])
+                     "--output", str(tmp_path / "o"), *extra])
         err = capsys.readouterr().err
         assert code == 2 and message in err, err
     assert not (tmp_path / "o").exists()
