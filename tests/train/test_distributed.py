@@ -170,3 +170,25 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     rewind(tmp_path / "fsdp" / "run", tmp_path / "on2" / "run", 2)
     ranks(tmp_path / "on2", config, resume=True)
     assert_same_weights(weights, load_file(str(tmp_path / "on2" / "rank-1.safetensors")))
+
+
+def test_two_machines_meet_at_a_rendezvous(tmp_path):
+    """Two `torchrun --nnodes 2` processes (one rank each), as two machines would start them, meet at
+    a c10d rendezvous on 127.0.0.1 and train as one process does."""
+    import os
+    import subprocess
+    import sys
+    port, config = free_port(), {**CONFIG, "micro_batch_size": 2}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "efftune-test",
+                               "-m", "tests.train.dist_worker", str(tmp_path / "two"), json.dumps(config)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    _, weights = one_process(tmp_path / "one", config)
+    for r in (0, 1):
+        assert_same_weights(weights, load_file(str(tmp_path / "two" / f"rank-{r}.safetensors")))
+    assert losses(tmp_path / "two" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
