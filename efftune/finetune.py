@@ -106,6 +106,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     method_cfg = getattr(cfg, method.config_key)
     out = Path(cfg.output)
     resume = resume or resume_changed
+    if distributed.restarted() and (out / "checkpoints" / "latest").exists() and not resume:
+        log(f"torchrun restarted the run after a rank failed: resuming it from {out / 'checkpoints'}")
+        resume = True  # the same command, started again by torchrun --max-restarts, continues the run
     train_set, eval_set = distributed.main_first(lambda: load_examples(
         tasks=cfg.task, data=cfg.data, eval_data=cfg.eval_data, eval_size=cfg.eval_size,
         seed=cfg.train.seed))  # fail on bad data before touching the output dir

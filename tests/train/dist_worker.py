@@ -33,9 +33,10 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False) ->
     """Train and write this rank's trainable weights to out/rank-R.safetensors."""
     from safetensors.torch import save_file
 
-    from efftune.train.distributed import finish, world
+    from efftune.train.distributed import finish, restarted, world
     from efftune.train.loop import TrainConfig, train
     seqs = sequences()
+    resume = resume or (restarted() and (Path(out) / "run" / "checkpoints" / "latest").exists())
     model = lora_model()
     ev = None
     if evaluate:

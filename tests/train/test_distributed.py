@@ -3,6 +3,7 @@ torchrun. Each multi-process test starts 2 tiny float64 ranks (a few seconds of 
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -111,7 +112,6 @@ def data_file(tmp_path):
 
 
 def test_nproc_refuses_more_processes_than_devices(capsys, model_dir, data_file, tmp_path):
-    import os
 
     from efftune.cli import main
     for n, extra, message in ((0, [], "--nproc must be at least 1"), ((os.cpu_count() or 1) + 1, [], "CPU core(s)"),
@@ -126,7 +126,6 @@ def test_nproc_refuses_more_processes_than_devices(capsys, model_dir, data_file,
 def test_nproc_two_equals_one_process_from_the_cli(capsys, model_dir, data_file, tmp_path):
     """`efftune train --nproc 2` starts torchrun, which starts 2 ranks; the adapter, the metrics and the
     summary are rank 0's, written once, and equal the one-process run's (fp32: up to rounding)."""
-    import os
     import subprocess
     import sys
 
@@ -175,7 +174,6 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
 def test_two_machines_meet_at_a_rendezvous(tmp_path):
     """Two `torchrun --nnodes 2` processes (one rank each), as two machines would start them, meet at
     a c10d rendezvous on 127.0.0.1 and train as one process does."""
-    import os
     import subprocess
     import sys
     port, config = free_port(), {**CONFIG, "micro_batch_size": 2}
@@ -191,4 +189,26 @@ def test_two_machines_meet_at_a_rendezvous(tmp_path):
     _, weights = one_process(tmp_path / "one", config)
     for r in (0, 1):
         assert_same_weights(weights, load_file(str(tmp_path / "two" / f"rank-{r}.safetensors")))
+    assert losses(tmp_path / "two" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+
+
+@pytest.mark.skipif("os.environ.get('EFFTUNE_RESTART_TEST') != '1'",
+                    reason="flaky on this machine: after torchrun's restart, gloo's connectFullMesh of the new ranks "
+                           "sometimes times out (connection refused) or hangs; EFFTUNE_RESTART_TEST=1 runs it")
+def test_a_rank_killed_mid_run_restarts_from_the_checkpoint(tmp_path):
+    """torchrun --max-restarts 1: rank 1 dies after step 3 (a checkpoint at step 2); torchrun stops rank 0,
+    starts both again, they resume from step 2 and end as the uninterrupted run."""
+    import subprocess
+    import sys
+    config = {**CONFIG, "steps": 4, "save_every": 2}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+           "EFFTUNE_FAULT": "after_optimizer_step@3", "EFFTUNE_FAULT_RANK": "1", "LOGLEVEL": "INFO"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "1", "--monitor-interval", "0.5",
+                           "-m", "tests.train.dist_worker", str(tmp_path / "two"), json.dumps(config)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "failed (exitcode: 86) local_rank: 1" in done.stderr  # rank 1 did die at the fault point
+    _, weights = one_process(tmp_path / "one", config)
+    assert_same_weights(weights, load_file(str(tmp_path / "two" / "rank-0.safetensors")))
     assert losses(tmp_path / "two" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
