@@ -160,6 +160,9 @@ def _train_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing run in --output (it is kept until the new run's first checkpoint)")
     t.add_argument("--debug", action="store_true", help="show tracebacks")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (data parallel; train.distributed picks ddp or "
+                        "fsdp): efftune starts them through torchrun, one per GPU, or on CPU over gloo")
     add_config_flags(t, config_flags())
 
 
@@ -254,10 +257,73 @@ def build_config(args: argparse.Namespace):
     return load_config(None, overrides_from(args, build_flags()))
 
 
-def _train(args) -> dict:
+def _train(args) -> dict | None:
+    """The run's summary; None on the ranks other than 0 under torchrun (rank 0 prints it)."""
     from .finetune import run
-    return run(train_config(args), overwrite=args.overwrite, resume=args.resume, resume_changed=args.resume_changed,
-               log=lambda m: print(m, file=sys.stderr))
+    from .train import distributed
+    try:
+        summary = run(train_config(args), overwrite=args.overwrite, resume=args.resume,
+                      resume_changed=args.resume_changed, log=lambda m: print(m, file=sys.stderr))
+        return summary if distributed.world().main else None
+    finally:
+        distributed.finish()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _launch(args, argv: list[str]) -> int:
+    """`efftune train --nproc N ...`: the same command in N processes through torchrun (standalone:
+    a rendezvous on this machine), after the config is checked here. One GPU a process where CUDA
+    is visible and the run's device is not cpu; else N CPU processes over gloo, the cores shared."""
+    import os
+    import subprocess
+
+    import torch
+
+    from .train.distributed import launched
+    n = args.nproc
+    if n < 1:
+        raise EfftuneError(f"--nproc must be at least 1, got {n}")
+    from .finetune import check_distributed
+    cfg = train_config(args)  # a bad flag fails here, once, before any process starts
+    check_distributed(cfg)
+    on_gpu = torch.cuda.is_available() and not cfg.device.startswith("cpu")
+    if on_gpu and n > torch.cuda.device_count():
+        raise EfftuneError(f"--nproc {n}: only {torch.cuda.device_count()} GPU(s) are visible; one process a GPU "
+                           f"(pass --nproc {torch.cuda.device_count()} or fewer)")
+    cores = os.cpu_count() or 1
+    if not on_gpu and n > cores:
+        raise EfftuneError(f"--nproc {n}: no GPU here and only {cores} CPU core(s); CPU processes (gloo) need a "
+                           f"core each (pass --nproc {cores} or fewer)")
+    if launched():
+        raise EfftuneError("--nproc: this process already runs under torchrun; leave --nproc out (torchrun's "
+                           "--nproc-per-node says how many)")
+    env = dict(os.environ)
+    if not on_gpu:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // n)))  # the cores shared, not oversubscribed
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "efftune", *_without_nproc(argv)]
+    process = subprocess.Popen(command, env=env)
+    while True:
+        try:
+            code = process.wait()
+            break
+        except KeyboardInterrupt:  # torchrun got the Ctrl-C too and passes it on: wait for the ranks' checkpoint
+            continue
+    if code:  # torchrun's report ends its output; the ranks' own one-line errors are above it
+        print(f"efftune: error: the {n} processes stopped (torchrun exit status {code}); each rank's "
+              "'efftune: error' line above says why", file=sys.stderr)
+    return code
 
 
 def _hub_build(args) -> dict:
@@ -452,11 +518,19 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # a flag refused (one line printed) or --help: main returns the status
         return exc.code if isinstance(exc.code, int) else 2
     # SIGTERM as an exception, like Ctrl-C: a run cleans up (or checkpoints) and exits 143
+    if command == "train" and args.nproc is not None:
+        try:
+            return _launch(args, list(sys.argv[1:] if argv is None else argv))
+        except EfftuneError as exc:
+            print(f"efftune: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
     previous = signal.signal(signal.SIGTERM, _terminate) \
         if threading.current_thread() is threading.main_thread() else None
     try:
         if command == "train":
-            print(json.dumps(_train(args)))
+            summary = _train(args)
+            if summary is not None:
+                print(json.dumps(summary))
         elif command == "eval":
             print(json.dumps(_eval(args)))
         elif command == "generate":

@@ -4,6 +4,8 @@ may die, and dies there when the environment variable EFFTUNE_FAULT names it.
     EFFTUNE_FAULT=checkpoint_after_weights        die (os._exit, like kill -9) the first time
     EFFTUNE_FAULT=checkpoint_after_weights@2      ... the second time the point is reached
     EFFTUNE_FAULT=final_eval:raise                raise FaultInjected instead (in-process tests)
+    EFFTUNE_FAULT_RANK=1                          under torchrun: only rank 1 dies, and only in torchrun's
+                                                  first attempt (a restart runs through)
 
 `tear=(path, keep)` first cuts `path` to its first `keep` bytes: a write the crash interrupted
 halfway. Unset (the normal case) a call costs one dictionary lookup. The points are listed in
@@ -49,6 +51,9 @@ def fault_point(name: str, tear: tuple[Path, int] | None = None) -> None:
     point, _, mode = wanted.partition(":")
     point, _, nth = point.partition("@")
     if point != name:
+        return
+    rank = os.environ.get("EFFTUNE_FAULT_RANK")
+    if rank is not None and (os.environ.get("RANK") != rank or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
         return
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] != int(nth or 1):

@@ -15,8 +15,8 @@ from .data.examples import Conversation
 from .data.loading import load_examples
 from .data.options import apply_overflow, load_for_run
 from .data.token_cache import encode_all
-from .data.tokenize import truncation_note
-from .errors import DataError, EfftuneError
+from .data.tokenize import IGNORE, truncation_note
+from .errors import ConfigError, DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
 from .eval.retention import PanelExamples, describe, load_panel, measure_retention, retention_change
 from .eval.perplexity import perplexity
@@ -26,31 +26,45 @@ from .files import write_text_atomically
 from .forward.options import DEFAULT, ForwardOptions
 from .methods.registry import get_method
 from .models import load_model
+from .methods.hooks import TrainHooks
 from .progress import note as stderr_note
+from .train import distributed
 from .train.interrupt import RunInterrupted
 from .train.log_sinks import MetricSinks
-from .train.loop import read_metrics, strict_json, train
+from .train.loop import check_shardable, read_metrics, strict_json, train
 from .train.rundir import RunDir
 from .train.seed import seed_everything
 
 
 def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOptions = DEFAULT,
-              samples: int = 0, run_dir: Path | None = None):
+              samples: int = 0, run_dir: Path | None = None, sharded: bool = False):
     """Accuracy on the multiple-choice examples, perplexity on the rest (whichever exist; of a
     conversation, on the tokens `train_on` covers, with its log as `eval_loss`), each forward run
     with `options` (the training run's: `TrainConfig.forward_options()`). With `samples` and
     conversations held out, greedy replies to the first `samples` of them go to
-    `run_dir`/samples.jsonl at each evaluation."""
+    `run_dir`/samples.jsonl at each evaluation (by rank 0).
+
+    `sharded` (several ranks, each with the whole model: `train.distributed: ddp`): each rank
+    scores every size-th example and the counts are summed over the ranks, so every rank returns
+    the result of the whole set. (Under fsdp every rank runs every forward, as sharded weights
+    need all ranks in each forward: the ranks score the whole set alike.)"""
     mc = [e for e in examples if isinstance(e, MultipleChoice)]
     text = [e for e in examples if isinstance(e, (Completion, Conversation))]
-    chats = [e for e in examples if isinstance(e, Conversation)][:samples] if run_dir is not None else []
+    here = distributed.world() if sharded else distributed.World()
+    chats = [e for e in examples if isinstance(e, Conversation)][:samples] \
+        if run_dir is not None and distributed.world().main else []
+    score = _sharded_scores(formatter, mc, text, options, here) if here.size > 1 else None
 
     def evaluate(model) -> dict:
+        if score is not None:
+            hits, ppl = score(model)
+        else:
+            hits = multiple_choice_accuracy(model, formatter, mc, options=options) * len(mc) if mc else 0
+            ppl = perplexity(model, formatter, text, options=options) if text else None
         out = {}
         if mc:
-            out["accuracy"] = round(multiple_choice_accuracy(model, formatter, mc, options=options), 4)
+            out["accuracy"] = round(hits / len(mc), 4)
         if text:
-            ppl = perplexity(model, formatter, text, options=options)
             out["perplexity"] = round(ppl, 4)
             if any(isinstance(e, Conversation) for e in text):
                 out["eval_loss"] = round(math.log(ppl), 4)
@@ -64,6 +78,34 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
     return evaluate
 
 
+def _sharded_scores(formatter: Formatter, mc: list[MultipleChoice], text: list[Example],
+                    options: ForwardOptions, here: distributed.World):
+    """(multiple-choice hits, perplexity) over the whole set from this rank's share of the
+    examples, summed over the ranks: hits, and the answer tokens' total NLL (perplexity =
+    exp(mean NLL), so the NLL is log(perplexity) x tokens)."""
+    mine_mc, mine_text = distributed.shard(mc, here), distributed.shard(text, here)
+    tokens = sum(sum(1 for t in formatter.encode(e).labels if t != IGNORE) for e in mine_text)
+
+    def score(model) -> tuple[int, float | None]:
+        hits = round(multiple_choice_accuracy(model, formatter, mine_mc, options=options) * len(mine_mc)) \
+            if mine_mc else 0
+        nll = math.log(perplexity(model, formatter, mine_text, options=options)) * tokens if mine_text else 0.0
+        hits, nll, count = distributed.all_sum([hits, nll, tokens])
+        return hits, math.exp(nll / max(count, 1)) if text else None
+    return score
+
+
+def check_distributed(cfg: RunConfig) -> None:
+    """What `train.distributed: fsdp` cannot run, refused from the config alone (before any process
+    starts under `--nproc`); the loop checks the rest (`efftune.train.loop.check_shardable`)."""
+    if cfg.train.distributed == "fsdp" and get_method(cfg.method).artifact == "model":
+        raise ConfigError(f"train.distributed fsdp cannot run method {cfg.method}: it merges into the base weights "
+                          "and saves the whole model, which FSDP keeps sharded across the ranks; use "
+                          "train.distributed ddp")
+    if cfg.train.distributed == "fsdp" and (cfg.train.fp8_base or cfg.train.cuda_graphs):
+        check_shardable(cfg.train, TrainHooks())
+
+
 def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume_changed: bool = False,
         log=print) -> dict:
     """Fine-tune as `cfg` says; returns the summary printed as the CLI's last line.
@@ -71,19 +113,30 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     `overwrite` replaces a run in `cfg.output`, but only once the new run has written its first
     checkpoint (`efftune.train.rundir`); `resume` continues it from its last checkpoint, refusing a
     config that computes differently unless `resume_changed` (which implies `resume`).
+
+    Under torchrun every rank runs this (`efftune.train.distributed`): rank 0 fetches the data and
+    the model first, prepares the output directory, logs and writes every file; the others train
+    beside it and return the same summary.
     """
+    check_distributed(cfg)
+    here = distributed.init(cfg.device)
+    if not here.main:
+        log = lambda message: None  # noqa: E731 - one voice: rank 0's
     method = get_method(cfg.method)
     method_cfg = getattr(cfg, method.config_key)
     out = Path(cfg.output)
     resume = resume or resume_changed
-    train_set, eval_set = load_examples(tasks=cfg.task, data=cfg.data, eval_data=cfg.eval_data,
-                                        eval_size=cfg.eval_size, seed=cfg.train.seed,  # fail on bad data before
-                                        read=lambda _, evaluation: load_for_run(cfg, evaluation, stderr_note))  # the dir
+    train_set, eval_set = distributed.main_first(lambda: load_examples(
+        tasks=cfg.task, data=cfg.data, eval_data=cfg.eval_data, eval_size=cfg.eval_size, seed=cfg.train.seed,
+        read=lambda _, evaluation: load_for_run(cfg, evaluation, stderr_note)))  # fail on bad data before the dir
     if not train_set:
         raise DataError("no training examples")
     panel = load_panel(cfg.retention, trained=[] if cfg.data else cfg.task) if cfg.retention else None
     rundir = RunDir(out, log)
-    changed = rundir.resume(asdict(cfg), resume_changed) if resume else rundir.start(asdict(cfg), overwrite)
+    changed = distributed.on_main(
+        lambda: rundir.resume(asdict(cfg), resume_changed) if resume else rundir.start(asdict(cfg), overwrite))
+    if not here.main:
+        rundir.committed = True  # rank 0 owns the directory: the others never undo anything in it
     try:
         return _run(cfg, method, method_cfg, out, train_set, eval_set, rundir, resume, resume_changed, changed or [],
                     log, panel)
@@ -106,7 +159,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
 def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, rundir: RunDir, resume: bool,
          resume_changed: bool, changed: list[str], log, panel: PanelExamples | None = None) -> dict:
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    here = distributed.world()
+    model, tokenizer = distributed.main_first(lambda: load_model(
+        cfg.model, dtype=cfg.dtype, device=distributed.device_for(cfg.device, here)))
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
     seed_everything(cfg.train.seed)  # the adapter's initial weights too come from --seed
     method.attach(model, method_cfg, tokenizer=tokenizer)
@@ -136,7 +191,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     if retained:
         log(describe(retained))
 
-    sinks = MetricSinks(cfg.log, out, asdict(cfg))  # TensorBoard / wandb, fed from metrics.jsonl
+    sinks = MetricSinks(cfg.log if here.main else [], out, asdict(cfg))  # TensorBoard / wandb: rank 0's rows
 
     def on_checkpoint(path):
         rundir.commit(path)
@@ -144,15 +199,16 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
 
     try:
         result = train(model, sequences, cfg.train, out, pad_id=tokenizer.pad_token_id, resume=resume,
-                       evaluate=evaluator(formatter, eval_set, cfg.train.forward_options(), cfg.eval_samples, out)
-                       if eval_set else None,
+                       evaluate=evaluator(formatter, eval_set, cfg.train.forward_options(), cfg.eval_samples, out,
+                                          sharded=cfg.train.distributed == "ddp") if eval_set else None,
                        hooks=hooks, resume_changed=resume_changed, on_checkpoint=on_checkpoint,
                        on_metrics=sinks.on_metrics)
     except BaseException:
         sinks.close(sync=False)  # what the checkpoints covered was sent; the error is what matters
         raise
     sinks.close()
-    rundir.commit()  # a resumed finished run writes no checkpoint
+    if here.main:
+        rundir.commit()  # a resumed finished run writes no checkpoint
     retained_after = measure_retention(model, formatter, panel, cfg.train.forward_options()) if panel else None
     adapter_dir = out / method.artifact
     # The summary is computed from this run's metrics (a resumed run's included), never carried over.
@@ -173,6 +229,8 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     summary = {k: v for k, v in summary.items() if v is not None}
+    if not here.main:  # rank 0 writes the adapter (the whole of it: every rank holds it, or it is gathered)
+        return summary
     try:
         method.save(model, adapter_dir, method_cfg, metadata={"tasks": cfg.task if not cfg.data else None,
                                                               "data": cfg.data, "steps": cfg.train.steps, **after})

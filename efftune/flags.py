@@ -174,6 +174,8 @@ HELP: dict[str, str] = {
     "train.save_every_minutes": "also checkpoint when this many minutes have passed since the last (0: off)",
     "train.keep_checkpoints": "checkpoints kept (the oldest are deleted)",
     "train.seed": "random seed (data order, adapter init, dropout)",
+    "train.distributed": "ddp | fsdp: under torchrun (or --nproc), ddp keeps the whole model on every rank; fsdp "
+                         "shards each decoder block across the ranks (FSDP2), for bases that do not fit one device",
 }
 
 # short names kept from before the table was generated: key -> (flags that set it, flags that set

@@ -180,6 +180,7 @@ SETS = {
     "train.save_every_minutes": (["--save-every-minutes", "0"], 0.0),
     "train.keep_checkpoints": (["--keep-checkpoints", "5"], 5),
     "train.seed": (["--seed", "3"], 3),
+    "train.distributed": (["--distributed", "fsdp"], "fsdp"),
 }
 
 

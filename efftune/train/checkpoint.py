@@ -23,14 +23,16 @@ from ..errors import CheckpointError
 from ..faults import fault_point
 from ..files import replace_dir_atomically, write_text_atomically
 from ..methods.lora.packing import owns_storage
+from .distributed import full, like
 from .optimizers import SCALE, state_tensors
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "extra.safetensors", "state.json")
 
 
 def trainable_state(model: nn.Module, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name; `names`: only those (one adapter of several trained at once)."""
-    return {n: p.detach().contiguous() for n, p in model.named_parameters()
+    """The trainable parameters by name; `names`: only those (one adapter of several trained at once).
+    Sharded ones (FSDP) whole: every rank must call it then."""
+    return {n: full(p.detach()).contiguous() for n, p in model.named_parameters()
             if p.requires_grad and (names is None or n in names)}
 
 
@@ -50,7 +52,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
         name = names[id(p)]
         for k, v in state.items():
             if torch.is_tensor(v):
-                tensors.update({f"{name}::{f}": t for f, t in state_tensors(k, v).items()})
+                tensors.update({f"{name}::{f}": t for f, t in state_tensors(k, full(v)).items()})
             else:
                 scalars[f"{name}::{k}"] = v
     return tensors, scalars
@@ -84,20 +86,27 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     extra: dict, extra_tensors: dict[str, torch.Tensor] | None = None,
-                    only: Collection[str] | None = None) -> Path:
+                    only: Collection[str] | None = None, writer: bool = True) -> Path:
     """Write checkpoint `directory` (e.g. run/checkpoints/step-000100) and point `latest` at it.
 
     `extra_tensors`: state a training mode keeps outside the trainable parameters (ReLoRA's
     merged base weights), restored through `load_checkpoint`'s `load_extra`. `only`: the names of
     the trainable parameters it holds (default: all), those `optimizer` covers. An OSError (a
     full disk) leaves no trace of the new checkpoint and `latest` naming the previous one.
+
+    Sharded parameters and optimizer state (FSDP) are written whole, so that any number of ranks,
+    or one process, resumes from the checkpoint: every rank calls this (they gather), and only the
+    `writer` (rank 0) writes.
     """
     names = {id(p): n for n, p in model.named_parameters()}
+    weights = _saveable(trainable_state(model, only))
+    opt_tensors, opt_scalars = _optimizer_tensors(optimizer, names)
+    if not writer:
+        return directory
 
     def write(tmp: Path) -> None:
-        _save(_saveable(trainable_state(model, only)), tmp / "trainable.safetensors")
+        _save(weights, tmp / "trainable.safetensors")
         fault_point("checkpoint_after_weights")
-        opt_tensors, opt_scalars = _optimizer_tensors(optimizer, names)
         _save(opt_tensors, tmp / "optimizer.safetensors")
         fault_point("checkpoint_mid_optimizer",
                     tear=(tmp / "optimizer.safetensors", (tmp / "optimizer.safetensors").stat().st_size // 2))
@@ -229,7 +238,8 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                 and value.shape != params[name].shape:
             raise CheckpointError(f"checkpoint {directory}: optimizer state {key!r} has shape "
                                   f"{tuple(value.shape)}, the parameter has {tuple(params[name].shape)}")
-        per_param.setdefault(name, {})[field] = value
+        per_param.setdefault(name, {})[field] = like(value, params[name]) if torch.is_tensor(value) \
+            and field != "step" else value
     cpu_rng = torch.get_rng_state()
     if "torch" not in rng or rng["torch"].dtype != cpu_rng.dtype or rng["torch"].shape != cpu_rng.shape:
         raise CheckpointError(f"checkpoint {directory}: rng.safetensors holds no valid random-number state")
@@ -237,7 +247,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     # Everything fits: now change the model and the optimizer.
     with torch.no_grad():
         for n, t in weights.items():
-            params[n].copy_(t)
+            params[n].copy_(like(t, params[n]))  # this rank's part of a sharded parameter (FSDP)
     current = optimizer.state_dict()
     restored = {"state": {}, "param_groups": []}
     for group, saved, cur in zip(optimizer.param_groups, state["param_groups"], current["param_groups"]):
@@ -261,7 +271,7 @@ FREE_KEYS = frozenset({
     "train.eval_every", "train.save_every", "train.save_every_minutes", "train.keep_checkpoints",
     "train.micro_batch_size", "train.activation_checkpointing", "train.compile", "train.compile_memory_budget",
     "train.compile_lean", "train.cuda_graphs", "train.compile_autotune", "train.attention",
-    "train.masked_attention",
+    "train.masked_attention", "train.distributed",
 })
 
 

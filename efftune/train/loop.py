@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -34,12 +36,13 @@ from ..forward.logprobs import target_logprobs
 from ..forward.options import ForwardOptions, check_attention_kernel, check_masked_attention
 from ..methods.hooks import TrainHooks
 from ..methods.lora.layer import mixed_adapter_batch
-from ..moe.layer import collect_aux_losses, expert_loads
-from ..moe.router_tap import hf_router_aux
+from ..moe.layer import collect_aux_losses, expert_loads, moe_layers
+from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
 from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
                          save_checkpoint, set_aside, trainable_state)
-from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
+from .compile import check_memory_budget, compile_blocks, decoder_blocks, partitioner, uncompile_blocks
+from . import distributed
 from .interrupt import RunInterrupted, StopSignals
 from .optimizers import build_optimizer, check_optimizer, embedding_weights
 from .plot import plot_metrics, plot_routing
@@ -73,6 +76,7 @@ class TrainConfig:
     save_every_minutes: float = 10.0  # also a checkpoint once this long has passed since the last (0: off)
     keep_checkpoints: int = 2
     seed: int = 0
+    distributed: str = "ddp"        # under torchrun: ddp (a whole model per rank) | fsdp (sharded; efftune.train.distributed)
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -101,6 +105,7 @@ class TrainConfig:
         if not self.save_every_minutes >= 0:
             raise ConfigError(f"train.save_every_minutes must be 0 (off) or positive, got {self.save_every_minutes}")
         check_attention_kernel(self.attention)
+        distributed.check_mode(self.distributed)
         check_masked_attention(self.masked_attention)
         check_optimizer(self.optimizer)
         if self.compile_memory_budget is not None:
@@ -210,8 +215,24 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """The gradients' total norm before clipping; clipped to `max_norm` when it is positive."""
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if any(type(p.grad).__name__ == "DTensor" for p in params):  # sharded (FSDP): torch sums the shards' norms
+        return float(torch.nn.utils.clip_grad_norm_(params, math.inf))  # (a factor of 1: nothing clipped)
     grads = [p.grad.norm() for p in params if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+
+def check_shardable(config: TrainConfig, hooks: TrainHooks) -> None:
+    """What cannot run with `train.distributed: fsdp`, refused before anything changes, with why."""
+    if not hooks.keeps_base_weights:
+        raise ConfigError(f"train.distributed fsdp cannot run {type(hooks).__name__}: it writes into the frozen "
+                          "base weights (ReLoRA merges its LoRA into them at each restart and saves the whole "
+                          "model), which FSDP keeps sharded across the ranks; use train.distributed ddp")
+    if config.fp8_base:
+        raise ConfigError("train.distributed fsdp cannot run with train.fp8_base: it swaps the base linears' "
+                          "weights for FP8 copies, which FSDP shards; use train.distributed ddp")
+    if config.cuda_graphs:
+        raise ConfigError("train.distributed fsdp cannot run with train.cuda_graphs: FSDP gathers each block's "
+                          "weights around its forward, outside a graph's fixed addresses; use train.compile alone")
 
 
 def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
@@ -282,6 +303,28 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
            options: ForwardOptions, run_dirs: Mapping[str, str | Path] | None = None,
            on_metrics: Callable[[str | None, dict], None] | None = None) -> TrainResult:
     device = next(model.parameters()).device
+    here = distributed.init(str(device))  # under torchrun: this rank among the others (efftune.train.distributed)
+    if here.active and isinstance(sequences, Mapping):
+        raise ConfigError("train: k adapters at once do not run under torchrun yet; build the library in one process")
+    micro = distributed.check_batch(config.batch_size, config.micro_batch_size, here)
+    local = config.batch_size // here.size  # this rank's examples of each step
+    main = here.main  # rank 0 writes every file and prints; the others compute
+    sharded = here.active and config.distributed == "fsdp"
+    if sharded:
+        check_shardable(config, hooks)
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if config.compile:
+        compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
+    # the forward: plain, or through DDP/FSDP under torchrun (their hooks reduce the gradients); FSDP
+    # replaces the parameters by sharded ones, so the optimizer is built over those
+    if sharded:
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")  # autocast_for's
+        forward = distributed.fully_sharded(model, decoder_blocks(model), torch.bfloat16 if bf16 else None)
+    elif here.active:
+        forward = distributed.data_parallel(model, has_moe=bool(moe_layers(model) or router_taps(model)))
+    else:
+        forward = partial(target_logprobs, model)
     params = hooks.parameters(model)
     if not params:
         raise ConfigError("nothing to train: the model has no trainable parameters (attach a method first)")
@@ -290,10 +333,6 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     for lane in lanes:
         lane.directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    if config.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    if config.compile:
-        compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
     optimizer = make_optimizer([lane.params for lane in lanes], config, device, embedding_weights(model))
     lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
     # a lane's checkpoints hold its own part of the optimizer (the whole optimizer for a one-lane run)
@@ -327,8 +366,10 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
             lane.start = state["step"]
             lane.rows = [r for r in lane.rows if r.get("step", 0) <= lane.start]  # what was logged up to it
             lane.last_ckpt, lane.unconfirmed = found[lane.name], lane.start < config.steps
+        distributed.barrier()  # every rank has read the files before rank 0 rewrites metrics.jsonl
     for lane in lanes:
-        write_text_atomically(lane.metrics_path, "".join(strict_json(r) + "\n" for r in lane.rows))
+        if main:
+            write_text_atomically(lane.metrics_path, "".join(strict_json(r) + "\n" for r in lane.rows))
         lane.evals = [{k: v for k, v in r.items() if k != "eval"} for r in lane.rows if r.get("eval")]
         for r in reversed([r for r in lane.rows if "grad_norm" in r]):  # zero-gradient steps carry over a resume
             if r["grad_norm"] != 0:
@@ -336,12 +377,13 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
             lane.zero_grad += 1
 
     def log(lane: Lane, row: dict) -> None:
-        line = strict_json(row) + "\n"
-        with open(lane.metrics_path, "a") as f:
-            start = f.tell()
-            f.write(line)
-            f.flush()
-            fault_point("mid_metrics_append", tear=(lane.metrics_path, start + len(line) // 2))
+        if main:
+            line = strict_json(row) + "\n"
+            with open(lane.metrics_path, "a") as f:
+                start = f.tell()
+                f.write(line)
+                f.flush()
+                fault_point("mid_metrics_append", tear=(lane.metrics_path, start + len(line) // 2))
         lane.rows.append(row)
         if on_metrics is not None:
             on_metrics(lane.name, row)
@@ -353,7 +395,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         if step == config.steps:
             fault_point("final_eval")
         # CUDA graphs: evaluation shapes vary, and each new shape would record graphs of its own
-        with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext():
+        with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext(), \
+                distributed.gathered(forward) if sharded else nullcontext():
             results = {lanes[0].name: evaluate(model)} if not together else evaluate(model, [l.name for l in which])
         for lane in which:  # an adapter the evaluation left out is logged with no metrics
             result = {"step": step, **results.get(lane.name, {})}
@@ -365,7 +408,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         note = ""
         if lane.unconfirmed and lane.last_ckpt is not None:  # this step ran on its weights: it leads nowhere
             bad = lane.last_ckpt
-            lane.last_ckpt = set_aside(bad)
+            lane.last_ckpt = set_aside(bad) if main else ([c for c in checkpoints(bad.parent) if c != bad] or [None])[-1]
             note = f" (moved {bad.name}, whose weights gave it, to {bad.name}.diverged)"
         where = (f"the last good checkpoint is {lane.last_ckpt}: resume from it with a lower --lr and --resume-changed"
                  if lane.last_ckpt else "no good checkpoint was written: start again with a lower --lr")
@@ -378,13 +421,19 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
             if bad:
                 diverged(lane, done, f"weight {bad!r} became NaN or infinite")
         for lane in which:
-            lane.last_ckpt = save_checkpoint(lane.ckpt_root / f"step-{done:06d}", model, own_part(lane), done,
-                                             {"train_config": asdict(config)}, hooks.state(), only=only(lane))
+            directory = lane.ckpt_root / f"step-{done:06d}"
+            # under torchrun rank 0 writes the trainable state every rank holds (ddp), or gathers it (fsdp)
+            distributed.on_main(lambda: save_checkpoint(directory, model, own_part(lane), done,
+                                                        {"train_config": asdict(config)}, hooks.state(),
+                                                        only=only(lane), writer=main), every_rank=True)
+            lane.last_ckpt = directory
             # The last checkpoint is not followed by a forward pass; every other is pruned after one.
             lane.unconfirmed = done < config.steps
         last_save = time.monotonic()
         fault_point("before_prune")
         for lane in which:
+            if not main:
+                continue
             if not lane.unconfirmed:
                 prune_checkpoints(lane.ckpt_root, config.keep_checkpoints)
             if on_checkpoint:
@@ -397,15 +446,15 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                      and not any(e["step"] == start for e in l.evals)]
             if which:
                 run_eval(start, which)
-    micro = config.micro_batch_size or config.batch_size
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     model.train()
+    scale = float(here.size)  # DDP and FSDP average the ranks' gradients; the step's loss is their sum
     first = min(lane.start for lane in lanes)
     t_start, tokens_seen, last_save = time.perf_counter(), 0, time.monotonic()
     lane_tokens = {lane.name: 0 for lane in lanes}
     fault_point("before_first_step")
     bar = progress_bar(config.steps, f"train {len(lanes)} adapters" if together else "train", unit="step",
-                       initial=first)
+                       initial=first, enable=main)
     eval_time = SideTime(bar)  # evaluations stop the bar's clock: its time estimate counts steps only
     try:
         with StopSignals() as stop:
@@ -417,13 +466,15 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                 batches = [[lane.sequences[i] for i in example_order(len(lane.sequences), config.seed,
                                                                      step * config.batch_size, config.batch_size)]
                            for lane in live]
+                # the mean is over the whole (global) batch's answer tokens, whichever rank runs an example
                 n_targets = [sum(sum(1 for t in s.labels if t != IGNORE) for s in batch) for batch in batches]
+                mine = [batch[here.rank * local:(here.rank + 1) * local] for batch in batches]  # this rank's share
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(step)
                 totals, aux_logs = [0.0] * len(live), [{} for _ in live]
-                for m0 in range(0, config.batch_size, micro):
+                for m0 in range(0, local, micro):
                     rows, owner = [], []  # a row holds one lane's examples only
-                    for j, batch in enumerate(batches):
+                    for j, batch in enumerate(mine):
                         part = training_rows(batch[m0:m0 + micro], config.max_length)
                         rows += part
                         owner += [j] * len(part)
@@ -434,11 +485,11 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                     partition = partitioner(config.compile_memory_budget, config.compile_lean) if config.compile \
                         else nullcontext()
                     # each row through its own adapter; backward inside too (checkpointed layers recompute)
-                    with mixed_adapter_batch(model, [live[j].name for j in owner]) if together else nullcontext():
+                    with mixed_adapter_batch(model, [live[j].name for j in owner]) if together else nullcontext(), \
+                            distributed.gradient_sync(forward, last=m0 + micro >= local):
                         with autocast_for(config.precision, device), partition:
-                            logp = target_logprobs(model, inputs.input_ids, inputs.rows, inputs.sources,
-                                                   inputs.targets, inputs.position_ids, inputs.mask,
-                                                   options=options)
+                            logp = forward(inputs.input_ids, inputs.rows, inputs.sources, inputs.targets,
+                                           inputs.position_ids, inputs.mask, options=options)
                         if together:  # each lane's answer NLL over its own answer tokens; summed over lanes
                             losses, reals = lane_losses(logp, inputs, owner, n_targets)
                         else:
@@ -448,7 +499,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                         # MoE: efftune's routed layers and transformers' own MoE blocks (RouterTap) report
                         # balance losses over each lane's real tokens (padding is routed too, but must not
                         # count); each is added with the micro-batch's share and logged
-                        n_part = min(micro, config.batch_size - m0)  # examples of each lane in this micro-batch
+                        n_part = min(micro, local - m0)  # examples of each lane in this micro-batch
                         for j, real in enumerate(reals):
                             found_aux = False
                             for aux, aux_stats, loads in (collect_aux_losses(model, real)
@@ -464,8 +515,18 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                                     aux_logs[j][k] = aux_logs[j].get(k, 0.0) + v * n_part / config.batch_size
                             if not found_aux:
                                 break  # no MoE layers: no other lane has any either
-                        loss.backward()
+                        (loss * scale if here.active else loss).backward()
                     tokens_seen += inputs.tokens
+                if here.active:  # the step's loss and metrics over all ranks' examples; a stop signal any rank got
+                    keys = [sorted(a) for a in aux_logs]
+                    summed = distributed.all_sum([*totals, *(a[k] for a, ks in zip(aux_logs, keys) for k in ks),
+                                                  float(stop.signum or 0)])
+                    totals, rest = summed[:len(totals)], summed[len(totals):]
+                    for a, ks in zip(aux_logs, keys):
+                        for k in ks:
+                            a[k], rest = rest[0], rest[1:]
+                    if rest[0] and stop.signum is None:  # every rank stops after the same step
+                        stop.signum = signal.SIGTERM
                 for lane, total in zip(live, totals):
                     if not math.isfinite(total):
                         diverged(lane, step + 1, f"the loss became {total}")
@@ -494,7 +555,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                     lane.zero_grad = lane.zero_grad + 1 if grad_norms[j] < 1e-10 else 0
                     if lane.zero_grad >= ZERO_GRAD_STEPS:
                         row["zero_grad_steps"] = lane.zero_grad
-                        if lane.zero_grad == ZERO_GRAD_STEPS:
+                        if lane.zero_grad == ZERO_GRAD_STEPS and main:
                             note(f"efftune: warning: {lane.label()}the gradient norm has been 0 for "
                                  f"{lane.zero_grad} steps (since step {step + 2 - lane.zero_grad}), so the loss "
                                  f"cannot change: the weights may have saturated (is lr {config.lr:g} too "
@@ -529,10 +590,17 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     finally:
         bar.close()
     seconds = time.perf_counter() - t_start
+    if sharded:  # the adapter whole on every rank, for saving and using it (the base stays sharded)
+        distributed.unshard_trainable(model)
+    tokens_seen = int(distributed.all_sum([tokens_seen])[0])  # the run's tokens, all ranks'
     results = {}
     for lane in lanes:
-        plot_metrics(lane.rows, lane.directory / "training.png")
-        if lane.routing_load:
+        if lane.routing_load and here.active:  # each rank routed its own tokens: the run's load is their sum
+            flat = distributed.all_sum([v for layer in lane.routing_load for v in layer])
+            lane.routing_load = [[flat.pop(0) for _ in layer] for layer in lane.routing_load]
+        if main:
+            plot_metrics(lane.rows, lane.directory / "training.png")
+        if main and lane.routing_load:
             (lane.directory / "routing.json").write_text(json.dumps({"expert_load": lane.routing_load}))
             plot_routing(lane.routing_load, lane.directory / "routing.png")
         losses = [r["loss"] for r in lane.rows if "loss" in r]

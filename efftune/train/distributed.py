@@ -1,0 +1,293 @@
+"""Several processes training one model: torch.distributed under torchrun.
+
+efftune launches nothing and shards nothing itself. `torchrun` (or `efftune train --nproc N`,
+which runs torchrun) starts one process per device and sets RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous address; `init()` joins the process group from those (NCCL on GPUs, gloo on CPU).
+Then the training loop (`efftune.train.loop`) runs in every process, each on its share of
+every step's global batch, in one of two modes (`train.distributed`):
+
+- `ddp`: every rank holds the whole model; torch's DistributedDataParallel all-reduces the
+  gradients of the trainable parameters only (DDP leaves out parameters that need no gradient),
+  in buckets overlapped with backward.
+- `fsdp`: each decoder block and then the rest of the model is sharded with FSDP2's
+  `fully_shard` (frozen base weights too), so a base that does not fit one device trains.
+
+Both give each step the gradient one process computes over the whole batch: a rank's loss is
+its examples' share of the step's mean answer NLL times the world size, and DDP and FSDP average
+over ranks. Outputs (metrics, plots, checkpoints, the adapter, the progress bar, the final JSON
+line) come from rank 0 only; every rank reads checkpoints, so the output directory must be one
+all ranks see (a shared filesystem across machines).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError, EfftuneError
+from ..forward.logprobs import target_logprobs
+
+MODES = ("ddp", "fsdp")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: its rank among `size` processes, its device index on its machine."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes outputs and prints."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """A process group is up (under torchrun, even with one process)."""
+        return dist.is_available() and dist.is_initialized()
+
+
+def launched() -> bool:
+    """This process was started by torchrun (or anything that sets its environment)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def restarted() -> bool:
+    """torchrun started this process again after a rank failed (`--max-restarts`): the run resumes."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def world() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return World()
+
+
+def init(device: str = "auto", timeout_minutes: float = 30) -> World:
+    """Join the process group torchrun's environment describes (nothing without it); idempotent.
+    NCCL when this process trains on a GPU (`device` auto or cuda), each local rank on its own
+    GPU; gloo on CPU. Returns this process's `World`."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return world()
+    if not dist.is_available():
+        raise EfftuneError("this torch is built without torch.distributed; it cannot run under torchrun")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    on_gpu = torch.cuda.is_available() and not str(device).startswith("cpu")
+    if on_gpu:
+        if local_rank >= torch.cuda.device_count():
+            raise EfftuneError(f"local rank {local_rank} has no GPU of its own: only {torch.cuda.device_count()} "
+                               "are visible; start at most that many processes per machine")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                            device_id=torch.device("cuda", local_rank) if on_gpu else None)
+    return world()
+
+
+def device_for(device: str, here: World) -> str:
+    """The device this rank loads the model on: its own GPU where `device` says auto or cuda."""
+    if not here.active or not torch.cuda.is_available() or device not in ("auto", "cuda"):
+        return device
+    return f"cuda:{here.local_rank}"
+
+
+def finish() -> None:
+    """Leave the process group (the end of a command that joined one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- collectives on plain numbers -------------------------------------------------------------------
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(values: Sequence[float]) -> list[float]:
+    """Each value summed over the ranks (float64); the values themselves without a process group."""
+    if not world().active or not values:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if world().active:
+        dist.barrier()
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0, then on the other ranks (downloads, caches, a run directory: rank 0 makes
+    them, the others find them made). An EfftuneError on rank 0 is raised on every rank with its
+    message instead of leaving the others waiting."""
+    here = world()
+    if not here.active or here.size == 1:
+        return fn()
+    failure: list = [None]
+    if here.main:
+        try:
+            result = fn()
+        except BaseException as exc:
+            failure[0] = f"{type(exc).__name__}: {exc}"
+            dist.broadcast_object_list(failure, src=0)
+            raise
+        dist.broadcast_object_list(failure, src=0)
+        return result
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise EfftuneError(f"rank 0 failed ({failure[0]})")
+    return fn()
+
+
+def on_main(fn: Callable[[], T], every_rank: bool = False) -> T | None:
+    """`fn()` on rank 0 only, the other ranks waiting for it; its failure reaches every rank (as an
+    EfftuneError there). `every_rank`: every rank calls `fn` (it gathers sharded state, and rank 0
+    writes it), rank 0's failure still reaching the others."""
+    here = world()
+    if not here.active or here.size == 1:
+        return fn()
+    failure: list = [None]
+    result = fn() if every_rank and not here.main else None
+    if here.main:
+        try:
+            result = fn()
+        except BaseException as exc:
+            failure[0] = f"{type(exc).__name__}: {exc}"
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None and not here.main:
+        raise EfftuneError(f"rank 0 failed ({failure[0]})")
+    return result
+
+
+def shard(items: Sequence[T], here: World) -> list[T]:
+    """This rank's share of `items` (every size-th from its rank)."""
+    return list(items[here.rank::here.size])
+
+
+# -- the parallel forward ---------------------------------------------------------------------------
+class Forward(nn.Module):
+    """The loop's forward (`target_logprobs`) as a module over the model, so that DDP's and FSDP's
+    hooks run around each call: DDP prepares its gradient reduction in `forward`, and FSDP's root
+    gathers the parameters outside the blocks (embeddings, final norm, LM head) before it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return target_logprobs(self.model, *args, **kwargs)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"train.distributed must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def check_batch(batch_size: int, micro_batch_size: int, here: World) -> int:
+    """Examples per forward on each rank; the global batch must split evenly into them."""
+    if batch_size % here.size:
+        raise ConfigError(f"train.batch_size {batch_size} (the global batch) does not split across {here.size} "
+                          f"ranks: make it a multiple of {here.size}")
+    local = batch_size // here.size
+    micro = micro_batch_size or local
+    if local % micro:
+        raise ConfigError(f"train.batch_size {batch_size} is not divisible by {here.size} ranks x "
+                          f"train.micro_batch_size {micro}: each rank takes {local} examples a step")
+    return micro
+
+
+def data_parallel(model: nn.Module, has_moe: bool) -> nn.Module:
+    """`Forward(model)` under DistributedDataParallel. Trainable parameters are made equal to rank
+    0's first (they are already when every rank seeded the same, as efftune's runs do; a check
+    costs one broadcast of the adapter); frozen weights and buffers are never sent. `has_moe`:
+    experts that receive no token on a rank have no gradient there, which DDP must look for."""
+    from torch.nn.parallel import DistributedDataParallel
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+    return DistributedDataParallel(Forward(model), init_sync=False, broadcast_buffers=False,
+                                   find_unused_parameters=has_moe)
+
+
+def fully_sharded(model: nn.Module, blocks: Sequence[nn.Module], param_dtype: torch.dtype | None) -> nn.Module:
+    """`Forward(model)` with FSDP2: each decoder block a unit of `fully_shard` (frozen base weights
+    sharded too), then the rest (embeddings, final norm, LM head) as the root unit. Compute in
+    `param_dtype` (bf16 under autocast on GPUs), gradients reduced in fp32, and the sharded
+    parameters the optimizer steps keep their own dtype (fp32 for what trains). Blocks compiled
+    before (`train.compile`) are sharded as compiled: torch's order, compile per block, then shard."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not blocks:
+        raise ConfigError(f"train.distributed fsdp: found no decoder blocks in {type(model).__name__} to shard "
+                          "(it lists none in _no_split_modules); use train.distributed ddp")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    root = Forward(model)
+    fully_shard(root, mp_policy=policy)
+    # The root must be the first unit to initialise, also where an evaluation before the first step
+    # calls the blocks without going through it (`gathered`). FSDP2 does this on the root's first
+    # forward; we do it now.
+    root._get_fsdp_state()._lazy_init()
+    return root
+
+
+def gathered(wrapped: nn.Module):
+    """Within it the model runs outside `wrapped`'s forward (evaluations): under FSDP the root's
+    parameters (embeddings, final norm, LM head) are gathered; the blocks gather their own."""
+    from contextlib import contextmanager
+    from torch.distributed.fsdp import FSDPModule
+
+    @contextmanager
+    def scope():
+        wrapped.unshard()
+        try:
+            yield
+        finally:
+            wrapped.reshard()
+    return scope() if isinstance(wrapped, FSDPModule) else nullcontext()
+
+
+def gradient_sync(wrapped: nn.Module, last: bool):
+    """Accumulation: gradients of every micro-batch but a step's last stay local (DDP's no_sync,
+    FSDP's set_requires_gradient_sync)."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(wrapped, FSDPModule):
+        wrapped.set_requires_gradient_sync(last)
+        return nullcontext()
+    if last or not hasattr(wrapped, "no_sync"):
+        return nullcontext()
+    return wrapped.no_sync()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (a collective: every rank calls it), else `t`."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Whole tensor `t` (a checkpoint's) cut as `param` is sharded (this rank's part), else `t`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(param, DTensor):
+        return t
+    return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+
+
+def unshard_trainable(model: nn.Module) -> None:
+    """After training under FSDP: every trainable parameter whole again on every rank (a plain
+    tensor), so the adapter is saved and used as after any run; the frozen base stays sharded."""
+    from torch.distributed.tensor import DTensor
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.requires_grad and isinstance(p, DTensor):
+                setattr(module, name, nn.Parameter(p.full_tensor().detach(), requires_grad=True))

@@ -1,0 +1,67 @@
+"""One rank of the multi-process tests (tests/train/test_distributed.py): a tiny float64 LoRA
+model trained by `efftune.train.loop.train` under a gloo process group, as torchrun would start it."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def lora_model(seed: int = 0):
+    from efftune.methods.lora.config import LoraConfig
+    from efftune.methods.lora.model import add_lora
+    from tests.conftest import tiny_llama
+    m = tiny_llama(dtype=torch.float64, seed=seed)
+    torch.manual_seed(seed)
+    add_lora(m, LoraConfig(r=4))
+    return m
+
+
+def sequences():
+    from efftune.data import Formatter, MultipleChoice
+    from tests.conftest import make_tokenizer
+    prompts = ["Q: Is the sky blue?\nA: ", "Q: Is grass red?\nA: ", "Take 3 steps forward.\nA: ",
+               "Always face forward.\nA: ", "0123456789 =\nA: ", "The quick brown fox\nA: "]
+    f = Formatter(make_tokenizer())
+    return [f.encode(MultipleChoice(p, ("yes", "no"), i % 2)) for i, p in enumerate(prompts * 2)]
+
+
+def run(out: str, config: dict, resume: bool = False, evaluate: bool = False) -> None:
+    """Train and write this rank's trainable weights to out/rank-R.safetensors."""
+    from safetensors.torch import save_file
+
+    from efftune.train.distributed import finish, restarted, world
+    from efftune.train.loop import TrainConfig, train
+    seqs = sequences()
+    resume = resume or (restarted() and (Path(out) / "run" / "checkpoints" / "latest").exists())
+    model = lora_model()
+    ev = None
+    if evaluate:
+        from efftune.data import Formatter, MultipleChoice
+        from efftune.finetune import evaluator
+        from tests.conftest import make_tokenizer
+        held = [MultipleChoice(f"Q: {w}?\nA: ", ("yes", "no"), i % 2) for i, w in enumerate("abcdefg")]
+        ev = evaluator(Formatter(make_tokenizer()), held, sharded=config.get("distributed", "ddp") == "ddp")
+    result = train(model, seqs, TrainConfig(**config), Path(out) / "run", pad_id=1, resume=resume, evaluate=ev)
+    state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    rank = world().rank
+    save_file(state, str(Path(out) / f"rank-{rank}.safetensors"))
+    (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"final_loss": result.final_loss,
+                                                             "tokens": result.tokens, "evals": result.evals}))
+    finish()
+
+
+def spawned(rank: int, world_size: int, port: int, out: str, config: dict, resume: bool, evaluate: bool) -> None:
+    """torch.multiprocessing.spawn's entry: torchrun's environment, then `run`."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    torch.set_num_threads(1)
+    run(out, config, resume, evaluate)
+
+
+if __name__ == "__main__":  # under torchrun: python -m tests.train.dist_worker OUT CONFIG_JSON [resume]
+    torch.set_num_threads(1)
+    run(sys.argv[1], json.loads(sys.argv[2]), resume="resume" in sys.argv[3:], evaluate="eval" in sys.argv[3:])

@@ -1,0 +1,214 @@
+"""Several ranks (gloo on CPU) against one process: `efftune.train.distributed` and the loop under
+torchrun. Each multi-process test starts 2 tiny float64 ranks (a few seconds of imports each)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from efftune.errors import ConfigError
+from efftune.train.distributed import World, check_batch
+from efftune.train.loop import TrainConfig, train
+from tests.train import dist_worker
+
+CONFIG = dict(steps=3, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=0, save_every=0, max_length=64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(out: Path, config: dict, n: int = 2, resume: bool = False, evaluate: bool = False) -> None:
+    mp.spawn(dist_worker.spawned, args=(n, free_port(), str(out), config, resume, evaluate), nprocs=n, join=True)
+
+
+def one_process(out: Path, config: dict, resume: bool = False):
+    model = dist_worker.lora_model()
+    result = train(model, dist_worker.sequences(), TrainConfig(**config), out / "run", pad_id=1, resume=resume)
+    return result, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def assert_same_weights(a: dict, b: dict, tol: float = 1e-10) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=tol, atol=tol, msg=n)
+
+
+def test_global_batch_must_split_evenly():
+    assert check_batch(8, 0, World(0, 2)) == 4
+    assert check_batch(8, 2, World(1, 2)) == 2
+    with pytest.raises(ConfigError, match="split across 3 ranks"):
+        check_batch(8, 0, World(0, 3))
+    with pytest.raises(ConfigError, match="not divisible by 2 ranks x train.micro_batch_size 4"):
+        check_batch(12, 4, World(0, 2))
+    with pytest.raises(ConfigError, match="train.distributed must be one of"):
+        TrainConfig(distributed="zero3")
+
+
+def test_ddp_two_ranks_equal_one_process(tmp_path):
+    config = {**CONFIG, "micro_batch_size": 1}  # 2 examples a rank: accumulation under no_sync too
+    ranks(tmp_path / "ddp", config, evaluate=True)
+    ref, weights = one_process(tmp_path / "one", config)
+    got = [load_file(str(tmp_path / "ddp" / f"rank-{r}.safetensors")) for r in (0, 1)]
+    assert_same_weights(got[0], got[1], tol=0)  # replicas stay identical
+    assert_same_weights(weights, got[0])
+    assert losses(tmp_path / "ddp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    info = json.loads((tmp_path / "ddp" / "rank-0.json").read_text())
+    assert info["tokens"] == ref.tokens  # both ranks' tokens
+    # the evaluation, sharded over the ranks, is the whole set's: 7 examples, 4 + 3
+    assert [e["step"] for e in info["evals"]] == [0, 3] and all(0 <= e["accuracy"] <= 1 for e in info["evals"])
+    assert (tmp_path / "ddp" / "run" / "checkpoints" / "step-000003").is_dir()
+
+
+def rewind(run_dir: Path, to: Path, step: int) -> None:
+    """A copy of `run_dir` as the run left it when it stopped after checkpoint `step`."""
+    import shutil
+    shutil.copytree(run_dir, to)
+    for c in (to / "checkpoints").glob("step-*"):
+        if int(c.name[5:]) > step:
+            shutil.rmtree(c)
+    (to / "checkpoints" / "latest").write_text(f"step-{step:06d}")
+
+
+def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(tmp_path):
+    config = {**CONFIG, "steps": 4, "save_every": 2}
+    ranks(tmp_path / "two", config)  # uninterrupted, checkpoints at steps 2 and 4
+    _, uninterrupted = one_process(tmp_path / "ref", config)
+    two = load_file(str(tmp_path / "two" / "rank-0.safetensors"))
+    assert_same_weights(uninterrupted, two)
+
+    rewind(tmp_path / "two" / "run", tmp_path / "on1" / "run", 2)
+    result, on_one = one_process(tmp_path / "on1", config, resume=True)
+    assert result.start_step == 2
+    assert_same_weights(uninterrupted, on_one)
+
+    rewind(tmp_path / "two" / "run", tmp_path / "on2" / "run", 2)
+    ranks(tmp_path / "on2", config, resume=True)
+    assert_same_weights(uninterrupted, load_file(str(tmp_path / "on2" / "rank-0.safetensors")))
+    assert losses(tmp_path / "on2" / "run") == pytest.approx(losses(tmp_path / "ref" / "run"), rel=1e-9)
+
+
+ROWS = [{"input": f"Q: Is {w} blue?", "choices": ["yes", "no"], "answer": int(w != "sky")}
+        for w in ["sky", "grass", "fox", "dog"] * 4]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+def test_nproc_refuses_more_processes_than_devices(capsys, model_dir, data_file, tmp_path):
+
+    from efftune.cli import main
+    for n, extra, message in ((0, [], "--nproc must be at least 1"), ((os.cpu_count() or 1) + 1, [], "CPU core(s)"),
+                              (1, ["--distributed", "fsdp", "--method", "relora"], "cannot run method relora")):
+        code = main(["train", "--nproc", str(n), "--model", str(model_dir), "--data", str(data_file), "--device", "cpu",
+                     "--output", str(tmp_path / "o"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_nproc_two_equals_one_process_from_the_cli(capsys, model_dir, data_file, tmp_path):
+    """`efftune train --nproc 2` starts torchrun, which starts 2 ranks; the adapter, the metrics and the
+    summary are rank 0's, written once, and equal the one-process run's (fp32: up to rounding)."""
+    import subprocess
+    import sys
+
+    from efftune.cli import main
+    args = ["train", "--model", str(model_dir), "--data", str(data_file), "--eval-size", "4", "--steps", "2",
+            "--batch-size", "4", "--lr", "1e-2", "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "efftune", *args, "--nproc", "2", "--output", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [l for l in done.stdout.strip().splitlines() if l.startswith("{")]
+    assert len(lines) == 1, done.stdout  # the summary, from rank 0 only
+    two = json.loads(lines[0])
+    assert two["steps"] == 2 and two["final_loss"] == pytest.approx(one["final_loss"], abs=2e-4)
+    assert two["accuracy_after"] == one["accuracy_after"]
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert_same_weights(a, b, tol=1e-5)
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2 + 2  # 2 steps, 2 evaluations
+
+
+def test_fsdp_two_ranks_equal_one_process(tmp_path):
+    """FSDP2 (each block sharded, the base too) over 2 ranks: the losses, the adapter and a checkpoint
+    that resumes in one process, as one process computes them."""
+    config = {**CONFIG, "distributed": "fsdp", "micro_batch_size": 1, "steps": 4, "save_every": 2}
+    ranks(tmp_path / "fsdp", config, evaluate=True)
+    ref, weights = one_process(tmp_path / "one", config)
+    got = [load_file(str(tmp_path / "fsdp" / f"rank-{r}.safetensors")) for r in (0, 1)]
+    assert_same_weights(got[0], got[1], tol=0)  # the adapter whole on every rank after training
+    assert_same_weights(weights, got[0])
+    assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    info = json.loads((tmp_path / "fsdp" / "rank-0.json").read_text())
+    assert [e["step"] for e in info["evals"]] == [0, 4]
+    # its checkpoint holds the whole adapter and optimizer state: one process resumes it
+    rewind(tmp_path / "fsdp" / "run", tmp_path / "on1" / "run", 2)
+    _, on_one = one_process(tmp_path / "on1", config, resume=True)
+    assert_same_weights(weights, on_one)
+    # and on 2 ranks again, each loading its shards of it
+    rewind(tmp_path / "fsdp" / "run", tmp_path / "on2" / "run", 2)
+    ranks(tmp_path / "on2", config, resume=True)
+    assert_same_weights(weights, load_file(str(tmp_path / "on2" / "rank-1.safetensors")))
+
+
+def test_two_machines_meet_at_a_rendezvous(tmp_path):
+    """Two `torchrun --nnodes 2` processes (one rank each), as two machines would start them, meet at
+    a c10d rendezvous on 127.0.0.1 and train as one process does."""
+    import subprocess
+    import sys
+    port, config = free_port(), {**CONFIG, "micro_batch_size": 2}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "efftune-test",
+                               "-m", "tests.train.dist_worker", str(tmp_path / "two"), json.dumps(config)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    _, weights = one_process(tmp_path / "one", config)
+    for r in (0, 1):
+        assert_same_weights(weights, load_file(str(tmp_path / "two" / f"rank-{r}.safetensors")))
+    assert losses(tmp_path / "two" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+
+
+@pytest.mark.skipif("os.environ.get('EFFTUNE_RESTART_TEST') != '1'",
+                    reason="flaky on this machine: after torchrun's restart, gloo's connectFullMesh of the new ranks "
+                           "sometimes times out (connection refused) or hangs; EFFTUNE_RESTART_TEST=1 runs it")
+def test_a_rank_killed_mid_run_restarts_from_the_checkpoint(tmp_path):
+    """torchrun --max-restarts 1: rank 1 dies after step 3 (a checkpoint at step 2); torchrun stops rank 0,
+    starts both again, they resume from step 2 and end as the uninterrupted run."""
+    import subprocess
+    import sys
+    config = {**CONFIG, "steps": 4, "save_every": 2}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+           "EFFTUNE_FAULT": "after_optimizer_step@3", "EFFTUNE_FAULT_RANK": "1", "LOGLEVEL": "INFO"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "1", "--monitor-interval", "0.5",
+                           "-m", "tests.train.dist_worker", str(tmp_path / "two"), json.dumps(config)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "failed (exitcode: 86) local_rank: 1" in done.stderr  # rank 1 did die at the fault point
+    _, weights = one_process(tmp_path / "one", config)
+    assert_same_weights(weights, load_file(str(tmp_path / "two" / "rank-0.safetensors")))
+    assert losses(tmp_path / "two" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
