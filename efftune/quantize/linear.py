@@ -72,6 +72,11 @@ class QuantizedLinear(nn.Linear):
         """The tensors DENSE[KIND] takes."""
         raise NotImplementedError
 
+    @property
+    def packed_weight_numel(self) -> int:
+        """The weight's elements, which parameter counts add (`efftune.attach.trainable_parameters`)."""
+        return self.in_features * self.out_features
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense weight (out, in) in `dtype` (default: the compute dtype), a new tensor."""
         return DENSE[self.KIND](self.quantized(), dtype or self.dtype)

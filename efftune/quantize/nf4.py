@@ -117,7 +117,8 @@ def dequantize(codes: Tensor, scale_q: Tensor, scale_scale: Tensor, scale_mean: 
     out_f, in_f = codes.shape[0], codes.shape[1] * 2
     work = _work_dtype(dtype)
     code = (code_table(codes.device) if table is None else table).to(work)
-    idx = torch.stack([codes >> 4, codes & 0xF], dim=-1).view(out_f, in_f).long()
+    # byte b -> (code[b >> 4], code[b & 15]): one lookup per byte gives both of its weights in order
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
     scales = dequantize_scales(scale_q, scale_scale, scale_mean, out_f * in_f // BLOCK).to(work)
-    w = code[idx].view(-1, BLOCK) * scales[:, None]
+    w = pairs[codes.long()].view(-1, BLOCK) * scales[:, None]
     return w.view(out_f, in_f).to(dtype)

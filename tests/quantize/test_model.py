@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from efftune.config import load_config
 from efftune.errors import ConfigError
+from efftune.attach import trainable_parameters
 from efftune.methods.lora import LoraConfig, add_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from efftune.quantize import (Int8Linear, Nf4Linear, QuantizedLinear, dequantize_model, quantize_model,
                               quantized_layers)
@@ -33,8 +34,10 @@ KINDS = [("nf4", Nf4Linear), ("int8", Int8Linear)]
 @pytest.mark.parametrize("kind,cls", KINDS)
 def test_quantize_model_replaces_the_block_linears_only(kind, cls):
     model = llama64(torch.float32)
+    total = trainable_parameters(model)[1]
     report = quantize_model(model, kind)
     assert len(report.quantized) == 2 * 7 and not report.skipped
+    assert trainable_parameters(model)[1] == total  # a quantised weight still counts as its elements
     assert all(isinstance(model.get_submodule(p), cls) for p in report.quantized)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
     assert report.bytes_after < report.bytes_before / (3.5 if kind == "nf4" else 1.9)
