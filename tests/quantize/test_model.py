@@ -179,6 +179,7 @@ def test_refusals():
 @pytest.mark.parametrize("overrides,words", [
     ({"quantize": "nf5"}, ["quantize", "nf5", "nf4"]),
     ({"quantize": "nf4", "method": "relora"}, ["quantize: nf4", "method: relora"]),
+    ({"quantize": "nf4", "method": "full"}, ["quantize", "method full"]),
     ({"quantize": "int8", "train": {"fp8_base": True}}, ["quantize: int8", "train.fp8_base"]),
 ])
 def test_the_config_refuses_up_front(overrides, words):
@@ -186,6 +187,7 @@ def test_the_config_refuses_up_front(overrides, words):
         load_config(None, overrides)
     assert all(w in str(err.value) for w in words), str(err.value)
     assert load_config(None, {"quantize": "nf4"}).quantize == "nf4"
+    assert load_config(None, {"method": "full"}).quantize == "none"  # the default refuses nothing
 
 
 def test_quantised_layers_are_found_as_linears():
