@@ -27,6 +27,11 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
                   loss as `efftune` (chunked LM head), fused AdamW
   efftune-full-8bit     `efftune-full` with train.optimizer adamw8bit (torchao; embeddings' moments fp32)
   efftune-full-compile  `efftune-full` with every decoder block compiled
+  efftune-nf4     `efftune` on an NF4 base: the decoder blocks' linears quantised first
+                  (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-nf4-ckpt:
+                  with activation checkpointing; efftune-compile-nf4: compiled
+  peft-qlora      `peft` on a bitsandbytes NF4 base (Linear4bit, double-quantised scales, bf16
+                  compute: QLoRA as peft users run it); needs bitsandbytes and a GPU
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
@@ -77,11 +82,12 @@ SHAPES: dict[str, dict] = {
 CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
-         "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile")
+         "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt",
+         "efftune-compile-nf4", "peft-qlora")
 LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
                  "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8",
                  "efftune-compile-cg", "efftune-compile-fp8-cg", "efftune-full", "efftune-full-8bit",
-                 "efftune-full-compile")
+                 "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules
@@ -107,8 +113,34 @@ def build_model(shape: str, device: torch.device) -> torch.nn.Module:
     return model.train()
 
 
+def bnb_nf4(model: torch.nn.Module) -> None:
+    """Swap the decoder blocks' linears for bitsandbytes Linear4bit (NF4, double-quantised scales,
+    bf16 compute), as transformers does for `BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`: the weight is quantised when it
+    moves to the GPU."""
+    import bitsandbytes as bnb
+
+    from efftune.attach import replace_module
+    from efftune.train.compile import decoder_blocks
+    for block in decoder_blocks(model):
+        for name, m in list(block.named_modules()):
+            if type(m) is torch.nn.Linear:
+                q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(m.weight.data.cpu(), requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4")
+                if m.bias is not None:
+                    q.bias = torch.nn.Parameter(m.bias.data, requires_grad=False)
+                replace_module(block, name, q.to(m.weight.device))
+
+
 def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
-    if case in ("peft", "peft-fa"):
+    if case == "peft-qlora":
+        bnb_nf4(model)
+    if "-nf4" in case:  # before LoRA attaches, as the main job does
+        from efftune.quantize import quantize_model
+        quantize_model(model, "nf4")
+    if case in ("peft", "peft-fa", "peft-qlora"):
         import peft
         return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                           lora_dropout=0.0))
@@ -226,6 +258,10 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(frozen, trainable); a tied lm_head counts again, as its matmul still runs."""
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     frozen += sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_fp8"))  # train.fp8_base
+    for m in model.modules():  # quantised linears: their weights' elements, not their packed storage
+        if type(m).__name__ in ("Nf4Linear", "Int8Linear", "Linear4bit"):
+            frozen += m.in_features * m.out_features - sum(p.numel() for p in m.parameters(recurse=False)
+                                                            if not p.requires_grad and p is not m.bias)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if inner.lm_head.weight is inner.get_input_embeddings().weight:

@@ -117,4 +117,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    # a quantised layer (efftune.quantize, a layer above) packs its frozen weight into buffers and
+    # says how many elements the weight has
+    total += sum(getattr(m, "packed_weight_numel", 0) for m in model.modules())
     return trainable, total

@@ -51,6 +51,7 @@ class RunConfig:
     chat_template: bool = False
     dtype: str = "auto"
     device: str = "auto"
+    quantize: str = "none"            # nf4 | int8: the frozen decoder-block linears, quantised at load
     lora: LoraConfig = field(default_factory=LoraConfig)
     lora_fa: LoraFAConfig = field(default_factory=LoraFAConfig)   # used with method: lora-fa
     relora: ReLoraConfig = field(default_factory=ReLoraConfig)     # method: relora (LoRA from `lora`)
@@ -83,6 +84,8 @@ class RunConfig:
         except EfftuneError as exc:
             raise ConfigError(str(exc)) from None
         check_combination(self)
+        from .quantize.model import check_quantize
+        check_quantize(self.quantize, self.method, self.train.fp8_base)
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):
@@ -97,7 +100,7 @@ def check_combination(cfg: "RunConfig") -> None:
             raise ConfigError("method full trains the base weights, so train.fp8_base (the frozen base linears "
                               "in FP8) cannot run with it: drop --fp8-base or pick an adapter method")
         for holder, prefix in ((cfg, ""), (cfg.train, "train.")):  # a quantized base (another issue's key)
-            if getattr(holder, "quantize", None):
+            if getattr(holder, "quantize", "none") not in (None, "none"):
                 raise ConfigError(f"method full trains the base weights, so {prefix}quantize (a frozen quantized "
                                   "base) cannot run with it: drop the quantization or pick an adapter method")
     if cfg.method == "relora" and cfg.train.optimizer == "adamw8bit":

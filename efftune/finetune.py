@@ -163,6 +163,9 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     model, tokenizer = distributed.main_first(lambda: load_model(
         cfg.model, dtype=cfg.dtype, device=distributed.device_for(cfg.device, here)))
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
+    if cfg.quantize != "none":  # before the method attaches: its wrappers take the quantised layers as bases
+        from .quantize import quantize_model
+        log(quantize_model(model, cfg.quantize).summary())
     seed_everything(cfg.train.seed)  # the adapter's initial weights too come from --seed
     method.attach(model, method_cfg, tokenizer=tokenizer)
     formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,

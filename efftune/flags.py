@@ -54,6 +54,7 @@ HELP: dict[str, str] = {
     "device": "auto | cpu | cuda | cuda:N",
     "retention": "a retention panel scored before and after training to measure forgetting: default (= "
                  "default-v1) or BIG-bench task names, comma-separated, none of them trained on",
+    "quantize": "none | nf4 | int8: store the frozen linears of the decoder blocks in 4-bit NF4 (QLoRA) or int8",
     # -- LoRA (lora_fa shares these)
     "lora.r": "LoRA rank r",
     "lora.alpha": "LoRA alpha (scaling = alpha / r)",

@@ -80,6 +80,7 @@ SETS = {
     "chat_template": (["--chat-template"], True),
     "dtype": (["--dtype", "bf16"], "bf16"),
     "device": (["--device", "cpu"], "cpu"),
+    "quantize": (["--quantize", "nf4"], "nf4"),
     "lora.r": (["--lora.r", "3"], 3),
     "lora.alpha": (["--lora.alpha", "7.5"], 7.5),
     "lora.dropout": (["--lora.dropout", "0.25"], 0.25),

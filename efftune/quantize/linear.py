@@ -1,0 +1,140 @@
+"""Frozen linear layers whose weight is stored quantised (`Nf4Linear`, `Int8Linear`).
+
+The matmul dequantises the weight of this one layer in the compute dtype, multiplies, and lets the
+dense copy go; backward (the input gradient only: the weight never trains) dequantises it again
+instead of keeping it from forward. So at no point does a dense copy of more than the layer being
+computed exist, at the price of one dequantisation pass more per layer and step, as QLoRA does.
+
+They subclass nn.Linear so that everything that looks for linear layers (`all-linear` targets,
+MixLoRA's gated-MLP check, user code) still finds them, but they hold no `weight` parameter:
+`weight` is a property giving the dequantised weight for reading (shape, dtype, device, values).
+It is made under `torch.inference_mode`, so writing into it (a merge) fails loudly instead of
+changing a temporary copy and nothing else. Code that needs a plain nn.Linear (the fused LoRA
+ops' fast path, FP8) checks `type(m) is nn.Linear` and steps aside for these.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import int8, nf4
+
+
+def _nf4_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    codes, scale_q, scale_scale, scale_mean, table = tensors
+    return nf4.dequantize(codes, scale_q, scale_scale, scale_mean, dtype, table)
+
+
+def _int8_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    q, scale = tensors
+    return int8.dequantize(q, scale, dtype)
+
+
+DENSE = {"nf4": _nf4_dense, "int8": _int8_dense}  # kind -> (its tensors, dtype) -> dense weight
+
+
+class QuantizedMatmul(torch.autograd.Function):
+    """apply(x, kind, *tensors) = x Wᵀ, W = DENSE[kind](tensors) in x's dtype; saves only the
+    quantised tensors, and gives no gradient but x's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kind: str, *tensors: Tensor) -> Tensor:
+        ctx.save_for_backward(*tensors)
+        ctx.kind = kind
+        return F.linear(x, DENSE[kind](tensors, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        tensors = ctx.saved_tensors
+        dx = grad @ DENSE[ctx.kind](tensors, grad.dtype) if ctx.needs_input_grad[0] else None
+        return (dx, None) + (None,) * len(tensors)
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen nn.Linear stored quantised. `dtype`: the compute dtype (the original weight's; it
+    follows `.to(dtype)` like a weight would, while the quantised tensors keep their dtypes)."""
+
+    KIND: ClassVar[str]
+    FP32_BUFFERS: ClassVar[tuple[str, ...]] = ()  # scales: a cast of the model must not round them
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)  # not nn.Linear's: no weight parameter is made
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        self.register_parameter("bias", linear.bias)
+
+    def quantized(self) -> tuple[Tensor, ...]:
+        """The tensors DENSE[KIND] takes."""
+        raise NotImplementedError
+
+    @property
+    def packed_weight_numel(self) -> int:
+        """The weight's elements, which parameter counts add (`efftune.attach.trainable_parameters`)."""
+        return self.in_features * self.out_features
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense weight (out, in) in `dtype` (default: the compute dtype), a new tensor."""
+        return DENSE[self.KIND](self.quantized(), dtype or self.dtype)
+
+    @property
+    def weight(self) -> Tensor:  # read-only, see the module docstring
+        with torch.inference_mode():
+            return self.dequantize()
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.dtype
+        y = QuantizedMatmul.apply(x.to(dtype), self.KIND, *self.quantized())
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # what the call does to a float weight (a cast, a move): the compute dtype follows it
+        probe = fn(torch.empty(0, dtype=self.dtype))
+        super()._apply(fn, recurse)
+        self.dtype = probe.dtype
+        for name in self.FP32_BUFFERS:
+            setattr(self, name, getattr(self, name).float())
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.KIND}, dtype={self.dtype}"
+
+
+class Nf4Linear(QuantizedLinear):
+    """NF4 with double-quantised scales (`efftune.quantize.nf4`); in_features a multiple of 64."""
+
+    KIND = "nf4"
+    FP32_BUFFERS = ("scale_scale", "scale_mean", "code")
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        packed = nf4.quantize(linear.weight)
+        for name, t in zip(("codes", "scale_q", "scale_scale", "scale_mean"), packed.tensors()):
+            self.register_buffer(name, t)
+        self.register_buffer("code", nf4.code_table(linear.weight.device), persistent=False)
+
+    def quantized(self) -> tuple[Tensor, ...]:
+        return self.codes, self.scale_q, self.scale_scale, self.scale_mean, self.code
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 with one fp32 scale per output row (`efftune.quantize.int8`)."""
+
+    KIND = "int8"
+    FP32_BUFFERS = ("scale",)
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        packed = int8.quantize(linear.weight)
+        self.register_buffer("q", packed.q)
+        self.register_buffer("scale", packed.scale)
+
+    def quantized(self) -> tuple[Tensor, ...]:
+        return self.q, self.scale
+
+
+LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": Nf4Linear, "int8": Int8Linear}

@@ -1,0 +1,133 @@
+"""Quantise a model's frozen decoder-block linears (`quantize: nf4 | int8`), and back.
+
+Only the linear layers inside the decoder blocks are quantised: they hold nearly all the weights.
+Embeddings, norms and the LM head keep their dtype (the head's logits feed the loss directly, and
+tied embeddings share its matrix). Run it on a freshly loaded model, before a method attaches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import ConfigError
+from . import nf4
+from .linear import LINEARS, QuantizedLinear
+
+CHOICES = ("none", "nf4", "int8")
+# Methods that write into the frozen base weights: a quantised base cannot take their updates.
+# (A per-method flag in the method registry is the better home once it settles; see issue 22.)
+WRITE_BASE = ("relora",)
+# Classes of layers some other library already quantised (bitsandbytes, as transformers loads them
+# with load_in_4bit / load_in_8bit): quantising again is refused, wrapping them is not done yet.
+FOREIGN_QUANTIZED = ("Linear4bit", "Linear8bitLt", "Params4bit")
+
+
+def check_quantize(quantize: str, method: str, fp8_base: bool) -> None:
+    """Refuse what cannot run with a quantised base, before anything is loaded."""
+    if quantize not in CHOICES:
+        raise ConfigError(f"quantize must be one of {', '.join(CHOICES)}, got {quantize!r}")
+    if quantize == "none":
+        return
+    if method in WRITE_BASE:
+        raise ConfigError(f"quantize: {quantize} cannot run with method: {method}, which merges its updates into "
+                          "the base weights; a quantised base cannot take them (use method: lora)")
+    if fp8_base:
+        raise ConfigError(f"quantize: {quantize} and train.fp8_base both replace the frozen base weights; "
+                          "choose one")
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize_model` did: the quantised module paths, the ones left as they were (path ->
+    why), and the bytes of the linear weights before and after."""
+    kind: str
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def summary(self) -> str:
+        line = (f"quantize {self.kind}: {len(self.quantized)} linear layers of the decoder blocks, "
+                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
+        if self.skipped:
+            reasons: dict[str, list[str]] = {}
+            for path, why in self.skipped.items():
+                reasons.setdefault(why, []).append(path)
+            line += "; left as they were: " + "; ".join(
+                f"{len(paths)} {why} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
+                for why, paths in reasons.items())
+        return line
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _why_not(kind: str, linear: nn.Linear) -> str | None:
+    if kind == "nf4" and not nf4.fits(linear.out_features, linear.in_features):
+        return f"whose input size is not a multiple of {nf4.BLOCK} (NF4's block)"
+    if not linear.weight.is_floating_point():
+        return "whose weight is not floating point"
+    return None
+
+
+def quantize_model(model: nn.Module, kind: str) -> QuantizeReport:
+    """Replace the frozen nn.Linear layers of the decoder blocks by `LINEARS[kind]` in place.
+
+    A layer that cannot take the format (NF4: an input size that is not a multiple of 64) stays
+    as it was and is named in the report; none that can is a ConfigError. On a model some method
+    already froze, only frozen linears are quantised (a method's own trainable layers stay)."""
+    from ..attach import replace_module
+    from ..train.compile import decoder_blocks
+    if kind not in LINEARS:
+        raise ConfigError(f"quantize must be one of {', '.join(LINEARS)}, got {kind!r}")
+    foreign = next((n for n, m in model.named_modules() if type(m).__name__ in FOREIGN_QUANTIZED), None)
+    if foreign is not None:
+        raise ConfigError(f"quantize: {kind}: the model is quantised already ({foreign} is a "
+                          f"{type(model.get_submodule(foreign)).__name__}); load it in bf16 or drop quantize")
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ConfigError(f"quantize: {kind}: the model is quantised already")
+    # fresh from loading every weight requires grad; once a method froze the base, the trainable
+    # linears are the method's own
+    frozen_only = any(not p.requires_grad for p in model.parameters())
+    report = QuantizeReport(kind)
+    paths = {id(m): n for n, m in model.named_modules()}
+    for block in decoder_blocks(model, f"quantize: {kind}"):
+        for name, module in list(block.named_modules()):
+            if type(module) is not nn.Linear or (frozen_only and module.weight.requires_grad):
+                continue
+            path = f"{paths[id(block)]}.{name}"
+            if (why := _why_not(kind, module)) is not None:
+                report.skipped[path] = why
+                continue
+            new = LINEARS[kind](module)
+            report.bytes_before += _nbytes(module)
+            report.bytes_after += _nbytes(new)
+            replace_module(block, name, new)
+            report.quantized.append(path)
+    if not report.quantized:
+        why = f": {next(iter(report.skipped.values()))}" if report.skipped else ""
+        raise ConfigError(f"quantize: {kind}: no linear layer in the decoder blocks can be quantised{why}")
+    return report
+
+
+def dequantize_model(model: nn.Module) -> int:
+    """Put a plain frozen nn.Linear holding the dequantised weight (in the compute dtype) in place
+    of every quantised linear: the model a merge or a full-model export writes into. Returns how
+    many layers changed. (The original weights are gone: this is the quantised model made dense.)"""
+    from ..attach import replace_module
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            dense.weight = nn.Parameter(module.dequantize(), requires_grad=False)
+            dense.bias = module.bias
+            replace_module(model, name, dense)
+            count += 1
+    return count
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """The paths of the model's quantised linears."""
+    return [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
