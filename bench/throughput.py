@@ -121,7 +121,7 @@ def bnb_nf4(model: torch.nn.Module) -> None:
     import bitsandbytes as bnb
 
     from efftune.attach import replace_module
-    from efftune.train.compile import decoder_blocks
+    from efftune.attach import decoder_blocks
     for block in decoder_blocks(model):
         for name, m in list(block.named_modules()):
             if type(m) is torch.nn.Linear:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 from torch import nn
 
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 
 T = TypeVar("T", bound=nn.Module)
 Targets = str | Sequence[str]
@@ -121,3 +121,15 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     # says how many elements the weight has
     total += sum(getattr(m, "packed_weight_numel", 0) for m in model.modules())
     return trainable, total
+
+
+def decoder_blocks(model: nn.Module, option: str | None = None) -> list[nn.Module]:
+    """The repeated blocks, found by the class names transformers lists in `_no_split_modules`.
+    With `option` (the config key that needs them), finding none is a ConfigError naming it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    blocks = [m for m in inner.modules() if type(m).__name__ in names]
+    if option and not blocks:
+        raise ConfigError(f"{option}: found no decoder blocks in {type(model).__name__} "
+                          "(it lists none in _no_split_modules)")
+    return blocks

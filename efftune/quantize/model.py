@@ -79,7 +79,7 @@ def quantize_model(model: nn.Module, kind: str) -> QuantizeReport:
     as it was and is named in the report; none that can is a ConfigError. On a model some method
     already froze, only frozen linears are quantised (a method's own trainable layers stay)."""
     from ..attach import replace_module
-    from ..train.compile import decoder_blocks
+    from ..attach import decoder_blocks
     if kind not in LINEARS:
         raise ConfigError(f"quantize must be one of {', '.join(LINEARS)}, got {kind!r}")
     foreign = next((n for n, m in model.named_modules() if type(m).__name__ in FOREIGN_QUANTIZED), None)

@@ -19,18 +19,7 @@ from typing import Iterator
 from torch import nn
 
 from ..errors import ConfigError
-
-
-def decoder_blocks(model: nn.Module, option: str | None = None) -> list[nn.Module]:
-    """The repeated blocks, found by the class names transformers lists in `_no_split_modules`.
-    With `option` (the config key that needs them), finding none is a ConfigError naming it."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(inner, "_no_split_modules", None) or ())
-    blocks = [m for m in inner.modules() if type(m).__name__ in names]
-    if option and not blocks:
-        raise ConfigError(f"{option}: found no decoder blocks in {type(model).__name__} "
-                          "(it lists none in _no_split_modules)")
-    return blocks
+from ..attach import decoder_blocks
 
 
 def compile_blocks(model: nn.Module, cuda_graphs: bool = False, autotune: bool = False) -> int:

@@ -138,7 +138,7 @@ class Fp8Base:
     a trainable weight or bias. Use as a context manager or call `restore()` yourself."""
 
     def __init__(self, model: nn.Module):
-        from .compile import decoder_blocks
+        from ..attach import decoder_blocks
         targets = [(block, name, m) for block in decoder_blocks(model, "train.fp8_base")
                    for name, m in block.named_modules() if name and fp8_eligible(m)]
         if not targets:

@@ -41,7 +41,8 @@ from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
 from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
                          save_checkpoint, set_aside, trainable_state)
-from .compile import check_memory_budget, compile_blocks, decoder_blocks, partitioner, uncompile_blocks
+from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
+from ..attach import decoder_blocks
 from . import distributed
 from .interrupt import RunInterrupted, StopSignals
 from .optimizers import build_optimizer, check_optimizer, embedding_weights

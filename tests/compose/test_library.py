@@ -278,7 +278,7 @@ def test_cli_build_together_4_compiles_the_blocks(tasks, tokenizer, tmp_path, ca
     uncompiled build's up to compile rounding."""
     import efftune.train.loop as loop
     from efftune.cli import main
-    from efftune.train.compile import decoder_blocks
+    from efftune.attach import decoder_blocks
     model_dir = tmp_path / "model"
     tiny_llama(layers=1).save_pretrained(model_dir)  # one block: one graph to compile (slow on CPU)
     tokenizer.save_pretrained(model_dir)
@@ -325,7 +325,7 @@ def test_compiled_build_runs_every_group_compiled(tokenizer, tmp_path, monkeypat
     would need 4 graphs: from the third group on the blocks would run eagerly), every group's step
     runs the compiled block, one graph serves all four, and the modules equal an eager build's."""
     import efftune.train.loop as loop
-    from efftune.train.compile import decoder_blocks
+    from efftune.attach import decoder_blocks
     graphs, calls = [], []
 
     def counting(gm, example_inputs):  # a backend that runs the captured graph and counts its runs

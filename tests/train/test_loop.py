@@ -132,7 +132,7 @@ def test_activation_checkpointing_gives_the_same_training(tokenizer, tmp_path):
 
 def test_compiled_blocks_give_the_same_training(tokenizer, tmp_path):
     # torch.compile of each decoder block (fp32 here) must train like eager, tree masks included
-    from efftune.train.compile import decoder_blocks
+    from efftune.attach import decoder_blocks
     seqs = data(tokenizer)
     a, b = lora_model(), lora_model()
     train(a, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1), tmp_path / "a", pad_id=1)
@@ -166,7 +166,7 @@ def test_cuda_graph_training_pads_rows_to_max_length_and_trains_like_eager(token
     train(b, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1, max_length=64, compile=True,
                                cuda_graphs=True), tmp_path / "b", pad_id=1)
     assert lengths == [64, 64] and len(marks) == 2  # one mark per optimizer step
-    from efftune.train.compile import decoder_blocks
+    from efftune.attach import decoder_blocks
     assert all(blk._compiled_call_impl is None for blk in decoder_blocks(b))  # eager again afterwards
     for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
