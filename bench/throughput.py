@@ -71,6 +71,9 @@ import torch
 SHAPES: dict[str, dict] = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # bench/distributed.py's FSDP shape: whole, in bf16, it fills one 141 GB GPU before anything trains
+    "llama3-70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     # the default model's architecture (SmolLM2-135M-Instruct), random init: no download needed
