@@ -38,6 +38,9 @@ class LoraFAConfig(LoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.use_dora:
+            raise ConfigError("lora_fa.use_dora: DoRA with LoRA-FA is not supported (A frozen and a "
+                              "magnitude vector: use --method dora or --method lora-fa)")
         if self.delta < 0:
             raise ConfigError(f"lora_fa.delta must be >= 0, got {self.delta}")
 
