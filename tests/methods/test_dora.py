@@ -265,3 +265,38 @@ def test_we_load_peft_dora_adapter_with_the_same_logits_and_gradients(tmp_path, 
     grads(ours)
     grads(pm)
     assert_same_grads(ours, pm)
+
+
+# ---- torch.compile ----------------------------------------------------------------------------------
+
+def test_a_dora_block_compiles_to_one_graph_and_computes_what_eager_does():
+    # aot_eager: Dynamo and AOT autograd trace DoraScale and the norms as Inductor would get them,
+    # without the minute of Inductor's code generation on CPU (GPU runs: bench/throughput.py)
+    model = tiny_llama(layers=1)
+    add_dora(model, LoraConfig(r=4, alpha=8))
+    randomize(model)
+    ids = IDS[:2]
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    eager = loss_and_grads()
+    torch._dynamo.reset()
+    block = model.model.layers[0]
+    for module in model.modules():  # what compile_blocks does first: the graph reads the caches unchecked
+        if hasattr(module, "before_compile"):
+            module.before_compile()
+    assert all(layer.adapters["default"].base_norm_sq is not None for _, layer in lora_layers(model))
+    pos = torch.arange(12)[None]
+    h = torch.randn(1, 12, model.config.hidden_size, requires_grad=True)
+    explained = torch._dynamo.explain(block)(h, position_embeddings=model.model.rotary_emb(h, pos),
+                                             attention_mask=None, position_ids=pos)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    block.compile(backend="aot_eager")
+    compiled = loss_and_grads()
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
+    assert compiled[1].keys() == eager[1].keys()
+    for name, g in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], g, atol=1e-5, rtol=1e-4)
