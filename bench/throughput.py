@@ -21,6 +21,9 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-compile-fp8   both
   efftune-compile-cg    `efftune-compile` replayed as CUDA graphs (TrainConfig(compile=True,
                         cuda_graphs=True)); efftune-compile-fp8-cg: with FP8 too
+  peft-dora       `peft` with LoraConfig(use_dora=True)
+  efftune-dora    efftune.methods.dora.add_dora (DoRA on lora_linears, SwiGLU unfused), loss as `efftune`;
+                  efftune-dora-compile, efftune-dora-compile-cg: compiled, and replayed as CUDA graphs
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
@@ -31,7 +34,9 @@ frozen LoRA-FA `A` (counted after the optimizer is made, as peft-fa freezes A th
 With NVML (`pip install nvidia-ml-py`) each line also gives the GPU's joules per step, mean power
 against the enforced power limit, the SM clock at the end and tokens per joule: a case at the limit
 runs at a lowered clock (see EnergyMeter).
-A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch.
+A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch, and
+the DoRA bar (issue 25): efftune DoRA >= 2.5x peft DoRA's tokens/s at <= 0.5x its peak, and >= 0.9x
+efftune LoRA's tokens/s in the same mode (eager, compiled, compiled + CUDA graphs).
 Variants of the efftune cases: `--torch-partitioner` (train.compile_lean: false), `--autotune`
 (train.compile_autotune), `--unfused` (each LoRA layer runs its base linear and its two LoRA GEMMs
 apart, without the `lora_linears` op), `--unfused-mlp` (SwiGLU MLPs on the `lora_linears` ops, without
@@ -70,10 +75,12 @@ SHAPES: dict[str, dict] = {
 }
 CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
-         "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg")
+         "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
+         "peft-dora", "efftune-dora", "efftune-dora-compile", "efftune-dora-compile-cg")
 LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
                  "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8",
-                 "efftune-compile-cg", "efftune-compile-fp8-cg")
+                 "efftune-compile-cg", "efftune-compile-fp8-cg",
+                 "efftune-dora", "efftune-dora-compile", "efftune-dora-compile-cg")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules
@@ -100,17 +107,17 @@ def build_model(shape: str, device: torch.device) -> torch.nn.Module:
 
 
 def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
-    if case in ("peft", "peft-fa"):
+    if case in ("peft", "peft-fa", "peft-dora"):
         import peft
         return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                          lora_dropout=0.0))
+                                                          lora_dropout=0.0, use_dora=case == "peft-dora"))
     if case.startswith("efftune-fa"):
         from efftune.methods.lora_fa import LoraFAConfig, add_lora_fa
         add_lora_fa(model, LoraFAConfig(r=16, alpha=32, correction=case != "efftune-fa-nocorr"))
     else:
         from efftune.methods.lora.config import LoraConfig
         from efftune.methods.lora.model import add_lora
-        add_lora(model, LoraConfig(r=16, alpha=32))
+        add_lora(model, LoraConfig(r=16, alpha=32, use_dora=case.startswith("efftune-dora")))
         if UNFUSED:
             from efftune.methods.lora.layer import lora_layers
             for _, layer in lora_layers(model):
@@ -354,6 +361,23 @@ def _ratio(r: dict, base: dict | None, key: str) -> float | None:
     return round(r[key] / base[key], 3)
 
 
+def dora_bar(ok: dict[str, dict]) -> dict | None:
+    """Issue 25's bar per efftune DoRA case run: tokens/s and peak against peft-dora (>= 2.5x at
+    <= 0.5x), tokens/s against efftune LoRA in the same mode (>= 0.9x)."""
+    peft_dora, bar = ok.get("peft-dora"), {}
+    for mode, lora_case in (("", "efftune"), ("-compile", "efftune-compile"), ("-compile-cg", "efftune-compile-cg")):
+        dora, lora = ok.get(f"efftune-dora{mode}"), ok.get(lora_case)
+        if dora is None:
+            continue
+        bar[f"efftune-dora{mode}"] = dict(
+            speed_vs_peft_dora=_ratio(dora, peft_dora, "tokens_s"), peak_vs_peft_dora=_ratio(dora, peft_dora, "peak_gib"),
+            speed_vs_efftune_lora=_ratio(dora, lora, "tokens_s"),
+            passes=None if peft_dora is None or lora is None or dora["peak_gib"] is None else (
+                dora["tokens_s"] >= 2.5 * peft_dora["tokens_s"] and dora["peak_gib"] <= 0.5 * peft_dora["peak_gib"]
+                and dora["tokens_s"] >= 0.9 * lora["tokens_s"]))
+    return bar or None
+
+
 def summarize(results: list[dict]) -> dict:
     """Per shape and batch: each case's tokens/s and peak-memory ratios to efftune (LoRA) and peft
     (LoRA), and the LoRA-FA bar: efftune-fa peak <= peft-fa's and <= 0.7x efftune's, at >= 0.95x
@@ -375,7 +399,7 @@ def summarize(results: list[dict]) -> dict:
             bar = dict(mem_vs_efftune=fa["peak_gib"] <= 0.7 * lora["peak_gib"],
                        speed_vs_efftune=fa["tokens_s"] >= 0.95 * lora["tokens_s"],
                        mem_vs_peft_fa=(fa["peak_gib"] <= pfa["peak_gib"]) if pfa else None)
-        summary[f"{shape} batch {batch}"] = dict(ratios=ratios, lora_fa_bar=bar)
+        summary[f"{shape} batch {batch}"] = dict(ratios=ratios, lora_fa_bar=bar, dora_bar=dora_bar(ok))
     return {"summary": "per shape and batch", "results": summary}
 
 
