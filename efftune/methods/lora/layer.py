@@ -26,6 +26,19 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> 
     return (lora_B.to(dtype) @ lora_A.to(dtype)) * scaling
 
 
+def _merge_terms(like: torch.Tensor, scales: Sequence[torch.Tensor | None],
+                 deltas: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, Σ g ⊙ ΔW) of `merged_weight`: c = 1 + Σ (g - 1) per row, g = 1 where None."""
+    c, total = torch.ones_like(like[:, 0]), torch.zeros_like(like)
+    for g, delta in zip(scales, deltas):
+        if g is None:
+            total += delta
+        else:
+            c += g - 1
+            total += g[:, None] * delta
+    return c, total
+
+
 def merged_weight(w0: torch.Tensor, scales: Sequence[torch.Tensor | None], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """The weight (out, in) that computes what the unmerged adapters compute together on `w0`.
 
@@ -33,25 +46,13 @@ def merged_weight(w0: torch.Tensor, scales: Sequence[torch.Tensor | None], delta
     value per row: DoRA's m / n; None for LoRA, g = 1, which leaves plain `ΔW`), so the sum is
     `c ⊙ W0 + Σ g ⊙ ΔW` with `c = 1 + Σ (g - 1)`: affine in W0, hence exactly invertible
     (`unmerged_weight`) while no c is 0."""
-    c, total = torch.ones_like(w0[:, 0]), torch.zeros_like(w0)
-    for g, delta in zip(scales, deltas):
-        if g is None:
-            total += delta
-        else:
-            c += g - 1
-            total += g[:, None] * delta
+    c, total = _merge_terms(w0, scales, deltas)
     return c[:, None] * w0 + total
 
 
 def unmerged_weight(w: torch.Tensor, scales: Sequence[torch.Tensor | None], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """`W0` from `w = merged_weight(W0, scales, deltas)`: `(w - Σ g ⊙ ΔW) / c`."""
-    c, total = torch.ones_like(w[:, 0]), torch.zeros_like(w)
-    for g, delta in zip(scales, deltas):
-        if g is None:
-            total += delta
-        else:
-            c += g - 1
-            total += g[:, None] * delta
+    c, total = _merge_terms(w, scales, deltas)
     return (w - total) / c[:, None]
 
 
@@ -334,10 +335,10 @@ class LoraLayer(nn.Module):
         w = self.base_layer.weight
         w0 = self.to_weight_layout(w).to(torch.promote_types(w.dtype, torch.float32))  # (out, in): a transpose or not
         scales = [self.adapters[n].merge_scale(self, w0) for n in names]
-        if any(g is not None for g in scales) and not bool((1 + sum(g - 1 for g in scales if g is not None)).all()):
+        deltas = [self.adapters[n].delta_weight().to(w0.dtype) for n in names]
+        if not bool(_merge_terms(w0, scales, deltas)[0].all()):
             raise EfftuneError("merge: a row of the merged weight would be scaled by 0 (magnitudes of 0), "
                                "which unmerge could not undo")
-        deltas = [self.adapters[n].delta_weight().to(w0.dtype) for n in names]
         w.copy_(self.to_weight_layout(merged_weight(w0, scales, deltas)).to(w.dtype))
         self.merged, self.merge_scales = list(names), scales
 
