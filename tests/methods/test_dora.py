@@ -10,7 +10,7 @@ from efftune.methods.lora.dora import DoraAdapter, norms
 from efftune.methods.lora.layer import FusedLinears, LoraLinear, lora_layers, mixed_adapter_batch
 from efftune.methods.lora.model import add_lora, merge_and_unload, merge_lora, set_active_adapters, unmerge_lora
 from efftune.methods.lora.peft_format import load_adapter, save_adapter
-from efftune.methods.lora_fa import LoraFAConfig
+from efftune.methods.lora_fa import LoraFAConfig, add_lora_fa
 from efftune.methods.registry import get_method
 from tests.conftest import tiny_llama
 
@@ -199,7 +199,7 @@ def test_what_dora_does_not_combine_with_is_refused(model):
     with pytest.raises(ConfigError, match="embeddings"):
         LoraConfig(use_dora=True, embeddings=["embed_tokens"])
     with pytest.raises(ConfigError, match="LoRA-FA"):
-        LoraFAConfig(use_dora=True)
+        add_lora_fa(tiny_llama(), LoraFAConfig(use_dora=True))
     add_dora(model, LoraConfig(r=2), adapter="d")
     add_dora(model, LoraConfig(r=2), adapter="e")
     from efftune.compose.merge import merge_adapters
