@@ -32,6 +32,9 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
                   with activation checkpointing; efftune-compile-nf4: compiled
   peft-qlora      `peft` on a bitsandbytes NF4 base (Linear4bit, double-quantised scales, bf16
                   compute: QLoRA as peft users run it); needs bitsandbytes and a GPU
+  peft-dora       `peft` with LoraConfig(use_dora=True)
+  efftune-dora    efftune.methods.dora.add_dora (DoRA on lora_linears, SwiGLU unfused), loss as `efftune`;
+                  efftune-dora-compile, efftune-dora-compile-cg: compiled, and replayed as CUDA graphs
 
 Each case runs in its own subprocess (clean peak memory; an OOM kills only that case) and prints
 one JSON line: tokens/s, peak GiB (max_memory_allocated since just before warm-up) and MFU, where
@@ -42,7 +45,9 @@ frozen LoRA-FA `A` (counted after the optimizer is made, as peft-fa freezes A th
 With NVML (`pip install nvidia-ml-py`) each line also gives the GPU's joules per step, mean power
 against the enforced power limit, the SM clock at the end and tokens per joule: a case at the limit
 runs at a lowered clock (see EnergyMeter).
-A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch.
+A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch, and
+the DoRA bar (issue 25): efftune DoRA >= 2.5x peft DoRA's tokens/s at <= 0.5x its peak, and >= 0.9x
+efftune LoRA's tokens/s in the same mode (eager, compiled, compiled + CUDA graphs).
 Variants of the efftune cases: `--torch-partitioner` (train.compile_lean: false), `--autotune`
 (train.compile_autotune), `--unfused` (each LoRA layer runs its base linear and its two LoRA GEMMs
 apart, without the `lora_linears` op), `--unfused-mlp` (SwiGLU MLPs on the `lora_linears` ops, without
@@ -86,11 +91,13 @@ CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", 
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
          "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt",
-         "efftune-compile-nf4", "peft-qlora")
+         "efftune-compile-nf4", "peft-qlora", "peft-dora", "efftune-dora", "efftune-dora-compile",
+         "efftune-dora-compile-cg")
 LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
                  "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8",
                  "efftune-compile-cg", "efftune-compile-fp8-cg", "efftune-full", "efftune-full-8bit",
-                 "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4")
+                 "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4",
+                 "efftune-dora", "efftune-dora-compile", "efftune-dora-compile-cg")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules
@@ -143,10 +150,10 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     if "-nf4" in case:  # before LoRA attaches, as the main job does
         from efftune.quantize import quantize_model
         quantize_model(model, "nf4")
-    if case in ("peft", "peft-fa", "peft-qlora"):
+    if case in ("peft", "peft-fa", "peft-qlora", "peft-dora"):
         import peft
         return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                          lora_dropout=0.0))
+                                                          lora_dropout=0.0, use_dora=case == "peft-dora"))
     if case == "full-plain":  # every weight trains, in fp32 (the precision AdamW steps want) under autocast
         return model.float()
     if case.startswith("efftune-full"):
@@ -158,7 +165,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     else:
         from efftune.methods.lora.config import LoraConfig
         from efftune.methods.lora.model import add_lora
-        add_lora(model, LoraConfig(r=16, alpha=32))
+        add_lora(model, LoraConfig(r=16, alpha=32, use_dora=case.startswith("efftune-dora")))
         if UNFUSED:
             from efftune.methods.lora.layer import lora_layers
             for _, layer in lora_layers(model):
@@ -411,6 +418,23 @@ def _ratio(r: dict, base: dict | None, key: str) -> float | None:
     return round(r[key] / base[key], 3)
 
 
+def dora_bar(ok: dict[str, dict]) -> dict | None:
+    """Issue 25's bar per efftune DoRA case run: tokens/s and peak against peft-dora (>= 2.5x at
+    <= 0.5x), tokens/s against efftune LoRA in the same mode (>= 0.9x)."""
+    peft_dora, bar = ok.get("peft-dora"), {}
+    for mode, lora_case in (("", "efftune"), ("-compile", "efftune-compile"), ("-compile-cg", "efftune-compile-cg")):
+        dora, lora = ok.get(f"efftune-dora{mode}"), ok.get(lora_case)
+        if dora is None:
+            continue
+        bar[f"efftune-dora{mode}"] = dict(
+            speed_vs_peft_dora=_ratio(dora, peft_dora, "tokens_s"), peak_vs_peft_dora=_ratio(dora, peft_dora, "peak_gib"),
+            speed_vs_efftune_lora=_ratio(dora, lora, "tokens_s"),
+            passes=None if peft_dora is None or lora is None or dora["peak_gib"] is None else (
+                dora["tokens_s"] >= 2.5 * peft_dora["tokens_s"] and dora["peak_gib"] <= 0.5 * peft_dora["peak_gib"]
+                and dora["tokens_s"] >= 0.9 * lora["tokens_s"]))
+    return bar or None
+
+
 def summarize(results: list[dict]) -> dict:
     """Per shape and batch: each case's tokens/s and peak-memory ratios to efftune (LoRA), peft (LoRA)
     and plain full fine-tuning (full-plain), and the LoRA-FA bar: efftune-fa peak <= peft-fa's and <= 0.7x efftune's, at >= 0.95x
@@ -432,7 +456,7 @@ def summarize(results: list[dict]) -> dict:
             bar = dict(mem_vs_efftune=fa["peak_gib"] <= 0.7 * lora["peak_gib"],
                        speed_vs_efftune=fa["tokens_s"] >= 0.95 * lora["tokens_s"],
                        mem_vs_peft_fa=(fa["peak_gib"] <= pfa["peak_gib"]) if pfa else None)
-        summary[f"{shape} batch {batch}"] = dict(ratios=ratios, lora_fa_bar=bar)
+        summary[f"{shape} batch {batch}"] = dict(ratios=ratios, lora_fa_bar=bar, dora_bar=dora_bar(ok))
     return {"summary": "per shape and batch", "results": summary}
 
 

@@ -46,7 +46,7 @@ HELP: dict[str, str] = {
     "log": "also log metrics to: tensorboard (events under OUTPUT/tensorboard) | wandb, comma-separated",
     "eval_size": f"held-out examples per task, split off before training (none: {DEFAULT_EVAL_SIZE}, at most "
                  "half a task; a number asked for must fit in half; 0: no evaluation)",
-    "method": "fine-tuning method: lora | lora-fa | relora | ia3 | bitfit | bottleneck | prompt-tuning | "
+    "method": "fine-tuning method: lora | dora | lora-fa | relora | ia3 | bitfit | bottleneck | prompt-tuning | "
               "prefix-tuning | expert-lora | esft | mixlora | full",
     "output": "run directory",
     "chat_template": "wrap prompts in the tokenizer's chat template",
@@ -63,6 +63,7 @@ HELP: dict[str, str] = {
     "lora.use_rslora": "rsLoRA scaling alpha / sqrt(r)",
     "lora.init": "A's initialisation: kaiming (as nn.Linear) | gaussian (std 1/r); B starts at zero",
     "lora.embeddings": "nn.Embedding modules to adapt too: comma-separated suffixes or a regex",
+    "lora.use_dora": "DoRA: LoRA plus a trained magnitude per output feature (what --method dora sets)",
     "lora_fa.correction": "LoRA-FA: precondition B's gradient by (A Aᵀ + δI)⁻¹ / s² (--no-fa-correction: the "
                           "plain B gradient)",
     "lora_fa.delta": "LoRA-FA: the δ of the correction",
@@ -201,7 +202,7 @@ SECTION_TITLES: dict[str | None, str] = {
     "esft": "ESFT (esft.*)", "mixlora": "MixLoRA (mixlora.*)", "full": "full fine-tuning (full.*)",
 }
 SECTION_NOTES: dict[str | None, str] = {  # `efftune train`'s word on when a section is used
-    "lora": "--method lora, and relora's adapter. With --method lora-fa, --rank, --alpha, --dropout, "
+    "lora": "--method lora and --method dora, and relora's adapter. With --method lora-fa, --rank, --alpha, --dropout, "
             "--target-modules and --rslora set lora_fa.* instead.",
     "lora_fa": "--method lora-fa", "relora": "--method relora (its adapter from lora.*)",
     "bitfit": "--method bitfit", "ia3": "--method ia3", "bottleneck": "--method bottleneck",

@@ -88,6 +88,7 @@ SETS = {
     "lora.use_rslora": (["--lora.use-rslora"], True),
     "lora.init": (["--lora.init", "gaussian"], "gaussian"),
     "lora.embeddings": (["--lora.embeddings", "embed_tokens"], ["embed_tokens"]),
+    "lora.use_dora": (["--lora.use-dora"], True),
     "lora_fa.r": (["--lora-fa.r", "5"], 5),
     "lora_fa.alpha": (["--lora-fa.alpha", "3"], 3.0),
     "lora_fa.dropout": (["--lora-fa.dropout", "0.5"], 0.5),
@@ -95,6 +96,7 @@ SETS = {
     "lora_fa.use_rslora": (["--lora-fa.use-rslora"], True),
     "lora_fa.init": (["--lora-fa.init", "gaussian"], "gaussian"),
     "lora_fa.embeddings": (["--lora-fa.embeddings", "embed_tokens,lm_head"], ["embed_tokens", "lm_head"]),
+    "lora_fa.use_dora": (["--lora-fa.use-dora"], True),  # parses; add_lora_fa refuses it
     "lora_fa.correction": (["--lora-fa.no-correction"], False),
     "lora_fa.delta": (["--lora-fa.delta", "0.001"], 0.001),
     "relora.restart_every": (["--relora.restart-every", "7"], 7),

@@ -79,6 +79,11 @@ class LoraHub:
             raise EfftuneError(f"lorahub: adapter {name!r} already exists; choose another name")
         self.model, self.modules, self.name = model, modules, name
         self.layers: list[tuple[str, LoraLayer, torch.Tensor, torch.Tensor]] = []
+        dora = next((p for p, layer in lora_layers(model) if any(layer.adapters[m].scales_output
+                                                                 for m in modules if m in layer.adapters)), None)
+        if dora is not None:
+            raise EfftuneError(f"lorahub: {dora} holds a DoRA module; composing DoRA modules is not supported "
+                               "(LoraHub combines B·A only)")
         with torch.no_grad():
             for path, layer in lora_layers(model):
                 if layer.merged:

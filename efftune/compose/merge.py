@@ -204,6 +204,9 @@ def merge_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[
         present = [(layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]
         if not present:
             continue
+        if any(a.scales_output for a, _ in present):
+            raise EfftuneError(f"merge: {path} holds a DoRA adapter; combining DoRA adapters is not supported "
+                               "(their magnitude vectors have no counterpart in a merged B·A)")
         rank = r or max(a.r for a, _ in present)
         if method == "linear" and rank >= sum(a.r for a, _ in present):
             plan.append((path, layer, rank, *_concat(present, rank)))

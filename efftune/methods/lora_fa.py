@@ -142,6 +142,9 @@ def add_lora_fa(model: nn.Module, config: LoraFAConfig | None = None, adapter: s
     """Attach a LoRA-FA adapter (A frozen, B trains) to every module `config` targets.
     (`tokenizer`: unused, as every method's attach takes one.)"""
     config = config or LoraFAConfig()
+    if config.use_dora:  # refused here, not in the config: lora_fa.use_dora is a key LoRA-FA inherits
+        raise ConfigError("lora_fa.use_dora: DoRA with LoRA-FA is not supported (use --method dora or "
+                          "--method lora-fa)")
     return add_lora(model, config, adapter, adapter_cls=_adapter_factory(config))
 
 

@@ -33,7 +33,7 @@ class Method:
 
 # --method name -> the module whose METHOD it is
 METHOD_MODULES: dict[str, str] = {
-    "lora": "efftune.methods.lora", "lora-fa": "efftune.methods.lora_fa", "relora": "efftune.methods.relora",
+    "lora": "efftune.methods.lora", "dora": "efftune.methods.dora", "lora-fa": "efftune.methods.lora_fa", "relora": "efftune.methods.relora",
     "bitfit": "efftune.methods.bitfit", "ia3": "efftune.methods.ia3", "bottleneck": "efftune.methods.bottleneck",
     "prompt-tuning": "efftune.methods.prompt_tuning", "prefix-tuning": "efftune.methods.prefix_tuning",
     "expert-lora": "efftune.methods.expert_lora", "esft": "efftune.methods.esft", "mixlora": "efftune.methods.mixlora",

@@ -241,6 +241,9 @@ def _train_base_weight(layer: nn.Module, args) -> None:
 
 def relora_hooks(model: nn.Module, run_config) -> ReLoraHooks:
     """The hooks of `method: relora`: the run config's `relora` section, full-rank modules on."""
+    if run_config.lora.use_dora:
+        raise ConfigError("relora with lora.use_dora is not supported: its restarts fold B·A into the weights, "
+                          "and DoRA's magnitudes would have to be restarted too")
     train_full_rank(model, run_config.relora.full_rank)
     return ReLoraHooks(model, run_config.relora)
 

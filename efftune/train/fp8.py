@@ -141,6 +141,10 @@ class Fp8Base:
         from ..attach import decoder_blocks
         targets = [(block, name, m) for block in decoder_blocks(model, "train.fp8_base")
                    for name, m in block.named_modules() if name and fp8_eligible(m)]
+        from ..methods.lora.layer import lora_layers
+        if any(a.scales_output for _, layer in lora_layers(model) for a in layer.adapters.values()):
+            raise ConfigError("train.fp8_base with DoRA (--method dora, lora.use_dora) is not supported: "
+                              "DoRA's norms read the frozen weight, which FP8 replaces")
         if not targets:
             raise ConfigError("train.fp8_base: no frozen linear layer in the decoder blocks can run in "
                               "FP8 (plain nn.Linear, frozen, sizes multiples of 16)")

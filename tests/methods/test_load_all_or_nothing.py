@@ -47,6 +47,7 @@ ESFT_EXPERTS = {"model.layers.0.mlp.experts": [1, 3], "model.layers.1.mlp.expert
 CASES = {
     "lora": ("lora", tiny_llama, {}, adapter_state_dict),
     "lora-fa": ("lora-fa", tiny_llama, {}, adapter_state_dict),
+    "dora": ("dora", tiny_llama, {}, adapter_state_dict),
     "bitfit": ("bitfit", tiny_llama, {"add_biases": True}, lambda m: bitfit_state_dict(m, BitFitConfig())),
     "bitfit-own-biases": ("bitfit", tiny_gpt2, {}, lambda m: bitfit_state_dict(m, BitFitConfig())),
     "ia3": ("ia3", tiny_llama, {}, ia3_state_dict),

@@ -29,7 +29,7 @@ def test_each_name_resolves_to_its_modules_method(name):
 
 
 def test_unknown_method_names_the_ones_that_exist():
-    with pytest.raises(ConfigError, match=r"unknown method 'lorra' \(available: lora, lora-fa, relora"):
+    with pytest.raises(ConfigError, match=r"unknown method 'lorra' \(available: lora, dora, lora-fa, relora"):
         get_method("lorra")
 
 

@@ -15,7 +15,8 @@ INITS = ("kaiming", "gaussian")
 class LoraConfig:
     """LoRA hyperparameters. `target_modules`: "all-linear", a list of module-name suffixes, or
     a regex (full match on the module path). `init`: A Kaiming-uniform ("kaiming", as nn.Linear)
-    or Gaussian with std 1/r ("gaussian"); B starts at zero either way."""
+    or Gaussian with std 1/r ("gaussian"); B starts at zero either way. `use_dora`: DoRA
+    (`lora.dora`): LoRA plus a trained magnitude per output feature."""
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -23,6 +24,7 @@ class LoraConfig:
     use_rslora: bool = False
     init: str = "kaiming"
     embeddings: str | list[str] = field(default_factory=list)  # nn.Embedding modules to adapt too
+    use_dora: bool = False
     SECTION: ClassVar[str] = "lora"  # the run config's section, named in errors (a subclass has its own)
 
     def __post_init__(self):
@@ -34,6 +36,9 @@ class LoraConfig:
             raise ConfigError(f"{self.SECTION}.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ConfigError(f"{self.SECTION}.init must be one of {INITS}, got {self.init!r}")
+        if self.use_dora and self.embeddings:
+            raise ConfigError(f"{self.SECTION}.embeddings: DoRA adapts linear layers only; DoRA on embeddings "
+                              f"is not supported (drop {self.SECTION}.embeddings or {self.SECTION}.use_dora)")
         for key in ("target_modules", "embeddings"):  # a string is a regex: refuse one that cannot match
             pattern = getattr(self, key)
             if isinstance(pattern, str) and pattern != "all-linear":

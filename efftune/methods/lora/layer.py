@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,36 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> 
     return (lora_B.to(dtype) @ lora_A.to(dtype)) * scaling
 
 
+def _merge_terms(like: torch.Tensor, scales: Sequence[torch.Tensor | None],
+                 deltas: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, Σ g ⊙ ΔW) of `merged_weight`: c = 1 + Σ (g - 1) per row, g = 1 where None."""
+    c, total = torch.ones_like(like[:, 0]), torch.zeros_like(like)
+    for g, delta in zip(scales, deltas):
+        if g is None:
+            total += delta
+        else:
+            c += g - 1
+            total += g[:, None] * delta
+    return c, total
+
+
+def merged_weight(w0: torch.Tensor, scales: Sequence[torch.Tensor | None], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The weight (out, in) that computes what the unmerged adapters compute together on `w0`.
+
+    Each adapter adds `(g - 1) ⊙ W0 + g ⊙ ΔW` to the base (g its per-output-feature scale, one
+    value per row: DoRA's m / n; None for LoRA, g = 1, which leaves plain `ΔW`), so the sum is
+    `c ⊙ W0 + Σ g ⊙ ΔW` with `c = 1 + Σ (g - 1)`: affine in W0, hence exactly invertible
+    (`unmerged_weight`) while no c is 0."""
+    c, total = _merge_terms(w0, scales, deltas)
+    return c[:, None] * w0 + total
+
+
+def unmerged_weight(w: torch.Tensor, scales: Sequence[torch.Tensor | None], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`W0` from `w = merged_weight(W0, scales, deltas)`: `(w - Σ g ⊙ ΔW) / c`."""
+    c, total = _merge_terms(w, scales, deltas)
+    return (w - total) / c[:, None]
+
+
 def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x` as the adapter factors (of `dtype`) take it: cast, unless autocast casts for the matmul."""
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
@@ -34,7 +64,13 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class LoraAdapter(nn.Module):
-    """One adapter's factors: `lora_A` (r, in), `lora_B` (out, r) — peft's shapes and names."""
+    """One adapter's factors: `lora_A` (r, in), `lora_B` (out, r) — peft's shapes and names.
+
+    A variant whose output is LoRA's, scaled per output feature (DoRA), sets `scales_output` and
+    overrides the three hooks below; the layers and the fused op call them and know no variant."""
+
+    # The layer's output is `scale_output(W0 x + s B A x, bias)` instead of the plain sum plus bias.
+    scales_output: ClassVar[bool] = False
 
     def __init__(self, in_features: int, out_features: int, r: int, scaling: float,
                  dropout: float = 0.0, init: str = "kaiming", *, device=None, dtype=None):
@@ -55,6 +91,20 @@ class LoraAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    def attached(self, layer: "LoraLayer") -> None:
+        """Called once the layer holds the adapter (DoRA reads the base weight here)."""
+
+    def scale_output(self, layer: "LoraLayer", v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output from `v = W0 x + s B A x` (no bias yet); only when `scales_output`."""
+        raise NotImplementedError
+
+    def merge_scale(self, layer: "LoraLayer", w0: torch.Tensor) -> torch.Tensor | None:
+        """Per-row scale g of the merge (`merged_weight`) on the unmerged (out, in) weight w0."""
+        return None
+
+    def refresh_caches(self, layer: "LoraLayer") -> None:
+        """Bring caches of the base weight up to date (a compiled graph reads them unchecked)."""
 
 
 # Sibling projections that read the same input in transformers' decoder blocks.
@@ -84,7 +134,8 @@ class FusedLinears:
             return None
         for layer in self.layers:
             adapter, base = layer.adapters[name[0]], layer.base_layer
-            if type(adapter) is not LoraAdapter or not isinstance(adapter.dropout, nn.Identity) \
+            # the op computes LoraAdapter.forward: a variant with a forward of its own (LoRA-FA) steps aside
+            if type(adapter).forward is not LoraAdapter.forward or not isinstance(adapter.dropout, nn.Identity) \
                     or layer.batch_adapters is not None or type(base) is not nn.Linear or hooked(base) \
                     or base.weight.requires_grad \
                     or (base.bias is not None and base.bias.requires_grad):
@@ -110,7 +161,9 @@ class FusedLinears:
     def operands(self, adapters: Sequence[LoraAdapter], dtype: torch.dtype) -> tuple[list, list, torch.Tensor, list]:
         """(frozen weights, biases, the stacked scaled A factors, the B factors), cast to `dtype`."""
         bases = [layer.base_layer for layer in self.layers]
-        return ([b.weight.to(dtype) for b in bases], [None if b.bias is None else b.bias.to(dtype) for b in bases],
+        # an output-scaling adapter (DoRA) adds the bias after its scale, in `scale_output`
+        return ([b.weight.to(dtype) for b in bases],
+                [None if b.bias is None or a.scales_output else b.bias.to(dtype) for b, a in zip(bases, adapters)],
                 torch.cat([adapter.lora_A * adapter.scaling for adapter in adapters]).to(dtype),
                 [adapter.lora_B.to(dtype) for adapter in adapters])
 
@@ -126,6 +179,10 @@ class FusedLinears:
             return None
         _, adapters, dtype = plan
         ys = fused_lora_linears(x.to(dtype), *self.operands(adapters, dtype))
+        for i, (layer, adapter) in enumerate(zip(self.layers, adapters)):
+            if adapter.scales_output:
+                bias = layer.base_layer.bias
+                ys[i] = adapter.scale_output(layer, ys[i], None if bias is None else bias.to(dtype))
         y, ys[slot] = ys[slot], None
         if len(ys) > 1:
             self.source, self.kept = x, ys
@@ -170,6 +227,8 @@ class LoraLayer(nn.Module):
         self.batch_rows: dict[str, torch.Tensor] | None = None
         self.fused: FusedLinears | None = None  # set by link_fused_linears
         self.fused_slot = 0
+        # per merged adapter, its merge's row scale (None: LoRA), while a scaled one is merged
+        self.merge_scales: list[torch.Tensor | None] | None = None
 
     # -- what differs between base module kinds ------------------------------------------
     @property
@@ -199,8 +258,14 @@ class LoraLayer(nn.Module):
         cls = adapter_cls or LoraAdapter
         self.adapters[name] = cls(self.in_features, self.out_features, r, scaling, dropout, init,
                                   device=weight.device, dtype=dtype)
+        self.adapters[name].attached(self)
         self.active.append(name)
         return self.adapters[name]
+
+    def before_compile(self) -> None:
+        """Called by `efftune.train.compile.compile_blocks` before it compiles."""
+        for adapter in self.adapters.values():
+            adapter.refresh_caches(self)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -214,13 +279,24 @@ class LoraLayer(nn.Module):
             y = self.fused.output(self.fused_slot, x)
             if y is not None:
                 return y
-        y = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer(x, *args, **kwargs)
         if self.batch_adapters is not None:
-            return self._mixed_forward(x, y)
+            return self._mixed_forward(x, base)
+        y = base
         for name in self.active:
             if name not in self.merged:
-                y = y + self.lora_delta(self.adapters[name], x).to(y.dtype)
+                y = y + self.adapter_delta(self.adapters[name], x, base)
         return y
+
+    def adapter_delta(self, adapter: LoraAdapter, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """What `adapter` adds to the base output `base` (of input x). An output-scaling adapter
+        (DoRA) adds `scale(W0 x + s B A x) - base`, so several active adapters sum as in peft."""
+        delta = self.lora_delta(adapter, x).to(base.dtype)
+        if not adapter.scales_output:
+            return delta
+        bias = self.base_layer.bias
+        v = base if bias is None else base - bias.to(base.dtype)
+        return adapter.scale_output(self, v + delta, None if bias is None else bias.to(base.dtype)) - base
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -230,25 +306,52 @@ class LoraLayer(nn.Module):
         if not torch.compiler.is_compiling() and len(self.batch_adapters) != x.shape[0]:
             raise EfftuneError(f"mixed-adapter batch names {len(self.batch_adapters)} adapters for "
                                f"{x.shape[0]} examples")
+        base = y
         for name, adapter in self.adapters.items():
             rows = self.batch_rows.get(name)
             if rows is not None:
-                delta = self.lora_delta(adapter, x.index_select(0, rows))
-                y = y.index_add(0, rows, delta.to(y.dtype))
+                delta = self.adapter_delta(adapter, x.index_select(0, rows), base.index_select(0, rows))
+                y = y.index_add(0, rows, delta)
         return y
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold every active, unmerged adapter into the base weight."""
-        for name in self.active:
-            if name not in self.merged:
-                w = self.base_layer.weight
-                w.add_(self.to_weight_layout(self.adapters[name].delta_weight()).to(w.dtype))
-                self.merged.append(name)
+        pending = [name for name in self.active if name not in self.merged]
+        if any(self.adapters[name].scales_output for name in self.merged + pending):
+            self._merge_scaled(self.merged + pending)
+            return
+        for name in pending:
+            w = self.base_layer.weight
+            w.add_(self.to_weight_layout(self.adapters[name].delta_weight()).to(w.dtype))
+            self.merged.append(name)
+
+    def _merge_scaled(self, names: list[str]) -> None:
+        """Merge `names` at once, from the unmerged weight: a scaled adapter's term depends on W0
+        (`merged_weight`), so anything merged already is taken out first."""
+        if names == self.merged:
+            return
+        self.unmerge()
+        w = self.base_layer.weight
+        w0 = self.to_weight_layout(w).to(torch.promote_types(w.dtype, torch.float32))  # (out, in): a transpose or not
+        scales = [self.adapters[n].merge_scale(self, w0) for n in names]
+        deltas = [self.adapters[n].delta_weight().to(w0.dtype) for n in names]
+        if not bool(_merge_terms(w0, scales, deltas)[0].all()):
+            raise EfftuneError("merge: a row of the merged weight would be scaled by 0 (magnitudes of 0), "
+                               "which unmerge could not undo")
+        w.copy_(self.to_weight_layout(merged_weight(w0, scales, deltas)).to(w.dtype))
+        self.merged, self.merge_scales = list(names), scales
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract merged adapters again (exact up to rounding in the weight's dtype)."""
+        if self.merge_scales is not None:
+            w = self.base_layer.weight
+            wf = self.to_weight_layout(w).to(torch.promote_types(w.dtype, torch.float32))
+            deltas = [self.adapters[n].delta_weight().to(wf.dtype) for n in self.merged]
+            w.copy_(self.to_weight_layout(unmerged_weight(wf, self.merge_scales, deltas)).to(w.dtype))
+            self.merged, self.merge_scales = [], None
+            return
         while self.merged:
             name = self.merged.pop()
             w = self.base_layer.weight

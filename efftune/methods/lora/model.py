@@ -14,6 +14,7 @@ from ...attach import _conv1d_class, find_targets, freeze_base, replace_module
 from ...errors import ConfigError, EfftuneError
 from ...files import replace_dir_atomically
 from .config import LoraConfig
+from .dora import DoraAdapter
 from .layer import LoraAdapter, LoraEmbedding, LoraLayer, LoraLinear, adapter_names, link_fused_linears, lora_layers
 from .swiglu import unwrap_swiglu_mlps, wrap_swiglu_mlps
 
@@ -25,7 +26,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
 
     Everything else is frozen (earlier adapters too: `set_trainable_adapters` trains several);
     the new adapter trains and becomes active beside any adapters already active. `rank_of` / `alpha_of` override r / alpha per module path (as
-    peft's rank_pattern does); `adapter_cls` picks a LoRA variant's adapter class (LoRA-FA).
+    peft's rank_pattern does); `adapter_cls` picks a LoRA variant's adapter class (LoRA-FA);
+    `config.use_dora` makes DoRA adapters (`dora.DoraAdapter`).
     (`tokenizer`: unused, as every method's attach takes one.)
     Returns the adapted module paths.
     """
@@ -34,6 +36,11 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
         raise EfftuneError(f"adapter {adapter!r} already exists; delete it or choose another name")
     if not config.target_modules and not config.embeddings:
         raise ConfigError("lora.target_modules is empty: name the modules to adapt")
+    if config.use_dora:
+        if adapter_cls is not None and adapter_cls is not DoraAdapter:
+            raise ConfigError(f"{config.SECTION}.use_dora: DoRA on top of this LoRA variant "
+                              f"({getattr(adapter_cls, '__name__', adapter_cls)}) is not supported")
+        adapter_cls = DoraAdapter
     names = find_targets(model, config.target_modules) if config.target_modules else []
     if config.embeddings:
         names += find_targets(model, config.embeddings, accept=lambda m: isinstance(m, nn.Embedding))

@@ -1,7 +1,8 @@
 """LoRA adapters on disk in peft's format: `adapter_config.json` + `adapter_model.safetensors`.
 
 Keys are `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r);
-embeddings use `.lora_embedding_A` (r, vocab) and `.lora_embedding_B` (dim, r). So
+embeddings use `.lora_embedding_A` (r, vocab) and `.lora_embedding_B` (dim, r). A DoRA adapter
+(`use_dora: true`) adds `.lora_magnitude_vector` (out,) for each linear module. So
 `peft.PeftModel.from_pretrained` reads what we write, and we read what peft writes. Only
 safetensors are read unless the caller allows pickle explicitly.
 """
@@ -21,10 +22,11 @@ from ...files import (CONFIG_FILE, PICKLE_FILE, PREFIX, WEIGHTS_FILE, base_model
                       checked_field, is_str_list, load_all_or_nothing, read_json_object, read_safetensors,
                       write_adapter_dir)
 from .config import LoraConfig
+from .dora import DoraAdapter
 from .layer import LoraEmbedding, LoraLayer, lora_layers
 from .model import add_lora, matrix_sides
 
-_FACTOR = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+_FACTOR = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                      r"(?:\.[^.]+)?(?:\.weight)?")
 
 
@@ -43,6 +45,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
             key_a, key_b = _keys(path, layer)
             state[key_a] = a.lora_A.detach().contiguous()
             state[key_b] = a.lora_B.detach().contiguous()
+            if isinstance(a, DoraAdapter):
+                state[f"{PREFIX}{path}.lora_magnitude_vector"] = a.lora_magnitude_vector.detach().contiguous()
     if not state:
         raise AdapterError(f"the model has no adapter named {adapter!r}")
     return state
@@ -68,7 +72,7 @@ def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig, extra: 
         "target_modules": suffixes, "use_rslora": config.use_rslora, "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "use_dora": False,
+        "use_dora": any(isinstance(layer.adapters[adapter], DoraAdapter) for _, layer in layers),
     }
     if extra:
         cfg["efftune"] = extra
@@ -92,8 +96,6 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     cfg = read_json_object(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter: {cfg_path} holds a {cfg.get('peft_type')} adapter, not LORA")
-    if cfg.get("use_dora"):
-        raise AdapterError(f"adapter: {cfg_path} is a DoRA adapter, which efftune does not load")
     return cfg
 
 
@@ -134,6 +136,7 @@ def _lora_fields(cfg: dict, where: Path) -> dict:
         "lora_alpha": (8, lambda v: is_number(v) and v > 0, "a positive number"),
         "lora_dropout": (0.0, lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
         "use_rslora": (False, lambda v: isinstance(v, bool), "true or false"),
+        "use_dora": (False, lambda v: isinstance(v, bool), "true or false"),
         "rank_pattern": ({}, lambda v: isinstance(v, dict) and all(map(_is_rank, v.values())),
                          "an object of positive integers"),
         "alpha_pattern": ({}, lambda v: isinstance(v, dict) and all(is_number(x) and x > 0 for x in v.values()),
@@ -151,8 +154,12 @@ def _lora_fields(cfg: dict, where: Path) -> dict:
     return out
 
 
-def _factors(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, str]]:
-    """module path -> {"A": key, "B": key, "kind": "linear" | "embedding"}; every key must be one factor."""
+_ROLE = {"lora_A": "A", "lora_embedding_A": "A", "lora_B": "B", "lora_embedding_B": "B", "lora_magnitude_vector": "M"}
+
+
+def _factors(tensors: dict[str, torch.Tensor], where: Path, use_dora: bool) -> dict[str, dict[str, str]]:
+    """module path -> {"A": key, "B": key, "M": key (DoRA's magnitude), "kind": "linear" | "embedding"};
+    every key must be one factor."""
     found: dict[str, dict[str, str]] = {}
     for key in tensors:
         m = _FACTOR.fullmatch(key)
@@ -160,20 +167,31 @@ def _factors(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[st
             raise AdapterError(f"adapter: {where} has key {key!r}, which is not a LoRA factor "
                                "(modules_to_save and bias training are not supported)")
         path, name = m.group(1), m.group(2)
+        if name == "lora_magnitude_vector" and not use_dora:
+            raise AdapterError(f"adapter: {where} has DoRA's {key!r}, but its config says use_dora: false")
         entry = found.setdefault(path, {"kind": "embedding" if "embedding" in name else "linear"})
-        if entry["kind"] != ("embedding" if "embedding" in name else "linear"):
+        if "embedding" in name and entry["kind"] != "embedding":
             raise AdapterError(f"adapter: {where} mixes embedding and linear factors for module {path!r}")
-        if name[-1] in entry:
+        if "embedding" not in name and name != "lora_magnitude_vector" and entry["kind"] != "linear":
+            raise AdapterError(f"adapter: {where} mixes embedding and linear factors for module {path!r}")
+        role = _ROLE[name]
+        if role in entry:
             raise AdapterError(f"adapter: {where} has two {name} tensors for module {path!r}: "
-                               f"{entry[name[-1]]!r} and {key!r}")
-        entry[name[-1]] = key
+                               f"{entry[role]!r} and {key!r}")
+        entry[role] = key
     if not found:
         raise AdapterError(f"adapter: {where} holds no LoRA tensors")
     for path, entry in found.items():
         for factor in ("A", "B"):
             if factor not in entry:
-                other = entry["B" if factor == "A" else "A"]
+                other = entry.get("B" if factor == "A" else "A") or entry["M"]
                 raise AdapterError(f"adapter: {where} has {other!r} but no lora_{factor} for module {path!r}")
+        if use_dora and entry["kind"] == "embedding":
+            raise AdapterError(f"adapter: {where} is a DoRA adapter on embedding {path!r}; efftune's DoRA "
+                               "adapts linear layers only")
+        if use_dora and "M" not in entry:
+            raise AdapterError(f"adapter: {where} is a DoRA adapter (use_dora: true) but has no "
+                               f"lora_magnitude_vector for module {path!r}")
     return found
 
 
@@ -203,7 +221,14 @@ def _check_factors(model: nn.Module, tensors: dict[str, torch.Tensor], found: di
                 raise AdapterError(f"adapter: key {key!r} in {weights} holds NaN or infinite values")
         n_in, n_out = matrix_sides(modules[path])
         r = A.shape[0]
-        for key, t, want in ((entry["A"], A, (r, n_in)), (entry["B"], B, (n_out, r))):
+        shapes = [(entry["A"], A, (r, n_in)), (entry["B"], B, (n_out, r))]
+        if "M" in entry:
+            M = tensors[entry["M"]]
+            if not M.is_floating_point() or not bool(torch.isfinite(M).all()):
+                raise AdapterError(f"adapter: key {entry['M']!r} in {weights} is a {M.dtype} tensor or holds NaN "
+                                   "or infinite values, expected finite floating-point values")
+            shapes.append((entry["M"], M, (n_out,)))
+        for key, t, want in shapes:
             if r < 1 or tuple(t.shape) != want:
                 raise AdapterError(f"adapter: key {key!r} has shape {tuple(t.shape)}, the model expects "
                                    f"{want} (was the adapter made for another base model?)")
@@ -226,7 +251,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     cfg = read_adapter_config(directory)
     fields = _lora_fields(cfg, directory / CONFIG_FILE)
     tensors = _read_tensors(directory, allow_pickle)
-    found = _factors(tensors, directory / WEIGHTS_FILE)
+    found = _factors(tensors, directory / WEIGHTS_FILE, fields["use_dora"])
     rank_of = _check_factors(model, tensors, found, fields, cfg, directory)
 
     def exact(paths: list[str]) -> str | list[str]:
@@ -235,7 +260,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     r, alpha = fields["r"], float(fields["lora_alpha"])
     attach_cfg = LoraConfig(
         r=r, alpha=alpha, dropout=float(fields["lora_dropout"]), use_rslora=fields["use_rslora"],
-        target_modules=exact([p for p, e in found.items() if e["kind"] == "linear"]),
+        use_dora=fields["use_dora"], target_modules=exact([p for p, e in found.items() if e["kind"] == "linear"]),
         embeddings=exact([p for p, e in found.items() if e["kind"] == "embedding"]))
     alpha_of = {p: float(_pattern_value(fields["alpha_pattern"], p, alpha)) for p in found}
 
@@ -244,10 +269,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
         for path in rank_of:  # model order
             entry, a = found[path], model.get_submodule(path).adapters[adapter]
             out[entry["A"]], out[entry["B"]] = a.lora_A, a.lora_B
+            if "M" in entry:
+                out[entry["M"]] = a.lora_magnitude_vector
         return out
     load_all_or_nothing(model, lambda: add_lora(model, attach_cfg, adapter, rank_of=rank_of, alpha_of=alpha_of,
                                                 adapter_cls=adapter_cls),
                         tensors, factors, directory / WEIGHTS_FILE)
     targets = fields["target_modules"] or "all-linear"
     return LoraConfig(r=r, alpha=alpha, dropout=attach_cfg.dropout, use_rslora=attach_cfg.use_rslora,
+                      use_dora=attach_cfg.use_dora,
                       target_modules=targets if isinstance(targets, str) else list(targets))

@@ -24,7 +24,7 @@ same ops run in PyTorch.
 `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with SiLU, keeping its children under their names
 (state dicts and peft files are unchanged). It takes the fused path while all three projections
 run one plain LoRA adapter under the rules of `lora.FusedLinears`, and the MLP's own formula
-otherwise.
+otherwise (DoRA adapters included: their projections then run as `lora_linears` with DoRA's scale).
 """
 from __future__ import annotations
 
@@ -234,6 +234,8 @@ class FusedSwiGLU(nn.Module):
         gu, d = gate.fused.plan(x), down.fused.plan(x)
         if gu is None or d is None or (gu[0], gu[2]) != (d[0], d[2]):  # one adapter, one compute dtype
             return None
+        if any(a.scales_output for a in gu[1] + d[1]):
+            return None  # DoRA: the MLP's own code runs, each projection through `lora_linears` and DoRA's scale
         dtype = gu[2]
         (w_g, w_u), _, a_gu, (b_g, b_u) = gate.fused.operands(*gu[1:])
         (w_d,), _, a_d, (b_d,) = down.fused.operands(*d[1:])
