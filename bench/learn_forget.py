@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 from pathlib import Path
 
-import torch
 
-from efftune.config import load_config
-from efftune.finetune import run
+from methods_compare import measured_run  # bench/ is this script's directory: first on sys.path
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # name: config overrides beyond the shared recipe
@@ -60,23 +57,13 @@ def one_run(name: str, args: argparse.Namespace) -> dict:
                            "optimizer": args.optimizer if setting["method"] == "full" else "adamw"}}
     for key, value in setting.items():
         overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
-    cfg = load_config(None, overrides)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    s = run(cfg, overwrite=True, log=lambda *a: None)
-    rows = [json.loads(line) for line in Path(s["metrics"]).read_text().splitlines()]
-    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
+    cfg, s, measured = measured_run(overrides)
     before, after = s["retention_before"], s["retention_after"]
     return dict(setting=name, method=cfg.method, lr=cfg.train.lr, steps=cfg.train.steps, task=args.task,
                 target_before=s.get("accuracy_before"), target_after=s.get("accuracy_after"),
                 panel=before["panel"], panel_acc_before=before.get("accuracy"), panel_acc_after=after.get("accuracy"),
                 panel_ce_before=before.get("cross_entropy"), panel_ce_after=after.get("cross_entropy"),
-                trainable=s["trainable_parameters"],
-                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-                tokens_s=round(statistics.median(speeds), 1) if speeds else None,
-                train_seconds=s["train_seconds"], device=torch.cuda.get_device_name() if cuda else "cpu")
+                **measured)
 
 
 def table(results: list[dict]) -> str:

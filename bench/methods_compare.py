@@ -31,13 +31,10 @@ OVERRIDES: dict[str, dict] = {
 }
 
 
-def one_run(task: str, method: str, args: argparse.Namespace) -> dict:
-    overrides = {"model": args.model, "task": [task], "method": method, "eval_size": args.eval_size,
-                 "output": str(Path(args.out) / task / method),
-                 "train": {"steps": args.steps, "batch_size": args.batch_size, "eval_every": 0,
-                           "save_every": 0}}
-    for key, value in OVERRIDES.get(method, {}).items():
-        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
+def measured_run(overrides: dict) -> tuple:
+    """The main job on `overrides` (output overwritten, quiet): (its config, its summary, what every
+    bench table reports beside the scores: trainable parameters, peak GiB, the median tokens/s after
+    the first step, training seconds, device). bench/learn_forget.py uses it too."""
     cfg = load_config(None, overrides)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -46,13 +43,24 @@ def one_run(task: str, method: str, args: argparse.Namespace) -> dict:
     summary = run(cfg, overwrite=True, log=lambda *a: None)
     rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
+    return cfg, summary, dict(
+        trainable=summary["trainable_parameters"],
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        tokens_s=round(statistics.median(speeds), 1) if speeds else None,
+        train_seconds=summary["train_seconds"], device=torch.cuda.get_device_name() if cuda else "cpu")
+
+
+def one_run(task: str, method: str, args: argparse.Namespace) -> dict:
+    overrides = {"model": args.model, "task": [task], "method": method, "eval_size": args.eval_size,
+                 "output": str(Path(args.out) / task / method),
+                 "train": {"steps": args.steps, "batch_size": args.batch_size, "eval_every": 0,
+                           "save_every": 0}}
+    for key, value in OVERRIDES.get(method, {}).items():
+        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
+    cfg, summary, measured = measured_run(overrides)
     return dict(task=task, method=method, lr=cfg.train.lr, steps=cfg.train.steps,
                 accuracy_before=summary.get("accuracy_before"), accuracy_after=summary.get("accuracy_after"),
-                trainable=summary["trainable_parameters"],
-                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-                tokens_s=round(statistics.median(speeds), 1) if speeds else None,
-                train_seconds=summary["train_seconds"],
-                device=torch.cuda.get_device_name() if cuda else "cpu")
+                **measured)
 
 
 def table(results: list[dict], tasks: list[str]) -> str:

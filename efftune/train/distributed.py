@@ -130,20 +130,8 @@ def main_first(fn: Callable[[], T]) -> T:
     here = world()
     if not here.active or here.size == 1:
         return fn()
-    failure: list = [None]
-    if here.main:
-        try:
-            result = fn()
-        except BaseException as exc:
-            failure[0] = f"{type(exc).__name__}: {exc}"
-            dist.broadcast_object_list(failure, src=0)
-            raise
-        dist.broadcast_object_list(failure, src=0)
-        return result
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise EfftuneError(f"rank 0 failed ({failure[0]})")
-    return fn()
+    result = _rank0_runs(fn, here)
+    return result if here.main else fn()
 
 
 def on_main(fn: Callable[[], T], every_rank: bool = False) -> T | None:
@@ -153,8 +141,16 @@ def on_main(fn: Callable[[], T], every_rank: bool = False) -> T | None:
     here = world()
     if not here.active or here.size == 1:
         return fn()
+    mine = fn() if every_rank and not here.main else None  # beside rank 0's call: fn's collectives meet
+    result = _rank0_runs(fn, here)
+    return result if here.main else mine
+
+
+def _rank0_runs(fn: Callable[[], T], here: World) -> T | None:
+    """Rank 0 calls `fn`, then every rank learns whether it failed: rank 0 raises its own error, the
+    others an EfftuneError naming it, so none is left waiting. `fn`'s result on rank 0, else None."""
     failure: list = [None]
-    result = fn() if every_rank and not here.main else None
+    result = None
     if here.main:
         try:
             result = fn()
@@ -163,7 +159,7 @@ def on_main(fn: Callable[[], T], every_rank: bool = False) -> T | None:
             dist.broadcast_object_list(failure, src=0)
             raise
     dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None and not here.main:
+    if failure[0] is not None:
         raise EfftuneError(f"rank 0 failed ({failure[0]})")
     return result
 
