@@ -23,6 +23,7 @@ from .methods.lora_fa import LoraFAConfig
 from .methods.mixlora import MixLoraConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
+from .methods.registry import get_method
 from .methods.relora import ReLoraConfig
 from .train.loop import TrainConfig
 
@@ -83,9 +84,9 @@ class RunConfig:
                 resolve_dtype(self.dtype, None)
         except EfftuneError as exc:
             raise ConfigError(str(exc)) from None
-        check_combination(self)
         from .quantize.model import check_quantize
-        check_quantize(self.quantize, self.method, self.train.fp8_base)
+        check_quantize(self.quantize, self.train.fp8_base)
+        check_combination(self)
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):
@@ -95,14 +96,13 @@ class RunConfig:
 
 def check_combination(cfg: "RunConfig") -> None:
     """Settings that cannot run together, refused before anything loads, naming both."""
-    if cfg.method == "full":
+    if get_method(cfg.method).writes_base:  # the method's own record says so (ReLoRA, full)
         if cfg.train.fp8_base:
-            raise ConfigError("method full trains the base weights, so train.fp8_base (the frozen base linears "
-                              "in FP8) cannot run with it: drop --fp8-base or pick an adapter method")
-        for holder, prefix in ((cfg, ""), (cfg.train, "train.")):  # a quantized base (another issue's key)
-            if getattr(holder, "quantize", "none") not in (None, "none"):
-                raise ConfigError(f"method full trains the base weights, so {prefix}quantize (a frozen quantized "
-                                  "base) cannot run with it: drop the quantization or pick an adapter method")
+            raise ConfigError(f"method {cfg.method} writes into the base weights, so train.fp8_base (the frozen "
+                              "base linears in FP8) cannot run with it: drop --fp8-base or pick an adapter method")
+        if cfg.quantize != "none":
+            raise ConfigError(f"quantize: {cfg.quantize} cannot run with method: {cfg.method}, which writes into the "
+                              "base weights; a quantised base cannot take them (drop --quantize or use method: lora)")
     if cfg.method == "relora" and cfg.train.optimizer == "adamw8bit":
         raise ConfigError("method relora prunes Adam's moments in place at each restart, which train.optimizer "
                           "adamw8bit's 8-bit moments do not support: use train.optimizer adamw")

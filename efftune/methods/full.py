@@ -154,4 +154,4 @@ def load_full(model: nn.Module, directory: str | os.PathLike) -> FullConfig:
     return FullConfig(target_modules=record.get("target_modules", ALL))
 
 
-METHOD = Method("full", "full", attach=add_full, save=save_full, load=load_full, artifact="model")
+METHOD = Method("full", "full", attach=add_full, save=save_full, load=load_full, artifact="model", writes_base=True)

@@ -29,6 +29,7 @@ class Method:
     hooks: Callable[[nn.Module, object], object] | None = None  # (model, run config) -> TrainHooks
     artifact: str = "adapter"                                   # what `save` writes: adapter | model
     prefix: Callable[[nn.Module, object], list[int]] | None = None  # (model, config) -> ids every prompt starts with
+    writes_base: bool = False  # it changes the base weights (a quantised or FP8 base cannot take that)
 
 
 # --method name -> the module whose METHOD it is

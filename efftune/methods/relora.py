@@ -260,4 +260,4 @@ def load_relora(model: nn.Module, directory: str | os.PathLike):
 
 # ReLoRA changes the base weights at every restart, so its result is a whole model.
 METHOD = Method("relora", "lora", attach=add_lora, save=save_relora, load=load_relora, hooks=relora_hooks,
-                artifact="model")
+                artifact="model", writes_base=True)

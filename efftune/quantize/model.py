@@ -15,23 +15,18 @@ from . import nf4
 from .linear import LINEARS, QuantizedLinear
 
 CHOICES = ("none", "nf4", "int8")
-# Methods that write into the frozen base weights: a quantised base cannot take their updates.
-# (A per-method flag in the method registry is the better home once it settles; see issue 22.)
-WRITE_BASE = ("relora",)
 # Classes of layers some other library already quantised (bitsandbytes, as transformers loads them
 # with load_in_4bit / load_in_8bit): quantising again is refused, wrapping them is not done yet.
 FOREIGN_QUANTIZED = ("Linear4bit", "Linear8bitLt", "Params4bit")
 
 
-def check_quantize(quantize: str, method: str, fp8_base: bool) -> None:
-    """Refuse what cannot run with a quantised base, before anything is loaded."""
+def check_quantize(quantize: str, fp8_base: bool) -> None:
+    """Refuse what cannot run with a quantised base, before anything is loaded (methods that write
+    into the base: `config.check_combination`, from the method's record)."""
     if quantize not in CHOICES:
         raise ConfigError(f"quantize must be one of {', '.join(CHOICES)}, got {quantize!r}")
     if quantize == "none":
         return
-    if method in WRITE_BASE:
-        raise ConfigError(f"quantize: {quantize} cannot run with method: {method}, which merges its updates into "
-                          "the base weights; a quantised base cannot take them (use method: lora)")
     if fp8_base:
         raise ConfigError(f"quantize: {quantize} and train.fp8_base both replace the frozen base weights; "
                           "choose one")

@@ -198,13 +198,13 @@ def test_combinations_that_cannot_run_are_refused_naming_both(values, words):
     assert all(w in str(exc.value) for w in words), str(exc.value)
 
 
-def test_a_quantized_base_is_refused_with_full(monkeypatch):
-    # the quantize key is another issue's; whichever of the run or train holds it, full refuses it
-    from efftune.config import check_combination
-    cfg = load_config(None, {"method": "full"})
-    monkeypatch.setattr(cfg.train, "quantize", "nf4", raising=False)
-    with pytest.raises(ConfigError, match="method full.*train.quantize"):
-        check_combination(cfg)
+@pytest.mark.parametrize("method", ["full", "relora"])
+def test_methods_that_write_into_the_base_refuse_a_quantised_or_fp8_base(method):
+    # the methods' own records say they write into the base (Method.writes_base)
+    with pytest.raises(ConfigError, match=f"quantize: int8 cannot run with method: {method}"):
+        load_config(None, {"method": method, "quantize": "int8"})
+    with pytest.raises(ConfigError, match=f"method {method} writes into the base weights, so train.fp8_base"):
+        load_config(None, {"method": method, "train": {"fp8_base": True}})
 
 
 def test_adamw8bit_without_torchao_names_the_extra(monkeypatch):

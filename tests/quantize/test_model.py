@@ -179,7 +179,7 @@ def test_refusals():
 @pytest.mark.parametrize("overrides,words", [
     ({"quantize": "nf5"}, ["quantize", "nf5", "nf4"]),
     ({"quantize": "nf4", "method": "relora"}, ["quantize: nf4", "method: relora"]),
-    ({"quantize": "nf4", "method": "full"}, ["quantize", "method full"]),
+    ({"quantize": "nf4", "method": "full"}, ["quantize: nf4", "method: full"]),
     ({"quantize": "int8", "train": {"fp8_base": True}}, ["quantize: int8", "train.fp8_base"]),
 ])
 def test_the_config_refuses_up_front(overrides, words):
