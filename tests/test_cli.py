@@ -127,7 +127,7 @@ def test_config_file_and_flag_override(capsys, model_dir, data_file, tmp_path):
     ("train: {stepz: 3}", "unknown config key 'train.stepz'"),
     ("train: {steps: many}", "train.steps: expected int"),
     ("lora: {r: 0}", "lora.r must be a positive integer"),
-    ("method: dora", "unknown method 'dora'"),
+    ("method: vera", "unknown method 'vera'"),
     ("train: {masked_attention: dense}", "train.masked_attention must be one of sdpa, flex"),
     ("- a list", "expected a mapping"),
 ])
