@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from .loop import read_metrics
 
 SINKS = ("tensorboard", "wandb")
-EXTRAS = {"tensorboard": ("tensorboard", 'pip install "efftune[log]"'), "wandb": ("wandb", "pip install wandb")}
+EXTRAS = {"tensorboard": ("tensorboard", 'pip install "efftune[log]"'), "wandb": ("wandb", 'pip install "efftune[wandb]"')}
 SKIP = ("step", "eval")  # bookkeeping keys, not metrics
 
 
