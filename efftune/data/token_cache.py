@@ -9,6 +9,7 @@ chat_template, prefix ids). Any change gives another key, so an entry is never s
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import tempfile
@@ -66,16 +67,23 @@ def _save(path: Path, seqs: Sequence[Encoded]) -> None:
 
 
 def _load(path: Path) -> list[Encoded] | None:
+    # The cyclic garbage collector is paused while the lists are built: they hold no cycles, and with
+    # tens of millions of new ints its passes would cost more than the building (3x at 100k rows).
+    paused = gc.isenabled()
+    gc.disable()
     try:
         with np.load(path) as z:
             ids, labels, lengths, dropped = (z[k].tolist() for k in ("ids", "labels", "lengths", "dropped"))
+        out, at = [], 0
+        for n, d in zip(lengths, dropped):
+            out.append(Encoded(ids[at:at + n], labels[at:at + n], d))
+            at += n
+        return out
     except Exception:  # a damaged entry is tokenised again and rewritten
         return None
-    out, at = [], 0
-    for n, d in zip(lengths, dropped):
-        out.append(Encoded(ids[at:at + n], labels[at:at + n], d))
-        at += n
-    return out
+    finally:
+        if paused:
+            gc.enable()
 
 
 def encode_all(formatter: Formatter, examples: Sequence[Example], use_cache: bool = True,
