@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from efftune.config import load_config
-from efftune.errors import ConfigError
+from efftune.errors import ConfigError, EfftuneError
 from efftune.attach import trainable_parameters
 from efftune.methods.lora import LoraConfig, add_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from efftune.quantize import (Int8Linear, Nf4Linear, QuantizedLinear, dequantize_model, quantize_model,
@@ -121,8 +121,9 @@ def test_merging_into_a_quantised_base_fails_loudly_and_dequantize_model_makes_i
     add_lora(model, LoraConfig(r=4))
     randomize_lora(model)
     expected = model(IDS).logits
-    with pytest.raises(RuntimeError):
+    with pytest.raises(EfftuneError, match=r"merge: the base weight is quantised \(nf4\).*dequantize_model"):
         merge_lora(model)
+    assert not any(layer.merged for _, layer in lora_layers(model))  # refused before any layer changed
     dequantize_model(model)
     merge_lora(model)
     torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-9, atol=1e-9)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...attach import _conv1d_class, hooked, master_dtype, wrappers
 from ...errors import EfftuneError
+from ...quantize.linear import QuantizedLinear
 from .ops import fused_lora_linears
 
 
@@ -315,8 +316,16 @@ class LoraLayer(nn.Module):
         return y
 
     @torch.no_grad()
+    def check_mergeable(self) -> None:
+        """Refuse a merge into a quantised base (its `weight` is a read-only dequantised copy)."""
+        if isinstance(self.base_layer, QuantizedLinear):
+            raise EfftuneError(f"merge: the base weight is quantised ({self.base_layer.KIND}), and merging into "
+                               "it would round the update away: call efftune.quantize.dequantize_model(model) "
+                               "first, which makes each quantised layer a plain one to merge into")
+
     def merge(self) -> None:
         """Fold every active, unmerged adapter into the base weight."""
+        self.check_mergeable()
         pending = [name for name in self.active if name not in self.merged]
         if any(self.adapters[name].scales_output for name in self.merged + pending):
             self._merge_scaled(self.merged + pending)

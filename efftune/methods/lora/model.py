@@ -109,8 +109,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold the active adapters into the base weights (forward then skips them)."""
-    for _, layer in lora_layers(model):
+    """Fold the active adapters into the base weights (forward then skips them). Every layer is
+    checked first, so a refused merge changes none."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.check_mergeable()
+    for layer in layers:
         layer.merge()
 
 
