@@ -11,7 +11,9 @@ from efftune.errors import DataError
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 
 
-def _add(tf, name, obj):
+def add_task_file(tf, name, obj):
+    """`obj` as JSON at `name` under the BIG-bench sdist's task folder of the open tar `tf` (the
+    tests' stand-in for the sdist; tests/eval/test_retention.py builds one too)."""
     data = json.dumps(obj).encode()
     info = tarfile.TarInfo(ROOT + name)
     info.size = len(data)
@@ -24,19 +26,19 @@ def fake_bigbench(tmp_path, monkeypatch):
     target = tmp_path / "cache" / "bigbench"
     target.mkdir(parents=True)
     with tarfile.open(target / "bigbench-1.0.0.tar.gz", "w:gz") as tf:
-        _add(tf, "yesno/task.json", {
+        add_task_file(tf, "yesno/task.json", {
             "description": "answer yes or no", "append_choices_to_input": False,
             "examples": [{"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2)}}
                          for i in range(20)]})
-        _add(tf, "listed/task.json", {
+        add_task_file(tf, "listed/task.json", {
             "task_prefix": "Pick one.", "examples": [{"input": "Colour of sky?",
                                                       "target_scores": {"red": 0, "blue": 1, "azure": 1}}]})
-        _add(tf, "gen/task.json", {"example_input_prefix": "\nIn: ", "example_output_prefix": "\nOut: ",
+        add_task_file(tf, "gen/task.json", {"example_input_prefix": "\nIn: ", "example_output_prefix": "\nOut: ",
                                    "examples": [{"input": "2+2", "target": ["4", "four"]}]})
-        _add(tf, "parent/task.json", {"description": "has subtasks"})
-        _add(tf, "parent/one/task.json", {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]})
-        _add(tf, "parent/two/task.json", {"examples": [{"input": "b", "target_scores": {"x": 0, "y": 1}}]})
-        _add(tf, "broken/task.json", {"examples": [{"nothing": 1}]})
+        add_task_file(tf, "parent/task.json", {"description": "has subtasks"})
+        add_task_file(tf, "parent/one/task.json", {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]})
+        add_task_file(tf, "parent/two/task.json", {"examples": [{"input": "b", "target_scores": {"x": 0, "y": 1}}]})
+        add_task_file(tf, "broken/task.json", {"examples": [{"nothing": 1}]})
     return target
 
 

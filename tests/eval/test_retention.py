@@ -1,5 +1,4 @@
 """Retention panels (forgetting measured beside learning), on a small fake BIG-bench sdist and tiny models."""
-import io
 import json
 import tarfile
 
@@ -13,19 +12,12 @@ from efftune.eval.retention import PANELS, load_panel, measure_retention, resolv
 from efftune.methods.full import add_full
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import make_tokenizer, tiny_llama
+from tests.data.test_bigbench import add_task_file
 from tests.test_cli import last_json, run
 
-ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 COLOURS = {"sky": "blue", "grass": "green", "blood": "red", "snow": "white"}
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Take 3 steps forward.", "Always face forward.",
              "Is the sky blue?", "Turn left."]
-
-
-def _add(tf, name, obj):
-    data = json.dumps(obj).encode()
-    info = tarfile.TarInfo(ROOT + name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture
@@ -36,15 +28,15 @@ def bigbench(tmp_path, monkeypatch):
     root = tmp_path / "cache" / "bigbench"
     root.mkdir(parents=True)
     with tarfile.open(root / "bigbench-1.0.0.tar.gz", "w:gz") as tf:
-        _add(tf, "colours/task.json", {"append_choices_to_input": False, "examples": [
+        add_task_file(tf, "colours/task.json", {"append_choices_to_input": False, "examples": [
             {"input": f"Colour of {thing} {i}?", "target_scores": {c: int(c == colour) for c in COLOURS.values()}}
             for i in range(12) for thing, colour in COLOURS.items()]})
-        _add(tf, "chat/task.json", {"examples": [{"input": f"say {i}", "target": SENTENCES[i % 5]}
+        add_task_file(tf, "chat/task.json", {"examples": [{"input": f"say {i}", "target": SENTENCES[i % 5]}
                                                  for i in range(20)]})
-        _add(tf, "target/task.json", {"append_choices_to_input": False, "examples": [
+        add_task_file(tf, "target/task.json", {"append_choices_to_input": False, "examples": [
             {"input": f"Q: Is {w} blue?", "target_scores": {"yes": int(w == "sky"), "no": int(w != "sky")}}
             for w in ["sky", "grass", "fox", "dog"] * 6]})
-        _add(tf, "parent/one/task.json", {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]})
+        add_task_file(tf, "parent/one/task.json", {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]})
     return root
 
 
