@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from efftune.methods.lora import packing
+from efftune.quantize import Int8Linear, Nf4Linear
+from efftune.quantize.operands import flatten, weight_operands
 
 N, IN = 7, 8          # tokens, input width
 OUTS, RANKS = (6, 4), (2, 3)
@@ -35,32 +37,59 @@ def check(op, args, **kw) -> None:
     torch.library.opcheck(op, args, **kw)
 
 
+KINDS = ["dense", "nf4", "int8"]  # how the frozen weights come: plain, or quantised (efftune.quantize)
+QUANTIZED = {"nf4": Nf4Linear, "int8": Int8Linear}
+
+
+def width(kind: str) -> int:
+    return 64 if kind == "nf4" else IN  # NF4 needs rows of whole 64-weight blocks
+
+
+def frozen(kind: str, outs, device, in_features: int | None = None) -> tuple[list, list[str] | None]:
+    """Weights of these output sizes as the ops take them: (flat tensors, kinds or None)."""
+    in_features = in_features or width(kind)
+    members = []
+    for o in outs:
+        linear = nn.Linear(in_features, o, bias=False).requires_grad_(False)
+        with torch.no_grad():
+            linear.weight.copy_(randn(o, in_features))
+        layer = linear if kind == "dense" else QUANTIZED[kind](linear)
+        members.append(weight_operands(layer.to(device), torch.float32))
+    flat, kinds = flatten(members)
+    return flat, kinds or None
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_lora_linears(device, bias):
-    weights = [randn(o, IN, device=device) for o in OUTS]
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_linears(device, bias, kind):
+    weights, kinds = frozen(kind, OUTS, device)
     biases = [randn(OUTS[0], device=device) if bias else None, None]
-    a = randn(sum(RANKS), IN, device=device)
+    a = randn(sum(RANKS), width(kind), device=device)
     bs = [randn(o, r, device=device) for o, r in zip(OUTS, RANKS)]
-    check(OPS.lora_linears.default, (randn(N, IN, device=device), weights, biases, a, bs))
+    check(OPS.lora_linears.default, (randn(N, width(kind), device=device), weights, biases, a, bs, kinds))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("need_dx", [True, False])
-def test_lora_linears_backward(device, need_dx):
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_linears_backward(device, need_dx, kind):
     dys = [randn(N, o, device=device) for o in OUTS]
-    weights = [randn(o, IN, device=device) for o in OUTS]
+    weights, kinds = frozen(kind, OUTS, device)
     bs = [randn(o, r, device=device) for o, r in zip(OUTS, RANKS)]
-    args = (dys, weights, randn(sum(RANKS), IN, device=device), bs, randn(N, sum(RANKS), device=device), need_dx)
+    args = (dys, weights, randn(sum(RANKS), width(kind), device=device), bs, randn(N, sum(RANKS), device=device),
+            need_dx, kinds)
     check(OPS.lora_linears_backward.default, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_lora_output(device, bias):
-    args = (randn(N, IN, device=device), randn(OUTS[0], IN, device=device),
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_output(device, bias, kind):
+    weights, kinds = frozen(kind, OUTS[:1], device)
+    args = (randn(N, width(kind), device=device), weights,
             randn(OUTS[0], device=device) if bias else None, randn(N, RANKS[0], device=device),
-            randn(OUTS[0], RANKS[0], device=device))
+            randn(OUTS[0], RANKS[0], device=device), kinds)
     check(OPS.lora_output.default, args)
 
 
@@ -105,6 +134,17 @@ def rows_args(op: str, device, packed: bool):
 @pytest.mark.parametrize("op", ["rows_mm", "rows_grad"])
 def test_rows_ops(device, op):
     check(getattr(OPS, op).default, rows_args(op, device, packed=False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["rows_mm", "rows_grad"])
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_rows_ops_on_quantised_weights(device, op, kind):
+    weights, kinds = frozen(kind, OUTS, device)
+    extra = randn(sum(RANKS), width(kind), device=device)
+    first = randn(N, width(kind), device=device) if op == "rows_mm" else randn(N, sum(OUTS) + extra.shape[0],
+                                                                                device=device)
+    check(getattr(OPS, op).default, (first, weights, extra, None, kinds))
 
 
 @pytest.mark.parametrize("device", DEVICES)

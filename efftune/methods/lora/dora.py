@@ -27,15 +27,26 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import EfftuneError
+from ...quantize.linear import QuantizedLinear
 from .layer import LoraAdapter, LoraLayer, LoraLinear
 
 
 def out_in_weight(layer: LoraLayer) -> Tensor:
-    """The base weight as an (out, in) matrix (a transposed view for transformers' Conv1D)."""
+    """The base weight as an (out, in) matrix (a transposed view for transformers' Conv1D); a
+    quantised base's dequantised in its compute dtype (a new tensor, for this step's norms only)."""
+    if isinstance(layer, LoraLinear) and isinstance(layer.base_layer, QuantizedLinear):
+        return layer.base_layer.dequantize()
     if not isinstance(layer, LoraLinear) or not isinstance(getattr(layer.base_layer, "weight", None), Tensor):
-        raise EfftuneError(f"DoRA needs a linear base layer with a plain weight; got {type(layer.base_layer).__name__} "
-                           "(DoRA on embeddings, on FP8 bases (train.fp8_base) or on quantised bases is not supported)")
+        raise EfftuneError(f"DoRA needs a linear base layer with a plain or quantised weight; got "
+                           f"{type(layer.base_layer).__name__} (DoRA on embeddings or on FP8 bases (train.fp8_base) "
+                           "is not supported)")
     return layer.to_weight_layout(layer.base_layer.weight)
+
+
+def stored_weight(layer: LoraLayer, w0: Tensor) -> Tensor:
+    """The tensor that holds W0 (w0 from `out_in_weight`): its version and address say when W0
+    changed. A quantised base's packed codes, not the dequantised copy that is new every call."""
+    return layer.base_layer.quantized()[0] if isinstance(layer.base_layer, QuantizedLinear) else w0
 
 
 def row_norms_sq(w0: Tensor) -> Tensor:
@@ -106,12 +117,12 @@ class DoraAdapter(LoraAdapter):
         with torch.no_grad():
             self.lora_magnitude_vector.copy_(self.norms(layer))
 
-    def _base_norm_sq(self, w0: Tensor) -> Tensor:
+    def _base_norm_sq(self, w0: Tensor, stored: Tensor) -> Tensor:
         if torch.compiler.is_compiling() and self.base_norm_sq is not None:
             # W0 is frozen while training; compile_blocks refreshed the cache just before (a
             # version check here would break the compiled graph)
             return self.base_norm_sq
-        key = (w0._version, w0.data_ptr(), w0.device, w0.dtype, tuple(w0.shape))
+        key = (stored._version, stored.data_ptr(), w0.device, w0.dtype, tuple(w0.shape))
         if self.base_norm_sq is None or self._norm_key != key:
             self.base_norm_sq, self._norm_key = row_norms_sq(w0.detach()), key
         return self.base_norm_sq
@@ -119,10 +130,11 @@ class DoraAdapter(LoraAdapter):
     def norms(self, layer: LoraLayer) -> Tensor:
         """n = ‖W0 + s B A‖ per output feature, for the layer's current base weight."""
         w0 = out_in_weight(layer)
-        return norms(w0, self.lora_A, self.lora_B, self.scaling, self._base_norm_sq(w0))
+        return norms(w0, self.lora_A, self.lora_B, self.scaling, self._base_norm_sq(w0, stored_weight(layer, w0)))
 
     def refresh_caches(self, layer: LoraLayer) -> None:
-        self._base_norm_sq(out_in_weight(layer))
+        w0 = out_in_weight(layer)
+        self._base_norm_sq(w0, stored_weight(layer, w0))
 
     def scale_output(self, layer: LoraLayer, v: Tensor, bias: Tensor | None) -> Tensor:
         return DoraScale.apply(v, self.lora_magnitude_vector, self.norms(layer), bias)

@@ -18,6 +18,7 @@ from torch import nn
 from ...attach import _conv1d_class, hooked, master_dtype, wrappers
 from ...errors import EfftuneError
 from ...quantize.linear import QuantizedLinear
+from ...quantize.operands import flatten, weight_operands
 from .ops import fused_lora_linears
 
 
@@ -119,9 +120,10 @@ class FusedLinears:
     The first member called computes every member's output — frozen GEMM and LoRA update in one
     pass, the A factors stacked into one GEMM — and keeps the others' outputs until they are called
     with that same tensor. It applies while every member runs the same single plain LoRA adapter
-    (no dropout, nothing merged, no mixed batch) on a plain frozen nn.Linear without hooks, in one
-    compute dtype (autocast's, or everything in x's); otherwise each layer computes its own output
-    as usual. A plain object, not a module: it holds no parameters and never appears in a state dict."""
+    (no dropout, nothing merged, no mixed batch) on a plain frozen nn.Linear or a quantised one
+    (`efftune.quantize`: the op dequantises it, one layer at a time) without hooks, in one compute
+    dtype (autocast's, or everything in x's); otherwise each layer computes its own output as usual.
+    A plain object, not a module: it holds no parameters and never appears in a state dict."""
 
     def __init__(self, layers: Sequence["LoraLayer"]):
         self.layers = list(layers)
@@ -137,17 +139,15 @@ class FusedLinears:
             adapter, base = layer.adapters[name[0]], layer.base_layer
             # the op computes LoraAdapter.forward: a variant with a forward of its own (LoRA-FA) steps aside
             if type(adapter).forward is not LoraAdapter.forward or not isinstance(adapter.dropout, nn.Identity) \
-                    or layer.batch_adapters is not None or type(base) is not nn.Linear or hooked(base) \
-                    or base.weight.requires_grad \
-                    or (base.bias is not None and base.bias.requires_grad):
+                    or layer.batch_adapters is not None or not _frozen_linear(base) or hooked(base):
                 return None
         return name[0]
 
     def _compute_dtype(self, x: torch.Tensor, adapters: Sequence[LoraAdapter]) -> torch.dtype | None:
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        tensors = [layer.base_layer.weight for layer in self.layers] + [a.lora_A for a in adapters]
-        return x.dtype if all(t.dtype == x.dtype for t in tensors) else None
+        dtypes = [_weight_dtype(layer.base_layer) for layer in self.layers] + [a.lora_A.dtype for a in adapters]
+        return x.dtype if all(d == x.dtype for d in dtypes) else None
 
     def plan(self, x: torch.Tensor) -> tuple[str, list[LoraAdapter], torch.dtype] | None:
         """(the adapter's name, each member's adapter, the compute dtype) when the op applies to
@@ -160,10 +160,11 @@ class FusedLinears:
         return None if dtype is None else (name, adapters, dtype)
 
     def operands(self, adapters: Sequence[LoraAdapter], dtype: torch.dtype) -> tuple[list, list, torch.Tensor, list]:
-        """(frozen weights, biases, the stacked scaled A factors, the B factors), cast to `dtype`."""
+        """(frozen weights as (kind, tensors) (`quantize.operands`), biases, the stacked scaled A
+        factors, the B factors), cast to `dtype` (a quantised weight's tensors stay as stored)."""
         bases = [layer.base_layer for layer in self.layers]
         # an output-scaling adapter (DoRA) adds the bias after its scale, in `scale_output`
-        return ([b.weight.to(dtype) for b in bases],
+        return ([weight_operands(b, dtype) for b in bases],
                 [None if b.bias is None or a.scales_output else b.bias.to(dtype) for b, a in zip(bases, adapters)],
                 torch.cat([adapter.lora_A * adapter.scaling for adapter in adapters]).to(dtype),
                 [adapter.lora_B.to(dtype) for adapter in adapters])
@@ -179,7 +180,9 @@ class FusedLinears:
         if plan is None:
             return None
         _, adapters, dtype = plan
-        ys = fused_lora_linears(x.to(dtype), *self.operands(adapters, dtype))
+        members, biases, a, bs = self.operands(adapters, dtype)
+        weights, kinds = flatten(members)
+        ys = fused_lora_linears(x.to(dtype), weights, biases, a, bs, kinds)
         for i, (layer, adapter) in enumerate(zip(self.layers, adapters)):
             if adapter.scales_output:
                 bias = layer.base_layer.bias
@@ -188,6 +191,19 @@ class FusedLinears:
         if len(ys) > 1:
             self.source, self.kept = x, ys
         return y
+
+
+def _frozen_linear(base: nn.Module) -> bool:
+    """A plain nn.Linear or a quantised one, nothing of it training (a quantised layer's `weight`
+    would dequantise it: not read here)."""
+    if isinstance(base, QuantizedLinear):
+        return base.bias is None or not base.bias.requires_grad
+    return type(base) is nn.Linear and not base.weight.requires_grad \
+        and (base.bias is None or not base.bias.requires_grad)
+
+
+def _weight_dtype(base: nn.Module) -> torch.dtype:
+    return base.dtype if isinstance(base, QuantizedLinear) else base.weight.dtype
 
 
 def link_fused_linears(model: nn.Module) -> int:
@@ -376,11 +392,15 @@ class LoraLinear(LoraLayer):
 
     @property
     def in_features(self) -> int:
+        if isinstance(self.base_layer, QuantizedLinear):  # its `weight` would dequantise it
+            return self.base_layer.in_features
         w = self.base_layer.weight
         return w.shape[0] if self.fan_in_fan_out else w.shape[1]
 
     @property
     def out_features(self) -> int:
+        if isinstance(self.base_layer, QuantizedLinear):
+            return self.base_layer.out_features
         w = self.base_layer.weight
         return w.shape[1] if self.fan_in_fan_out else w.shape[0]
 

@@ -18,6 +18,12 @@ No gradient is ever formed for the frozen weights. The ops are registered with `
 directly (not `custom_op`, whose Python dispatch costs about 0.1 ms a call, which a compiled step
 without CUDA graphs pays on the host) and run on any device and dtype; tensors come in one
 compute dtype (the caller casts, as autocast would). `LoraLinears` gives them autograd.
+
+A frozen weight may be quantised (NF4, int8: `efftune.quantize`): the ops take each weight as a kind
+and its tensors (`quantize.operands`: one flat `weights` list plus `kinds`) and dequantise one
+weight at a time in the compute dtype right before its GEMM, in forward and again for the input
+gradient. Nothing keeps the dense copy, and torch.compile cannot see it to keep it, so a quantised
+base runs the same fused path as a bf16 one with no dense copy of more than one layer alive.
 """
 from __future__ import annotations
 
@@ -26,11 +32,14 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ...quantize.operands import materialize, out_features, split
+
 _LIB = torch.library.Library("efftune", "DEF")
-_LIB.define("lora_linears(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor a, Tensor[] bs) -> Tensor[]")
+_LIB.define("lora_linears(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor a, Tensor[] bs, "
+            "str[]? kinds=None) -> Tensor[]")
 _LIB.define("lora_linears_backward(Tensor[] dys, Tensor[] weights, Tensor a, Tensor[] bs, Tensor z, "
-            "bool need_dx) -> Tensor[]")
-_LIB.define("lora_output(Tensor x, Tensor weight, Tensor? bias, Tensor z, Tensor b) -> Tensor")
+            "bool need_dx, str[]? kinds=None) -> Tensor[]")
+_LIB.define("lora_output(Tensor x, Tensor[] weights, Tensor? bias, Tensor z, Tensor b, str[]? kinds=None) -> Tensor")
 
 
 def column_slices(widths: Sequence[int]) -> list[slice]:
@@ -47,11 +56,13 @@ def _rank_slices(bs: Sequence[Tensor]) -> list[slice]:
 
 
 def linears_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], a: Tensor,
-                    bs: list[Tensor]) -> list[Tensor]:
-    """x (N, in); weights[i] (out_i, in); a: the stacked, scaled A factors (Σr, in); bs[i] (out_i, r_i).
+                    bs: list[Tensor], kinds: Sequence[str] | None = None) -> list[Tensor]:
+    """x (N, in); weights[i] (out_i, in), or the tensors of each weight's kind (`kinds`, module
+    docstring); a: the stacked, scaled A factors (Σr, in); bs[i] (out_i, r_i).
     Returns [y_0, …, y_{m-1}, z] with z = x aᵀ (N, Σr), kept for backward."""
     z = x @ a.t()
-    outs = [lora_output(x, w, bias, z[:, cols], b) for w, bias, b, cols in zip(weights, biases, bs, _rank_slices(bs))]
+    outs = [lora_output(x, materialize(kind, w, x.dtype), bias, z[:, cols], b)
+            for (kind, w), bias, b, cols in zip(split(weights, kinds), biases, bs, _rank_slices(bs))]
     return outs + [z]
 
 
@@ -63,71 +74,88 @@ def lora_output(x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor, b: Te
     return y.addmm_(x, weight.t())
 
 
+def lora_output_op(x: Tensor, weights: list[Tensor], bias: Tensor | None, z: Tensor, b: Tensor,
+                   kinds: Sequence[str] | None = None) -> Tensor:
+    """`lora_output` for one weight given as its kind's tensors (the op `efftune::lora_output`)."""
+    ((kind, w),) = split(weights, kinds)
+    return lora_output(x, materialize(kind, w, x.dtype), bias, z, b)
+
+
 def linears_backward(dys: list[Tensor], weights: list[Tensor], a: Tensor, bs: list[Tensor], z: Tensor,
-                     need_dx: bool) -> list[Tensor]:
+                     need_dx: bool, kinds: Sequence[str] | None = None) -> list[Tensor]:
     """Returns [dx (an empty tensor when not needed), dz, db_0, …]; the caller makes `da = dzᵀ x`."""
     dbs = [dy.t() @ z[:, cols] for dy, cols in zip(dys, _rank_slices(bs))]
     dz = torch.empty_like(z)
     for dy, b, cols in zip(dys, bs, _rank_slices(bs)):
         torch.mm(dy, b, out=dz[:, cols])  # straight into its columns: no concatenation pass
-    dx = linears_input_grad(dz, a, dys, weights) if need_dx else dz.new_empty(0)
+    dx = linears_input_grad(dz, a, dys, weights, kinds) if need_dx else dz.new_empty(0)
     return [dx, dz] + dbs
 
 
-def linears_input_grad(dz: Tensor, a: Tensor, dys: list[Tensor], weights: list[Tensor]) -> Tensor:
-    """dx = dz a + Σ dy_i W_i, the frozen GEMMs accumulating in place onto the LoRA term."""
+def linears_input_grad(dz: Tensor, a: Tensor, dys: list[Tensor], weights: list[Tensor],
+                       kinds: Sequence[str] | None = None) -> Tensor:
+    """dx = dz a + Σ dy_i W_i, the frozen GEMMs accumulating in place onto the LoRA term (a quantised
+    W_i dequantised again, one at a time)."""
     dx = dz @ a
-    for dy, w in zip(dys, weights):
-        dx.addmm_(dy, w)
+    for dy, (kind, w) in zip(dys, split(weights, kinds)):
+        dx.addmm_(dy, materialize(kind, w, dz.dtype))
     return dx
 
 
 _LIB.impl("lora_linears", linears_forward, "CompositeExplicitAutograd")
 _LIB.impl("lora_linears_backward", linears_backward, "CompositeExplicitAutograd")
-_LIB.impl("lora_output", lora_output, "CompositeExplicitAutograd")
+_LIB.impl("lora_output", lora_output_op, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("efftune::lora_linears", lib=_LIB)
-def _(x, weights, biases, a, bs):
-    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights] + [x.new_empty(x.shape[0], a.shape[0])]
+def _(x, weights, biases, a, bs, kinds=None):
+    outs = [x.new_empty(x.shape[0], out_features(kind, w)) for kind, w in split(weights, kinds)]
+    return outs + [x.new_empty(x.shape[0], a.shape[0])]
 
 
 @torch.library.register_fake("efftune::lora_linears_backward", lib=_LIB)
-def _(dys, weights, a, bs, z, need_dx):
+def _(dys, weights, a, bs, z, need_dx, kinds=None):
     dx = z.new_empty(z.shape[0], a.shape[1]) if need_dx else z.new_empty(0)
     return [dx, z.new_empty(z.shape)] + [b.new_empty(b.shape) for b in bs]
 
 
 @torch.library.register_fake("efftune::lora_output", lib=_LIB)
-def _(x, weight, bias, z, b):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weights, bias, z, b, kinds=None):
+    ((kind, w),) = split(weights, kinds)
+    return x.new_empty(x.shape[0], out_features(kind, w))
 
 
 class LoraLinears(torch.autograd.Function):
-    """Autograd for the two ops: apply(x, a, m, *weights, *biases, *bs) -> (y_0, …, y_{m-1}, z)."""
+    """Autograd for the two ops: apply(x, a, kinds, m, *weights, *biases, *bs) -> (y_0, …, y_{m-1}, z),
+    `weights` flat (the module docstring; empty kinds: all dense). Saves the weights as given:
+    a quantised one's packed tensors, never a dense copy."""
 
     @staticmethod
-    def forward(ctx, x, a, m, *tensors):
-        weights, biases, bs = tensors[:m], tensors[m:2 * m], tensors[2 * m:]
-        outs = torch.ops.efftune.lora_linears(x, list(weights), list(biases), a, list(bs))
+    def forward(ctx, x, a, kinds, m, *tensors):
+        n = len(tensors) - 2 * m  # the flat weights' count
+        weights, biases, bs = tensors[:n], tensors[n:n + m], tensors[n + m:]
+        outs = torch.ops.efftune.lora_linears(x, list(weights), list(biases), a, list(bs), list(kinds))
         ctx.save_for_backward(x, a, outs[-1], *weights, *bs)
-        ctx.members = m
+        ctx.members, ctx.flat, ctx.kinds = m, n, kinds
         ctx.mark_non_differentiable(outs[-1])
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         x, a, z, *rest = ctx.saved_tensors
-        m = ctx.members
-        weights, bs = rest[:m], rest[m:]
-        dys = [g if g is not None else x.new_zeros(x.shape[0], w.shape[0]) for g, w in zip(grads[:m], weights)]
+        m, n = ctx.members, ctx.flat
+        weights, bs = rest[:n], rest[n:]
+        dys = [g if g is not None else x.new_zeros(x.shape[0], b.shape[0]) for g, b in zip(grads[:m], bs)]
         need_dx = ctx.needs_input_grad[0]
-        dx, dz, *dbs = torch.ops.efftune.lora_linears_backward(dys, list(weights), a, list(bs), z, need_dx)
-        return (dx if need_dx else None, dz.t() @ x, None) + (None,) * (2 * m) + tuple(dbs)
+        dx, dz, *dbs = torch.ops.efftune.lora_linears_backward(dys, list(weights), a, list(bs), z, need_dx,
+                                                               list(ctx.kinds))
+        return (dx if need_dx else None, dz.t() @ x, None, None) + (None,) * (n + m) + tuple(dbs)
 
 
 def fused_lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], a: Tensor,
-                       bs: Sequence[Tensor]) -> list[Tensor]:
-    """`LoraLinears` for x of any leading shape; returns the m outputs shaped (*lead, out_i)."""
-    outs = LoraLinears.apply(x.reshape(-1, x.shape[-1]), a, len(weights), *weights, *biases, *bs)
+                       bs: Sequence[Tensor], kinds: Sequence[str] | None = None) -> list[Tensor]:
+    """`LoraLinears` for x of any leading shape; returns the m outputs shaped (*lead, out_i).
+    `weights`: one dense tensor each, or flat with `kinds` (`quantize.operands.flatten`)."""
+    outs = LoraLinears.apply(x.reshape(-1, x.shape[-1]), a, tuple(kinds or ()), len(bs), *weights, *biases, *bs)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs[:-1]]
+

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ...quantize.operands import materialize, out_features, split
 from .ops import _LIB, column_slices, linears_input_grad
 
 
@@ -90,8 +91,10 @@ def unpack(linears: Sequence[nn.Linear]) -> None:
 # write. Both take the blocks as the caller would stack them, so a weight that left its packing
 # costs speed, never correctness.
 
-_LIB.define("rows_mm(Tensor x, Tensor[] weights, Tensor extra, Tensor? spare) -> Tensor")
-_LIB.define("rows_grad(Tensor d, Tensor[] weights, Tensor extra, Tensor? spare) -> Tensor")
+# `weights` may be quantised ones, as their kinds' tensors (`quantize.operands`): those are never
+# packed, and each is dequantised right before its own GEMM.
+_LIB.define("rows_mm(Tensor x, Tensor[] weights, Tensor extra, Tensor? spare, str[]? kinds=None) -> Tensor")
+_LIB.define("rows_grad(Tensor d, Tensor[] weights, Tensor extra, Tensor? spare, str[]? kinds=None) -> Tensor")
 
 
 ROW_ALIGN = 64  # elements: the ops' outputs get row strides of whole 128-byte lines (bf16)
@@ -109,38 +112,45 @@ def aligned_stride(cols: int) -> int:
     return -(-cols // ROW_ALIGN) * ROW_ALIGN
 
 
-def _filled(weights: list[Tensor], extra: Tensor, spare: Tensor | None) -> Tensor | None:
+def _filled(weights: list[Tensor], extra: Tensor, spare: Tensor | None, kinds: Sequence[str] | None) -> Tensor | None:
     """The packed matrix [w_0; …; w_{m-1}; extra], extra just written into the spare rows; None
-    where the weights are not packed with `spare`."""
+    where the weights are not packed with `spare` (or are quantised)."""
+    if kinds:
+        return None
     full = matrix(weights, spare, extra.shape[0])
     if full is not None:
         full[full.shape[0] - extra.shape[0]:].copy_(extra)
     return full
 
 
-def rows_mm(x: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | None) -> Tensor:
+def rows_mm(x: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | None,
+            kinds: Sequence[str] | None = None) -> Tensor:
     """x [w_0; …; w_{m-1}; extra]ᵀ, shape (N, Σ out_i + rows of extra), row stride aligned
     (`aligned_rows`): one GEMM where the weights are packed with `spare` (extra goes into the spare
     rows), else one per block into its columns."""
-    blocks = list(weights) + [extra]
-    out = aligned_rows(x.shape[0], sum(b.shape[0] for b in blocks), x)
-    full = _filled(weights, extra, spare)
+    members = split(weights, kinds)
+    widths = [out_features(kind, w) for kind, w in members] + [extra.shape[0]]
+    out = aligned_rows(x.shape[0], sum(widths), x)
+    full = _filled(weights, extra, spare, kinds)
     if full is not None:
         return torch.mm(x, full.t(), out=out)
-    for b, cols in zip(blocks, column_slices([b.shape[0] for b in blocks])):
-        torch.mm(x, b.t(), out=out[:, cols])
+    *cols, extra_cols = column_slices(widths)
+    for (kind, w), c in zip(members, cols):
+        torch.mm(x, materialize(kind, w, x.dtype).t(), out=out[:, c])
+    torch.mm(x, extra.t(), out=out[:, extra_cols])
     return out
 
 
-def rows_grad(d: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | None) -> Tensor:
+def rows_grad(d: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | None,
+              kinds: Sequence[str] | None = None) -> Tensor:
     """d [w_0; …; w_{m-1}; extra] for d (N, Σ out_i + rows of extra): rows_mm's input gradient. One
     plain GEMM over a packing; else `ops.linears_input_grad` (the extra term first, each
     weight's GEMM accumulating onto it)."""
-    full = _filled(weights, extra, spare)
+    full = _filled(weights, extra, spare, kinds)
     if full is not None:
         return d @ full
-    *cols, extra_cols = column_slices([w.shape[0] for w in weights] + [extra.shape[0]])
-    return linears_input_grad(d[:, extra_cols], extra, [d[:, c] for c in cols], weights)
+    *cols, extra_cols = column_slices([out_features(k, w) for k, w in split(weights, kinds)] + [extra.shape[0]])
+    return linears_input_grad(d[:, extra_cols], extra, [d[:, c] for c in cols], weights, kinds)
 
 
 _LIB.impl("rows_mm", rows_mm, "CompositeExplicitAutograd")
@@ -148,10 +158,10 @@ _LIB.impl("rows_grad", rows_grad, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("efftune::rows_mm", lib=_LIB)
-def _(x, weights, extra, spare):
-    return aligned_rows(x.shape[0], sum(w.shape[0] for w in weights) + extra.shape[0], x)
+def _(x, weights, extra, spare, kinds=None):
+    return aligned_rows(x.shape[0], sum(out_features(k, w) for k, w in split(weights, kinds)) + extra.shape[0], x)
 
 
 @torch.library.register_fake("efftune::rows_grad", lib=_LIB)
-def _(d, weights, extra, spare):
+def _(d, weights, extra, spare, kinds=None):
     return d.new_empty(d.shape[0], extra.shape[1])

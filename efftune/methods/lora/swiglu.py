@@ -23,7 +23,8 @@ same ops run in PyTorch.
 `FusedSwiGLU` replaces a transformers MLP module whose forward is exactly
 `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with SiLU, keeping its children under their names
 (state dicts and peft files are unchanged). It takes the fused path while all three projections
-run one plain LoRA adapter under the rules of `lora.FusedLinears`, and the MLP's own formula
+run one plain LoRA adapter under the rules of `lora.FusedLinears` (on plain or quantised frozen
+weights: a quantised one is dequantised inside the ops, `quantize.operands`), and the MLP's own formula
 otherwise (DoRA adapters included: their projections then run as `lora_linears` with DoRA's scale).
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from ...attach import hooked, replace_module
 from ...kernel_limits import swiglu_fits
+from ...quantize.operands import flatten, materialize, split
 from . import packing
 from .ops import _LIB
 
@@ -129,31 +131,40 @@ def _(dh, dzd, ad, gu, bg, bu):
 
 
 class SwigluLora(torch.autograd.Function):
-    """apply(x, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d, spare) -> y, all 2-D in one compute dtype;
+    """apply(x, a_gu, a_d, b_g, b_u, b_d, spare, kinds, *weights) -> y, all 2-D in one compute dtype;
     a_gu = [s_g A_g; s_u A_u], a_d = s_d A_d; `spare`: the spare rows of w_g and w_u's packing, or None
-    (`packing`).
+    (`packing`); `weights`: w_g, w_u, w_d flat with `kinds` (their three kinds, `quantize.operands`:
+    a quantised one is dequantised inside the ops, never kept).
     Gradients for x, the A stacks and the B factors."""
 
     @staticmethod
-    def forward(ctx, x, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d, spare):
-        gu = torch.ops.efftune.rows_mm(x, [w_g, w_u], a_gu, spare)  # [g0 | u0 | z] in one GEMM
+    def forward(ctx, x, a_gu, a_d, b_g, b_u, b_d, spare, kinds, *weights):
+        (k_g, g), (k_u, u), (k_d, d) = split(weights, kinds)
+        w_gu, kinds_gu = flatten([(k_g, g), (k_u, u)])
+        w_d, kinds_d = flatten([(k_d, d)])
+        gu = torch.ops.efftune.rows_mm(x, w_gu, a_gu, spare, kinds_gu)  # [g0 | u0 | z] in one GEMM
         h, zd = torch.ops.efftune.swiglu_lora_forward(gu, b_g, b_u, a_d)
-        ctx.save_for_backward(x, gu, zd, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d, spare)
-        return torch.ops.efftune.lora_output(h, w_d, None, zd, b_d)
+        ctx.save_for_backward(x, gu, zd, a_gu, a_d, b_g, b_u, b_d, spare, *weights)
+        ctx.kinds = kinds
+        return torch.ops.efftune.lora_output(h, w_d, None, zd, b_d, kinds_d)
 
     @staticmethod
     def backward(ctx, dy):
-        x, gu, zd, a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d, spare = ctx.saved_tensors
+        x, gu, zd, a_gu, a_d, b_g, b_u, b_d, spare, *weights = ctx.saved_tensors
+        (k_g, g), (k_u, u), (k_d, d) = split(weights, ctx.kinds)
+        w_gu, kinds_gu = flatten([(k_g, g), (k_u, u)])
         dzd = dy @ b_d
-        dh0 = dy @ w_d  # the frozen down projection's input gradient, plain: its LoRA term joins in the pass
+        # the frozen down projection's input gradient, plain (a quantised W_d made dense for this GEMM
+        # only): its LoRA term joins in the pass
+        dh0 = dy @ materialize(k_d, d, dy.dtype)
         dgu, h = torch.ops.efftune.swiglu_lora_backward(dh0, dzd, a_d, gu, b_g, b_u)
         f, rg = b_g.shape
         z, dz = gu[:, 2 * f:], dgu[:, 2 * f:]
         # the reductions over tokens first, while the pass's last writes of h, dg and du are in L2
         da_d, db_g, db_u = dzd.t() @ h, dgu[:, :f].t() @ z[:, :rg], dgu[:, f:2 * f].t() @ z[:, rg:]
         # dx = [dg | du | dz] [W_g; W_u; Â_gu]: one plain GEMM where the weights are packed
-        dx = torch.ops.efftune.rows_grad(dgu, [w_g, w_u], a_gu, spare) if ctx.needs_input_grad[0] else None
-        return dx, dz.t() @ x, da_d, None, None, None, db_g, db_u, dy.t() @ zd, None
+        dx = torch.ops.efftune.rows_grad(dgu, w_gu, a_gu, spare, kinds_gu) if ctx.needs_input_grad[0] else None
+        return (dx, dz.t() @ x, da_d, db_g, db_u, dy.t() @ zd, None, None) + (None,) * len(weights)
 
 
 _STANDARD_FORWARD = re.compile(r"(\w+) = self\.down_proj\(self\.act_fn\(self\.gate_proj\(x\)\) \* self\.up_proj\(x\)\)"
@@ -239,8 +250,10 @@ class FusedSwiGLU(nn.Module):
         dtype = gu[2]
         (w_g, w_u), _, a_gu, (b_g, b_u) = gate.fused.operands(*gu[1:])
         (w_d,), _, a_d, (b_d,) = down.fused.operands(*d[1:])
-        y = SwigluLora.apply(x.reshape(-1, x.shape[-1]).to(dtype), a_gu, a_d, w_g, w_u, w_d, b_g, b_u, b_d,
-                             self.gate_up_spare)
+        weights = [t for _, tensors in (w_g, w_u, w_d) for t in tensors]
+        kinds = tuple(kind for kind, _ in (w_g, w_u, w_d))
+        y = SwigluLora.apply(x.reshape(-1, x.shape[-1]).to(dtype), a_gu, a_d, b_g, b_u, b_d, self.gate_up_spare,
+                             kinds, *weights)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
