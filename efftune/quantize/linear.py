@@ -34,6 +34,41 @@ def _int8_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
 
 
 DENSE = {"nf4": _nf4_dense, "int8": _int8_dense}  # kind -> (its tensors, dtype) -> dense weight
+IN_FEATURES = {"nf4": lambda t: t[0].shape[1] * 2, "int8": lambda t: t[0].shape[1]}  # from the shapes alone
+
+
+# The matmul and its input gradient as two ops, opaque to torch.compile. Traced as plain PyTorch,
+# forward's dequantisation and backward's repeat of it are one expression to the compiler, whose
+# partitioner then keeps the dense weight from forward for backward (seen with aot_eager and
+# inductor: every quantised layer's weight saved in the compute dtype), the very copy QLoRA's
+# scheme avoids. Inside an op, nothing outside ever holds the dense weight.
+_LIB = torch.library.Library("efftune", "FRAGMENT")  # methods/lora/ops.py DEFines the namespace's other ops
+_LIB.define("quantized_mm(Tensor x, Tensor[] tensors, str kind) -> Tensor")
+_LIB.define("quantized_mm_input_grad(Tensor dy, Tensor[] tensors, str kind) -> Tensor")
+
+
+def quantized_mm(x: Tensor, tensors: list[Tensor], kind: str) -> Tensor:
+    """x Wᵀ, W = DENSE[kind](tensors) made in x's dtype for this product only."""
+    return F.linear(x, DENSE[kind](tuple(tensors), x.dtype))
+
+
+def quantized_mm_input_grad(dy: Tensor, tensors: list[Tensor], kind: str) -> Tensor:
+    """dy W, W made again in dy's dtype."""
+    return dy @ DENSE[kind](tuple(tensors), dy.dtype)
+
+
+_LIB.impl("quantized_mm", quantized_mm, "CompositeExplicitAutograd")
+_LIB.impl("quantized_mm_input_grad", quantized_mm_input_grad, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("efftune::quantized_mm", lib=_LIB)
+def _(x, tensors, kind):
+    return x.new_empty(*x.shape[:-1], tensors[0].shape[0])
+
+
+@torch.library.register_fake("efftune::quantized_mm_input_grad", lib=_LIB)
+def _(dy, tensors, kind):
+    return dy.new_empty(*dy.shape[:-1], IN_FEATURES[kind](tensors))
 
 
 class QuantizedMatmul(torch.autograd.Function):
@@ -44,12 +79,13 @@ class QuantizedMatmul(torch.autograd.Function):
     def forward(ctx, x: Tensor, kind: str, *tensors: Tensor) -> Tensor:
         ctx.save_for_backward(*tensors)
         ctx.kind = kind
-        return F.linear(x, DENSE[kind](tensors, x.dtype))
+        return torch.ops.efftune.quantized_mm(x, list(tensors), kind)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         tensors = ctx.saved_tensors
-        dx = grad @ DENSE[ctx.kind](tensors, grad.dtype) if ctx.needs_input_grad[0] else None
+        dx = torch.ops.efftune.quantized_mm_input_grad(grad, list(tensors), ctx.kind) \
+            if ctx.needs_input_grad[0] else None
         return (dx, None) + (None,) * len(tensors)
 
 

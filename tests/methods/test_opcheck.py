@@ -170,8 +170,18 @@ def test_rows_ops_on_a_packing(device, op):
     torch.testing.assert_close(compiled(x, weights, extra, spare), out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("op", ["quantized_mm", "quantized_mm_input_grad"])
+def test_quantized_mm(device, kind, op):
+    """The unfused quantised linear's matmul (efftune.quantize.linear), on 3-D activations."""
+    weights, _ = frozen(kind, OUTS[:1], device)
+    first = randn(2, N, width(kind), device=device) if op == "quantized_mm" else randn(2, N, OUTS[0], device=device)
+    check(getattr(OPS, op).default, (first, weights, kind))
+
+
 CHECKED_HERE = {"lora_linears", "lora_linears_backward", "lora_output", "swiglu_lora_forward",
-                "swiglu_lora_backward", "rows_mm", "rows_grad"}
+                "swiglu_lora_backward", "rows_mm", "rows_grad", "quantized_mm", "quantized_mm_input_grad"}
 CHECKED_IN_FLASH4_TESTS = {"flash4_causal", "flash4_causal_backward"}
 
 

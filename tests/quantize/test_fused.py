@@ -83,12 +83,18 @@ def test_fused_ops_on_a_quantised_base_equal_the_unfused_dequantised_reference(k
         assert all(t.grad is None for t in (*layer.base_layer.parameters(), *layer.base_layer.buffers()))
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind,backend", [("nf4", None), ("int8", None), ("nf4", "aot_eager"), ("nf4", "inductor")])
-def test_no_dense_copy_of_a_quantised_weight_is_kept_for_backward(kind, backend):
+def test_no_dense_copy_of_a_quantised_weight_is_kept_for_backward(kind, backend, fused):
     """Every tensor autograd keeps between forward and backward, recorded as it is saved: none has
     the shape of a quantised layer's weight (the op dequantises again in backward). Compiled too:
-    the dequantisation happens inside the ops, where no partitioner can choose to keep it."""
+    the dequantisation happens inside the ops, where no partitioner can choose to keep it. On the
+    fused path and on the per-layer one (the quantised layer's own matmul)."""
     model = quantised_lora(kind, dtype=torch.float32)
+    if not fused:
+        unwrap_swiglu_mlps(model)
+        for _, layer in lora_layers(model):
+            layer.fused = None
     shapes = {(layer.base_layer.out_features, layer.base_layer.in_features) for _, layer in lora_layers(model)}
     run_model = model if backend is None else torch.compile(model, backend=backend)
     x = embeds(model)
