@@ -103,6 +103,9 @@ def check_combination(cfg: "RunConfig") -> None:
         if cfg.quantize != "none":
             raise ConfigError(f"quantize: {cfg.quantize} cannot run with method: {cfg.method}, which writes into the "
                               "base weights; a quantised base cannot take them (drop --quantize or use method: lora)")
+    if cfg.method == "esft" and cfg.esft.mode == "full" and cfg.quantize != "none":
+        raise ConfigError(f"quantize: {cfg.quantize} cannot run with method: esft and esft.mode: full, which trains "
+                          "the selected experts' own weights; a quantised base cannot take them (use esft.mode: lora)")
     if cfg.method == "relora" and cfg.train.optimizer == "adamw8bit":
         raise ConfigError("method relora prunes Adam's moments in place at each restart, which train.optimizer "
                           "adamw8bit's 8-bit moments do not support: use train.optimizer adamw")

@@ -31,7 +31,7 @@ from ..attach import freeze_base, master_dtype, replace_module, wrappers
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..files import AdapterFormat
-from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
+from ..moe.experts import IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules, grouped_linear
 from ..moe.router_tap import add_router_taps, remove_router_taps, router_taps
 from .expert_lora import ExpertLoraConfig, add_expert_lora, load_expert_lora, save_expert_lora
 from .registry import Method
@@ -190,6 +190,10 @@ class EsftExperts(GroupedExperts):
 def add_esft_full(model: nn.Module, chosen: dict[str, list[int]], impl: str = "auto") -> list[str]:
     """Freeze the model; the selected experts of each listed layer train their whole weights."""
     known = dict(experts_modules(model))
+    packed = next((p for p, m in known.items() if isinstance(m, PackedExperts)), None)
+    if packed is not None:
+        raise ConfigError(f"esft: mode full trains the selected experts' own weights, which are quantised ({packed}); "
+                          "use esft.mode lora on a quantised base, or drop quantize")
     freeze_base(model)
     for path, ids in chosen.items():
         if path not in known:

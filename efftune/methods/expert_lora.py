@@ -29,7 +29,7 @@ from ..attach import freeze_base, master_dtype, replace_module, wrappers
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..files import AdapterFormat, base_model_name, checked_field, config_from, write_adapter_dir
-from ..moe.experts import IMPLS, Dispatch, GroupedExperts, experts_modules, grouped_linear
+from ..moe.experts import IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules, grouped_linear, weight_like
 from ..moe.router_tap import add_router_taps
 from .registry import Method
 
@@ -102,7 +102,8 @@ class ExpertLora(GroupedExperts):
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, targets=TARGETS,
                  experts: list[int] | None = None, impl: str = "auto"):
-        num_experts = base_layer.gate_up_proj.shape[0]
+        w = weight_like(base_layer, "gate_up_proj")  # shape, dtype, device (a quantised base's not dequantised)
+        num_experts = w.shape[0]
         if experts is not None:
             bad = [e for e in experts if not 0 <= e < num_experts]
             if bad:
@@ -115,12 +116,11 @@ class ExpertLora(GroupedExperts):
         self.experts = experts
         n = num_experts if experts is None else len(experts)
         ids = torch.arange(num_experts) if experts is None else torch.tensor(experts)
-        self.register_buffer("expert_ids", ids.to(base_layer.gate_up_proj.device), persistent=False)
-        w = base_layer.gate_up_proj
+        self.register_buffer("expert_ids", ids.to(w.device), persistent=False)
         dtype = master_dtype(w.dtype)
         self.lora = nn.ModuleDict()
         for name in targets:
-            _, out_f, in_f = getattr(base_layer, name).shape
+            _, out_f, in_f = weight_like(base_layer, name).shape
             self.lora[name] = ExpertFactors(n, in_f, out_f, r, scaling, device=w.device, dtype=dtype)
         self.enabled, self.merged = True, False
 
@@ -142,6 +142,9 @@ class ExpertLora(GroupedExperts):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold s · B_e A_e into the base weights of the adapted experts."""
+        if isinstance(self.base_layer, PackedExperts):
+            raise EfftuneError("merge: the expert weights are quantised, and merging into them would round the "
+                               "update away: call efftune.quantize.dequantize_model(model) first")
         if not self.merged:
             for name, f in self.lora.items():
                 w = getattr(self.base_layer, name)
@@ -197,7 +200,11 @@ def add_expert_lora(model: nn.Module, config: ExpertLoraConfig | None = None,
 
 def unload_expert_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     """Put the base experts modules back (folding the updates in first with `merge`)."""
-    for path, layer in expert_lora_layers(model):
+    layers = expert_lora_layers(model)
+    packed = next((layer for _, layer in layers if isinstance(layer.base_layer, PackedExperts)), None)
+    if merge and packed is not None:
+        packed.merge()  # refuses in one line, before any layer changed
+    for path, layer in layers:
         if merge:
             layer.merge()
         replace_module(model, path, layer.base_layer)

@@ -15,10 +15,14 @@ Mixtral, ...): `gate_up_proj` (E, 2·I, H) holding [gate; up] and `down_proj` (E
 Subclasses add per-expert updates (`ExpertLora`) or swap in trainable weights for some experts
 (ESFT) through `project`. An expert subset is served by a second sort key that puts the subset's
 rows last (`dispatch(..., adapted=)`), so its rows are one contiguous slice with no extra gather.
+
+A base whose weights are stored packed (`PackedExperts`: efftune.quantize's NF4 / int8 experts)
+multiplies its grouped rows itself; everything else here is the same for it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +139,25 @@ class _SiluMul(torch.autograd.Function):
         return out
 
 
-def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor, impl: str) -> bool:
+@runtime_checkable
+class PackedExperts(Protocol):
+    """A fused-experts module whose 3-D weights are stored packed (efftune.quantize.QuantizedExperts).
+    `dtype`: the compute dtype; `weight_like(name)`: a tensor of the weight's shape, dtype and device
+    without its values (no dequantisation to read a shape); `grouped_projection`: `grouped_linear`
+    over its own weight `name`."""
+    dtype: torch.dtype
+
+    def weight_like(self, name: str) -> torch.Tensor: ...
+
+    def grouped_projection(self, name: str, x: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor: ...
+
+
+def weight_like(module: nn.Module, name: str) -> torch.Tensor:
+    """The experts' weight `name` for its shape, dtype and device (a packed one's values not made)."""
+    return module.weight_like(name) if isinstance(module, PackedExperts) else getattr(module, name)
+
+
+def uses_grouped_mm(x: torch.Tensor, weight: torch.Tensor, impl: str) -> bool:
     if impl == "loop":
         return False
     ok = (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
@@ -149,7 +171,7 @@ def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor, impl: str) -> bool:
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Row block g of x (S, in) times weight[g].T: weight (G, out, in), counts (G,) rows per group
     (summing to S) -> (S, out). Empty groups are allowed."""
-    if _use_grouped_mm(x, weight, impl):
+    if uses_grouped_mm(x, weight, impl):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     pieces, start = [], 0
@@ -164,7 +186,10 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
 
 def check_experts_module(module: nn.Module, path: str = "experts") -> None:
     """The layout GroupedExperts understands: fused [gate; up] (E, 2I, H) and down (E, H, I), no bias."""
-    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if isinstance(module, PackedExperts):
+        gu, down = module.weight_like("gate_up_proj"), module.weight_like("down_proj")
+    else:
+        gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
         raise EfftuneError(f"{path} ({type(module).__name__}) has no 3-D gate_up_proj and down_proj parameters")
     e, two_i, h = gu.shape
@@ -192,40 +217,65 @@ class GroupedExperts(nn.Module):
             raise EfftuneError(f"experts impl must be one of {IMPLS}, got {impl!r}")
         self.base_layer = base_layer
         self.impl = impl
-        self.num_experts = base_layer.gate_up_proj.shape[0]
+        gate_up = weight_like(base_layer, "gate_up_proj")
+        self.num_experts = gate_up.shape[0]
         self.silu = type(base_layer.act_fn).__name__ in ("SiLUActivation", "SiLU")
         mask = None
         if adapted is not None:
-            mask = torch.zeros(self.num_experts, dtype=torch.bool, device=base_layer.gate_up_proj.device)
+            mask = torch.zeros(self.num_experts, dtype=torch.bool, device=gate_up.device)
             mask[torch.tensor(adapted, dtype=torch.long, device=mask.device)] = True
         self.register_buffer("adapted", mask, persistent=False)
 
     def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if self.silu:
-            return _SiluMul.apply(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.base_layer.act_fn(gate) * up
+        return expert_activation(self.base_layer.act_fn, gate_up, self.silu)
+
+    def base_projection(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (S', in) grouped by `counts` (E,) through the frozen base weights `name`."""
+        if isinstance(self.base_layer, PackedExperts):
+            return self.base_layer.grouped_projection(name, x, counts, self.impl)
+        return grouped_linear(x, getattr(self.base_layer, name), counts, self.impl)
 
     def project(self, name: str, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """x (S, in) in dispatch order through every expert's `name` projection -> (S, out)."""
-        weight = getattr(self.base_layer, name)
         if d.split is None:
-            return grouped_linear(x, weight, d.counts, self.impl)
+            return self.base_projection(name, x, d.counts)
         rest, picked = x[:d.split], x[d.split:]
-        return torch.cat([grouped_linear(rest, weight, d.rest, self.impl), self.project_adapted(name, picked, d)])
+        return torch.cat([self.base_projection(name, rest, d.rest), self.project_adapted(name, picked, d)])
 
     def project_adapted(self, name: str, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """The adapted experts' rows (their counts: d.picked) through `name`; subclasses change it."""
-        return grouped_linear(x, getattr(self.base_layer, name), d.picked, self.impl)
+        return self.base_projection(name, x, d.picked)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        d = dispatch(top_k_index, self.num_experts, self.adapted)
-        dtype = self.base_layer.gate_up_proj.dtype
-        x = _Gather.apply(hidden_states.to(dtype), d.order, d.inverse, d.top_k)
-        h = self.activation(self.project("gate_up_proj", x, d))
-        out = self.project("down_proj", h, d)
-        return _Combine.apply(out, top_k_weights, d.order, d.inverse).to(hidden_states.dtype)
+        return run_experts(self.project, self.activation, self.num_experts, experts_dtype(self.base_layer),
+                           hidden_states, top_k_index, top_k_weights, self.adapted)
+
+
+def expert_activation(act_fn: nn.Module, gate_up: torch.Tensor, silu: bool) -> torch.Tensor:
+    """act(gate) · up from [gate; up] (S, 2I); SiLU through `_SiluMul` (keeps only its input)."""
+    if silu:
+        return _SiluMul.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
+def experts_dtype(module: nn.Module) -> torch.dtype:
+    """The compute dtype of a fused-experts module (a packed one's, not its storage's)."""
+    return module.dtype if isinstance(module, PackedExperts) else module.gate_up_proj.dtype
+
+
+def run_experts(project: Callable[[str, torch.Tensor, Dispatch], torch.Tensor],
+                activation: Callable[[torch.Tensor], torch.Tensor], num_experts: int, dtype: torch.dtype,
+                hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                adapted: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts by expert group: dispatch, `project` gate_up, `activation`, `project`
+    down, combine. hidden (T, H), top_k_index / top_k_weights (T, k) -> (T, H)."""
+    d = dispatch(top_k_index, num_experts, adapted)
+    x = _Gather.apply(hidden_states.to(dtype), d.order, d.inverse, d.top_k)
+    h = activation(project("gate_up_proj", x, d))
+    out = project("down_proj", h, d)
+    return _Combine.apply(out, top_k_weights, d.order, d.inverse).to(hidden_states.dtype)
 
 
 def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -235,8 +285,10 @@ def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(m, GroupedExperts):
             wrapped.append(name + ".")
             continue
-        gu = getattr(m, "gate_up_proj", None)
-        if isinstance(gu, nn.Parameter) and gu.dim() == 3 and not any(name.startswith(w) for w in wrapped):
+        if any(name.startswith(w) for w in wrapped):
+            continue
+        gu = None if isinstance(m, PackedExperts) else getattr(m, "gate_up_proj", None)
+        if isinstance(m, PackedExperts) or isinstance(gu, nn.Parameter) and gu.dim() == 3:
             found.append((name, m))
     return found
 

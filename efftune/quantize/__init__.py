@@ -1,7 +1,8 @@
 """Quantised frozen bases (QLoRA's NF4, int8 weight-only): `quantize_model(model, "nf4")`, then
 attach any method as usual. See README "Quantized bases"."""
+from .experts import QuantizedExperts
 from .linear import Int8Linear, Nf4Linear, QuantizedLinear
 from .model import CHOICES, QuantizeReport, check_quantize, dequantize_model, quantize_model, quantized_layers
 
-__all__ = ["CHOICES", "Int8Linear", "Nf4Linear", "QuantizedLinear", "QuantizeReport", "check_quantize",
+__all__ = ["CHOICES", "Int8Linear", "Nf4Linear", "QuantizedExperts", "QuantizedLinear", "QuantizeReport", "check_quantize",
            "dequantize_model", "quantize_model", "quantized_layers"]

@@ -1,8 +1,9 @@
 """Quantise a model's frozen decoder-block linears (`quantize: nf4 | int8`), and back.
 
-Only the linear layers inside the decoder blocks are quantised: they hold nearly all the weights.
-Embeddings, norms and the LM head keep their dtype (the head's logits feed the loss directly, and
-tied embeddings share its matrix). Run it on a freshly loaded model, before a method attaches.
+Only the linear layers inside the decoder blocks are quantised, and the fused 3-D expert weights of
+MoE blocks (per expert, `experts.QuantizedExperts`): they hold nearly all the weights. Embeddings,
+norms, routers and the LM head keep their dtype (the head's logits feed the loss directly, and tied
+embeddings share its matrix). Run it on a freshly loaded model, before a method attaches.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import ConfigError
+from ..moe.experts import experts_modules
+from . import experts as quantized_experts
 from . import nf4
+from .experts import QuantizedExperts
 from .linear import LINEARS, QuantizedLinear
 
 CHOICES = ("none", "nf4", "int8")
@@ -34,16 +38,18 @@ def check_quantize(quantize: str, fp8_base: bool) -> None:
 
 @dataclass
 class QuantizeReport:
-    """What `quantize_model` did: the quantised module paths, the ones left as they were (path ->
-    why), and the bytes of the linear weights before and after."""
+    """What `quantize_model` did: the quantised module paths (linears; fused-experts modules in
+    `experts`), the ones left as they were (path -> why), and the bytes of their weights before and after."""
     kind: str
     quantized: list[str] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
 
     def summary(self) -> str:
-        line = (f"quantize {self.kind}: {len(self.quantized)} linear layers of the decoder blocks, "
+        moe = f" and {len(self.experts)} fused-experts modules (each expert on its own)" if self.experts else ""
+        line = (f"quantize {self.kind}: {len(self.quantized)} linear layers of the decoder blocks{moe}, "
                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
         if self.skipped:
             reasons: dict[str, list[str]] = {}
@@ -81,7 +87,7 @@ def quantize_model(model: nn.Module, kind: str) -> QuantizeReport:
     if foreign is not None:
         raise ConfigError(f"quantize: {kind}: the model is quantised already ({foreign} is a "
                           f"{type(model.get_submodule(foreign)).__name__}); load it in bf16 or drop quantize")
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+    if any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in model.modules()):
         raise ConfigError(f"quantize: {kind}: the model is quantised already")
     # fresh from loading every weight requires grad; once a method froze the base, the trainable
     # linears are the method's own
@@ -101,7 +107,19 @@ def quantize_model(model: nn.Module, kind: str) -> QuantizeReport:
             report.bytes_after += _nbytes(new)
             replace_module(block, name, new)
             report.quantized.append(path)
-    if not report.quantized:
+        for name, module in experts_modules(block):  # MoE: the fused expert weights (none wrapped yet)
+            path = f"{paths[id(block)]}.{name}"
+            if frozen_only and module.gate_up_proj.requires_grad:
+                continue
+            if not quantized_experts.fits(kind, module):
+                report.skipped[path] = f"whose expert weights' input sizes are not multiples of {nf4.BLOCK} (NF4's block)"
+                continue
+            report.bytes_before += _nbytes(module)
+            new = QuantizedExperts(module, kind)
+            report.bytes_after += _nbytes(new)
+            replace_module(block, name, new)
+            report.experts.append(path)
+    if not report.quantized and not report.experts:
         why = f": {next(iter(report.skipped.values()))}" if report.skipped else ""
         raise ConfigError(f"quantize: {kind}: no linear layer in the decoder blocks can be quantised{why}")
     return report
@@ -109,12 +127,16 @@ def quantize_model(model: nn.Module, kind: str) -> QuantizeReport:
 
 def dequantize_model(model: nn.Module) -> int:
     """Put a plain frozen nn.Linear holding the dequantised weight (in the compute dtype) in place
-    of every quantised linear: the model a merge or a full-model export writes into. Returns how
-    many layers changed. (The original weights are gone: this is the quantised model made dense.)"""
+    of every quantised linear, and the original fused-experts module with dequantised weights in
+    place of every quantised one: the model a merge or a full-model export writes into. Returns how
+    many modules changed. (The original weights are gone: this is the quantised model made dense.)"""
     from ..attach import replace_module
     count = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, QuantizedExperts):
+            replace_module(model, name, module.dense())
+            count += 1
+        elif isinstance(module, QuantizedLinear):
             dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
             dense.weight = nn.Parameter(module.dequantize(), requires_grad=False)
             dense.bias = module.bias
@@ -124,5 +146,5 @@ def dequantize_model(model: nn.Module) -> int:
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
-    """The paths of the model's quantised linears."""
-    return [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    """The paths of the model's quantised linears and fused-experts modules."""
+    return [n for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))]

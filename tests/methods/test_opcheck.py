@@ -180,8 +180,27 @@ def test_quantized_mm(device, kind, op):
     check(getattr(OPS, op).default, (first, weights, kind))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("op", ["quantized_grouped_mm", "quantized_grouped_mm_input_grad"])
+def test_quantized_grouped_mm(device, kind, op):
+    """The quantised MoE experts' grouped product (efftune.quantize.experts); an expert with no rows."""
+    from efftune.quantize.experts import quantize_stacked
+    w = randn(3, OUTS[0], width(kind))
+    tensors = [t.to(device) for t in quantize_stacked(kind, w)] + ([nf4_table(device)] if kind == "nf4" else [])
+    counts = torch.tensor([4, 0, 3], device=device)
+    first = randn(N, width(kind), device=device) if op == "quantized_grouped_mm" else randn(N, OUTS[0], device=device)
+    check(getattr(OPS, op).default, (first, tensors, kind, counts, "auto"))
+
+
+def nf4_table(device):
+    from efftune.quantize import nf4
+    return nf4.code_table(device)
+
+
 CHECKED_HERE = {"lora_linears", "lora_linears_backward", "lora_output", "swiglu_lora_forward",
-                "swiglu_lora_backward", "rows_mm", "rows_grad", "quantized_mm", "quantized_mm_input_grad"}
+                "swiglu_lora_backward", "rows_mm", "rows_grad", "quantized_mm", "quantized_mm_input_grad",
+                "quantized_grouped_mm", "quantized_grouped_mm_input_grad"}
 CHECKED_IN_FLASH4_TESTS = {"flash4_causal", "flash4_causal_backward"}
 
 
