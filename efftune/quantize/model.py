@@ -9,18 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..moe.experts import experts_modules
+from . import bnb, nf4
 from . import experts as quantized_experts
-from . import nf4
 from .experts import QuantizedExperts
 from .linear import LINEARS, QuantizedLinear
 
 CHOICES = ("none", "nf4", "int8")
 # Classes of layers some other library already quantised (bitsandbytes, as transformers loads them
-# with load_in_4bit / load_in_8bit): quantising again is refused, wrapping them is not done yet.
+# with load_in_4bit / load_in_8bit): quantising again is refused; methods train on top (`bnb`).
 FOREIGN_QUANTIZED = ("Linear4bit", "Linear8bitLt", "Params4bit")
 
 
@@ -86,7 +87,8 @@ def quantize_model(model: nn.Module, kind: str) -> QuantizeReport:
     foreign = next((n for n, m in model.named_modules() if type(m).__name__ in FOREIGN_QUANTIZED), None)
     if foreign is not None:
         raise ConfigError(f"quantize: {kind}: the model is quantised already ({foreign} is a "
-                          f"{type(model.get_submodule(foreign)).__name__}); load it in bf16 or drop quantize")
+                          f"{type(model.get_submodule(foreign)).__name__} of bitsandbytes); drop quantize (methods "
+                          "train on its layers as they are) or load it in bf16")
     if any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in model.modules()):
         raise ConfigError(f"quantize: {kind}: the model is quantised already")
     # fresh from loading every weight requires grad; once a method froze the base, the trainable
@@ -125,26 +127,47 @@ def quantize_model(model: nn.Module, kind: str) -> QuantizeReport:
     return report
 
 
-def dequantize_model(model: nn.Module) -> int:
-    """Put a plain frozen nn.Linear holding the dequantised weight (in the compute dtype) in place
-    of every quantised linear, and the original fused-experts module with dequantised weights in
-    place of every quantised one: the model a merge or a full-model export writes into. Returns how
-    many modules changed. (The original weights are gone: this is the quantised model made dense.)"""
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Put a plain frozen nn.Linear holding the dequantised weight in place of every quantised
+    linear (efftune's or bitsandbytes'), and the original fused-experts module with dequantised
+    weights in place of every quantised one: the model a merge or a full-model export writes into.
+    The dense weights take `dtype`, by default the layer's compute dtype (the dtype the model had
+    when it was quantised); bitsandbytes layers: their compute dtype where set, else the dtype of
+    the model's other floating-point weights. Returns how many modules changed. (The original
+    weights are gone: this is the quantised model made dense.)"""
     from ..attach import replace_module
     count = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedExperts):
-            replace_module(model, name, module.dense())
+            replace_module(model, name, module.dense() if dtype is None else module.dense().to(dtype))
             count += 1
-        elif isinstance(module, QuantizedLinear):
+        elif isinstance(module, QuantizedLinear) or bnb.bnb_kind(module) is not None:
+            if isinstance(module, QuantizedLinear):
+                weight = module.dequantize(dtype)
+            else:
+                weight = bnb.dense_weight(module, dtype or _bnb_dtype(model, module))
             dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-            dense.weight = nn.Parameter(module.dequantize(), requires_grad=False)
-            dense.bias = module.bias
+            dense.weight = nn.Parameter(weight, requires_grad=False)
+            bias = module.bias
+            if bias is not None and bias.dtype != weight.dtype:
+                bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=bias.requires_grad)
+            dense.bias = bias
             replace_module(model, name, dense)
             count += 1
     return count
 
 
+def _bnb_dtype(model: nn.Module, module: nn.Module) -> torch.dtype:
+    """The dtype a bitsandbytes layer's dense weight takes: its compute dtype where bitsandbytes
+    set one, else that of the model's first floating-point weight bitsandbytes did not pack."""
+    compute = getattr(module, "compute_dtype", None)
+    if isinstance(compute, torch.dtype):
+        return compute
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.int8
+                 and type(p).__module__.startswith("torch")), torch.float32)
+
+
 def quantized_layers(model: nn.Module) -> list[str]:
     """The paths of the model's quantised linears and fused-experts modules."""
-    return [n for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))]
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (QuantizedLinear, QuantizedExperts)) or bnb.bnb_kind(m) is not None]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import EfftuneError
+from ...quantize import bnb
 from ...quantize.linear import QuantizedLinear
 from .layer import LoraAdapter, LoraLayer, LoraLinear
 
@@ -36,6 +37,9 @@ def out_in_weight(layer: LoraLayer) -> Tensor:
     quantised base's dequantised in its compute dtype (a new tensor, for this step's norms only)."""
     if isinstance(layer, LoraLinear) and isinstance(layer.base_layer, QuantizedLinear):
         return layer.base_layer.dequantize()
+    if bnb.bnb_kind(layer.base_layer) is not None:
+        raise EfftuneError(f"DoRA on {bnb.describe(layer.base_layer)} layers is not supported: load the model "
+                           "in bf16 and use efftune's --quantize nf4 | int8, on which DoRA trains")
     if not isinstance(layer, LoraLinear) or not isinstance(getattr(layer.base_layer, "weight", None), Tensor):
         raise EfftuneError(f"DoRA needs a linear base layer with a plain or quantised weight; got "
                            f"{type(layer.base_layer).__name__} (DoRA on embeddings or on FP8 bases (train.fp8_base) "

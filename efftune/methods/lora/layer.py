@@ -17,6 +17,7 @@ from torch import nn
 
 from ...attach import _conv1d_class, hooked, master_dtype, wrappers
 from ...errors import EfftuneError
+from ...quantize import bnb
 from ...quantize.linear import QuantizedLinear
 from ...quantize.operands import flatten, weight_operands
 from .ops import fused_lora_linears
@@ -333,9 +334,12 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def check_mergeable(self) -> None:
-        """Refuse a merge into a quantised base (its `weight` is a read-only dequantised copy)."""
-        if isinstance(self.base_layer, QuantizedLinear):
-            raise EfftuneError(f"merge: the base weight is quantised ({self.base_layer.KIND}), and merging into "
+        """Refuse a merge into a quantised base (its `weight` is a read-only dequantised copy, or
+        bitsandbytes' packed codes)."""
+        kind = self.base_layer.KIND if isinstance(self.base_layer, QuantizedLinear) else \
+            bnb.describe(self.base_layer) if bnb.bnb_kind(self.base_layer) else None
+        if kind is not None:
+            raise EfftuneError(f"merge: the base weight is quantised ({kind}), and merging into "
                                "it would round the update away: call efftune.quantize.dequantize_model(model) "
                                "first, which makes each quantised layer a plain one to merge into")
 
@@ -392,14 +396,16 @@ class LoraLinear(LoraLayer):
 
     @property
     def in_features(self) -> int:
-        if isinstance(self.base_layer, QuantizedLinear):  # its `weight` would dequantise it
+        # an nn.Linear says so; a quantised one's `weight` would dequantise it (efftune's) or is
+        # packed codes of another shape (bitsandbytes')
+        if isinstance(self.base_layer, nn.Linear):
             return self.base_layer.in_features
         w = self.base_layer.weight
         return w.shape[0] if self.fan_in_fan_out else w.shape[1]
 
     @property
     def out_features(self) -> int:
-        if isinstance(self.base_layer, QuantizedLinear):
+        if isinstance(self.base_layer, nn.Linear):
             return self.base_layer.out_features
         w = self.base_layer.weight
         return w.shape[1] if self.fan_in_fan_out else w.shape[0]

@@ -65,6 +65,8 @@ def matrix_sides(module: nn.Module) -> tuple[int, int]:
     base = getattr(module, "base_layer", module)
     if isinstance(base, nn.Embedding):
         return base.num_embeddings, base.embedding_dim
+    if isinstance(base, nn.Linear):  # a quantised one's `weight` is dequantised or packed: its sizes say it
+        return base.in_features, base.out_features
     w = base.weight
     return (w.shape[0], w.shape[1]) if isinstance(base, _conv1d_class()) else (w.shape[1], w.shape[0])
 
