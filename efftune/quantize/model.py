@@ -131,12 +131,14 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Put a plain frozen nn.Linear holding the dequantised weight in place of every quantised
     linear (efftune's or bitsandbytes'), and the original fused-experts module with dequantised
     weights in place of every quantised one: the model a merge or a full-model export writes into.
-    The dense weights take `dtype`, by default the layer's compute dtype (the dtype the model had
-    when it was quantised); bitsandbytes layers: their compute dtype where set, else the dtype of
-    the model's other floating-point weights. Returns how many modules changed. (The original
-    weights are gone: this is the quantised model made dense.)"""
+    The dense weights take `dtype`, by default the base's own: efftune's layers their compute dtype
+    (the model's dtype when it was quantised), bitsandbytes' the dtype transformers loaded the model
+    in (`config.dtype`, as transformers' own `dequantize` takes); a bitsandbytes model then loses
+    its quantization config too (transformers' quantizer removes it), so `save_pretrained` writes a
+    plain model. Returns how many modules changed. (The original weights are gone: this is the
+    quantised model made dense.)"""
     from ..attach import replace_module
-    count = 0
+    count, foreign = 0, False
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedExperts):
             replace_module(model, name, module.dense() if dtype is None else module.dense().to(dtype))
@@ -145,7 +147,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
             if isinstance(module, QuantizedLinear):
                 weight = module.dequantize(dtype)
             else:
-                weight = bnb.dense_weight(module, dtype or _bnb_dtype(model, module))
+                weight, foreign = bnb.dense_weight(module, dtype or _bnb_dtype(model)), True
             dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
             dense.weight = nn.Parameter(weight, requires_grad=False)
             bias = module.bias
@@ -154,17 +156,31 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
             dense.bias = bias
             replace_module(model, name, dense)
             count += 1
+    quantizer = getattr(model, "hf_quantizer", None)
+    if foreign and quantizer is not None:
+        quantizer.remove_quantization_config(model)
     return count
 
 
-def _bnb_dtype(model: nn.Module, module: nn.Module) -> torch.dtype:
-    """The dtype a bitsandbytes layer's dense weight takes: its compute dtype where bitsandbytes
-    set one, else that of the model's first floating-point weight bitsandbytes did not pack."""
-    compute = getattr(module, "compute_dtype", None)
-    if isinstance(compute, torch.dtype):
-        return compute
-    return next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.int8
-                 and type(p).__module__.startswith("torch")), torch.float32)
+def base_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype `dequantize_model` gives a quantised model's weights, or None when it has none."""
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, QuantizedExperts)):
+            return module.dtype
+        if bnb.bnb_kind(module) is not None:
+            return _bnb_dtype(model)
+    return None
+
+
+def _bnb_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype transformers loaded a bitsandbytes model in (its config's), else that of its first
+    floating-point weight (bitsandbytes packs its own as integers)."""
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

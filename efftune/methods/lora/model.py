@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
 from ...attach import _conv1d_class, find_targets, freeze_base, replace_module
 from ...errors import ConfigError, EfftuneError
 from ...files import replace_dir_atomically
+from ...quantize import base_dtype, dequantize_model, quantized_layers
 from .config import LoraConfig
 from .dora import DoraAdapter
 from .layer import LoraAdapter, LoraEmbedding, LoraLayer, LoraLinear, adapter_names, link_fused_linears, lora_layers
@@ -141,7 +143,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return unload_lora(model, merge=True)
 
 
-def export_merged(model: nn.Module, tokenizer, directory: str | os.PathLike, inplace: bool = False) -> Path:
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def export_merged(model: nn.Module, tokenizer, directory: str | os.PathLike, inplace: bool = False,
+                  log: Callable[[str], None] | None = None) -> Path:
     """Fold the active adapters into the base weights and write a plain transformers model
     directory (`save_pretrained` of model and `tokenizer`, if given), which
     `AutoModelForCausalLM.from_pretrained` loads without efftune or peft.
@@ -151,12 +158,23 @@ def export_merged(model: nn.Module, tokenizer, directory: str | os.PathLike, inp
     a model on GPU. `inplace=True` avoids that by merging and unloading `model` itself (it loses
     its LoRA layers). The directory is written as `<directory>.tmp` and then renamed into place,
     so an interrupted export never leaves a half-written model under `directory`.
+
+    On a quantised base (efftune's NF4 / int8, or bitsandbytes'), merging into the 4- or 8-bit
+    codes would round the update away: the copy (or `model`, inplace) is made dense first
+    (`quantize.dequantize_model`, in the base's own dtype) and the update merged into that, which
+    one line through `log` (default: standard error) says.
     """
     layers = [layer for _, layer in lora_layers(model)]
     if layers and not any(layer.active for layer in layers):
         raise EfftuneError("export: no adapter is active, so the export would be the base model; "
                            "call set_active_adapters first")
     target = model if inplace else copy.deepcopy(model)
+    if quantized := quantized_layers(target):
+        dtype = base_dtype(target)
+        dequantize_model(target)
+        (log or _stderr)(f"export: the base is quantised ({len(quantized)} layers), so the adapter is merged into a "
+                         f"dequantised copy in {str(dtype).removeprefix('torch.')}: the written model is that "
+                         "dense model, not the original weights")
     merge_and_unload(target)
 
     def write(tmp: Path) -> None:
