@@ -187,3 +187,18 @@ def test_dense_experts_equal_a_float64_formula():
     from efftune.quantize.experts import quantize_stacked
     q, scale = quantize_stacked("int8", w)
     torch.testing.assert_close(dense_experts("int8", [q, scale], torch.float64), q.double() * scale.double()[..., None])
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
+def test_other_moe_architectures_quantise_their_experts_too(arch):
+    """OLMoE's and Mixtral's fused experts (32 wide: int8, which takes any shape), with expert LoRA."""
+    from tests.moe.test_expert_lora import randomize_b, tiny_moe
+    model = tiny_moe(arch)
+    assert len(quantize_model(model, "int8").experts) == 2
+    add_expert_lora(model, ExpertLoraConfig(r=4))
+    randomize_b(model)
+    ref = copy.deepcopy(model)
+    dequantize_model(ref)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-10, atol=1e-10)
