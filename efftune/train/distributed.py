@@ -24,7 +24,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Collection, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -269,6 +269,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded one (a collective: every rank calls it), else `t`."""
     from torch.distributed.tensor import DTensor
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def first_nonfinite_everywhere(model: nn.Module, names: Collection[str] | None = None) -> str | None:
+    """The name of the first trainable parameter (of `names`, if given) that holds a NaN or an infinity
+    on any rank, else None; every rank calls it. Each rank looks at its own part of a sharded one
+    (FSDP), so nothing is gathered, and every rank gets the same answer."""
+    from torch.distributed.tensor import DTensor
+    found = [(n, p.to_local() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()
+             if p.requires_grad and (names is None or n in names)]
+    bad = all_sum([0.0 if not t.is_floating_point() or bool(torch.isfinite(t.detach()).all()) else 1.0
+                   for _, t in found])
+    return next((n for (n, _), b in zip(found, bad) if b), None)
 
 
 def like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

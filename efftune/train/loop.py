@@ -40,7 +40,7 @@ from ..moe.layer import collect_aux_losses, expert_loads, moe_layers
 from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
 from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
-                         save_checkpoint, set_aside, trainable_state)
+                         save_checkpoint, set_aside)
 from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from ..attach import decoder_blocks
 from . import distributed
@@ -417,16 +417,17 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
 
     def checkpoint(done: int, which: list[Lane]) -> None:
         nonlocal last_save
-        for lane in which:  # a checkpoint holds finite weights only
-            bad = first_nonfinite(trainable_state(model, only(lane))) or first_nonfinite(hooks.state())
+        for lane in which:  # a checkpoint holds finite weights only (each rank checks its shards: fsdp)
+            bad = distributed.first_nonfinite_everywhere(model, only(lane)) or first_nonfinite(hooks.state())
             if bad:
                 diverged(lane, done, f"weight {bad!r} became NaN or infinite")
         for lane in which:
             directory = lane.ckpt_root / f"step-{done:06d}"
-            # under torchrun rank 0 writes the trainable state every rank holds (ddp), or gathers it (fsdp)
-            distributed.on_main(lambda: save_checkpoint(directory, model, own_part(lane), done,
-                                                        {"train_config": asdict(config)}, hooks.state(),
-                                                        only=only(lane), writer=main), every_rank=True)
+            save = partial(save_checkpoint, directory, model, own_part(lane), done, {"train_config": asdict(config)},
+                           hooks.state(), only=only(lane), sharded=sharded)
+            # under torchrun rank 0 writes the trainable state every rank holds (ddp); under fsdp every
+            # rank writes its own shards and rank 0 the rest (efftune.train.sharded_state)
+            save() if sharded else distributed.on_main(save)
             lane.last_ckpt = directory
             # The last checkpoint is not followed by a forward pass; every other is pruned after one.
             lane.unconfirmed = done < config.steps
