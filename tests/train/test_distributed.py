@@ -188,6 +188,21 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     assert losses(tmp_path / "on2" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
 
 
+@pytest.mark.parametrize("method", ["expert-lora", "mixlora", "esft"])
+def test_moe_methods_under_fsdp_equal_one_process(tmp_path, method):
+    """Expert LoRA (on fused expert weights), MixLoRA and ESFT under FSDP2, each block sharded with its
+    experts: the losses and the saved result of 2 ranks are one process's."""
+    # the routers' balance losses are taken per micro-batch (they are not linear in the tokens): one
+    # process runs each rank's 2 examples as a micro-batch of its own
+    config = {**CONFIG, "distributed": "fsdp", "steps": 2, "micro_batch_size": 2}
+    ranks(tmp_path / "fsdp", config, method=method)
+    one_process(tmp_path / "one", config, method=method)
+    assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    got, want = saved_tensors(tmp_path / "fsdp" / "result"), saved_tensors(tmp_path / "one" / "result")
+    assert want and got.keys() == want.keys()
+    assert_same_weights(want, got)
+
+
 def test_two_machines_meet_at_a_rendezvous(tmp_path):
     """Two `torchrun --nnodes 2` processes (one rank each), as two machines would start them, meet at
     a c10d rendezvous on 127.0.0.1 and train as one process does."""
