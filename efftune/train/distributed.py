@@ -291,6 +291,15 @@ def like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
 
 
+def whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every sharded (FSDP) tensor gathered whole, one tensor at a time,
+    into rank 0's host memory; every rank calls it, and the others get an empty dict. What saving a
+    whole model trained under FSDP takes (a full fine-tune), with one copy of it on the machine of
+    rank 0 and none on any GPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def unshard_trainable(model: nn.Module) -> None:
     """After training under FSDP: every trainable parameter whole again on every rank (a plain
     tensor), so the adapter is saved and used as after any run; the frozen base stays sharded."""

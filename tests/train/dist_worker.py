@@ -24,7 +24,7 @@ def method_model(method: str = "lora"):
     """A tiny float64 model with `method` attached (the same weights in every process), and a function
     that saves the method's result into a directory. MoE methods on the tiny MoE models of the MoE
     tests: expert LoRA on Qwen3-MoE's fused experts, ESFT (full mode) training two experts a layer,
-    MixLoRA on a Llama."""
+    MixLoRA on a Llama; full fine-tuning of the tiny Llama."""
     if method == "lora":
         from efftune.methods.lora.config import LoraConfig
         from efftune.methods.lora.peft_format import save_adapter
@@ -52,6 +52,12 @@ def method_model(method: str = "lora"):
         torch.manual_seed(0)
         add_mixlora(model, config)
         return model, lambda m, d: save_mixlora(m, d, config)
+    if method == "full":  # every weight trains; the result is the whole model
+        from efftune.methods.full import FullConfig, add_full, save_full
+        from tests.conftest import tiny_llama
+        model = tiny_llama(dtype=torch.float64)
+        add_full(model, FullConfig())
+        return model, lambda m, d, **gathered: save_full(m, d, FullConfig(), **gathered)
     raise ValueError(method)
 
 
@@ -69,7 +75,7 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
     method's result into out/result."""
     from safetensors.torch import save_file
 
-    from efftune.train.distributed import finish, restarted, world
+    from efftune.train.distributed import finish, restarted, whole_state_dict, world
     from efftune.train.loop import TrainConfig, train
     seqs = sequences()
     resume = resume or (restarted() and (Path(out) / "run" / "checkpoints" / "latest").exists())
@@ -81,12 +87,16 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
         from tests.conftest import make_tokenizer
         held = [MultipleChoice(f"Q: {w}?\nA: ", ("yes", "no"), i % 2) for i, w in enumerate("abcdefg")]
         ev = evaluator(Formatter(make_tokenizer()), held, sharded=config.get("distributed", "ddp") == "ddp")
-    result = train(model, seqs, TrainConfig(**config), Path(out) / "run", pad_id=1, resume=resume, evaluate=ev)
-    state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    whole = method == "full"  # as efftune.finetune does: a whole model stays sharded and is gathered to save it
+    result = train(model, seqs, TrainConfig(**config), Path(out) / "run", pad_id=1, resume=resume, evaluate=ev,
+                   unshard=not whole)
     rank = world().rank
-    save_file(state, str(Path(out) / f"rank-{rank}.safetensors"))
+    if not whole:
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(state, str(Path(out) / f"rank-{rank}.safetensors"))
+    gathered = {"state_dict": whole_state_dict(model)} if whole and config.get("distributed") == "fsdp" else {}
     if rank == 0:
-        save(model, Path(out) / "result")
+        save(model, Path(out) / "result", **gathered)
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"final_loss": result.final_loss,
                                                              "tokens": result.tokens, "evals": result.evals}))
     finish()

@@ -188,10 +188,11 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     assert losses(tmp_path / "on2" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
 
 
-@pytest.mark.parametrize("method", ["expert-lora", "mixlora", "esft"])
-def test_moe_methods_under_fsdp_equal_one_process(tmp_path, method):
+@pytest.mark.parametrize("method", ["expert-lora", "mixlora", "esft", "full"])
+def test_moe_methods_and_full_fine_tuning_under_fsdp_equal_one_process(tmp_path, method):
     """Expert LoRA (on fused expert weights), MixLoRA and ESFT under FSDP2, each block sharded with its
-    experts: the losses and the saved result of 2 ranks are one process's."""
+    experts, and full fine-tuning (every weight trains, sharded; the saved model is gathered to rank 0):
+    the losses and the saved result of 2 ranks are one process's."""
     # the routers' balance losses are taken per micro-batch (they are not linear in the tokens): one
     # process runs each rank's 2 examples as a micro-batch of its own
     config = {**CONFIG, "distributed": "fsdp", "steps": 2, "micro_batch_size": 2}
