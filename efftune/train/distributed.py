@@ -15,7 +15,8 @@ every step's global batch, in one of two modes (`train.distributed`):
 Both give each step the gradient one process computes over the whole batch: a rank's loss is
 its examples' share of the step's mean answer NLL times the world size, and DDP and FSDP average
 over ranks. Outputs (metrics, plots, checkpoints, the adapter, the progress bar, the final JSON
-line) come from rank 0 only; every rank reads checkpoints, so the output directory must be one
+line) come from rank 0 only, but for the shards of an fsdp checkpoint, which each rank writes
+(`efftune.train.sharded_state`); every rank reads checkpoints, so the output directory must be one
 all ranks see (a shared filesystem across machines).
 """
 from __future__ import annotations
@@ -134,16 +135,13 @@ def main_first(fn: Callable[[], T]) -> T:
     return result if here.main else fn()
 
 
-def on_main(fn: Callable[[], T], every_rank: bool = False) -> T | None:
+def on_main(fn: Callable[[], T]) -> T | None:
     """`fn()` on rank 0 only, the other ranks waiting for it; its failure reaches every rank (as an
-    EfftuneError there). `every_rank`: every rank calls `fn` (it gathers sharded state, and rank 0
-    writes it), rank 0's failure still reaching the others."""
+    EfftuneError there). Rank 0 gets `fn`'s result, the others None."""
     here = world()
     if not here.active or here.size == 1:
         return fn()
-    mine = fn() if every_rank and not here.main else None  # beside rank 0's call: fn's collectives meet
-    result = _rank0_runs(fn, here)
-    return result if here.main else mine
+    return _rank0_runs(fn, here)
 
 
 def _rank0_runs(fn: Callable[[], T], here: World) -> T | None:
