@@ -98,10 +98,9 @@ def _sharded_scores(formatter: Formatter, mc: list[MultipleChoice], text: list[E
 def check_distributed(cfg: RunConfig) -> None:
     """What `train.distributed: fsdp` cannot run, refused from the config alone (before any process
     starts under `--nproc`); the loop checks the rest (`efftune.train.loop.check_shardable`)."""
-    if cfg.train.distributed == "fsdp" and get_method(cfg.method).artifact == "model":
-        raise ConfigError(f"train.distributed fsdp cannot run method {cfg.method}: it merges into the base weights "
-                          "and saves the whole model, which FSDP keeps sharded across the ranks; use "
-                          "train.distributed ddp")
+    why = get_method(cfg.method).not_shardable
+    if cfg.train.distributed == "fsdp" and why:
+        raise ConfigError(f"train.distributed fsdp cannot run method {cfg.method}: {why}; use train.distributed ddp")
     if cfg.train.distributed == "fsdp" and (cfg.train.fp8_base or cfg.train.cuda_graphs):
         check_shardable(cfg.train, TrainHooks())
 
@@ -205,7 +204,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
                        evaluate=evaluator(formatter, eval_set, cfg.train.forward_options(), cfg.eval_samples, out,
                                           sharded=cfg.train.distributed == "ddp") if eval_set else None,
                        hooks=hooks, resume_changed=resume_changed, on_checkpoint=on_checkpoint,
-                       on_metrics=sinks.on_metrics)
+                       on_metrics=sinks.on_metrics, unshard=method.artifact != "model")
     except BaseException:
         sinks.close(sync=False)  # what the checkpoints covered was sent; the error is what matters
         raise
@@ -232,11 +231,15 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     summary = {k: v for k, v in summary.items() if v is not None}
+    # a whole model trained under fsdp (full fine-tuning) is gathered into rank 0's host memory to be saved
+    gathered = {"state_dict": distributed.whole_state_dict(model)} \
+        if here.active and cfg.train.distributed == "fsdp" and method.artifact == "model" else {}
     if not here.main:  # rank 0 writes the adapter (the whole of it: every rank holds it, or it is gathered)
         return summary
     try:
         method.save(model, adapter_dir, method_cfg, metadata={"tasks": cfg.task if not cfg.data else None,
-                                                              "data": cfg.data, "steps": cfg.train.steps, **after})
+                                                              "data": cfg.data, "steps": cfg.train.steps, **after},
+                    **gathered)
         if method.artifact == "model":
             tokenizer.save_pretrained(adapter_dir)
         fault_point("after_adapter_save")

@@ -94,27 +94,34 @@ def saved_dtype(model: nn.Module) -> torch.dtype:
     return frozen[0] if frozen else next(model.parameters()).dtype
 
 
-def model_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's state dict with floating-point tensors in `dtype`; tensors shared by several keys
-    (tied embeddings) stay shared, so transformers writes them once."""
+def model_state(model: nn.Module, dtype: torch.dtype,
+                state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict (or `state_dict`, the same keys gathered whole from an FSDP run) with
+    floating-point tensors in `dtype`; tensors shared by several keys (tied embeddings) stay shared,
+    so transformers writes them once."""
+    source = state_dict if state_dict is not None else model.state_dict()
     cast: dict[int, torch.Tensor] = {}
     out = {}
-    for key, t in model.state_dict().items():
+    for key, t in model.state_dict(keep_vars=True).items():  # the module's own objects say what is shared
         if id(t) not in cast:
-            cast[id(t)] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+            s = source[key].detach()
+            cast[id(t)] = s.to(dtype) if s.is_floating_point() else s
         out[key] = cast[id(t)]
     return out
 
 
 def save_full(model: nn.Module, directory: str | os.PathLike, config: FullConfig, metadata: dict | None = None,
-              tokenizer=None, max_shard_size: int | str = SHARD_SIZE) -> Path:
+              tokenizer=None, max_shard_size: int | str = SHARD_SIZE,
+              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the whole model as a transformers directory (atomically): `save_pretrained` in the model's
-    own dtype, shards of at most `max_shard_size`, the tokenizer if given, and `full_config.json`."""
+    own dtype, shards of at most `max_shard_size`, the tokenizer if given, and `full_config.json`.
+    `state_dict`: the model's weights gathered whole (`efftune.train.distributed.whole_state_dict`,
+    after training under FSDP, where the model itself holds only this rank's shards)."""
     dtype = saved_dtype(model)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=model_state(model, dtype), max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, state_dict=model_state(model, dtype, state_dict), max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         record = {"method": "full", "format_version": 1, "target_modules": config.target_modules,

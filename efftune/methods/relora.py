@@ -260,4 +260,6 @@ def load_relora(model: nn.Module, directory: str | os.PathLike):
 
 # ReLoRA changes the base weights at every restart, so its result is a whole model.
 METHOD = Method("relora", "lora", attach=add_lora, save=save_relora, load=load_relora, hooks=relora_hooks,
-                artifact="model", writes_base=True)
+                artifact="model", writes_base=True,
+                not_shardable="it merges its LoRA into the frozen base weights at each restart, which FSDP keeps "
+                              "sharded across the ranks")

@@ -5,6 +5,12 @@ temporary name, flushed to disk and renamed into place, and `latest` is updated 
 rename too, so an interrupted run (a kill, a full disk) always leaves the previous checkpoint
 intact and loadable. Loading reads and checks every file before it changes the model or the
 optimizer, so a bad checkpoint changes nothing.
+
+Under `train.distributed: fsdp` the trainable weights and the optimizer state are sharded, and a
+checkpoint holds them as torch.distributed.checkpoint (DCP) shards, one file a rank, in its
+`sharded/` directory (`efftune.train.sharded_state`) instead of trainable.safetensors and
+optimizer.safetensors; the rest is the same. Either kind resumes under any mode and any number of
+ranks, or in one process.
 """
 from __future__ import annotations
 
@@ -23,10 +29,25 @@ from ..errors import CheckpointError
 from ..faults import fault_point
 from ..files import replace_dir_atomically, write_text_atomically
 from ..methods.lora.packing import owns_storage
+from . import distributed
 from .distributed import full, like
-from .optimizers import SCALE, state_tensors
+from .optimizers import SCALE, is_quantized, state_tensors
+from .sharded_state import METADATA, SHARDS, load_shards, save_shards, shard_index
 
-FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "extra.safetensors", "state.json")
+COMMON = ("rng.safetensors", "extra.safetensors", "state.json")
+WHOLE = ("trainable.safetensors", "optimizer.safetensors")  # weights and optimizer state, unsharded
+FILES = WHOLE + COMMON
+
+
+def is_sharded(directory: Path) -> bool:
+    """Was checkpoint `directory` written with DCP shards (`train.distributed: fsdp`)?"""
+    return (directory / SHARDS).is_dir()
+
+
+def missing_files(directory: Path) -> list[str]:
+    """The files checkpoint `directory` lacks to be complete (of its kind: whole or sharded)."""
+    needed = (f"{SHARDS}/{METADATA}",) + COMMON if is_sharded(directory) else FILES
+    return [f for f in needed if not (directory / f).is_file()]
 
 
 def trainable_state(model: nn.Module, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
@@ -86,7 +107,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     extra: dict, extra_tensors: dict[str, torch.Tensor] | None = None,
-                    only: Collection[str] | None = None, writer: bool = True) -> Path:
+                    only: Collection[str] | None = None, sharded: bool = False) -> Path:
     """Write checkpoint `directory` (e.g. run/checkpoints/step-000100) and point `latest` at it.
 
     `extra_tensors`: state a training mode keeps outside the trainable parameters (ReLoRA's
@@ -94,22 +115,62 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     the trainable parameters it holds (default: all), those `optimizer` covers. An OSError (a
     full disk) leaves no trace of the new checkpoint and `latest` naming the previous one.
 
-    Sharded parameters and optimizer state (FSDP) are written whole, so that any number of ranks,
-    or one process, resumes from the checkpoint: every rank calls this (they gather), and only the
-    `writer` (rank 0) writes.
+    `sharded` (FSDP, under a process group): every rank calls this and writes its own shards of the
+    trainable parameters and the optimizer state through DCP, into a staging directory beside
+    `directory`; then rank 0 writes the rest and moves the shards in with it, atomically as always.
+    Otherwise one process (rank 0) calls it and writes everything.
     """
     names = {id(p): n for n, p in model.named_parameters()}
-    weights = _saveable(trainable_state(model, only))
-    opt_tensors, opt_scalars = _optimizer_tensors(optimizer, names)
-    if not writer:
-        return directory
+    if not sharded:
+        weights = _saveable(trainable_state(model, only))
+        opt_tensors, opt_scalars = _optimizer_tensors(optimizer, names)
 
-    def write(tmp: Path) -> None:
-        _save(weights, tmp / "trainable.safetensors")
+        def write_tensors(tmp: Path) -> None:
+            _save(weights, tmp / "trainable.safetensors")
+            fault_point("checkpoint_after_weights")
+            _save(opt_tensors, tmp / "optimizer.safetensors")
+            fault_point("checkpoint_mid_optimizer",
+                        tear=(tmp / "optimizer.safetensors", (tmp / "optimizer.safetensors").stat().st_size // 2))
+        return _write(directory, write_tensors, optimizer, names, step, extra, extra_tensors, opt_scalars)
+
+    if any(is_quantized(v) for state in optimizer.state.values() for v in state.values()):
+        raise CheckpointError("train.distributed fsdp cannot checkpoint train.optimizer adamw8bit: its 8-bit "
+                              "moments are not plain tensors, which torch.distributed.checkpoint shards; "
+                              "use train.optimizer adamw or train.distributed ddp")
+    main = distributed.world().main
+    staging = directory.with_name(directory.name + ".shards")
+    distributed.on_main(lambda: _fresh_dir(staging))  # rank 0 makes it, the others find it made
+    try:
+        save_shards(staging, model, optimizer)  # a failure on any rank is raised on every rank
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    def move_shards(tmp: Path) -> None:
+        os.replace(staging, tmp / SHARDS)
         fault_point("checkpoint_after_weights")
-        _save(opt_tensors, tmp / "optimizer.safetensors")
-        fault_point("checkpoint_mid_optimizer",
-                    tear=(tmp / "optimizer.safetensors", (tmp / "optimizer.safetensors").stat().st_size // 2))
+
+    def write() -> Path:
+        try:
+            return _write(directory, move_shards, optimizer, names, step, extra, extra_tensors, {})
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    distributed.on_main(write)
+    return directory
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _write(directory: Path, write_tensors, optimizer: torch.optim.Optimizer, names: dict[int, str], step: int,
+           extra: dict, extra_tensors: dict[str, torch.Tensor] | None, opt_scalars: dict) -> Path:
+    """Checkpoint `directory`, atomically: `write_tensors(tmp)` puts in the weights and optimizer state,
+    then the RNG, the extra tensors and state.json; then `latest` names it."""
+    def write(tmp: Path) -> None:
+        write_tensors(tmp)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -138,7 +199,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not pointer.exists():
         return None
     directory = root / pointer.read_text().strip()
-    missing = [f for f in FILES if not (directory / f).is_file()]
+    missing = missing_files(directory)
     if missing:
         raise CheckpointError(f"checkpoint {directory} is incomplete: missing {', '.join(missing)}")
     return directory
@@ -162,7 +223,7 @@ def set_aside(directory: Path) -> Path | None:
 
 def read_state(directory: Path) -> dict:
     """state.json of checkpoint `directory` (step, config, optimizer scalars), checked."""
-    missing = [f for f in FILES if not (directory / f).is_file()]
+    missing = missing_files(directory)
     if missing:
         raise CheckpointError(f"checkpoint {directory} is incomplete: missing {', '.join(missing)}")
     try:
@@ -184,15 +245,35 @@ def _read_tensors(directory: Path, name: str) -> dict[str, torch.Tensor]:
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
-def _mismatch(where: Path, what: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in tensors.items()}
+
+
+def _mismatch(where: Path, what: str, found: dict[str, tuple], expected: dict[str, tuple]) -> None:
+    """Same names and, name by name, the same shapes, or a CheckpointError naming the first difference."""
     if set(found) != set(expected):
         diff = sorted(set(found) ^ set(expected))
         raise CheckpointError(f"checkpoint {where} does not match the model's {what} (first difference: "
                               f"{diff[0]!r}); was the method or its config changed?")
-    for n, t in found.items():
-        if t.shape != expected[n].shape:
-            raise CheckpointError(f"checkpoint {where}: {n!r} has shape {tuple(t.shape)}, "
-                                  f"the model has {tuple(expected[n].shape)}")
+    for n, shape in found.items():
+        if tuple(shape) != tuple(expected[n]):
+            raise CheckpointError(f"checkpoint {where}: {n!r} has shape {tuple(shape)}, "
+                                  f"the model has {tuple(expected[n])}")
+
+
+def _check_optimizer_key(where: Path, key: str, name: str, field: str, shape: tuple | None,
+                         params: dict[str, torch.Tensor], optimized: set[str], optimizer, file: str) -> None:
+    """One optimizer state entry fits this run: a parameter the optimizer covers, an 8-bit moment's
+    scales only for an 8-bit optimizer, every tensor but the step counter of the parameter's shape."""
+    if name not in optimized or not field:
+        raise CheckpointError(f"checkpoint {where}: {file} has key {key!r}, which fits "
+                              "no trainable parameter of this run")
+    if field.endswith(SCALE) and not getattr(optimizer, "quantized_states", False):
+        raise CheckpointError(f"checkpoint {where}: optimizer state {key!r} is an 8-bit moment's; "
+                              "resume with train.optimizer adamw8bit")
+    if shape is not None and field != "step" and not field.endswith(SCALE) and tuple(shape) != tuple(params[name].shape):
+        raise CheckpointError(f"checkpoint {where}: optimizer state {key!r} has shape "
+                              f"{tuple(shape)}, the parameter has {tuple(params[name].shape)}")
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -204,50 +285,74 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     Every file is read and checked first (readable, keys and shapes of the weights, of the
     optimizer state and, given `expected_extra`, of the extra tensors): a checkpoint that does not
     fit raises CheckpointError before anything is changed.
+
+    Either kind of checkpoint loads whether the model is sharded (FSDP: each rank takes its part),
+    whole on several ranks (DDP) or in one process; a sharded one (DCP) is read by every rank, which
+    must all call this then.
     """
     state = read_state(directory)
-    weights = _read_tensors(directory, "trainable.safetensors")
-    opt = _read_tensors(directory, "optimizer.safetensors")
     extra = _read_tensors(directory, "extra.safetensors")
     rng = _read_tensors(directory, "rng.safetensors")
-
     params = dict(model.named_parameters())
-    _mismatch(directory, "trainable parameters", weights,
-              {n: p for n, p in params.items() if p.requires_grad and (only is None or n in only)})
+    trainable = {n: tuple(p.shape) for n, p in params.items() if p.requires_grad and (only is None or n in only)}
     if expected_extra is not None:
-        _mismatch(directory, "training-mode state (extra.safetensors)", extra, expected_extra)
+        _mismatch(directory, "training-mode state (extra.safetensors)", _shapes(extra), _shapes(expected_extra))
     names = {id(p): n for n, p in params.items()}
     groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     if len(state["param_groups"]) != len(groups) or state.get("param_names", groups) != groups:
         raise CheckpointError(f"checkpoint {directory}: its optimizer groups do not match this run's "
                               "trainable parameters; was the method or its config changed?")
-    # Optimizer state, keyed "<param>::<field>": every param one of the optimizer's, every tensor
-    # but the step counter of the param's shape.
-    per_param: dict[str, dict] = {}
-    scalars = state.get("optimizer_scalars", {})
     optimized = {n for g in groups for n in g}
-    for key, value in list(opt.items()) + list(scalars.items()):
-        name, _, field = key.partition("::")
-        if name not in optimized or not field:
-            raise CheckpointError(f"checkpoint {directory}: optimizer.safetensors has key {key!r}, which fits "
-                                  "no trainable parameter of this run")
-        if field.endswith(SCALE) and not getattr(optimizer, "quantized_states", False):
-            raise CheckpointError(f"checkpoint {directory}: optimizer state {key!r} is an 8-bit moment's; "
-                                  "resume with train.optimizer adamw8bit")
-        if torch.is_tensor(value) and field != "step" and not field.endswith(SCALE) \
-                and value.shape != params[name].shape:
-            raise CheckpointError(f"checkpoint {directory}: optimizer state {key!r} has shape "
-                                  f"{tuple(value.shape)}, the parameter has {tuple(params[name].shape)}")
-        per_param.setdefault(name, {})[field] = like(value, params[name]) if torch.is_tensor(value) \
-            and field != "step" else value
     cpu_rng = torch.get_rng_state()
     if "torch" not in rng or rng["torch"].dtype != cpu_rng.dtype or rng["torch"].shape != cpu_rng.shape:
         raise CheckpointError(f"checkpoint {directory}: rng.safetensors holds no valid random-number state")
+
+    if is_sharded(directory):
+        if only is not None:
+            raise CheckpointError(f"checkpoint {directory} is sharded (train.distributed fsdp): k adapters at once "
+                                  "cannot resume it; resume that run on its own")
+        index = shard_index(directory / SHARDS)
+        _mismatch(directory, "trainable parameters",
+                  {k.removeprefix("model."): s for k, s in index.items() if k.startswith("model.")}, trainable)
+        with_state = set()
+        for key, shape in index.items():
+            if key.startswith("optim."):  # "optim.<param>.<field>"; fields have no dot, names do
+                name, _, field = key.removeprefix("optim.").rpartition(".")
+                _check_optimizer_key(directory, key, name, field, shape, params, optimized, optimizer, SHARDS)
+                with_state.add(name)
+        # Everything fits: the shards are read into fresh tensors, then into the model and the optimizer.
+        load_shards(directory / SHARDS, model, optimizer, state["param_groups"], with_state)
+    else:
+        _load_whole(directory, state, model, optimizer, params, trainable, optimized)
+    if load_extra is not None:
+        load_extra(extra)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def _load_whole(directory: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                params: dict[str, torch.Tensor], trainable: dict[str, tuple], optimized: set[str]) -> None:
+    """`load_checkpoint` of a checkpoint with unsharded tensors (trainable.safetensors, optimizer.safetensors):
+    checked, then copied in (this rank's part of each, where the model is sharded)."""
+    weights = _read_tensors(directory, "trainable.safetensors")
+    opt = _read_tensors(directory, "optimizer.safetensors")
+    _mismatch(directory, "trainable parameters", _shapes(weights), trainable)
+    # Optimizer state, keyed "<param>::<field>".
+    per_param: dict[str, dict] = {}
+    for key, value in list(opt.items()) + list(state.get("optimizer_scalars", {}).items()):
+        name, _, field = key.partition("::")
+        _check_optimizer_key(directory, key, name, field, tuple(value.shape) if torch.is_tensor(value) else None,
+                             params, optimized, optimizer, "optimizer.safetensors")
+        per_param.setdefault(name, {})[field] = like(value, params[name]) if torch.is_tensor(value) \
+            and field != "step" else value
 
     # Everything fits: now change the model and the optimizer.
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(like(t, params[n]))  # this rank's part of a sharded parameter (FSDP)
+    names = {id(p): n for n, p in params.items()}
     current = optimizer.state_dict()
     restored = {"state": {}, "param_groups": []}
     for group, saved, cur in zip(optimizer.param_groups, state["param_groups"], current["param_groups"]):
@@ -256,12 +361,6 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                 restored["state"][idx] = per_param[names[id(p)]]
         restored["param_groups"].append({**saved, "params": cur["params"]})
     optimizer.load_state_dict(restored)
-    if load_extra is not None:
-        load_extra(extra)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state
 
 
 # Config keys that only change speed, memory or bookkeeping: a resume may change them freely.

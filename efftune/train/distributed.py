@@ -15,7 +15,8 @@ every step's global batch, in one of two modes (`train.distributed`):
 Both give each step the gradient one process computes over the whole batch: a rank's loss is
 its examples' share of the step's mean answer NLL times the world size, and DDP and FSDP average
 over ranks. Outputs (metrics, plots, checkpoints, the adapter, the progress bar, the final JSON
-line) come from rank 0 only; every rank reads checkpoints, so the output directory must be one
+line) come from rank 0 only, but for the shards of an fsdp checkpoint, which each rank writes
+(`efftune.train.sharded_state`); every rank reads checkpoints, so the output directory must be one
 all ranks see (a shared filesystem across machines).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Collection, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -134,16 +135,13 @@ def main_first(fn: Callable[[], T]) -> T:
     return result if here.main else fn()
 
 
-def on_main(fn: Callable[[], T], every_rank: bool = False) -> T | None:
+def on_main(fn: Callable[[], T]) -> T | None:
     """`fn()` on rank 0 only, the other ranks waiting for it; its failure reaches every rank (as an
-    EfftuneError there). `every_rank`: every rank calls `fn` (it gathers sharded state, and rank 0
-    writes it), rank 0's failure still reaching the others."""
+    EfftuneError there). Rank 0 gets `fn`'s result, the others None."""
     here = world()
     if not here.active or here.size == 1:
         return fn()
-    mine = fn() if every_rank and not here.main else None  # beside rank 0's call: fn's collectives meet
-    result = _rank0_runs(fn, here)
-    return result if here.main else mine
+    return _rank0_runs(fn, here)
 
 
 def _rank0_runs(fn: Callable[[], T], here: World) -> T | None:
@@ -271,12 +269,33 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def first_nonfinite_everywhere(model: nn.Module, names: Collection[str] | None = None) -> str | None:
+    """The name of the first trainable parameter (of `names`, if given) that holds a NaN or an infinity
+    on any rank, else None; every rank calls it. Each rank looks at its own part of a sharded one
+    (FSDP), so nothing is gathered, and every rank gets the same answer."""
+    from torch.distributed.tensor import DTensor
+    found = [(n, p.to_local() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()
+             if p.requires_grad and (names is None or n in names)]
+    bad = all_sum([0.0 if not t.is_floating_point() or bool(torch.isfinite(t.detach()).all()) else 1.0
+                   for _, t in found])
+    return next((n for (n, _), b in zip(found, bad) if b), None)
+
+
 def like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Whole tensor `t` (a checkpoint's) cut as `param` is sharded (this rank's part), else `t`."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     if not isinstance(param, DTensor):
         return t
     return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+
+
+def whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every sharded (FSDP) tensor gathered whole, one tensor at a time,
+    into rank 0's host memory; every rank calls it, and the others get an empty dict. What saving a
+    whole model trained under FSDP takes (a full fine-tune), with one copy of it on the machine of
+    rank 0 and none on any GPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def unshard_trainable(model: nn.Module) -> None:

@@ -40,7 +40,7 @@ from ..moe.layer import collect_aux_losses, expert_loads, moe_layers
 from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
 from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
-                         save_checkpoint, set_aside, trainable_state)
+                         save_checkpoint, set_aside)
 from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from ..attach import decoder_blocks
 from . import distributed
@@ -241,7 +241,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
           evaluate: Callable[..., dict] | None = None, hooks: TrainHooks | None = None,
           resume_changed: bool = False, on_checkpoint: Callable[[Path], None] | None = None,
           run_dirs: Mapping[str, str | Path] | None = None,
-          on_metrics: Callable[[str | None, dict], None] | None = None) -> TrainResult:
+          on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True) -> TrainResult:
     """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
 
     Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
@@ -276,6 +276,10 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
     refuses a checkpoint made with a TrainConfig that computes differently (`checkpoint.FREE_KEYS`
     may change) unless `resume_changed`. `on_checkpoint(path)` is called after each checkpoint,
     `on_metrics(adapter, row)` after each row metrics.jsonl gains (TensorBoard takes them from there).
+
+    Under `train.distributed: fsdp` the trained parameters are made whole on every rank when training
+    ends (`unshard`: an adapter, saved and used as after any run); `unshard=False` leaves the model
+    sharded (a full fine-tune, which `distributed.whole_state_dict` gathers for saving).
     """
     hooks = hooks or TrainHooks()
     if isinstance(sequences, Mapping):
@@ -295,14 +299,14 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
         if config.cuda_graphs:  # graphs recorded for the training shapes would re-record for every later one
             scope.callback(uncompile_blocks, model)
         return _train(model, sequences, config, Path(output_dir), pad_id, resume, evaluate, hooks, resume_changed,
-                      on_checkpoint, options, run_dirs, on_metrics)
+                      on_checkpoint, options, run_dirs, on_metrics, unshard)
 
 
 def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
            output_dir: Path, pad_id: int, resume: bool, evaluate: Callable[..., dict] | None, hooks: TrainHooks,
            resume_changed: bool, on_checkpoint: Callable[[Path], None] | None,
            options: ForwardOptions, run_dirs: Mapping[str, str | Path] | None = None,
-           on_metrics: Callable[[str | None, dict], None] | None = None) -> TrainResult:
+           on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True) -> TrainResult:
     device = next(model.parameters()).device
     here = distributed.init(str(device))  # under torchrun: this rank among the others (efftune.train.distributed)
     if here.active and isinstance(sequences, Mapping):
@@ -417,16 +421,17 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
 
     def checkpoint(done: int, which: list[Lane]) -> None:
         nonlocal last_save
-        for lane in which:  # a checkpoint holds finite weights only
-            bad = first_nonfinite(trainable_state(model, only(lane))) or first_nonfinite(hooks.state())
+        for lane in which:  # a checkpoint holds finite weights only (each rank checks its shards: fsdp)
+            bad = distributed.first_nonfinite_everywhere(model, only(lane)) or first_nonfinite(hooks.state())
             if bad:
                 diverged(lane, done, f"weight {bad!r} became NaN or infinite")
         for lane in which:
             directory = lane.ckpt_root / f"step-{done:06d}"
-            # under torchrun rank 0 writes the trainable state every rank holds (ddp), or gathers it (fsdp)
-            distributed.on_main(lambda: save_checkpoint(directory, model, own_part(lane), done,
-                                                        {"train_config": asdict(config)}, hooks.state(),
-                                                        only=only(lane), writer=main), every_rank=True)
+            save = partial(save_checkpoint, directory, model, own_part(lane), done, {"train_config": asdict(config)},
+                           hooks.state(), only=only(lane), sharded=sharded)
+            # under torchrun rank 0 writes the trainable state every rank holds (ddp); under fsdp every
+            # rank writes its own shards and rank 0 the rest (efftune.train.sharded_state)
+            save() if sharded else distributed.on_main(save)
             lane.last_ckpt = directory
             # The last checkpoint is not followed by a forward pass; every other is pruned after one.
             lane.unconfirmed = done < config.steps
@@ -591,7 +596,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     finally:
         bar.close()
     seconds = time.perf_counter() - t_start
-    if sharded:  # the adapter whole on every rank, for saving and using it (the base stays sharded)
+    if sharded and unshard:  # the adapter whole on every rank, for saving and using it (the base stays sharded)
         distributed.unshard_trainable(model)
     tokens_seen = int(distributed.all_sum([tokens_seen])[0])  # the run's tokens, all ranks'
     results = {}

@@ -20,6 +20,47 @@ def lora_model(seed: int = 0):
     return m
 
 
+def method_model(method: str = "lora"):
+    """A tiny float64 model with `method` attached (the same weights in every process), and a function
+    that saves the method's result into a directory. MoE methods on the tiny MoE models of the MoE
+    tests: expert LoRA on Qwen3-MoE's fused experts, ESFT (full mode) training two experts a layer,
+    MixLoRA on a Llama; full fine-tuning of the tiny Llama."""
+    if method == "lora":
+        from efftune.methods.lora.config import LoraConfig
+        from efftune.methods.lora.peft_format import save_adapter
+        return lora_model(), lambda model, d: save_adapter(model, d, LoraConfig(r=4))
+    if method == "expert-lora":
+        from efftune.methods.expert_lora import ExpertLoraConfig, add_expert_lora, save_expert_lora
+        from tests.moe.test_expert_lora import tiny_moe
+        config = ExpertLoraConfig(r=4, alpha=8.0, target_modules=["q_proj"])
+        model = tiny_moe(vocab=300, experts=4)
+        torch.manual_seed(0)
+        add_expert_lora(model, config)
+        return model, lambda m, d: save_expert_lora(m, d, config)
+    if method == "esft":
+        from efftune.methods.esft import EsftConfig, add_esft_full, save_esft
+        from efftune.moe.experts import experts_modules
+        from tests.moe.test_expert_lora import tiny_moe
+        model = tiny_moe(vocab=300, experts=4)
+        add_esft_full(model, {path: [0, 2] for path, _ in experts_modules(model)})
+        return model, lambda m, d: save_esft(m, d, EsftConfig())
+    if method == "mixlora":
+        from efftune.methods.mixlora import MixLoraConfig, add_mixlora, save_mixlora
+        from tests.methods.test_mixlora import tiny
+        config = MixLoraConfig(num_experts=4, top_k=2, r=4, alpha=8.0, attn_r=4, attn_alpha=8.0)
+        model = tiny(vocab=300)
+        torch.manual_seed(0)
+        add_mixlora(model, config)
+        return model, lambda m, d: save_mixlora(m, d, config)
+    if method == "full":  # every weight trains; the result is the whole model
+        from efftune.methods.full import FullConfig, add_full, save_full
+        from tests.conftest import tiny_llama
+        model = tiny_llama(dtype=torch.float64)
+        add_full(model, FullConfig())
+        return model, lambda m, d, **gathered: save_full(m, d, FullConfig(), **gathered)
+    raise ValueError(method)
+
+
 def sequences():
     from efftune.data import Formatter, MultipleChoice
     from tests.conftest import make_tokenizer
@@ -29,15 +70,16 @@ def sequences():
     return [f.encode(MultipleChoice(p, ("yes", "no"), i % 2)) for i, p in enumerate(prompts * 2)]
 
 
-def run(out: str, config: dict, resume: bool = False, evaluate: bool = False) -> None:
-    """Train and write this rank's trainable weights to out/rank-R.safetensors."""
+def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, method: str = "lora") -> None:
+    """Train and write this rank's trainable weights to out/rank-R.safetensors; rank 0 saves the
+    method's result into out/result."""
     from safetensors.torch import save_file
 
-    from efftune.train.distributed import finish, restarted, world
+    from efftune.train.distributed import finish, restarted, whole_state_dict, world
     from efftune.train.loop import TrainConfig, train
     seqs = sequences()
     resume = resume or (restarted() and (Path(out) / "run" / "checkpoints" / "latest").exists())
-    model = lora_model()
+    model, save = method_model(method)
     ev = None
     if evaluate:
         from efftune.data import Formatter, MultipleChoice
@@ -45,21 +87,28 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False) ->
         from tests.conftest import make_tokenizer
         held = [MultipleChoice(f"Q: {w}?\nA: ", ("yes", "no"), i % 2) for i, w in enumerate("abcdefg")]
         ev = evaluator(Formatter(make_tokenizer()), held, sharded=config.get("distributed", "ddp") == "ddp")
-    result = train(model, seqs, TrainConfig(**config), Path(out) / "run", pad_id=1, resume=resume, evaluate=ev)
-    state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    whole = method == "full"  # as efftune.finetune does: a whole model stays sharded and is gathered to save it
+    result = train(model, seqs, TrainConfig(**config), Path(out) / "run", pad_id=1, resume=resume, evaluate=ev,
+                   unshard=not whole)
     rank = world().rank
-    save_file(state, str(Path(out) / f"rank-{rank}.safetensors"))
+    if not whole:
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(state, str(Path(out) / f"rank-{rank}.safetensors"))
+    gathered = {"state_dict": whole_state_dict(model)} if whole and config.get("distributed") == "fsdp" else {}
+    if rank == 0:
+        save(model, Path(out) / "result", **gathered)
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"final_loss": result.final_loss,
                                                              "tokens": result.tokens, "evals": result.evals}))
     finish()
 
 
-def spawned(rank: int, world_size: int, port: int, out: str, config: dict, resume: bool, evaluate: bool) -> None:
+def spawned(rank: int, world_size: int, port: int, out: str, config: dict, resume: bool, evaluate: bool,
+            method: str = "lora") -> None:
     """torch.multiprocessing.spawn's entry: torchrun's environment, then `run`."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     torch.set_num_threads(1)
-    run(out, config, resume, evaluate)
+    run(out, config, resume, evaluate, method)
 
 
 if __name__ == "__main__":  # under torchrun: python -m tests.train.dist_worker OUT CONFIG_JSON [resume]

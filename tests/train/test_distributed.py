@@ -26,14 +26,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ranks(out: Path, config: dict, n: int = 2, resume: bool = False, evaluate: bool = False) -> None:
-    mp.spawn(dist_worker.spawned, args=(n, free_port(), str(out), config, resume, evaluate), nprocs=n, join=True)
+def ranks(out: Path, config: dict, n: int = 2, resume: bool = False, evaluate: bool = False,
+          method: str = "lora") -> None:
+    mp.spawn(dist_worker.spawned, args=(n, free_port(), str(out), config, resume, evaluate, method), nprocs=n,
+             join=True)
 
 
-def one_process(out: Path, config: dict, resume: bool = False):
-    model = dist_worker.lora_model()
+def one_process(out: Path, config: dict, resume: bool = False, method: str = "lora"):
+    """Train in this process (no process group) and save the method's result into out/result."""
+    model, save = dist_worker.method_model(method)
     result = train(model, dist_worker.sequences(), TrainConfig(**config), out / "run", pad_id=1, resume=resume)
+    save(model, out / "result")
     return result, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def saved_tensors(result_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files of a saved result (adapter or model directory), by file and key."""
+    return {f"{f.name}:{k}": t for f in sorted(result_dir.glob("*.safetensors")) for k, t in load_file(str(f)).items()}
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -94,8 +103,9 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_on_two(tmp_path):
     assert result.start_step == 2
     assert_same_weights(uninterrupted, on_one)
 
+    # on 2 ranks under fsdp (train.distributed may change on a resume): each rank takes its shards
     rewind(tmp_path / "two" / "run", tmp_path / "on2" / "run", 2)
-    ranks(tmp_path / "on2", config, resume=True)
+    ranks(tmp_path / "on2", {**config, "distributed": "fsdp"}, resume=True)
     assert_same_weights(uninterrupted, load_file(str(tmp_path / "on2" / "rank-0.safetensors")))
     assert losses(tmp_path / "on2" / "run") == pytest.approx(losses(tmp_path / "ref" / "run"), rel=1e-9)
 
@@ -161,14 +171,37 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
     info = json.loads((tmp_path / "fsdp" / "rank-0.json").read_text())
     assert [e["step"] for e in info["evals"]] == [0, 4]
-    # its checkpoint holds the whole adapter and optimizer state: one process resumes it
+    # its checkpoints hold the adapter and the optimizer state as DCP shards, one file a rank
+    checkpoint = tmp_path / "fsdp" / "run" / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in (checkpoint / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (checkpoint / "trainable.safetensors").exists() and not (checkpoint / "optimizer.safetensors").exists()
+    assert not list(checkpoint.parent.glob("*.shards"))  # the staging directories are gone
+    # one process without a process group resumes it (DCP puts the shards together)
     rewind(tmp_path / "fsdp" / "run", tmp_path / "on1" / "run", 2)
     _, on_one = one_process(tmp_path / "on1", config, resume=True)
     assert_same_weights(weights, on_one)
-    # and on 2 ranks again, each loading its shards of it
+    assert losses(tmp_path / "on1" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    # and 2 ranks again, each reading its part
     rewind(tmp_path / "fsdp" / "run", tmp_path / "on2" / "run", 2)
     ranks(tmp_path / "on2", config, resume=True)
     assert_same_weights(weights, load_file(str(tmp_path / "on2" / "rank-1.safetensors")))
+    assert losses(tmp_path / "on2" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["expert-lora", "mixlora", "esft", "full"])
+def test_moe_methods_and_full_fine_tuning_under_fsdp_equal_one_process(tmp_path, method):
+    """Expert LoRA (on fused expert weights), MixLoRA and ESFT under FSDP2, each block sharded with its
+    experts, and full fine-tuning (every weight trains, sharded; the saved model is gathered to rank 0):
+    the losses and the saved result of 2 ranks are one process's."""
+    # the routers' balance losses are taken per micro-batch (they are not linear in the tokens): one
+    # process runs each rank's 2 examples as a micro-batch of its own
+    config = {**CONFIG, "distributed": "fsdp", "steps": 2, "micro_batch_size": 2}
+    ranks(tmp_path / "fsdp", config, method=method)
+    one_process(tmp_path / "one", config, method=method)
+    assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    got, want = saved_tensors(tmp_path / "fsdp" / "result"), saved_tensors(tmp_path / "one" / "result")
+    assert want and got.keys() == want.keys()
+    assert_same_weights(want, got)
 
 
 def test_two_machines_meet_at_a_rendezvous(tmp_path):

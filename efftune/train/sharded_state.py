@@ -1,0 +1,113 @@
+"""The trainable weights and the optimizer state of an FSDP run, saved and loaded through
+torch.distributed.checkpoint (DCP): each rank writes its own shard, and a load reshards them to
+whatever reads them (another number of ranks, DDP ranks that each hold everything, or one process
+without a process group).
+
+Only tensors go through DCP: {"model": trainable parameters by name, "optim": each parameter's
+optimizer state by name} (torch's `get_state_dict` names, which are `named_parameters`' names under
+FSDP2 too). The optimizer's hyperparameters stay in the checkpoint's state.json, as in the
+one-process format (`efftune.train.checkpoint`), so nothing but DCP's own index is pickled.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from ..errors import CheckpointError
+
+SHARDS = "sharded"  # the DCP directory inside a checkpoint directory
+METADATA = ".metadata"  # DCP's index of the shards, written by rank 0 last
+# Frozen weights stay out (they are the base model's); so do buffers, which the checks below leave out.
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _one_process_quiet():
+    """DCP warns when it runs without a process group; one process reading or writing is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The first rank's own error inside DCP's CheckpointException (which gathers every rank's), else `exc`."""
+    failures = getattr(exc, "failures", None) if isinstance(exc, CheckpointException) else None
+    return next(iter(failures.values()))[0] if failures else exc
+
+
+def _trainable(model: nn.Module, state: dict) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t for n, t in state.items() if n in names}
+
+
+def save_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write the trainable parameters and the optimizer state into DCP directory `path`: every rank
+    calls it and writes its shards; rank 0 writes the index. A failure on any rank is raised on
+    every rank (DCP gathers them)."""
+    weights, optim = get_state_dict(model, optimizer, options=_OPTIONS)
+    try:
+        with _one_process_quiet():
+            dcp.save({"model": _trainable(model, weights), "optim": optim["state"]},
+                     storage_writer=dcp.FileSystemWriter(str(path), overwrite=False), no_dist=not _active())
+    except CheckpointException as exc:  # a full disk is the OSError it is, on every rank (the loop reports it)
+        cause = _cause(exc)
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise
+
+
+def shard_index(path: Path) -> dict[str, tuple[int, ...] | None]:
+    """The tensors DCP directory `path` holds: "model.<name>" and "optim.<name>.<field>" keys, each
+    with its whole (unsharded) shape. A missing or unreadable index is a CheckpointError."""
+    if not (path / METADATA).is_file():
+        raise CheckpointError(f"checkpoint {path.parent} is incomplete: missing {SHARDS}/{METADATA}")
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # a torn or garbage index: pickle's and DCP's own errors
+        raise CheckpointError(f"checkpoint {path.parent}: {SHARDS}/{METADATA} cannot be read (truncated or "
+                              f"corrupt: {type(exc).__name__})") from None
+    return {k: tuple(m.size) if hasattr(m, "size") else None for k, m in metadata.state_dict_metadata.items()}
+
+
+def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, param_groups: list[dict],
+                optimized: set[str]) -> None:
+    """Load DCP directory `path` into the model's trainable parameters (this rank's part of each) and
+    the optimizer; every rank calls it. `param_groups`: the checkpoint's optimizer hyperparameters, in
+    the optimizer's group order; `optimized`: the parameters that have optimizer state in it (one that
+    received no gradient before the checkpoint has none, as in one process).
+
+    DCP reads into fresh tensors first, so a shard that cannot be read (CheckpointError) leaves the
+    model as it was and the optimizer without state, as it was before a resume."""
+    had_state = bool(optimizer.state)
+    weights, optim = get_state_dict(model, optimizer, options=_OPTIONS)  # gives a fresh optimizer zero state
+    weights = _trainable(model, weights)
+    target = {"model": {n: torch.empty_like(t) for n, t in weights.items()},
+              "optim": {n: {k: torch.empty_like(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                        for n, s in optim["state"].items() if n in optimized}}
+    try:
+        with _one_process_quiet():
+            dcp.load(target, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _active())
+    except (Exception, CheckpointException) as exc:  # DCP's own is a BaseException
+        if not had_state:
+            optimizer.state.clear()
+        cause = _cause(exc)
+        first = next((line for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        raise CheckpointError(f"checkpoint {path.parent}: its {SHARDS}/ shards cannot be read (truncated, corrupt "
+                              f"or missing: {first.strip()[:200]})") from None
+    # parameters without saved state get none (torch's optimizer load keeps only what it is given)
+    groups = [{**saved, "params": current["params"]} for saved, current in zip(param_groups, optim["param_groups"])]
+    set_state_dict(model, optimizer, model_state_dict=target["model"],
+                   optim_state_dict={"state": target["optim"], "param_groups": groups}, options=_LOAD_OPTIONS)
