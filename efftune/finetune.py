@@ -11,11 +11,12 @@ from pathlib import Path
 from .attach import trainable_parameters
 from .config import RunConfig
 from .data import Completion, Example, Formatter, MultipleChoice
+from .data.entries import take
 from .data.examples import Conversation
 from .data.loading import load_examples
 from .data.options import apply_overflow, load_for_run
 from .data.token_cache import encode_all
-from .data.tokenize import IGNORE, truncation_note
+from .data.tokenize import IGNORE, sequence_stats, truncation_note
 from .errors import ConfigError, DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
 from .eval.retention import PanelExamples, describe, load_panel, measure_retention, retention_change
@@ -183,9 +184,10 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     dropped_examples = len(train_set) - len(kept)
     if not kept:
         raise DataError(f"no training example is left within max_length {cfg.train.max_length} tokens")
-    train_set, sequences = [train_set[i] for i in kept], [sequences[i] for i in kept]
-    log(f"data: {len(train_set)} training examples ({sum(map(len, sequences)) / len(sequences):.0f} tokens "
-        f"on average), {len(eval_set)} held out")
+    if len(kept) < len(train_set):  # views of the mapped arrays, not a million objects (efftune.data.token_cache)
+        train_set, sequences = take(train_set, kept), take(sequences, kept)
+    lengths, cut, _ = sequence_stats(sequences)
+    log(f"data: {len(train_set)} training examples ({lengths.mean():.0f} tokens on average), {len(eval_set)} held out")
     if note := truncation_note(sequences, cfg.train.max_length):  # never cut rows without a word
         log(note)
     # forgetting: the panel before training (on a resume too: the model is the untrained one until the
@@ -223,7 +225,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         method.artifact: str(adapter_dir), "steps": result.steps, "train_seconds": round(result.train_seconds, 1),
         "final_loss": None if result.final_loss is None else round(result.final_loss, 4),
         "eval_examples": len(eval_set), "train_examples": len(train_set), "trainable_parameters": trainable,
-        "truncated_examples": sum(1 for q in sequences if q.dropped),
+        "truncated_examples": int((cut > 0).sum()),
         "dropped_examples": dropped_examples or None,
         "metrics": str(out / "metrics.jsonl"), "plot": str(out / "training.png"),
         "resumed_from_step": result.start_step if resume else None, "changed_on_resume": changed or None,

@@ -117,6 +117,10 @@ def test_example_order_is_a_permutation_per_epoch_and_resumable():
     order = example_order(7, seed=3, start=0, count=14)
     assert sorted(order[:7]) == list(range(7)) and sorted(order[7:]) == list(range(7))
     assert example_order(7, seed=3, start=5, count=4) == order[5:9]
+    # the order is each epoch's seeded shuffle (kept once per epoch, not drawn again per example)
+    import numpy as np
+    assert order == [int(np.random.default_rng([3, g // 7]).permutation(7)[g % 7]) for g in range(14)]
+    assert example_order(7, seed=4, start=0, count=7) == np.random.default_rng([4, 0]).permutation(7).tolist()
 
 
 def test_activation_checkpointing_gives_the_same_training(tokenizer, tmp_path):
