@@ -32,7 +32,7 @@ from .progress import note as stderr_note
 from .train import distributed
 from .train.interrupt import RunInterrupted
 from .train.log_sinks import MetricSinks
-from .train.loop import check_shardable, read_metrics, strict_json, train
+from .train.loop import check_shardable, strict_json, train
 from .train.rundir import RunDir
 from .train.seed import seed_everything
 
@@ -43,7 +43,7 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
     conversation, on the tokens `train_on` covers, with its log as `eval_loss`), each forward run
     with `options` (the training run's: `TrainConfig.forward_options()`). With `samples` and
     conversations held out, greedy replies to the first `samples` of them go to
-    `run_dir`/samples.jsonl at each evaluation (by rank 0).
+    `run_dir`/samples.jsonl at each evaluation (by rank 0), under the `step` the loop passes.
 
     `sharded` (several ranks, each with the whole model: `train.distributed: ddp`): each rank
     scores every size-th example and the counts are summed over the ranks, so every rank returns
@@ -56,7 +56,7 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
         if run_dir is not None and distributed.world().main else []
     score = _sharded_scores(formatter, mc, text, options, here) if here.size > 1 else None
 
-    def evaluate(model) -> dict:
+    def evaluate(model, step: int = 0) -> dict:
         if score is not None:
             hits, ppl = score(model)
         else:
@@ -70,11 +70,7 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
             if any(isinstance(e, Conversation) for e in text):
                 out["eval_loss"] = round(math.log(ppl), 4)
         if chats:
-            # the step is not passed to an evaluation: the last training row logged says it
-            metrics = run_dir / "metrics.jsonl"
-            steps = [r["step"] for r in read_metrics(metrics) if "loss" in r] if metrics.is_file() else []
-            append_samples(run_dir / "samples.jsonl", steps[-1] if steps else 0,
-                           greedy_replies(model, formatter.tokenizer, chats))
+            append_samples(run_dir / "samples.jsonl", step, greedy_replies(model, formatter.tokenizer, chats))
         return out
     return evaluate
 

@@ -253,9 +253,9 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
           on_metrics: Callable[[str | None, dict], None] | None = None) -> TrainResult:
     """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
 
-    Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
-    (optional) is called before the first step, every `eval_every` steps and after the last;
-    its dicts are logged and returned in `TrainResult.evals`. `hooks` changes the schedule and
+    Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate(model,
+    step=)` (optional) is called before the first step, every `eval_every` steps and after the last,
+    with the number of steps done; its dicts are logged and returned in `TrainResult.evals`. `hooks` changes the schedule and
     acts after each step (e.g. `efftune.methods.relora.ReLoraHooks`). With `config.fp8_base` the
     frozen base linears run in FP8 for the whole run (evaluations inside it included) and the
     exact model is back when `train` returns or raises. With `config.cuda_graphs` evaluations
@@ -274,7 +274,7 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
     checkpoints, training.png), or in `run_dirs[adapter]` where given, so it resumes with any other
     grouping; with `resume`, adapters that have a checkpoint continue from it (each from its own
     step) and the others start. `evaluate(model,
-    names)` returns {name: metrics} for the adapters named; `TrainResult.adapters` holds each
+    names, step=)` returns {name: metrics} for the adapters named; `TrainResult.adapters` holds each
     adapter's result. Every trainable parameter must be one of the adapters'; `hooks` may change
     the schedule and act after steps, but not keep state of their own or change base weights.
 
@@ -407,7 +407,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         # CUDA graphs: evaluation shapes vary, and each new shape would record graphs of its own
         with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext(), \
                 distributed.gathered(forward) if sharded else nullcontext():
-            results = {lanes[0].name: evaluate(model)} if not together else evaluate(model, [l.name for l in which])
+            results = {lanes[0].name: evaluate(model, step=step)} if not together else \
+                evaluate(model, [l.name for l in which], step=step)
         for lane in which:  # an adapter the evaluation left out is logged with no metrics
             result = {"step": step, **results.get(lane.name, {})}
             lane.evals.append(result)
