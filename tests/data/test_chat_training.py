@@ -31,7 +31,7 @@ def run(capsys, *args):
 
 
 def test_conversations_train_from_the_command_line(capsys, chat_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EFFTUNE_DATA_CACHE", str(tmp_path / "cache"))  # its own: the first run finds nothing
     rows = [json.loads(line) for line in EXAMPLE.read_text().splitlines()[:40]]
     rows.append({"messages": [{"role": "user", "content": "hello?"}]})  # no assistant turn: skipped, counted
     data = tmp_path / "chat.jsonl"
@@ -62,7 +62,8 @@ def test_conversations_train_from_the_command_line(capsys, chat_model_dir, tmp_p
     # the same data again: the tokens come from the cache, and the run computes the same
     code, out2, err = run(capsys, *args[:-1], tmp_path / "run2")
     assert code == 0, err
-    assert "read from the cache" in err
+    assert "41 examples of" in err and "parsed before, read from the cache" in err  # no JSON parsed
+    assert "training examples tokenised before, read from the cache" in err  # nothing rendered
     again = json.loads(out2.strip().splitlines()[-1])
     assert again["perplexity_after"] == summary["perplexity_after"]
 
@@ -97,8 +98,7 @@ def test_a_resumed_run_writes_each_evaluations_samples_once(capsys, chat_model_d
     assert cut.read_text().splitlines() == whole
 
 
-def test_train_on_and_overflow_reach_the_run(capsys, chat_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
+def test_train_on_and_overflow_reach_the_run(capsys, chat_model_dir, tmp_path):
     code, out, err = run(capsys, "train", "--model", chat_model_dir, "--data", EXAMPLE, "--steps", 1,
                          "--batch-size", 4, "--eval-size", 0, "--max-length", 64, "--data-overflow", "error",
                          "--output", tmp_path / "run")

@@ -182,6 +182,21 @@ def test_stored_examples_round_trip_every_kind(cache, tmp_path):
                                                                                                       fresh[0]]
 
 
+def test_the_data_cache_directory(monkeypatch, tmp_path):
+    """$EFFTUNE_DATA_CACHE moves the data cache alone (tests/conftest.py points it at a temporary
+    directory for the whole suite); without it the data cache sits in $EFFTUNE_CACHE."""
+    import os
+    from pathlib import Path
+
+    from efftune.cache import data_cache_dir
+    assert not Path(os.environ["EFFTUNE_DATA_CACHE"]).resolve().is_relative_to(Path.home().resolve() / ".cache")
+    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "downloads"))
+    monkeypatch.setenv("EFFTUNE_DATA_CACHE", str(tmp_path / "data"))
+    assert data_cache_dir("tokens") == tmp_path / "data" / "tokens" and (tmp_path / "data" / "tokens").is_dir()
+    monkeypatch.delenv("EFFTUNE_DATA_CACHE")
+    assert data_cache_dir("tokens") == tmp_path / "downloads" / "tokens"
+
+
 def test_overflow_policies():
     tok = chatml_tokenizer()
     n = max(len(Formatter(tok, max_length=10_000).encode(c)) for c in CONVS) + 2
