@@ -97,7 +97,7 @@ def encode_all(formatter: Formatter, examples: Sequence[Example], use_cache: boo
     if path is not None and path.exists():
         try:
             arrays = _open(path, len(source), _id_bound(formatter))
-            say(f"data: {len(source)} {what} tokenised before, read from the cache ({path})")
+            say(f"data: {what} tokenised before, read from the cache ({len(source)} sequences, {path})")
             return view(arrays)
         except DamagedEntry as exc:
             say(f"data: the tokenisation cache entry {path} cannot be used ({exc}); tokenising again")

@@ -95,7 +95,7 @@ def test_a_data_file_is_parsed_and_tokenised_once(cache, tmp_path, monkeypatch):
         assert skipped == 1 and list(kept) == [e for e in fresh if e != fresh[3]]
         train, held = split_examples(kept, 5, seed=3)
         tokens = encode_all(Formatter(tok), train, log=logs.append)
-        assert "40 training examples tokenised before, read from the cache" in logs[-1]
+        assert "training examples tokenised before, read from the cache (40 sequences" in logs[-1]
     f = Formatter(tok)
     want_train, want_held = split_examples([e for e in fresh if e != fresh[3]], 5, seed=3)
     assert list(train) == want_train and list(held) == want_held
