@@ -1,4 +1,5 @@
-"""Where efftune keeps what it fetches once (the default model, BIG-bench task files)."""
+"""Where efftune keeps what it fetches once (the default model, BIG-bench task files) and the data it
+prepared once (parsed and tokenised training data)."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,19 @@ def cache_dir(*parts: str) -> Path:
     """`$EFFTUNE_CACHE` (default `~/.cache/efftune`) joined with `parts`, created on demand."""
     root = Path(os.environ.get("EFFTUNE_CACHE", Path.home() / ".cache" / "efftune"))
     path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_cache_dir(*parts: str) -> Path:
+    """Where parsed and tokenised training data are kept: `$EFFTUNE_DATA_CACHE` (default the
+    download cache above, `$EFFTUNE_CACHE`) joined with `parts`, created on demand. Its own variable,
+    so that tests (or a user with a small home directory) move these larger, rebuildable entries
+    without moving the downloaded model."""
+    root = os.environ.get("EFFTUNE_DATA_CACHE")
+    if not root:
+        return cache_dir(*parts)
+    path = Path(root).joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from .attach import trainable_parameters
 from .config import RunConfig
 from .data import Completion, Example, Formatter, MultipleChoice
+from .data.entries import take
 from .data.examples import Conversation
 from .data.loading import load_examples
 from .data.options import apply_overflow, load_for_run
 from .data.token_cache import encode_all
-from .data.tokenize import IGNORE, truncation_note
+from .data.tokenize import IGNORE, sequence_stats, truncation_note
 from .errors import ConfigError, DataError, EfftuneError
 from .eval.multiple_choice import multiple_choice_accuracy
 from .eval.retention import PanelExamples, describe, load_panel, measure_retention, retention_change
@@ -31,7 +32,7 @@ from .progress import note as stderr_note
 from .train import distributed
 from .train.interrupt import RunInterrupted
 from .train.log_sinks import MetricSinks
-from .train.loop import check_shardable, read_metrics, strict_json, train
+from .train.loop import check_shardable, strict_json, train
 from .train.rundir import RunDir
 from .train.seed import seed_everything
 
@@ -42,7 +43,7 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
     conversation, on the tokens `train_on` covers, with its log as `eval_loss`), each forward run
     with `options` (the training run's: `TrainConfig.forward_options()`). With `samples` and
     conversations held out, greedy replies to the first `samples` of them go to
-    `run_dir`/samples.jsonl at each evaluation (by rank 0).
+    `run_dir`/samples.jsonl at each evaluation (by rank 0), under the `step` the loop passes.
 
     `sharded` (several ranks, each with the whole model: `train.distributed: ddp`): each rank
     scores every size-th example and the counts are summed over the ranks, so every rank returns
@@ -55,7 +56,7 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
         if run_dir is not None and distributed.world().main else []
     score = _sharded_scores(formatter, mc, text, options, here) if here.size > 1 else None
 
-    def evaluate(model) -> dict:
+    def evaluate(model, step: int = 0) -> dict:
         if score is not None:
             hits, ppl = score(model)
         else:
@@ -69,11 +70,7 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
             if any(isinstance(e, Conversation) for e in text):
                 out["eval_loss"] = round(math.log(ppl), 4)
         if chats:
-            # the step is not passed to an evaluation: the last training row logged says it
-            metrics = run_dir / "metrics.jsonl"
-            steps = [r["step"] for r in read_metrics(metrics) if "loss" in r] if metrics.is_file() else []
-            append_samples(run_dir / "samples.jsonl", steps[-1] if steps else 0,
-                           greedy_replies(model, formatter.tokenizer, chats))
+            append_samples(run_dir / "samples.jsonl", step, greedy_replies(model, formatter.tokenizer, chats))
         return out
     return evaluate
 
@@ -182,9 +179,10 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     dropped_examples = len(train_set) - len(kept)
     if not kept:
         raise DataError(f"no training example is left within max_length {cfg.train.max_length} tokens")
-    train_set, sequences = [train_set[i] for i in kept], [sequences[i] for i in kept]
-    log(f"data: {len(train_set)} training examples ({sum(map(len, sequences)) / len(sequences):.0f} tokens "
-        f"on average), {len(eval_set)} held out")
+    if len(kept) < len(train_set):  # views of the mapped arrays, not a million objects (efftune.data.token_cache)
+        train_set, sequences = take(train_set, kept), take(sequences, kept)
+    lengths, cut, _ = sequence_stats(sequences)
+    log(f"data: {len(train_set)} training examples ({lengths.mean():.0f} tokens on average), {len(eval_set)} held out")
     if note := truncation_note(sequences, cfg.train.max_length):  # never cut rows without a word
         log(note)
     # forgetting: the panel before training (on a resume too: the model is the untrained one until the
@@ -222,7 +220,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         method.artifact: str(adapter_dir), "steps": result.steps, "train_seconds": round(result.train_seconds, 1),
         "final_loss": None if result.final_loss is None else round(result.final_loss, 4),
         "eval_examples": len(eval_set), "train_examples": len(train_set), "trainable_parameters": trainable,
-        "truncated_examples": sum(1 for q in sequences if q.dropped),
+        "truncated_examples": int((cut > 0).sum()),
         "dropped_examples": dropped_examples or None,
         "metrics": str(out / "metrics.jsonl"), "plot": str(out / "training.png"),
         "resumed_from_step": result.start_step if resume else None, "changed_on_resume": changed or None,

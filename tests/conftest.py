@@ -1,11 +1,28 @@
 """Tiny random-init models and a tiny tokenizer, built in the test process (no downloads)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Parsed and tokenised training data (`efftune.cache.data_cache_dir`, `$EFFTUNE_DATA_CACHE`) go to a
+    temporary directory for the whole session, child processes included: tests never write into
+    the user's ~/.cache/efftune (the downloaded models and tasks stay read from there)."""
+    path = tmp_path_factory.mktemp("data-cache")
+    before = os.environ.get("EFFTUNE_DATA_CACHE")
+    os.environ["EFFTUNE_DATA_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("EFFTUNE_DATA_CACHE", None)
+    else:
+        os.environ["EFFTUNE_DATA_CACHE"] = before
 
 CORPUS = [
     "Q: Is the sky blue?\nA: yes", "Q: Is grass red?\nA: no", "The quick brown fox jumps over the lazy dog.",

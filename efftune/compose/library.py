@@ -430,14 +430,14 @@ def _train_group(model, group: list[LibraryTask], slots: dict[str, str], seqs: d
     if len(group) == 1:
         s = group[0]
         set_active_adapters(model, slots[s.name])
-        evaluate = (lambda m: {"accuracy": round(multiple_choice_accuracy(m, formatter, s.held_out,
+        evaluate = (lambda m, step: {"accuracy": round(multiple_choice_accuracy(m, formatter, s.held_out,
                                                                           options=options), 4)}) \
             if s.held_out else None
         train(model, seqs[s.name], cfg, work / s.name, pad_id=pad_id, resume=resume, evaluate=evaluate, hooks=hooks,
               resume_changed=resume_changed)
         return
     held_out = {slots[s.name]: s.held_out for s in group if s.held_out}
-    evaluate = (lambda m, which: {a: {"accuracy": acc} for a, acc in accuracies_together(
+    evaluate = (lambda m, which, step: {a: {"accuracy": acc} for a, acc in accuracies_together(
         m, formatter, {a: held_out[a] for a in which if a in held_out}, options=options).items()}) \
         if held_out else None
     train(model, {slots[n]: seqs[n] for n in names}, cfg, work, pad_id=pad_id, resume=resume, evaluate=evaluate,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 from ..errors import DataError
+from .entries import take
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ DEFAULT_EVAL_SIZE = 200  # held out per task when no size is given (at most half
 
 
 def split_examples(examples: Sequence[Example], eval_size: int | float | None, seed: int = 0,
-                   source: str = "the data", strict: bool = True) -> tuple[list[Example], list[Example]]:
+                   source: str = "the data", strict: bool = True) -> tuple[Sequence[Example], Sequence[Example]]:
     """Deterministic train/eval split: shuffle with `seed`, the first `eval_size` go to eval.
 
     `eval_size` is a count, a fraction when below 1, or None: DEFAULT_EVAL_SIZE. At most half of
@@ -78,6 +79,5 @@ def split_examples(examples: Sequence[Example], eval_size: int | float | None, s
         elif n_eval > half:
             raise DataError(f"eval_size {eval_size}: {source} has {len(order)} examples, so at most {half} "
                             "(half) can be held out")
-    eval_set = [examples[i] for i in order[:n_eval]]
-    train_set = [examples[i] for i in order[n_eval:]]
-    return train_set, eval_set
+    # lists stay lists; examples kept on disk (efftune.data.stored) give views, decoding nothing
+    return take(examples, order[n_eval:]), take(examples, order[:n_eval])

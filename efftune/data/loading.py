@@ -12,8 +12,8 @@ from .sources import load_data
 
 
 def load_examples(*, tasks: Sequence[str] = (), data: str | None = None, eval_data: str | None = None,
-                  eval_size: int, seed: int = 0, read: Callable[[str, bool], list[Example]] | None = None
-                  ) -> tuple[list[Example], list[Example]]:
+                  eval_size: int, seed: int = 0, read: Callable[[str, bool], Sequence[Example]] | None = None
+                  ) -> tuple[Sequence[Example], Sequence[Example]]:
     """(train, eval) examples: `data` (a file, saved dataset or hub id) split at random by `seed`
     unless `eval_data` is given, or a deterministic split of each BIG-bench task in `tasks` (always
     seed 0, so every run and every command holds out the same examples). `read(source, is_eval)`

@@ -4,8 +4,11 @@ How a row's tokens attend to each other (packing, shared prefixes) is `layout.py
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
-from typing import Sequence as Seq
+from typing import Iterable, Sequence as Seq, overload
+
+import numpy as np
 
 from ..errors import ConfigError
 from .chat import encode_conversation
@@ -115,14 +118,103 @@ class Formatter:
         return Encoded(ids, [IGNORE] * len(prompt_ids) + answer_ids, dropped=full - len(ids))
 
 
+class TokenArrays(Seq[Encoded]):
+    """Encoded sequences held as flat numpy arrays (the token ids one after another, a target mask
+    beside them, offsets), so a million of them are a few arrays rather than a million lists; the
+    token cache maps them from disk (`efftune.data.token_cache`). Indexing builds one `Encoded`
+    (what a batch asks for); `take` gives a view of some sequences, in a given order.
+
+    `dropped` and `targets` (per sequence: tokens cut by max_length, target tokens) let a run count
+    and filter without building any sequence."""
+
+    ARRAYS = ("ids", "mask", "offsets", "dropped", "targets")
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray, dropped: np.ndarray,
+                 targets: np.ndarray, index: np.ndarray | None = None):
+        self.ids, self.mask, self.offsets, self._dropped, self._targets = ids, mask, offsets, dropped, targets
+        self.index = index
+
+    @classmethod
+    def build(cls, seqs: Iterable[Encoded]) -> "TokenArrays":
+        """Arrays of `seqs` (an iterable: each sequence is appended as it comes, and no list of them
+        is kept, so tokenising a million conversations holds a few arrays, not a million lists)."""
+        ids, mask, lengths, dropped, targets = array("i"), array("b"), array("q"), array("i"), array("i")
+        for s in seqs:
+            ids.extend(s.input_ids)
+            on = [label != IGNORE for label in s.labels]
+            mask.extend(on)
+            lengths.append(len(s.input_ids))
+            dropped.append(s.dropped)
+            targets.append(sum(on))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=offsets[1:])
+        return cls(np.frombuffer(ids, dtype=np.int32), np.frombuffer(mask, dtype=np.int8).astype(np.bool_), offsets,
+                   np.frombuffer(dropped, dtype=np.int32), np.frombuffer(targets, dtype=np.int32))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of every sequence (not only this view's), by name: what the cache writes."""
+        return dict(zip(self.ARRAYS, (self.ids, self.mask, self.offsets, self._dropped, self._targets)))
+
+    def __len__(self) -> int:
+        return len(self._dropped) if self.index is None else len(self.index)
+
+    @overload
+    def __getitem__(self, i: int) -> Encoded: ...
+    @overload
+    def __getitem__(self, i: slice) -> "TokenArrays": ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        n, i = len(self), int(i)
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} of {n}")
+        j = int(self.index[i]) if self.index is not None else i % n  # (i % n: a negative index counts back)
+        start, end = self.offsets[j], self.offsets[j + 1]
+        ids = np.asarray(self.ids[start:end])
+        labels = np.where(self.mask[start:end], ids, IGNORE)
+        return Encoded(ids.tolist(), labels.tolist(), int(self._dropped[j]))
+
+    def take(self, indices: Seq[int]) -> "TokenArrays":
+        indices = np.asarray(indices, dtype=np.int64)
+        index = indices if self.index is None else self.index[indices]
+        return TokenArrays(self.ids, self.mask, self.offsets, self._dropped, self._targets, index)
+
+    def _per_sequence(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values if self.index is None else values[self.index])
+
+    def lengths(self) -> np.ndarray:
+        return self._per_sequence(np.diff(self.offsets))
+
+    def dropped(self) -> np.ndarray:
+        return self._per_sequence(self._dropped)
+
+    def targets(self) -> np.ndarray:
+        return self._per_sequence(self._targets)
+
+    def __repr__(self) -> str:
+        return f"TokenArrays({len(self)} sequences)"
+
+
+def sequence_stats(sequences: Seq[Encoded]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lengths, tokens dropped, target tokens) of each sequence, as arrays: read from TokenArrays
+    without building a sequence, counted for a list."""
+    if isinstance(sequences, TokenArrays):
+        return sequences.lengths(), sequences.dropped(), sequences.targets()
+    return (np.array([len(s) for s in sequences], dtype=np.int64),
+            np.array([s.dropped for s in sequences], dtype=np.int64),
+            np.array([sum(1 for t in s.labels if t != IGNORE) for s in sequences], dtype=np.int64))
+
+
 def truncation_note(sequences: Seq[Encoded], max_length: int, what: str = "training examples") -> str | None:
     """One line saying how many sequences were cut to `max_length` tokens (None when none were)."""
-    cut = [s.dropped for s in sequences if s.dropped]
-    if not cut:
+    dropped = sequence_stats(sequences)[1]
+    cut = dropped[dropped > 0]
+    if not len(cut):
         return None
     return (f"data: {len(cut)} of {len(sequences)} {what} are longer than max_length {max_length} tokens and were "
-            f"cut ({sum(cut):,} tokens dropped: a prompt loses its start, an answer its end; raise --max-length to "
-            "keep them)")
+            f"cut ({int(cut.sum()):,} tokens dropped: a prompt loses its start, an answer its end; raise --max-length "
+            "to keep them)")
 
 
 def pack(lengths: Seq[int], row_length: int) -> list[list[int]]:

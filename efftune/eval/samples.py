@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data.chat import prompt_of
 from ..data.examples import Conversation
+from ..files import write_text_atomically
 
 
 @torch.no_grad()
@@ -41,6 +42,26 @@ def greedy_replies(model: nn.Module, tokenizer, conversations: Sequence[Conversa
 
 
 def append_samples(path: Path, step: int, samples: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for i, sample in enumerate(samples):
-            f.write(json.dumps({"step": step, "sample": i, **sample}, ensure_ascii=False) + "\n")
+    """Add the replies of the evaluation after `step` steps to `path` (samples.jsonl), one row each.
+
+    Rows at `step` or later can only be an earlier attempt's: a resumed run starts again from its
+    checkpoint and evaluates those steps anew. They are replaced (the file rewritten atomically),
+    so each evaluation's rows are there once; so is a line a killed run left half-written."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
+    kept = [line for line in lines if line.endswith("\n") and (at := _step_of(line)) is not None and at < step]
+    new = [json.dumps({"step": step, "sample": i, **sample}, ensure_ascii=False) + "\n"
+           for i, sample in enumerate(samples)]
+    if len(kept) == len(lines):
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(new)
+    else:
+        write_text_atomically(path, "".join(kept + new))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) else None

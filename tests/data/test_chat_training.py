@@ -31,7 +31,7 @@ def run(capsys, *args):
 
 
 def test_conversations_train_from_the_command_line(capsys, chat_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EFFTUNE_DATA_CACHE", str(tmp_path / "cache"))  # its own: the first run finds nothing
     rows = [json.loads(line) for line in EXAMPLE.read_text().splitlines()[:40]]
     rows.append({"messages": [{"role": "user", "content": "hello?"}]})  # no assistant turn: skipped, counted
     data = tmp_path / "chat.jsonl"
@@ -62,13 +62,43 @@ def test_conversations_train_from_the_command_line(capsys, chat_model_dir, tmp_p
     # the same data again: the tokens come from the cache, and the run computes the same
     code, out2, err = run(capsys, *args[:-1], tmp_path / "run2")
     assert code == 0, err
-    assert "read from the cache" in err
+    assert "41 examples of" in err and "parsed before, read from the cache" in err  # no JSON parsed
+    assert "training examples tokenised before, read from the cache" in err  # nothing rendered
     again = json.loads(out2.strip().splitlines()[-1])
     assert again["perplexity_after"] == summary["perplexity_after"]
 
 
-def test_train_on_and_overflow_reach_the_run(capsys, chat_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
+def test_a_resumed_run_writes_each_evaluations_samples_once(capsys, chat_model_dir, tmp_path, monkeypatch):
+    """samples.jsonl rows carry the step the loop passes to the evaluation; a run stopped after its
+    step-3 evaluation and resumed from the step-2 checkpoint evaluates step 3 again, and its rows
+    replace the first attempt's: the file is the uninterrupted run's."""
+    from efftune import faults
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(line + "\n" for line in EXAMPLE.read_text().splitlines()[:24]))
+    args = ["train", "--model", chat_model_dir, "--data", data, "--steps", 4, "--batch-size", 4, "--eval-size", 4,
+            "--eval-every", 1, "--save-every", 2, "--rank", 4, "--lr", "1e-2", "--eval-samples", 1,
+            "--max-length", 1024]
+    code, _, err = run(capsys, *args, "--output", tmp_path / "whole")
+    assert code == 0, err
+    whole = (tmp_path / "whole" / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in whole] == [0, 1, 2, 3, 4]
+
+    monkeypatch.setenv(faults.ENV, "mid_step@4:raise")  # inside step 4, after the step-3 evaluation
+    faults.reset()
+    with pytest.raises(faults.FaultInjected):
+        run(capsys, *args, "--output", tmp_path / "cut")
+    cut = tmp_path / "cut" / "samples.jsonl"
+    assert [json.loads(line)["step"] for line in cut.read_text().splitlines()] == [0, 1, 2, 3]
+    with cut.open("a") as f:
+        f.write('{"step": 3, "sample": 0, "rep')  # and a row the crash left half-written
+    monkeypatch.delenv(faults.ENV)
+    faults.reset()
+    code, _, err = run(capsys, *args, "--output", tmp_path / "cut", "--resume")
+    assert code == 0, err
+    assert cut.read_text().splitlines() == whole
+
+
+def test_train_on_and_overflow_reach_the_run(capsys, chat_model_dir, tmp_path):
     code, out, err = run(capsys, "train", "--model", chat_model_dir, "--data", EXAMPLE, "--steps", 1,
                          "--batch-size", 4, "--eval-size", 0, "--max-length", 64, "--data-overflow", "error",
                          "--output", tmp_path / "run")

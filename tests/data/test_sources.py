@@ -117,3 +117,22 @@ def test_a_hub_id_missing_from_the_offline_cache_is_one_clear_line(tmp_path):
     assert ("DataError: dataset someone/absent-dataset is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 "
             "forbids downloading it") in proc.stderr
     assert "HF_HUB_OFFLINE is set: reading dataset someone/absent-dataset from the local cache" in proc.stderr
+
+
+def test_every_format_is_parsed_once_by_the_data_cache(tmp_path, monkeypatch):
+    """read_source (what a run reads --data with) keeps each local format's examples: the second read
+    of a file or a saved dataset parses nothing and gives the same examples; another split or a
+    changed file of a saved dataset is another entry."""
+    from efftune.data import stored
+    monkeypatch.setenv("EFFTUNE_DATA_CACHE", str(tmp_path / "cache"))
+    paths = write_all(tmp_path, ROWS)
+    for kind, path in paths.items():
+        assert list(stored.read_source(path, columns=MAPPING)) == EXPECTED, kind
+    assert list(stored.read_source(paths["saved_dict"], split="test", columns=MAPPING)) == EXPECTED[:1]
+    assert len(list((tmp_path / "cache" / "examples").iterdir())) == len(paths) + 1
+    with monkeypatch.context() as m:
+        m.setattr(stored, "load_data", lambda *a, **k: pytest.fail("parsed again"))
+        for kind, path in paths.items():
+            assert list(stored.read_source(path, columns=MAPPING)) == EXPECTED, kind
+    datasets.Dataset.from_list(ROWS[:2]).save_to_disk(str(paths["saved"]))  # the directory's files change
+    assert list(stored.read_source(paths["saved"], columns=MAPPING)) == EXPECTED[:2]

@@ -216,7 +216,7 @@ def test_train_loop_with_flex_and_cuda_graphs_equals_sdpa_on_gpu(tmp_path):
     seqs = _sequences(12, shared=12)
 
     @torch.no_grad()
-    def probe(model):
+    def probe(model, step):
         return {"n": float(model(torch.ones(1, 5, dtype=torch.long, device="cuda")).logits.sum())}
 
     runs = []

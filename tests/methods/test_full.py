@@ -93,7 +93,7 @@ def test_the_saved_model_loads_in_transformers_and_gives_the_trained_logits(toke
         assert torch.equal(fresh.eval()(ids).logits, loaded(ids).logits)
 
 
-def _stop_after_first_save(model):
+def _stop_after_first_save(model, step):
     _stop_after_first_save.calls += 1
     if _stop_after_first_save.calls == 2:  # call 1 is the step-0 evaluation, call 2 follows step 2
         raise KeyboardInterrupt
@@ -110,7 +110,7 @@ def test_resume_equals_an_uninterrupted_run(tokenizer, tmp_path, optimizer):
     seqs = data(tokenizer)
     whole = make()
     add_full(whole)
-    res_whole = train(whole, seqs, cfg, tmp_path / "a", pad_id=1, evaluate=lambda m: {})
+    res_whole = train(whole, seqs, cfg, tmp_path / "a", pad_id=1, evaluate=lambda m, step: {})
 
     _stop_after_first_save.calls = 0
     stopped = make()
@@ -126,7 +126,7 @@ def test_resume_equals_an_uninterrupted_run(tokenizer, tmp_path, optimizer):
 
     resumed = make()
     add_full(resumed)
-    res_resumed = train(resumed, seqs, cfg, tmp_path / "b", pad_id=1, resume=True, evaluate=lambda m: {})
+    res_resumed = train(resumed, seqs, cfg, tmp_path / "b", pad_id=1, resume=True, evaluate=lambda m, step: {})
     assert res_resumed.final_loss == res_whole.final_loss
     for n, p in whole.named_parameters():
         assert torch.equal(p, resumed.get_parameter(n)), n

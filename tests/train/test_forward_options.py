@@ -88,7 +88,7 @@ def test_an_exception_inside_a_forward_leaves_nothing(where, tokenizer, tmp_path
     ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
     rows, cols = torch.arange(2).repeat_interleave(6), torch.arange(6).repeat(2)
 
-    def evaluate(m):  # maskless rows: the plain causal path
+    def evaluate(m, step):  # maskless rows: the plain causal path
         with torch.no_grad():
             return {"lp": float(target_logprobs(m, ids, rows, cols, ids[:, 1:].reshape(-1),
                                                 options=config.forward_options()).sum())}

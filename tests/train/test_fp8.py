@@ -152,7 +152,7 @@ def test_k_adapters_at_once_train_on_the_fp8_base_as_each_alone(tokenizer, tmp_p
     cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=1, fp8_base=True)
     fp8_seen = []
 
-    def evaluate(m, names):
+    def evaluate(m, names, step):
         fp8_seen.append(any(isinstance(mod, Fp8Linear) for mod in m.modules()))
         return {}
     k = two()

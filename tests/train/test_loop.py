@@ -37,7 +37,7 @@ def test_loss_goes_down_and_files_written(tokenizer, tmp_path):
     m = lora_model()
     rows = []
     res = train(m, data(tokenizer), TrainConfig(steps=30, batch_size=4, lr=1e-2, warmup_steps=2, save_every=10, eval_every=0),
-                tmp_path, pad_id=tokenizer.pad_token_id, evaluate=lambda model: {"accuracy": 0.5})
+                tmp_path, pad_id=tokenizer.pad_token_id, evaluate=lambda model, step: {"accuracy": 0.5})
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 30 and losses[-1] < losses[0] * 0.5
@@ -51,9 +51,9 @@ def test_resume_equals_uninterrupted_run(tokenizer, tmp_path):
     cfg = TrainConfig(steps=6, batch_size=4, lr=5e-3, warmup_steps=2, save_every=3, eval_every=3)
     seqs = data(tokenizer)
     full = lora_model(dropout=0.1)  # dropout makes the RNG state part of what must be restored
-    res_full = train(full, seqs, cfg, tmp_path / "a", pad_id=1, evaluate=lambda m: {})
+    res_full = train(full, seqs, cfg, tmp_path / "a", pad_id=1, evaluate=lambda m, step: {})
 
-    def stop_at_step_3(model):
+    def stop_at_step_3(model, step):
         stop_at_step_3.calls += 1
         if stop_at_step_3.calls == 2:  # call 1 is the step-0 evaluation, call 2 follows step 3
             raise KeyboardInterrupt
@@ -64,7 +64,7 @@ def test_resume_equals_uninterrupted_run(tokenizer, tmp_path):
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000003"
 
     resumed = lora_model(dropout=0.1)  # a fresh process: new model, new optimizer
-    res_resumed = train(resumed, seqs, cfg, tmp_path / "b", pad_id=1, resume=True, evaluate=lambda m: {})
+    res_resumed = train(resumed, seqs, cfg, tmp_path / "b", pad_id=1, resume=True, evaluate=lambda m, step: {})
     assert res_resumed.final_loss == res_full.final_loss
     for (n, a), b in zip(trainable(full).items(), trainable(resumed).values()):
         assert torch.equal(a, b), n
@@ -117,6 +117,10 @@ def test_example_order_is_a_permutation_per_epoch_and_resumable():
     order = example_order(7, seed=3, start=0, count=14)
     assert sorted(order[:7]) == list(range(7)) and sorted(order[7:]) == list(range(7))
     assert example_order(7, seed=3, start=5, count=4) == order[5:9]
+    # the order is each epoch's seeded shuffle (kept once per epoch, not drawn again per example)
+    import numpy as np
+    assert order == [int(np.random.default_rng([3, g // 7]).permutation(7)[g % 7]) for g in range(14)]
+    assert example_order(7, seed=4, start=0, count=7) == np.random.default_rng([4, 0]).permutation(7).tolist()
 
 
 def test_activation_checkpointing_gives_the_same_training(tokenizer, tmp_path):
@@ -180,7 +184,7 @@ def test_cuda_graphs_train_like_eager_on_gpu(tokenizer, tmp_path):
     runs = []
 
     @torch.no_grad()
-    def probe(model):
+    def probe(model, step):
         return {"n": float(model(torch.ones(1, 5, dtype=torch.long, device="cuda")).logits.sum())}
 
     for graphs in (False, True):
@@ -415,7 +419,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_resumes_identically(tokenize
 
     cfg = TrainConfig(steps=5, batch_size=2, save_every=0, save_every_minutes=0, eval_every=2, warmup_steps=1)
     seqs = data(tokenizer)
-    evaluate = lambda m: {"probe": round(float(sum(p.detach().sum() for p in m.parameters() if p.requires_grad)), 6)}
+    evaluate = lambda m, step: {"probe": round(float(sum(p.detach().sum() for p in m.parameters() if p.requires_grad)), 6)}
     full = lora_model(dropout=0.1)
     train(full, seqs, cfg, tmp_path / "a", pad_id=1, evaluate=evaluate)
     with pytest.raises(RunInterrupted) as err:
@@ -433,12 +437,12 @@ def test_a_crash_in_the_final_evaluation_is_evaluated_again_on_resume(tokenizer,
     cfg = TrainConfig(steps=3, batch_size=2, eval_every=0, warmup_steps=1)
     calls = []
 
-    def evaluate(m):
+    def evaluate(m, step):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("crash in the final evaluation")
         return {"accuracy": 0.25}
-    full = train(lora_model(), data(tokenizer), cfg, tmp_path / "a", pad_id=1, evaluate=lambda m: {"accuracy": 0.25})
+    full = train(lora_model(), data(tokenizer), cfg, tmp_path / "a", pad_id=1, evaluate=lambda m, step: {"accuracy": 0.25})
     with pytest.raises(RuntimeError):
         train(lora_model(), data(tokenizer), cfg, tmp_path / "b", pad_id=1, evaluate=evaluate)
     res = train(lora_model(), data(tokenizer), cfg, tmp_path / "b", pad_id=1, evaluate=evaluate, resume=True)
@@ -490,7 +494,7 @@ def test_k_adapters_train_as_each_alone_and_a_signal_resumes_identically(tokeniz
                       weight_decay=0.01, eval_every=2, save_every=0, save_every_minutes=0)
     calls = []
 
-    def evaluate(m, names):  # each adapter's own numbers
+    def evaluate(m, names, step):  # each adapter's own numbers
         calls.append(names)
         return {n: {"probe": round(float(sum(p.sum() for p in adapter_weights(m, n).values())), 9)} for n in names}
     full = two_adapters()
@@ -610,7 +614,7 @@ def test_k_adapters_train_under_cuda_graphs_as_eager_on_gpu(tokenizer, tmp_path)
     runs = []
 
     @torch.no_grad()
-    def probe(model, names):
+    def probe(model, names, step):
         return {n: {"n": float(sum(p.sum() for p in adapter_weights(model, n).values()))} for n in names}
 
     for graphs in (False, True):

@@ -120,9 +120,9 @@ def test_resume_across_a_restart_equals_uninterrupted(tokenizer, tmp_path):
     rcfg = ReLoraConfig(restart_every=2, rewarmup_steps=1, optimizer_reset="random", prune_fraction=0.5)
     seqs = _data(tokenizer)
     full = _relora_model()
-    res_full = train(full, seqs, cfg, tmp_path / "a", pad_id=1, hooks=ReLoraHooks(full, rcfg), evaluate=lambda m: {})
+    res_full = train(full, seqs, cfg, tmp_path / "a", pad_id=1, hooks=ReLoraHooks(full, rcfg), evaluate=lambda m, step: {})
 
-    def stop_after_step_3(model):
+    def stop_after_step_3(model, step):
         stop_after_step_3.calls += 1
         if stop_after_step_3.calls == 2:
             raise KeyboardInterrupt
@@ -133,7 +133,7 @@ def test_resume_across_a_restart_equals_uninterrupted(tokenizer, tmp_path):
         train(half, seqs, cfg, tmp_path / "b", pad_id=1, hooks=ReLoraHooks(half, rcfg), evaluate=stop_after_step_3)
     resumed = _relora_model()
     res = train(resumed, seqs, cfg, tmp_path / "b", pad_id=1, resume=True, hooks=ReLoraHooks(resumed, rcfg),
-                evaluate=lambda m: {})
+                evaluate=lambda m, step: {})
     assert res.final_loss == res_full.final_loss
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
@@ -187,7 +187,7 @@ def test_warm_start_trains_base_weights_first_then_lora_only(tokenizer, tmp_path
     train_full_rank(m, rcfg.full_rank)
     snaps = []
     train(m, _data(tokenizer), cfg, tmp_path, pad_id=1, hooks=ReLoraHooks(m, rcfg),
-          evaluate=lambda model: snaps.append(_snapshot(model)) or {})
+          evaluate=lambda model, step: snaps.append(_snapshot(model)) or {})
     lora = {n for n in snaps[0] if ".adapters." in n}
     base = {n for n in snaps[0] if n.endswith("base_layer.weight")}
     full = {"model.norm.weight"}
@@ -229,7 +229,7 @@ def test_resume_across_the_warm_start_switch_equals_uninterrupted(tokenizer, tmp
                         warm_start_steps=3, full_rank=["norm"])
     seqs = _data(tokenizer)
 
-    def run(out, resume=False, evaluate=lambda m: {}):
+    def run(out, resume=False, evaluate=lambda m, step: {}):
         model = _relora_model()
         train_full_rank(model, rcfg.full_rank)
         return model, train(model, seqs, cfg, out, pad_id=1, resume=resume, hooks=ReLoraHooks(model, rcfg),
@@ -237,7 +237,7 @@ def test_resume_across_the_warm_start_switch_equals_uninterrupted(tokenizer, tmp
 
     full, res_full = run(tmp_path / "a")
 
-    def stop(model):
+    def stop(model, step):
         stop.calls += 1
         if stop.calls == stop_after + 1:  # call 1 is the evaluation before step 1
             raise KeyboardInterrupt
