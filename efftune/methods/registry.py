@@ -30,6 +30,7 @@ class Method:
     artifact: str = "adapter"                                   # what `save` writes: adapter | model
     prefix: Callable[[nn.Module, object], list[int]] | None = None  # (model, config) -> ids every prompt starts with
     writes_base: bool = False  # it changes the base weights (a quantised or FP8 base cannot take that)
+    runs_base: Callable[[object], bool] = lambda config: False  # (config) -> attach runs the base (ESFT on data)
 
 
 # --method name -> the module whose METHOD it is

@@ -305,6 +305,9 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
            on_metrics: Callable[[str | None, dict], None] | None = None) -> TrainResult:
     device = next(model.parameters()).device
     here = distributed.init(str(device))  # under torchrun: this rank among the others (efftune.train.distributed)
+    from_rank0 = distributed.filled_from_rank0(model)  # only rank 0 loaded the weights: DDP/FSDP send them
+    if from_rank0:
+        device = distributed.rank_device()  # the meta ranks' copies get storage there
     if here.active and isinstance(sequences, Mapping):
         raise ConfigError("train: k adapters at once do not run under torchrun yet; build the library in one process")
     micro = distributed.check_batch(config.batch_size, config.micro_batch_size, here)
@@ -321,9 +324,12 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     # replaces the parameters by sharded ones, so the optimizer is built over those
     if sharded:
         bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")  # autocast_for's
-        forward = distributed.fully_sharded(model, decoder_blocks(model), torch.bfloat16 if bf16 else None)
+        forward = distributed.fully_sharded(model, decoder_blocks(model), torch.bfloat16 if bf16 else None,
+                                            from_rank0=from_rank0)
     elif here.active:
-        forward = distributed.data_parallel(model, has_moe=bool(moe_layers(model) or router_taps(model)))
+        has_moe = bool(moe_layers(model) or router_taps(model))
+        forward = distributed.data_parallel_from_rank0(model, has_moe) if from_rank0 \
+            else distributed.data_parallel(model, has_moe)
     else:
         forward = partial(target_logprobs, model)
     params = hooks.parameters(model)

@@ -62,6 +62,21 @@ def spawned(rank: int, world_size: int, port: int, out: str, config: dict, resum
     run(out, config, resume, evaluate)
 
 
+def spawned_job(rank: int, world_size: int, port: int, overrides: list[dict]) -> None:
+    """torch.multiprocessing.spawn's entry for a whole `efftune train` job (`efftune.finetune.run`),
+    each rank with its own config overrides (`overrides[rank]`)."""
+    from efftune.config import load_config
+    from efftune.finetune import run as finetune
+    from efftune.train.distributed import finish
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    torch.set_num_threads(1)
+    try:
+        finetune(load_config(None, overrides[rank]), log=lambda m: None)
+    finally:
+        finish()
+
+
 if __name__ == "__main__":  # under torchrun: python -m tests.train.dist_worker OUT CONFIG_JSON [resume]
     torch.set_num_threads(1)
     run(sys.argv[1], json.loads(sys.argv[2]), resume="resume" in sys.argv[3:], evaluate="eval" in sys.argv[3:])

@@ -212,3 +212,37 @@ def test_a_rank_killed_mid_run_restarts_from_the_checkpoint(tmp_path):
     _, weights = one_process(tmp_path / "one", config)
     assert_same_weights(weights, load_file(str(tmp_path / "two" / "rank-0.safetensors")))
     assert losses(tmp_path / "two" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_only_rank_0_reads_the_base_and_two_ranks_equal_one_process(tmp_path, data_file, mode):
+    """Under torchrun rank 0 loads the base and rank 1 builds it on the meta device; DDP's initial
+    sync or FSDP's broadcast of rank 0's state dict fills rank 1's copy (tied embeddings stay tied,
+    rotary inv_freq arrives), so the job equals one process: losses, evaluations, saved adapter.
+    Rank 1's model directory holds a corrupt weight file: had it read the weights, it would fail."""
+    import shutil
+
+    from efftune.config import load_config
+    from efftune.finetune import run
+    from tests.conftest import make_tokenizer, tiny_llama
+    base = tmp_path / "base"
+    tiny_llama(tie=True).save_pretrained(base)  # tied input and output embeddings
+    make_tokenizer().save_pretrained(base)
+    unreadable = tmp_path / "base-without-weights"
+    shutil.copytree(base, unreadable)
+    (unreadable / "model.safetensors").write_bytes(b"not a safetensors file")
+
+    def overrides(model: Path, out: Path) -> dict:
+        return {"model": str(model), "data": str(data_file), "eval_size": 4, "output": str(out), "dtype": "float64",
+                "device": "cpu", "data_cache": False,
+                "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 1, "lr": 1e-2, "warmup_steps": 1,
+                          "eval_every": 0, "save_every": 0, "distributed": mode}}
+    port = free_port()
+    mp.spawn(dist_worker.spawned_job, nprocs=2, join=True,
+             args=(2, port, [overrides(base, tmp_path / "two"), overrides(unreadable, tmp_path / "two")]))
+    one = run(load_config(None, overrides(base, tmp_path / "one")), log=lambda m: None)
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-9)
+    assert (two["accuracy_before"], two["accuracy_after"]) == (one["accuracy_before"], one["accuracy_after"])
+    assert_same_weights(load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors")),
+                        load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors")))

@@ -34,7 +34,8 @@ def matrix(weights: Sequence[Tensor], spare: Tensor | None, rows: int) -> Tensor
     packing that `spare` (from `pack_rows`) belongs to, in order, and it has that many spare rows;
     else None. The result has a version counter of its own, so writing its spare rows does not look
     like a change to a weight that autograd saved."""
-    if spare is None or not weights or spare.dim() != 2 or spare.shape[0] < rows:
+    if spare is None or not weights or spare.dim() != 2 or spare.shape[0] < rows \
+            or any(type(w.data) is not Tensor for w in weights):  # sharded (FSDP's DTensor): never packed
         return None
     first, address = weights[0], spare.untyped_storage().data_ptr()
     cols, offset = spare.shape[1], weights[0].storage_offset()
