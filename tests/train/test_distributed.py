@@ -123,6 +123,49 @@ def test_nproc_refuses_more_processes_than_devices(capsys, model_dir, data_file,
     assert not (tmp_path / "o").exists()
 
 
+def test_torchrun_flags_pass_through(capsys, model_dir, data_file, tmp_path):
+    """`efftune train --nproc N` with torchrun's multi-machine flags: torchrun gets them unchanged (c10d
+    instead of --standalone), the ranks' command does not; refused without --nproc or an endpoint."""
+    from efftune.cli import main, parser
+    from efftune.launch import rank_argv, torchrun_argv
+    argv = ["train", "--nproc", "2", "--nnodes", "2", "--node-rank=1", "--rdzv-endpoint", "h:29400",
+            "--rdzv-conf", "join_timeout=5", "--max-restarts", "1", "--steps", "3"]
+    assert torchrun_argv(parser().parse_args(argv), argv) == [
+        "--nproc-per-node=2", "--rdzv-backend", "c10d", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint",
+        "h:29400", "--rdzv-conf", "join_timeout=5", "--max-restarts", "1", "-m", "efftune", "train", "--steps", "3"]
+    assert rank_argv(argv) == ["train", "--steps", "3"]
+    one = ["train", "--nproc", "2", "--steps", "3"]
+    assert torchrun_argv(parser().parse_args(one), one)[:2] == ["--nproc-per-node=2", "--standalone"]
+    common = ["--model", str(model_dir), "--data", str(data_file), "--device", "cpu", "--output", str(tmp_path / "o")]
+    for extra, message in ((["--nnodes", "2"], "--nnodes is for several processes: add --nproc N"),
+                           (["--nproc", "1", "--nnodes", "2"], "--nnodes 2: the machines need a place to meet")):
+        assert main(["train", *common, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_an_unreachable_rendezvous_is_one_line_within_its_timeout(capsys, model_dir, data_file, tmp_path, host):
+    """A rendezvous endpoint nobody answers: torchrun gives up within the timeout the run set, and
+    efftune says so in one line naming the endpoint and the timeout (not torchrun's traceback), exit 2.
+    On 127.0.0.1 torchrun hosts the rendezvous itself unless told otherwise (is_host=false): then it
+    waits join_timeout for the second machine; told not to host, it cannot connect within read_timeout."""
+    import time
+
+    from efftune.cli import main
+    endpoint = f"127.0.0.1:{free_port()}"  # closed: nothing listens there
+    conf = "join_timeout=2" if host else "read_timeout=2,is_host=false"
+    t0 = time.monotonic()
+    code = main(["train", "--model", str(model_dir), "--data", str(data_file), "--device", "cpu", "--output",
+                 str(tmp_path / "o"), "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-conf", conf])
+    assert time.monotonic() - t0 < 60  # no hang (torch retries a connection once: about twice read_timeout)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("efftune: error: ") and endpoint in last, last
+    assert ("timed out after join_timeout 2 s" if host else "cannot reach the rendezvous") in last, last
+    assert host or "read_timeout 2 s" in last
+    assert not (tmp_path / "o").exists()
+
+
 def test_nproc_two_equals_one_process_from_the_cli(capsys, model_dir, data_file, tmp_path):
     """`efftune train --nproc 2` starts torchrun, which starts 2 ranks; the adapter, the metrics and the
     summary are rank 0's, written once, and equal the one-process run's (fp32: up to rounding)."""
