@@ -29,15 +29,37 @@ def sequences():
     return [f.encode(MultipleChoice(p, ("yes", "no"), i % 2)) for i, p in enumerate(prompts * 2)]
 
 
+def two_adapters():
+    """The tiny float64 model with LoRA adapters a and b, both trainable (k adapters at once)."""
+    from efftune.methods.lora.config import LoraConfig
+    from efftune.methods.lora.model import add_lora, set_trainable_adapters
+    from tests.conftest import tiny_llama
+    m = tiny_llama(dtype=torch.float64)
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        add_lora(m, LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]), adapter=name)
+    set_trainable_adapters(m, ["a", "b"])
+    return m
+
+
+def two_sequences() -> dict:
+    """Adapter a's examples and adapter b's (the same prompts, other answers)."""
+    seqs = sequences()
+    return {"a": seqs, "b": seqs[::-1]}
+
+
 def run(out: str, config: dict, resume: bool = False, evaluate: bool = False) -> None:
-    """Train and write this rank's trainable weights to out/rank-R.safetensors."""
+    """Train and write this rank's trainable weights to out/rank-R.safetensors. `config["together"]`
+    (popped): adapters a and b at once (`two_adapters`) instead of one LoRA."""
     from safetensors.torch import save_file
 
     from efftune.train.distributed import finish, restarted, world
     from efftune.train.loop import TrainConfig, train
-    seqs = sequences()
+    config = dict(config)
+    together = config.pop("together", False)
+    seqs = two_sequences() if together else sequences()
     resume = resume or (restarted() and (Path(out) / "run" / "checkpoints" / "latest").exists())
-    model = lora_model()
+    model = two_adapters() if together else lora_model()
     ev = None
     if evaluate:
         from efftune.data import Formatter, MultipleChoice
@@ -50,7 +72,8 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False) ->
     rank = world().rank
     save_file(state, str(Path(out) / f"rank-{rank}.safetensors"))
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"final_loss": result.final_loss,
-                                                             "tokens": result.tokens, "evals": result.evals}))
+                                                             "tokens": result.tokens, "evals": result.evals,
+                                                             "start_step": result.start_step}))
     finish()
 
 

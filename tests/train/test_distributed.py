@@ -289,3 +289,28 @@ def test_only_rank_0_reads_the_base_and_two_ranks_equal_one_process(tmp_path, da
     assert (two["accuracy_before"], two["accuracy_after"]) == (one["accuracy_before"], one["accuracy_after"])
     assert_same_weights(load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors")),
                         load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_k_adapters_at_once_on_two_ranks_equal_one_process(tmp_path, mode):
+    """Adapters a and b trained together (each row through its own adapter) over 2 ranks: each adapter's
+    losses and weights are the one-process run's; under fsdp (sharded optimizer state cut per adapter)
+    each resumes from its checkpoint on 2 ranks too."""
+    config = {**CONFIG, "micro_batch_size": 1, "steps": 4, "save_every": 2, "distributed": mode}
+    ranks(tmp_path / "two", {**config, "together": True})
+    model = dist_worker.two_adapters()
+    train(model, dist_worker.two_sequences(), TrainConfig(**config), tmp_path / "one" / "run", pad_id=1)
+    weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    got = [load_file(str(tmp_path / "two" / f"rank-{r}.safetensors")) for r in (0, 1)]
+    assert_same_weights(got[0], got[1], tol=0)
+    assert_same_weights(weights, got[0])
+    for name in ("a", "b"):
+        assert losses(tmp_path / "two" / "run" / name) == pytest.approx(losses(tmp_path / "one" / "run" / name),
+                                                                       rel=1e-9)
+    if mode == "ddp":
+        return
+    rewind(tmp_path / "two" / "run" / "a", tmp_path / "on2" / "run" / "a", 2)
+    rewind(tmp_path / "two" / "run" / "b", tmp_path / "on2" / "run" / "b", 2)
+    ranks(tmp_path / "on2", {**config, "together": True}, resume=True)
+    assert json.loads((tmp_path / "on2" / "rank-0.json").read_text())["start_step"] == 2
+    assert_same_weights(weights, load_file(str(tmp_path / "on2" / "rank-1.safetensors")))
