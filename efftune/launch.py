@@ -18,7 +18,7 @@ from .errors import EfftuneError
 # torchrun's flags that `efftune train` passes through unchanged (the same names and meanings)
 PASSED = {
     "--nnodes": "number of machines, or MIN:MAX (torchrun's --nnodes; needs --rdzv-endpoint)",
-    "--node-rank": "this machine's rank among them (torchrun's --node-rank; the c10d backend assigns it)",
+    "--node-rank": "this machine's rank among them (torchrun's --node-rank)",
     "--rdzv-endpoint": "HOST:PORT where the machines meet (torchrun's; the first machine hosts it)",
     "--rdzv-backend": "rendezvous backend (torchrun's; default c10d)",
     "--rdzv-id": "a job id the machines share (torchrun's)",
@@ -94,6 +94,21 @@ def _rendezvous_failed(exc: Exception, args: argparse.Namespace) -> EfftuneError
     return EfftuneError(f"the rendezvous at {endpoint} failed: {type(exc).__name__}: {first}")
 
 
+def environment(nproc: int, on_gpu: bool) -> dict[str, str]:
+    """Variables torchrun and the ranks inherit (each set unless the environment sets it already).
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a new store for the ranks at each restart. By default the
+    ranks keep using the store of torchrun's rendezvous, which outlives a restart with the previous
+    attempt's keys in it: restarted ranks then read their peers' old addresses and fail to connect
+    (gloo: 'connection refused') or hang (pytorch/pytorch#135712, #167288). With it, rank 0 of each
+    attempt hosts a store of its own, as before torch 2.5.
+    OMP_NUM_THREADS: CPU processes share the cores rather than oversubscribe them."""
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if not on_gpu:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    return env
+
+
 def launch(args: argparse.Namespace, argv: list[str], on_gpu: bool) -> int:
     """Run torchrun (in this process) as `torchrun_argv` says; its exit status. A failed rendezvous
     is an EfftuneError of one line; a rank that failed has printed its own 'efftune: error' line."""
@@ -107,8 +122,8 @@ def launch(args: argparse.Namespace, argv: list[str], on_gpu: bool) -> int:
         raise EfftuneError("--nproc: this process already runs under torchrun; leave --nproc out (torchrun's "
                            "--nproc-per-node says how many)")
     torchrun = parse_args(torchrun_argv(args, argv))
-    if not on_gpu:  # CPU processes share the cores rather than oversubscribe them (the ranks inherit it)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    for key, value in environment(args.nproc, on_gpu).items():  # torchrun runs in this process
+        os.environ.setdefault(key, value)
     try:
         run(torchrun)
     except RendezvousError as exc:

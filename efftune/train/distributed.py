@@ -80,6 +80,11 @@ def init(device: str = "auto", timeout_minutes: float = 30) -> World:
     if not dist.is_available():
         raise EfftuneError("this torch is built without torch.distributed; it cannot run under torchrun")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if restarted() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and local_rank == 0:
+        from ..progress import note  # before joining: the join is what may hang
+        note("efftune: warning: torchrun restarted the ranks on the store of its rendezvous, which keeps the "
+             "previous attempt's keys: joining may fail ('connection refused') or hang (pytorch/pytorch#135712); "
+             "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (efftune train --nproc sets it)")
     on_gpu = torch.cuda.is_available() and not str(device).startswith("cpu")
     if on_gpu:
         if local_rank >= torch.cuda.device_count():

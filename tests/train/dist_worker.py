@@ -101,5 +101,8 @@ def spawned_job(rank: int, world_size: int, port: int, overrides: list[dict]) ->
 
 
 if __name__ == "__main__":  # under torchrun: python -m tests.train.dist_worker OUT CONFIG_JSON [resume]
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1)  # a stuck rank's stacks on `kill -USR1` (the tests' diagnosis)
     torch.set_num_threads(1)
     run(sys.argv[1], json.loads(sys.argv[2]), resume="resume" in sys.argv[3:], evaluate="eval" in sys.argv[3:])
