@@ -160,9 +160,8 @@ def _train_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing run in --output (it is kept until the new run's first checkpoint)")
     t.add_argument("--debug", action="store_true", help="show tracebacks")
-    t.add_argument("--nproc", type=int, metavar="N",
-                   help="train with N processes on this machine (data parallel; train.distributed picks ddp or "
-                        "fsdp): efftune starts them through torchrun, one per GPU, or on CPU over gloo")
+    from .launch import add_flags
+    add_flags(t)  # --nproc, and torchrun's flags for several machines
     add_config_flags(t, config_flags())
 
 
@@ -269,28 +268,15 @@ def _train(args) -> dict | None:
         distributed.finish()
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
-
-
 def _launch(args, argv: list[str]) -> int:
-    """`efftune train --nproc N ...`: the same command in N processes through torchrun (standalone:
-    a rendezvous on this machine), after the config is checked here. One GPU a process where CUDA
-    is visible and the run's device is not cpu; else N CPU processes over gloo, the cores shared."""
+    """`efftune train --nproc N ...`: the same command in N processes through torchrun
+    (`efftune.launch`), after the config is checked here. One GPU a process where CUDA is visible
+    and the run's device is not cpu; else N CPU processes over gloo, the cores shared."""
     import os
-    import subprocess
 
     import torch
 
-    from .train.distributed import launched
+    from .launch import launch
     n = args.nproc
     if n < 1:
         raise EfftuneError(f"--nproc must be at least 1, got {n}")
@@ -305,25 +291,7 @@ def _launch(args, argv: list[str]) -> int:
     if not on_gpu and n > cores:
         raise EfftuneError(f"--nproc {n}: no GPU here and only {cores} CPU core(s); CPU processes (gloo) need a "
                            f"core each (pass --nproc {cores} or fewer)")
-    if launched():
-        raise EfftuneError("--nproc: this process already runs under torchrun; leave --nproc out (torchrun's "
-                           "--nproc-per-node says how many)")
-    env = dict(os.environ)
-    if not on_gpu:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // n)))  # the cores shared, not oversubscribed
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "efftune", *_without_nproc(argv)]
-    process = subprocess.Popen(command, env=env)
-    while True:
-        try:
-            code = process.wait()
-            break
-        except KeyboardInterrupt:  # torchrun got the Ctrl-C too and passes it on: wait for the ranks' checkpoint
-            continue
-    if code:  # torchrun's report ends its output; the ranks' own one-line errors are above it
-        print(f"efftune: error: the {n} processes stopped (torchrun exit status {code}); each rank's "
-              "'efftune: error' line above says why", file=sys.stderr)
-    return code
+    return launch(args, argv, on_gpu)
 
 
 def _hub_build(args) -> dict:
@@ -518,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # a flag refused (one line printed) or --help: main returns the status
         return exc.code if isinstance(exc.code, int) else 2
     # SIGTERM as an exception, like Ctrl-C: a run cleans up (or checkpoints) and exits 143
+    if command == "train" and args.nproc is None:
+        from .launch import passed_flags
+        if given := passed_flags(args):
+            print(f"efftune: error: {next(iter(given))} is for several processes: add --nproc N (processes on "
+                  "this machine)", file=sys.stderr)
+            return 2
     if command == "train" and args.nproc is not None:
         try:
             return _launch(args, list(sys.argv[1:] if argv is None else argv))

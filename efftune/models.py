@@ -186,6 +186,39 @@ def local_source(name: str) -> tuple[str, dict] | None:
     return None
 
 
+def _source(name_or_path: str | os.PathLike | None) -> tuple[str, dict, str, bool]:
+    """(where transformers reads the model, extra from_pretrained arguments, the name a saved adapter
+    records, whether it is on this machine); a local path is checked here, before anything touches
+    the network."""
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        return str(default_model_dir()), {}, name, True
+    local = local_source(name)
+    source, kwargs = local if local is not None else (name, {})
+    return source, kwargs, name, local is not None
+
+
+def _cannot_load(name: str, local: bool, exc: Exception) -> EfftuneError:
+    """A failed load as one line: missing or corrupt files, an unknown architecture, no network for
+    a hub id: transformers says which in the first line of its message."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    where = "" if local else " (not a local path; tried the hub)"
+    return EfftuneError(f"model: cannot load {name!r}{where}: {first.strip()}")
+
+
+def _loadable(exc: Exception, kwargs: dict) -> bool:
+    # A GGUF file is parsed by struct reads, which fail on a torn file in whatever way the read hits first.
+    return isinstance(exc, (OSError, ValueError, KeyError, SafetensorError)) or "gguf_file" in kwargs
+
+
+def _tokenizer(source: str, kwargs: dict):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = "auto",
                device: str | torch.device | None = "auto",
                attn_implementation: str = "sdpa") -> tuple[nn.Module, object]:
@@ -195,33 +228,45 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
     a local directory holding a transformers checkpoint, or a hub id (needs the hub or its cache).
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict = {}
-    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
-    local = None
-    if name == DEFAULT_MODEL:
-        source = str(default_model_dir())
-    else:
-        local = local_source(name)
-        source, kwargs = local if local is not None else (name, {})
+    source, kwargs, name, local = _source(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = _tokenizer(source, kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs)
     except Exception as exc:
-        # missing or corrupt files, an unknown architecture, no network for a hub id: transformers
-        # says which in the first line of its message. A GGUF file is parsed by struct reads, which
-        # fail on a torn file in whatever way the read hits first.
-        if not isinstance(exc, (OSError, ValueError, KeyError, SafetensorError)) and "gguf_file" not in kwargs:
+        if not _loadable(exc, kwargs):
             raise
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        where = "" if local is not None or name == DEFAULT_MODEL else " (not a local path; tried the hub)"
-        raise EfftuneError(f"model: cannot load {name!r}{where}: {first.strip()}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise _cannot_load(name, local, exc) from exc
     model.to(device)
     model.name_or_path = name  # what a saved adapter records as its base model
+    return model, tokenizer
+
+
+def empty_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = "auto",
+                device: str | torch.device | None = "auto",
+                attn_implementation: str = "sdpa") -> tuple[nn.Module, object]:
+    """The model `load_model` loads, built on the meta device (shapes and dtypes, no storage), and its
+    tokenizer: only the config and the tokenizer are read, never the weights (of a GGUF file, its
+    header). `dtype` resolves for `device` as `load_model`'s does. Under torchrun the ranks other
+    than 0 take this and get the weights from rank 0 (`efftune.train.distributed`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    source, kwargs, name, local = _source(name_or_path)
+    try:
+        tokenizer = _tokenizer(source, kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        if not _loadable(exc, kwargs):
+            raise
+        raise _cannot_load(name, local, exc) from exc
+    if hasattr(config, "quantization_config") and "gguf_file" in kwargs:
+        del config.quantization_config  # GGUF weights are dequantised on load: the model is a plain one
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+    model.name_or_path = name
     return model, tokenizer

@@ -75,3 +75,25 @@ def test_devices_this_machine_lacks_are_refused():
         check_device("gpu")
     with pytest.raises(EfftuneError, match="'cuda:99' asked for"):
         check_device("cuda:99")
+
+
+def test_empty_model_reads_no_weights_and_matches_the_loaded_one(tmp_path):
+    """`empty_model` (the ranks other than 0 under torchrun) builds the model `load_model` loads on the
+    meta device from the config alone: a corrupt weight file is never opened; the names, shapes, dtypes
+    and tied embeddings are the loaded model's."""
+    import shutil
+
+    from efftune.models import empty_model
+    from efftune.train.distributed import to_empty_keeping_ties
+    tiny_llama(tie=True).save_pretrained(tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    loaded, _ = load_model(str(tmp_path / "m"), dtype="float64", device="cpu")
+    shutil.copytree(tmp_path / "m", tmp_path / "empty")
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"not a safetensors file")
+    empty, tokenizer = empty_model(str(tmp_path / "empty"), dtype="float64", device="cpu")
+    assert tokenizer.pad_token is not None and empty.name_or_path == str(tmp_path / "empty")
+    shapes = lambda m: [(n, t.shape, t.dtype) for n, t in m.state_dict().items()]  # noqa: E731
+    assert shapes(empty) == shapes(loaded) and all(t.is_meta for t in empty.state_dict().values())
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    to_empty_keeping_ties(empty, torch.device("cpu"))  # storage, ties kept (to_empty alone unties them)
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight and not empty.lm_head.weight.is_meta

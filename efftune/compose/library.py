@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
 import time
@@ -52,6 +53,7 @@ from ..methods.lora.layer import adapter_names, lora_layers, mixed_adapter_batch
 from ..methods.lora.model import add_lora, check_ranks, delete_adapter, set_active_adapters, set_trainable_adapters
 from ..methods.lora.peft_format import read_adapter_config, save_adapter
 from ..train.checkpoint import changed_keys, latest_checkpoint, read_state
+from ..train.distributed import launched
 from ..train.loop import TrainConfig, example_order, read_metrics, train
 from ..train.seed import seed_everything
 
@@ -248,6 +250,14 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     """
     lora_cfg = lora_cfg or LoraConfig()
     train_cfg = replace(train_cfg or TrainConfig(), eval_every=0)
+    if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The loop trains k adapters under torchrun (`train(model, {adapter: sequences})`, ddp or fsdp);
+        # the build around it is one process's: each rank would write the index and the modules, and
+        # each group attaches new adapters to a model that fsdp has sharded in place for the group before.
+        raise ConfigError("hub build runs in one process: under torchrun every rank would write the library's "
+                          "index and modules, and each group of modules adds adapters to the model that "
+                          "train.distributed fsdp sharded for the group before; run efftune hub build without "
+                          "torchrun (--together K trains K modules in one process)")
     if not isinstance(together, int) or together < 1:
         raise ConfigError(f"hub build: together must be a positive integer, got {together!r}")
     specs = resolve_tasks(tasks, eval_size, train_cfg.seed)  # all data errors before any training

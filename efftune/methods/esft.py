@@ -280,4 +280,5 @@ def load_esft(model: nn.Module, directory: str | os.PathLike):
 
 
 # selects experts from esft.selection (JSON) or by routing esft.data through the model
-METHOD = Method("esft", "esft", attach=add_esft, save=save_esft, load=load_esft)
+METHOD = Method("esft", "esft", attach=add_esft, save=save_esft, load=load_esft,
+                runs_base=lambda config: not config.selection and bool(config.data))

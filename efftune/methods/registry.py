@@ -31,6 +31,7 @@ class Method:
     prefix: Callable[[nn.Module, object], list[int]] | None = None  # (model, config) -> ids every prompt starts with
     writes_base: bool = False  # it changes the base weights (a quantised or FP8 base cannot take that)
     not_shardable: str | None = None  # why train.distributed fsdp cannot run it (None: it can)
+    runs_base: Callable[[object], bool] = lambda config: False  # (config) -> attach runs the base (ESFT on data)
 
 
 # --method name -> the module whose METHOD it is

@@ -81,6 +81,11 @@ def init(device: str = "auto", timeout_minutes: float = 30) -> World:
     if not dist.is_available():
         raise EfftuneError("this torch is built without torch.distributed; it cannot run under torchrun")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if restarted() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and local_rank == 0:
+        from ..progress import note  # before joining: the join is what may hang
+        note("efftune: warning: torchrun restarted the ranks on the store of its rendezvous, which keeps the "
+             "previous attempt's keys: joining may fail ('connection refused') or hang (pytorch/pytorch#135712); "
+             "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (efftune train --nproc sets it)")
     on_gpu = torch.cuda.is_available() and not str(device).startswith("cpu")
     if on_gpu:
         if local_rank >= torch.cuda.device_count():
@@ -213,21 +218,28 @@ def data_parallel(model: nn.Module, has_moe: bool) -> nn.Module:
                                    find_unused_parameters=has_moe)
 
 
-def fully_sharded(model: nn.Module, blocks: Sequence[nn.Module], param_dtype: torch.dtype | None) -> nn.Module:
+def fully_sharded(model: nn.Module, blocks: Sequence[nn.Module], param_dtype: torch.dtype | None,
+                  from_rank0: bool = False) -> nn.Module:
     """`Forward(model)` with FSDP2: each decoder block a unit of `fully_shard` (frozen base weights
     sharded too), then the rest (embeddings, final norm, LM head) as the root unit. Compute in
     `param_dtype` (bf16 under autocast on GPUs), gradients reduced in fp32, and the sharded
     parameters the optimizer steps keep their own dtype (fp32 for what trains). Blocks compiled
-    before (`train.compile`) are sharded as compiled: torch's order, compile per block, then shard."""
+    before (`train.compile`) are sharded as compiled: torch's order, compile per block, then shard.
+    `from_rank0`: only rank 0 holds the weights (the others the model on the meta device): every
+    rank's shards are cut from rank 0's (`_fill_sharded`)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if not blocks:
         raise ConfigError(f"train.distributed fsdp: found no decoder blocks in {type(model).__name__} to shard "
                           "(it lists none in _no_split_modules); use train.distributed ddp")
+    full = model.state_dict() if from_rank0 and world().main else {}  # rank 0's whole weights, before sharding
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     root = Forward(model)
     fully_shard(root, mp_policy=policy)
+    if from_rank0:  # before the first use, which refuses parameters still on the meta device
+        _fill_sharded(model, full, rank_device())
+        del full
     # The root must be the first unit to initialise, also where an evaluation before the first step
     # calls the blocks without going through it (`gathered`). FSDP2 does this on the root's first
     # forward; we do it now.
@@ -306,3 +318,77 @@ def unshard_trainable(model: nn.Module) -> None:
         for name, p in list(module.named_parameters(recurse=False)):
             if p.requires_grad and isinstance(p, DTensor):
                 setattr(module, name, nn.Parameter(p.full_tensor().detach(), requires_grad=True))
+
+
+# -- a base read by rank 0 only ---------------------------------------------------------------------
+# Under torchrun rank 0 reads the weights (`efftune.models.load_model`) and every other rank builds
+# the same model on the meta device (`efftune.models.empty_model`: no storage, no weight file read),
+# so a machine holds one copy of the base in host memory instead of one a rank. The method attaches
+# to the meta model as to rank 0's real one, so each rank's modules match rank 0's; whatever it
+# creates there (an adapter's initial values) is rank 0's too, as every value then comes from rank 0.
+# The training loop fills the meta ranks' models when it wraps them: `data_parallel_from_rank0`,
+# `fully_sharded(..., from_rank0=True)`.
+def on_meta(model: nn.Module) -> bool:
+    """Some parameter or buffer of `model` has no storage (built on the meta device)."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def filled_from_rank0(model: nn.Module) -> bool:
+    """Whether some rank holds `model` on the meta device, so that every rank's copy must come from
+    rank 0 (a collective: every rank calls it; False without a process group)."""
+    if not world().active:
+        return False
+    return all_sum([float(on_meta(model))])[0] > 0
+
+
+def rank_device() -> torch.device:
+    """The device this rank trains on: its own GPU under NCCL, else the CPU."""
+    return _comm_device()
+
+
+def to_empty_keeping_ties(model: nn.Module, device: torch.device) -> None:
+    """`model.to_empty(device)` (storage, uninitialised) where the model is on the meta device.
+    `to_empty` gives each module its own new tensor, which would untie a parameter two modules
+    share (tied input and output embeddings): ties are found by identity first and made again."""
+    if not on_meta(model):
+        return
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    model.to_empty(device=device)
+    for first, *others in (names for names in shared.values() if len(names) > 1):
+        p = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, p)
+
+
+def data_parallel_from_rank0(model: nn.Module, has_moe: bool) -> nn.Module:
+    """`data_parallel` for a model that only rank 0 loaded: the meta ranks' copies get storage on
+    their device, and DDP's initial synchronisation sends rank 0's parameters (the frozen base too,
+    each tied one once) and buffers to every rank. DDP broadcasts `named_buffers()`, which holds
+    the non-persistent buffers as well (rotary `inv_freq`, not in the state dict): they arrive as
+    rank 0 computed them. (`forward_sync_buffers=False`: nothing is sent again at each forward.)"""
+    from torch.nn.parallel import DistributedDataParallel
+    device = rank_device()
+    to_empty_keeping_ties(model, device)
+    model.to(device)  # rank 0's copy, where it was loaded elsewhere (host memory)
+    return DistributedDataParallel(Forward(model), init_sync=True, forward_sync_buffers=False,
+                                   find_unused_parameters=has_moe)
+
+
+def _fill_sharded(model: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """After `fully_shard`: every rank's shards cut from rank 0's whole state dict `full`, which
+    torch.distributed.checkpoint broadcasts one tensor at a time (`broadcast_from_rank0`; the other
+    ranks pass an empty dict). Buffers are not sharded, and non-persistent ones (rotary `inv_freq`) are
+    not in a state dict: rank 0's are sent as DDP sends them, those every rank has (a buffer efftune
+    derives from the weights' layout, the LoRA SwiGLU packing, exists where the layout allows it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if on_meta(model):
+        model.to_empty(device=device)  # FSDP2 re-registers its shards (and shared parameters) itself
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    mine = dict(model.named_buffers())
+    everyone: list = [None] * world().size
+    dist.all_gather_object(everyone, sorted(mine))
+    for name in sorted(set.intersection(*map(set, everyone))):
+        dist.broadcast(mine[name], src=0)

@@ -318,8 +318,9 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
            on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True) -> TrainResult:
     device = next(model.parameters()).device
     here = distributed.init(str(device))  # under torchrun: this rank among the others (efftune.train.distributed)
-    if here.active and isinstance(sequences, Mapping):
-        raise ConfigError("train: k adapters at once do not run under torchrun yet; build the library in one process")
+    from_rank0 = distributed.filled_from_rank0(model)  # only rank 0 loaded the weights: DDP/FSDP send them
+    if from_rank0:
+        device = distributed.rank_device()  # the meta ranks' copies get storage there
     micro = distributed.check_batch(config.batch_size, config.micro_batch_size, here)
     local = config.batch_size // here.size  # this rank's examples of each step
     main = here.main  # rank 0 writes every file and prints; the others compute
@@ -334,9 +335,14 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     # replaces the parameters by sharded ones, so the optimizer is built over those
     if sharded:
         bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")  # autocast_for's
-        forward = distributed.fully_sharded(model, decoder_blocks(model), torch.bfloat16 if bf16 else None)
+        forward = distributed.fully_sharded(model, decoder_blocks(model), torch.bfloat16 if bf16 else None,
+                                            from_rank0=from_rank0)
     elif here.active:
-        forward = distributed.data_parallel(model, has_moe=bool(moe_layers(model) or router_taps(model)))
+        # DDP must look for parameters without a gradient: experts no token reached on this rank, and with
+        # k adapters those of a lane that resumed further on and joins later
+        unused = bool(moe_layers(model) or router_taps(model)) or isinstance(sequences, Mapping)
+        forward = distributed.data_parallel_from_rank0(model, unused) if from_rank0 \
+            else distributed.data_parallel(model, unused)
     else:
         forward = partial(target_logprobs, model)
     params = hooks.parameters(model)

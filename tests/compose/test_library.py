@@ -421,3 +421,13 @@ def test_a_slots_messages_name_its_module_directory(tmp_path):
     assert Lane("slot0", [], tmp_path / "colors", [], [], [0, 1]).label() == f"adapter slot0 ({tmp_path / 'colors'}): "
     assert Lane("colors", [], tmp_path / "colors", [], [], [0, 1]).label() == "adapter colors: "
     assert Lane(None, [], tmp_path, [], [], [0, 1]).label() == ""
+
+
+def test_build_under_torchrun_is_refused_saying_why(tasks, tokenizer, tmp_path, monkeypatch):
+    """The loop trains k adapters under torchrun; the build around it writes from one process, so under
+    torchrun with several ranks it is refused in one line, before anything is written."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="hub build runs in one process: under torchrun every rank would write"):
+        build_library((tiny_llama(), tokenizer), tasks, tmp_path / "lib", together=2)
+    assert not (tmp_path / "lib").exists()

@@ -70,16 +70,38 @@ def sequences():
     return [f.encode(MultipleChoice(p, ("yes", "no"), i % 2)) for i, p in enumerate(prompts * 2)]
 
 
+def two_adapters():
+    """The tiny float64 model with LoRA adapters a and b, both trainable (k adapters at once)."""
+    from efftune.methods.lora.config import LoraConfig
+    from efftune.methods.lora.model import add_lora, set_trainable_adapters
+    from tests.conftest import tiny_llama
+    m = tiny_llama(dtype=torch.float64)
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        add_lora(m, LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]), adapter=name)
+    set_trainable_adapters(m, ["a", "b"])
+    return m
+
+
+def two_sequences() -> dict:
+    """Adapter a's examples and adapter b's (the same prompts, other answers)."""
+    seqs = sequences()
+    return {"a": seqs, "b": seqs[::-1]}
+
+
 def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, method: str = "lora") -> None:
     """Train and write this rank's trainable weights to out/rank-R.safetensors; rank 0 saves the
-    method's result into out/result."""
+    method's result into out/result. `config["together"]` (popped): adapters a and b at once
+    (`two_adapters`) instead of `method`, nothing saved into out/result."""
     from safetensors.torch import save_file
 
     from efftune.train.distributed import finish, restarted, whole_state_dict, world
     from efftune.train.loop import TrainConfig, train
-    seqs = sequences()
+    config = dict(config)
+    together = config.pop("together", False)
+    seqs = two_sequences() if together else sequences()
     resume = resume or (restarted() and (Path(out) / "run" / "checkpoints" / "latest").exists())
-    model, save = method_model(method)
+    model, save = (two_adapters(), None) if together else method_model(method)
     ev = None
     if evaluate:
         from efftune.data import Formatter, MultipleChoice
@@ -95,10 +117,11 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
         state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(state, str(Path(out) / f"rank-{rank}.safetensors"))
     gathered = {"state_dict": whole_state_dict(model)} if whole and config.get("distributed") == "fsdp" else {}
-    if rank == 0:
+    if rank == 0 and save is not None:
         save(model, Path(out) / "result", **gathered)
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"final_loss": result.final_loss,
-                                                             "tokens": result.tokens, "evals": result.evals}))
+                                                             "tokens": result.tokens, "evals": result.evals,
+                                                             "start_step": result.start_step}))
     finish()
 
 
@@ -111,6 +134,24 @@ def spawned(rank: int, world_size: int, port: int, out: str, config: dict, resum
     run(out, config, resume, evaluate, method)
 
 
+def spawned_job(rank: int, world_size: int, port: int, overrides: list[dict]) -> None:
+    """torch.multiprocessing.spawn's entry for a whole `efftune train` job (`efftune.finetune.run`),
+    each rank with its own config overrides (`overrides[rank]`)."""
+    from efftune.config import load_config
+    from efftune.finetune import run as finetune
+    from efftune.train.distributed import finish
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    torch.set_num_threads(1)
+    try:
+        finetune(load_config(None, overrides[rank]), log=lambda m: None)
+    finally:
+        finish()
+
+
 if __name__ == "__main__":  # under torchrun: python -m tests.train.dist_worker OUT CONFIG_JSON [resume]
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1)  # a stuck rank's stacks on `kill -USR1` (the tests' diagnosis)
     torch.set_num_threads(1)
     run(sys.argv[1], json.loads(sys.argv[2]), resume="resume" in sys.argv[3:], evaluate="eval" in sys.argv[3:])

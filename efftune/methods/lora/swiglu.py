@@ -212,9 +212,11 @@ class FusedSwiGLU(nn.Module):
             self.gate_up_spare = packing.pack_rows(bases, rows)
 
     def _apply(self, fn, recurse=True):
+        # weights on the meta device are not packed (they have no storage); `to_empty` gives them some
+        unpacked_meta = self.gate_up_spare is None and any(p.is_meta for p in self.parameters())
         super()._apply(fn, recurse)
-        if self.gate_up_spare is not None:  # a move or a cast gave the weights storage of their own
-            self.pack()
+        if self.gate_up_spare is not None or (unpacked_meta and not any(p.is_meta for p in self.parameters())):
+            self.pack()  # a move or a cast gave the weights storage of their own
         return self
 
     def original(self) -> nn.Module:
