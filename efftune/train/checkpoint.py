@@ -141,7 +141,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     staging = directory.with_name(directory.name + ".shards")
     distributed.on_main(lambda: _fresh_dir(staging))  # rank 0 makes it, the others find it made
     try:
-        save_shards(staging, model, optimizer)  # a failure on any rank is raised on every rank
+        save_shards(staging, model, optimizer, only)  # a failure on any rank is raised on every rank
     except BaseException:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -308,9 +308,6 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         raise CheckpointError(f"checkpoint {directory}: rng.safetensors holds no valid random-number state")
 
     if is_sharded(directory):
-        if only is not None:
-            raise CheckpointError(f"checkpoint {directory} is sharded (train.distributed fsdp): k adapters at once "
-                                  "cannot resume it; resume that run on its own")
         index = shard_index(directory / SHARDS)
         _mismatch(directory, "trainable parameters",
                   {k.removeprefix("model."): s for k, s in index.items() if k.startswith("model.")}, trainable)
@@ -321,7 +318,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                 _check_optimizer_key(directory, key, name, field, shape, params, optimized, optimizer, SHARDS)
                 with_state.add(name)
         # Everything fits: the shards are read into fresh tensors, then into the model and the optimizer.
-        load_shards(directory / SHARDS, model, optimizer, state["param_groups"], with_state)
+        load_shards(directory / SHARDS, model, optimizer, state["param_groups"], with_state, only)
     else:
         _load_whole(directory, state, model, optimizer, params, trainable, optimized)
     if load_extra is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Collection
 
 import torch
 import torch.distributed as dist
@@ -48,19 +49,22 @@ def _cause(exc: BaseException) -> BaseException:
     return next(iter(failures.values()))[0] if failures else exc
 
 
-def _trainable(model: nn.Module, state: dict) -> dict[str, torch.Tensor]:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+def _trainable(model: nn.Module, state: dict, only: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """`state`'s trainable parameters; `only`: just these names (one adapter of k trained at once)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad and (only is None or n in only)}
     return {n: t for n, t in state.items() if n in names}
 
 
-def save_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def save_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                only: Collection[str] | None = None) -> None:
     """Write the trainable parameters and the optimizer state into DCP directory `path`: every rank
     calls it and writes its shards; rank 0 writes the index. A failure on any rank is raised on
-    every rank (DCP gathers them)."""
+    every rank (DCP gathers them). `only`: just these parameters (one adapter of k trained at once;
+    `optimizer` then covers those alone)."""
     weights, optim = get_state_dict(model, optimizer, options=_OPTIONS)
     try:
         with _one_process_quiet():
-            dcp.save({"model": _trainable(model, weights), "optim": optim["state"]},
+            dcp.save({"model": _trainable(model, weights, only), "optim": optim["state"]},
                      storage_writer=dcp.FileSystemWriter(str(path), overwrite=False), no_dist=not _active())
     except CheckpointException as exc:  # a full disk is the OSError it is, on every rank (the loop reports it)
         cause = _cause(exc)
@@ -83,17 +87,18 @@ def shard_index(path: Path) -> dict[str, tuple[int, ...] | None]:
 
 
 def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, param_groups: list[dict],
-                optimized: set[str]) -> None:
+                optimized: set[str], only: Collection[str] | None = None) -> None:
     """Load DCP directory `path` into the model's trainable parameters (this rank's part of each) and
     the optimizer; every rank calls it. `param_groups`: the checkpoint's optimizer hyperparameters, in
     the optimizer's group order; `optimized`: the parameters that have optimizer state in it (one that
-    received no gradient before the checkpoint has none, as in one process).
+    received no gradient before the checkpoint has none, as in one process); `only`: as for
+    `save_shards` (the other trainable parameters are left as they are).
 
     DCP reads into fresh tensors first, so a shard that cannot be read (CheckpointError) leaves the
     model as it was and the optimizer without state, as it was before a resume."""
     had_state = bool(optimizer.state)
     weights, optim = get_state_dict(model, optimizer, options=_OPTIONS)  # gives a fresh optimizer zero state
-    weights = _trainable(model, weights)
+    weights = _trainable(model, weights, only)
     target = {"model": {n: torch.empty_like(t) for n, t in weights.items()},
               "optim": {n: {k: torch.empty_like(v) if torch.is_tensor(v) else v for k, v in s.items()}
                         for n, s in optim["state"].items() if n in optimized}}
