@@ -4,9 +4,10 @@
 (E, H, I), efftune.moe.experts): each expert's two matrices are quantised on their own, exactly as
 a linear layer's weight is (`nf4`, `int8`), and the per-expert tensors are stacked (NF4: codes
 (E, out, in / 2), scale_q (E, m), scale_scale (E, m / 256), scale_mean (E,); int8: q (E, out, in),
-scale (E, out)). The integer ones are frozen parameters, as `linear.frozen_packed` says why (FSDP2
-shards them along the experts), the fp32 ones buffers. It runs the routed experts by expert group (`moe.experts.run_experts`) and meets
-`moe.experts.PackedExperts`, so expert LoRA wraps it as it wraps the original module.
+scale (E, out)). The integer ones are frozen parameters (`linear.frozen_packed` says why: FSDP2
+shards them, whole experts a rank), the fp32 ones buffers. It runs the routed experts by expert
+group (`moe.experts.run_experts`) and meets `moe.experts.PackedExperts`, so expert LoRA wraps it
+as it wraps the original module.
 
 The grouped products are two ops opaque to torch.compile (`efftune::quantized_grouped_mm` and its
 input gradient), for the reason `linear.py` gives: the dense weights are made inside, used, and let
@@ -190,7 +191,8 @@ class QuantizedExperts(nn.Module):
 
     @property
     def packed_weight_numel(self) -> int:
-        """The weights' elements, which parameter counts take instead of the packed parameters' (`efftune.attach.trainable_parameters`)."""
+        """The weights' elements, which parameter counts take in place of the packed parameters'
+        (`efftune.attach.trainable_parameters`)."""
         return sum(e * o * i for e, o, i in self.shapes.values())
 
     # -- moe.experts.PackedExperts ------------------------------------------------------------

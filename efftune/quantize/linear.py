@@ -47,7 +47,7 @@ def frozen_packed(module: nn.Module, name: str, t: Tensor) -> None:
     bit for bit before its block's forward (FSDP2 gathers tensors of mixed dtypes as bytes), and
     FSDP2 leaves non-floating parameters out of MixedPrecisionPolicy's cast. `Module.to(dtype)`
     and `.half()` cast floating-point tensors only, and an integer tensor cannot require a gradient,
-    so no optimizer or method ever trains it. The state dict key is the buffer's."""
+    so no optimizer or method ever trains it. Its state-dict key is the one the buffer had."""
     module.register_parameter(name, nn.Parameter(t, requires_grad=False))
 
 
@@ -112,7 +112,6 @@ class QuantizedLinear(nn.Linear):
     follows `.to(dtype)` like a weight would, while the quantised tensors keep their dtypes)."""
 
     KIND: ClassVar[str]
-    PACKED: ClassVar[tuple[str, ...]]  # frozen integer parameters (`frozen_packed`), sharded by FSDP2
     FP32_BUFFERS: ClassVar[tuple[str, ...]] = ()  # scales: a cast of the model must not round them
 
     def __init__(self, linear: nn.Linear):
@@ -129,7 +128,8 @@ class QuantizedLinear(nn.Linear):
 
     @property
     def packed_weight_numel(self) -> int:
-        """The weight's elements, which parameter counts take instead of the packed parameters' (`efftune.attach.trainable_parameters`)."""
+        """The weight's elements, which parameter counts take in place of the packed parameters'
+        (`efftune.attach.trainable_parameters`)."""
         return self.in_features * self.out_features
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -163,7 +163,6 @@ class Nf4Linear(QuantizedLinear):
     """NF4 with double-quantised scales (`efftune.quantize.nf4`); in_features a multiple of 64."""
 
     KIND = "nf4"
-    PACKED = ("codes", "scale_q")
     FP32_BUFFERS = ("scale_scale", "scale_mean", "code")
 
     def __init__(self, linear: nn.Linear):
@@ -183,7 +182,6 @@ class Int8Linear(QuantizedLinear):
     """int8 with one fp32 scale per output row (`efftune.quantize.int8`)."""
 
     KIND = "int8"
-    PACKED = ("q",)
     FP32_BUFFERS = ("scale",)
 
     def __init__(self, linear: nn.Linear):
