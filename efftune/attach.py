@@ -115,10 +115,12 @@ def freeze_base(model: nn.Module) -> None:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
+    # a quantised layer (efftune.quantize, a layer above) packs its frozen weight into integer
+    # parameters and says how many elements the weight has: those count, not the packed bytes
+    packed = {id(p) for m in model.modules() if hasattr(m, "packed_weight_numel")
+              for p in m.parameters(recurse=False) if not p.is_floating_point()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    # a quantised layer (efftune.quantize, a layer above) packs its frozen weight into buffers and
-    # says how many elements the weight has
+    total = sum(p.numel() for p in model.parameters() if id(p) not in packed)
     total += sum(getattr(m, "packed_weight_numel", 0) for m in model.modules())
     return trainable, total
 

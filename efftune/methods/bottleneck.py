@@ -108,7 +108,10 @@ def add_bottleneck(model: nn.Module, config: BottleneckConfig | None = None, *, 
     freeze_base(model)
     for name in names:
         base = model.get_submodule(name)
-        p = next(base.parameters())
+        # the sublayer's floating-point weights give the adapter's dtype and device; one whose linears
+        # are all quantised (integer packed parameters, efftune.quantize) has none: the embeddings' then
+        p = next((q for q in base.parameters() if q.is_floating_point()), None)
+        p = model.get_input_embeddings().weight if p is None else p
         dtype = master_dtype(p.dtype)
         replace_module(model, name, BottleneckAdapter(base, hidden, config.bottleneck_size, config.activation,
                                                       device=p.device, dtype=dtype))

@@ -111,7 +111,7 @@ def upcycle_mlp(mlp: nn.Module, num_experts: int, router_config: RouterConfig | 
         raise ConfigError(f"router.num_experts ({config.num_experts}) differs from num_experts ({num_experts})")
     moe = SparseMoE(_hidden_size(mlp), config, expert_factory=lambda: copy.deepcopy(mlp),
                     residual_dropped=residual_dropped)
-    ref = next(mlp.parameters(), None)
+    ref = next((p for p in mlp.parameters() if p.is_floating_point()), None)  # not a quantised layer's codes
     if ref is not None:
         moe.router.to(device=ref.device, dtype=ref.dtype)
     nn.init.zeros_(moe.router.W_r.weight)

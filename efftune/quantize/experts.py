@@ -4,8 +4,10 @@
 (E, H, I), efftune.moe.experts): each expert's two matrices are quantised on their own, exactly as
 a linear layer's weight is (`nf4`, `int8`), and the per-expert tensors are stacked (NF4: codes
 (E, out, in / 2), scale_q (E, m), scale_scale (E, m / 256), scale_mean (E,); int8: q (E, out, in),
-scale (E, out)). It runs the routed experts by expert group (`moe.experts.run_experts`) and meets
-`moe.experts.PackedExperts`, so expert LoRA wraps it as it wraps the original module.
+scale (E, out)). The integer ones are frozen parameters (`linear.frozen_packed` says why: FSDP2
+shards them, whole experts a rank), the fp32 ones buffers. It runs the routed experts by expert
+group (`moe.experts.run_experts`) and meets `moe.experts.PackedExperts`, so expert LoRA wraps it
+as it wraps the original module.
 
 The grouped products are two ops opaque to torch.compile (`efftune::quantized_grouped_mm` and its
 input gradient), for the reason `linear.py` gives: the dense weights are made inside, used, and let
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from ..moe.experts import check_experts_module, expert_activation, grouped_linear, run_experts, uses_grouped_mm
 from . import int8, nf4
-from .linear import DENSE
+from .linear import DENSE, frozen_packed
 
 TARGETS = ("gate_up_proj", "down_proj")
 FIELDS = {"nf4": ("codes", "scale_q", "scale_scale", "scale_mean"), "int8": ("q", "scale")}
@@ -158,7 +160,10 @@ class QuantizedExperts(nn.Module):
         device = experts.gate_up_proj.device
         for name in TARGETS:
             for field, t in zip(FIELDS[kind], quantize_stacked(kind, getattr(experts, name))):
-                self.register_buffer(f"{name}_{field}", t)
+                if field in FP32_FIELDS[kind]:
+                    self.register_buffer(f"{name}_{field}", t)
+                else:  # codes and int8 scales: FSDP2 shards them (whole experts a rank) with their block
+                    frozen_packed(self, f"{name}_{field}", t)
             # the replaced module lets its dense weights go (meta: no storage); `dense` refills them
             setattr(experts, name, nn.Parameter(torch.empty(self.shapes[name], dtype=self.dtype, device="meta"),
                                                 requires_grad=False))
@@ -186,7 +191,8 @@ class QuantizedExperts(nn.Module):
 
     @property
     def packed_weight_numel(self) -> int:
-        """The weights' elements, which parameter counts add (`efftune.attach.trainable_parameters`)."""
+        """The weights' elements, which parameter counts take in place of the packed parameters'
+        (`efftune.attach.trainable_parameters`)."""
         return sum(e * o * i for e, o, i in self.shapes.values())
 
     # -- moe.experts.PackedExperts ------------------------------------------------------------

@@ -5,6 +5,11 @@ dense copy go; backward (the input gradient only: the weight never trains) dequa
 instead of keeping it from forward. So at no point does a dense copy of more than the layer being
 computed exist, at the price of one dequantisation pass more per layer and step, as QLoRA does.
 
+The packed tensors (NF4's codes and int8 block scales, int8's codes) are frozen integer
+*parameters*, not buffers, so that FSDP2 shards them with their decoder block like any frozen weight
+(`frozen_packed`); the few fp32 scales above them stay buffers, which FSDP2 keeps whole on every
+rank and which no mixed-precision policy casts.
+
 They subclass nn.Linear so that everything that looks for linear layers (`all-linear` targets,
 MixLoRA's gated-MLP check, user code) still finds them, but they hold no `weight` parameter:
 `weight` is a property giving the dequantised weight for reading (shape, dtype, device, values).
@@ -31,6 +36,19 @@ def _nf4_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
 def _int8_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
     q, scale = tensors
     return int8.dequantize(q, scale, dtype)
+
+
+def frozen_packed(module: nn.Module, name: str, t: Tensor) -> None:
+    """Register packed tensor `t` (integer: codes, int8 scales) as a frozen parameter of `module`.
+
+    Why a parameter: FSDP2 (`fully_shard`) shards parameters, never buffers, so a buffer would leave
+    every rank with the whole quantised base. As a parameter it is cut along dim 0 (whole rows of
+    codes, so every 64-weight NF4 block of a row lies on one rank; whole scales) and all-gathered
+    bit for bit before its block's forward (FSDP2 gathers tensors of mixed dtypes as bytes), and
+    FSDP2 leaves non-floating parameters out of MixedPrecisionPolicy's cast. `Module.to(dtype)`
+    and `.half()` cast floating-point tensors only, and an integer tensor cannot require a gradient,
+    so no optimizer or method ever trains it. Its state-dict key is the one the buffer had."""
+    module.register_parameter(name, nn.Parameter(t, requires_grad=False))
 
 
 DENSE = {"nf4": _nf4_dense, "int8": _int8_dense}  # kind -> (its tensors, dtype) -> dense weight
@@ -110,7 +128,8 @@ class QuantizedLinear(nn.Linear):
 
     @property
     def packed_weight_numel(self) -> int:
-        """The weight's elements, which parameter counts add (`efftune.attach.trainable_parameters`)."""
+        """The weight's elements, which parameter counts take in place of the packed parameters'
+        (`efftune.attach.trainable_parameters`)."""
         return self.in_features * self.out_features
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -148,9 +167,11 @@ class Nf4Linear(QuantizedLinear):
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
-        packed = nf4.quantize(linear.weight)
-        for name, t in zip(("codes", "scale_q", "scale_scale", "scale_mean"), packed.tensors()):
-            self.register_buffer(name, t)
+        codes, scale_q, scale_scale, scale_mean = nf4.quantize(linear.weight).tensors()
+        frozen_packed(self, "codes", codes)
+        frozen_packed(self, "scale_q", scale_q)
+        self.register_buffer("scale_scale", scale_scale)
+        self.register_buffer("scale_mean", scale_mean)
         self.register_buffer("code", nf4.code_table(linear.weight.device), persistent=False)
 
     def quantized(self) -> tuple[Tensor, ...]:
@@ -166,7 +187,7 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
         packed = int8.quantize(linear.weight)
-        self.register_buffer("q", packed.q)
+        frozen_packed(self, "q", packed.q)
         self.register_buffer("scale", packed.scale)
 
     def quantized(self) -> tuple[Tensor, ...]:

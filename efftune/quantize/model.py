@@ -183,6 +183,18 @@ def _bnb_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def check_shardable(model: nn.Module) -> None:
+    """Refuse what FSDP2 cannot shard: bitsandbytes' layers keep their quantisation state on the
+    weight parameter itself, which `fully_shard` replaces by plain shards (bitsandbytes has no FSDP2
+    support). efftune's own layers shard (`linear.frozen_packed`)."""
+    found = [n for n, m in model.named_modules() if bnb.bnb_kind(m) is not None]
+    if found:
+        layer = model.get_submodule(found[0])
+        raise ConfigError(f"train.distributed fsdp cannot shard the {bnb.describe(layer)} layers of this model "
+                          f"({found[0]}, {len(found)} in all): bitsandbytes has no FSDP2 support; use "
+                          "train.distributed ddp, or load the model in bf16 with --quantize nf4, which shards")
+
+
 def quantized_layers(model: nn.Module) -> list[str]:
     """The paths of the model's quantised linears and fused-experts modules."""
     return [n for n, m in model.named_modules()

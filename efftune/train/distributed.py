@@ -10,7 +10,8 @@ every step's global batch, in one of two modes (`train.distributed`):
   gradients of the trainable parameters only (DDP leaves out parameters that need no gradient),
   in buckets overlapped with backward.
 - `fsdp`: each decoder block and then the rest of the model is sharded with FSDP2's
-  `fully_shard` (frozen base weights too), so a base that does not fit one device trains.
+  `fully_shard` (frozen base weights too, a quantised base's packed codes included: QLoRA under
+  FSDP2, `efftune.quantize.linear.frozen_packed`), so a base that does not fit one device trains.
 
 Both give each step the gradient one process computes over the whole batch: a rank's loss is
 its examples' share of the step's mean answer NLL times the world size, and DDP and FSDP average
@@ -228,9 +229,12 @@ def fully_sharded(model: nn.Module, blocks: Sequence[nn.Module], param_dtype: to
     `from_rank0`: only rank 0 holds the weights (the others the model on the meta device): every
     rank's shards are cut from rank 0's (`_fill_sharded`)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from ..quantize.model import check_shardable
     if not blocks:
         raise ConfigError(f"train.distributed fsdp: found no decoder blocks in {type(model).__name__} to shard "
                           "(it lists none in _no_split_modules); use train.distributed ddp")
+    check_shardable(model)  # a bitsandbytes-quantised base cannot shard; efftune's NF4 / int8 layers do
     full = model.state_dict() if from_rank0 and world().main else {}  # rank 0's whole weights, before sharding
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in blocks:

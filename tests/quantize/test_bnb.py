@@ -157,3 +157,16 @@ def test_the_dense_weight_survives_bitsandbytes_cpu_repacking(float_dir):
     with torch.no_grad():
         model(IDS)
     torch.testing.assert_close(dense_weight(layer, torch.float32), before, rtol=0, atol=0.01 * before.abs().max().item())
+
+
+def test_fsdp_refuses_a_bitsandbytes_base_in_one_line(float_dir):
+    """bitsandbytes keeps its quantisation state on the weight, which FSDP2 replaces by shards."""
+    from efftune.quantize import check_shardable
+    model = load_bnb(float_dir, "4-bit")
+    add_lora(model, LoraConfig(r=4))
+    with pytest.raises(ConfigError, match=r"fsdp cannot shard the bitsandbytes 4-bit \(Linear4bit\) layers .*"
+                                          r"model\.layers\.0\.self_attn\.q_proj.* --quantize nf4"):
+        check_shardable(model)
+    ours = llama64()
+    quantize_model(ours, "nf4")
+    check_shardable(ours)  # efftune's own shard

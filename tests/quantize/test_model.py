@@ -197,3 +197,29 @@ def test_quantised_layers_are_found_as_linears():
     quantize_model(model, "nf4")
     assert isinstance(model.model.layers[0].mlp.gate_proj, QuantizedLinear)
     assert len(add_lora(model, LoraConfig(r=2))) == 14
+
+
+def test_packed_tensors_are_frozen_integer_parameters_under_the_buffers_keys():
+    """What FSDP2 shards (tests/train/test_distributed.py): the codes and int8 scales are parameters
+    that cannot train; the state dict keys are as before; the weight counts as its elements."""
+    model = llama64()
+    total = trainable_parameters(model)[1]
+    quantize_model(model, "nf4")
+    layer = model.model.layers[0].mlp.down_proj
+    assert {n: p.dtype for n, p in layer.named_parameters()} == {"codes": torch.uint8, "scale_q": torch.int8}
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert {n for n, _ in layer.named_buffers()} == {"scale_scale", "scale_mean", "code"}
+    assert set(layer.state_dict()) == {"codes", "scale_q", "scale_scale", "scale_mean"}
+    assert trainable_parameters(model)[1] == total
+
+
+def test_bottleneck_adapters_on_a_quantised_base_take_the_base_dtype():
+    """A sublayer whose linears are all quantised has no floating-point weight: the adapter takes
+    the embeddings' dtype (float64 here), not the codes'."""
+    from efftune.methods.bottleneck import BottleneckConfig, add_bottleneck, bottleneck_adapters
+    model = llama64()
+    quantize_model(model, "nf4")
+    add_bottleneck(model, BottleneckConfig())
+    assert all(p.dtype == torch.float64 for _, a in bottleneck_adapters(model) for p in a.parameters()
+               if p.requires_grad)
+    assert model(IDS).logits.isfinite().all()

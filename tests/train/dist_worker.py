@@ -29,6 +29,27 @@ def method_model(method: str = "lora"):
         from efftune.methods.lora.config import LoraConfig
         from efftune.methods.lora.peft_format import save_adapter
         return lora_model(), lambda model, d: save_adapter(model, d, LoraConfig(r=4))
+    if method in ("qlora", "qlora-int8"):  # LoRA on an NF4 (int8) base whose every block linear is quantised
+        from efftune.methods.lora.config import LoraConfig
+        from efftune.methods.lora.model import add_lora
+        from efftune.methods.lora.peft_format import save_adapter
+        from efftune.quantize import quantize_model
+        from tests.quantize.test_model import llama64
+        model = llama64()
+        quantize_model(model, "nf4" if method == "qlora" else "int8")
+        torch.manual_seed(0)
+        add_lora(model, LoraConfig(r=4))
+        return model, lambda m, d: save_adapter(m, d, LoraConfig(r=4))
+    if method == "expert-qlora":  # expert LoRA on a Qwen3-MoE whose block linears and fused experts are NF4
+        from efftune.methods.expert_lora import ExpertLoraConfig, add_expert_lora, save_expert_lora
+        from efftune.quantize import quantize_model
+        from tests.quantize.test_experts import moe64
+        config = ExpertLoraConfig(r=4, alpha=8.0, target_modules=["q_proj"])
+        model = moe64(vocab=300)
+        quantize_model(model, "nf4")
+        torch.manual_seed(0)
+        add_expert_lora(model, config)
+        return model, lambda m, d: save_expert_lora(m, d, config)
     if method == "expert-lora":
         from efftune.methods.expert_lora import ExpertLoraConfig, add_expert_lora, save_expert_lora
         from tests.moe.test_expert_lora import tiny_moe
@@ -116,6 +137,8 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
     if not whole:
         state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(state, str(Path(out) / f"rank-{rank}.safetensors"))
+    if method in QUANTISED:
+        packed_shards(model, Path(out), rank)
     gathered = {"state_dict": whole_state_dict(model)} if whole and config.get("distributed") == "fsdp" else {}
     if rank == 0 and save is not None:
         save(model, Path(out) / "result", **gathered)
@@ -123,6 +146,23 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
                                                              "tokens": result.tokens, "evals": result.evals,
                                                              "start_step": result.start_step}))
     finish()
+
+
+QUANTISED = ("qlora", "qlora-int8", "expert-qlora")  # methods on a quantised base
+
+
+def packed_shards(model, out: Path, rank: int) -> None:
+    """The quantised base's packed (integer) tensors: out/rank-R-packed.json {name: [this rank's
+    elements, the whole tensor's]}, and (rank 0) out/packed.safetensors with each gathered whole."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+    packed = {n: p for n, p in model.named_parameters() if not p.is_floating_point()}
+    local = {n: p.to_local() if isinstance(p, DTensor) else p for n, p in packed.items()}
+    (out / f"rank-{rank}-packed.json").write_text(json.dumps({n: [local[n].numel(), p.numel()]
+                                                              for n, p in packed.items()}))
+    whole = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in packed.items()}  # every rank
+    if rank == 0:
+        save_file({n: t.contiguous() for n, t in whole.items()}, str(out / "packed.safetensors"))
 
 
 def spawned(rank: int, world_size: int, port: int, out: str, config: dict, resume: bool, evaluate: bool,

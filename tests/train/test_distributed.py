@@ -250,6 +250,40 @@ def test_moe_methods_and_full_fine_tuning_under_fsdp_equal_one_process(tmp_path,
     assert_same_weights(want, got)
 
 
+@pytest.mark.parametrize("method", ["qlora", "expert-qlora"])
+def test_a_quantised_base_is_sharded_under_fsdp_and_trains_as_one_process(tmp_path, method):
+    """FSDP-QLoRA: LoRA on an NF4 base (every block linear; on the MoE, the fused experts too) over 2
+    ranks. Each rank holds about half of every packed tensor (codes, block scales) and the gathered
+    tensors are the one-process model's, bit for bit; the losses and the saved adapter are one
+    process's; (LoRA) a checkpoint of the run resumes on 2 ranks and ends where the run ended."""
+    config = {**CONFIG, "distributed": "fsdp", "steps": 2, "micro_batch_size": 2}
+    if method == "qlora":
+        config.update(steps=4, save_every=2)
+    ranks(tmp_path / "fsdp", config, method=method)
+    one_process(tmp_path / "one", config, method=method)
+    assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    got, want = saved_tensors(tmp_path / "fsdp" / "result"), saved_tensors(tmp_path / "one" / "result")
+    assert want and got.keys() == want.keys()
+    assert_same_weights(want, got)
+    # the packed base: sharded, half a tensor a rank (FSDP2 pads dim 0 to split evenly)
+    sizes = [json.loads((tmp_path / "fsdp" / f"rank-{r}-packed.json").read_text()) for r in (0, 1)]
+    reference = dist_worker.method_model(method)[0]
+    packed = {n: p for n, p in reference.named_parameters() if not p.is_floating_point()}
+    assert any(n.endswith(".codes") for n in packed) and sizes[0].keys() == packed.keys()
+    if method == "expert-qlora":
+        assert any(n.endswith("experts.base_layer.gate_up_proj_codes") for n in packed)
+    for n, p in packed.items():
+        rows = p.shape[0]
+        assert [s[n][1] for s in sizes] == [p.numel()] * 2
+        assert [s[n][0] for s in sizes] == [-(-rows // 2) * p[0].numel(), (rows - -(-rows // 2)) * p[0].numel()], n
+    assert_same_weights(load_file(str(tmp_path / "fsdp" / "packed.safetensors")), packed, tol=0)
+    if method == "qlora":
+        rewind(tmp_path / "fsdp" / "run", tmp_path / "on2" / "run", 2)
+        ranks(tmp_path / "on2", config, resume=True, method=method)
+        assert losses(tmp_path / "on2" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+        assert_same_weights(want, saved_tensors(tmp_path / "on2" / "result"))
+
+
 def test_two_machines_meet_at_a_rendezvous(tmp_path):
     """Two `torchrun --nnodes 2` processes (one rank each), as two machines would start them, meet at
     a c10d rendezvous on 127.0.0.1 and train as one process does."""
