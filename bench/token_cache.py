@@ -52,21 +52,21 @@ def one_run(data: str, model: str) -> dict:
     from efftune.data.entries import take
     from efftune.data.layout import training_rows
     from efftune.data.loading import load_examples
-    from efftune.data.options import apply_overflow, load_for_run
+    from efftune.data.options import DataConfig, apply_overflow, load_for_run
     from efftune.data.token_cache import encode_all
     from efftune.data.tokenize import Formatter, sequence_stats
     from efftune.models import load_model
     from efftune.train.loop import example_order
     _, tokenizer = load_model(model, dtype="fp32", device="cpu")
-    cfg = RunConfig(data=data)
+    cfg = RunConfig(data=DataConfig(path=data))
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     t0 = time.perf_counter()
     train_set, eval_set = load_examples(data=data, eval_size=cfg.eval_size, seed=cfg.train.seed,
-                                        read=lambda _, evaluation: load_for_run(cfg, evaluation, say))
+                                        read=lambda _, evaluation: load_for_run(cfg.data, evaluation, say))
     t1 = time.perf_counter()
     seqs = encode_all(Formatter(tokenizer, max_length=cfg.train.max_length), train_set, log=say)
     t2 = time.perf_counter()
-    kept, _ = apply_overflow(train_set, seqs, cfg.data_overflow, cfg.train.max_length)
+    kept, _ = apply_overflow(train_set, seqs, cfg.data.overflow, cfg.train.max_length)
     if len(kept) < len(train_set):
         train_set, seqs = take(train_set, kept), take(seqs, kept)
     first = [seqs[i] for i in example_order(len(seqs), cfg.train.seed, 0, cfg.train.batch_size)]

@@ -126,7 +126,7 @@ def parser() -> Parser:
                    usage="efftune train [--config FILE] [--resume | --resume-changed] [--overwrite] [--debug] "
                          "[--KEY VALUE ...]",
                    description="Fine-tune a model. Every config key is a flag (--KEY, --SECTION.KEY; train.* "
-                               "keys without their section: --steps) that overrides the --config YAML file; "
+                               "keys without their section: --steps; data.* as --data-KEY: --data-train-on) that overrides the --config YAML file; "
                                "each flag's help ends with its key and default.")
     sub.add_parser("eval", help="accuracy (multiple choice) or perplexity of a model, with an adapter or not",
                    populate=_eval_flags)

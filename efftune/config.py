@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .checks import build, check_pattern
+from .data.options import DataConfig, moved_key
 from .errors import ConfigError, EfftuneError
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
@@ -34,14 +35,7 @@ DEFAULT_TASK = "intent_recognition"
 class RunConfig:
     model: str = "default"            # "default", a hub id, a local directory or a .gguf file
     task: list[str] = field(default_factory=lambda: [DEFAULT_TASK])  # BIG-bench task(s)
-    data: str | None = None           # a data file, saved dataset or hub id instead of BIG-bench (efftune.data.sources)
-    eval_data: str | None = None      # the same, to evaluate on (default: held-out split)
-    data_split: str | None = None     # split of a hub dataset or saved DatasetDict (none: train)
-    eval_split: str | None = None     # split of eval_data (none: data_split's)
-    data_columns: list[str] = field(default_factory=list)  # FIELD=COLUMN: read field from column
-    data_train_on: str = "assistant"  # conversations' targets: assistant | last_assistant | all
-    data_overflow: str = "truncate"   # rows over train.max_length: truncate | drop | error
-    data_cache: bool = True           # keep tokenised training data in the cache (efftune.data.token_cache)
+    data: DataConfig = field(default_factory=DataConfig)  # your data instead of BIG-bench, and how it is read
     eval_samples: int = 3             # greedy replies to held-out conversations per evaluation (samples.jsonl)
     log: list[str] = field(default_factory=list)  # metrics also to: tensorboard, wandb (efftune.train.log_sinks)
     eval_size: int | None = None      # held-out examples per task, split off before training (None:
@@ -73,9 +67,9 @@ class RunConfig:
         # what can be checked without loading anything is checked here, before a run touches the disk
         if self.eval_size is not None and self.eval_size < 0:
             raise ConfigError(f"eval_size must be 0 or more, got {self.eval_size}")
-        from .data.options import check_data_options
+        if self.eval_samples < 0:
+            raise ConfigError(f"eval_samples must be 0 or more, got {self.eval_samples}")
         from .train.log_sinks import check_sinks
-        check_data_options(self)
         check_sinks(self.log)
         from .models import check_device, resolve_dtype
         try:
@@ -141,6 +135,10 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> RunCo
             raise ConfigError(f"config file {path} is nested too deeply") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for where, given in ((f"{path}: ", values), ("", overrides or {})):
+        moved = moved_key(given)  # written before the data section: say where the key went
+        if moved:
+            raise ConfigError(where + moved)
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):
             values[key] = {**(values.get(key) or {}), **value}

@@ -139,11 +139,11 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     out = Path(cfg.output)
     resume = resume or resume_changed
     train_set, eval_set = distributed.main_first(lambda: load_examples(
-        tasks=cfg.task, data=cfg.data, eval_data=cfg.eval_data, eval_size=cfg.eval_size, seed=cfg.train.seed,
-        read=lambda _, evaluation: load_for_run(cfg, evaluation, stderr_note)))  # fail on bad data before the dir
+        tasks=cfg.task, data=cfg.data.path, eval_data=cfg.data.eval_path, eval_size=cfg.eval_size, seed=cfg.train.seed,
+        read=lambda _, evaluation: load_for_run(cfg.data, evaluation, stderr_note)))  # fail on bad data before the dir
     if not train_set:
         raise DataError("no training examples")
-    panel = load_panel(cfg.retention, trained=[] if cfg.data else cfg.task) if cfg.retention else None
+    panel = load_panel(cfg.retention, trained=[] if cfg.data.path else cfg.task) if cfg.retention else None
     rundir = RunDir(out, log)
     changed = distributed.on_main(
         lambda: rundir.resume(asdict(cfg), resume_changed) if resume else rundir.start(asdict(cfg), overwrite))
@@ -181,14 +181,14 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     method.attach(model, method_cfg, tokenizer=tokenizer)
     formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
                           prefix_ids=method.prefix(model, method_cfg) if method.prefix else None,
-                          train_on=cfg.data_train_on)
+                          train_on=cfg.data.train_on)
     hooks = method.hooks(model, cfg) if method.hooks else None
     trainable, total = trainable_parameters(model)
     log(f"{cfg.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
-    sequences = encode_all(formatter, train_set, use_cache=cfg.data_cache, log=log)
-    # rows over max_length: kept cut, dropped or refused as data_overflow says, never silently
-    kept, notes = apply_overflow(train_set, sequences, cfg.data_overflow, cfg.train.max_length,
-                                 source=cfg.data or "the training data")
+    sequences = encode_all(formatter, train_set, use_cache=cfg.data.cache, log=log)
+    # rows over max_length: kept cut, dropped or refused as data.overflow says, never silently
+    kept, notes = apply_overflow(train_set, sequences, cfg.data.overflow, cfg.train.max_length,
+                                 source=cfg.data.path or "the training data")
     for line in notes:
         log(line)
     dropped_examples = len(train_set) - len(kept)
@@ -251,8 +251,8 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     if not here.main:  # rank 0 writes the adapter (the whole of it: every rank holds it, or it is gathered)
         return summary
     try:
-        method.save(model, adapter_dir, method_cfg, metadata={"tasks": cfg.task if not cfg.data else None,
-                                                              "data": cfg.data, "steps": cfg.train.steps, **after},
+        method.save(model, adapter_dir, method_cfg, metadata={"tasks": cfg.task if not cfg.data.path else None,
+                                                              "data": cfg.data.path, "steps": cfg.train.steps, **after},
                     **gathered)
         if method.artifact == "model":
             tokenizer.save_pretrained(adapter_dir)

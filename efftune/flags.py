@@ -2,9 +2,11 @@
 `efftune train` and `efftune hub build`.
 
 Every config key is a flag: `--` and the key with `_` written `-`. The top-level keys and the
-`train` section go without their section (`--eval-size`, `--steps` for `train.steps`); every other
-section keeps it (`--lora.r`, `--mixlora.num-experts`, `--prompt-tuning.init-text`). A boolean key
-has two forms, `--KEY` and `--no-KEY` (`--SECTION.no-KEY` in a section). A few short names are
+`train` section go without their section (`--eval-size`, `--steps` for `train.steps`); the `data`
+section's keys are `--data-KEY` (`--data-train-on` for `data.train_on`; `--data`, `--eval-data` and
+`--eval-split` for its paths and evaluation split: the names they had as top-level keys); every
+other section keeps it (`--lora.r`, `--mixlora.num-experts`, `--prompt-tuning.init-text`). A boolean
+key has two forms, `--KEY` and `--no-KEY` (`--SECTION.no-KEY` in a section, `--no-data-KEY` in data). A few short names are
 aliases (`--rank` for `lora.r`, `--no-fa-correction`, `--compile-speed-first`, ...; `ALIASES`).
 Each flag's help ends with its config key and default.
 
@@ -26,6 +28,8 @@ from .config import RunConfig
 from .data.examples import DEFAULT_EVAL_SIZE
 
 UNSECTIONED = ("train",)  # sections whose keys are flags without the section name (`--steps`)
+DASHED = ("data",)        # sections whose keys are flags `--SECTION-KEY` (`--data-split`), as before the section
+NAMES = {"data.path": "data", "data.eval_path": "eval-data", "data.eval_split": "eval-split"}  # key -> its flag
 
 # the text of each key's help; the generator appends "[key; default: ...]". A key of lora_fa that it
 # shares with lora (LoraFAConfig extends LoraConfig) takes lora's text.
@@ -33,15 +37,16 @@ HELP: dict[str, str] = {
     # -- the run
     "model": "hub id, local directory or .gguf file ('default': the embedded SmolLM2-135M-Instruct)",
     "task": "BIG-bench task name(s), comma-separated",
-    "data": "training data instead of BIG-bench: .jsonl, .json, .parquet or .csv file, a datasets.save_to_disk "
-            "directory, or a Hugging Face dataset id",
-    "eval_data": "evaluation data, the same kinds (default: a held-out split)",
-    "data_split": "split of a hub dataset or saved DatasetDict (none: train)",
-    "eval_split": "split of --eval-data (none: --data-split's)",
-    "data_columns": "read fields from other columns: FIELD=COLUMN,... (e.g. prompt=question,completion=answer)",
-    "data_train_on": "conversations' tokens the loss covers: assistant | last_assistant | all",
-    "data_overflow": "rows longer than --max-length: truncate | drop | error (each counted on stderr)",
-    "data_cache": "keep tokenised training data in efftune's cache, keyed by data, tokenizer, template and options",
+    "data.path": "training data instead of BIG-bench: .jsonl, .json, .parquet or .csv file, a datasets.save_to_disk "
+                 "directory, or a Hugging Face dataset id",
+    "data.eval_path": "evaluation data, the same kinds (default: a held-out split)",
+    "data.split": "split of a hub dataset or saved DatasetDict (none: train)",
+    "data.eval_split": "split of --eval-data (none: --data-split's)",
+    "data.columns": "read fields from other columns: FIELD=COLUMN,... (e.g. prompt=question,completion=answer)",
+    "data.train_on": "conversations' tokens the loss covers: assistant | last_assistant | all",
+    "data.overflow": "rows longer than --max-length: truncate | drop | error (each counted on stderr)",
+    "data.cache": "keep parsed and tokenised training data in efftune's cache, keyed by data, tokenizer, template "
+                  "and options",
     "eval_samples": "greedy replies to this many held-out conversations at each evaluation, in samples.jsonl",
     "log": "also log metrics to: tensorboard (events under OUTPUT/tensorboard) | wandb, comma-separated",
     "eval_size": f"held-out examples per task, split off before training (none: {DEFAULT_EVAL_SIZE}, at most "
@@ -195,7 +200,7 @@ ALIASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 FOLLOW_METHOD = {"lora-fa": ("lora", "lora_fa")}  # method -> (section its LoRA aliases leave, section they set)
 
 SECTION_TITLES: dict[str | None, str] = {
-    None: "the run", "train": "training (train.*)", "lora": "LoRA (lora.*)", "lora_fa": "LoRA-FA (lora_fa.*)",
+    None: "the run", "data": "your data (data.*)", "train": "training (train.*)", "lora": "LoRA (lora.*)", "lora_fa": "LoRA-FA (lora_fa.*)",
     "relora": "ReLoRA (relora.*)", "bitfit": "BitFit (bitfit.*)", "ia3": "IA3 (ia3.*)",
     "bottleneck": "bottleneck adapters (bottleneck.*)", "prompt_tuning": "prompt tuning (prompt_tuning.*)",
     "prefix_tuning": "prefix tuning (prefix_tuning.*)", "expert_lora": "expert LoRA (expert_lora.*)",
@@ -259,13 +264,20 @@ def config_flags(keys: Iterable[str] | None = None) -> list[Flag]:
             key = f"{section}.{f.name}" if section else f.name
             if wanted is not None and key not in wanted and section not in wanted:
                 continue
-            prefix = "" if section is None or section in UNSECTIONED else _dashed(section) + "."
             aliases, negative_aliases = ALIASES.get(key, ((), ()))
-            options = (f"--{prefix}{_dashed(f.name)}",) + aliases
-            negatives = ((f"--{prefix}no-{_dashed(f.name)}",) + negative_aliases) if hint is bool else ()
+            if section in DASHED:  # --data-split, --no-data-cache: the names of the keys before the section
+                name = NAMES.get(key) or f"{_dashed(section)}-{_dashed(f.name)}"
+                options, negatives = (f"--{name}",), (f"--no-{name}",)
+            else:
+                prefix = "" if section is None or section in UNSECTIONED else _dashed(section) + "."
+                options, negatives = (f"--{prefix}{_dashed(f.name)}",), (f"--{prefix}no-{_dashed(f.name)}",)
+            options += aliases
+            negatives = negatives + negative_aliases if hint is bool else ()
             flags.append(Flag(key, section, f.name, hint, _field_default(f), options, negatives))
-    # help order: the run's own keys, training, then the methods' sections in RunConfig's order
-    return sorted(flags, key=lambda flag: (flag.section is not None, flag.section not in UNSECTIONED))
+    # help order: the run's own keys, its data, training, then the methods' sections in RunConfig's order
+    first = DASHED + UNSECTIONED
+    return sorted(flags, key=lambda flag: (flag.section is not None, flag.section not in first,
+                                           first.index(flag.section) if flag.section in first else 0))
 
 
 def help_text(flag: Flag) -> str:

@@ -230,7 +230,7 @@ ROWS = [
                                               "ev.jsonl:1")),
     row("max-length-one", lambda c: (c.train("--max-length", "1"), "max_length")),
     row("data-columns-column-twice", lambda c: (c.train("--data-columns", "prompt=q,completion=q"),
-                                                ("data_columns", "'q' is named twice"))),
+                                                ("data.columns", "'q' is named twice"))),
     row("chat-data-without-a-chat-template", lambda c: (c.train(data=c.file("chat.jsonl", 4 * (json.dumps(
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n"))),
         ("chat.jsonl:", "chat template"))),

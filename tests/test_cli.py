@@ -111,9 +111,31 @@ def test_resume_continues_a_stopped_run(capsys, model_dir, data_file, tmp_path, 
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_compares_the_data_section(capsys, model_dir, data_file, tmp_path):
+    base = ["train", "--model", model_dir, "--batch-size", 2, "--steps", 2, "--eval-size", 2, "--output", tmp_path / "r"]
+    assert run(capsys, *base, "--data", data_file)[0] == 0
+    config = tmp_path / "r" / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved["data"]["path"] == str(data_file) and saved["data"]["overflow"] == "truncate"
+    code, out, err = run(capsys, *base, "--data", data_file, "--data-overflow", "drop", "--resume")
+    assert code == 2 and "data.overflow 'truncate' -> 'drop'" in err and "--resume-changed" in err
+    # a run saved before the data section (its keys at the top level): compared key by key all the same
+    old = {k: v for k, v in saved.items() if k != "data"}
+    old.update({"data": str(data_file), "eval_data": None, "data_split": None, "eval_split": None,
+                "data_columns": [], "data_train_on": "assistant", "data_overflow": "truncate", "data_cache": True})
+    config.write_text(json.dumps(old))
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(data_file.read_bytes())
+    code, out, err = run(capsys, *base, "--data", other, "--resume")
+    assert code == 2 and "data.path" in err and "other.jsonl" in err
+    code, out, err = run(capsys, *base, "--data", data_file, "--no-data-cache", "--resume")  # bookkeeping: free
+    assert code == 0, err
+    assert not last_json(out).get("changed_on_resume")
+
+
 def test_config_file_and_flag_override(capsys, model_dir, data_file, tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: {model_dir}\ndata: {data_file}\noutput: {tmp_path / 'out'}\n"
+    cfg.write_text(f"model: {model_dir}\ndata: {{{{path: {data_file}}}}}\noutput: {tmp_path / 'out'}\n"
                    "lora: {{r: 2, target_modules: [q_proj, v_proj]}}\ntrain: {{steps: 5, batch_size: 2}}\n"
                    .replace("{{", "{").replace("}}", "}"))
     code, out, err = run(capsys, "train", "--config", cfg, "--steps", 2)

@@ -64,14 +64,14 @@ def value_of(cfg: RunConfig, key: str):
 SETS = {
     "model": (["--model", "./some/model"], "./some/model"),
     "task": (["--task", "yesno,implicatures"], ["yesno", "implicatures"]),
-    "data": (["--data", "train.jsonl"], "train.jsonl"),
-    "eval_data": (["--eval-data", "ev.jsonl"], "ev.jsonl"),
-    "data_split": (["--data-split", "test"], "test"),
-    "eval_split": (["--eval-split", "validation"], "validation"),
-    "data_columns": (["--data-columns", "prompt=question,completion=answer"], ["prompt=question", "completion=answer"]),
-    "data_train_on": (["--data-train-on", "last_assistant"], "last_assistant"),
-    "data_overflow": (["--data-overflow", "drop"], "drop"),
-    "data_cache": (["--no-data-cache"], False),
+    "data.path": (["--data", "train.jsonl"], "train.jsonl"),
+    "data.eval_path": (["--eval-data", "ev.jsonl"], "ev.jsonl"),
+    "data.split": (["--data-split", "test"], "test"),
+    "data.eval_split": (["--eval-split", "validation"], "validation"),
+    "data.columns": (["--data-columns", "prompt=question,completion=answer"], ["prompt=question", "completion=answer"]),
+    "data.train_on": (["--data-train-on", "last_assistant"], "last_assistant"),
+    "data.overflow": (["--data-overflow", "drop"], "drop"),
+    "data.cache": (["--no-data-cache"], False),
     "eval_samples": (["--eval-samples", "0"], 0),
     "log": (["--log", "tensorboard"], ["tensorboard"]),
     "eval_size": (["--eval-size", "12"], 12),
@@ -187,6 +187,9 @@ SETS = {
 }
 
 
+DATA_FLAGS = {"path": "--data", "eval_path": "--eval-data", "eval_split": "--eval-split"}
+
+
 def test_the_table_covers_every_config_key():
     assert set(SETS) == set(all_keys())
 
@@ -198,6 +201,8 @@ def test_every_config_key_has_a_flag():
         options = dests[key].option_strings
         section, _, name = key.rpartition(".")
         expected = f"--{name}" if section in ("", "train") else f"--{section}.{name}"
+        if section == "data":  # the names these keys had before the data section
+            expected = DATA_FLAGS.get(name, f"--data-{name}")
         assert expected.replace("_", "-") in options, (key, options)
 
 
@@ -247,7 +252,8 @@ def test_help_names_key_and_default():
 
 def test_help_is_grouped_by_section():
     text = subparser("train").format_help()
-    titles = ["the run:", "training (train.*):", "LoRA (lora.*):", "LoRA-FA (lora_fa.*):", "ReLoRA (relora.*):",
+    titles = ["the run:", "your data (data.*):", "training (train.*):", "LoRA (lora.*):", "LoRA-FA (lora_fa.*):",
+              "ReLoRA (relora.*):",
               "BitFit (bitfit.*):", "IA3 (ia3.*):", "bottleneck adapters (bottleneck.*):",
               "prompt tuning (prompt_tuning.*):", "prefix tuning (prefix_tuning.*):",
               "expert LoRA (expert_lora.*):", "ESFT (esft.*):", "MixLoRA (mixlora.*):"]
@@ -260,8 +266,8 @@ def test_help_is_grouped_by_section():
 
 # the flags of `efftune train` before the table was generated, with the key each set
 OLD_FLAGS = [
-    (["--model", "m"], "model", "m"), (["--task", "a,b"], "task", ["a", "b"]), (["--data", "d"], "data", "d"),
-    (["--eval-data", "e"], "eval_data", "e"), (["--eval-size", "3"], "eval_size", 3),
+    (["--model", "m"], "model", "m"), (["--task", "a,b"], "task", ["a", "b"]), (["--data", "d"], "data.path", "d"),
+    (["--eval-data", "e"], "data.eval_path", "e"), (["--eval-size", "3"], "eval_size", 3),
     (["--method", "bitfit"], "method", "bitfit"), (["--output", "o"], "output", "o"),
     (["--chat-template"], "chat_template", True), (["--dtype", "fp16"], "dtype", "fp16"),
     (["--device", "cpu"], "device", "cpu"), (["--rank", "4"], "lora.r", 4), (["--alpha", "2"], "lora.alpha", 2.0),

@@ -18,7 +18,7 @@ def load_examples(*, tasks: Sequence[str] = (), data: str | None = None, eval_da
     unless `eval_data` is given, or a deterministic split of each BIG-bench task in `tasks` (always
     seed 0, so every run and every command holds out the same examples). `read(source, is_eval)`
     reads `data` / `eval_data` (default: `load_data` with no split or column mapping; a run passes
-    one that applies its data_* keys, `efftune.data.options.load_for_run`)."""
+    one that applies its `data` section, `efftune.data.options.load_for_run`)."""
     read = read or (lambda source, _: load_data(source))
     if data:
         examples = read(data, False)
@@ -26,7 +26,7 @@ def load_examples(*, tasks: Sequence[str] = (), data: str | None = None, eval_da
             return examples, read(eval_data, True)
         return split_examples(examples, eval_size, seed=seed, source=data)
     if not tasks:
-        raise ConfigError("task: name at least one BIG-bench task, or pass data: FILE.jsonl")
+        raise ConfigError("task: name at least one BIG-bench task, or pass your data (--data FILE, data.path)")
     train_set, eval_set = [], []
     for name in tasks:
         # with several tasks, at most half of each is held out

@@ -1,7 +1,9 @@
-"""The run's data_* keys: their checks, and the overflow policy for rows longer than
-train.max_length (`data_overflow: truncate | drop | error`), applied after tokenising."""
+"""The run config's `data` section (`DataConfig`): where the training and evaluation data come
+from and how they are read; and the overflow policy for rows longer than train.max_length
+(`data.overflow: truncate | drop | error`), applied after tokenising."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,16 +18,54 @@ from .tokenize import Encoded, sequence_stats
 OVERFLOW = ("truncate", "drop", "error")
 
 
-def check_data_options(cfg) -> None:
-    """Check a RunConfig's data_* keys (before anything is loaded)."""
-    from .sources import parse_columns
-    if cfg.data_train_on not in TRAIN_ON:
-        raise ConfigError(f"data_train_on must be one of {', '.join(TRAIN_ON)}, got {cfg.data_train_on!r}")
-    if cfg.data_overflow not in OVERFLOW:
-        raise ConfigError(f"data_overflow must be one of {', '.join(OVERFLOW)}, got {cfg.data_overflow!r}")
-    if cfg.eval_samples < 0:
-        raise ConfigError(f"eval_samples must be 0 or more, got {cfg.eval_samples}")
-    parse_columns(cfg.data_columns)
+@dataclass
+class DataConfig:
+    """The `data` section: your data instead of BIG-bench (`path`; none: the run's `task`), and how it
+    is read. Checked when made, so a bad value is refused before anything loads, naming `data.<field>`."""
+    path: str | None = None          # a data file, saved dataset or hub id (efftune.data.sources)
+    eval_path: str | None = None     # the same, to evaluate on (none: a held-out split of `path`)
+    split: str | None = None         # split of a hub dataset or saved DatasetDict (none: train)
+    eval_split: str | None = None    # split of eval_path (none: `split`)
+    columns: list[str] = field(default_factory=list)  # FIELD=COLUMN: read field from column
+    train_on: str = "assistant"      # conversations' targets: assistant | last_assistant | all
+    overflow: str = "truncate"       # rows over train.max_length: truncate | drop | error
+    cache: bool = True               # keep parsed and tokenised data in the cache (efftune.data.token_cache)
+
+    def __post_init__(self):
+        from .sources import parse_columns
+        if self.train_on not in TRAIN_ON:
+            raise ConfigError(f"data.train_on must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
+        if self.overflow not in OVERFLOW:
+            raise ConfigError(f"data.overflow must be one of {', '.join(OVERFLOW)}, got {self.overflow!r}")
+        parse_columns(self.columns)
+
+
+# The keys a run config had at its top level before the `data` section: old key -> the section's field.
+MOVED = {"data": "path", "eval_data": "eval_path", "data_split": "split", "eval_split": "eval_split",
+         "data_columns": "columns", "data_train_on": "train_on", "data_overflow": "overflow", "data_cache": "cache"}
+
+
+def moved_key(values: dict) -> str | None:
+    """The one-line refusal of a config mapping that still writes a data option at its top level
+    (`data_train_on: all`, `data: file.jsonl`), naming the key to write instead; None if it has none."""
+    for old, new in MOVED.items():
+        if old not in values or old == "data" and isinstance(values[old], dict):
+            continue
+        if old == "data":
+            example = f" (data: {{path: {values[old]}}})" if isinstance(values[old], str) else ""
+            return f"data is a section now: write data.path for the data file{example}"
+        return f"{old} moved: write data.{new} (data: {{{new}: ...}})"
+    return None
+
+
+def upgrade_saved(values: dict) -> dict:
+    """A run config saved before the `data` section (a run's config.json), its data options moved
+    into the section, so that a resume compares them with the new config's."""
+    if all(old not in values or (old == "data" and isinstance(values[old], dict)) for old in MOVED):
+        return values
+    out = {k: v for k, v in values.items() if k not in MOVED}
+    out["data"] = {new: values[old] for old, new in MOVED.items() if old in values}
+    return out
 
 
 def where_of(example: Example, index: int, source: str) -> str:
@@ -46,15 +86,15 @@ def apply_overflow(examples: Sequence[Example], seqs: Sequence[Encoded], policy:
         i = int(np.flatnonzero(cut | empty)[0])
         if cut[i]:
             raise DataError(f"{where_of(examples[i], i, source)}: {int(lengths[i] + dropped[i])} tokens, more than "
-                            f"train.max_length {max_length} (data_overflow: error; raise --max-length, or "
-                            "data_overflow: truncate | drop)")
+                            f"train.max_length {max_length} (data.overflow: error; raise --max-length, or "
+                            "data.overflow: truncate | drop)")
         raise DataError(f"{where_of(examples[i], i, source)}: no target token is left after cutting to "
                         f"train.max_length {max_length}")
     gone = (cut | empty) if policy == "drop" else empty
     lines = []
     if policy == "drop" and cut.any():
         lines.append(f"data: {int(cut.sum())} of {len(seqs)} training examples are longer than max_length {max_length} "
-                     "tokens and were dropped (data_overflow: drop)")
+                     "tokens and were dropped (data.overflow: drop)")
     emptied = int((empty & ~cut).sum()) if policy == "drop" else int(empty.sum())
     if emptied:
         lines.append(f"data: {emptied} of {len(seqs)} training examples have no target token within max_length "
@@ -65,7 +105,7 @@ def apply_overflow(examples: Sequence[Example], seqs: Sequence[Encoded], policy:
 def drop_without_assistant(examples: Sequence[Example], policy: str, train_on: str,
                            source: str) -> tuple[Sequence[Example], int]:
     """Conversations with no assistant turn train nothing (unless train_on: all): skipped with a count,
-    or refused under data_overflow: error. Examples kept on disk (StoredExamples) are read from their
+    or refused under data.overflow: error. Examples kept on disk (StoredExamples) are read from their
     flags, not decoded."""
     if train_on == "all":
         return examples, 0
@@ -76,20 +116,21 @@ def drop_without_assistant(examples: Sequence[Example], policy: str, train_on: s
     if policy == "error":
         i = int(np.flatnonzero(~ok)[0])
         raise DataError(f"{where_of(examples[i], i, source)}: the conversation has no assistant turn, so nothing in it "
-                        "is trained on (data_overflow: error refuses it; truncate or drop skip it)")
+                        "is trained on (data.overflow: error refuses it; truncate or drop skip it)")
     return take(examples, np.flatnonzero(ok)), int((~ok).sum())
 
 
-def load_for_run(cfg, evaluation: bool = False, log: Callable[[str], None] | None = None) -> Sequence[Example]:
-    """A RunConfig's `data` (or `eval_data`) read as its data_* keys say: split, column mapping,
-    conversations without an assistant turn skipped with a count (refused under data_overflow: error).
-    With `data_cache` a local file is parsed once (`efftune.data.stored`): a second run decodes only
-    the examples it uses."""
+def load_for_run(data: DataConfig, evaluation: bool = False,
+                 log: Callable[[str], None] | None = None) -> Sequence[Example]:
+    """A run's data (`data.path`, or `data.eval_path`) read as its `data` section says: split, column
+    mapping, conversations without an assistant turn skipped with a count (refused under
+    data.overflow: error). With `data.cache` a local file is parsed once (`efftune.data.stored`): a
+    second run decodes only the examples it uses."""
     from .sources import parse_columns
-    spec = cfg.eval_data if evaluation else cfg.data
-    split = (cfg.eval_split or cfg.data_split) if evaluation else cfg.data_split
-    examples = read_source(spec, split, parse_columns(cfg.data_columns), use_cache=cfg.data_cache, log=log)
-    kept, skipped = drop_without_assistant(examples, cfg.data_overflow, cfg.data_train_on, str(spec))
+    spec = data.eval_path if evaluation else data.path
+    split = (data.eval_split or data.split) if evaluation else data.split
+    examples = read_source(spec, split, parse_columns(data.columns), use_cache=data.cache, log=log)
+    kept, skipped = drop_without_assistant(examples, data.overflow, data.train_on, str(spec))
     if skipped and log:
         log(f"data: {skipped} of {len(examples)} conversations in {spec} have no assistant turn and were skipped")
     if not kept:

@@ -36,14 +36,14 @@ def parse_columns(entries: Sequence[str] | None) -> dict[str, str]:
     for entry in entries or []:
         field, sep, column = (part.strip() for part in entry.partition("="))
         if not sep or not field or not column:
-            raise ConfigError(f"data_columns: {entry!r} is not FIELD=COLUMN (e.g. prompt=question)")
+            raise ConfigError(f"data.columns: {entry!r} is not FIELD=COLUMN (e.g. prompt=question)")
         if field not in FIELDS:
-            raise ConfigError(f"data_columns: {entry!r}: unknown field {field!r} (fields: {', '.join(FIELDS)})")
+            raise ConfigError(f"data.columns: {entry!r}: unknown field {field!r} (fields: {', '.join(FIELDS)})")
         if field in mapping:
-            raise ConfigError(f"data_columns: field {field!r} is mapped twice ({field}={mapping[field]}, {entry})")
+            raise ConfigError(f"data.columns: field {field!r} is mapped twice ({field}={mapping[field]}, {entry})")
         if column in mapping.values():
             other = next(f for f, c in mapping.items() if c == column)
-            raise ConfigError(f"data_columns: column {column!r} is named twice ({other}={column}, {entry})")
+            raise ConfigError(f"data.columns: column {column!r} is named twice ({other}={column}, {entry})")
         mapping[field] = column
     return mapping
 

@@ -363,7 +363,7 @@ def _load_whole(directory: Path, state: dict, model: nn.Module, optimizer: torch
 # Config keys that only change speed, memory or bookkeeping: a resume may change them freely.
 # Every other key changes what the run computes, and a resume refuses to change it unless told.
 FREE_KEYS = frozenset({
-    "output", "device", "data_cache", "log", "eval_samples",
+    "output", "device", "data.cache", "log", "eval_samples",
     "train.eval_every", "train.save_every", "train.save_every_minutes", "train.keep_checkpoints",
     "train.micro_batch_size", "train.activation_checkpointing", "train.compile", "train.compile_memory_budget",
     "train.compile_lean", "train.cuda_graphs", "train.compile_autotune", "train.attention",

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from ..data.options import upgrade_saved
 from ..errors import EfftuneError
 from ..faults import fault_point
 from ..files import write_text_atomically
@@ -134,6 +135,7 @@ class RunDir:
         except (OSError, ValueError) as exc:
             raise EfftuneError(f"--resume: cannot read {out / 'config.json'} ({exc.__class__.__name__}); "
                                "the run's config is needed to resume it") from None
+        saved = upgrade_saved(saved)  # a run saved before the data section: its data keys where the new config has them
         changed = changed_keys(saved, config)
         if changed and not allow_changed:
             old, new = flatten_config(saved), flatten_config(config)

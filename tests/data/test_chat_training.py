@@ -102,10 +102,10 @@ def test_train_on_and_overflow_reach_the_run(capsys, chat_model_dir, tmp_path):
     code, out, err = run(capsys, "train", "--model", chat_model_dir, "--data", EXAMPLE, "--steps", 1,
                          "--batch-size", 4, "--eval-size", 0, "--max-length", 64, "--data-overflow", "error",
                          "--output", tmp_path / "run")
-    assert code == 2 and "chat.jsonl:" in err and "more than train.max_length 64 (data_overflow: error" in err
+    assert code == 2 and "chat.jsonl:" in err and "more than train.max_length 64 (data.overflow: error" in err
     code, out, err = run(capsys, "train", "--model", chat_model_dir, "--data", EXAMPLE, "--data-train-on", "everything",
                          "--output", tmp_path / "run")
-    assert code == 2 and "data_train_on must be one of assistant, last_assistant, all" in err
+    assert code == 2 and "data.train_on must be one of assistant, last_assistant, all" in err
 
 
 @pytest.mark.slow

@@ -208,7 +208,7 @@ def test_overflow_policies():
     assert apply_overflow(examples, seqs, "truncate", n) == ([0, 1, 2, 3], [])
     kept, lines = apply_overflow(examples, seqs, "drop", n, source="d.jsonl")
     assert kept == [0, 1, 2] and lines == [f"data: 1 of 4 training examples are longer than max_length {n} tokens "
-                                           "and were dropped (data_overflow: drop)"]
+                                           "and were dropped (data.overflow: drop)"]
     with pytest.raises(DataError, match=rf"d.jsonl example 3: \d+ tokens, more than train.max_length {n}"):
         apply_overflow(examples, seqs, "error", n, source="d.jsonl")
     # a conversation cut before its reply has no target left: dropped with a count even under truncate
