@@ -348,8 +348,8 @@ def test_only_rank_0_reads_the_base_and_two_ranks_equal_one_process(tmp_path, da
     (unreadable / "model.safetensors").write_bytes(b"not a safetensors file")
 
     def overrides(model: Path, out: Path) -> dict:
-        return {"model": str(model), "data": str(data_file), "eval_size": 4, "output": str(out), "dtype": "float64",
-                "device": "cpu", "data_cache": False,
+        return {"model": str(model), "data": {"path": str(data_file), "cache": False}, "eval_size": 4, "output": str(out),
+                "dtype": "float64", "device": "cpu",
                 "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 1, "lr": 1e-2, "warmup_steps": 1,
                           "eval_every": 0, "save_every": 0, "distributed": mode}}
     port = free_port()
