@@ -31,7 +31,7 @@ from ..files import replace_dir_atomically, write_text_atomically
 from ..methods.lora.packing import owns_storage
 from . import distributed
 from .distributed import full, like
-from .optimizers import SCALE, is_quantized, state_tensors
+from .optimizers import SCALE, state_tensors
 from .sharded_state import METADATA, SHARDS, load_shards, save_shards, shard_index
 
 COMMON = ("rng.safetensors", "extra.safetensors", "state.json")
@@ -133,10 +133,6 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                         tear=(tmp / "optimizer.safetensors", (tmp / "optimizer.safetensors").stat().st_size // 2))
         return _write(directory, write_tensors, optimizer, names, step, extra, extra_tensors, opt_scalars)
 
-    if any(is_quantized(v) for state in optimizer.state.values() for v in state.values()):
-        raise CheckpointError("train.distributed fsdp cannot checkpoint train.optimizer adamw8bit: its 8-bit "
-                              "moments are not plain tensors, which torch.distributed.checkpoint shards; "
-                              "use train.optimizer adamw or train.distributed ddp")
     main = distributed.world().main
     staging = directory.with_name(directory.name + ".shards")
     distributed.on_main(lambda: _fresh_dir(staging))  # rank 0 makes it, the others find it made
