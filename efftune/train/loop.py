@@ -241,7 +241,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
           evaluate: Callable[..., dict] | None = None, hooks: TrainHooks | None = None,
           resume_changed: bool = False, on_checkpoint: Callable[[Path], None] | None = None,
           run_dirs: Mapping[str, str | Path] | None = None,
-          on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True) -> TrainResult:
+          on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True,
+          measure: Callable[[nn.Module, str], None] | None = None) -> TrainResult:
     """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
 
     Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate`
@@ -280,6 +281,11 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
     Under `train.distributed: fsdp` the trained parameters are made whole on every rank when training
     ends (`unshard`: an adapter, saved and used as after any run); `unshard=False` leaves the model
     sharded (a full fine-tune, which `distributed.whole_state_dict` gathers for saving).
+
+    `measure(model, when)` (optional: forgetting, `efftune.eval.retention`) is called on every rank with
+    the model as an evaluation sees it (under fsdp inside the root's scope, every rank running every
+    forward): `when` is "before" for the model as it came in, before a resume loads its checkpoint,
+    and "after" once the last step is done (a resumed finished run too), before anything is unsharded.
     """
     hooks = hooks or TrainHooks()
     if isinstance(sequences, Mapping):
@@ -299,14 +305,15 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
         if config.cuda_graphs:  # graphs recorded for the training shapes would re-record for every later one
             scope.callback(uncompile_blocks, model)
         return _train(model, sequences, config, Path(output_dir), pad_id, resume, evaluate, hooks, resume_changed,
-                      on_checkpoint, options, run_dirs, on_metrics, unshard)
+                      on_checkpoint, options, run_dirs, on_metrics, unshard, measure)
 
 
 def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
            output_dir: Path, pad_id: int, resume: bool, evaluate: Callable[..., dict] | None, hooks: TrainHooks,
            resume_changed: bool, on_checkpoint: Callable[[Path], None] | None,
            options: ForwardOptions, run_dirs: Mapping[str, str | Path] | None = None,
-           on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True) -> TrainResult:
+           on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True,
+           measure: Callable[[nn.Module, str], None] | None = None) -> TrainResult:
     device = next(model.parameters()).device
     here = distributed.init(str(device))  # under torchrun: this rank among the others (efftune.train.distributed)
     if here.active and isinstance(sequences, Mapping):
@@ -344,6 +351,21 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     own_part = (lambda lane: lane_optimizer(optimizer, lane)) if together else (lambda lane: optimizer)
     only = (lambda lane: lane.param_names) if together else (lambda lane: None)
 
+    def outside_training():
+        """Forwards that are not training steps (evaluations): CUDA graphs recorded for the training shapes
+        would record again for every other shape, so they run eager; under fsdp the root's parameters
+        (embeddings, final norm, LM head) are gathered for them (`distributed.gathered`)."""
+        stack = ExitStack()
+        if config.cuda_graphs:
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        if sharded:
+            stack.enter_context(distributed.gathered(forward))
+        return stack
+
+    if measure is not None:  # the untrained model (a resume loads its checkpoint next)
+        with outside_training():
+            measure(model, "before")
+        model.train()
     if resume:
         found = {lane.name: latest_checkpoint(lane.ckpt_root) for lane in lanes}
         if not any(found.values()):
@@ -399,9 +421,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     def run_eval(step: int, which: list[Lane]) -> None:
         if step == config.steps:
             fault_point("final_eval")
-        # CUDA graphs: evaluation shapes vary, and each new shape would record graphs of its own
-        with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext(), \
-                distributed.gathered(forward) if sharded else nullcontext():
+        with outside_training():
             results = {lanes[0].name: evaluate(model)} if not together else evaluate(model, [l.name for l in which])
         for lane in which:  # an adapter the evaluation left out is logged with no metrics
             result = {"step": step, **results.get(lane.name, {})}
@@ -596,6 +616,9 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     finally:
         bar.close()
     seconds = time.perf_counter() - t_start
+    if measure is not None:  # before unsharding: a forward through FSDP's blocks would shard them again
+        with outside_training():
+            measure(model, "after")
     if sharded and unshard:  # the adapter whole on every rank, for saving and using it (the base stays sharded)
         distributed.unshard_trainable(model)
     tokens_seen = int(distributed.all_sum([tokens_seen])[0])  # the run's tokens, all ranks'
