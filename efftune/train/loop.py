@@ -39,8 +39,8 @@ from ..methods.lora.layer import mixed_adapter_batch
 from ..moe.layer import collect_aux_losses, expert_loads, moe_layers
 from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
-from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
-                         save_checkpoint, set_aside)
+from .checkpoint import (changed_keys, checkpoints, clear_staging, first_nonfinite, latest_checkpoint,
+                         load_checkpoint, read_state, save_checkpoint, set_aside)
 from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from ..attach import decoder_blocks
 from . import distributed
@@ -381,6 +381,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                                       f"{', '.join(changed)}; a resume computes what the run would have (pass "
                                       "--resume-changed to accept the change)")
             lane.rows = read_metrics(lane.metrics_path)  # a bad file fails here, before the model changes
+        for lane in lanes:  # shards a killed sharded save left behind (rank 0 removes them)
+            distributed.on_main(partial(clear_staging, lane.ckpt_root))
         for lane in lanes:
             if found[lane.name] is None:
                 lane.rows = []
