@@ -344,12 +344,6 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     together = lanes[0].name is not None  # k adapters at once (rows go through their own adapter)
     for lane in lanes:
         lane.directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    optimizer = make_optimizer([lane.params for lane in lanes], config, device, embedding_weights(model))
-    lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
-    # a lane's checkpoints hold its own part of the optimizer (the whole optimizer for a one-lane run)
-    own_part = (lambda lane: lane_optimizer(optimizer, lane)) if together else (lambda lane: optimizer)
-    only = (lambda lane: lane.param_names) if together else (lambda lane: None)
 
     def outside_training():
         """Forwards that are not training steps (evaluations): CUDA graphs recorded for the training shapes
@@ -362,10 +356,17 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
             stack.enter_context(distributed.gathered(forward))
         return stack
 
-    if measure is not None:  # the untrained model (a resume loads its checkpoint next)
+    if measure is not None:  # the untrained model (a resume loads its checkpoint later)
         with outside_training():
             measure(model, "before")
         model.train()
+    torch.manual_seed(config.seed)  # after the measurement: whatever it draws, training draws the same
+    optimizer = make_optimizer([lane.params for lane in lanes], config, device, embedding_weights(model))
+    lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
+    # a lane's checkpoints hold its own part of the optimizer (the whole optimizer for a one-lane run)
+    own_part = (lambda lane: lane_optimizer(optimizer, lane)) if together else (lambda lane: optimizer)
+    only = (lambda lane: lane.param_names) if together else (lambda lane: None)
+
     if resume:
         found = {lane.name: latest_checkpoint(lane.ckpt_root) for lane in lanes}
         if not any(found.values()):

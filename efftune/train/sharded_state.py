@@ -63,7 +63,7 @@ def save_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) 
     weights, optim = get_state_dict(model, optimizer, options=_OPTIONS)
     params = dict(model.named_parameters())
     state = {name: {f: t for k, v in fields.items()
-                    for f, t in (state_tensors(k, v, params.get(name)) if torch.is_tensor(v) else {k: v}).items()}
+                    for f, t in (state_tensors(k, v, params[name]) if torch.is_tensor(v) else {k: v}).items()}
              for name, fields in optim["state"].items()}
     try:
         with _one_process_quiet():

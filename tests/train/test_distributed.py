@@ -208,7 +208,7 @@ def test_adamw8bit_under_fsdp_equals_one_process_and_its_checkpoint_resumes_exac
     """8-bit AdamW moments (torchao) under FSDP2: each rank keeps its rows' codes and scales, in the whole
     parameter's blocks, so 2 ranks train as one process does; a checkpoint holds them as DCP shards of
     plain tensors (uint8 codes sharded as the parameter, fp32 block scales), and a resume on 2 ranks or
-    in one process continues bit for bit."""
+    in one process continues bit for bit, as a one-process checkpoint does on 2 ranks."""
     pytest.importorskip("torchao")
     from efftune.train.sharded_state import shard_index
     config = {**CONFIG, "distributed": "fsdp", "optimizer": "adamw8bit", "steps": 4, "save_every": 2,
@@ -231,6 +231,11 @@ def test_adamw8bit_under_fsdp_equals_one_process_and_its_checkpoint_resumes_exac
     rewind(tmp_path / "fsdp" / "run", tmp_path / "on1" / "run", 2)
     one_process(tmp_path / "on1", config, resume=True, method="full-wide")
     resumed = saved_tensors(tmp_path / "on1" / "result")
+    assert all(torch.equal(resumed[k], one[k]) for k in one)
+    # and the one-process checkpoint (codes and scales whole, in safetensors) on 2 fsdp ranks, each taking its rows
+    rewind(tmp_path / "one" / "run", tmp_path / "from1" / "run", 2)
+    ranks(tmp_path / "from1", config, method="full-wide", resume=True)
+    resumed = saved_tensors(tmp_path / "from1" / "result")
     assert all(torch.equal(resumed[k], one[k]) for k in one)
 
 
