@@ -216,7 +216,7 @@ def _adamw8bit_class() -> type:
             whole = torchao_zeros(all_codes, signed, self.block_size)
             whole.codes.copy_(all_codes.to(torch.uint8))
             whole.scale.copy_(full(scale))
-            return _local(like(whole.dequantize().to(p.dtype), p))
+            return _local(like(whole.dequantize().to(buffer.dtype), p))  # the plain moment's dtype here
 
     _CLASS.append(EfftuneAdamW8bit)
     return EfftuneAdamW8bit
