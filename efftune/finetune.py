@@ -200,12 +200,19 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     log(f"data: {len(train_set)} training examples ({lengths.mean():.0f} tokens on average), {len(eval_set)} held out")
     if note := truncation_note(sequences, cfg.train.max_length):  # never cut rows without a word
         log(note)
-    # forgetting: the panel before training (on a resume too: the model is the untrained one until the
-    # loop loads the checkpoint, so the numbers are the uninterrupted run's)
-    retained = measure_retention(model, formatter, panel, cfg.train.forward_options()) \
-        if panel and not distributed.on_meta(model) else None  # (rank 0 measures it; it alone reports)
-    if retained:
-        log(describe(retained))
+    # forgetting: the panel before training and after it, measured by the loop (`measure`)
+    retention: dict[str, dict] = {}
+
+    def measure(model, when: str) -> None:
+        # before: on a resume too, the model is the untrained one until the loop loads the checkpoint, so
+        # the numbers are the uninterrupted run's. Under ddp the ranks share the examples; under fsdp
+        # every rank runs every forward (sharded weights need all ranks in each)
+        share = here.active and cfg.train.distributed == "ddp"
+        retention[when] = measure_retention(model, formatter, panel, cfg.train.forward_options(),
+                                            part=(here.rank, here.size) if share else (0, 1),
+                                            sum_over=distributed.all_sum if share else None)
+        if when == "before":
+            log(describe(retention[when]))
 
     sinks = MetricSinks(cfg.log if here.main else [], out, asdict(cfg))  # TensorBoard / wandb: rank 0's rows
 
@@ -218,14 +225,15 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
                        evaluate=evaluator(formatter, eval_set, cfg.train.forward_options(), cfg.eval_samples, out,
                                           sharded=cfg.train.distributed == "ddp") if eval_set else None,
                        hooks=hooks, resume_changed=resume_changed, on_checkpoint=on_checkpoint,
-                       on_metrics=sinks.on_metrics, unshard=method.artifact != "model")
+                       on_metrics=sinks.on_metrics, unshard=method.artifact != "model",
+                       measure=measure if panel else None)
     except BaseException:
         sinks.close(sync=False)  # what the checkpoints covered was sent; the error is what matters
         raise
     sinks.close()
     if here.main:
         rundir.commit()  # a resumed finished run writes no checkpoint
-    retained_after = measure_retention(model, formatter, panel, cfg.train.forward_options()) if panel else None
+    retained, retained_after = retention.get("before"), retention.get("after")
     adapter_dir = out / method.artifact
     # The summary is computed from this run's metrics (a resumed run's included), never carried over.
     before = result.evals[0] if result.evals and result.evals[0]["step"] == 0 else {}

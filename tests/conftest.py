@@ -54,10 +54,10 @@ def peft():
     return pytest.importorskip("peft")
 
 
-def tiny_llama(vocab_size: int = 300, dtype=torch.float32, seed: int = 0, layers: int = 2,
-               tie: bool = False) -> LlamaForCausalLM:
+def tiny_llama(vocab_size: int = 300, dtype=torch.float32, seed: int = 0, layers: int = 2, hidden_size: int = 32,
+               intermediate_size: int = 64, tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=tie, attn_implementation="sdpa",
                       initializer_range=0.2)  # logits big enough for LoRA alone to move them

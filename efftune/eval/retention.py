@@ -29,13 +29,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
 from ..data.bigbench import load_task
 from ..data.examples import Completion, MultipleChoice
-from ..data.tokenize import Formatter
+from ..data.tokenize import IGNORE, Formatter
 from ..errors import ConfigError, DataError
 from ..forward.options import DEFAULT, ForwardOptions
 from .multiple_choice import multiple_choice_accuracy
@@ -119,15 +119,35 @@ def load_panel(spec: str | Sequence[str], trained: Sequence[str] = ()) -> PanelE
 
 
 def measure_retention(model: nn.Module, formatter: Formatter, panel: PanelExamples,
-                      options: ForwardOptions = DEFAULT) -> dict:
+                      options: ForwardOptions = DEFAULT, part: tuple[int, int] = (0, 1),
+                      sum_over: Callable[[list[float]], list[float]] | None = None) -> dict:
     """{"panel", "accuracy" (mean over the multiple-choice tasks), "cross_entropy" (mean over the text
     tasks, nats per token), "tasks": {task: {"accuracy": ...} and/or {"cross_entropy": ...}}}; a part the
-    panel lacks is left out. Rounded to 4 places, as the run's other evaluations."""
+    panel lacks is left out. Rounded to 4 places, as the run's other evaluations.
+
+    Several processes, each with the whole model (`train.distributed: ddp`), share the work: `part`
+    (index, count) makes this one score every count-th example of each task from its index, and
+    `sum_over` sums a list of numbers over the processes (every one calls it once), so each returns
+    the whole panel's numbers."""
+    index, count = part
+    counts: list[float] = []  # per multiple-choice task its hits; per text task its NLL and its tokens
+    for examples in panel.choice.values():
+        mine = examples[index::count]
+        counts.append(round(multiple_choice_accuracy(model, formatter, mine, options=options) * len(mine))
+                      if mine else 0)
+    for texts in panel.text.values():
+        mine = texts[index::count]
+        tokens = sum(sum(1 for t in formatter.encode(e).labels if t != IGNORE) for e in mine)
+        nll = math.log(perplexity(model, formatter, mine, options=options)) * tokens if mine else 0.0
+        counts += [nll, tokens]
+    if sum_over is not None:
+        counts = sum_over(counts)
     tasks: dict[str, dict] = {}
-    for task, examples in panel.choice.items():
-        tasks.setdefault(task, {})["accuracy"] = multiple_choice_accuracy(model, formatter, examples, options=options)
-    for task, texts in panel.text.items():
-        tasks.setdefault(task, {})["cross_entropy"] = math.log(perplexity(model, formatter, texts, options=options))
+    for (task, examples), hits in zip(panel.choice.items(), counts):
+        tasks[task] = {"accuracy": hits / len(examples)}
+    rest = counts[len(panel.choice):]
+    for j, task in enumerate(panel.text):
+        tasks.setdefault(task, {})["cross_entropy"] = rest[2 * j] / max(rest[2 * j + 1], 1)
     out: dict = {"panel": panel.panel.name}
     for key in ("accuracy", "cross_entropy"):
         values = [t[key] for t in tasks.values() if key in t]

@@ -31,7 +31,7 @@ from ..files import replace_dir_atomically, write_text_atomically
 from ..methods.lora.packing import owns_storage
 from . import distributed
 from .distributed import full, like
-from .optimizers import SCALE, is_quantized, state_tensors
+from .optimizers import SCALE, state_tensors
 from .sharded_state import METADATA, SHARDS, load_shards, save_shards, shard_index
 
 COMMON = ("rng.safetensors", "extra.safetensors", "state.json")
@@ -133,13 +133,13 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                         tear=(tmp / "optimizer.safetensors", (tmp / "optimizer.safetensors").stat().st_size // 2))
         return _write(directory, write_tensors, optimizer, names, step, extra, extra_tensors, opt_scalars)
 
-    if any(is_quantized(v) for state in optimizer.state.values() for v in state.values()):
-        raise CheckpointError("train.distributed fsdp cannot checkpoint train.optimizer adamw8bit: its 8-bit "
-                              "moments are not plain tensors, which torch.distributed.checkpoint shards; "
-                              "use train.optimizer adamw or train.distributed ddp")
     main = distributed.world().main
-    staging = directory.with_name(directory.name + ".shards")
-    distributed.on_main(lambda: _fresh_dir(staging))  # rank 0 makes it, the others find it made
+    staging = directory.with_name(directory.name + STAGING_SUFFIX)
+
+    def make_staging() -> None:  # rank 0 makes it, the others find it made
+        clear_staging(directory.parent)  # a crash's, this step's included
+        staging.mkdir(parents=True)
+    distributed.on_main(make_staging)
     try:
         save_shards(staging, model, optimizer, only)  # a failure on any rank is raised on every rank
     except BaseException:
@@ -160,9 +160,24 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     return directory
 
 
-def _fresh_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+STAGING_SUFFIX = ".shards"  # step-N.shards: a sharded save's DCP shards before they move into step-N
+_STAGING = re.compile(r"step-\d+" + re.escape(STAGING_SUFFIX))
+_DCP_FILE = re.compile(r"__\d+_\d+\.distcp|(__\d+)?\.metadata(\.tmp)?")  # what DCP's FileSystemWriter writes
+
+
+def clear_staging(root: Path) -> list[Path]:
+    """Remove the staging directories a sharded save left under checkpoint root `root` when it was killed
+    before moving them into place (`step-N.shards`); only those whose name and every file are the ones
+    such a save makes (DCP's shard files and index), so nothing else is touched. Returns what it removed.
+    Rank 0 calls it, at the start of a sharded save and of a resume."""
+    removed = []
+    for path in sorted(root.glob(f"step-*{STAGING_SUFFIX}")):
+        if not _STAGING.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        if all(f.is_file() and not f.is_symlink() and _DCP_FILE.fullmatch(f.name) for f in path.iterdir()):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 def _write(directory: Path, write_tensors, optimizer: torch.optim.Optimizer, names: dict[int, str], step: int,

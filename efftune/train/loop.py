@@ -39,8 +39,8 @@ from ..methods.lora.layer import mixed_adapter_batch
 from ..moe.layer import collect_aux_losses, expert_loads, moe_layers
 from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
-from .checkpoint import (changed_keys, checkpoints, first_nonfinite, latest_checkpoint, load_checkpoint, read_state,
-                         save_checkpoint, set_aside)
+from .checkpoint import (changed_keys, checkpoints, clear_staging, first_nonfinite, latest_checkpoint,
+                         load_checkpoint, read_state, save_checkpoint, set_aside)
 from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from ..attach import decoder_blocks
 from . import distributed
@@ -250,7 +250,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
           evaluate: Callable[..., dict] | None = None, hooks: TrainHooks | None = None,
           resume_changed: bool = False, on_checkpoint: Callable[[Path], None] | None = None,
           run_dirs: Mapping[str, str | Path] | None = None,
-          on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True) -> TrainResult:
+          on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True,
+          measure: Callable[[nn.Module, str], None] | None = None) -> TrainResult:
     """Train the model's trainable parameters on `sequences` (tokenised, prompt masked).
 
     Writes `metrics.jsonl`, `training.png` and `checkpoints/` under `output_dir`. `evaluate(model,
@@ -289,6 +290,11 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
     Under `train.distributed: fsdp` the trained parameters are made whole on every rank when training
     ends (`unshard`: an adapter, saved and used as after any run); `unshard=False` leaves the model
     sharded (a full fine-tune, which `distributed.whole_state_dict` gathers for saving).
+
+    `measure(model, when)` (optional: forgetting, `efftune.eval.retention`) is called on every rank with
+    the model as an evaluation sees it (under fsdp inside the root's scope, every rank running every
+    forward): `when` is "before" for the model as it came in, before a resume loads its checkpoint,
+    and "after" once the last step is done (a resumed finished run too), before anything is unsharded.
     """
     hooks = hooks or TrainHooks()
     if isinstance(sequences, Mapping):
@@ -308,14 +314,15 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
         if config.cuda_graphs:  # graphs recorded for the training shapes would re-record for every later one
             scope.callback(uncompile_blocks, model)
         return _train(model, sequences, config, Path(output_dir), pad_id, resume, evaluate, hooks, resume_changed,
-                      on_checkpoint, options, run_dirs, on_metrics, unshard)
+                      on_checkpoint, options, run_dirs, on_metrics, unshard, measure)
 
 
 def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence[Encoded]], config: TrainConfig,
            output_dir: Path, pad_id: int, resume: bool, evaluate: Callable[..., dict] | None, hooks: TrainHooks,
            resume_changed: bool, on_checkpoint: Callable[[Path], None] | None,
            options: ForwardOptions, run_dirs: Mapping[str, str | Path] | None = None,
-           on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True) -> TrainResult:
+           on_metrics: Callable[[str | None, dict], None] | None = None, unshard: bool = True,
+           measure: Callable[[nn.Module, str], None] | None = None) -> TrainResult:
     device = next(model.parameters()).device
     here = distributed.init(str(device))  # under torchrun: this rank among the others (efftune.train.distributed)
     from_rank0 = distributed.filled_from_rank0(model)  # only rank 0 loaded the weights: DDP/FSDP send them
@@ -352,7 +359,23 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     together = lanes[0].name is not None  # k adapters at once (rows go through their own adapter)
     for lane in lanes:
         lane.directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+
+    def outside_training():
+        """Forwards that are not training steps (evaluations): CUDA graphs recorded for the training shapes
+        would record again for every other shape, so they run eager; under fsdp the root's parameters
+        (embeddings, final norm, LM head) are gathered for them (`distributed.gathered`)."""
+        stack = ExitStack()
+        if config.cuda_graphs:
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        if sharded:
+            stack.enter_context(distributed.gathered(forward))
+        return stack
+
+    if measure is not None:  # the untrained model (a resume loads its checkpoint later)
+        with outside_training():
+            measure(model, "before")
+        model.train()
+    torch.manual_seed(config.seed)  # after the measurement: whatever it draws, training draws the same
     optimizer = make_optimizer([lane.params for lane in lanes], config, device, embedding_weights(model))
     lr_at = lambda s: config.lr * hooks.lr_multiplier(s, config)
     # a lane's checkpoints hold its own part of the optimizer (the whole optimizer for a one-lane run)
@@ -374,6 +397,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                                       f"{', '.join(changed)}; a resume computes what the run would have (pass "
                                       "--resume-changed to accept the change)")
             lane.rows = read_metrics(lane.metrics_path)  # a bad file fails here, before the model changes
+        for lane in lanes:  # shards a killed sharded save left behind (rank 0 removes them)
+            distributed.on_main(partial(clear_staging, lane.ckpt_root))
         for lane in lanes:
             if found[lane.name] is None:
                 lane.rows = []
@@ -414,9 +439,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     def run_eval(step: int, which: list[Lane]) -> None:
         if step == config.steps:
             fault_point("final_eval")
-        # CUDA graphs: evaluation shapes vary, and each new shape would record graphs of its own
-        with torch.compiler.set_stance("force_eager") if config.cuda_graphs else nullcontext(), \
-                distributed.gathered(forward) if sharded else nullcontext():
+        with outside_training():
             results = {lanes[0].name: evaluate(model, step=step)} if not together else \
                 evaluate(model, [l.name for l in which], step=step)
         for lane in which:  # an adapter the evaluation left out is logged with no metrics
@@ -612,6 +635,9 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     finally:
         bar.close()
     seconds = time.perf_counter() - t_start
+    if measure is not None:  # before unsharding: a forward through FSDP's blocks would shard them again
+        with outside_training():
+            measure(model, "after")
     if sharded and unshard:  # the adapter whole on every rank, for saving and using it (the base stays sharded)
         distributed.unshard_trainable(model)
     tokens_seen = int(distributed.all_sum([tokens_seen])[0])  # the run's tokens, all ranks'

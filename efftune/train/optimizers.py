@@ -12,6 +12,14 @@ shape, under the moment's key) and its block scales (under `<key>::scale`), and 
 load, so a resumed run continues bit-identically. (Writing the values the codes stand for and
 quantising them again would not be exact: the signed code map has +1 but not -1, so a block whose
 largest value is negative comes back with another scale.)
+
+Under FSDP (`train.distributed: fsdp`) each rank keeps the moments of its own rows of a parameter,
+and the blocks are the whole parameter's: a moment is 8-bit when the whole parameter qualifies and
+its rows split evenly across the ranks in whole blocks (`eight_bit`), so the codes and scales are
+exactly those one process holds, and a sharded checkpoint (DCP) writes the codes sharded as the
+parameter and the scales as the shards of one vector of the whole parameter's blocks. torchao itself
+decides by each rank's shard, which would give a sharded run other blocks and other 8-bit moments
+than one process.
 """
 from __future__ import annotations
 
@@ -63,19 +71,51 @@ def embedding_weights(model: nn.Module) -> list[torch.Tensor]:
     return found
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor, else `t`."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def is_quantized(value) -> bool:
     """Is this optimizer state an 8-bit moment (codes + block scales)?"""
     return torch.is_tensor(value) and type(value) is not torch.Tensor and hasattr(value, "codes") \
         and hasattr(value, "scale")
 
 
-def state_tensors(field: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One optimizer state entry as plain tensors for a checkpoint, by field name: the tensor itself,
-    or an 8-bit moment's codes (under `field`, the parameter's shape) and block scales (`field::scale`)."""
-    if is_quantized(value):
-        return {field: value.codes.detach().contiguous(), f"{field}{SCALE}": value.scale.detach().contiguous()}
-    return {field: value.detach().contiguous()}
+def eight_bit(p: torch.Tensor, block_size: int) -> bool:
+    """Does adamw8bit keep `p`'s moments in 8 bits? As torchao decides for a whole tensor (4,096 values
+    or more, in whole blocks), by the whole parameter; and where FSDP shards it (rows split across the
+    ranks, `Shard(0)`), only when every rank holds as many rows and they make whole blocks, so each
+    rank's blocks are the whole parameter's (the same codes and scales as in one process)."""
+    from torch.distributed.tensor import DTensor, Shard
+    if p.numel() < 4096 or p.numel() % block_size:
+        return False
+    if not isinstance(p, DTensor):
+        return True
+    ranks = p.device_mesh.size()
+    return tuple(p.placements) == (Shard(0),) and p.shape[0] % ranks == 0 \
+        and (p.numel() // ranks) % block_size == 0
 
+
+def state_tensors(field: str, value: torch.Tensor, param: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One optimizer state entry as plain tensors for a checkpoint, by field name: the tensor itself,
+    or an 8-bit moment's codes (under `field`, the parameter's shape) and block scales (`field::scale`).
+    A moment of a sharded `param` (FSDP: a DTensor, whose moments adamw8bit keeps as this rank's part)
+    as DTensors: the codes or values sharded as the parameter, the scales as this rank's run of the
+    vector of the whole parameter's blocks (`eight_bit` made each rank's blocks a run of them)."""
+    from torch.distributed.tensor import DTensor, Shard
+    parts = {field: value.codes, f"{field}{SCALE}": value.scale} if is_quantized(value) else {field: value}
+    parts = {k: t.detach().contiguous() for k, t in parts.items()}
+    if not isinstance(param, DTensor) or isinstance(value, DTensor) or field not in MOMENTS:
+        return parts
+    mesh = param.device_mesh
+    out = {field: DTensor.from_local(parts[field], mesh, param.placements, run_check=False, shape=param.shape,
+                                     stride=param.stride())}
+    if is_quantized(value):
+        out[f"{field}{SCALE}"] = DTensor.from_local(parts[f"{field}{SCALE}"], mesh, (Shard(0),), run_check=False,
+                                                    shape=(param.numel() // value.block_size,), stride=(1,))
+    return out
 
 
 _CLASS: list[type] = []
@@ -86,14 +126,20 @@ def _adamw8bit_class() -> type:
     if _CLASS:
         return _CLASS[0]
     from torchao.optim import AdamW8bit
+    from torchao.optim.adam import single_param_adam
     torchao_zeros = AdamW8bit._subclass_zeros  # an 8-bit moment of p's shape, codes and scales zero
 
     class EfftuneAdamW8bit(AdamW8bit):
-        """torchao's AdamW8bit with three changes:
+        """torchao's AdamW8bit (its 8-bit moments and its compiled update) with four changes:
         - the moments of `fp32_moments` (the embeddings) stay fp32 (`embedding_weights` says why);
         - each group's lr stays a Python float (the loop sets it every step and a checkpoint writes it
           as JSON); it is handed to torchao's compiled update as a tensor, which torchao requires so
           that a new value does not recompile;
+        - a parameter sharded by FSDP (a DTensor) has moments for this rank's rows only, as plain
+          tensors, and torchao's update runs on its local rows: Adam is elementwise, and torchao's own
+          DTensor-wrapped moments in torch 2.13 decide 8 bits by a rank's rows (`eight_bit` says why
+          that differs from one process), fail to compile for float64 weights, and its compiled update
+          takes a parameter's plain moments for another's 8-bit ones of the same shape (a crash);
         - `load_state_dict` rebuilds 8-bit moments from a checkpoint's codes and scales (`state_tensors`)."""
 
         quantized_states = True  # checkpoint.load_checkpoint: this optimizer takes `::scale` entries
@@ -103,9 +149,12 @@ def _adamw8bit_class() -> type:
             super().__init__(params, *args, **kwargs)
 
         def _new_buffer(self, p: torch.Tensor, signed: bool):
+            local = _local(p)
             if id(p) in self.fp32_ids:
-                return torch.zeros_like(p, dtype=torch.float32)
-            return super()._new_buffer(p, signed)
+                return torch.zeros_like(local, dtype=torch.float32)
+            if not eight_bit(p, self.block_size):
+                return torch.zeros_like(local)  # as torchao keeps a small tensor's moments
+            return torchao_zeros(local, signed, self.block_size)
 
         def add_param_group(self, param_group: dict) -> None:
             torch.optim.Optimizer.add_param_group(self, param_group)  # torchao's would make lr a tensor
@@ -113,14 +162,32 @@ def _adamw8bit_class() -> type:
 
         @torch.no_grad()
         def step(self, closure=None):
-            lrs = [g["lr"] for g in self.param_groups]
-            for g, lr in zip(self.param_groups, lrs):
-                g["lr"] = torch.tensor(float(lr), dtype=torch.float32)
-            try:
-                return super().step(closure)
-            finally:
-                for g, lr in zip(self.param_groups, lrs):
-                    g["lr"] = float(lr)
+            """torchao's step (`_AdamBase.step`), on each parameter's local rows."""
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            # one compiled update per parameter shape; torchao lifts the recompile limit the same way
+            with torch._dynamo.utils.disable_cache_limit():
+                for group in self.param_groups:
+                    lr = torch.tensor(float(group["lr"]), dtype=torch.float32)
+                    for p in group["params"]:
+                        if p.grad is None:
+                            continue
+                        state = self.state[p]
+                        if not state:
+                            state["step"] = torch.tensor(0.0)
+                            state["exp_avg"] = self._new_buffer(p, True)
+                            state["exp_avg_sq"] = self._new_buffer(p, False)
+                            if group["amsgrad"]:
+                                state["max_exp_avg_sq"] = self._new_buffer(p, False)
+                        state["step"] += 1
+                        torch.compile(single_param_adam, fullgraph=True, dynamic=False)(
+                            _local(p).detach(), _local(p.grad), state["step"], state["exp_avg"],
+                            state["exp_avg_sq"], state.get("max_exp_avg_sq"), lr, group["betas"][0],
+                            group["betas"][1], group["weight_decay"], group["eps"], self.is_adamw,
+                            self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+            return loss
 
         def load_state_dict(self, state_dict: dict) -> None:
             super().load_state_dict(state_dict)
@@ -131,12 +198,25 @@ def _adamw8bit_class() -> type:
                         # a moment saved as codes and scales is rebuilt from them (exact); one saved
                         # plain stays plain (small tensors, embeddings, an adamw run resumed changed)
                         value, scale = state.get(key), state.pop(key + SCALE, None)
-                        if value is None or scale is None:
-                            continue
-                        buffer = torchao_zeros(p, signed, self.block_size)
-                        buffer.codes.copy_(value.to(torch.uint8))  # (load_state_dict made the codes floats)
-                        buffer.scale.copy_(scale)
-                        state[key] = buffer
+                        if value is not None:
+                            state[key] = _local(value) if scale is None else self._rebuilt(p, value, scale, signed)
+
+        def _rebuilt(self, p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, signed: bool):
+            """The 8-bit moment of `p` a checkpoint's codes and scales hold (this rank's rows under FSDP).
+            (load_state_dict made the codes floats of the parameter's dtype: 0..255, exact.)"""
+            from .distributed import full, like
+            buffer = self._new_buffer(p, signed)
+            if is_quantized(buffer):  # the same blocks as the run that wrote it: the same codes
+                buffer.codes.copy_(_local(codes).to(torch.uint8))
+                buffer.scale.copy_(_local(scale))
+                return buffer
+            # rows split across these ranks otherwise than in whole blocks (a resume on another number
+            # of ranks): the values the codes stand for, in fp32 (every rank calls this, in one order)
+            all_codes = full(codes)
+            whole = torchao_zeros(all_codes, signed, self.block_size)
+            whole.codes.copy_(all_codes.to(torch.uint8))
+            whole.scale.copy_(full(scale))
+            return _local(like(whole.dequantize().to(buffer.dtype), p))  # the plain moment's dtype here
 
     _CLASS.append(EfftuneAdamW8bit)
     return EfftuneAdamW8bit

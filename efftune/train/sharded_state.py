@@ -6,7 +6,9 @@ without a process group).
 Only tensors go through DCP: {"model": trainable parameters by name, "optim": each parameter's
 optimizer state by name} (torch's `get_state_dict` names, which are `named_parameters`' names under
 FSDP2 too). The optimizer's hyperparameters stay in the checkpoint's state.json, as in the
-one-process format (`efftune.train.checkpoint`), so nothing but DCP's own index is pickled.
+one-process format (`efftune.train.checkpoint`), so nothing but DCP's own index is pickled. An
+8-bit moment (`train.optimizer: adamw8bit`) goes in as plain tensors too, its codes and its block
+scales (`efftune.train.optimizers.state_tensors`), and is rebuilt from them on load.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..errors import CheckpointError
+from .optimizers import SCALE, state_tensors
 
 SHARDS = "sharded"  # the DCP directory inside a checkpoint directory
 METADATA = ".metadata"  # DCP's index of the shards, written by rank 0 last
@@ -62,9 +65,13 @@ def save_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     every rank (DCP gathers them). `only`: just these parameters (one adapter of k trained at once;
     `optimizer` then covers those alone)."""
     weights, optim = get_state_dict(model, optimizer, options=_OPTIONS)
+    params = dict(model.named_parameters())
+    state = {name: {f: t for k, v in fields.items()
+                    for f, t in (state_tensors(k, v, params[name]) if torch.is_tensor(v) else {k: v}).items()}
+             for name, fields in optim["state"].items()}
     try:
         with _one_process_quiet():
-            dcp.save({"model": _trainable(model, weights, only), "optim": optim["state"]},
+            dcp.save({"model": _trainable(model, weights, only), "optim": state},
                      storage_writer=dcp.FileSystemWriter(str(path), overwrite=False), no_dist=not _active())
     except CheckpointException as exc:  # a full disk is the OSError it is, on every rank (the loop reports it)
         cause = _cause(exc)
@@ -100,8 +107,7 @@ def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     weights, optim = get_state_dict(model, optimizer, options=_OPTIONS)  # gives a fresh optimizer zero state
     weights = _trainable(model, weights, only)
     target = {"model": {n: torch.empty_like(t) for n, t in weights.items()},
-              "optim": {n: {k: torch.empty_like(v) if torch.is_tensor(v) else v for k, v in s.items()}
-                        for n, s in optim["state"].items() if n in optimized}}
+              "optim": _optimizer_targets(path, weights, optim["state"], optimized)}
     try:
         with _one_process_quiet():
             dcp.load(target, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _active())
@@ -116,3 +122,31 @@ def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     groups = [{**saved, "params": current["params"]} for saved, current in zip(param_groups, optim["param_groups"])]
     set_state_dict(model, optimizer, model_state_dict=target["model"],
                    optim_state_dict={"state": target["optim"], "param_groups": groups}, options=_LOAD_OPTIONS)
+
+
+def _optimizer_targets(path: Path, params: dict[str, torch.Tensor], live: dict, optimized: set[str]) -> dict:
+    """Fresh tensors for the optimizer state DCP directory `path` holds, {param: {field: tensor}}, of the
+    kinds it holds them (a plain moment, or an 8-bit moment's codes and `::scale`, which need not be
+    those this run would make: `efftune.train.optimizers` rebuilds them) and laid out as this run's
+    parameters (each rank's part of a sharded one: its rows; of a scale vector, its `Shard(0)` part)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import empty as sharded_empty
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    targets: dict[str, dict] = {}
+    for key, meta in metadata.items():
+        name, _, field = key.removeprefix("optim.").rpartition(".")
+        if not key.startswith("optim.") or name not in optimized:
+            continue
+        param, size = params[name], getattr(meta, "size", None)
+        if size is None:  # a non-tensor value (none of ours): the kind the optimizer has
+            targets.setdefault(name, {})[field] = live.get(name, {}).get(field)
+            continue
+        dtype = meta.properties.dtype
+        if tuple(size) == tuple(param.shape) and field != "step":
+            target = torch.empty_like(param, dtype=dtype)
+        elif field.endswith(SCALE) and isinstance(param, DTensor):
+            target = sharded_empty(tuple(size), dtype=dtype, device_mesh=param.device_mesh, placements=(Shard(0),))
+        else:
+            target = torch.empty(tuple(size), dtype=dtype, device="cpu" if field == "step" else param.device)
+        targets.setdefault(name, {})[field] = target
+    return targets

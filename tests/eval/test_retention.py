@@ -113,6 +113,37 @@ def test_a_zero_lr_run_keeps_the_retention_numbers(capsys, bigbench, model_dir, 
     assert "retention (tasks:colours,chat): accuracy" in err
 
 
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_retention_on_two_ranks_equals_one_process(capsys, bigbench, model_dir, tmp_path, mode):
+    """`--retention` under `--nproc 2`: before and after training, measured inside the loop (under fsdp
+    through the sharded model's root, every rank running every forward; under ddp each rank scoring its
+    share of the examples), the numbers one process gives; the adapter saved after it is whole."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    args = ["train", "--model", str(model_dir), "--task", "target", "--steps", "2", "--batch-size", "4", "--lr",
+            "5e-2", "--eval-size", "4", "--retention", "colours,chat", "--device", "cpu"]
+    code, out, err = run(capsys, *args, "--output", tmp_path / "one")
+    assert code == 0, err
+    one = last_json(out)
+    assert one["retention_change"] != {"accuracy": 0.0, "cross_entropy": 0.0}  # training moved them
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "efftune", *args, "--nproc", "2", "--distributed", mode,
+                           "--output", str(tmp_path / mode)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    for when in ("retention_before", "retention_after"):  # fp32: the 2 ranks' sums round otherwise
+        assert two[when]["accuracy"] == one[when]["accuracy"], when
+        assert two[when]["cross_entropy"] == pytest.approx(one[when]["cross_entropy"], abs=2e-4), when
+        assert two[when]["tasks"].keys() == one[when]["tasks"].keys()
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / mode / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def _knows_colours(directory, tokenizer) -> float:
     """A tiny model trained (fully) on the colours task until it knows it: a base with something to forget."""
     from efftune.data import load_task

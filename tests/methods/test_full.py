@@ -179,6 +179,27 @@ def test_an_optimizer_step_with_8bit_moments_is_adams(tmp_path):
     assert torch.allclose(p.detach(), reference, atol=1e-4)
 
 
+def test_8bit_moments_load_as_their_values_where_they_cannot_stay_8bit():
+    """A checkpoint's 8-bit moment for a parameter whose moments this run keeps plain (under FSDP: rows that
+    do not split across the ranks in whole blocks) loads as the values its codes stand for."""
+    pytest.importorskip("torchao")
+    from efftune.train.optimizers import build_optimizer, is_quantized, state_tensors
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    saving = build_optimizer("adamw8bit", [{"params": [p], "weight_decay": 0.0}], 1e-2, torch.device("cpu"))
+    p.grad = torch.randn_like(p)
+    saving.step()
+    moment = saving.state[p]["exp_avg"]
+    assert is_quantized(moment) and set(state_tensors("exp_avg", moment)) == {"exp_avg", "exp_avg::scale"}
+    loading = build_optimizer("adamw8bit", [{"params": [p], "weight_decay": 0.0}], 1e-2, torch.device("cpu"),
+                              fp32_moments=[p])  # this one keeps p's moments in fp32
+    state = {k: v for field, value in saving.state[p].items() for k, v in
+             (state_tensors(field, value) if field != "step" else {field: value}).items()}
+    loading.load_state_dict({"state": {0: state}, "param_groups": saving.state_dict()["param_groups"]})
+    loaded = loading.state[p]["exp_avg"]
+    assert not is_quantized(loaded) and torch.equal(loaded, moment.dequantize())
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 
 def test_a_target_pattern_matching_nothing_is_refused():

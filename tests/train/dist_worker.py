@@ -73,10 +73,12 @@ def method_model(method: str = "lora"):
         torch.manual_seed(0)
         add_mixlora(model, config)
         return model, lambda m, d: save_mixlora(m, d, config)
-    if method == "full":  # every weight trains; the result is the whole model
+    if method in ("full", "full-wide"):  # every weight trains; the result is the whole model
         from efftune.methods.full import FullConfig, add_full, save_full
         from tests.conftest import tiny_llama
-        model = tiny_llama(dtype=torch.float64)
+        # full-wide: matrices of 64 x 64 and 64 x 128 values, whose moments adamw8bit keeps in 8 bits (from 4,096)
+        model = tiny_llama(dtype=torch.float64) if method == "full" else \
+            tiny_llama(dtype=torch.float64, hidden_size=64, intermediate_size=128)
         add_full(model, FullConfig())
         return model, lambda m, d, **gathered: save_full(m, d, FullConfig(), **gathered)
     raise ValueError(method)

@@ -284,6 +284,41 @@ def test_a_quantised_base_is_sharded_under_fsdp_and_trains_as_one_process(tmp_pa
         assert_same_weights(want, saved_tensors(tmp_path / "on2" / "result"))
 
 
+def test_adamw8bit_under_fsdp_equals_one_process_and_its_checkpoint_resumes_exactly(tmp_path):
+    """8-bit AdamW moments (torchao) under FSDP2: each rank keeps its rows' codes and scales, in the whole
+    parameter's blocks, so 2 ranks train as one process does; a checkpoint holds them as DCP shards of
+    plain tensors (uint8 codes sharded as the parameter, fp32 block scales), and a resume on 2 ranks or
+    in one process continues bit for bit, as a one-process checkpoint does on 2 ranks."""
+    pytest.importorskip("torchao")
+    from efftune.train.sharded_state import shard_index
+    config = {**CONFIG, "distributed": "fsdp", "optimizer": "adamw8bit", "steps": 4, "save_every": 2,
+              "micro_batch_size": 2}
+    ranks(tmp_path / "fsdp", config, method="full-wide")
+    one_process(tmp_path / "one", config, method="full-wide")
+    two, one = saved_tensors(tmp_path / "fsdp" / "result"), saved_tensors(tmp_path / "one" / "result")
+    assert one and two.keys() == one.keys()
+    assert_same_weights(one, two)  # (the same bytes here: the same gradients give the same codes)
+    assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    index = shard_index(tmp_path / "fsdp" / "run" / "checkpoints" / "step-000002" / "sharded")
+    gate = "optim.model.layers.0.mlp.gate_proj.weight.exp_avg"
+    assert index[gate] == (128, 64) and index[gate + "::scale"] == (128 * 64 // 256,)  # codes and block scales
+    assert "optim.model.embed_tokens.weight.exp_avg::scale" not in index  # the embeddings' moments stay fp32
+
+    rewind(tmp_path / "fsdp" / "run", tmp_path / "on2" / "run", 2)
+    ranks(tmp_path / "on2", config, method="full-wide", resume=True)
+    resumed = saved_tensors(tmp_path / "on2" / "result")
+    assert all(torch.equal(resumed[k], two[k]) for k in two)
+    rewind(tmp_path / "fsdp" / "run", tmp_path / "on1" / "run", 2)
+    one_process(tmp_path / "on1", config, resume=True, method="full-wide")
+    resumed = saved_tensors(tmp_path / "on1" / "result")
+    assert all(torch.equal(resumed[k], one[k]) for k in one)
+    # and the one-process checkpoint (codes and scales whole, in safetensors) on 2 fsdp ranks, each taking its rows
+    rewind(tmp_path / "one" / "run", tmp_path / "from1" / "run", 2)
+    ranks(tmp_path / "from1", config, method="full-wide", resume=True)
+    resumed = saved_tensors(tmp_path / "from1" / "result")
+    assert all(torch.equal(resumed[k], one[k]) for k in one)
+
+
 def test_two_machines_meet_at_a_rendezvous(tmp_path):
     """Two `torchrun --nnodes 2` processes (one rank each), as two machines would start them, meet at
     a c10d rendezvous on 127.0.0.1 and train as one process does."""

@@ -80,3 +80,37 @@ def test_a_checkpoint_of_another_rank_is_refused_before_anything_changes(checkpo
         load_checkpoint(checkpoint[0], other, other_opt)
     assert all(torch.equal(w, dict(other.named_parameters())[n]) for n, w in before.items())
     assert not other_opt.state
+
+
+def _killed_save(directory):
+    """What a sharded save killed before it moved its shards into place leaves: DCP's files in step-N.shards."""
+    directory.mkdir(parents=True)
+    (directory / "__0_0.distcp").write_bytes(b"shard")
+    (directory / ".metadata.tmp").write_bytes(b"")
+    return directory
+
+
+def test_a_save_clears_the_staging_a_killed_save_left_and_nothing_else(tmp_path):
+    model, optimizer = trained()
+    root = tmp_path / "checkpoints"
+    killed, same_step = _killed_save(root / "step-000001.shards"), _killed_save(root / "step-000003.shards")
+    foreign = root / "step-000002.shards"  # named as ours, but holding a file DCP does not write
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone's")
+    other = _killed_save(root / "backup.shards")  # DCP's files, but not a name a save gives
+    save_checkpoint(root / "step-000003", model, optimizer, 3, {}, sharded=True)
+    assert sorted(p.name for p in root.iterdir()) == ["backup.shards", "latest", "step-000002.shards", "step-000003"]
+    assert (foreign / "notes.txt").read_text() == "someone's" and (other / "__0_0.distcp").is_file()
+    assert not killed.exists() and not same_step.exists()
+    assert latest_checkpoint(root) == root / "step-000003"
+
+
+def test_a_resume_clears_the_staging_a_killed_save_left(tmp_path):
+    from efftune.train.loop import TrainConfig, train
+    from tests.train.dist_worker import lora_model, sequences
+    config = TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=0, eval_every=0, save_every=1)
+    train(lora_model(), sequences(), config, tmp_path / "run", pad_id=1)
+    killed = _killed_save(tmp_path / "run" / "checkpoints" / "step-000003.shards")
+    result = train(lora_model(), sequences(), config, tmp_path / "run", pad_id=1, resume=True)
+    assert result.start_step == 2 and not killed.exists()
+    assert sorted(p.name for p in killed.parent.iterdir()) == ["latest", "step-000001", "step-000002"]
