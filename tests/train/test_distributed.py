@@ -234,6 +234,18 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     assert losses(tmp_path / "on2" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
 
 
+def fsdp_equals_one_process(tmp_path: Path, config: dict, method: str) -> dict:
+    """Train `method` on 2 fsdp ranks (tmp_path/fsdp) and in one process (tmp_path/one): the same losses
+    and the same saved result. Returns the one-process result's tensors."""
+    ranks(tmp_path / "fsdp", config, method=method)
+    one_process(tmp_path / "one", config, method=method)
+    assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    got, want = saved_tensors(tmp_path / "fsdp" / "result"), saved_tensors(tmp_path / "one" / "result")
+    assert want and got.keys() == want.keys()
+    assert_same_weights(want, got)
+    return want
+
+
 @pytest.mark.parametrize("method", ["expert-lora", "mixlora", "esft", "full"])
 def test_moe_methods_and_full_fine_tuning_under_fsdp_equal_one_process(tmp_path, method):
     """Expert LoRA (on fused expert weights), MixLoRA and ESFT under FSDP2, each block sharded with its
@@ -242,12 +254,7 @@ def test_moe_methods_and_full_fine_tuning_under_fsdp_equal_one_process(tmp_path,
     # the routers' balance losses are taken per micro-batch (they are not linear in the tokens): one
     # process runs each rank's 2 examples as a micro-batch of its own
     config = {**CONFIG, "distributed": "fsdp", "steps": 2, "micro_batch_size": 2}
-    ranks(tmp_path / "fsdp", config, method=method)
-    one_process(tmp_path / "one", config, method=method)
-    assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
-    got, want = saved_tensors(tmp_path / "fsdp" / "result"), saved_tensors(tmp_path / "one" / "result")
-    assert want and got.keys() == want.keys()
-    assert_same_weights(want, got)
+    fsdp_equals_one_process(tmp_path, config, method)
 
 
 @pytest.mark.parametrize("method", ["qlora", "expert-qlora"])
@@ -259,12 +266,7 @@ def test_a_quantised_base_is_sharded_under_fsdp_and_trains_as_one_process(tmp_pa
     config = {**CONFIG, "distributed": "fsdp", "steps": 2, "micro_batch_size": 2}
     if method == "qlora":
         config.update(steps=4, save_every=2)
-    ranks(tmp_path / "fsdp", config, method=method)
-    one_process(tmp_path / "one", config, method=method)
-    assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
-    got, want = saved_tensors(tmp_path / "fsdp" / "result"), saved_tensors(tmp_path / "one" / "result")
-    assert want and got.keys() == want.keys()
-    assert_same_weights(want, got)
+    want = fsdp_equals_one_process(tmp_path, config, method)
     # the packed base: sharded, half a tensor a rank (FSDP2 pads dim 0 to split evenly)
     sizes = [json.loads((tmp_path / "fsdp" / f"rank-{r}-packed.json").read_text()) for r in (0, 1)]
     reference = dist_worker.method_model(method)[0]
