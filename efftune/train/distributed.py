@@ -215,8 +215,20 @@ def data_parallel(model: nn.Module, has_moe: bool) -> nn.Module:
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
-    return DistributedDataParallel(Forward(model), init_sync=False, broadcast_buffers=False,
-                                   find_unused_parameters=has_moe)
+    return DistributedDataParallel(Forward(model), init_sync=False, find_unused_parameters=has_moe,
+                                   **_no_forward_buffer_sync())
+
+
+def _no_forward_buffer_sync() -> dict:
+    """DDP's switch for not broadcasting buffers at every forward: `forward_sync_buffers=False` where
+    torch has it (2.13; there `broadcast_buffers` is deprecated), `broadcast_buffers=False` before
+    (torch 2.11, the GPU machines'), which also skips the buffers at DDP's initial sync."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def fully_sharded(model: nn.Module, blocks: Sequence[nn.Module], param_dtype: torch.dtype | None,
@@ -370,15 +382,19 @@ def to_empty_keeping_ties(model: nn.Module, device: torch.device) -> None:
 def data_parallel_from_rank0(model: nn.Module, has_moe: bool) -> nn.Module:
     """`data_parallel` for a model that only rank 0 loaded: the meta ranks' copies get storage on
     their device, and DDP's initial synchronisation sends rank 0's parameters (the frozen base too,
-    each tied one once) and buffers to every rank. DDP broadcasts `named_buffers()`, which holds
-    the non-persistent buffers as well (rotary `inv_freq`, not in the state dict): they arrive as
-    rank 0 computed them. (`forward_sync_buffers=False`: nothing is sent again at each forward.)"""
+    each tied one once) to every rank. The buffers go first, from here, each of `named_buffers()`
+    once, the non-persistent ones too (rotary `inv_freq`, not in the state dict): they arrive as
+    rank 0 computed them. (DDP's own initial sync would send them only on a torch that has
+    `forward_sync_buffers`; nothing is sent again at each forward.)"""
     from torch.nn.parallel import DistributedDataParallel
     device = rank_device()
     to_empty_keeping_ties(model, device)
     model.to(device)  # rank 0's copy, where it was loaded elsewhere (host memory)
-    return DistributedDataParallel(Forward(model), init_sync=True, forward_sync_buffers=False,
-                                   find_unused_parameters=has_moe)
+    with torch.no_grad():
+        for _, buffer in model.named_buffers():  # (named_buffers lists a shared buffer once)
+            dist.broadcast(buffer, src=0)
+    return DistributedDataParallel(Forward(model), init_sync=True, find_unused_parameters=has_moe,
+                                   **_no_forward_buffer_sync())
 
 
 def _fill_sharded(model: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
