@@ -114,14 +114,26 @@ def freeze_base(model: nn.Module) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    # a quantised layer (efftune.quantize, a layer above) packs its frozen weight into integer
-    # parameters and says how many elements the weight has: those count, not the packed bytes
-    packed = {id(p) for m in model.modules() if hasattr(m, "packed_weight_numel")
-              for p in m.parameters(recurse=False) if not p.is_floating_point()}
+    """(trainable, total) parameter counts; a quantised weight counts as the elements it stands for."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters() if id(p) not in packed)
-    total += sum(getattr(m, "packed_weight_numel", 0) for m in model.modules())
+    counted: set[int] = set()
+    total = 0
+    for m in model.modules():
+        own = [p for p in m.parameters(recurse=False) if id(p) not in counted]
+        counted.update(id(p) for p in own)
+        packed = [p for p in own if not p.is_floating_point()]
+        total += sum(p.numel() for p in own if p.is_floating_point())
+        if not packed:
+            continue
+        if hasattr(m, "packed_weight_numel"):
+            # efftune's quantised layers (efftune.quantize, a layer above) pack their frozen weight into
+            # integer parameters and say how many elements the weight has
+            total += m.packed_weight_numel
+        elif isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int):
+            # a linear another library quantised (bitsandbytes' Linear4bit packs two codes a byte)
+            total += m.in_features * m.out_features
+        else:
+            total += sum(p.numel() for p in packed)
     return trainable, total
 
 

@@ -170,3 +170,15 @@ def test_fsdp_refuses_a_bitsandbytes_base_in_one_line(float_dir):
     ours = llama64()
     quantize_model(ours, "nf4")
     check_shardable(ours)  # efftune's own shard
+
+
+@pytest.mark.parametrize("kind", ["4-bit", "8-bit"])
+def test_parameter_counts_see_through_the_packing(float_dir, kind):
+    """The total counts a quantised weight as the elements it stands for (Linear4bit packs two codes a
+    byte), so it equals the unquantised model's total."""
+    from transformers import AutoModelForCausalLM
+
+    from efftune.attach import trainable_parameters
+    plain = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    model = load_bnb(float_dir, kind)
+    assert trainable_parameters(model)[1] == trainable_parameters(plain)[1] == sum(p.numel() for p in plain.parameters())
