@@ -205,17 +205,27 @@ def check_batch(batch_size: int, micro_batch_size: int, here: World) -> int:
     return micro
 
 
-def data_parallel(model: nn.Module, has_moe: bool) -> nn.Module:
+def data_parallel(model: nn.Module, has_moe: bool, from_rank0: bool = False) -> nn.Module:
     """`Forward(model)` under DistributedDataParallel. Trainable parameters are made equal to rank
     0's first (they are already when every rank seeded the same, as efftune's runs do; a check
     costs one broadcast of the adapter); frozen weights and buffers are never sent. `has_moe`:
-    experts that receive no token on a rank have no gradient there, which DDP must look for."""
+    experts that receive no token on a rank have no gradient there, which DDP must look for.
+
+    `from_rank0`: only rank 0 loaded the model (the others hold it on the meta device): their copies
+    get storage on their device, rank 0's buffers are sent to them (`_buffers_from_rank0`), and DDP's
+    initial synchronisation sends rank 0's parameters, the frozen base too, each tied one once."""
     from torch.nn.parallel import DistributedDataParallel
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                dist.broadcast(p.data, src=0)
-    return DistributedDataParallel(Forward(model), init_sync=False, find_unused_parameters=has_moe,
+    if from_rank0:
+        device = rank_device()
+        to_empty_keeping_ties(model, device)
+        model.to(device)  # rank 0's copy, where it was loaded elsewhere (host memory)
+        _buffers_from_rank0(model)
+    else:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
+    return DistributedDataParallel(Forward(model), init_sync=from_rank0, find_unused_parameters=has_moe,
                                    **_no_forward_buffer_sync())
 
 
@@ -342,8 +352,8 @@ def unshard_trainable(model: nn.Module) -> None:
 # so a machine holds one copy of the base in host memory instead of one a rank. The method attaches
 # to the meta model as to rank 0's real one, so each rank's modules match rank 0's; whatever it
 # creates there (an adapter's initial values) is rank 0's too, as every value then comes from rank 0.
-# The training loop fills the meta ranks' models when it wraps them: `data_parallel_from_rank0`,
-# `fully_sharded(..., from_rank0=True)`.
+# The training loop fills the meta ranks' models when it wraps them: `data_parallel(...,
+# from_rank0=True)`, `fully_sharded(..., from_rank0=True)`.
 def on_meta(model: nn.Module) -> bool:
     """Some parameter or buffer of `model` has no storage (built on the meta device)."""
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
@@ -379,36 +389,26 @@ def to_empty_keeping_ties(model: nn.Module, device: torch.device) -> None:
             setattr(model.get_submodule(owner), attr, p)
 
 
-def data_parallel_from_rank0(model: nn.Module, has_moe: bool) -> nn.Module:
-    """`data_parallel` for a model that only rank 0 loaded: the meta ranks' copies get storage on
-    their device, and DDP's initial synchronisation sends rank 0's parameters (the frozen base too,
-    each tied one once) to every rank. The buffers go first, from here, each of `named_buffers()`
-    once, the non-persistent ones too (rotary `inv_freq`, not in the state dict): they arrive as
-    rank 0 computed them. (DDP's own initial sync would send them only on a torch that has
-    `forward_sync_buffers`; nothing is sent again at each forward.)"""
-    from torch.nn.parallel import DistributedDataParallel
-    device = rank_device()
-    to_empty_keeping_ties(model, device)
-    model.to(device)  # rank 0's copy, where it was loaded elsewhere (host memory)
-    with torch.no_grad():
-        for _, buffer in model.named_buffers():  # (named_buffers lists a shared buffer once)
-            dist.broadcast(buffer, src=0)
-    return DistributedDataParallel(Forward(model), init_sync=True, find_unused_parameters=has_moe,
-                                   **_no_forward_buffer_sync())
-
-
 def _fill_sharded(model: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
     """After `fully_shard`: every rank's shards cut from rank 0's whole state dict `full`, which
     torch.distributed.checkpoint broadcasts one tensor at a time (`broadcast_from_rank0`; the other
     ranks pass an empty dict). Buffers are not sharded, and non-persistent ones (rotary `inv_freq`) are
-    not in a state dict: rank 0's are sent as DDP sends them, those every rank has (a buffer efftune
-    derives from the weights' layout, the LoRA SwiGLU packing, exists where the layout allows it)."""
+    not in a state dict: rank 0's are sent (`_buffers_from_rank0`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     if on_meta(model):
         model.to_empty(device=device)  # FSDP2 re-registers its shards (and shared parameters) itself
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    _buffers_from_rank0(model)
+
+
+def _buffers_from_rank0(model: nn.Module) -> None:
+    """Rank 0's buffers sent to every rank, the non-persistent ones too (rotary `inv_freq`, in no state
+    dict), each once: those every rank has (a buffer efftune derives from the weights' layout, the
+    LoRA SwiGLU packing, exists where the layout allows it). DDP's own initial sync would send them
+    only on a torch that has `forward_sync_buffers` (`_no_forward_buffer_sync`)."""
     mine = dict(model.named_buffers())
     everyone: list = [None] * world().size
     dist.all_gather_object(everyone, sorted(mine))
-    for name in sorted(set.intersection(*map(set, everyone))):
-        dist.broadcast(mine[name], src=0)
+    with torch.no_grad():
+        for name in sorted(set.intersection(*map(set, everyone))):
+            dist.broadcast(mine[name], src=0)

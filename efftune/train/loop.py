@@ -348,8 +348,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         # DDP must look for parameters without a gradient: experts no token reached on this rank, and with
         # k adapters those of a lane that resumed further on and joins later
         unused = bool(moe_layers(model) or router_taps(model)) or isinstance(sequences, Mapping)
-        forward = distributed.data_parallel_from_rank0(model, unused) if from_rank0 \
-            else distributed.data_parallel(model, unused)
+        forward = distributed.data_parallel(model, unused, from_rank0=from_rank0)
     else:
         forward = partial(target_logprobs, model)
     params = hooks.parameters(model)
