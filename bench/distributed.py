@@ -14,6 +14,8 @@ LoRA r=16, alpha=32, dropout 0 to every linear layer but lm_head, and trains on 
                 (fused on CUDA), bf16 autocast; `--compile` / `--cuda-graphs` as train.compile / train.cuda_graphs
   efftune-fsdp  the same with TrainConfig(distributed="fsdp"): FSDP2 fully_shard per decoder block, then
                 the root (frozen base sharded too); `--compile` applies, CUDA graphs never (train() refuses them)
+  efftune-local the same train() without torchrun (no process group: the non-distributed loop), one
+                process; the baseline for the cost of `ddp` and `fsdp` at one GPU (the final JSON's overhead)
   peft-ddp      peft.get_peft_model + torch DistributedDataParallel, a plain loop: bf16 autocast,
                 loss = model(input_ids=ids, labels=ids).loss, backward, clip_grad_norm_ 1.0, AdamW (fused on CUDA)
   peft-fsdp     peft.get_peft_model prepared by accelerate with FullyShardedDataParallelPlugin(fsdp_version=2,
@@ -66,7 +68,7 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E40
 
 from bench.throughput import SHAPES, build_model, default_seq, run_worker  # noqa: E402
 
-CASES = ("efftune-ddp", "efftune-fsdp", "peft-ddp", "peft-fsdp")
+CASES = ("efftune-ddp", "efftune-fsdp", "peft-ddp", "peft-fsdp", "efftune-local")
 PEERS = {"efftune-ddp": "peft-ddp", "efftune-fsdp": "peft-fsdp"}
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -104,8 +106,9 @@ def run_efftune(args: argparse.Namespace, mode: str) -> dict:
     ids = random_ids(SHAPES[args.shape]["vocab_size"], 2 * args.batch * ranks, args.seq, 1, torch.device("cpu"))
     seqs = [Encoded(row, [IGNORE] + row[1:]) for row in ids.tolist()]  # every token a target but the first
     config = TrainConfig(steps=total, batch_size=args.batch * ranks, lr=1e-4, warmup_steps=0, precision="bf16",
-                         max_length=args.seq, compile=args.compile, cuda_graphs=args.cuda_graphs and mode == "ddp",
-                         eval_every=0, save_every=0, save_every_minutes=0, keep_checkpoints=1, distributed=mode)
+                         max_length=args.seq, compile=args.compile, cuda_graphs=args.cuda_graphs and mode != "fsdp",
+                         eval_every=0, save_every=0, save_every_minutes=0, keep_checkpoints=1,
+                         distributed="ddp" if mode == "local" else mode)  # local: no torchrun, so no group
     marks: dict[int, float] = {}
 
     def on_metrics(_, row: dict) -> None:
@@ -221,8 +224,11 @@ def worker(args: argparse.Namespace) -> None:
 
 # -- the launcher ------------------------------------------------------------------------------------
 def launch(args: argparse.Namespace, case: str, nproc: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(Path(__file__).resolve()), "--worker", case, "--shape", args.shape, "--steps", str(args.steps),
+    if case == "efftune-local" and nproc != 1:
+        return dict(shape=args.shape, case=case, nproc=nproc, error="efftune-local runs one process only")
+    torchrun = [] if case == "efftune-local" else [
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    cmd = [sys.executable, *torchrun, str(Path(__file__).resolve()), "--worker", case, "--shape", args.shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch),
            "--peft-fsdp", args.peft_fsdp, "--out", str(out / f"{case}-{nproc}")]
     cmd += ["--compile"] * args.compile + ["--cuda-graphs"] * args.cuda_graphs
@@ -250,9 +256,13 @@ def summarize(results: list[dict]) -> dict:
             ratios.setdefault(f"nproc {n}", {})[f"{case} vs {PEERS[case]}"] = dict(
                 tokens_s_per_gpu=_ratio(r["tokens_s_per_gpu"], peer["tokens_s_per_gpu"]),
                 peak_gib=_ratio(r["peak_gib"], peer["peak_gib"]))
+    local = ok.get(("efftune-local", 1))
+    overhead = {case: dict(tokens_s=_ratio(ok[(case, 1)]["tokens_s"], local["tokens_s"]),
+                           peak_gib=_ratio(ok[(case, 1)]["peak_gib"], local["peak_gib"]))
+                for case in ("efftune-ddp", "efftune-fsdp") if local and (case, 1) in ok}
     errors = {f"{r['case']} nproc {r['nproc']}": r["error"] for r in results if "error" in r}
     return dict(summary="scaling and efftune/peft ratios", shape=results[0]["shape"] if results else None,
-                scaling=scaling, efftune_vs_peft=ratios, errors=errors)
+                scaling=scaling, efftune_vs_peft=ratios, one_gpu_vs_local=overhead, errors=errors)
 
 
 def main(argv: list[str] | None = None) -> None:

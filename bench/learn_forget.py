@@ -17,6 +17,8 @@ setting: target accuracy gain (y) against panel accuracy drop and against panel 
     PYTHONPATH=. python bench/learn_forget.py --out runs/learn_forget --figure          # GPU, ~minutes a setting
     PYTHONPATH=. python bench/learn_forget.py --model DIR --steps 2 --eval-size 8 \\
         --settings full-lr1e-5 lora-r8 --out /tmp/lf                                     # smoke run
+    PYTHONPATH=. python bench/learn_forget.py --collect /tmp/lf1 /tmp/lf2 --out runs/learn_forget --figure
+                                                    # settings run apart (one process each), joined and plotted
 """
 from __future__ import annotations
 
@@ -118,10 +120,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="full fine-tuning's")
     ap.add_argument("--out", default="runs/learn_forget")
     ap.add_argument("--figure", action="store_true", help="copy forgetting.png to bench/figures/")
+    ap.add_argument("--collect", nargs="+", metavar="DIR", default=None,
+                    help="run nothing: join the results.json of runs made apart (settings split over processes) "
+                         "into --out, in SETTINGS order, and plot them")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    if args.collect:
+        found = {r["setting"]: r for d in args.collect for r in json.loads((Path(d) / "results.json").read_text())}
+        results = [found[name] for name in SETTINGS if name in found]
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        args.settings = []
+    else:
+        results = []
     for name in args.settings:
         try:
             results.append(one_run(name, args))

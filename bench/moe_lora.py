@@ -12,6 +12,8 @@ LoRA is r=16, alpha=32, dropout 0 everywhere. Cases:
                 path) + efftune LoRA on the attention linears; loss through efftune's chunked target_logprobs
   efftune-base  efftune's expert path without expert LoRA (use_grouped_experts) + attention LoRA
   efftune-compile  `efftune` with each decoder block compiled (efftune.train.compile, train.compile)
+  efftune-nf4   `efftune` on an NF4 base: experts and attention linears quantised first
+                (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-compile-nf4: compiled
 
 Like bench/throughput.py (whose helpers it imports), each case runs in its own subprocess and
 prints one JSON line (tokens/s, step seconds, peak GiB = max_memory_allocated, trainable params);
@@ -42,7 +44,7 @@ SHAPES: dict[str, dict] = {
                  moe_intermediate_size=32, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=1000),
 }
-CASES = ("peft", "peft-attn", "efftune", "efftune-base", "efftune-compile")
+CASES = ("peft", "peft-attn", "efftune", "efftune-base", "efftune-compile", "efftune-nf4", "efftune-compile-nf4")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -73,9 +75,13 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     from efftune.methods.lora.config import LoraConfig
     from efftune.methods.lora.model import add_lora
     from efftune.moe.experts import use_grouped_experts
-    if case in ("efftune", "efftune-compile"):
+    if case.endswith("-nf4"):  # issue 24: NF4 experts and linears under expert LoRA, quantised at load as
+        from efftune.quantize import quantize_model  # `quantize: nf4` does (before the method attaches)
+        quantize_model(model, "nf4")
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None  # the bf16 weights are gone
+    if case in ("efftune", "efftune-compile", "efftune-nf4", "efftune-compile-nf4"):
         add_expert_lora(model, ExpertLoraConfig(r=16, alpha=32, target_modules=ATTN))
-        if case == "efftune-compile":
+        if case.startswith("efftune-compile"):
             from efftune.train.compile import compile_blocks
             compile_blocks(model)
     else:
@@ -97,7 +103,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     from efftune.forward.options import ForwardOptions
-    options = ForwardOptions(fused_head=case == "efftune-compile")  # as train() with train.compile
+    options = ForwardOptions(fused_head=case.startswith("efftune-compile"))  # as train() with train.compile
     step = train_step(lambda: loss_fn(model, loss_case, ids, options), opt, device)
     step_s, loss, _ = timed_steps(step, steps, warmup, device)
     extra = {}

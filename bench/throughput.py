@@ -31,7 +31,8 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
                   (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-nf4-ckpt:
                   with activation checkpointing; efftune-compile-nf4: compiled
   peft-qlora      `peft` on a bitsandbytes NF4 base (Linear4bit, double-quantised scales, bf16
-                  compute: QLoRA as peft users run it); needs bitsandbytes and a GPU
+                  compute: QLoRA as peft users run it); needs bitsandbytes and a GPU; peft-qlora-ckpt:
+                  with transformers' gradient checkpointing (non-reentrant)
   peft-dora       `peft` with LoraConfig(use_dora=True)
   efftune-dora    efftune.methods.dora.add_dora (DoRA on lora_linears, SwiGLU unfused), loss as `efftune`;
                   efftune-dora-compile, efftune-dora-compile-cg: compiled, and replayed as CUDA graphs
@@ -91,7 +92,7 @@ CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", 
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
          "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt",
-         "efftune-compile-nf4", "peft-qlora", "peft-dora", "efftune-dora", "efftune-dora-compile",
+         "efftune-compile-nf4", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora", "efftune-dora-compile",
          "efftune-dora-compile-cg")
 LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
                  "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8",
@@ -145,15 +146,19 @@ def bnb_nf4(model: torch.nn.Module) -> None:
 
 
 def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
-    if case == "peft-qlora":
+    if case.startswith("peft-qlora"):
         bnb_nf4(model)
     if "-nf4" in case:  # before LoRA attaches, as the main job does
         from efftune.quantize import quantize_model
         quantize_model(model, "nf4")
-    if case in ("peft", "peft-fa", "peft-qlora", "peft-dora"):
+    if case in ("peft", "peft-fa", "peft-qlora", "peft-qlora-ckpt", "peft-dora"):
         import peft
-        return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                          lora_dropout=0.0, use_dora=case == "peft-dora"))
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                             lora_dropout=0.0, use_dora=case == "peft-dora"))
+        if case.endswith("-ckpt"):  # transformers' own switch (non-reentrant), as a peft user turns it on
+            from efftune.train.loop import enable_activation_checkpointing  # 5.24+ renamed the switch
+            enable_activation_checkpointing(model)
+        return wrapped
     if case == "full-plain":  # every weight trains, in fp32 (the precision AdamW steps want) under autocast
         return model.float()
     if case.startswith("efftune-full"):
