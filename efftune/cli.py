@@ -141,7 +141,7 @@ def parser() -> Parser:
     hsub.add_parser("build", help="train a library of LoRA modules, one per task (k at once), for hub compose; "
                                   "resumes an interrupted build", populate=_build_flags,
                     usage="efftune hub build (--tasks T1,T2,... | --tasks-file FILE) --output LIB [--together K] "
-                          "[--resume-changed] [--debug] [--KEY VALUE ...]",
+                          "[--resume-changed] [--nproc N] [--debug] [--KEY VALUE ...]",
                     description="Train a library of LoRA modules, one per task. The training flags are "
                                 "`efftune train`'s, with the same defaults; the config key is given in brackets.")
     k = sub.add_parser("tasks", help="list BIG-bench tasks with their kind and size")
@@ -236,6 +236,8 @@ def _build_flags(b: argparse.ArgumentParser) -> None:
                    help="resume unfinished modules even where a setting that changes what they compute (--lr, "
                         "--max-length, ...) differs from their checkpoint's (a build resumes by default)")
     b.add_argument("--debug", action="store_true", help="show tracebacks")
+    from .launch import add_flags
+    add_flags(b)  # --nproc, and torchrun's flags for several machines, as train's
     add_config_flags(b, build_flags(), BUILD_HELP, notes={})
 
 
@@ -268,10 +270,15 @@ def _train(args) -> dict | None:
         distributed.finish()
 
 
+def _launches(args, command: str) -> bool:
+    """The commands that run under torchrun and take --nproc: train and hub build."""
+    return command == "train" or (command == "hub" and args.hub_command == "build")
+
+
 def _launch(args, argv: list[str]) -> int:
-    """`efftune train --nproc N ...`: the same command in N processes through torchrun
-    (`efftune.launch`), after the config is checked here. One GPU a process where CUDA is visible
-    and the run's device is not cpu; else N CPU processes over gloo, the cores shared."""
+    """`efftune train --nproc N ...` (or `hub build --nproc N ...`): the same command in N processes
+    through torchrun (`efftune.launch`), after the config is checked here. One GPU a process where
+    CUDA is visible and the run's device is not cpu; else N CPU processes over gloo, the cores shared."""
     import os
 
     import torch
@@ -280,9 +287,15 @@ def _launch(args, argv: list[str]) -> int:
     n = args.nproc
     if n < 1:
         raise EfftuneError(f"--nproc must be at least 1, got {n}")
-    from .finetune import check_distributed
-    cfg = train_config(args)  # a bad flag fails here, once, before any process starts
-    check_distributed(cfg)
+    # a bad flag fails here, once, before any process starts
+    if args.command == "train":
+        from .finetune import check_distributed
+        cfg = train_config(args)
+        check_distributed(cfg)
+    else:
+        from .compose.library import check_distributed as check_build
+        cfg = build_config(args)
+        check_build(cfg.train)
     on_gpu = torch.cuda.is_available() and not cfg.device.startswith("cpu")
     if on_gpu and n > torch.cuda.device_count():
         raise EfftuneError(f"--nproc {n}: only {torch.cuda.device_count()} GPU(s) are visible; one process a GPU "
@@ -294,15 +307,21 @@ def _launch(args, argv: list[str]) -> int:
     return launch(args, argv, on_gpu)
 
 
-def _hub_build(args) -> dict:
+def _hub_build(args) -> dict | None:
+    """The build's summary; None on the ranks other than 0 under torchrun (rank 0 prints it)."""
     from .compose.library import build_library, read_tasks_file
+    from .train import distributed
 
     cfg = build_config(args)
     tasks = read_tasks_file(args.tasks_file) if args.tasks_file else [t for t in args.tasks.split(",") if t.strip()]
-    return build_library(cfg.model, tasks, args.output, cfg.lora, cfg.train, together=args.together,
-                         eval_size=cfg.eval_size, chat_template=cfg.chat_template, dtype=cfg.dtype,
-                         device=cfg.device, resume_changed=args.resume_changed,
-                         log=lambda m: print(m, file=sys.stderr))
+    try:
+        summary = build_library(cfg.model, tasks, args.output, cfg.lora, cfg.train, together=args.together,
+                                eval_size=cfg.eval_size, chat_template=cfg.chat_template, dtype=cfg.dtype,
+                                device=cfg.device, resume_changed=args.resume_changed,
+                                log=lambda m: print(m, file=sys.stderr))
+        return summary if distributed.world().main else None
+    finally:
+        distributed.finish()
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:
@@ -486,13 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # a flag refused (one line printed) or --help: main returns the status
         return exc.code if isinstance(exc.code, int) else 2
     # SIGTERM as an exception, like Ctrl-C: a run cleans up (or checkpoints) and exits 143
-    if command == "train" and args.nproc is None:
+    if _launches(args, command) and args.nproc is None:
         from .launch import passed_flags
         if given := passed_flags(args):
             print(f"efftune: error: {next(iter(given))} is for several processes: add --nproc N (processes on "
                   "this machine)", file=sys.stderr)
             return 2
-    if command == "train" and args.nproc is not None:
+    if _launches(args, command) and args.nproc is not None:
         try:
             return _launch(args, list(sys.argv[1:] if argv is None else argv))
         except EfftuneError as exc:
@@ -512,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "merge":
             print(json.dumps(_merge(args)))
         elif command == "hub" and args.hub_command == "build":
-            print(json.dumps(_hub_build(args)))
+            summary = _hub_build(args)
+            if summary is not None:
+                print(json.dumps(summary))
         elif command == "hub":
             print(json.dumps(_hub_compose(args)))
         elif command == "tasks":

@@ -1,4 +1,5 @@
-"""`efftune train --nproc N ...`: the same command in N processes on this machine, started by torchrun.
+"""`efftune train --nproc N ...` (and `efftune hub build --nproc N ...`): the same command in N processes
+on this machine, started by torchrun.
 
 efftune runs torchrun's own entry (`torch.distributed.run`) in this process, with the arguments
 torchrun would take: `--standalone` (a rendezvous on this machine) or, across machines, the
@@ -15,7 +16,7 @@ import sys
 
 from .errors import EfftuneError
 
-# torchrun's flags that `efftune train` passes through unchanged (the same names and meanings)
+# torchrun's flags that `efftune train` (and `hub build`) pass through unchanged (the same names and meanings)
 PASSED = {
     "--nnodes": "number of machines, or MIN:MAX (torchrun's --nnodes; needs --rdzv-endpoint)",
     "--node-rank": "this machine's rank among them (torchrun's --node-rank)",
@@ -31,11 +32,12 @@ READ_TIMEOUT, JOIN_TIMEOUT = 60, 600  # torch's defaults, in seconds, for --rdzv
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    """`--nproc` and the torchrun flags `efftune train` passes through."""
+    """`--nproc` and the torchrun flags `efftune train` and `hub build` pass through."""
     g = p.add_argument_group("several processes (torchrun)")
     g.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine (data parallel; train.distributed picks ddp or "
-                        "fsdp): efftune starts them through torchrun, one per GPU, or on CPU over gloo")
+                        "fsdp, hub build ddp only): efftune starts them through torchrun, one per GPU, or on CPU "
+                        "over gloo")
     for flag, text in PASSED.items():
         g.add_argument(flag, metavar="VALUE", help=f"with --nproc: {text}")
 
@@ -61,7 +63,7 @@ def rank_argv(argv: list[str]) -> list[str]:
 
 
 def torchrun_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
-    """torchrun's arguments for `efftune train --nproc N [passed-through flags] ...` (`argv`)."""
+    """torchrun's arguments for `efftune train --nproc N [passed-through flags] ...` (`argv`; `hub build` alike)."""
     given = passed_flags(args)
     if "--nnodes" in given and "--rdzv-endpoint" not in given:
         raise EfftuneError(f"--nnodes {given['--nnodes']}: the machines need a place to meet: pass "
@@ -69,6 +71,17 @@ def torchrun_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
     rendezvous = ["--rdzv-backend", "c10d"] if "--rdzv-endpoint" in given else ["--standalone"]
     passed = [x for flag, value in given.items() for x in (flag, str(value))]
     return [f"--nproc-per-node={args.nproc}", *rendezvous, *passed, "-m", "efftune", *rank_argv(argv)]
+
+
+def torchrun_args(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """torchrun's parsed arguments (`torch.distributed.run`'s parser) for `torchrun_argv(args, argv)`.
+    Its parser is told not to take abbreviations: argparse looks at every argument, the rank's
+    command after `-m efftune` too, and a rank's flag that begins some of torchrun's (`--r` of
+    `--rdzv-*`, `--log` of `--log-dir` and `--logs-specs`) stopped torchrun as ambiguous."""
+    from torch.distributed.run import get_args_parser
+    parser = get_args_parser()
+    parser.allow_abbrev = False
+    return parser.parse_args(torchrun_argv(args, argv))
 
 
 def _conf(args: argparse.Namespace) -> dict[str, str]:
@@ -115,13 +128,13 @@ def launch(args: argparse.Namespace, argv: list[str], on_gpu: bool) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import run
 
     from .train.distributed import launched
     if launched():
         raise EfftuneError("--nproc: this process already runs under torchrun; leave --nproc out (torchrun's "
                            "--nproc-per-node says how many)")
-    torchrun = parse_args(torchrun_argv(args, argv))
+    torchrun = torchrun_args(args, argv)
     for key, value in environment(args.nproc, on_gpu).items():  # torchrun runs in this process
         os.environ.setdefault(key, value)
     try:

@@ -20,18 +20,28 @@ AdamW act per module, so k-at-once equals one-by-one up to float rounding (reduc
 padding change the last bits). What is *not* equal: dropout masks (drawn from one RNG stream in
 another order; use dropout 0 for equality), and wall-clock metadata (`seconds` of a module
 trained with others is the shared time of those steps).
+
+**Under torchrun** (`efftune hub build --nproc N`, or `torchrun ... -m efftune hub build`) every rank
+runs the build and each group of modules trains through `train()` across the ranks as `efftune train`
+does (`train.distributed: ddp`: each step's global batch split over the ranks, rank 0's model sent to
+the others, which build theirs on the meta device). Evaluations are sharded as `efftune train`'s under
+ddp (each rank scores every N-th held-out example, the hits are summed), and rank 0 alone writes the
+index, the modules, the runs' files and the log. `train.distributed: fsdp` is refused
+(`check_distributed`): FSDP2 shards the model in place (its blocks become FSDP modules, the base
+weights shards), and there is no undoing that for the next group, whose adapters would attach to
+the sharded model.
 """
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shutil
 import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -53,7 +63,7 @@ from ..methods.lora.layer import adapter_names, lora_layers, mixed_adapter_batch
 from ..methods.lora.model import add_lora, check_ranks, delete_adapter, set_active_adapters, set_trainable_adapters
 from ..methods.lora.peft_format import read_adapter_config, save_adapter
 from ..train.checkpoint import changed_keys, latest_checkpoint, read_state
-from ..train.distributed import launched
+from ..train import distributed
 from ..train.loop import TrainConfig, example_order, read_metrics, train
 from ..train.seed import seed_everything
 
@@ -154,23 +164,30 @@ def write_index(output_dir: Path, build: dict) -> dict:
 
 # ---- evaluating k modules at once -------------------------------------------------------------------
 
-@torch.no_grad()
 def accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
                         row_tokens: int = 512, rows_per_batch: int = 4,
                         options: ForwardOptions = DEFAULT) -> dict[str, float]:
     """Multiple-choice accuracy of each adapter on its own examples, every adapter in the same
     forward passes (`rows_per_batch` rows per adapter per pass); as `multiple_choice_accuracy`
     with that adapter alone active, up to rounding. `options`: the forwards' kernels."""
+    hits = hits_together(model, formatter, examples, row_tokens, rows_per_batch, options)
+    return {n: round(hits[n] / len(exs), 4) if exs else float("nan") for n, exs in examples.items()}
+
+
+@torch.no_grad()
+def hits_together(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
+                  row_tokens: int = 512, rows_per_batch: int = 4, options: ForwardOptions = DEFAULT) -> dict[str, int]:
+    """`accuracies_together`'s counts: {adapter: examples whose best-scored choice is a correct one}."""
     was_training = model.training
     model.eval()  # no dropout
     try:
-        return _accuracies_together(model, formatter, examples, row_tokens, rows_per_batch, options)
+        return _hits_together(model, formatter, examples, row_tokens, rows_per_batch, options)
     finally:
         model.train(was_training)
 
 
-def _accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
-                         row_tokens: int, rows_per_batch: int, options: ForwardOptions) -> dict[str, float]:
+def _hits_together(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
+                   row_tokens: int, rows_per_batch: int, options: ForwardOptions) -> dict[str, int]:
     device = next(model.parameters()).device
     attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
     rows, owner = [], []
@@ -194,8 +211,29 @@ def _accuracies_together(model: nn.Module, formatter: Formatter, examples: dict[
         for i, ex in enumerate(exs):
             scores = [totals[(n, i, j)] for j in range(len(ex.choices))]
             hits += max(range(len(scores)), key=scores.__getitem__) in ex.correct
-        out[n] = round(hits / len(exs), 4) if exs else float("nan")
+        out[n] = hits
     return out
+
+
+# Under torchrun (ddp: every rank holds the whole model) each rank scores every size-th held-out
+# example and the hits are summed over the ranks, as `efftune train`'s evaluator does; every rank
+# gets the accuracy over the whole set. Without a process group these score everything.
+def _accuracy(model: nn.Module, formatter: Formatter, examples: Sequence[MultipleChoice],
+              options: ForwardOptions) -> float:
+    """The active adapter's multiple-choice accuracy on `examples` (the ranks' shares summed)."""
+    mine = distributed.shard(examples, distributed.world())
+    hits = round(multiple_choice_accuracy(model, formatter, mine, options=options) * len(mine)) if mine else 0
+    return round(distributed.all_sum([hits])[0] / len(examples), 4)
+
+
+def _accuracies(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
+                options: ForwardOptions) -> dict[str, float]:
+    """`accuracies_together` over the ranks' shares of each adapter's examples, summed."""
+    here = distributed.world()
+    hits = hits_together(model, formatter, {n: distributed.shard(exs, here) for n, exs in examples.items()},
+                         options=options)
+    summed = distributed.all_sum([hits[n] for n in examples])
+    return {n: round(h / len(examples[n]), 4) for n, h in zip(examples, summed)}
 
 
 # ---- the build --------------------------------------------------------------------------------------
@@ -247,20 +285,22 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     training only (`train_cfg.eval_every` is ignored); `eval_size=0` skips it. An unfinished
     module resumes only with the settings its checkpoint was made with (those that change what it
     computes), unless `resume_changed` (as `efftune train --resume-changed`).
+
+    Under torchrun every rank calls this (see the module docstring; `train_cfg.distributed` must be
+    ddp) and gets the summary; `on_step` is called on every rank. The output directory must be one
+    every rank sees, as `efftune train`'s: the ranks read the runs' checkpoints and metrics from it.
     """
     lora_cfg = lora_cfg or LoraConfig()
     train_cfg = replace(train_cfg or TrainConfig(), eval_every=0)
-    if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # The loop trains k adapters under torchrun (`train(model, {adapter: sequences})`, ddp or fsdp);
-        # the build around it is one process's: each rank would write the index and the modules, and
-        # each group attaches new adapters to a model that fsdp has sharded in place for the group before.
-        raise ConfigError("hub build runs in one process: under torchrun every rank would write the library's "
-                          "index and modules, and each group of modules adds adapters to the model that "
-                          "train.distributed fsdp sharded for the group before; run efftune hub build without "
-                          "torchrun (--together K trains K modules in one process)")
+    if distributed.launched():
+        check_distributed(train_cfg)
+    here = distributed.init(device)  # under torchrun: this rank among the others (nothing without it)
+    if not here.main:
+        log = lambda message: None  # noqa: E731 - one voice: rank 0's
     if not isinstance(together, int) or together < 1:
         raise ConfigError(f"hub build: together must be a positive integer, got {together!r}")
-    specs = resolve_tasks(tasks, eval_size, train_cfg.seed)  # all data errors before any training
+    # all data errors before any training; rank 0 first (a BIG-bench download), the others find it cached
+    specs = distributed.main_first(lambda: resolve_tasks(tasks, eval_size, train_cfg.seed))
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise EfftuneError(f"hub build: --output {output_dir} is a file, not a directory; name a directory "
@@ -286,14 +326,12 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     index_path = output_dir / INDEX_FILE
     previous = json.loads(index_path.read_text()).get("base_model") if index_path.is_file() else None
     if not pending:  # nothing to train: no need to load the model
-        index = write_index(output_dir, {"base_model": previous, "recipe": want})
+        index = _on_main_index(output_dir, {"base_model": previous, "recipe": want})
         return {"output": str(output_dir), "index": str(index_path), "built": [], "skipped": skipped,
                 "modules": len(index["modules"]), "together": together, "seconds": 0.0}
-    if isinstance(model_source, tuple):
-        model, tokenizer = model_source
-    else:
-        from ..models import load_model
-        model, tokenizer = load_model(model_source, dtype=dtype, device=device)
+    # every rank's checks above are done before rank 0 writes anything: main_first waits for them all
+    model, tokenizer = model_source if isinstance(model_source, tuple) else \
+        distributed.main_first(lambda: _load_base(model_source, dtype, device, train_cfg, here))
     build = {"base_model": base_model_name(model), "recipe": want}
     if previous and skipped and previous != build["base_model"]:
         raise ConfigError(f"hub build: {output_dir} holds modules of base model {previous!r}, not "
@@ -301,15 +339,44 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     # what the model cannot take (a rank above a target's smaller side) fails before the first write
     check_ranks(model, find_targets(model, lora_cfg.target_modules) if lora_cfg.target_modules else [], lora_cfg.r,
                 {})
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_index(output_dir, build)
+    _on_main_index(output_dir, build)
     with _model_state_kept(model):
         built = _build_pending(model, tokenizer, pending, output_dir, build, want, lora_cfg, train_cfg,
                                together, chat_template, resume_changed, on_step, log)
-    index = write_index(output_dir, build)
+    index = _on_main_index(output_dir, build)
     return {"output": str(output_dir), "index": str(output_dir / INDEX_FILE), "built": built,
             "skipped": skipped, "modules": len(index["modules"]), "together": together,
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def check_distributed(train_cfg: TrainConfig) -> None:
+    """What a build cannot run under torchrun, refused from the config alone (before any process
+    starts under `--nproc`)."""
+    if train_cfg.distributed == "fsdp":
+        raise ConfigError("hub build cannot run train.distributed fsdp: fsdp shards the model in place for one "
+                          "group of modules and cannot undo it, so the next group's adapters would attach to the "
+                          "sharded model; use train.distributed ddp (every rank holds the base), or train a module "
+                          "whose base needs sharding with efftune train --distributed fsdp")
+
+
+def _load_base(source, dtype: str, device: str, train_cfg: TrainConfig, here: distributed.World):
+    """The base model and tokenizer for this rank, as `efftune train` loads them under ddp: with several
+    ranks only rank 0 reads the weights, and the others build the model on the meta device and get
+    rank 0's from the training loop (`efftune.train.distributed`); one copy of the base in host memory
+    a machine. A base kept in FP8 while training (`train.fp8_base`) is loaded by every rank."""
+    from ..models import empty_model, load_model
+    device = distributed.device_for(device, here)
+    if here.size > 1 and not here.main and not train_cfg.fp8_base:
+        return empty_model(source, dtype=dtype, device=device)
+    return load_model(source, dtype=dtype, device=device)
+
+
+def _on_main_index(output_dir: Path, build: dict) -> dict:
+    """`write_index` by rank 0 (its failure raised on every rank); the other ranks read what it wrote."""
+    def write() -> dict:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return write_index(output_dir, build)
+    return distributed.on_main(write) or json.loads((output_dir / INDEX_FILE).read_text())
 
 
 @contextmanager
@@ -352,20 +419,19 @@ def _build_pending(model, tokenizer, pending, output_dir: Path, build: dict, wan
                 added.append(slots[n])
             _train_group(model, group, slots, seqs, formatter, train_cfg, work, pad_id, resume_changed, on_step)
             for s in group:
+                # every rank reads rank 0's metrics (the loop's last collective came after its last row),
+                # so all agree on whether the evaluation below, a collective under torchrun, runs
                 rows = read_metrics(work / s.name / "metrics.jsonl")
                 out = _outcome(rows, train_cfg.steps)
                 if s.held_out and out["accuracy_after"] is None:  # stopped between last checkpoint and eval
                     set_active_adapters(model, slots[s.name])
-                    out["accuracy_after"] = round(multiple_choice_accuracy(
-                        model, formatter, s.held_out, options=train_cfg.forward_options()), 4)
+                    out["accuracy_after"] = _accuracy(model, formatter, s.held_out, train_cfg.forward_options())
                 meta = {"task": s.source, "steps": train_cfg.steps, "examples": len(s.train),
                         "eval_examples": len(s.held_out), **out,
                         "tokens": _training_tokens(seqs[s.name], train_cfg),
                         "trained_with": names, "recipe": want}
-                save_adapter(model, output_dir / s.name, lora_cfg, adapter=slots[s.name],
-                             metadata={"tasks": [s.source], "steps": train_cfg.steps, "library": meta})
-                shutil.rmtree(work / s.name / "checkpoints", ignore_errors=True)  # the module is the result
-                write_index(output_dir, build)
+                distributed.on_main(partial(_save_module, model, output_dir, build, s, slots[s.name], lora_cfg,
+                                            train_cfg.steps, meta))
                 built.append(s.name)
                 log(f"hub build: {s.name}: accuracy {out['accuracy_before']} -> {out['accuracy_after']}, "
                     f"loss {out['final_loss']}, {out['seconds']} s")
@@ -373,6 +439,16 @@ def _build_pending(model, tokenizer, pending, output_dir: Path, build: dict, wan
             for a in added:
                 delete_adapter(model, a)
     return built
+
+
+def _save_module(model: nn.Module, output_dir: Path, build: dict, spec: LibraryTask, adapter: str,
+                 lora_cfg: LoraConfig, steps: int, meta: dict) -> None:
+    """A trained module into `output_dir/<module>/` (rank 0's job), its scratch checkpoints removed and
+    the index rewritten."""
+    save_adapter(model, output_dir / spec.name, lora_cfg, adapter=adapter,
+                 metadata={"tasks": [spec.source], "steps": steps, "library": meta})
+    shutil.rmtree(output_dir / WORK_DIR / spec.name / "checkpoints", ignore_errors=True)  # the module is the result
+    write_index(output_dir, build)
 
 
 # A module trains under a slot's adapter name ("slot0", "slot1", ...), not its own: compiled blocks
@@ -440,15 +516,14 @@ def _train_group(model, group: list[LibraryTask], slots: dict[str, str], seqs: d
     if len(group) == 1:
         s = group[0]
         set_active_adapters(model, slots[s.name])
-        evaluate = (lambda m, step: {"accuracy": round(multiple_choice_accuracy(m, formatter, s.held_out,
-                                                                          options=options), 4)}) \
+        evaluate = (lambda m, step: {"accuracy": _accuracy(m, formatter, s.held_out, options)}) \
             if s.held_out else None
         train(model, seqs[s.name], cfg, work / s.name, pad_id=pad_id, resume=resume, evaluate=evaluate, hooks=hooks,
               resume_changed=resume_changed)
         return
     held_out = {slots[s.name]: s.held_out for s in group if s.held_out}
-    evaluate = (lambda m, which, step: {a: {"accuracy": acc} for a, acc in accuracies_together(
-        m, formatter, {a: held_out[a] for a in which if a in held_out}, options=options).items()}) \
+    evaluate = (lambda m, which, step: {a: {"accuracy": acc} for a, acc in _accuracies(
+        m, formatter, {a: held_out[a] for a in which if a in held_out}, options).items()}) \
         if held_out else None
     train(model, {slots[n]: seqs[n] for n in names}, cfg, work, pad_id=pad_id, resume=resume, evaluate=evaluate,
           hooks=hooks, resume_changed=resume_changed, run_dirs={slots[n]: work / n for n in names})

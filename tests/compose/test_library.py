@@ -423,11 +423,92 @@ def test_a_slots_messages_name_its_module_directory(tmp_path):
     assert Lane(None, [], tmp_path, [], [], [0, 1]).label() == ""
 
 
-def test_build_under_torchrun_is_refused_saying_why(tasks, tokenizer, tmp_path, monkeypatch):
-    """The loop trains k adapters under torchrun; the build around it writes from one process, so under
-    torchrun with several ranks it is refused in one line, before anything is written."""
+def test_build_under_torchrun_refuses_fsdp_saying_why(tasks, tokenizer, tmp_path, monkeypatch, capsys):
+    """fsdp shards the model in place for one group of modules, which the next group's adapters would
+    attach to: under torchrun (or --nproc, before torchrun starts) a build with train.distributed fsdp
+    is refused in one line, before anything is written; torchrun's flags need --nproc."""
+    from efftune.cli import main
+    message = "hub build cannot run train.distributed fsdp"
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    common = ["hub", "build", "--model", str(model_dir), "--tasks", ",".join(tasks[:2]), "--output",
+              str(tmp_path / "lib"), "--device", "cpu"]
+    for extra, error in ((["--nproc", "1", "--distributed", "fsdp"], message),
+                         (["--nnodes", "2"], "--nnodes is for several processes: add --nproc N"),
+                         (["--nproc", "0"], "--nproc must be at least 1")):
+        assert main([*common, *extra]) == 2
+        assert error in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="hub build runs in one process: under torchrun every rank would write"):
-        build_library((tiny_llama(), tokenizer), tasks, tmp_path / "lib", together=2)
+    with pytest.raises(ConfigError, match=f"{message}: fsdp shards the model in place .* use train.distributed ddp"):
+        build_library((tiny_llama(), tokenizer), tasks, tmp_path / "lib", train_cfg=cfg(distributed="fsdp"))
     assert not (tmp_path / "lib").exists()
+
+
+def test_build_on_two_ranks_equals_one_process(tasks, tokenizer, tmp_path, capsys):
+    """`efftune hub build --nproc 2` (torchrun, 2 gloo ranks, float64): each group trains across the ranks
+    (the global batch split), held-out accuracy is scored in shares and summed, and rank 0 alone writes:
+    the modules equal a one-process build's, the index holds the same entries, the summary is printed
+    once. Two groups (together 2 over 3 tasks: a pair, then one alone) run on the same model. Both
+    builds run micro-batches of 2 (the one process accumulates two a step), so each forward lays out
+    the same rows: a layout of all 4 examples in one forward is the same sum in another order, and
+    Adam's first steps (update g / (|g| + eps) for gradients near eps) turn that rounding into
+    differences of ~1e-8 here, where the same layout agrees to 1e-10."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from efftune.cli import main
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    order = [tasks[2], tasks[0], tasks[1]]  # echo (no held-out choices) with colors, then parity alone
+    args = ["hub", "build", "--model", str(model_dir), "--tasks", ",".join(order), "--together", "2",
+            "--steps", "2", "--batch-size", "4", "--lr", "0.01", "--warmup-steps", "1", "--r", "2",
+            "--micro-batch-size", "2", "--eval-size", "4", "--dtype", "float64", "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "efftune", *args, "--nproc", "2", "--output", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.strip().splitlines() if line.startswith("{")]
+    assert len(lines) == 1, done.stdout  # the summary, from rank 0 only
+    assert done.stderr.count("hub build: training echo, colors") == 1  # the log too
+    two = json.loads(lines[0])
+    assert (two["built"], two["modules"]) == (one["built"], one["modules"]) == (["echo", "colors", "parity"], 3)
+    names = ["echo", "colors", "parity"]
+    assert_same_modules(tmp_path / "one", tmp_path / "two", names, atol=1e-10)
+    a, b = (json.loads((tmp_path / d / INDEX_FILE).read_text()) for d in ("one", "two"))
+    assert (a["base_model"], a["recipe"]) == (b["base_model"], b["recipe"])
+    for n in names:
+        ma, mb = ({k: v for k, v in m["modules"][n].items() if k not in ("seconds", "final_loss")} for m in (a, b))
+        assert ma == mb, n
+        assert a["modules"][n]["final_loss"] == pytest.approx(b["modules"][n]["final_loss"], rel=1e-9)
+    assert a["modules"]["colors"]["accuracy_before"] is not None and a["modules"]["parity"]["accuracy_after"] is not None
+    assert not list((tmp_path / "two" / WORK_DIR).glob("*/checkpoints/*"))  # the modules are the results
+
+
+def test_only_rank_0_reads_the_base_of_a_build(tasks, tokenizer, tmp_path):
+    """Under torchrun a build loads the base as `efftune train` does: rank 1's model directory holds a
+    corrupt weight file, so it builds the model on the meta device and DDP sends it rank 0's; group
+    after group (the second wraps the model rank 1 got filled) the modules equal one process's."""
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    from tests.train import dist_worker
+    from tests.train.test_distributed import free_port
+    base, unreadable = tmp_path / "model", tmp_path / "model-without-weights"
+    tiny_llama().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    shutil.copytree(base, unreadable)
+    (unreadable / "model.safetensors").write_bytes(b"not a safetensors file")
+    kwargs = dict(tasks=tasks, lora_cfg=LORA, train_cfg=cfg(steps=2, micro_batch_size=2, save_every=0), together=2,
+                  eval_size=4, dtype="float64", device="cpu")
+    mp.spawn(dist_worker.spawned_build, nprocs=2, join=True,
+             args=(2, free_port(), [str(base), str(unreadable)], {**kwargs, "output_dir": str(tmp_path / "two")}))
+    build_library(str(base), output_dir=tmp_path / "one", log=lambda m: None, **kwargs)
+    assert_same_modules(tmp_path / "one", tmp_path / "two", ["colors", "parity", "echo"], atol=1e-10)

@@ -193,6 +193,21 @@ def spawned_job(rank: int, world_size: int, port: int, overrides: list[dict]) ->
     leave()
 
 
+def spawned_build(rank: int, world_size: int, port: int, models: list[str], kwargs: dict) -> None:
+    """torch.multiprocessing.spawn's entry for a whole `efftune hub build` (`build_library(models[rank],
+    **kwargs)`: each rank with its own model path)."""
+    from efftune.compose.library import build_library
+    from efftune.train.distributed import finish
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    torch.set_num_threads(1)
+    try:
+        build_library(models[rank], log=lambda m: None, **kwargs)
+    finally:
+        finish()
+    leave()
+
+
 def leave() -> None:
     """End a spawned rank whose job finished (its files written, the process group left) without
     Python's interpreter teardown: once in about a dozen CI runs a finished fsdp rank aborted there

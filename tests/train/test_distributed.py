@@ -138,7 +138,7 @@ def test_torchrun_flags_pass_through(capsys, model_dir, data_file, tmp_path):
     """`efftune train --nproc N` with torchrun's multi-machine flags: torchrun gets them unchanged (c10d
     instead of --standalone), the ranks' command does not; refused without --nproc or an endpoint."""
     from efftune.cli import main, parser
-    from efftune.launch import rank_argv, torchrun_argv
+    from efftune.launch import rank_argv, torchrun_args, torchrun_argv
     argv = ["train", "--nproc", "2", "--nnodes", "2", "--node-rank=1", "--rdzv-endpoint", "h:29400",
             "--rdzv-conf", "join_timeout=5", "--max-restarts", "1", "--steps", "3"]
     assert torchrun_argv(parser().parse_args(argv), argv) == [
@@ -147,6 +147,12 @@ def test_torchrun_flags_pass_through(capsys, model_dir, data_file, tmp_path):
     assert rank_argv(argv) == ["train", "--steps", "3"]
     one = ["train", "--nproc", "2", "--steps", "3"]
     assert torchrun_argv(parser().parse_args(one), one)[:2] == ["--nproc-per-node=2", "--standalone"]
+    # the rank's flags that begin some of torchrun's (--r: --rdzv-*, --log: --log-dir) reach the rank whole
+    for command in (["train", "--log", "tensorboard"], ["hub", "build", "--tasks", "t", "--output", "o"]):
+        argv = [*command, "--nproc", "2", "--r", "2"]
+        parsed = torchrun_args(parser().parse_args(argv), argv)
+        assert (parsed.module, parsed.training_script, parsed.training_script_args, parsed.nproc_per_node) == \
+            (True, "efftune", [*command, "--r", "2"], "2")
     # restarted ranks join on a store of their own (test_a_rank_killed_mid_run_restarts_from_the_checkpoint)
     assert environment(2, on_gpu=True) == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     common = ["--model", str(model_dir), "--data", str(data_file), "--device", "cpu", "--output", str(tmp_path / "o")]
