@@ -91,3 +91,24 @@ def randomize_lora(model, std: float = 0.1, seed: int = 1) -> None:
         for _, layer in lora_layers(model):
             for adapter in layer.adapters.values():
                 adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * std)
+
+
+def one_and_two_ranks(args: list[str], tmp_path, capsys):
+    """`efftune ARGS --output tmp_path/one` in this process, then `ARGS --nproc 2 --output tmp_path/two`
+    (torchrun, processes of their own). Returns (one's summary, two's summary, two's CompletedProcess);
+    asserts the two-rank run succeeded and printed its summary once (rank 0 only)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from efftune.cli import main
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "efftune", *args, "--nproc", "2", "--output", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.strip().splitlines() if line.startswith("{")]
+    assert len(lines) == 1, done.stdout  # the summary, from rank 0 only
+    return one, json.loads(lines[0]), done

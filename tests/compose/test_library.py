@@ -17,7 +17,7 @@ from efftune.methods.lora.config import LoraConfig
 from efftune.methods.lora.model import add_lora, set_active_adapters
 from efftune.methods.lora.peft_format import load_adapter
 from efftune.train.loop import TrainConfig, example_order
-from tests.conftest import randomize_lora, tiny_llama
+from tests.conftest import one_and_two_ranks, randomize_lora, tiny_llama
 from tests.data.test_bigbench import fake_bigbench  # noqa: F401  (fixture: a small fake BIG-bench sdist)
 
 WORDS = ["sky", "grass", "fox", "dog", "sea", "leaf", "cat", "snow"]
@@ -455,12 +455,7 @@ def test_build_on_two_ranks_equals_one_process(tasks, tokenizer, tmp_path, capsy
     the same rows: a layout of all 4 examples in one forward is the same sum in another order, and
     Adam's first steps (update g / (|g| + eps) for gradients near eps) turn that rounding into
     differences of ~1e-8 here, where the same layout agrees to 1e-10."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from efftune.cli import main
     model_dir = tmp_path / "model"
     tiny_llama().save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -468,16 +463,8 @@ def test_build_on_two_ranks_equals_one_process(tasks, tokenizer, tmp_path, capsy
     args = ["hub", "build", "--model", str(model_dir), "--tasks", ",".join(order), "--together", "2",
             "--steps", "2", "--batch-size", "4", "--lr", "0.01", "--warmup-steps", "1", "--r", "2",
             "--micro-batch-size", "2", "--eval-size", "4", "--dtype", "float64", "--device", "cpu"]
-    assert main([*args, "--output", str(tmp_path / "one")]) == 0
-    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "efftune", *args, "--nproc", "2", "--output", str(tmp_path / "two")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.strip().splitlines() if line.startswith("{")]
-    assert len(lines) == 1, done.stdout  # the summary, from rank 0 only
+    one, two, done = one_and_two_ranks(args, tmp_path, capsys)
     assert done.stderr.count("hub build: training echo, colors") == 1  # the log too
-    two = json.loads(lines[0])
     assert (two["built"], two["modules"]) == (one["built"], one["modules"]) == (["echo", "colors", "parity"], 3)
     names = ["echo", "colors", "parity"]
     assert_same_modules(tmp_path / "one", tmp_path / "two", names, atol=1e-10)

@@ -16,6 +16,7 @@ from efftune.errors import ConfigError
 from efftune.launch import environment
 from efftune.train.distributed import World, check_batch
 from efftune.train.loop import TrainConfig, train
+from tests.conftest import one_and_two_ranks
 from tests.train import dist_worker
 
 CONFIG = dict(steps=3, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=0, save_every=0, max_length=64)
@@ -188,21 +189,10 @@ def test_an_unreachable_rendezvous_is_one_line_within_its_timeout(capsys, model_
 def test_nproc_two_equals_one_process_from_the_cli(capsys, model_dir, data_file, tmp_path):
     """`efftune train --nproc 2` starts torchrun, which starts 2 ranks; the adapter, the metrics and the
     summary are rank 0's, written once, and equal the one-process run's (fp32: up to rounding)."""
-    import subprocess
-    import sys
 
-    from efftune.cli import main
     args = ["train", "--model", str(model_dir), "--data", str(data_file), "--eval-size", "4", "--steps", "2",
             "--batch-size", "4", "--lr", "1e-2", "--device", "cpu"]
-    assert main([*args, "--output", str(tmp_path / "one")]) == 0
-    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "efftune", *args, "--nproc", "2", "--output", str(tmp_path / "two")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [l for l in done.stdout.strip().splitlines() if l.startswith("{")]
-    assert len(lines) == 1, done.stdout  # the summary, from rank 0 only
-    two = json.loads(lines[0])
+    one, two, _ = one_and_two_ranks(args, tmp_path, capsys)
     assert two["steps"] == 2 and two["final_loss"] == pytest.approx(one["final_loss"], abs=2e-4)
     assert two["accuracy_after"] == one["accuracy_after"]
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
