@@ -118,7 +118,7 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
     (`two_adapters`) instead of `method`, nothing saved into out/result."""
     from safetensors.torch import save_file
 
-    from efftune.train.distributed import finish, restarted, whole_state_dict, world
+    from efftune.train.distributed import restarted, whole_state_dict, world
     from efftune.train.loop import TrainConfig, train
     config = dict(config)
     together = config.pop("together", False)
@@ -147,7 +147,6 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"final_loss": result.final_loss,
                                                              "tokens": result.tokens, "evals": result.evals,
                                                              "start_step": result.start_step}))
-    finish()
 
 
 QUANTISED = ("qlora", "qlora-int8", "expert-qlora")  # methods on a quantised base
@@ -173,7 +172,11 @@ def spawned(rank: int, world_size: int, port: int, out: str, config: dict, resum
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     torch.set_num_threads(1)
-    run(out, config, resume, evaluate, method)
+    from efftune.train.distributed import finish
+    try:
+        run(out, config, resume, evaluate, method)
+    finally:
+        finish()  # after `run` returned: the model is garbage by then (finish collects it before leaving)
     leave()
 
 
@@ -212,7 +215,9 @@ def leave() -> None:
     """End a spawned rank whose job finished (its files written, the process group left) without
     Python's interpreter teardown: once in about a dozen CI runs a finished fsdp rank aborted there
     ("terminate called without an active exception", after its outputs were complete), which
-    mp.spawn reports as a failed rank. Not seen under torchrun; see the session-15 issue note."""
+    mp.spawn reports as a failed rank. Not seen under torchrun; see the session-15 issue note. The
+    likely cause, FSDP2's model in reference cycles destroyed at teardown after the process group,
+    is removed by `finish` (it collects them first); this exit stays until CI has shown that."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -223,4 +228,8 @@ if __name__ == "__main__":  # under torchrun: python -m tests.train.dist_worker 
     import signal
     faulthandler.register(signal.SIGUSR1)  # a stuck rank's stacks on `kill -USR1` (the tests' diagnosis)
     torch.set_num_threads(1)
-    run(sys.argv[1], json.loads(sys.argv[2]), resume="resume" in sys.argv[3:], evaluate="eval" in sys.argv[3:])
+    from efftune.train.distributed import finish
+    try:
+        run(sys.argv[1], json.loads(sys.argv[2]), resume="resume" in sys.argv[3:], evaluate="eval" in sys.argv[3:])
+    finally:
+        finish()
