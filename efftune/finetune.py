@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -200,18 +201,36 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     log(f"data: {len(train_set)} training examples ({lengths.mean():.0f} tokens on average), {len(eval_set)} held out")
     if note := truncation_note(sequences, cfg.train.max_length):  # never cut rows without a word
         log(note)
-    # forgetting: the panel before training and after it, measured by the loop (`measure`)
+    # forgetting: the panel before training and after it, measured by the loop (`measure`). "Before" is the
+    # base model's for every method, so every method's forgetting (and held-out gain) counts from the same
+    # model: prompts without the method's virtual tokens, through the model with any state that changes
+    # its outputs from the start bypassed (prefix tuning's prefixes). For a method that starts at the base
+    # (LoRA's B = 0, (IA)³ at ones, ...) that is the model as training starts; for prompt and prefix tuning
+    # the held-out "before" is scored that way too (their step-0 row in metrics.jsonl stays the run's own).
     retention: dict[str, dict] = {}
+    base_formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
+                               train_on=cfg.data.train_on)
+    as_base = method.bypass or (lambda model: nullcontext())
+    off_base = method.prefix is not None or method.bypass is not None
+    base_eval = evaluator(base_formatter, eval_set, cfg.train.forward_options(),
+                          sharded=cfg.train.distributed == "ddp") if off_base and eval_set else None
+    base_scores: dict = {}
 
     def measure(model, when: str) -> None:
         # before: on a resume too, the model is the untrained one until the loop loads the checkpoint, so
         # the numbers are the uninterrupted run's. Under ddp the ranks share the examples; under fsdp
         # every rank runs every forward (sharded weights need all ranks in each)
         share = here.active and cfg.train.distributed == "ddp"
-        retention[when] = measure_retention(model, formatter, panel, cfg.train.forward_options(),
-                                            part=(here.rank, here.size) if share else (0, 1),
-                                            sum_over=distributed.all_sum if share else None)
-        if when == "before":
+        before = when == "before"
+        with as_base(model) if before else nullcontext():
+            if panel:
+                retention[when] = measure_retention(model, base_formatter if before else formatter, panel,
+                                                    cfg.train.forward_options(),
+                                                    part=(here.rank, here.size) if share else (0, 1),
+                                                    sum_over=distributed.all_sum if share else None)
+            if before and base_eval is not None:
+                base_scores.update(base_eval(model))
+        if before and panel:
             log(describe(retention[when]))
 
     sinks = MetricSinks(cfg.log if here.main else [], out, asdict(cfg))  # TensorBoard / wandb: rank 0's rows
@@ -226,7 +245,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
                                           sharded=cfg.train.distributed == "ddp") if eval_set else None,
                        hooks=hooks, resume_changed=resume_changed, on_checkpoint=on_checkpoint,
                        on_metrics=sinks.on_metrics, unshard=method.artifact != "model",
-                       measure=measure if panel else None)
+                       measure=measure if panel or base_eval else None)
     except BaseException:
         sinks.close(sync=False)  # what the checkpoints covered was sent; the error is what matters
         raise
@@ -235,8 +254,10 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         rundir.commit()  # a resumed finished run writes no checkpoint
     retained, retained_after = retention.get("before"), retention.get("after")
     adapter_dir = out / method.artifact
-    # The summary is computed from this run's metrics (a resumed run's included), never carried over.
-    before = result.evals[0] if result.evals and result.evals[0]["step"] == 0 else {}
+    # The summary is computed from this run's metrics (a resumed run's included), never carried over; the
+    # held-out "before" is the base's (`base_scores`, see `measure`), which for most methods is step 0's row.
+    before = base_scores if base_eval is not None else \
+        result.evals[0] if result.evals and result.evals[0]["step"] == 0 else {}
     after = result.evals[-1] if result.evals and result.evals[-1]["step"] == result.steps else {}
     summary = {
         "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),

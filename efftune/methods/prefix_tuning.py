@@ -14,6 +14,7 @@ models; sliding-window layers would evict the prefix.
 
 Unlike LoRA or (IA)³, prefix tuning does not start at the base model's outputs: any prefix is
 attended to, so the outputs change from the first step (the init only chooses a sensible change).
+`without_prefixes(model)` runs the base meanwhile (a run's "before" numbers are the base's).
 
 The table of prefixes is (P, layers·2·kv_heads·head_dim); row p holds, layer after layer, the key
 then the value of position p, each kv_heads × head_dim (peft's layout). With `prefix_projection`
@@ -340,6 +341,22 @@ def fold_prefix_tuning(model: nn.Module) -> None:
     prefix_body(model).fold()
 
 
+@contextmanager
+def without_prefixes(model: nn.Module):
+    """While inside, the model runs as its base: the plain decoder body in each PrefixTuningBody's
+    place, put back on leaving (an error included). Any prefix changes the outputs, so a freshly
+    attached model is not the base; this is how a run scores the base beside it (`Method.bypass`).
+    Only the module tree changes: the wrapper and its parameters stay as they are."""
+    found = list(wrappers(model, PrefixTuningBody))
+    for name, wrapper in found:
+        replace_module(model, name, wrapper.base_layer)
+    try:
+        yield model
+    finally:
+        for name, wrapper in found:
+            replace_module(model, name, wrapper)
+
+
 def remove_prefix_tuning(model: nn.Module) -> nn.Module:
     """Put the plain decoder body back (its parameters stay as they are, frozen)."""
     for name, wrapper in list(wrappers(model, PrefixTuningBody)):
@@ -409,6 +426,7 @@ def load_prefix_tuning(model: nn.Module, directory: str | os.PathLike) -> Prefix
     return PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=False, init=init)
 
 
-# The prefixes live in the wrapped decoder body's attention cache: prompts need no special ids.
+# The prefixes live in the wrapped decoder body's attention cache: prompts need no special ids; they
+# change the outputs from the start, so a run scores the base with them bypassed (`without_prefixes`).
 METHOD = Method("prefix-tuning", "prefix_tuning", attach=add_prefix_tuning, save=save_prefix_tuning,
-                load=load_prefix_tuning)
+                load=load_prefix_tuning, bypass=without_prefixes)

@@ -302,6 +302,7 @@ def prompt_ids(model: nn.Module, config: PromptTuningConfig) -> list[int]:
     return virtual_ids(model, config.tasks[0])
 
 
-# Soft prompts are addressed by virtual token ids every prompt starts with (`prompt_ids`).
+# Soft prompts are addressed by virtual token ids every prompt starts with (`prompt_ids`); a prompt
+# without them runs the base exactly (ids below V go to the base table alone), so no bypass is needed.
 METHOD = Method("prompt-tuning", "prompt_tuning", attach=add_prompt_tuning, save=save_prompt_tuning,
                 load=load_prompt_tuning, prefix=prompt_ids)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from contextlib import AbstractContextManager
 from typing import Callable
 
 from torch import nn
@@ -32,6 +33,10 @@ class Method:
     writes_base: bool = False  # it changes the base weights (a quantised or FP8 base cannot take that)
     not_shardable: str | None = None  # why train.distributed fsdp cannot run it (None: it can)
     runs_base: Callable[[object], bool] = lambda config: False  # (config) -> attach runs the base (ESFT on data)
+    # (model) -> a context in which the attached model computes what its base does, for a method whose
+    # freshly attached state is not the base (prefix tuning's prefixes are attended to from the start);
+    # with prompts built without `prefix`'s ids it gives the base's "before" numbers (efftune.finetune)
+    bypass: Callable[[nn.Module], AbstractContextManager] | None = None
 
 
 # --method name -> the module whose METHOD it is

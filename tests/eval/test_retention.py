@@ -6,11 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from efftune.config import RunConfig
 from efftune.data import Formatter, MultipleChoice
 from efftune.errors import ConfigError, DataError
 from efftune.eval.retention import PANELS, load_panel, measure_retention, resolve_panel, retention_change
 from efftune.methods.full import add_full
+from efftune.methods.registry import get_method
 from efftune.train.loop import TrainConfig, train
+from efftune.train.seed import seed_everything
 from tests.conftest import make_tokenizer, tiny_llama
 from tests.data.test_bigbench import add_task_file
 from tests.test_cli import last_json, run
@@ -142,6 +145,65 @@ def test_retention_on_two_ranks_equals_one_process(capsys, bigbench, model_dir, 
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / mode / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
+def test_before_is_the_base_models_for_methods_that_start_off_it(capsys, bigbench, model_dir, tmp_path, method):
+    """Prompt and prefix tuning change the outputs from their init on; a run's "before" numbers (panel and
+    held-out) are still the base model's, as every other method's: what `efftune eval` gives on the bare
+    model. The freshly attached model scores otherwise (what "before" was until the fix)."""
+    code, out, err = run(capsys, "train", "--model", model_dir, "--task", "target", "--method", method,
+                         "--steps", 1, "--batch-size", 4, "--eval-size", 4, "--retention", "colours,chat",
+                         "--output", tmp_path / "r")
+    assert code == 0, err
+    s = last_json(out)
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--task", "target", "--eval-size", 4,
+                         "--retention", "colours,chat")
+    assert code == 0, err
+    bare = last_json(out)
+    assert s["retention_before"] == bare["retention"] and s["accuracy_before"] == bare["accuracy"]
+    assert s["retention_change"] == retention_change(s["retention_before"], s["retention_after"])
+    # a resume (of the finished run) scores "before" on the untrained model again, then loads the checkpoint
+    code, out, err = run(capsys, "train", "--model", model_dir, "--task", "target", "--method", method,
+                         "--steps", 1, "--batch-size", 4, "--eval-size", 4, "--retention", "colours,chat",
+                         "--output", tmp_path / "r", "--resume")
+    assert code == 0, err
+    again = last_json(out)
+    assert {k: again[k] for k in ("retention_before", "retention_after", "accuracy_before", "accuracy_after")} \
+        == {k: s[k] for k in ("retention_before", "retention_after", "accuracy_before", "accuracy_after")}
+    # the reference is not the fresh method's: attached as the run attaches it, it scores the panel otherwise
+    m = get_method(method)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), make_tokenizer()
+    cfg = getattr(RunConfig(), m.config_key)
+    seed_everything(0)
+    m.attach(model, cfg, tokenizer=tokenizer)
+    fresh = measure_retention(model, Formatter(tokenizer, prefix_ids=m.prefix(model, cfg) if m.prefix else None),
+                              load_panel("colours,chat"))
+    assert fresh["cross_entropy"] != bare["retention"]["cross_entropy"]
+
+
+@pytest.mark.parametrize("method,mode", [("prefix-tuning", "fsdp"), ("prompt-tuning", "ddp")])
+def test_before_is_the_base_models_on_two_ranks(capsys, bigbench, model_dir, tmp_path, method, mode):
+    """Under `--nproc 2` too (fsdp: the prefixes bypassed in the sharded model, every rank running every
+    forward; ddp: the ranks sharing the examples), "before" is the bare model's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--task", "target", "--eval-size", 4,
+                         "--retention", "colours,chat")
+    assert code == 0, err
+    bare = last_json(out)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "efftune", "train", "--model", str(model_dir), "--task", "target",
+                           "--method", method, "--steps", "1", "--batch-size", "4", "--eval-size", "4",
+                           "--retention", "colours,chat", "--device", "cpu", "--nproc", "2", "--distributed", mode,
+                           "--output", str(tmp_path / mode)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert two["accuracy_before"] == bare["accuracy"]
+    assert two["retention_before"]["accuracy"] == bare["retention"]["accuracy"]  # fp32: the ranks' sums round
+    assert two["retention_before"]["cross_entropy"] == pytest.approx(bare["retention"]["cross_entropy"], abs=2e-4)
 
 
 def _knows_colours(directory, tokenizer) -> float:

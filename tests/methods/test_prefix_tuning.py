@@ -12,7 +12,7 @@ from efftune.errors import AdapterError, ConfigError, EfftuneError
 from efftune.forward.logprobs import target_logprobs
 from efftune.methods.prefix_tuning import (PrefixTuningBody, PrefixTuningConfig, _cache_argument, _output_cache,
                                            _vocab_tokens, add_prefix_tuning, fold_prefix_tuning, load_prefix_tuning,
-                                           prefix_body, remove_prefix_tuning, save_prefix_tuning)
+                                           prefix_body, remove_prefix_tuning, save_prefix_tuning, without_prefixes)
 from efftune.train.loop import enable_activation_checkpointing
 
 P, V = 5, 128
@@ -83,6 +83,19 @@ def test_changes_output_and_only_prefix_trains(projection):
         add_prefix_tuning(m)
     remove_prefix_tuning(m)
     assert torch.equal(logits(m.eval()), base)
+
+
+def test_without_prefixes_runs_the_base_and_puts_them_back():
+    """The bypass a run scores its "before" numbers with: the base model's logits exactly inside, the
+    prefixed model's again after (an error inside too), the wrapper and its table untouched."""
+    base, m = logits(llama()), prefixed(projection=True)
+    body, prefixed_out = m.model, logits(m)
+    with without_prefixes(m):
+        assert torch.equal(logits(m), base) and m.model is body.base_layer
+    assert m.model is body and torch.equal(logits(m), prefixed_out)
+    with pytest.raises(RuntimeError, match="inside"), without_prefixes(m):
+        raise RuntimeError("inside")
+    assert m.model is body and torch.equal(logits(m), prefixed_out)
 
 
 def test_vocab_init_is_the_tokens_as_a_text():
