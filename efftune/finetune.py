@@ -26,7 +26,6 @@ from .faults import fault_point
 from .files import write_text_atomically
 from .forward.options import DEFAULT, ForwardOptions
 from .methods.registry import get_method
-from .models import empty_model, load_model, resolve_device, resolve_dtype
 from .methods.hooks import TrainHooks
 from .progress import note as stderr_note
 from .train import distributed
@@ -102,20 +101,14 @@ def check_distributed(cfg: RunConfig) -> None:
         check_shardable(cfg.train, TrainHooks())
 
 
-def _load_base(cfg: RunConfig, method_cfg, method, here: distributed.World):
-    """The base model and tokenizer for this rank. Under torchrun with several ranks only rank 0 reads
-    the weights; the others build the model on the meta device and the training loop sends them rank
-    0's (`efftune.train.distributed`), so a machine holds one copy of the base in host memory. Under
-    fsdp rank 0's copy stays in host memory (FSDP moves each rank's shards to its GPU), so a base
-    larger than one GPU loads. A base quantised or kept in FP8 here, or a method that runs the base
-    while it attaches (ESFT measuring experts on data), is loaded by every rank, as before."""
-    device = distributed.device_for(cfg.device, here)
-    if here.size == 1 or cfg.quantize != "none" or cfg.train.fp8_base or method.runs_base(method_cfg):
-        return load_model(cfg.model, dtype=cfg.dtype, device=device)
-    if not here.main:
-        return empty_model(cfg.model, dtype=cfg.dtype, device=device)
-    dtype = resolve_dtype(cfg.dtype, resolve_device(device))  # the dtype training on `device` takes
-    return load_model(cfg.model, dtype=dtype, device="cpu" if cfg.train.distributed == "fsdp" else device)
+def _load_base(cfg: RunConfig, method_cfg, method):
+    """The base model and tokenizer for this rank (`efftune.train.distributed.load_base`: under torchrun
+    rank 0 alone reads the weights, into host memory under fsdp). A base quantised or kept in FP8 here
+    (each rank converts its own weights), or a method that runs the base while it attaches (ESFT
+    measuring experts on data), is loaded by every rank."""
+    every_rank = cfg.quantize != "none" or cfg.train.fp8_base or method.runs_base(method_cfg)
+    return distributed.load_base(cfg.model, cfg.dtype, cfg.device, every_rank=every_rank,
+                                 rank0_on_host=cfg.train.distributed == "fsdp")
 
 
 def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume_changed: bool = False,
@@ -172,7 +165,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
          resume_changed: bool, changed: list[str], log, panel: PanelExamples | None = None) -> dict:
     t0 = time.perf_counter()
     here = distributed.world()
-    model, tokenizer = distributed.main_first(lambda: _load_base(cfg, method_cfg, method, here))
+    model, tokenizer = _load_base(cfg, method_cfg, method)
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
     if cfg.quantize != "none":  # before the method attaches: its wrappers take the quantised layers as bases
         from .quantize import quantize_model

@@ -329,9 +329,10 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
         index = _on_main_index(output_dir, {"base_model": previous, "recipe": want})
         return {"output": str(output_dir), "index": str(index_path), "built": [], "skipped": skipped,
                 "modules": len(index["modules"]), "together": together, "seconds": 0.0}
-    # every rank's checks above are done before rank 0 writes anything: main_first waits for them all
+    # every rank's checks above are done before rank 0 writes anything: load_base's main_first waits for
+    # them all. As `efftune train` under ddp, only rank 0 reads the weights, but for an FP8 base (every rank)
     model, tokenizer = model_source if isinstance(model_source, tuple) else \
-        distributed.main_first(lambda: _load_base(model_source, dtype, device, train_cfg, here))
+        distributed.load_base(model_source, dtype, device, every_rank=train_cfg.fp8_base)
     build = {"base_model": base_model_name(model), "recipe": want}
     if previous and skipped and previous != build["base_model"]:
         raise ConfigError(f"hub build: {output_dir} holds modules of base model {previous!r}, not "
@@ -357,18 +358,6 @@ def check_distributed(train_cfg: TrainConfig) -> None:
                           "group of modules and cannot undo it, so the next group's adapters would attach to the "
                           "sharded model; use train.distributed ddp (every rank holds the base), or train a module "
                           "whose base needs sharding with efftune train --distributed fsdp")
-
-
-def _load_base(source, dtype: str, device: str, train_cfg: TrainConfig, here: distributed.World):
-    """The base model and tokenizer for this rank, as `efftune train` loads them under ddp: with several
-    ranks only rank 0 reads the weights, and the others build the model on the meta device and get
-    rank 0's from the training loop (`efftune.train.distributed`); one copy of the base in host memory
-    a machine. A base kept in FP8 while training (`train.fp8_base`) is loaded by every rank."""
-    from ..models import empty_model, load_model
-    device = distributed.device_for(device, here)
-    if here.size > 1 and not here.main and not train_cfg.fp8_base:
-        return empty_model(source, dtype=dtype, device=device)
-    return load_model(source, dtype=dtype, device=device)
 
 
 def _on_main_index(output_dir: Path, build: dict) -> dict:
