@@ -76,17 +76,17 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
 
 def _sharded_scores(formatter: Formatter, mc: list[MultipleChoice], text: list[Example],
                     options: ForwardOptions, here: distributed.World):
-    """(multiple-choice hits, perplexity) over the whole set from this rank's share of the
-    examples, summed over the ranks: hits, and the answer tokens' total NLL (perplexity =
-    exp(mean NLL), so the NLL is log(perplexity) x tokens)."""
-    mine_mc, mine_text = distributed.shard(mc, here), distributed.shard(text, here)
-    tokens = sum(sum(1 for t in formatter.encode(e).labels if t != IGNORE) for e in mine_text)
-
+    """(multiple-choice hits, perplexity) over the whole set, each rank scoring its share of the
+    examples (`distributed.sum_over_shares`): hits, and the answer tokens' total NLL (perplexity =
+    exp(mean NLL), so the NLL is log(perplexity) x tokens) and count, summed over the ranks."""
     def score(model) -> tuple[int, float | None]:
-        hits = round(multiple_choice_accuracy(model, formatter, mine_mc, options=options) * len(mine_mc)) \
-            if mine_mc else 0
-        nll = math.log(perplexity(model, formatter, mine_text, options=options)) * tokens if mine_text else 0.0
-        hits, nll, count = distributed.all_sum([hits, nll, tokens])
+        def mine(mine_mc: list[MultipleChoice], mine_text: list[Example]) -> list[float]:
+            hits = round(multiple_choice_accuracy(model, formatter, mine_mc, options=options) * len(mine_mc)) \
+                if mine_mc else 0
+            tokens = sum(sum(1 for t in formatter.encode(e).labels if t != IGNORE) for e in mine_text)
+            nll = math.log(perplexity(model, formatter, mine_text, options=options)) * tokens if mine_text else 0.0
+            return [hits, nll, tokens]
+        hits, nll, count = distributed.sum_over_shares(mine, mc, text, here=here)
         return hits, math.exp(nll / max(count, 1)) if text else None
     return score
 

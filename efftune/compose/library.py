@@ -221,19 +221,21 @@ def _hits_together(model: nn.Module, formatter: Formatter, examples: dict[str, S
 def _accuracy(model: nn.Module, formatter: Formatter, examples: Sequence[MultipleChoice],
               options: ForwardOptions) -> float:
     """The active adapter's multiple-choice accuracy on `examples` (the ranks' shares summed)."""
-    mine = distributed.shard(examples, distributed.world())
-    hits = round(multiple_choice_accuracy(model, formatter, mine, options=options) * len(mine)) if mine else 0
-    return round(distributed.all_sum([hits])[0] / len(examples), 4)
+    def hits(mine: list[MultipleChoice]) -> list[float]:
+        return [round(multiple_choice_accuracy(model, formatter, mine, options=options) * len(mine)) if mine else 0]
+    return round(distributed.sum_over_shares(hits, examples)[0] / len(examples), 4)
 
 
 def _accuracies(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
                 options: ForwardOptions) -> dict[str, float]:
     """`accuracies_together` over the ranks' shares of each adapter's examples, summed."""
-    here = distributed.world()
-    hits = hits_together(model, formatter, {n: distributed.shard(exs, here) for n, exs in examples.items()},
-                         options=options)
-    summed = distributed.all_sum([hits[n] for n in examples])
-    return {n: round(h / len(examples[n]), 4) for n, h in zip(examples, summed)}
+    names = list(examples)
+
+    def hits(*mine: list[MultipleChoice]) -> list[float]:
+        found = hits_together(model, formatter, dict(zip(names, mine)), options=options)
+        return [found[n] for n in names]
+    summed = distributed.sum_over_shares(hits, *examples.values())
+    return {n: round(h / len(examples[n]), 4) for n, h in zip(names, summed)}
 
 
 # ---- the build --------------------------------------------------------------------------------------

@@ -174,6 +174,17 @@ def shard(items: Sequence[T], here: World) -> list[T]:
     return list(items[here.rank::here.size])
 
 
+def sum_over_shares(score: Callable[..., Sequence[float]], *items: Sequence, here: World | None = None
+                    ) -> list[float]:
+    """Held-out examples scored in shares: each of `items` cut to this rank's share (`shard`), and the
+    numbers `score(*shares)` returns (counts, sums: what adds up over examples) summed over the ranks,
+    so every rank gets the whole set's numbers (float64). Every rank calls it (a collective), with
+    `score` returning as many numbers on each. `here`: the world to shard over (this process's by
+    default); without a process group `score` gets the whole of `items` and its numbers come back."""
+    here = here or world()
+    return all_sum(score(*(shard(part, here) for part in items)))
+
+
 # -- the parallel forward ---------------------------------------------------------------------------
 class Forward(nn.Module):
     """The loop's forward (`target_logprobs`) as a module over the model, so that DDP's and FSDP's

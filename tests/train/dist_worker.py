@@ -112,6 +112,17 @@ def two_sequences() -> dict:
     return {"a": seqs, "b": seqs[::-1]}
 
 
+def evaluation(sharded: bool):
+    """`efftune.finetune.evaluator` on 7 multiple-choice and 5 completion examples held out: accuracy and
+    perplexity (`sharded`: each rank scores its share, as under ddp)."""
+    from efftune.data import Completion, Formatter, MultipleChoice
+    from efftune.finetune import evaluator
+    from tests.conftest import make_tokenizer
+    held = [MultipleChoice(f"Q: {w}?\nA: ", ("yes", "no"), i % 2) for i, w in enumerate("abcdefg")] + \
+        [Completion(f"Say {w}:", f" {w} {w}") for w in ("sky", "fox", "sea", "leaf", "snow")]
+    return evaluator(Formatter(make_tokenizer()), held, sharded=sharded)
+
+
 def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, method: str = "lora") -> None:
     """Train and write this rank's trainable weights to out/rank-R.safetensors; rank 0 saves the
     method's result into out/result. `config["together"]` (popped): adapters a and b at once
@@ -125,13 +136,7 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
     seqs = two_sequences() if together else sequences()
     resume = resume or (restarted() and (Path(out) / "run" / "checkpoints" / "latest").exists())
     model, save = (two_adapters(), None) if together else method_model(method)
-    ev = None
-    if evaluate:
-        from efftune.data import Formatter, MultipleChoice
-        from efftune.finetune import evaluator
-        from tests.conftest import make_tokenizer
-        held = [MultipleChoice(f"Q: {w}?\nA: ", ("yes", "no"), i % 2) for i, w in enumerate("abcdefg")]
-        ev = evaluator(Formatter(make_tokenizer()), held, sharded=config.get("distributed", "ddp") == "ddp")
+    ev = evaluation(sharded=config.get("distributed", "ddp") == "ddp") if evaluate else None
     whole = method == "full"  # as efftune.finetune does: a whole model stays sharded and is gathered to save it
     result = train(model, seqs, TrainConfig(**config), Path(out) / "run", pad_id=1, resume=resume, evaluate=ev,
                    unshard=not whole)
