@@ -242,15 +242,31 @@ def _accuracies(model: nn.Module, formatter: Formatter, examples: dict[str, Sequ
 
 class _StepHook(TrainHooks):
     """train()'s plain schedule plus `on_step(modules, done)` after each step, naming the modules
-    that trained in it (progress, tests' interruptions); `starts`: each module's first step."""
+    that trained in it (progress, tests' interruptions); `starts`: each module's first step. Under
+    torchrun `on_step` runs on rank 0 only, every rank waiting for it (`distributed.on_main`), so what
+    it raises stops every rank after the same step (see `build_library`); `_rank0_on_step` gives the
+    other ranks a stand-in where rank 0 has a callback, so that all ranks take part or none."""
 
     def __init__(self, starts: dict[str, int], on_step):
         self.starts, self.on_step = starts, on_step
 
     def after_step(self, done, optimizer):
         if self.on_step is not None:
-            self.on_step([n for n, start in self.starts.items() if start < done], done)
+            names = [n for n, start in self.starts.items() if start < done]
+            distributed.on_main(lambda: self.on_step(names, done))
         return {}
+
+
+def _rank0_on_step(on_step: Callable[[list[str], int], None] | None) -> Callable[[list[str], int], None] | None:
+    """Rank 0's `on_step` on rank 0; on the other ranks a stand-in that is never called where rank 0
+    has one (they learn whether it does: a collective), else None. Without a process group: `on_step`."""
+    here = distributed.world()
+    if not here.active:
+        return on_step
+    rank0_has_one = distributed.all_sum([float(here.main and on_step is not None)])[0] > 0
+    if here.main:
+        return on_step
+    return (lambda names, done: None) if rank0_has_one else None  # `distributed.on_main` calls rank 0's only
 
 
 def _init_seed(seed: int, name: str) -> int:
@@ -288,9 +304,16 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     module resumes only with the settings its checkpoint was made with (those that change what it
     computes), unless `resume_changed` (as `efftune train --resume-changed`).
 
+    `on_step(modules, done)`: called after each training step with the modules that trained in it and
+    the step count (progress); what it raises stops the build after that step (a KeyboardInterrupt: the
+    modules' checkpoints are kept and the next build resumes them).
+
     Under torchrun every rank calls this (see the module docstring; `train_cfg.distributed` must be
-    ddp) and gets the summary; `on_step` is called on every rank. The output directory must be one
-    every rank sees, as `efftune train`'s: the ranks read the runs' checkpoints and metrics from it.
+    ddp) and gets the summary. `on_step` is rank 0's, as the log is: it runs on rank 0 only (the other
+    ranks' `on_step` is never called), the others waiting for it at each step, so an exception it
+    raises stops every rank after the same step instead of leaving them waiting in the next one's
+    collectives: rank 0 raises it, the others an EfftuneError naming it. The output directory must be
+    one every rank sees, as `efftune train`'s: the ranks read the runs' checkpoints and metrics from it.
     """
     lora_cfg = lora_cfg or LoraConfig()
     train_cfg = replace(train_cfg or TrainConfig(), eval_every=0)
@@ -343,6 +366,7 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     check_ranks(model, find_targets(model, lora_cfg.target_modules) if lora_cfg.target_modules else [], lora_cfg.r,
                 {})
     _on_main_index(output_dir, build)
+    on_step = _rank0_on_step(on_step)  # progress from rank 0 only, as the log
     with _model_state_kept(model):
         built = _build_pending(model, tokenizer, pending, output_dir, build, want, lora_cfg, train_cfg,
                                together, chat_template, resume_changed, on_step, log)

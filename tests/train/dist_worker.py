@@ -198,19 +198,38 @@ def spawned_job(rank: int, world_size: int, port: int, overrides: list[dict]) ->
     leave()
 
 
-def spawned_build(rank: int, world_size: int, port: int, models: list[str], kwargs: dict) -> None:
+def spawned_build(rank: int, world_size: int, port: int, models: list[str], kwargs: dict,
+                  outcome: str | None = None) -> None:
     """torch.multiprocessing.spawn's entry for a whole `efftune hub build` (`build_library(models[rank],
-    **kwargs)`: each rank with its own model path)."""
+    **kwargs)`: each rank with its own model path). `outcome`: a directory where the rank writes
+    rank-R.outcome ("ok", or what the build raised as "Type: message") and then ends normally, so that
+    a failed rank does not make torch.multiprocessing stop the others: each must end on its own."""
     from efftune.compose.library import build_library
     from efftune.train.distributed import finish
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     torch.set_num_threads(1)
+    result = "ok"
     try:
         build_library(models[rank], log=lambda m: None, **kwargs)
+    except BaseException as exc:
+        if outcome is None:
+            raise
+        result = f"{type(exc).__name__}: {exc}"
     finally:
         finish()
+    if outcome is not None:
+        (Path(outcome) / f"rank-{rank}.outcome").write_text(result)
     leave()
+
+
+def stop_at(step: int, record: str, names: list[str], done: int) -> None:
+    """A build's `on_step` (with `functools.partial(stop_at, step, record)`, which a spawned process can
+    take): appends "RANK DONE" to the file `record`, and raises KeyboardInterrupt after step `step`."""
+    with open(record, "a") as f:
+        f.write(f"{os.environ.get('RANK', '-')} {done}\n")
+    if done == step:
+        raise KeyboardInterrupt
 
 
 def leave() -> None:
