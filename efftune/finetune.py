@@ -27,7 +27,6 @@ from .faults import fault_point
 from .files import write_text_atomically
 from .forward.options import DEFAULT, ForwardOptions
 from .methods.registry import get_method
-from .models import empty_model, load_model, resolve_device, resolve_dtype
 from .methods.hooks import TrainHooks
 from .progress import note as stderr_note
 from .train import distributed
@@ -78,17 +77,17 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
 
 def _sharded_scores(formatter: Formatter, mc: list[MultipleChoice], text: list[Example],
                     options: ForwardOptions, here: distributed.World):
-    """(multiple-choice hits, perplexity) over the whole set from this rank's share of the
-    examples, summed over the ranks: hits, and the answer tokens' total NLL (perplexity =
-    exp(mean NLL), so the NLL is log(perplexity) x tokens)."""
-    mine_mc, mine_text = distributed.shard(mc, here), distributed.shard(text, here)
-    tokens = sum(sum(1 for t in formatter.encode(e).labels if t != IGNORE) for e in mine_text)
-
+    """(multiple-choice hits, perplexity) over the whole set, each rank scoring its share of the
+    examples (`distributed.sum_over_shares`): hits, and the answer tokens' total NLL (perplexity =
+    exp(mean NLL), so the NLL is log(perplexity) x tokens) and count, summed over the ranks."""
     def score(model) -> tuple[int, float | None]:
-        hits = round(multiple_choice_accuracy(model, formatter, mine_mc, options=options) * len(mine_mc)) \
-            if mine_mc else 0
-        nll = math.log(perplexity(model, formatter, mine_text, options=options)) * tokens if mine_text else 0.0
-        hits, nll, count = distributed.all_sum([hits, nll, tokens])
+        def mine(mine_mc: list[MultipleChoice], mine_text: list[Example]) -> list[float]:
+            hits = round(multiple_choice_accuracy(model, formatter, mine_mc, options=options) * len(mine_mc)) \
+                if mine_mc else 0
+            tokens = sum(sum(1 for t in formatter.encode(e).labels if t != IGNORE) for e in mine_text)
+            nll = math.log(perplexity(model, formatter, mine_text, options=options)) * tokens if mine_text else 0.0
+            return [hits, nll, tokens]
+        hits, nll, count = distributed.sum_over_shares(mine, mc, text, here=here)
         return hits, math.exp(nll / max(count, 1)) if text else None
     return score
 
@@ -103,20 +102,14 @@ def check_distributed(cfg: RunConfig) -> None:
         check_shardable(cfg.train, TrainHooks())
 
 
-def _load_base(cfg: RunConfig, method_cfg, method, here: distributed.World):
-    """The base model and tokenizer for this rank. Under torchrun with several ranks only rank 0 reads
-    the weights; the others build the model on the meta device and the training loop sends them rank
-    0's (`efftune.train.distributed`), so a machine holds one copy of the base in host memory. Under
-    fsdp rank 0's copy stays in host memory (FSDP moves each rank's shards to its GPU), so a base
-    larger than one GPU loads. A base quantised or kept in FP8 here, or a method that runs the base
-    while it attaches (ESFT measuring experts on data), is loaded by every rank, as before."""
-    device = distributed.device_for(cfg.device, here)
-    if here.size == 1 or cfg.quantize != "none" or cfg.train.fp8_base or method.runs_base(method_cfg):
-        return load_model(cfg.model, dtype=cfg.dtype, device=device)
-    if not here.main:
-        return empty_model(cfg.model, dtype=cfg.dtype, device=device)
-    dtype = resolve_dtype(cfg.dtype, resolve_device(device))  # the dtype training on `device` takes
-    return load_model(cfg.model, dtype=dtype, device="cpu" if cfg.train.distributed == "fsdp" else device)
+def _load_base(cfg: RunConfig, method_cfg, method):
+    """The base model and tokenizer for this rank (`efftune.train.distributed.load_base`: under torchrun
+    rank 0 alone reads the weights, into host memory under fsdp). A base quantised or kept in FP8 here
+    (each rank converts its own weights), or a method that runs the base while it attaches (ESFT
+    measuring experts on data), is loaded by every rank."""
+    every_rank = cfg.quantize != "none" or cfg.train.fp8_base or method.runs_base(method_cfg)
+    return distributed.load_base(cfg.model, cfg.dtype, cfg.device, every_rank=every_rank,
+                                 rank0_on_host=cfg.train.distributed == "fsdp")
 
 
 def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume_changed: bool = False,
@@ -173,7 +166,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
          resume_changed: bool, changed: list[str], log, panel: PanelExamples | None = None) -> dict:
     t0 = time.perf_counter()
     here = distributed.world()
-    model, tokenizer = distributed.main_first(lambda: _load_base(cfg, method_cfg, method, here))
+    model, tokenizer = _load_base(cfg, method_cfg, method)
     log(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
     if cfg.quantize != "none":  # before the method attaches: its wrappers take the quantised layers as bases
         from .quantize import quantize_model

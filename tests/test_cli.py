@@ -94,12 +94,12 @@ def test_resume_continues_a_stopped_run(capsys, model_dir, data_file, tmp_path, 
     code, out, err = run(capsys, *base, "--steps", 4, "--resume")  # more steps: another lr schedule
     assert code == 2 and "train.steps" in err and "2 -> 4" in err and "--resume-changed" in err
     assert (tmp_path / "r" / "config.json").read_bytes() == config  # a failed resume rewrites nothing
-    import efftune.finetune
+    import efftune.train.distributed
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:  # Ctrl-C while a resumed run loads: its checkpoint is still there
-        patch.setattr(efftune.finetune, "load_model", interrupted)
+        patch.setattr(efftune.train.distributed, "load_model", interrupted)  # the base loader's
         code, out, err = run(capsys, *base, "--steps", 4, "--resume-changed")
     assert code == 130 and "last checkpoint is kept: resume with --resume" in err
     assert (tmp_path / "r" / "config.json").read_bytes() == config
@@ -359,11 +359,11 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(capsys, 
     assert code == 2 and "matches no module" in err
     assert tree(out_dir) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run", "train.jsonl"]
     # Ctrl-C while the model loads: the message says what was kept, exit code 130
-    import efftune.finetune
+    import efftune.train.distributed
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(efftune.finetune, "load_model", interrupted)
+    monkeypatch.setattr(efftune.train.distributed, "load_model", interrupted)  # the base loader's
     code, out, err = run(capsys, *base, "--overwrite")
     assert code == 130 and "before the first checkpoint" in err and f"previous run in {out_dir} is back" in err
     assert tree(out_dir) == before

@@ -221,34 +221,52 @@ def _hits_together(model: nn.Module, formatter: Formatter, examples: dict[str, S
 def _accuracy(model: nn.Module, formatter: Formatter, examples: Sequence[MultipleChoice],
               options: ForwardOptions) -> float:
     """The active adapter's multiple-choice accuracy on `examples` (the ranks' shares summed)."""
-    mine = distributed.shard(examples, distributed.world())
-    hits = round(multiple_choice_accuracy(model, formatter, mine, options=options) * len(mine)) if mine else 0
-    return round(distributed.all_sum([hits])[0] / len(examples), 4)
+    def hits(mine: list[MultipleChoice]) -> list[float]:
+        return [round(multiple_choice_accuracy(model, formatter, mine, options=options) * len(mine)) if mine else 0]
+    return round(distributed.sum_over_shares(hits, examples)[0] / len(examples), 4)
 
 
 def _accuracies(model: nn.Module, formatter: Formatter, examples: dict[str, Sequence[MultipleChoice]],
                 options: ForwardOptions) -> dict[str, float]:
     """`accuracies_together` over the ranks' shares of each adapter's examples, summed."""
-    here = distributed.world()
-    hits = hits_together(model, formatter, {n: distributed.shard(exs, here) for n, exs in examples.items()},
-                         options=options)
-    summed = distributed.all_sum([hits[n] for n in examples])
-    return {n: round(h / len(examples[n]), 4) for n, h in zip(examples, summed)}
+    names = list(examples)
+
+    def hits(*mine: list[MultipleChoice]) -> list[float]:
+        found = hits_together(model, formatter, dict(zip(names, mine)), options=options)
+        return [found[n] for n in names]
+    summed = distributed.sum_over_shares(hits, *examples.values())
+    return {n: round(h / len(examples[n]), 4) for n, h in zip(names, summed)}
 
 
 # ---- the build --------------------------------------------------------------------------------------
 
 class _StepHook(TrainHooks):
     """train()'s plain schedule plus `on_step(modules, done)` after each step, naming the modules
-    that trained in it (progress, tests' interruptions); `starts`: each module's first step."""
+    that trained in it (progress, tests' interruptions); `starts`: each module's first step. Under
+    torchrun `on_step` runs on rank 0 only, every rank waiting for it (`distributed.on_main`), so what
+    it raises stops every rank after the same step (see `build_library`); `_rank0_on_step` gives the
+    other ranks a stand-in where rank 0 has a callback, so that all ranks take part or none."""
 
     def __init__(self, starts: dict[str, int], on_step):
         self.starts, self.on_step = starts, on_step
 
     def after_step(self, done, optimizer):
         if self.on_step is not None:
-            self.on_step([n for n, start in self.starts.items() if start < done], done)
+            names = [n for n, start in self.starts.items() if start < done]
+            distributed.on_main(lambda: self.on_step(names, done))
         return {}
+
+
+def _rank0_on_step(on_step: Callable[[list[str], int], None] | None) -> Callable[[list[str], int], None] | None:
+    """Rank 0's `on_step` on rank 0; on the other ranks a stand-in that is never called where rank 0
+    has one (they learn whether it does: a collective), else None. Without a process group: `on_step`."""
+    here = distributed.world()
+    if not here.active:
+        return on_step
+    rank0_has_one = distributed.all_sum([float(here.main and on_step is not None)])[0] > 0
+    if here.main:
+        return on_step
+    return (lambda names, done: None) if rank0_has_one else None  # `distributed.on_main` calls rank 0's only
 
 
 def _init_seed(seed: int, name: str) -> int:
@@ -286,9 +304,16 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     module resumes only with the settings its checkpoint was made with (those that change what it
     computes), unless `resume_changed` (as `efftune train --resume-changed`).
 
+    `on_step(modules, done)`: called after each training step with the modules that trained in it and
+    the step count (progress); what it raises stops the build after that step (a KeyboardInterrupt: the
+    modules' checkpoints are kept and the next build resumes them).
+
     Under torchrun every rank calls this (see the module docstring; `train_cfg.distributed` must be
-    ddp) and gets the summary; `on_step` is called on every rank. The output directory must be one
-    every rank sees, as `efftune train`'s: the ranks read the runs' checkpoints and metrics from it.
+    ddp) and gets the summary. `on_step` is rank 0's, as the log is: it runs on rank 0 only (the other
+    ranks' `on_step` is never called), the others waiting for it at each step, so an exception it
+    raises stops every rank after the same step instead of leaving them waiting in the next one's
+    collectives: rank 0 raises it, the others an EfftuneError naming it. The output directory must be
+    one every rank sees, as `efftune train`'s: the ranks read the runs' checkpoints and metrics from it.
     """
     lora_cfg = lora_cfg or LoraConfig()
     train_cfg = replace(train_cfg or TrainConfig(), eval_every=0)
@@ -329,9 +354,10 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
         index = _on_main_index(output_dir, {"base_model": previous, "recipe": want})
         return {"output": str(output_dir), "index": str(index_path), "built": [], "skipped": skipped,
                 "modules": len(index["modules"]), "together": together, "seconds": 0.0}
-    # every rank's checks above are done before rank 0 writes anything: main_first waits for them all
+    # every rank's checks above are done before rank 0 writes anything: load_base's main_first waits for
+    # them all. As `efftune train` under ddp, only rank 0 reads the weights, but for an FP8 base (every rank)
     model, tokenizer = model_source if isinstance(model_source, tuple) else \
-        distributed.main_first(lambda: _load_base(model_source, dtype, device, train_cfg, here))
+        distributed.load_base(model_source, dtype, device, every_rank=train_cfg.fp8_base)
     build = {"base_model": base_model_name(model), "recipe": want}
     if previous and skipped and previous != build["base_model"]:
         raise ConfigError(f"hub build: {output_dir} holds modules of base model {previous!r}, not "
@@ -340,6 +366,7 @@ def build_library(model_source, tasks: Sequence[str], output_dir: str | Path,
     check_ranks(model, find_targets(model, lora_cfg.target_modules) if lora_cfg.target_modules else [], lora_cfg.r,
                 {})
     _on_main_index(output_dir, build)
+    on_step = _rank0_on_step(on_step)  # progress from rank 0 only, as the log
     with _model_state_kept(model):
         built = _build_pending(model, tokenizer, pending, output_dir, build, want, lora_cfg, train_cfg,
                                together, chat_template, resume_changed, on_step, log)
@@ -357,18 +384,6 @@ def check_distributed(train_cfg: TrainConfig) -> None:
                           "group of modules and cannot undo it, so the next group's adapters would attach to the "
                           "sharded model; use train.distributed ddp (every rank holds the base), or train a module "
                           "whose base needs sharding with efftune train --distributed fsdp")
-
-
-def _load_base(source, dtype: str, device: str, train_cfg: TrainConfig, here: distributed.World):
-    """The base model and tokenizer for this rank, as `efftune train` loads them under ddp: with several
-    ranks only rank 0 reads the weights, and the others build the model on the meta device and get
-    rank 0's from the training loop (`efftune.train.distributed`); one copy of the base in host memory
-    a machine. A base kept in FP8 while training (`train.fp8_base`) is loaded by every rank."""
-    from ..models import empty_model, load_model
-    device = distributed.device_for(device, here)
-    if here.size > 1 and not here.main and not train_cfg.fp8_base:
-        return empty_model(source, dtype=dtype, device=device)
-    return load_model(source, dtype=dtype, device=device)
 
 
 def _on_main_index(output_dir: Path, build: dict) -> dict:

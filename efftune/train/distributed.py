@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import ConfigError, EfftuneError
 from ..forward.logprobs import target_logprobs
+from ..models import empty_model, load_model, resolve_device, resolve_dtype
 
 MODES = ("ddp", "fsdp")
 T = TypeVar("T")
@@ -180,6 +181,17 @@ def _rank0_runs(fn: Callable[[], T], here: World) -> T | None:
 def shard(items: Sequence[T], here: World) -> list[T]:
     """This rank's share of `items` (every size-th from its rank)."""
     return list(items[here.rank::here.size])
+
+
+def sum_over_shares(score: Callable[..., Sequence[float]], *items: Sequence, here: World | None = None
+                    ) -> list[float]:
+    """Held-out examples scored in shares: each of `items` cut to this rank's share (`shard`), and the
+    numbers `score(*shares)` returns (counts, sums: what adds up over examples) summed over the ranks,
+    so every rank gets the whole set's numbers (float64). Every rank calls it (a collective), with
+    `score` returning as many numbers on each. `here`: the world to shard over (this process's by
+    default); without a process group `score` gets the whole of `items` and its numbers come back."""
+    here = here or world()
+    return all_sum(score(*(shard(part, here) for part in items)))
 
 
 # -- the parallel forward ---------------------------------------------------------------------------
@@ -363,6 +375,31 @@ def unshard_trainable(model: nn.Module) -> None:
 # creates there (an adapter's initial values) is rank 0's too, as every value then comes from rank 0.
 # The training loop fills the meta ranks' models when it wraps them: `data_parallel(...,
 # from_rank0=True)`, `fully_sharded(..., from_rank0=True)`.
+def load_base(source, dtype: str | torch.dtype | None, device: str, *, every_rank: bool = False,
+              rank0_on_host: bool = False) -> tuple[nn.Module, object]:
+    """The base model and its tokenizer for this rank (`efftune.models.load_model`'s arguments); every
+    rank calls it, rank 0 first (`main_first`: a download or a cache is made once, and a failure on rank
+    0 reaches every rank). With several ranks only rank 0 reads the weights; the others build the model
+    on the meta device (`efftune.models.empty_model`) and the training loop sends them rank 0's
+    (`data_parallel` / `fully_sharded` with `from_rank0`), so a machine holds one copy of the base in
+    host memory instead of one a rank. `every_rank`: every rank reads the weights, as in one process
+    (a base each rank converts after loading, quantised or kept in FP8; a method that runs the base
+    while it attaches).
+    `rank0_on_host` (fsdp): rank 0 loads into host memory, in the dtype training on `device` takes,
+    and FSDP moves each rank's shards to its GPU, so a base larger than one GPU loads."""
+    here = world()
+    device = device_for(device, here)
+
+    def load() -> tuple[nn.Module, object]:
+        if here.size == 1 or every_rank:
+            return load_model(source, dtype=dtype, device=device)
+        if not here.main:
+            return empty_model(source, dtype=dtype, device=device)
+        dtype_on_device = resolve_dtype(dtype, resolve_device(device))  # the dtype training on `device` takes
+        return load_model(source, dtype=dtype_on_device, device="cpu" if rank0_on_host else device)
+    return main_first(load)
+
+
 def on_meta(model: nn.Module) -> bool:
     """Some parameter or buffer of `model` has no storage (built on the meta device)."""
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))

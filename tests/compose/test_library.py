@@ -499,3 +499,38 @@ def test_only_rank_0_reads_the_base_of_a_build(tasks, tokenizer, tmp_path):
              args=(2, free_port(), [str(base), str(unreadable)], {**kwargs, "output_dir": str(tmp_path / "two")}))
     build_library(str(base), output_dir=tmp_path / "one", log=lambda m: None, **kwargs)
     assert_same_modules(tmp_path / "one", tmp_path / "two", ["colors", "parity", "echo"], atol=1e-10)
+
+
+def test_on_step_is_rank_0s_and_what_it_raises_stops_every_rank(tasks, tokenizer, tmp_path):
+    """Under torchrun a build's `on_step` runs on rank 0 only (progress once, as the log): rank 1's is
+    never called. A KeyboardInterrupt it raises after step 2 stops both ranks after that step, rank 0
+    with it and rank 1 with an EfftuneError naming it, instead of leaving rank 1 waiting in step 3's
+    collectives (each rank must end on its own: torch.multiprocessing does not stop the other here);
+    step 1's checkpoint is kept and no module is written."""
+    import time
+    from functools import partial
+
+    import torch.multiprocessing as mp
+
+    from tests.train import dist_worker
+    from tests.train.test_distributed import free_port
+    base, record = tmp_path / "model", tmp_path / "on_step.txt"
+    tiny_llama().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    kwargs = dict(tasks=tasks[:1], output_dir=str(tmp_path / "lib"), lora_cfg=LORA, eval_size=0, dtype="float64",
+                  device="cpu", train_cfg=cfg(steps=3, micro_batch_size=2, save_every=1),
+                  on_step=partial(dist_worker.stop_at, 2, str(record)))
+    ranks = mp.spawn(dist_worker.spawned_build, nprocs=2, join=False,
+                     args=(2, free_port(), [str(base)] * 2, kwargs, str(tmp_path)))
+    deadline = time.monotonic() + 600  # far beyond the build's time: a rank left waiting never ends
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail(f"ranks still running: {[p.pid for p in ranks.processes if p.is_alive()]}")
+    assert record.read_text().split("\n") == ["0 1", "0 2", ""]  # rank 0's calls only
+    assert (tmp_path / "rank-0.outcome").read_text() == "KeyboardInterrupt: "
+    assert (tmp_path / "rank-1.outcome").read_text() == "EfftuneError: rank 0 failed (KeyboardInterrupt: )"
+    assert (tmp_path / "lib" / WORK_DIR / "colors" / "checkpoints" / "step-000001").is_dir()
+    assert not (tmp_path / "lib" / WORK_DIR / "colors" / "checkpoints" / "step-000002").exists()
+    assert not (tmp_path / "lib" / "colors").exists()

@@ -112,6 +112,17 @@ def two_sequences() -> dict:
     return {"a": seqs, "b": seqs[::-1]}
 
 
+def evaluation(sharded: bool):
+    """`efftune.finetune.evaluator` on 7 multiple-choice and 5 completion examples held out: accuracy and
+    perplexity (`sharded`: each rank scores its share, as under ddp)."""
+    from efftune.data import Completion, Formatter, MultipleChoice
+    from efftune.finetune import evaluator
+    from tests.conftest import make_tokenizer
+    held = [MultipleChoice(f"Q: {w}?\nA: ", ("yes", "no"), i % 2) for i, w in enumerate("abcdefg")] + \
+        [Completion(f"Say {w}:", f" {w} {w}") for w in ("sky", "fox", "sea", "leaf", "snow")]
+    return evaluator(Formatter(make_tokenizer()), held, sharded=sharded)
+
+
 def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, method: str = "lora") -> None:
     """Train and write this rank's trainable weights to out/rank-R.safetensors; rank 0 saves the
     method's result into out/result. `config["together"]` (popped): adapters a and b at once
@@ -125,13 +136,7 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
     seqs = two_sequences() if together else sequences()
     resume = resume or (restarted() and (Path(out) / "run" / "checkpoints" / "latest").exists())
     model, save = (two_adapters(), None) if together else method_model(method)
-    ev = None
-    if evaluate:
-        from efftune.data import Formatter, MultipleChoice
-        from efftune.finetune import evaluator
-        from tests.conftest import make_tokenizer
-        held = [MultipleChoice(f"Q: {w}?\nA: ", ("yes", "no"), i % 2) for i, w in enumerate("abcdefg")]
-        ev = evaluator(Formatter(make_tokenizer()), held, sharded=config.get("distributed", "ddp") == "ddp")
+    ev = evaluation(sharded=config.get("distributed", "ddp") == "ddp") if evaluate else None
     whole = method == "full"  # as efftune.finetune does: a whole model stays sharded and is gathered to save it
     result = train(model, seqs, TrainConfig(**config), Path(out) / "run", pad_id=1, resume=resume, evaluate=ev,
                    unshard=not whole)
@@ -196,19 +201,38 @@ def spawned_job(rank: int, world_size: int, port: int, overrides: list[dict]) ->
     leave()
 
 
-def spawned_build(rank: int, world_size: int, port: int, models: list[str], kwargs: dict) -> None:
+def spawned_build(rank: int, world_size: int, port: int, models: list[str], kwargs: dict,
+                  outcome: str | None = None) -> None:
     """torch.multiprocessing.spawn's entry for a whole `efftune hub build` (`build_library(models[rank],
-    **kwargs)`: each rank with its own model path)."""
+    **kwargs)`: each rank with its own model path). `outcome`: a directory where the rank writes
+    rank-R.outcome ("ok", or what the build raised as "Type: message") and then ends normally, so that
+    a failed rank does not make torch.multiprocessing stop the others: each must end on its own."""
     from efftune.compose.library import build_library
     from efftune.train.distributed import finish
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     torch.set_num_threads(1)
+    result = "ok"
     try:
         build_library(models[rank], log=lambda m: None, **kwargs)
+    except BaseException as exc:
+        if outcome is None:
+            raise
+        result = f"{type(exc).__name__}: {exc}"
     finally:
         finish()
+    if outcome is not None:
+        (Path(outcome) / f"rank-{rank}.outcome").write_text(result)
     leave()
+
+
+def stop_at(step: int, record: str, names: list[str], done: int) -> None:
+    """A build's `on_step` (with `functools.partial(stop_at, step, record)`, which a spawned process can
+    take): appends "RANK DONE" to the file `record`, and raises KeyboardInterrupt after step `step`."""
+    with open(record, "a") as f:
+        f.write(f"{os.environ.get('RANK', '-')} {done}\n")
+    if done == step:
+        raise KeyboardInterrupt
 
 
 def leave() -> None:

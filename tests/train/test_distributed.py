@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from efftune.errors import ConfigError
 from efftune.launch import environment
-from efftune.train.distributed import World, check_batch
+from efftune.train.distributed import World, check_batch, sum_over_shares
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import one_and_two_ranks
 from tests.train import dist_worker
@@ -34,10 +34,12 @@ def ranks(out: Path, config: dict, n: int = 2, resume: bool = False, evaluate: b
              join=True)
 
 
-def one_process(out: Path, config: dict, resume: bool = False, method: str = "lora"):
-    """Train in this process (no process group) and save the method's result into out/result."""
+def one_process(out: Path, config: dict, resume: bool = False, method: str = "lora", evaluate: bool = False):
+    """Train in this process (no process group) and save the method's result into out/result;
+    `evaluate`: with the ranks' evaluations (`dist_worker.evaluation`), on the whole set here."""
     model, save = dist_worker.method_model(method)
-    result = train(model, dist_worker.sequences(), TrainConfig(**config), out / "run", pad_id=1, resume=resume)
+    result = train(model, dist_worker.sequences(), TrainConfig(**config), out / "run", pad_id=1, resume=resume,
+                   evaluate=dist_worker.evaluation(sharded=False) if evaluate else None)
     save(model, out / "result")
     return result, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -68,18 +70,34 @@ def test_global_batch_must_split_evenly():
         TrainConfig(distributed="zero3")
 
 
+def test_shares_of_held_out_examples_cover_each_once():
+    """`sum_over_shares` cuts every list to a rank's share (no process group here: each rank's numbers
+    come back unsummed): over the 3 ranks of a world, each example is scored once, so the ranks' numbers
+    add up to the whole set's."""
+    def score(letters, numbers):
+        return [len(letters), sum(numbers)]
+    letters, numbers = list("abcdefg"), [2.0 ** i for i in range(5)]
+    parts = [sum_over_shares(score, letters, numbers, here=World(r, 3)) for r in range(3)]
+    assert [p[0] for p in parts] == [3, 2, 2]
+    assert [sum(p[i] for p in parts) for i in (0, 1)] == score(letters, numbers)
+    assert sum_over_shares(score, letters, numbers) == score(letters, numbers)  # one process: the whole set
+
+
 def test_ddp_two_ranks_equal_one_process(tmp_path):
     config = {**CONFIG, "micro_batch_size": 1}  # 2 examples a rank: accumulation under no_sync too
     ranks(tmp_path / "ddp", config, evaluate=True)
-    ref, weights = one_process(tmp_path / "one", config)
+    ref, weights = one_process(tmp_path / "one", config, evaluate=True)
     got = [load_file(str(tmp_path / "ddp" / f"rank-{r}.safetensors")) for r in (0, 1)]
     assert_same_weights(got[0], got[1], tol=0)  # replicas stay identical
     assert_same_weights(weights, got[0])
     assert losses(tmp_path / "ddp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
     info = json.loads((tmp_path / "ddp" / "rank-0.json").read_text())
     assert info["tokens"] == ref.tokens  # both ranks' tokens
-    # the evaluation, sharded over the ranks, is the whole set's: 7 examples, 4 + 3
+    # the evaluation, sharded over the ranks (7 + 5 examples, 4 + 3 and 3 + 2), is the whole set's: the
+    # accuracy from summed hits, the perplexity from summed answer-token NLLs and counts
     assert [e["step"] for e in info["evals"]] == [0, 3] and all(0 <= e["accuracy"] <= 1 for e in info["evals"])
+    assert [{k: e[k] for k in ("step", "accuracy", "perplexity")} for e in info["evals"]] == \
+        [{k: e[k] for k in ("step", "accuracy", "perplexity")} for e in ref.evals]
     assert (tmp_path / "ddp" / "run" / "checkpoints" / "step-000003").is_dir()
 
 
