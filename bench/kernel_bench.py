@@ -17,6 +17,11 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
   head       the chunked LM-head loss's softmax work on one 1,024-token chunk of logits (log-prob and
              onehot − softmax in bf16): the Triton kernels (efftune.forward.head_triton) against the
              compiled PyTorch version, with the bandwidth each reaches counting one read and one write
+  dequant    making a quantised frozen weight dense for one GEMM (efftune.quantize: NF4, int8), at each
+             projection's shape: the eager PyTorch dequantisation the fused ops run, the same function
+             compiled (one fused kernel), and the projection's forward GEMM it precedes, with the
+             bandwidth each dequantisation reaches (packed tensors read once, the bf16 weight written
+             once) and its time as a fraction of the GEMM's: what `--quantize` costs an eager step
   floor      the work no bf16 LoRA implementation can skip, one training step's worth back to back
              (frozen GEMMs both ways, cuDNN attention, LM head): time and, with NVML, joules per step,
              to set against a real step's (bench/throughput.py prints those too); not in the default run
@@ -253,6 +258,30 @@ def head(cfg: dict, seq: int, chunk: int = 1024) -> list[dict]:
     return rows
 
 
+def dequant(cfg: dict, seq: int) -> list[dict]:
+    from efftune.quantize.linear import DENSE, Int8Linear, Nf4Linear
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    rows = []
+    for name, (fan_in, fan_out) in {"q/o": (h, h), "k/v": (h, kv), "gate/up": (h, inter), "down": (inter, h)}.items():
+        dense = torch.nn.Linear(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(seq, fan_in, device="cuda", dtype=torch.bfloat16)
+        gemm = cuda_time_ms(lambda: x @ dense.weight.T)
+        for layer in (Nf4Linear(dense), Int8Linear(dense)):
+            tensors = tuple(layer.quantized())
+            packed = sum(t.numel() * t.element_size() for t in tensors)
+            eager = DENSE[layer.KIND]
+            compiled = torch.compile(eager, dynamic=False, fullgraph=True)
+            assert torch.equal(compiled(tensors, torch.bfloat16), eager(tensors, torch.bfloat16))
+            for way, fn in (("eager", eager), ("torch.compile", compiled)):
+                ms = cuda_time_ms(lambda: fn(tensors, torch.bfloat16))
+                rows.append(dict(kind="dequant", format=layer.KIND, way=way, projection=name, out=fan_out,
+                                 inp=fan_in, ms=round(ms, 4), gemm_ms=round(gemm, 4),
+                                 of_gemm=round(ms / gemm, 3),
+                                 gb_s=round((packed + fan_out * fan_in * 2) / ms / 1e6, 1)))
+    return rows
+
+
 def floor(cfg: dict, seq: int, repeats: int = 15) -> list[dict]:
     """The work no LoRA implementation can skip in bf16, run back to back as a training step runs it:
     every frozen projection's forward and input-gradient GEMM in every layer (none for the first
@@ -308,7 +337,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu", "head", "floor"),
+    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu", "head", "dequant", "floor"),
                     help="one kind of measurement")
     ap.add_argument("--shipped", action="store_true",
                     help="swiglu and head: only the shipped tile settings, median of 7 repeats of 50 calls "
@@ -317,7 +346,8 @@ def main() -> None:
     global SHIPPED
     SHIPPED = args.shipped
     cfg = SHAPES[args.shape]
-    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu, "head": head, "floor": floor}
+    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu, "head": head,
+             "dequant": dequant, "floor": floor}
     chosen = [args.only] if args.only else [k for k in kinds if k != "floor"]  # floor holds a whole model's weights
     for row in (row for kind in chosen for row in kinds[kind](cfg, args.seq)):
         print(json.dumps(dict(shape=args.shape, seq=args.seq, **row)), flush=True)
