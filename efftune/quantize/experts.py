@@ -55,12 +55,10 @@ def dense_experts(kind: str, tensors: list[Tensor], dtype: torch.dtype) -> Tenso
         return (q.to(work) * scale.to(work)[..., None]).to(dtype)
     codes, scale_q, scale_scale, scale_mean, table = tensors
     e, out_f, in_f = codes.shape[0], codes.shape[1], codes.shape[2] * 2
-    code = table.to(work)
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # byte -> its two weights
     n = out_f * in_f // nf4.BLOCK
     scales = (scale_q.view(e, -1, nf4.SCALE_BLOCK).float() * scale_scale[..., None]).view(e, -1)[:, :n] \
         + scale_mean[:, None]
-    w = pairs[codes.long()].view(e, -1, nf4.BLOCK) * scales.to(work)[..., None]
+    w = nf4.decode_bytes(codes, table.to(work)).view(e, -1, nf4.BLOCK) * scales.to(work)[..., None]
     return w.view(e, out_f, in_f).to(dtype)
 
 

@@ -117,8 +117,16 @@ def dequantize(codes: Tensor, scale_q: Tensor, scale_scale: Tensor, scale_mean: 
     out_f, in_f = codes.shape[0], codes.shape[1] * 2
     work = _work_dtype(dtype)
     code = (code_table(codes.device) if table is None else table).to(work)
-    # byte b -> (code[b >> 4], code[b & 15]): one lookup per byte gives both of its weights in order
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
     scales = dequantize_scales(scale_q, scale_scale, scale_mean, out_f * in_f // BLOCK).to(work)
-    w = pairs[codes.long()].view(-1, BLOCK) * scales[:, None]
+    w = decode_bytes(codes, code).view(-1, BLOCK) * scales[:, None]
     return w.view(out_f, in_f).to(dtype)
+
+
+def decode_bytes(codes: Tensor, code: Tensor) -> Tensor:
+    """Every byte of `codes` (uint8, any shape) as its two weights' code values, in order:
+    (codes.numel(), 2) in `code`'s dtype (`code`: the 16 values)."""
+    # byte b -> (code[b >> 4], code[b & 15]): one lookup per byte gives both of its weights. index_select
+    # with 32-bit indices is the same gather as pairs[codes.long()] in a third of its time on the CPU
+    # (the lookup is most of a dequantisation), with half the index bytes written and read
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+    return torch.index_select(pairs, 0, codes.reshape(-1).to(torch.int32))
