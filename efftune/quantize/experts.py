@@ -58,7 +58,7 @@ def dense_experts(kind: str, tensors: list[Tensor], dtype: torch.dtype) -> Tenso
     n = out_f * in_f // nf4.BLOCK
     scales = (scale_q.view(e, -1, nf4.SCALE_BLOCK).float() * scale_scale[..., None]).view(e, -1)[:, :n] \
         + scale_mean[:, None]
-    w = nf4.decode_bytes(codes, table.to(work)).view(e, -1, nf4.BLOCK) * scales.to(work)[..., None]
+    w = nf4.decode_bytes(codes, table.to(work)).view(e, -1, nf4.BLOCK).mul_(scales.to(work)[..., None])  # in place
     return w.view(e, out_f, in_f).to(dtype)
 
 

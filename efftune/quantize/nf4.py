@@ -118,7 +118,8 @@ def dequantize(codes: Tensor, scale_q: Tensor, scale_scale: Tensor, scale_mean: 
     work = _work_dtype(dtype)
     code = (code_table(codes.device) if table is None else table).to(work)
     scales = dequantize_scales(scale_q, scale_scale, scale_mean, out_f * in_f // BLOCK).to(work)
-    w = decode_bytes(codes, code).view(-1, BLOCK) * scales[:, None]
+    # scaled in place: the gather's output is a fresh buffer, so no second fp32 copy of the weight exists
+    w = decode_bytes(codes, code).view(-1, BLOCK).mul_(scales[:, None])
     return w.view(out_f, in_f).to(dtype)
 
 
