@@ -80,14 +80,17 @@ def _sharded_scores(formatter: Formatter, mc: list[MultipleChoice], text: list[E
     """(multiple-choice hits, perplexity) over the whole set, each rank scoring its share of the
     examples (`distributed.sum_over_shares`): hits, and the answer tokens' total NLL (perplexity =
     exp(mean NLL), so the NLL is log(perplexity) x tokens) and count, summed over the ranks."""
+    # each example's answer tokens, counted once (not at every evaluation), sharded beside the examples
+    answer_tokens = [sum(1 for t in formatter.encode(e).labels if t != IGNORE) for e in text]
+
     def score(model) -> tuple[int, float | None]:
-        def mine(mine_mc: list[MultipleChoice], mine_text: list[Example]) -> list[float]:
+        def mine(mine_mc: list[MultipleChoice], mine_text: list[Example], mine_tokens: list[int]) -> list[float]:
             hits = round(multiple_choice_accuracy(model, formatter, mine_mc, options=options) * len(mine_mc)) \
                 if mine_mc else 0
-            tokens = sum(sum(1 for t in formatter.encode(e).labels if t != IGNORE) for e in mine_text)
+            tokens = sum(mine_tokens)
             nll = math.log(perplexity(model, formatter, mine_text, options=options)) * tokens if mine_text else 0.0
             return [hits, nll, tokens]
-        hits, nll, count = distributed.sum_over_shares(mine, mc, text, here=here)
+        hits, nll, count = distributed.sum_over_shares(mine, mc, text, answer_tokens, here=here)
         return hits, math.exp(nll / max(count, 1)) if text else None
     return score
 
@@ -173,9 +176,10 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         log(quantize_model(model, cfg.quantize).summary())
     seed_everything(cfg.train.seed)  # the adapter's initial weights too come from --seed
     method.attach(model, method_cfg, tokenizer=tokenizer)
-    formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
-                          prefix_ids=method.prefix(model, method_cfg) if method.prefix else None,
-                          train_on=cfg.data.train_on)
+    def formatter_for(prefix_ids: list[int] | None) -> Formatter:
+        return Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
+                         prefix_ids=prefix_ids, train_on=cfg.data.train_on)
+    formatter = formatter_for(method.prefix(model, method_cfg) if method.prefix else None)
     hooks = method.hooks(model, cfg) if method.hooks else None
     trainable, total = trainable_parameters(model)
     log(f"{cfg.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
@@ -201,8 +205,7 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
     # (LoRA's B = 0, (IA)³ at ones, ...) that is the model as training starts; for prompt and prefix tuning
     # the held-out "before" is scored that way too (their step-0 row in metrics.jsonl stays the run's own).
     retention: dict[str, dict] = {}
-    base_formatter = Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
-                               train_on=cfg.data.train_on)
+    base_formatter = formatter_for(None) if method.prefix else formatter  # prompts without virtual tokens
     as_base = method.bypass or (lambda model: nullcontext())
     off_base = method.prefix is not None or method.bypass is not None
     base_eval = evaluator(base_formatter, eval_set, cfg.train.forward_options(),
