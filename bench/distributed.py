@@ -80,11 +80,13 @@ def random_ids(vocab: int, rows: int, seq: int, seed: int, device: torch.device)
 
 
 def peaks(device: torch.device) -> list[float] | None:
-    """Every rank's peak GiB since the last reset (a collective), or None on CPU."""
+    """Every rank's peak GiB since the last reset (a collective under torchrun), or None on CPU."""
     import torch.distributed as dist
     if device.type != "cuda":
         return None
     mine = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+    if not dist.is_initialized():  # efftune-local: one process, no group
+        return [round(mine.item(), 2)]
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     return [round(t.item(), 2) for t in every]

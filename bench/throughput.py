@@ -29,7 +29,9 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-full-compile  `efftune-full` with every decoder block compiled
   efftune-nf4     `efftune` on an NF4 base: the decoder blocks' linears quantised first
                   (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-nf4-ckpt:
-                  with activation checkpointing; efftune-compile-nf4: compiled
+                  with activation checkpointing; efftune-compile-nf4: compiled;
+                  efftune-compile-nf4-ckpt: compiled and checkpointed; efftune-compile-nf4-cg:
+                  compiled and replayed as CUDA graphs
   peft-qlora      `peft` on a bitsandbytes NF4 base (Linear4bit, double-quantised scales, bf16
                   compute: QLoRA as peft users run it); needs bitsandbytes and a GPU; peft-qlora-ckpt:
                   with transformers' gradient checkpointing (non-reentrant)
@@ -92,13 +94,13 @@ CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", 
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
          "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt",
-         "efftune-compile-nf4", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora", "efftune-dora-compile",
+         "efftune-compile-nf4", "efftune-compile-nf4-ckpt", "efftune-compile-nf4-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora", "efftune-dora-compile",
          "efftune-dora-compile-cg")
 LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
                  "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8",
                  "efftune-compile-cg", "efftune-compile-fp8-cg", "efftune-full", "efftune-full-8bit",
                  "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4",
-                 "efftune-dora", "efftune-dora-compile", "efftune-dora-compile-cg")
+                 "efftune-compile-nf4-ckpt", "efftune-compile-nf4-cg", "efftune-dora", "efftune-dora-compile", "efftune-dora-compile-cg")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules

@@ -40,3 +40,32 @@ def head_fits(rows: int, vocabulary: int) -> bool:
     rows' offsets are 64-bit, the column index inside a row (past the vocabulary by at most one
     segment's last block) 32-bit."""
     return 0 <= rows < INT32_LIMIT and vocabulary + HEAD_MAX_OVERSHOOT < INT32_LIMIT
+
+
+# Shared memory: a Triton kernel's tiles must fit the GPU's shared memory, which Triton checks only when it
+# loads the compiled kernel, and the need depends on the Triton version and the GPU as well as the tiles
+# (the SwiGLU kernels' rank-wide tiles of z and B grow with the LoRA rank, padded to a power of two, and
+# double for fp32 inputs: fp32 at r=192 wanted 360 KiB of an H100's 227 KiB). So the launcher tries its
+# configs in turn, largest first, and keeps the first that loads.
+class NoFittingConfig(RuntimeError):
+    """None of a kernel's configs fits this GPU's shared memory: the caller runs the PyTorch version."""
+
+
+def first_fitting(launch, configs, key, chosen: dict, too_big: type[BaseException]):
+    """launch(config) for the first of `configs` that does not raise `too_big` (Triton's
+    OutOfResources), remembered in `chosen[key]` so every later call with the same key (kernel,
+    device, dtype, padded sizes) runs that config straight away and a run's tiles, and so the
+    order of its sums, never change mid-run. NoFittingConfig when none fits (also remembered)."""
+    if key in chosen:
+        if chosen[key] is None:
+            raise NoFittingConfig(f"no config of {key[0]} fits this GPU's shared memory ({key})")
+        return launch(chosen[key])
+    for config in configs:
+        try:
+            out = launch(config)
+        except too_big:
+            continue
+        chosen[key] = config
+        return out
+    chosen[key] = None
+    raise NoFittingConfig(f"no config of {key[0]} fits this GPU's shared memory ({key})")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from efftune.forward import logprobs
-from efftune.kernel_limits import INT32_LIMIT, head_fits, swiglu_fits
+from efftune.kernel_limits import INT32_LIMIT, NoFittingConfig, first_fitting, head_fits, swiglu_fits
 from efftune.methods.lora.packing import aligned_rows, aligned_stride
 from efftune.methods.lora.swiglu import (_cuda_backward, _cuda_forward, swiglu_backward_reference,
                                          swiglu_forward_reference, takes_kernel, triton_available)
@@ -55,6 +55,48 @@ def test_swiglu_limit_is_the_in_tile_offset():
     assert swiglu_fits(1, f, s) and swiglu_fits(2 ** 31 - 1, f, s)
     assert not swiglu_fits(1, f, s + 2 * 64 * 64)
     assert not swiglu_fits(2 ** 31, 128, 256)  # row indices are 32-bit themselves
+
+
+class TooBig(Exception):
+    """Stands in for Triton's OutOfResources."""
+
+
+def test_first_fitting_config_is_kept_for_its_key():
+    tried = []
+
+    def launch(config):  # a GPU whose shared memory takes tiles of at most 32 rows
+        tried.append(config["bt"])
+        if config["bt"] > 32:
+            raise TooBig
+        return config["bt"] * 10
+
+    chosen = {}
+    configs = [dict(bt=64), dict(bt=32), dict(bt=16)]
+    assert first_fitting(launch, configs, ("k", 256), chosen, TooBig) == 320
+    assert tried == [64, 32] and chosen == {("k", 256): dict(bt=32)}
+    assert first_fitting(launch, configs, ("k", 256), chosen, TooBig) == 320
+    assert tried == [64, 32, 32]  # straight to the config that fitted: the same tiles every step
+    assert first_fitting(launch, configs[2:], ("k", 16), chosen, TooBig) == 160  # another key tries its own
+
+
+def test_no_fitting_config_says_so_every_time_and_other_errors_pass_through():
+    calls = []
+
+    def launch(config):
+        calls.append(config)
+        raise TooBig
+
+    chosen = {}
+    for _ in range(2):
+        with pytest.raises(NoFittingConfig, match="swiglu forward"):
+            first_fitting(launch, [dict(bt=64), dict(bt=16)], ("swiglu forward", 256), chosen, TooBig)
+    assert len(calls) == 2  # the second call knew none fits and launched nothing
+
+    def broken(config):
+        raise ValueError("offsets pass 2^31")
+
+    with pytest.raises(ValueError, match="2\\^31"):
+        first_fitting(broken, [dict(bt=64)], ("k", 1), {}, TooBig)
 
 
 def test_head_kernel_limits():

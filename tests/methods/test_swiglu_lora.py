@@ -131,6 +131,31 @@ def test_triton_kernels_match_the_reference(dtype, shape):
         torch.testing.assert_close(out.double(), r, atol=tol * r.abs().max().item(), rtol=0, msg=name)
 
 
+@pytest.mark.skipif(not kernel_devices(), reason="needs CUDA and Triton (the kernels themselves)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [128, 192, 256])
+def test_large_ranks_run_on_tiles_that_fit_the_gpu(dtype, r):
+    """fp32 at r=192 (padded to 256) once needed 360 KiB of shared memory at the shipped tiles, past an
+    H100's 227 KiB, and the op failed; now a smaller config (or the PyTorch version) runs, with the same
+    results as the float64 reference, and the choice is remembered."""
+    from efftune.methods.lora import swiglu_triton
+    from efftune.methods.lora.swiglu import _cuda_backward, _cuda_forward
+    t = random_swiglu_inputs(300, 1536, r, r, r, dtype=dtype, device="cuda")
+    fp64 = {k: v.double() for k, v in t.items()}
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    outs = _cuda_forward(t["gu"], t["bg"], t["bu"], t["ad"]) + _cuda_backward(
+        *(t[k] for k in ("dh", "dzd", "ad", "gu", "bg", "bu")))
+    refs = swiglu_forward_reference(fp64["gu"], fp64["bg"], fp64["bu"], fp64["ad"]) + swiglu_backward_reference(
+        *(fp64[k] for k in ("dh", "dzd", "ad", "gu", "bg", "bu")))
+    for name, out, ref in zip(("h", "z_d", "[dg | du | dz]", "h again"), outs, refs):
+        assert out.shape == ref.shape, name
+        torch.testing.assert_close(out.double(), ref, atol=tol * ref.abs().max().item(), rtol=0, msg=name)
+    pad = swiglu_triton._pad(r)
+    for kernel in ("swiglu forward", "swiglu backward"):
+        assert (kernel, t["gu"].device, dtype, pad, pad) in swiglu_triton._FITTING
+    print({k[0] + f" {k[2]} r{k[3]}": v for k, v in swiglu_triton._FITTING.items()})
+
+
 @pytest.mark.skipif(not kernel_devices(), reason="needs CUDA and Triton")
 def test_fused_mlp_on_gpu_trains_like_the_per_layer_path():
     fused, apart = lora_llama(dtype=torch.float32).cuda(), lora_llama(dtype=torch.float32).cuda()

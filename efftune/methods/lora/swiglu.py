@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...attach import hooked, replace_module
-from ...kernel_limits import swiglu_fits
+from ...kernel_limits import NoFittingConfig, swiglu_fits
 from ...quantize.operands import flatten, materialize, split
 from . import packing
 from .ops import _LIB
@@ -93,14 +93,20 @@ def _cuda_forward(gu, bg, bu, ad):
     if not takes_kernel(gu, bg):
         return swiglu_forward_reference(gu, bg, bu, ad)
     from . import swiglu_triton
-    return swiglu_triton.forward(gu, bg, bu, ad)
+    try:
+        return swiglu_triton.forward(gu, bg, bu, ad)
+    except NoFittingConfig:  # no tiles fit this GPU's shared memory at this rank and dtype
+        return swiglu_forward_reference(gu, bg, bu, ad)
 
 
 def _cuda_backward(dh, dzd, ad, gu, bg, bu):
     if not takes_kernel(gu, bg):
         return swiglu_backward_reference(dh, dzd, ad, gu, bg, bu)
     from . import swiglu_triton
-    return swiglu_triton.backward(dh, dzd, ad, gu, bg, bu)
+    try:
+        return swiglu_triton.backward(dh, dzd, ad, gu, bg, bu)
+    except NoFittingConfig:
+        return swiglu_backward_reference(dh, dzd, ad, gu, bg, bu)
 
 
 _LIB.impl("swiglu_lora_forward", swiglu_forward_reference, "CompositeExplicitAutograd")

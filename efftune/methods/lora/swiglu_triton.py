@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...kernel_limits import SWIGLU_MAX_TILE_ROWS, SWIGLU_MIN_COLS, swiglu_fits
+from triton.runtime.errors import OutOfResources
+
+from ...kernel_limits import SWIGLU_MAX_TILE_ROWS, SWIGLU_MIN_COLS, first_fitting, swiglu_fits
 from .packing import aligned_rows
 
 
@@ -149,6 +151,20 @@ def _precision(dtype: torch.dtype) -> str:
 # rows; the forward pass gains nothing from prefetching the next tile, which the backward pass does)
 FORWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
 BACKWARD_CONFIG = dict(bt=64, bo=64, cols=512, num_warps=4, num_stages=3)
+# where the shipped config's tiles do not fit the GPU's shared memory (large ranks, fp32; see
+# kernel_limits.first_fitting): a shallower pipeline first, then smaller tiles
+SMALLER_TILES = (dict(num_stages=1), dict(bt=32, num_stages=1), dict(bt=32, bo=32, num_stages=1),
+                 dict(bt=16, bo=16, num_stages=1))
+_FITTING: dict[tuple, dict | None] = {}  # (kernel, device, dtype, padded ranks) -> the config that loaded
+
+
+def _launch(name: str, default: dict, config: dict, gu: Tensor, rp: int, rpd: int, launch) -> list[Tensor]:
+    """launch(config): the caller's config as given (bench/kernel_bench.py's sweeps), else the
+    shipped one or the first smaller one that fits this GPU (NoFittingConfig when none does)."""
+    if config:
+        return launch({**default, **config})
+    configs = [default] + [{**default, **change} for change in SMALLER_TILES]
+    return first_fitting(launch, configs, (name, gu.device, gu.dtype, rp, rpd), _FITTING, OutOfResources)
 
 
 def _grid(n: int, f: int, stride: int, c: dict) -> tuple[tuple[int, int], int]:
@@ -172,31 +188,36 @@ def _split(gu: Tensor, f: int, rg: int, ru: int) -> tuple[Tensor, Tensor, Tensor
 
 def forward(gu: Tensor, bg: Tensor, bu: Tensor, ad: Tensor, **config) -> list[Tensor]:
     """[h, z_d = h adᵀ] for gu = [g0 | u0 | z] (z_d in gu's dtype)."""
-    c = {**FORWARD_CONFIG, **config}
     (f, rg), ru, rd, n = bg.shape, bu.shape[1], ad.shape[0], gu.shape[0]
     g0, u0, z = _split(gu, f, rg, ru)
-    grid, cols = _grid(n, f, gu.stride(0), c)
-    h = gu.new_empty(n, f)
-    zd_part = torch.empty(grid[1], n, rd, dtype=torch.float32, device=gu.device)
-    _forward_kernel[grid](g0, u0, z, bg.contiguous(), bu.contiguous(), ad.contiguous(), h, zd_part, n, f,
-                          gu.stride(0), rg, ru, rd, COLS=cols, BT=c["bt"], BO=c["bo"], RP=_pad(max(rg, ru)),
-                          RPD=_pad(rd), PREC=_precision(gu.dtype), num_warps=c["num_warps"],
-                          num_stages=c["num_stages"])
-    return [h, zd_part.sum(0).to(gu.dtype)]
+    rp, rpd = _pad(max(rg, ru)), _pad(rd)
+
+    def launch(c: dict) -> list[Tensor]:
+        grid, cols = _grid(n, f, gu.stride(0), c)
+        h = gu.new_empty(n, f)
+        zd_part = torch.empty(grid[1], n, rd, dtype=torch.float32, device=gu.device)
+        _forward_kernel[grid](g0, u0, z, bg.contiguous(), bu.contiguous(), ad.contiguous(), h, zd_part, n, f,
+                              gu.stride(0), rg, ru, rd, COLS=cols, BT=c["bt"], BO=c["bo"], RP=rp, RPD=rpd,
+                              PREC=_precision(gu.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+        return [h, zd_part.sum(0).to(gu.dtype)]
+    return _launch("swiglu forward", FORWARD_CONFIG, config, gu, rp, rpd, launch)
 
 
 def backward(dh: Tensor, dzd: Tensor, ad: Tensor, gu: Tensor, bg: Tensor, bu: Tensor, **config) -> list[Tensor]:
     """[dgu = [dg | du | dz], h] for the upstream gradient dh + dzd ad, dz = [dg B_g, du B_u]."""
-    c = {**BACKWARD_CONFIG, **config}
     (f, rg), ru, rd, n = bg.shape, bu.shape[1], ad.shape[0], gu.shape[0]
     g0, u0, z = _split(gu, f, rg, ru)
-    dgu, h = aligned_rows(n, gu.shape[1], gu), gu.new_empty(n, f)
-    grid, cols = _grid(n, f, max(gu.stride(0), dgu.stride(0)), c)
-    dg, du, dz = _split(dgu, f, rg, ru)
-    dz_part = torch.empty(grid[1], n, rg + ru, dtype=torch.float32, device=gu.device)
-    _backward_kernel[grid](dh.contiguous(), dzd.contiguous(), ad.contiguous(), g0, u0, z, bg.contiguous(),
-                           bu.contiguous(), dg, du, h, dz_part, n, f, gu.stride(0), dgu.stride(0), rg, ru, rd,
-                           COLS=cols, BT=c["bt"], BO=c["bo"], RP=_pad(max(rg, ru)), RPD=_pad(rd),
-                           PREC=_precision(gu.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
-    dz.copy_(dz_part.sum(0))
-    return [dgu, h]
+    rp, rpd = _pad(max(rg, ru)), _pad(rd)
+
+    def launch(c: dict) -> list[Tensor]:
+        dgu, h = aligned_rows(n, gu.shape[1], gu), gu.new_empty(n, f)
+        grid, cols = _grid(n, f, max(gu.stride(0), dgu.stride(0)), c)
+        dg, du, dz = _split(dgu, f, rg, ru)
+        dz_part = torch.empty(grid[1], n, rg + ru, dtype=torch.float32, device=gu.device)
+        _backward_kernel[grid](dh.contiguous(), dzd.contiguous(), ad.contiguous(), g0, u0, z, bg.contiguous(),
+                               bu.contiguous(), dg, du, h, dz_part, n, f, gu.stride(0), dgu.stride(0), rg, ru, rd,
+                               COLS=cols, BT=c["bt"], BO=c["bo"], RP=rp, RPD=rpd, PREC=_precision(gu.dtype),
+                               num_warps=c["num_warps"], num_stages=c["num_stages"])
+        dz.copy_(dz_part.sum(0))
+        return [dgu, h]
+    return _launch("swiglu backward", BACKWARD_CONFIG, config, gu, rp, rpd, launch)
