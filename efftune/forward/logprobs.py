@@ -40,19 +40,20 @@ class ChunkedTargetLogprob(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk: int, fused: bool = False):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
-        w = weight.to(hidden.dtype)
+        ctx.compute = compute = _compute_dtype(hidden)
+        w = weight.to(compute)
         ctx.early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         if ctx.early:
             grad_rows = torch.empty_like(hidden)
             pick = _logprob_and_grad_for(hidden, fused, min(chunk, hidden.shape[0]), w.shape[0])
             for i in range(0, hidden.shape[0], chunk):
-                out[i:i + chunk], dlogits = pick(hidden[i:i + chunk] @ w.T, targets[i:i + chunk], hidden.dtype)
+                out[i:i + chunk], dlogits = pick(hidden[i:i + chunk].to(compute) @ w.T, targets[i:i + chunk], compute)
                 grad_rows[i:i + chunk] = dlogits @ w
             ctx.save_for_backward(grad_rows)
             return out
         pick = _fused("logprob") if fused else _chunk_logprob
         for i in range(0, hidden.shape[0], chunk):
-            out[i:i + chunk] = pick(hidden[i:i + chunk] @ w.T, targets[i:i + chunk])
+            out[i:i + chunk] = pick(hidden[i:i + chunk].to(compute) @ w.T, targets[i:i + chunk])
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk = chunk
         return out
@@ -64,22 +65,35 @@ class ChunkedTargetLogprob(torch.autograd.Function):
             acc = torch.promote_types(grad_rows.dtype, torch.float32)
             return (grad_out[:, None].to(acc) * grad_rows).to(grad_rows.dtype), None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        w = weight.to(hidden.dtype)
+        # the matrix products in the forward's dtype (autocast's, where it was on): backward runs outside
+        # autocast, and fp32 masters (full fine-tuning) would otherwise make the head's three products fp32
+        # GEMMs, which halved full fine-tuning's tokens/s at a 128k vocabulary (bench/RESULTS.md, session 18)
+        compute, acc = ctx.compute, torch.promote_types(hidden.dtype, torch.float32)
+        w = weight.to(compute)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         pick = _logprob_and_grad_for(hidden, False, min(ctx.chunk, hidden.shape[0]), w.shape[0])
         for i in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[i:i + ctx.chunk]
-            _, dlogits = pick(h @ w.T, targets[i:i + ctx.chunk], acc)
-            dlogits *= grad_out[i:i + ctx.chunk, None].to(acc)
+            h = hidden[i:i + ctx.chunk].to(compute)
+            _, dlogits = pick(h @ w.T, targets[i:i + ctx.chunk], torch.promote_types(compute, torch.float32))
+            dlogits *= grad_out[i:i + ctx.chunk, None].to(dlogits.dtype)
+            d = dlogits.to(compute)
             if grad_hidden is not None:
-                grad_hidden[i:i + ctx.chunk] = (dlogits.to(h.dtype) @ w).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += dlogits.T @ h.to(acc)
+                grad_hidden[i:i + ctx.chunk] = (d @ w).to(hidden.dtype)
+            if grad_weight is not None:  # each chunk's product summed in fp32 (or wider)
+                grad_weight += d.T @ h
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype of the head's matrix products: autocast's where it is on for hidden's device (as it
+    would cast a plain `hidden @ weightᵀ`; it leaves fp64 alone), else hidden's own."""
+    device = hidden.device.type
+    if hidden.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
 
 
 def _chunk_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

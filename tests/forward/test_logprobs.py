@@ -158,3 +158,43 @@ def test_chunked_head_on_cuda_equals_full_logits(head_trains):
     torch.testing.assert_close(hidden.grad.double(), h2.grad, atol=1e-3, rtol=1e-3)
     if head_trains:
         torch.testing.assert_close(weight.grad.double(), w2.grad, atol=1e-3, rtol=1e-3)
+
+
+class MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the input dtypes of every matrix product run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.seen.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_fp32_masters_under_autocast_take_autocast_products_in_backward_too(head_trains):
+    """Full fine-tuning keeps fp32 weights under bf16 autocast; backward runs outside autocast, and the
+    trainable head's three products there were fp32 GEMMs (half the tokens/s of a plain loop at a 128k
+    vocabulary). Every product is bf16 now, forward and backward, and the values are what plain
+    autocast (`F.linear` then log-softmax, as transformers' loss does) gives."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 32, generator=g, requires_grad=True)
+    weight = torch.randn(300, 32, generator=g).mul_(0.2).requires_grad_(head_trains)
+    targets = torch.randint(0, 300, (40,), generator=g)
+    mode = MatmulDtypes()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with mode:
+            out = ChunkedTargetLogprob.apply(hidden, weight, targets, 16, False)
+        ref = F.log_softmax(F.linear(hidden, weight).float(), -1).gather(1, targets[:, None])[:, 0]
+    grad = torch.randn(40, generator=g)
+    with mode:
+        got = torch.autograd.grad(out, [hidden, weight] if head_trains else [hidden], grad)
+    want = torch.autograd.grad(ref, [hidden, weight] if head_trains else [hidden], grad)
+    assert mode.seen and all(set(d) == {torch.bfloat16} for d in mode.seen), mode.seen
+    assert out.dtype == torch.float32 and got[0].dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=0)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item(), rtol=0)
