@@ -115,3 +115,24 @@ def test_agrees_with_torchao_nf4():
     ours = (nf4.dequantize(*nf4.quantize(w).tensors(), torch.float32) - w).pow(2).mean().sqrt()
     theirs = (to_nf4(w).get_original_weight() - w).pow(2).mean().sqrt()
     assert abs(ours / theirs - 1) < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_gpu_dequantisation_is_compiled_and_gives_the_eager_bits(dtype):
+    """On a CUDA GPU every dequantisation (a layer's, all experts' of a layer) runs compiled
+    (`linear.compiled_on_gpu`); elsewhere eager. The compiled function is device-agnostic, so it is
+    checked here on the CPU against the eager one, bit for bit."""
+    from efftune.quantize import linear
+    from efftune.quantize.experts import dense_experts, quantize_stacked
+    gpu = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 96, 128, generator=g)
+    assert linear.compiled_on_gpu(linear.DENSE["nf4"], torch.device("cpu")) is linear.DENSE["nf4"]
+    compiled = linear.compiled_on_gpu(linear.DENSE["nf4"], gpu)
+    assert compiled is not linear.DENSE["nf4"] and linear.compiled_on_gpu(linear.DENSE["nf4"], gpu) is compiled
+    tensors = {"nf4": nf4.quantize(w[0]).tensors() + (nf4.code_table(),), "int8": int8.quantize(w[0]).tensors()}
+    for kind, t in tensors.items():
+        assert torch.equal(linear.compiled_on_gpu(linear.DENSE[kind], gpu)(t, dtype), linear.DENSE[kind](t, dtype))
+        stacked = quantize_stacked(kind, w) + ([nf4.code_table()] if kind == "nf4" else [])
+        assert torch.equal(linear.compiled_on_gpu(dense_experts, gpu)(kind, stacked, dtype),
+                           dense_experts(kind, stacked, dtype))
