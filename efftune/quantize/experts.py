@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..moe.experts import check_experts_module, expert_activation, grouped_linear, run_experts, uses_grouped_mm
 from . import int8, nf4
-from .linear import compiled_on_gpu, dense, frozen_packed
+from .linear import DENSE, compiled_on_gpu, frozen_packed
 
 TARGETS = ("gate_up_proj", "down_proj")
 FIELDS = {"nf4": ("codes", "scale_q", "scale_scale", "scale_mean"), "int8": ("q", "scale")}
@@ -49,22 +49,17 @@ def expert_tensors(tensors: list[Tensor], e: int, kind: str) -> tuple[Tensor, ..
 def dense_experts(kind: str, tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     """All E experts' dense weights (E, out, in) in `dtype`, in one pass (the same numbers as
     dequantising each expert with `linear.DENSE`)."""
-    work = torch.promote_types(dtype, torch.float32)
     if kind == "int8":
         q, scale = tensors
-        return (q.to(work) * scale.to(work)[..., None]).to(dtype)
+        return int8.dequantize(q, scale, dtype, rows=compiled_on_gpu(int8.scale_rows, q.device))
+    work = torch.promote_types(dtype, torch.float32)
     codes, scale_q, scale_scale, scale_mean, table = tensors
     e, out_f, in_f = codes.shape[0], codes.shape[1], codes.shape[2] * 2
     n = out_f * in_f // nf4.BLOCK
     scales = (scale_q.view(e, -1, nf4.SCALE_BLOCK).float() * scale_scale[..., None]).view(e, -1)[:, :n] \
         + scale_mean[:, None]
-    w = nf4.decode_bytes(codes, table.to(work)).view(e, -1, nf4.BLOCK).mul_(scales.to(work)[..., None])  # in place
-    return w.view(e, out_f, in_f).to(dtype)
-
-
-def _dense_experts(kind: str, tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """dense_experts, compiled on a GPU (`linear.compiled_on_gpu`)."""
-    return compiled_on_gpu(dense_experts, tensors[0].device)(kind, tensors, dtype)
+    decode = compiled_on_gpu(nf4.decode_scaled, codes.device)
+    return decode(codes.reshape(-1), scales.to(work).reshape(-1), table.to(work), dtype).view(e, out_f, in_f)
 
 
 def _in_features(kind: str, tensors: list[Tensor]) -> int:
@@ -85,12 +80,12 @@ def quantized_grouped_mm(x: Tensor, tensors: list[Tensor], kind: str, counts: Te
     """Row block g of x (S, in) times expert g's weightᵀ: `moe.experts.grouped_linear` on the
     quantised experts (counts (E,) rows per expert) -> (S, out)."""
     if uses_grouped_mm(x, _like(kind, tensors, x.dtype, x.device), impl):
-        return grouped_linear(x, _dense_experts(kind, tensors, x.dtype), counts, impl)
+        return grouped_linear(x, dense_experts(kind, tensors, x.dtype), counts, impl)
     out = x.new_empty(x.shape[0], tensors[0].shape[1])
     start = 0
     for g, n in enumerate(counts.tolist()):
         if n:
-            torch.mm(x[start:start + n], dense(kind, expert_tensors(tensors, g, kind), x.dtype).t(),
+            torch.mm(x[start:start + n], DENSE[kind](expert_tensors(tensors, g, kind), x.dtype).t(),
                      out=out[start:start + n])
             start += n
     return out
@@ -100,12 +95,12 @@ def quantized_grouped_mm_input_grad(dy: Tensor, tensors: list[Tensor], kind: str
                                     impl: str) -> Tensor:
     """Row block g of dy (S, out) times expert g's weight -> (S, in)."""
     if uses_grouped_mm(dy, _like(kind, tensors, dy.dtype, dy.device), impl):
-        return grouped_linear(dy, _dense_experts(kind, tensors, dy.dtype).transpose(-2, -1), counts, impl)
+        return grouped_linear(dy, dense_experts(kind, tensors, dy.dtype).transpose(-2, -1), counts, impl)
     out = dy.new_empty(dy.shape[0], _in_features(kind, tensors))
     start = 0
     for g, n in enumerate(counts.tolist()):
         if n:
-            torch.mm(dy[start:start + n], dense(kind, expert_tensors(tensors, g, kind), dy.dtype),
+            torch.mm(dy[start:start + n], DENSE[kind](expert_tensors(tensors, g, kind), dy.dtype),
                      out=out[start:start + n])
             start += n
     return out
@@ -180,7 +175,7 @@ class QuantizedExperts(nn.Module):
 
     def dequantize(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         """Weight `name` (E, out, in), dense in `dtype` (default: the compute dtype), a new tensor."""
-        return _dense_experts(self.kind, self.packed(name), dtype or self.dtype)
+        return dense_experts(self.kind, self.packed(name), dtype or self.dtype)
 
     @property
     def gate_up_proj(self) -> Tensor:

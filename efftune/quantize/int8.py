@@ -29,7 +29,15 @@ def quantize(weight: Tensor) -> Int8Weight:
     return Int8Weight(q.round().clamp(-127, 127).to(torch.int8), scale.float())
 
 
-def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """The dense weight in `dtype` (the product in fp32 at least, rounded once)."""
+def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype, rows=None) -> Tensor:
+    """The dense weight in `dtype` (the product in fp32 at least, rounded once): q (out, in) with its
+    row scales (out,), or experts' stacked q (E, out, in) with theirs (E, out). `rows`: `scale_rows`
+    or a compiled form of it (`linear.compiled_on_gpu`)."""
+    return (rows or scale_rows)(q.reshape(-1), scale.reshape(-1), dtype).view(q.shape)
+
+
+def scale_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Flat codes `q` whose rows (of len(q) / len(scale) codes) each take their scale, flat, in `dtype`.
+    All flat, so a compiled form has one graph for every layer shape (see `nf4.decode_scaled`)."""
     work = torch.promote_types(dtype, torch.float32)
-    return (q.to(work) * scale.to(work)[:, None]).to(dtype)
+    return (q.to(work).view(scale.shape[0], -1) * scale.to(work)[:, None]).view(-1).to(dtype)

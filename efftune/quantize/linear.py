@@ -28,14 +28,46 @@ from torch import Tensor, nn
 from . import int8, nf4
 
 
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def compiled_on_gpu(fn: Callable, device: torch.device) -> Callable:
+    """`fn` (a dequantisation's elementwise work) as it runs on `device`: compiled by torch.compile on a
+    CUDA GPU, itself elsewhere. Eager, NF4 dequantisation is a gather, a multiply and a cast, each a
+    pass over the whole weight with an fp32 copy of it between them, and took as long as the GEMM it
+    feeds on an H100 (0.95x for the 8B gate/up projection); compiled, one kernel reads the codes and
+    writes the weight, 5.7x faster, with the same bits (bench/kernel_bench.py --only dequant,
+    bench/RESULTS.md session 18). The quantised ops are opaque to a compiled model, so this holds under
+    train.compile too. Not on the CPU: a compile there needs a C++ toolchain, and eager is what the
+    tests check against (a CPU test checks the compiled form gives the same bits)."""
+    if device.type != "cuda":
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = _shared_graphs(torch.compile(fn, dynamic=True))
+    return _COMPILED[fn]
+
+
+def _shared_graphs(compiled: Callable) -> Callable:
+    """`compiled`, called so that every layer of a model runs one graph per dtype. Each property torch
+    guards on multiplies the graphs, and past torch._dynamo's recompile limit (8) the function stops
+    compiling: an 8B NF4 step has 5 weight shapes (static, as the packed tensors are nn.Parameters)
+    times forward's grad mode and backward's no-grad mode. So the tensors go in flat (`nf4.decode_scaled`)
+    and detached (plain tensors, symbolic sizes), always under no_grad (no dequantisation is differentiated)."""
+    def run(*args):
+        with torch.no_grad():
+            return compiled(*(a.detach() if isinstance(a, Tensor) else a for a in args))
+    return run
+
+
 def _nf4_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
     codes, scale_q, scale_scale, scale_mean, table = tensors
-    return nf4.dequantize(codes, scale_q, scale_scale, scale_mean, dtype, table)
+    return nf4.dequantize(codes, scale_q, scale_scale, scale_mean, dtype, table,
+                          decode=compiled_on_gpu(nf4.decode_scaled, codes.device))
 
 
 def _int8_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
     q, scale = tensors
-    return int8.dequantize(q, scale, dtype)
+    return int8.dequantize(q, scale, dtype, rows=compiled_on_gpu(int8.scale_rows, q.device))
 
 
 def frozen_packed(module: nn.Module, name: str, t: Tensor) -> None:
@@ -52,28 +84,6 @@ def frozen_packed(module: nn.Module, name: str, t: Tensor) -> None:
 
 
 DENSE = {"nf4": _nf4_dense, "int8": _int8_dense}  # kind -> (its tensors, dtype) -> dense weight
-
-_COMPILED: dict[Callable, Callable] = {}
-
-
-def compiled_on_gpu(fn: Callable, device: torch.device) -> Callable:
-    """`fn` (a dequantisation) as it runs on `device`: compiled by torch.compile on a CUDA GPU, itself
-    elsewhere. Eager, a dequantisation is a gather, a multiply and a cast, each a pass over the whole
-    weight with an fp32 copy of it between them; compiled, one kernel reads the codes and writes the
-    weight: 5.7x faster for an 8B gate/up projection on an H100, where eager NF4 took as long as the
-    GEMM it feeds (bench/kernel_bench.py --only dequant, bench/RESULTS.md session 18). The quantised
-    ops are opaque to a compiled model, so this holds under train.compile too. Not on the CPU: a
-    compile there needs a C++ toolchain, and the eager version is what the tests check against."""
-    if device.type != "cuda":
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True)  # sizes turn symbolic at a model's second shape
-    return _COMPILED[fn]
-
-
-def dense(kind: str, tensors: tuple[Tensor, ...] | list[Tensor], dtype: torch.dtype) -> Tensor:
-    """The dense weight DENSE[kind] makes from `tensors`, in `dtype` (compiled on a GPU)."""
-    return compiled_on_gpu(DENSE[kind], tensors[0].device)(tuple(tensors), dtype)
 IN_FEATURES = {"nf4": lambda t: t[0].shape[1] * 2, "int8": lambda t: t[0].shape[1]}  # from the shapes alone
 
 
@@ -89,12 +99,12 @@ _LIB.define("quantized_mm_input_grad(Tensor dy, Tensor[] tensors, str kind) -> T
 
 def quantized_mm(x: Tensor, tensors: list[Tensor], kind: str) -> Tensor:
     """x Wᵀ, W = DENSE[kind](tensors) made in x's dtype for this product only."""
-    return F.linear(x, dense(kind, tensors, x.dtype))
+    return F.linear(x, DENSE[kind](tuple(tensors), x.dtype))
 
 
 def quantized_mm_input_grad(dy: Tensor, tensors: list[Tensor], kind: str) -> Tensor:
     """dy W, W made again in dy's dtype."""
-    return dy @ dense(kind, tensors, dy.dtype)
+    return dy @ DENSE[kind](tuple(tensors), dy.dtype)
 
 
 _LIB.impl("quantized_mm", quantized_mm, "CompositeExplicitAutograd")
@@ -156,7 +166,7 @@ class QuantizedLinear(nn.Linear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense weight (out, in) in `dtype` (default: the compute dtype), a new tensor."""
-        return dense(self.KIND, self.quantized(), dtype or self.dtype)
+        return DENSE[self.KIND](self.quantized(), dtype or self.dtype)
 
     @property
     def weight(self) -> Tensor:  # read-only, see the module docstring

@@ -111,16 +111,24 @@ def code_table(device: torch.device | str | None = None) -> Tensor:
 
 
 def dequantize(codes: Tensor, scale_q: Tensor, scale_scale: Tensor, scale_mean: Tensor,
-               dtype: torch.dtype, table: Tensor | None = None) -> Tensor:
+               dtype: torch.dtype, table: Tensor | None = None, decode=None) -> Tensor:
     """The dense (out, in) weight in `dtype` (computed in fp32 at least, rounded once). `table`:
-    `code_table()` on the codes' device (made here when not given)."""
+    `code_table()` on the codes' device (made here when not given). `decode`: `decode_scaled` or a
+    compiled form of it (`linear.compiled_on_gpu`), which does all but the block scales' few elements."""
     out_f, in_f = codes.shape[0], codes.shape[1] * 2
     work = _work_dtype(dtype)
     code = (code_table(codes.device) if table is None else table).to(work)
     scales = dequantize_scales(scale_q, scale_scale, scale_mean, out_f * in_f // BLOCK).to(work)
+    return (decode or decode_scaled)(codes.reshape(-1), scales, code, dtype).view(out_f, in_f)
+
+
+def decode_scaled(codes: Tensor, scales: Tensor, code: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weights of flat `codes` (uint8, two a byte) as a flat tensor in `dtype`: each code's value
+    in `code`'s dtype (the work dtype) times its 64-weight block's scale (`scales`, one a block, in
+    that dtype), rounded once. All tensors flat, so a compiled form has one graph for every layer
+    shape (no size relations between dimensions to guard on)."""
     # scaled in place: the gather's output is a fresh buffer, so no second fp32 copy of the weight exists
-    w = decode_bytes(codes, code).view(-1, BLOCK).mul_(scales[:, None])
-    return w.view(out_f, in_f).to(dtype)
+    return decode_bytes(codes, code).view(-1, BLOCK).mul_(scales[:, None]).view(-1).to(dtype)
 
 
 def decode_bytes(codes: Tensor, code: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .linear import QuantizedLinear, dense
+from .linear import DENSE, QuantizedLinear
 
 DENSE_KIND = "dense"
 ARITY = {DENSE_KIND: 1, "nf4": 5, "int8": 2}  # tensors per weight
@@ -57,7 +57,7 @@ def split(weights: Sequence[Tensor], kinds: Sequence[str] | None) -> list[tuple[
 def materialize(kind: str, tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """The dense (out, in) weight: a dense one as it is (the caller cast it), a quantised one made in
     `dtype` (a new tensor, for one GEMM)."""
-    return tensors[0] if kind == DENSE_KIND else dense(kind, tensors, dtype)
+    return tensors[0] if kind == DENSE_KIND else DENSE[kind](tuple(tensors), dtype)
 
 
 def out_features(kind: str, tensors: Sequence[Tensor]) -> int:

@@ -117,22 +117,64 @@ def test_agrees_with_torchao_nf4():
     assert abs(ours / theirs - 1) < 0.03
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_gpu_dequantisation_is_compiled_and_gives_the_eager_bits(dtype):
-    """On a CUDA GPU every dequantisation (a layer's, all experts' of a layer) runs compiled
-    (`linear.compiled_on_gpu`); elsewhere eager. The compiled function is device-agnostic, so it is
-    checked here on the CPU against the eager one, bit for bit."""
+
+def _everywhere(monkeypatch):
+    """Make `compiled_on_gpu` compile on the CPU too (the compiled form is device-agnostic)."""
+    from efftune.quantize import experts, linear
+    real = linear.compiled_on_gpu
+    monkeypatch.setattr(linear, "compiled_on_gpu", lambda fn, device: real(fn, torch.device("cuda")))
+    monkeypatch.setattr(experts, "compiled_on_gpu", linear.compiled_on_gpu)
+
+
+def test_the_gpu_dequantisation_is_compiled_and_gives_the_eager_bits(monkeypatch):
+    """On a CUDA GPU every dequantisation (a layer's, all experts' of a layer) runs its elementwise work
+    compiled (`linear.compiled_on_gpu`); elsewhere eager. Checked here on the CPU, bit for bit, through
+    the same functions the ops call."""
     from efftune.quantize import linear
     from efftune.quantize.experts import dense_experts, quantize_stacked
-    gpu = torch.device("cuda")
+    assert linear.compiled_on_gpu(nf4.decode_scaled, torch.device("cpu")) is nf4.decode_scaled
+    on_gpu = linear.compiled_on_gpu(nf4.decode_scaled, torch.device("cuda"))
+    assert on_gpu is not nf4.decode_scaled and linear.compiled_on_gpu(nf4.decode_scaled, torch.device("cuda")) is on_gpu
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 96, 128, generator=g)
-    assert linear.compiled_on_gpu(linear.DENSE["nf4"], torch.device("cpu")) is linear.DENSE["nf4"]
-    compiled = linear.compiled_on_gpu(linear.DENSE["nf4"], gpu)
-    assert compiled is not linear.DENSE["nf4"] and linear.compiled_on_gpu(linear.DENSE["nf4"], gpu) is compiled
     tensors = {"nf4": nf4.quantize(w[0]).tensors() + (nf4.code_table(),), "int8": int8.quantize(w[0]).tensors()}
-    for kind, t in tensors.items():
-        assert torch.equal(linear.compiled_on_gpu(linear.DENSE[kind], gpu)(t, dtype), linear.DENSE[kind](t, dtype))
-        stacked = quantize_stacked(kind, w) + ([nf4.code_table()] if kind == "nf4" else [])
-        assert torch.equal(linear.compiled_on_gpu(dense_experts, gpu)(kind, stacked, dtype),
-                           dense_experts(kind, stacked, dtype))
+    stacked = {kind: quantize_stacked(kind, w) + ([nf4.code_table()] if kind == "nf4" else []) for kind in tensors}
+    eager = {(kind, dtype): (linear.DENSE[kind](tensors[kind], dtype), dense_experts(kind, stacked[kind], dtype))
+             for kind in tensors for dtype in (torch.bfloat16, torch.float32)}
+    _everywhere(monkeypatch)
+    for (kind, dtype), (layer, experts) in eager.items():
+        assert torch.equal(linear.DENSE[kind](tensors[kind], dtype), layer), (kind, dtype)
+        assert torch.equal(dense_experts(kind, stacked[kind], dtype), experts), (kind, dtype)
+
+
+def test_the_compiled_dequantisation_has_one_graph_per_dtype_for_every_layer(monkeypatch):
+    """torch._dynamo stops compiling a function past 8 graphs (with a hard failure where it may not
+    fall back): a first version, run on an H100, made a graph per weight shape and grad mode and failed
+    on the 8B model's ninth. Six shapes (square and not, packed tensors as frozen nn.Parameters, as
+    the layers hold them), forward's grad mode and backward's no-grad mode, two dtypes, NF4 and int8,
+    a layer's weight and stacked experts': two graphs a format."""
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from efftune.quantize import linear
+    from efftune.quantize.experts import dense_experts, quantize_stacked
+    _everywhere(monkeypatch)
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f in [(256, 256), (64, 256), (512, 256), (256, 1024), (1024, 256), (192, 576)]:
+        w = torch.randn(2, out_f, in_f, generator=g)
+        frozen = lambda ts: tuple(nn.Parameter(x, requires_grad=False) if not x.is_floating_point() else x  # noqa: E731
+                                  for x in ts)
+        layers = {"nf4": frozen(nf4.quantize(w[0]).tensors()) + (nf4.code_table(),),
+                  "int8": frozen(int8.quantize(w[0]).tensors())}
+        stacks = {"nf4": list(frozen(quantize_stacked("nf4", w))) + [nf4.code_table()],
+                  "int8": list(frozen(quantize_stacked("int8", w)))}
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                for dtype in (torch.bfloat16, torch.float32):
+                    for kind in layers:
+                        linear.DENSE[kind](layers[kind], dtype)
+                        dense_experts(kind, stacks[kind], dtype)
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    torch._dynamo.reset()
