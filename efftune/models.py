@@ -8,6 +8,7 @@ result as a safetensors directory in the cache, so later loads take a second, no
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -56,17 +57,56 @@ def default_gguf_path() -> Path:
     return target
 
 
+# Written into the default model's directory once its conversion is complete. Version 2: the special
+# tokens are the GGUF file's own (`gguf_special_tokens`); a directory without it (or of an older
+# version) is converted again.
+CONVERSION_FILE = "efftune_conversion.json"
+CONVERSION_VERSION = 2
+
+# tokenizer attribute -> the GGUF metadata key (under tokenizer.ggml.) holding its token id
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                       "pad_token": "padding_token_id"}
+
+
+def gguf_special_tokens(path: str | os.PathLike) -> dict[str, str]:
+    """The special tokens a GGUF file's metadata names, as token strings (those it names).
+
+    Why efftune reads them itself: transformers' GGUF tokenizer conversion has named them differently
+    across releases: 5.17 gives SmolLM2-135M-Instruct the end-of-sequence token `<|im_start|>` (the
+    file's bos), 5.25 `<|im_end|>` (the file's eos). A wrong eos is what every completion is trained to
+    end with, and it cost 0.4 nats of cross-entropy on the retention panel's texts."""
+    from gguf import GGUFReader
+    fields = GGUFReader(path).fields
+    tokens = fields.get("tokenizer.ggml.tokens")
+    found = {}
+    for name, key in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get("tokenizer.ggml." + key)
+        if tokens is not None and field is not None:
+            i = int(field.parts[field.data[0]][0])
+            if 0 <= i < len(tokens.data):
+                found[name] = bytes(tokens.parts[tokens.data[i]]).decode("utf-8")
+    return found
+
+
+def _conversion_version(marker: Path) -> int | None:
+    try:
+        return json.loads(marker.read_text()).get("version")
+    except (OSError, ValueError, AttributeError):  # none yet (an older conversion), or unreadable: convert again
+        return None
+
+
 def default_model_dir() -> Path:
     """A safetensors copy of the default model (dequantised once from the GGUF file)."""
     target = cache_dir("models") / "SmolLM2-135M-Instruct"
-    if (target / "config.json").exists():
+    marker = target / CONVERSION_FILE
+    if (target / "config.json").exists() and _conversion_version(marker) == CONVERSION_VERSION:
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = default_gguf_path()
     t0 = time.perf_counter()  # about half a minute on 2 CPU cores: say what is happening
     note(f"default model: dequantising {gguf.name} into {target} (once; about 30 s) …")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = _tokenizer(str(gguf.parent), {"gguf_file": gguf.name})
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to save a model it loaded from GGUF; the weights are already
     # dequantised, so rebuild a plain model from the same config and save that.
@@ -80,6 +120,7 @@ def default_model_dir() -> Path:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / CONVERSION_FILE).write_text(json.dumps({"version": CONVERSION_VERSION, "source": gguf.name}))
     replace_dir_atomically(target, write)
     note(f"default model: dequantised in {time.perf_counter() - t0:.1f} s")
     return target
@@ -212,8 +253,12 @@ def _loadable(exc: Exception, kwargs: dict) -> bool:
 
 
 def _tokenizer(source: str, kwargs: dict):
+    """The tokenizer; from a GGUF file, with the file's own special tokens (`gguf_special_tokens`)."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if "gguf_file" in kwargs:
+        for name, token in gguf_special_tokens(Path(source) / kwargs["gguf_file"]).items():
+            setattr(tokenizer, name, token)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

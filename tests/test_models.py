@@ -97,3 +97,53 @@ def test_empty_model_reads_no_weights_and_matches_the_loaded_one(tmp_path):
     assert empty.lm_head.weight is empty.model.embed_tokens.weight
     to_empty_keeping_ties(empty, torch.device("cpu"))  # storage, ties kept (to_empty alone unties them)
     assert empty.lm_head.weight is empty.model.embed_tokens.weight and not empty.lm_head.weight.is_meta
+
+
+def test_gguf_special_tokens_are_the_files_own(tmp_path):
+    """transformers' GGUF conversion named SmolLM2's eos `<|im_start|>` in 5.17 and `<|im_end|>` in 5.25;
+    efftune takes them from the file's metadata, whichever release converts it."""
+    from gguf import GGUFWriter
+
+    from efftune.models import gguf_special_tokens
+    path = tmp_path / "t.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>", "hello", "<pad>"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_special_tokens(path) == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                         "pad_token": "<pad>"}
+
+
+def test_a_default_model_converted_before_the_special_token_fix_is_converted_again(tmp_path, monkeypatch):
+    """A cached conversion without the marker (or of an older version) may carry the wrong eos: it is
+    made again from the GGUF file; one with the current marker is used as it is."""
+    import json
+
+    from efftune import models
+
+    class Converting(Exception):
+        pass
+
+    def convert():
+        raise Converting
+    monkeypatch.setattr(models, "cache_dir", lambda name: tmp_path / name)
+    monkeypatch.setattr(models, "default_gguf_path", convert)
+    target = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    with pytest.raises(Converting):
+        models.default_model_dir()
+    (target / models.CONVERSION_FILE).write_text(json.dumps({"version": 1}))
+    with pytest.raises(Converting):
+        models.default_model_dir()
+    (target / models.CONVERSION_FILE).write_text("{not json")
+    with pytest.raises(Converting):
+        models.default_model_dir()
+    (target / models.CONVERSION_FILE).write_text(json.dumps({"version": models.CONVERSION_VERSION}))
+    assert models.default_model_dir() == target
