@@ -25,3 +25,15 @@ def test_main_job_improves_held_out_accuracy(tmp_path):
         assert (out / name).is_file(), name
     assert str(out / "adapter") == summary["adapter"]
     assert "trainable parameters" in proc.stderr and "held out" in proc.stderr
+
+
+def test_the_default_models_tokenizer_ends_with_its_gguf_files_eos():
+    """The conversion takes the special tokens from the GGUF file (transformers 5.17's converter made
+    `<|im_start|>` the eos), and writes the marker that says so."""
+    from efftune.models import CONVERSION_FILE, default_gguf_path, default_model_dir, gguf_special_tokens, load_model
+    _, tokenizer = load_model()
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<|im_end|>",
+                                                                              "<|im_start|>")
+    assert gguf_special_tokens(default_gguf_path())["eos_token"] == tokenizer.eos_token
+    assert (default_model_dir() / CONVERSION_FILE).is_file()
+    assert tokenizer("Hello world.")["input_ids"] == [19556, 905, 30]  # no token added in front
