@@ -169,7 +169,7 @@ def _rank0_runs(fn: Callable[[], T], here: World) -> T | None:
         try:
             result = fn()
         except BaseException as exc:
-            failure[0] = f"{type(exc).__name__}: {exc}"
+            failure[0] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # a Ctrl-C has no text
             dist.broadcast_object_list(failure, src=0)
             raise
     dist.broadcast_object_list(failure, src=0)

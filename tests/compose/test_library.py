@@ -530,7 +530,7 @@ def test_on_step_is_rank_0s_and_what_it_raises_stops_every_rank(tasks, tokenizer
             pytest.fail(f"ranks still running: {[p.pid for p in ranks.processes if p.is_alive()]}")
     assert record.read_text().split("\n") == ["0 1", "0 2", ""]  # rank 0's calls only
     assert (tmp_path / "rank-0.outcome").read_text() == "KeyboardInterrupt: "
-    assert (tmp_path / "rank-1.outcome").read_text() == "EfftuneError: rank 0 failed (KeyboardInterrupt: )"
+    assert (tmp_path / "rank-1.outcome").read_text() == "EfftuneError: rank 0 failed (KeyboardInterrupt)"
     assert (tmp_path / "lib" / WORK_DIR / "colors" / "checkpoints" / "step-000001").is_dir()
     assert not (tmp_path / "lib" / WORK_DIR / "colors" / "checkpoints" / "step-000002").exists()
     assert not (tmp_path / "lib" / "colors").exists()
