@@ -223,3 +223,39 @@ def test_bottleneck_adapters_on_a_quantised_base_take_the_base_dtype():
     assert all(p.dtype == torch.float64 for _, a in bottleneck_adapters(model) for p in a.parameters()
                if p.requires_grad)
     assert model(IDS).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_training_step_with_the_compiled_dequantisation_gives_the_eager_bits(kind, monkeypatch):
+    """What a GPU runs (`linear.compiled_on_gpu`: the dequantisation compiled, inside the fused LoRA and
+    SwiGLU ops' forward and backward and the plain quantised matmul), forced onto the CPU: the loss and
+    every LoRA gradient bit for bit as eager, in bf16, with one graph per dtype for all the layers."""
+    from torch._dynamo.utils import counters
+
+    from efftune.quantize import experts, linear
+
+    def step(model):
+        loss = model(IDS).logits.float().square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model = llama64(torch.bfloat16)
+    quantize_model(model, kind)
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    model.train()
+    twin = copy.deepcopy(model)
+    eager_loss, eager_grads = step(model)
+    real = linear.compiled_on_gpu
+    monkeypatch.setattr(linear, "compiled_on_gpu", lambda fn, device: real(fn, torch.device("cuda")))
+    monkeypatch.setattr(experts, "compiled_on_gpu", linear.compiled_on_gpu)
+    torch._dynamo.reset()
+    counters.clear()
+    loss, grads = step(twin)
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled form ran
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert torch.equal(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys() and len(grads) == 2 * 2 * 7
+    for name, g in grads.items():
+        assert torch.equal(g, eager_grads[name]), name
+    torch._dynamo.reset()
