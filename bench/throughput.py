@@ -26,7 +26,8 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-full    efftune's --method full (efftune.methods.full: fp32 masters under the bf16 model),
                   loss as `efftune` (chunked LM head), fused AdamW
   efftune-full-8bit     `efftune-full` with train.optimizer adamw8bit (torchao; embeddings' moments fp32)
-  efftune-full-compile  `efftune-full` with every decoder block compiled
+  efftune-full-compile  `efftune-full` with every decoder block compiled; efftune-full-compile-cg:
+                        and replayed as CUDA graphs
   efftune-nf4     `efftune` on an NF4 base: the decoder blocks' linears quantised first
                   (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-nf4-ckpt:
                   with activation checkpointing; efftune-compile-nf4: compiled;
@@ -93,14 +94,11 @@ SHAPES: dict[str, dict] = {
 CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
-         "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt",
-         "efftune-compile-nf4", "efftune-compile-nf4-ckpt", "efftune-compile-nf4-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora", "efftune-dora-compile",
-         "efftune-dora-compile-cg")
-LOGPROBS_LOSS = ("efftune", "efftune-fa", "efftune-fa-nocorr", "efftune-ckpt", "efftune-compile",
-                 "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8", "efftune-compile-fp8",
-                 "efftune-compile-cg", "efftune-compile-fp8-cg", "efftune-full", "efftune-full-8bit",
-                 "efftune-full-compile", "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4",
-                 "efftune-compile-nf4-ckpt", "efftune-compile-nf4-cg", "efftune-dora", "efftune-dora-compile", "efftune-dora-compile-cg")
+         "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-full-compile-cg",
+         "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4", "efftune-compile-nf4-ckpt",
+         "efftune-compile-nf4-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
+         "efftune-dora-compile", "efftune-dora-compile-cg")
+LOGPROBS_LOSS = tuple(c for c in CASES if c.startswith("efftune") and c != "efftune-plain")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
 TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules
