@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..moe.experts import check_experts_module, expert_activation, grouped_linear, run_experts, uses_grouped_mm
 from . import int8, nf4
-from .linear import DENSE, compiled_on_gpu, frozen_packed
+from .linear import DENSE, frozen_packed
 
 TARGETS = ("gate_up_proj", "down_proj")
 FIELDS = {"nf4": ("codes", "scale_q", "scale_scale", "scale_mean"), "int8": ("q", "scale")}
@@ -47,19 +47,9 @@ def expert_tensors(tensors: list[Tensor], e: int, kind: str) -> tuple[Tensor, ..
 
 
 def dense_experts(kind: str, tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """All E experts' dense weights (E, out, in) in `dtype`, in one pass (the same numbers as
-    dequantising each expert with `linear.DENSE`)."""
-    if kind == "int8":
-        q, scale = tensors
-        return int8.dequantize(q, scale, dtype, rows=compiled_on_gpu(int8.scale_rows, q.device))
-    work = torch.promote_types(dtype, torch.float32)
-    codes, scale_q, scale_scale, scale_mean, table = tensors
-    e, out_f, in_f = codes.shape[0], codes.shape[1], codes.shape[2] * 2
-    n = out_f * in_f // nf4.BLOCK
-    scales = (scale_q.view(e, -1, nf4.SCALE_BLOCK).float() * scale_scale[..., None]).view(e, -1)[:, :n] \
-        + scale_mean[:, None]
-    decode = compiled_on_gpu(nf4.decode_scaled, codes.device)
-    return decode(codes.reshape(-1), scales.to(work).reshape(-1), table.to(work), dtype).view(e, out_f, in_f)
+    """All E experts' dense weights (E, out, in) in `dtype`, in one pass (`linear.DENSE` takes stacked
+    tensors too: the same numbers as dequantising each expert on its own)."""
+    return DENSE[kind](tuple(tensors), dtype)
 
 
 def _in_features(kind: str, tensors: list[Tensor]) -> int:

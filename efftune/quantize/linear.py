@@ -83,7 +83,7 @@ def frozen_packed(module: nn.Module, name: str, t: Tensor) -> None:
     module.register_parameter(name, nn.Parameter(t, requires_grad=False))
 
 
-DENSE = {"nf4": _nf4_dense, "int8": _int8_dense}  # kind -> (its tensors, dtype) -> dense weight
+DENSE = {"nf4": _nf4_dense, "int8": _int8_dense}  # kind -> (its tensors, dtype) -> dense weight (stacked too)
 IN_FEATURES = {"nf4": lambda t: t[0].shape[1] * 2, "int8": lambda t: t[0].shape[1]}  # from the shapes alone
 
 

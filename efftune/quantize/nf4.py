@@ -83,8 +83,11 @@ def quantize_scales(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def dequantize_scales(scale_q: Tensor, scale_scale: Tensor, scale_mean: Tensor, n: int) -> Tensor:
-    """The n block scales (fp32) back from their double quantisation."""
-    return (scale_q.view(-1, SCALE_BLOCK).float() * scale_scale[:, None]).view(-1)[:n] + scale_mean
+    """The n block scales (fp32) back from their double quantisation; with leading dimensions (stacked
+    experts: scale_q (E, m), scale_scale (E, m / 256), scale_mean (E,)), n for each -> (E, n)."""
+    lead = scale_q.shape[:-1]
+    blocks = scale_q.view(*lead, -1, SCALE_BLOCK).float() * scale_scale[..., None]
+    return blocks.view(*lead, -1)[..., :n] + scale_mean[..., None]
 
 
 @torch.no_grad()
@@ -112,14 +115,15 @@ def code_table(device: torch.device | str | None = None) -> Tensor:
 
 def dequantize(codes: Tensor, scale_q: Tensor, scale_scale: Tensor, scale_mean: Tensor,
                dtype: torch.dtype, table: Tensor | None = None, decode=None) -> Tensor:
-    """The dense (out, in) weight in `dtype` (computed in fp32 at least, rounded once). `table`:
-    `code_table()` on the codes' device (made here when not given). `decode`: `decode_scaled` or a
-    compiled form of it (`linear.compiled_on_gpu`), which does all but the block scales' few elements."""
-    out_f, in_f = codes.shape[0], codes.shape[1] * 2
+    """The dense (out, in) weight in `dtype` (computed in fp32 at least, rounded once); for stacked
+    experts' tensors (codes (E, out, in / 2), each expert quantised on its own) all of them, (E, out, in).
+    `table`: `code_table()` on the codes' device (made here when not given). `decode`: `decode_scaled`
+    or a compiled form of it (`linear.compiled_on_gpu`), which does all but the block scales' few elements."""
+    *lead, out_f, half = codes.shape
     work = _work_dtype(dtype)
     code = (code_table(codes.device) if table is None else table).to(work)
-    scales = dequantize_scales(scale_q, scale_scale, scale_mean, out_f * in_f // BLOCK).to(work)
-    return (decode or decode_scaled)(codes.reshape(-1), scales, code, dtype).view(out_f, in_f)
+    scales = dequantize_scales(scale_q, scale_scale, scale_mean, out_f * half * 2 // BLOCK).to(work)
+    return (decode or decode_scaled)(codes.reshape(-1), scales.reshape(-1), code, dtype).view(*lead, out_f, half * 2)
 
 
 def decode_scaled(codes: Tensor, scales: Tensor, code: Tensor, dtype: torch.dtype) -> Tensor:

@@ -120,10 +120,9 @@ def test_agrees_with_torchao_nf4():
 
 def _everywhere(monkeypatch):
     """Make `compiled_on_gpu` compile on the CPU too (the compiled form is device-agnostic)."""
-    from efftune.quantize import experts, linear
+    from efftune.quantize import linear
     real = linear.compiled_on_gpu
     monkeypatch.setattr(linear, "compiled_on_gpu", lambda fn, device: real(fn, torch.device("cuda")))
-    monkeypatch.setattr(experts, "compiled_on_gpu", linear.compiled_on_gpu)
 
 
 def test_the_gpu_dequantisation_is_compiled_and_gives_the_eager_bits(monkeypatch):

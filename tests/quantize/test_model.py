@@ -232,7 +232,7 @@ def test_a_training_step_with_the_compiled_dequantisation_gives_the_eager_bits(k
     every LoRA gradient bit for bit as eager, in bf16, with one graph per dtype for all the layers."""
     from torch._dynamo.utils import counters
 
-    from efftune.quantize import experts, linear
+    from efftune.quantize import linear
 
     def step(model):
         loss = model(IDS).logits.float().square().mean()
@@ -248,7 +248,6 @@ def test_a_training_step_with_the_compiled_dequantisation_gives_the_eager_bits(k
     eager_loss, eager_grads = step(model)
     real = linear.compiled_on_gpu
     monkeypatch.setattr(linear, "compiled_on_gpu", lambda fn, device: real(fn, torch.device("cuda")))
-    monkeypatch.setattr(experts, "compiled_on_gpu", linear.compiled_on_gpu)
     torch._dynamo.reset()
     counters.clear()
     loss, grads = step(twin)
