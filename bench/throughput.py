@@ -31,7 +31,8 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-nf4     `efftune` on an NF4 base: the decoder blocks' linears quantised first
                   (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-nf4-ckpt:
                   with activation checkpointing; efftune-compile-nf4: compiled;
-                  efftune-compile-nf4-ckpt: compiled and checkpointed; efftune-compile-nf4-cg:
+                  efftune-compile-nf4-ckpt: compiled and checkpointed (-ckpt-cg: and replayed as CUDA
+                  graphs; efftune-compile-ckpt-cg: the same in bf16); efftune-compile-nf4-cg:
                   compiled and replayed as CUDA graphs
   peft-qlora      `peft` on a bitsandbytes NF4 base (Linear4bit, double-quantised scales, bf16
                   compute: QLoRA as peft users run it); needs bitsandbytes and a GPU; peft-qlora-ckpt:
@@ -96,7 +97,7 @@ CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", 
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
          "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-full-compile-cg",
          "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4", "efftune-compile-nf4-ckpt",
-         "efftune-compile-nf4-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
+         "efftune-compile-nf4-cg", "efftune-compile-nf4-ckpt-cg", "efftune-compile-ckpt-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
          "efftune-dora-compile", "efftune-dora-compile-cg")
 LOGPROBS_LOSS = tuple(c for c in CASES if c.startswith("efftune") and c != "efftune-plain")
 PEAK_FLOPS = 989e12
@@ -182,7 +183,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
-    if case.endswith("-ckpt"):  # what TrainConfig(activation_checkpointing=True) switches on
+    if "-ckpt" in case:  # what TrainConfig(activation_checkpointing=True) switches on
         from efftune.train.loop import enable_activation_checkpointing  # 5.24+ renamed the switch
         enable_activation_checkpointing(model)
     if "-compile" in case:
