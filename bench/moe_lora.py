@@ -13,7 +13,8 @@ LoRA is r=16, alpha=32, dropout 0 everywhere. Cases:
   efftune-base  efftune's expert path without expert LoRA (use_grouped_experts) + attention LoRA
   efftune-compile  `efftune` with each decoder block compiled (efftune.train.compile, train.compile)
   efftune-nf4   `efftune` on an NF4 base: experts and attention linears quantised first
-                (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-compile-nf4: compiled
+                (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-compile-nf4: compiled;
+                efftune-compile-nf4-ckpt: and with activation checkpointing (train.activation_checkpointing)
 
 Like bench/throughput.py (whose helpers it imports), each case runs in its own subprocess and
 prints one JSON line (tokens/s, step seconds, peak GiB = max_memory_allocated, trainable params);
@@ -44,7 +45,8 @@ SHAPES: dict[str, dict] = {
                  moe_intermediate_size=32, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=1000),
 }
-CASES = ("peft", "peft-attn", "efftune", "efftune-base", "efftune-compile", "efftune-nf4", "efftune-compile-nf4")
+CASES = ("peft", "peft-attn", "efftune", "efftune-base", "efftune-compile", "efftune-nf4", "efftune-compile-nf4",
+         "efftune-compile-nf4-ckpt")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -75,12 +77,15 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     from efftune.methods.lora.config import LoraConfig
     from efftune.methods.lora.model import add_lora
     from efftune.moe.experts import use_grouped_experts
-    if case.endswith("-nf4"):  # issue 24: NF4 experts and linears under expert LoRA, quantised at load as
+    if "-nf4" in case:  # issue 24: NF4 experts and linears under expert LoRA, quantised at load as
         from efftune.quantize import quantize_model  # `quantize: nf4` does (before the method attaches)
         quantize_model(model, "nf4")
         torch.cuda.empty_cache() if torch.cuda.is_available() else None  # the bf16 weights are gone
-    if case in ("efftune", "efftune-compile", "efftune-nf4", "efftune-compile-nf4"):
+    if case in ("efftune", "efftune-compile", "efftune-nf4", "efftune-compile-nf4", "efftune-compile-nf4-ckpt"):
         add_expert_lora(model, ExpertLoraConfig(r=16, alpha=32, target_modules=ATTN))
+        if case.endswith("-ckpt"):  # before compiling, as train() orders them
+            from efftune.train.loop import enable_activation_checkpointing
+            enable_activation_checkpointing(model)
         if case.startswith("efftune-compile"):
             from efftune.train.compile import compile_blocks
             compile_blocks(model)
