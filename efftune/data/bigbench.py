@@ -148,8 +148,8 @@ def _as_bool(value) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() != "false"
 
 
-def _examples_from_spec(spec: dict, source: str) -> list[Example]:
-    """Turn BIG-bench's example dicts into prompts formatted as the benchmark does."""
+def _examples_from_spec(spec: dict, source: str, task: str) -> list[Example]:
+    """Turn BIG-bench's example dicts into prompts formatted as the benchmark does, each labelled `task`."""
     prefix = spec.get("task_prefix", "") or ""
     in_prefix = spec.get("example_input_prefix", "\nQ: ")
     out_prefix = spec.get("example_output_prefix", "\nA: ")
@@ -168,7 +168,7 @@ def _examples_from_spec(spec: dict, source: str) -> list[Example]:
             prompt = (prefix + in_prefix + body + out_prefix).lstrip()
             best = max(scores)
             correct = tuple(j for j, s in enumerate(scores) if s == best)
-            examples.append(MultipleChoice(prompt, tuple(choices), correct[0], correct))
+            examples.append(MultipleChoice(prompt, tuple(choices), correct[0], correct, task=task))
         else:
             target = ex.get("target")
             if isinstance(target, list):
@@ -176,14 +176,15 @@ def _examples_from_spec(spec: dict, source: str) -> list[Example]:
             if target is None:
                 raise DataError(f"{source}: example {i} has neither 'target_scores' nor 'target'")
             prompt = (prefix + in_prefix + ex["input"] + out_prefix).lstrip()
-            examples.append(Completion(prompt, str(target)))
+            examples.append(Completion(prompt, str(target), task=task))
     return examples
 
 
 def load_task(name: str) -> list[Example]:
-    """All examples of a BIG-bench task (a task with subtasks yields them all, in name order)."""
+    """All examples of a BIG-bench task (a task with subtasks yields them all, in name order), each with
+    `task` = `name` as given (a subtask's examples are the parent's when the parent is named)."""
     entries = _resolve(name, task_index())
     examples: list[Example] = []
     for entry, path in extract_task_files(entries).items():
-        examples.extend(_examples_from_spec(json.loads(path.read_text()), f"bigbench:{entry}"))
+        examples.extend(_examples_from_spec(json.loads(path.read_text()), f"bigbench:{entry}", name))
     return examples

@@ -1,4 +1,10 @@
-"""The kinds of example every loader produces and every trainer/evaluator consumes."""
+"""The kinds of example every loader produces and every trainer/evaluator consumes.
+
+Each kind carries `task`: the BIG-bench task it was loaded from ("" for the user's data). It picks
+the example's prefix where a run has one per task (prompt tuning with several prompts, `Formatter`);
+like a conversation's `where`, it labels the example rather than being part of it, so it is left
+out of equality and repr.
+"""
 from __future__ import annotations
 
 import random
@@ -20,6 +26,7 @@ class MultipleChoice:
     choices: tuple[str, ...]
     answer: int
     correct: tuple[int, ...] = field(default=())
+    task: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self):
         if not self.correct:
@@ -35,6 +42,7 @@ class Completion:
     """A prompt and the text the model should continue it with (the loss covers only this)."""
     prompt: str
     completion: str
+    task: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Conversation:
     `where` (file:line or file row i) names the row when its rendering fails; not part of equality."""
     messages: tuple[tuple[str, str], ...]
     where: str = field(default="", compare=False, repr=False)
+    task: str = field(default="", compare=False, repr=False)
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]

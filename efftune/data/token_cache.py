@@ -5,8 +5,8 @@ file; a million conversations take many minutes. The cache key is a hash of ever
 depend on: the examples (for a data file read through `efftune.data.stored`, the key of its parsed
 entry, itself a hash of the file's bytes, split and column mapping; otherwise the examples' text, in
 order), the tokenizer (its whole vocabulary and merges, special tokens), the chat template, and the
-Formatter's options (max_length, train_on, chat_template, prefix ids). Any change gives another key,
-so an entry is never stale.
+Formatter's options (max_length, train_on, chat_template, prefix ids; with a prefix per task, those
+and each example's task). Any change gives another key, so an entry is never stale.
 
 An entry, `$EFFTUNE_DATA_CACHE/tokens/<key>/`, holds flat arrays (`efftune.data.entries`): every
 token id, a target mask, offsets, and per sequence the tokens cut and the target count; a run maps
@@ -49,13 +49,19 @@ def cache_key(formatter: Formatter, examples: Sequence[Example]) -> str:
     h = hashlib.sha256(FORMAT.encode())
     h.update(tokenizer_fingerprint(formatter.tokenizer).encode())
     h.update(repr((formatter.max_length, formatter.chat_template, formatter.train_on, formatter.prefix_ids)).encode())
+    per_task = bool(formatter.task_prefixes)  # a prefix per task: each example's task picks its tokens too
+    if per_task:
+        h.update(repr(sorted(formatter.task_prefixes.items())).encode())
     if isinstance(examples, StoredExamples):  # the parsed file's own key: nothing to decode
         h.update(f"stored {examples.base.key}".encode())
         return h.hexdigest()[:32]
     h.update(str(len(examples)).encode())
-    for e in examples:  # dataclass reprs: the type, every field; never a row's location
+    for e in examples:  # dataclass reprs: the type, every field; never a row's location (nor its task)
         h.update(repr(e).encode())
         h.update(b"\0")
+        if per_task:
+            h.update(e.task.encode())
+            h.update(b"\0")
     return h.hexdigest()[:32]
 
 
@@ -78,7 +84,8 @@ def _open(path: Path, count: int, id_bound: int) -> TokenArrays:
 
 
 def _id_bound(formatter: Formatter) -> int:
-    return max([len(formatter.tokenizer), *(p + 1 for p in formatter.prefix_ids)])  # prompt tuning's ids may lie above
+    prefixes = [formatter.prefix_ids, *formatter.task_prefixes.values()]
+    return max([len(formatter.tokenizer), *(p + 1 for ids in prefixes for p in ids)])  # prompt tuning's ids lie above
 
 
 def encode_all(formatter: Formatter, examples: Sequence[Example], use_cache: bool = True,

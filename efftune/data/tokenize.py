@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from typing import Iterable, Sequence as Seq, overload
+from typing import Iterable, Mapping, Sequence as Seq, overload
 
 import numpy as np
 
@@ -39,19 +39,25 @@ class Formatter:
 
     `prefix_ids` (e.g. prompt tuning's virtual token ids) go at the very start of every prompt,
     before BOS and any chat template, as peft places soft prompts; `encode`, `encode_pair` and
-    `encode_prompt` take a per-call `prefix_ids` too (mixed-task batches), [] for none.
+    `encode_prompt` take a per-call `prefix_ids` too (mixed-task batches), [] for none. A mapping
+    task -> ids instead (prompt tuning with one prompt per task) starts each example with its own
+    task's ids (`Example.task`, `prefix_for`); `encode_pair` and `encode_prompt`, which see text
+    rather than an example, then need the ids passed.
 
     A Conversation is always rendered with the tokenizer's chat template (`efftune.data.chat`);
     `train_on` says which of its tokens are targets (assistant | last_assistant | all).
     """
 
     def __init__(self, tokenizer, chat_template: bool = False, max_length: int = 512,
-                 prefix_ids: list[int] | None = None, train_on: str = "assistant"):
+                 prefix_ids: Seq[int] | Mapping[str, Seq[int]] | None = None, train_on: str = "assistant"):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.train_on = train_on
         self.max_length = max_length
-        self.prefix_ids = list(prefix_ids or [])
+        per_task = isinstance(prefix_ids, Mapping)
+        self.prefix_ids: list[int] = [] if per_task else list(prefix_ids or [])  # every prompt's
+        self.task_prefixes: dict[str, list[int]] = \
+            {task: list(ids) for task, ids in prefix_ids.items()} if per_task else {}  # or each task's
         self._bos = [tokenizer.bos_token_id] if self._adds_bos(tokenizer) else []
         if chat_template and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("chat_template: this model's tokenizer has no chat template; drop --chat-template")
@@ -71,8 +77,22 @@ class Formatter:
             continuation = " " + continuation
         return stripped, continuation
 
+    def prefix_for(self, example: Example) -> list[int]:
+        """The ids `example`'s prompt starts with: the one prefix, or its task's where each task has
+        its own (a task without one is a ConfigError naming it)."""
+        if not self.task_prefixes:
+            return self.prefix_ids
+        if example.task not in self.task_prefixes:
+            what = f"task {example.task!r}" if example.task else "an example without a task (the user's data)"
+            raise ConfigError(f"no prompt for {what}: the prompts are for tasks {', '.join(self.task_prefixes)}")
+        return self.task_prefixes[example.task]
+
     def _prefix(self, prefix_ids: list[int] | None) -> list[int]:
-        return self.prefix_ids if prefix_ids is None else list(prefix_ids)
+        if prefix_ids is not None:
+            return list(prefix_ids)
+        if self.task_prefixes:  # text alone names no task: guessing one would be the first task's, silently
+            raise ValueError("this Formatter has a prefix per task: pass prefix_ids (Formatter.prefix_for(example))")
+        return self.prefix_ids
 
     def encode_pair(self, prompt: str, continuation: str,
                     prefix_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
@@ -90,8 +110,9 @@ class Formatter:
 
     def encode(self, example: Example, prefix_ids: list[int] | None = None) -> Encoded:
         """The training sequence of an example: prompt + answer (MC), prompt + completion + EOS, or a
-        conversation with its assistant turns as targets."""
-        prefix = self._prefix(prefix_ids)
+        conversation with its assistant turns as targets. `prefix_ids` (default: `prefix_for(example)`)
+        goes first."""
+        prefix = self.prefix_for(example) if prefix_ids is None else list(prefix_ids)
         if len(prefix) >= self.max_length - 1:
             raise ConfigError(f"max_length {self.max_length} leaves no room after the {len(prefix)} prefix "
                               "tokens (prompt tuning's virtual tokens)")

@@ -8,9 +8,11 @@ from ..data.tokenize import Formatter
 
 
 @torch.no_grad()
-def generate(model: nn.Module, formatter: Formatter, prompt: str, max_new_tokens: int = 64) -> str:
+def generate(model: nn.Module, formatter: Formatter, prompt: str, max_new_tokens: int = 64,
+             prefix_ids: list[int] | None = None) -> str:
+    """The greedy continuation of `prompt`, after `prefix_ids` (default: the formatter's one prefix)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([formatter.encode_prompt(prompt)], device=device)
+    ids = torch.tensor([formatter.encode_prompt(prompt, prefix_ids)], device=device)
     was_training = model.training
     model.eval()
     try:

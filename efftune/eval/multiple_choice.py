@@ -21,7 +21,8 @@ from ..progress import QUIET_SECONDS, progress_bar
 
 
 def _encode(formatter: Formatter, ex: MultipleChoice) -> tuple[list[int], list[list[int]]]:
-    pairs = [formatter.encode_pair(ex.prompt, c) for c in ex.choices]
+    prefix = formatter.prefix_for(ex)  # its task's, where each task has a prompt of its own
+    pairs = [formatter.encode_pair(ex.prompt, c, prefix) for c in ex.choices]
     eos = formatter.tokenizer.eos_token_id
     return pairs[0][0], [c or [eos] for _, c in pairs]
 
