@@ -178,6 +178,8 @@ def _eval_flags(e: argparse.ArgumentParser) -> None:
 def _generate_flags(g: argparse.ArgumentParser) -> None:
     model_flags(g)
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (at least 1)")
+    g.add_argument("--task", help="with a prompt-tuning adapter holding a prompt per task: the task whose prompt "
+                                  "leads the text")
     g.add_argument("prompt")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -289,9 +291,10 @@ def _launch(args, argv: list[str]) -> int:
         raise EfftuneError(f"--nproc must be at least 1, got {n}")
     # a bad flag fails here, once, before any process starts
     if args.command == "train":
-        from .finetune import check_distributed
+        from .finetune import check_distributed, check_prefix_tasks
         cfg = train_config(args)
         check_distributed(cfg)
+        check_prefix_tasks(cfg)
     else:
         from .compose.library import check_distributed as check_build
         cfg = build_config(args)
@@ -337,7 +340,8 @@ def check_output_dir(path: str, overwrite: bool) -> None:
 
 
 def _load_for_inference(args):
-    """The model, with the adapter of any method attached, and a Formatter that feeds it."""
+    """The model, with the adapter of any method attached, and a Formatter that feeds it (with a
+    prefix per task where the adapter holds one per task: prompt tuning's several prompts)."""
     from .data import Formatter
     from .methods.lora.peft_format import load_adapter
     from .methods.registry import detect_method
@@ -355,6 +359,34 @@ def _load_for_inference(args):
     return model, Formatter(tokenizer, chat_template=args.chat_template, prefix_ids=prefix)
 
 
+def _held_prompts(args, formatter) -> str:
+    return f"adapter {args.adapter} holds a prompt per task ({', '.join(formatter.task_prefixes)})"
+
+
+def _check_task_prompts(args, formatter, tasks: list[str], untasked: str | None) -> None:
+    """With an adapter holding a prompt per task, each example takes its task's: every task of `tasks`
+    (eval's --task) must have one, and text whose task has none is refused (`untasked` says why)."""
+    if not formatter.task_prefixes:
+        return
+    if untasked:
+        raise EfftuneError(f"eval: {_held_prompts(args, formatter)}, and {untasked}")
+    if missing := [t for t in tasks if t not in formatter.task_prefixes]:
+        raise EfftuneError(f"eval: task {', '.join(missing)} has no prompt: {_held_prompts(args, formatter)}")
+
+
+def _generate_prefix(args, formatter) -> list[int] | None:
+    """generate's prefix: --task's prompt, where the adapter holds one per task (None: the formatter's own)."""
+    if not formatter.task_prefixes:
+        if args.task:
+            raise EfftuneError("generate: --task picks one prompt of an adapter holding a prompt per task (prompt "
+                               f"tuning); {args.adapter or 'the bare model'} holds no such prompts")
+        return None
+    if args.task not in formatter.task_prefixes:
+        which = f"--task {args.task} names none of them" if args.task else "pick one with --task"
+        raise EfftuneError(f"generate: {_held_prompts(args, formatter)}: {which}")
+    return formatter.task_prefixes[args.task]
+
+
 def _eval(args) -> dict:
     from .data.loading import load_examples
     from .data.sources import load_data
@@ -365,13 +397,19 @@ def _eval(args) -> dict:
         raise EfftuneError("eval: pass exactly one of --task or --data (or --retention alone)")
     examples = None
     if args.task:
-        _, examples = load_examples(tasks=[t for t in args.task.split(",") if t], eval_size=args.eval_size)
+        _, examples = load_examples(tasks=_task_list(args.task), eval_size=args.eval_size)
     elif args.data:
         examples = load_data(args.data)  # any format --data takes (conversations: perplexity of the assistant turns)
     if examples is not None and not examples:
         raise EfftuneError(f"eval: --eval-size {args.eval_size} holds out no examples of {args.task} to score")
     panel = load_panel(args.retention) if args.retention else None  # a bad panel fails before the model loads
     model, formatter = _load_for_inference(args)
+    untasked = None  # why some text here has no prompt, for an adapter holding one per task
+    if args.data:
+        untasked = "the rows of --data carry no task to pick one by; score tasks named as the prompts with --task"
+    elif panel:
+        untasked = "the retention panel's tasks have none, so no one prompt is there to score them; drop --retention"
+    _check_task_prompts(args, formatter, _task_list(args.task), untasked)
     result = {**evaluator(formatter, examples)(model), "examples": len(examples)} if examples else {}
     if panel:
         result["retention"] = measure_retention(model, formatter, panel)
@@ -383,7 +421,12 @@ def _generate(args) -> str:
     if args.max_new_tokens < 1:
         raise EfftuneError(f"generate: --max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model, formatter = _load_for_inference(args)
-    return generate(model, formatter, args.prompt, args.max_new_tokens)
+    return generate(model, formatter, args.prompt, args.max_new_tokens, prefix_ids=_generate_prefix(args, formatter))
+
+
+def _task_list(text: str | None) -> list[str]:
+    """--task's comma-separated names."""
+    return [t for t in (text or "").split(",") if t]
 
 
 def _merge_weights(text: str | None, n: int) -> list[float]:

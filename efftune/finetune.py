@@ -105,6 +105,32 @@ def check_distributed(cfg: RunConfig) -> None:
         check_shardable(cfg.train, TrainHooks())
 
 
+def check_prefix_tasks(cfg: RunConfig) -> None:
+    """A method with a prefix per task (prompt tuning with several prompts) starts each example with
+    its own BIG-bench task's (`Example.task`). Refused from the config alone, before any model work:
+    examples that carry no task (the user's data), a training task without a prefix, a prefix of a
+    task the run does not train (it would be saved untrained), and a retention panel (its tasks have
+    no prefix, and no one of the prompts is the run's)."""
+    method = get_method(cfg.method)
+    tasks = method.prefix_tasks(getattr(cfg, method.config_key))
+    if not tasks:
+        return
+    key, named = f"{method.config_key}.tasks", ", ".join(tasks)
+    for source, where in ((cfg.data.path, "data.path, --data"), (cfg.data.eval_path, "data.eval_path, --eval-data")):
+        if source:
+            raise ConfigError(f"{key} holds several prompts ({named}), but the rows of {source} ({where}) carry no "
+                              "task to pick one by; train one prompt on them, or name BIG-bench tasks with --task")
+    if cfg.retention:
+        raise ConfigError(f"retention: {key} holds several prompts ({named}) and the panel's tasks have none of "
+                          "them, so no one prompt is the run's to score the panel with; drop --retention")
+    if missing := [t for t in cfg.task if t not in tasks]:
+        raise ConfigError(f"task {', '.join(missing)}: no prompt of that name in {key} ({named}); with several "
+                          "prompts each training task takes the prompt named after it")
+    if unused := [t for t in tasks if t not in cfg.task]:
+        raise ConfigError(f"{key} names {', '.join(unused)}, which the run does not train (task: "
+                          f"{', '.join(cfg.task)}): that prompt would be saved untrained")
+
+
 def _load_base(cfg: RunConfig, method_cfg, method):
     """The base model and tokenizer for this rank (`efftune.train.distributed.load_base`: under torchrun
     rank 0 alone reads the weights, into host memory under fsdp). A base quantised or kept in FP8 here
@@ -128,6 +154,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     beside it and return the same summary.
     """
     check_distributed(cfg)
+    check_prefix_tasks(cfg)
     here = distributed.init(cfg.device)
     if not here.main:
         log = lambda message: None  # noqa: E731 - one voice: rank 0's
@@ -176,9 +203,10 @@ def _run(cfg: RunConfig, method, method_cfg, out: Path, train_set, eval_set, run
         log(quantize_model(model, cfg.quantize).summary())
     seed_everything(cfg.train.seed)  # the adapter's initial weights too come from --seed
     method.attach(model, method_cfg, tokenizer=tokenizer)
-    def formatter_for(prefix_ids: list[int] | None) -> Formatter:
+    def formatter_for(prefix_ids: list[int] | dict[str, list[int]] | None) -> Formatter:
         return Formatter(tokenizer, chat_template=cfg.chat_template, max_length=cfg.train.max_length,
                          prefix_ids=prefix_ids, train_on=cfg.data.train_on)
+    # the method's prefix: one for every example, or each example its task's (check_prefix_tasks)
     formatter = formatter_for(method.prefix(model, method_cfg) if method.prefix else None)
     hooks = method.hooks(model, cfg) if method.hooks else None
     trainable, total = trainable_parameters(model)

@@ -297,12 +297,20 @@ def load_prompt_tuning(model: nn.Module, directory: str | os.PathLike) -> Prompt
     return config
 
 
-def prompt_ids(model: nn.Module, config: PromptTuningConfig) -> list[int]:
-    """The virtual token ids every prompt of the run starts with (its first task's)."""
-    return virtual_ids(model, config.tasks[0])
+def prompt_ids(model: nn.Module, config: PromptTuningConfig) -> list[int] | dict[str, list[int]]:
+    """The virtual token ids prompts start with: one task's, for every prompt; with several tasks,
+    {task: its ids}, each example taking its own task's (`efftune.data.Formatter`)."""
+    if len(config.tasks) == 1:
+        return virtual_ids(model, config.tasks[0])
+    return {task: virtual_ids(model, task) for task in config.tasks}
 
 
-# Soft prompts are addressed by virtual token ids every prompt starts with (`prompt_ids`); a prompt
-# without them runs the base exactly (ids below V go to the base table alone), so no bypass is needed.
+def prompt_tasks(config: PromptTuningConfig) -> list[str] | None:
+    """The tasks with a prompt each, when there are several (None for one: it serves every prompt)."""
+    return list(config.tasks) if len(config.tasks) > 1 else None
+
+
+# Soft prompts are addressed by virtual token ids prompts start with (`prompt_ids`); a prompt without
+# them runs the base exactly (ids below V go to the base table alone), so no bypass is needed.
 METHOD = Method("prompt-tuning", "prompt_tuning", attach=add_prompt_tuning, save=save_prompt_tuning,
-                load=load_prompt_tuning, prefix=prompt_ids)
+                load=load_prompt_tuning, prefix=prompt_ids, prefix_tasks=prompt_tasks)

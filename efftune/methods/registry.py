@@ -29,7 +29,12 @@ class Method:
     load: Callable[[nn.Module, str], object]                    # (model, directory) -> config
     hooks: Callable[[nn.Module, object], object] | None = None  # (model, run config) -> TrainHooks
     artifact: str = "adapter"                                   # what `save` writes: adapter | model
-    prefix: Callable[[nn.Module, object], list[int]] | None = None  # (model, config) -> ids every prompt starts with
+    # (model, config) -> the ids every prompt starts with, or {task: ids} where `prefix_tasks` names tasks
+    prefix: Callable[[nn.Module, object], list[int] | dict[str, list[int]]] | None = None
+    # (config) -> the tasks with a prefix each (an example takes its own task's: prompt tuning with several
+    # prompts); None: one prefix for every prompt. Read from the config alone, so a run whose examples
+    # would meet no prefix of their task is refused before the model loads (efftune.finetune)
+    prefix_tasks: Callable[[object], list[str] | None] = lambda config: None
     writes_base: bool = False  # it changes the base weights (a quantised or FP8 base cannot take that)
     not_shardable: str | None = None  # why train.distributed fsdp cannot run it (None: it can)
     runs_base: Callable[[object], bool] = lambda config: False  # (config) -> attach runs the base (ESFT on data)
