@@ -70,7 +70,7 @@ def evaluator(formatter: Formatter, examples: list[Example], options: ForwardOpt
             if any(isinstance(e, Conversation) for e in text):
                 out["eval_loss"] = round(math.log(ppl), 4)
         if chats:
-            append_samples(run_dir / "samples.jsonl", step, greedy_replies(model, formatter.tokenizer, chats))
+            append_samples(run_dir / "samples.jsonl", step, greedy_replies(model, formatter, chats))
         return out
     return evaluate
 

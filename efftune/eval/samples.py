@@ -11,15 +11,18 @@ from torch import nn
 
 from ..data.chat import prompt_of
 from ..data.examples import Conversation
+from ..data.tokenize import Formatter
 from ..files import write_text_atomically
 
 
 @torch.no_grad()
-def greedy_replies(model: nn.Module, tokenizer, conversations: Sequence[Conversation],
+def greedy_replies(model: nn.Module, formatter: Formatter, conversations: Sequence[Conversation],
                    max_new_tokens: int = 64) -> list[dict]:
     """For each conversation: its turns before the last assistant turn as the prompt (rendered
-    with the chat template and its generation prompt), the model's greedy reply, and the
-    conversation's own reply as the reference."""
+    with the chat template and its generation prompt, after the formatter's prefix for it: prompt
+    tuning's virtual tokens, as in training), the model's greedy reply, and the conversation's own
+    reply as the reference."""
+    tokenizer = formatter.tokenizer
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -31,7 +34,8 @@ def greedy_replies(model: nn.Module, tokenizer, conversations: Sequence[Conversa
                 continue
             messages, reference = found
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+            prompt = formatter.prefix_for(conv) + tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt], device=device)
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
             reply = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)

@@ -120,3 +120,32 @@ def test_default_model_learns_the_example_conversations(tmp_path):
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("eval")]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert (out / "samples.jsonl").is_file()
+
+
+def test_sample_replies_start_with_the_formatters_prefix():
+    """samples.jsonl's greedy replies see what training saw: the method's prefix (prompt tuning's
+    virtual tokens) before the rendered prompt. Reference: model.generate on prefix + rendered ids."""
+    import torch
+
+    from efftune.data.examples import Conversation
+    from efftune.data.tokenize import Formatter
+    from efftune.eval.samples import greedy_replies
+    tok = chatml_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), seed=3).eval()
+    conv = Conversation((("user", "What is the capital of France?"), ("assistant", "Paris.")))
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    rendered = tok(text, add_special_tokens=False)["input_ids"]
+
+    def reference(ids: list[int]) -> str:
+        t = torch.tensor([ids])
+        out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, t.shape[1]:], skip_special_tokens=True)
+    prefix = [11, 12, 13, 14]
+    with_prefix = greedy_replies(model, Formatter(tok, prefix_ids=prefix), [conv], max_new_tokens=8)
+    without = greedy_replies(model, Formatter(tok), [conv], max_new_tokens=8)
+    assert with_prefix[0]["reply"] == reference(prefix + rendered)
+    assert without[0]["reply"] == reference(rendered)
+    assert with_prefix[0]["reply"] != without[0]["reply"]  # the prefix changes what this model says
+    assert with_prefix[0]["reference"] == "Paris."
