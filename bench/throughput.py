@@ -81,7 +81,8 @@ import torch
 SHAPES: dict[str, dict] = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    # bench/distributed.py's FSDP shape: whole, in bf16, it fills one 141 GB GPU before anything trains
+    # bench/distributed.py's FSDP shape: whole, in bf16, it fills one 141 GB GPU before anything trains,
+    # so there rank 0 alone builds it, in host memory (--rank0-base)
     "llama3-70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
@@ -115,10 +116,16 @@ def default_seq(shape: str) -> int:
     return 128 if shape == "tiny" else 4096
 
 
+def llama_config(shape: str):
+    """The transformers LlamaConfig of `shape` (sdpa attention, no KV cache)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, use_cache=False, attn_implementation="sdpa")
+
+
 def build_model(shape: str, device: torch.device) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, use_cache=False,
-                         attn_implementation="sdpa")
+    """The random-init bf16 Llama of `shape` on `device`, transformers' own init (seed 0)."""
+    from transformers import LlamaForCausalLM
+    config = llama_config(shape)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
