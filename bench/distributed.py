@@ -4,9 +4,10 @@ A launcher: for each case and each process count N it runs
 `python -m torch.distributed.run --standalone --nproc-per-node N bench/distributed.py --worker CASE ...`
 and collects the one JSON line rank 0 prints. Every process it starts has NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 (NVLink multicast stays off) and the
-repository root on PYTHONPATH. Each rank builds the random-init Llama of `--shape` (bench/throughput.py's
-build_model: bf16, sdpa, no download) whole on its own GPU (on CPU: in host memory, gloo), attaches
-LoRA r=16, alpha=32, dropout 0 to every linear layer but lm_head, and trains on random token ids,
+repository root on PYTHONPATH. Each rank gets the random-init Llama of `--shape` (bf16, sdpa, no
+download; see "The base" below), attaches LoRA r=16, alpha=32, dropout 0 to every linear layer but
+lm_head (`--ckpt`: with activation checkpointing, efftune's train.activation_checkpointing and
+transformers' non-reentrant gradient checkpointing for peft), and trains on random token ids,
 `--batch` sequences of `--seq` tokens per rank and step. Cases:
 
   efftune-ddp   efftune.train.loop.train(TrainConfig(distributed="ddp")) itself: efftune.add_lora, the
@@ -35,13 +36,36 @@ step seconds, peak GiB. A final JSON line gives, per case, the scaling tokens/s 
 1), and per N the efftune/peft ratios (efftune-ddp vs peft-ddp, efftune-fsdp vs peft-fsdp; tokens/s per
 GPU and peak GiB).
 
-Not done: the model is built whole on every rank before anything is sharded (efftune's train() takes a
-materialised model; meta-device init is issue 23's open item), so FSDP's peak over the timed steps is
-the sharded one but building the 70B shape needs its whole bf16 base (131 GiB) on each GPU first.
+The base. Ordinarily each rank builds it whole on its own GPU (on CPU: in host memory, gloo), with
+transformers' random init (bench/throughput.py's build_model; the 8B numbers in bench/RESULTS.md were
+made so). `--rank0-base` (the default where the bf16 base takes over half of one GPU: the 70B shape's
+131 GiB does not fit one H200 beside its training, nor one copy a rank a host) makes it efftune's
+multi-process loading instead: rank 0 alone builds the weights, in host memory for fsdp (its shards
+go to its GPU from there) and on its GPU for ddp, while every other rank builds the model on the meta
+device (parameters without storage; buffers computed, bench/base_init.py's empty_base). The efftune
+cases hand that to train(), which fills the meta ranks from rank 0 as it wraps the model (DDP's
+initial sync, or every rank's FSDP shards cut from rank 0's state dict, and rank 0's buffers sent:
+efftune.train.distributed's from_rank0 path, as `efftune train` under torchrun loads a checkpoint).
+peft-fsdp does the same with its own tools: through accelerate, its cpu_ram_efficient_loading
+(accelerate shards on the meta device, then broadcasts rank 0's state dict); with torch's fully_shard,
+torch.distributed.checkpoint's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True);
+peft-ddp, DDP's initial sync; and each broadcasts rank 0's buffers after (the rotary inv_freq is in
+no state dict). `--init fast` (the default with --rank0-base) fills the weights without transformers'
+init, whose serial per-weight draws would take longer than the run for a 70B base in host memory: one
+N(0, 0.02) block tiled into every matrix, norms 1 (bench/base_init.py); throughput depends on the
+values' scale, not on their randomness. `--init hf` keeps transformers' init on either path.
+Each JSON line says which ran (rank0_base, init, ckpt) and, to check the build, base_weights: the sum
+and sum of squares of the frozen weights every rank trained with (each whole) and whether every rank
+holds rank 0's (its shard or copy, and its buffers); the loss is the last step's, the mean over the
+ranks. tests/bench/test_distributed.py checks on CPU that a base from rank 0 trains as the same base
+built on every rank does. accelerate's loading from rank 0 is not in that test (accelerate shards on
+GPUs only); forced onto 2 gloo ranks by hand (accelerate 1.16) it gave the ordinary path's weights and
+loss. If it fails on the GPUs, `--peft-fsdp torch` takes the torch path.
 
     PYTHONPATH=. python bench/distributed.py --nproc 1 8 --shape llama3-8b --cases efftune-ddp peft-ddp \\
         --compile --cuda-graphs
-    PYTHONPATH=. python bench/distributed.py --nproc 2 8 --shape llama3-70b --cases efftune-fsdp peft-fsdp
+    PYTHONPATH=. python bench/distributed.py --nproc 2 8 --shape llama3-70b --cases efftune-fsdp peft-fsdp \\
+        --rank0-base --ckpt   # rank 0 holds the 131 GiB base in host memory while it is sharded
     PYTHONPATH=. python bench/distributed.py --nproc 1 2 --shape llama3-8b --cases efftune-fsdp peft-fsdp
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/distributed.py --shape tiny --nproc 1 2 --steps 2   # CPU smoke test (gloo)
 """
@@ -66,11 +90,15 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
+from bench.base_init import all_cores, base_gib, empty_base, filled_base  # noqa: E402
 from bench.throughput import SHAPES, build_model, default_seq, run_worker  # noqa: E402
 
 CASES = ("efftune-ddp", "efftune-fsdp", "peft-ddp", "peft-fsdp", "efftune-local")
 PEERS = {"efftune-ddp": "peft-ddp", "efftune-fsdp": "peft-fsdp"}
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# --rank0-base by default where the bf16 base takes more than this share of one GPU: whole on every
+# GPU it would leave too little for training (the 70B shape's 131 GiB does not fit beside it at all)
+RANK0_BASE_GPU_SHARE = 0.5
 
 
 # -- inside torchrun: one rank of one case -----------------------------------------------------------
@@ -92,6 +120,67 @@ def peaks(device: torch.device) -> list[float] | None:
     return [round(t.item(), 2) for t in every]
 
 
+def settle_base(args: argparse.Namespace) -> None:
+    """--rank0-base and --init as this run takes them, the same on every rank (they see the same GPUs
+    and shape): auto rank0-base where the bf16 base exceeds RANK0_BASE_GPU_SHARE of one GPU; auto init
+    fast where rank 0 alone builds the base (transformers' serial init of a base that large in host
+    memory takes far longer than the run). One process has no rank to fill: rank0-base is off there."""
+    if args.rank0_base is None:
+        gpu_gib = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30 \
+            if torch.cuda.is_available() else None
+        args.rank0_base = gpu_gib is not None and base_gib(args.shape) > RANK0_BASE_GPU_SHARE * gpu_gib
+    if args.init == "auto":
+        args.init = "fast" if args.rank0_base else "hf"
+    args.rank0_base = args.rank0_base and int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def base_for_rank(args: argparse.Namespace, mode: str, rank: int, device: torch.device) -> torch.nn.Module:
+    """This rank's random-init base. Ordinarily each rank builds it whole on its own device. With
+    --rank0-base rank 0 alone holds the weights (in host memory for fsdp, where each rank's shards go
+    to its GPU from there; on its GPU for ddp) and every other rank builds the model on the meta
+    device, to be filled from rank 0's when it is wrapped (efftune: train() itself; peft: run_peft)."""
+    if not args.rank0_base:
+        return build_base(args.init, args.shape, device)
+    if rank != 0:
+        return empty_base(args.shape)
+    if mode != "fsdp":
+        return build_base(args.init, args.shape, device)
+    with all_cores():  # the other ranks wait for rank 0 meanwhile: their cores work on the host's base too
+        return build_base(args.init, args.shape, torch.device("cpu"))
+
+
+def build_base(init: str, shape: str, device: torch.device) -> torch.nn.Module:
+    """`shape` whole on `device`: transformers' random init (`hf`, as the runs recorded before
+    --init existed) or bench/base_init.py's fast fill (`fast`)."""
+    return build_model(shape, device) if init == "hf" else filled_base(shape, device)
+
+
+def base_weights(model: torch.nn.Module, device: torch.device) -> dict:
+    """The frozen weights every rank trained with, for checking how the base was built: the sum of
+    their values and of their squares (float64, each parameter whole: a sharded one summed over its
+    ranks), and whether every rank holds the same base (those sums and the sum of its own buffers, the
+    rotary inv_freq among them, equal rank 0's). A collective under torchrun."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    sharded = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's shards: summed over the ranks
+    own = torch.zeros(3, dtype=torch.float64, device=device)  # whole on each rank: parameters, then buffers
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad:
+                local = (p.to_local() if isinstance(p, DTensor) else p).double()
+                (sharded if isinstance(p, DTensor) else own[:2]).add_(torch.stack([local.sum(), local.square().sum()]))
+        for b in model.buffers():
+            own[2] += b.double().sum()
+    every = [own]
+    if dist.is_initialized():
+        dist.all_reduce(sharded)
+        every = [torch.zeros_like(own) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, own)
+    whole = sharded + own[:2]
+    return dict(sum=whole[0].item(), sum_squares=whole[1].item(),
+                every_rank_same=all(torch.equal(t, every[0]) for t in every))
+
+
 def run_efftune(args: argparse.Namespace, mode: str) -> dict:
     """train() itself under torchrun, timed between its metrics rows."""
     from efftune.data.tokenize import IGNORE, Encoded
@@ -101,7 +190,7 @@ def run_efftune(args: argparse.Namespace, mode: str) -> dict:
     from efftune.train.loop import TrainConfig, train
     here = distributed.init("auto")
     device = torch.device(distributed.device_for("cuda", here) if torch.cuda.is_available() else "cpu")
-    model = build_model(args.shape, device)
+    model = base_for_rank(args, mode, here.rank, device)
     add_lora(model, LoraConfig(r=16, alpha=32))
     cuda = device.type == "cuda"
     ranks, total = here.size, args.warmup + args.steps
@@ -110,6 +199,7 @@ def run_efftune(args: argparse.Namespace, mode: str) -> dict:
     config = TrainConfig(steps=total, batch_size=args.batch * ranks, lr=1e-4, warmup_steps=0, precision="bf16",
                          max_length=args.seq, compile=args.compile, cuda_graphs=args.cuda_graphs and mode != "fsdp",
                          eval_every=0, save_every=0, save_every_minutes=0, keep_checkpoints=1,
+                         activation_checkpointing=args.ckpt,
                          distributed="ddp" if mode == "local" else mode)  # local: no torchrun, so no group
     marks: dict[int, float] = {}
 
@@ -121,10 +211,11 @@ def run_efftune(args: argparse.Namespace, mode: str) -> dict:
         marks[row["step"]] = time.perf_counter()
         if row["step"] == args.warmup and cuda:
             torch.cuda.reset_peak_memory_stats(device)
+    # train() sees the meta ranks (--rank0-base) and fills them from rank 0 as it wraps the model
     result = train(model, seqs, config, Path(args.out), on_metrics=on_metrics)  # one directory, as train() wants
     seconds = marks[total] - marks[args.warmup]
     return dict(compile=args.compile, cuda_graphs=config.cuda_graphs, seconds=seconds, peaks=peaks(device),
-                loss=result.final_loss, world=here.size, rank=here.rank)
+                loss=result.final_loss, world=here.size, rank=here.rank, base_weights=base_weights(model, device))
 
 
 def run_peft(args: argparse.Namespace, mode: str) -> dict:
@@ -132,49 +223,32 @@ def run_peft(args: argparse.Namespace, mode: str) -> dict:
     import peft
     import torch.distributed as dist
     lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
-    via = None
-    accelerator = None
-    if mode == "fsdp" and args.peft_fsdp == "accelerate" and torch.cuda.is_available():
-        from accelerate import Accelerator, FullyShardedDataParallelPlugin
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                                transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
-                                                reshard_after_forward=True)
-        accelerator = Accelerator(mixed_precision="bf16", fsdp_plugin=plugin)
-        device, via = accelerator.device, f"accelerate {__import__('accelerate').__version__} FSDP2"
-    else:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(local)
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    on_accelerate = mode == "fsdp" and args.peft_fsdp == "accelerate" and torch.cuda.is_available()
+    accelerator = peft_accelerator(args.rank0_base) if on_accelerate else None
+    device = accelerator.device if accelerator is not None else join_group()
     rank, size, cuda = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
-    model = peft.get_peft_model(build_model(args.shape, device), lora)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model = peft.get_peft_model(base_for_rank(args, mode, rank, device), lora)
+    if args.ckpt:  # transformers' own switch (non-reentrant), as a peft user turns it on
+        from efftune.train.loop import enable_activation_checkpointing  # 5.24+ renamed the switch
+        enable_activation_checkpointing(model.get_base_model())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    via = None
     if accelerator is not None:
-        from torch.distributed.fsdp import FSDPModule
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
-        wrapped, opt = accelerator.prepare(model, opt)
-        if not isinstance(wrapped, FSDPModule):
-            raise RuntimeError(f"accelerate did not shard the model (got {type(wrapped).__name__}, "
-                               f"distributed_type {accelerator.distributed_type}); try --peft-fsdp torch")
+        wrapped, opt = prepare_with_accelerate(accelerator, model, args.rank0_base, cuda)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         backward, clip = accelerator.backward, lambda: accelerator.clip_grad_norm_(params, 1.0)
         autocast = accelerator.autocast()
-    elif mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in model.get_base_model().model.layers:
-            fully_shard(layer, mp_policy=policy)
-        wrapped = fully_shard(model, mp_policy=policy)
-        params = [p for p in wrapped.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
-        backward, clip = (lambda loss: loss.backward()), (lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
-        via = "torch fully_shard" + ("" if torch.cuda.is_available() else " (accelerate shards on GPUs only)")
+        via = f"accelerate {__import__('accelerate').__version__} FSDP2" + \
+            (", from rank 0 by cpu_ram_efficient_loading" if args.rank0_base else "")
     else:
-        from torch.nn.parallel import DistributedDataParallel
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        if mode == "fsdp":
+            wrapped = peft_fully_sharded(model, device, args.rank0_base)
+            via = "torch fully_shard" + (", from rank 0 by set_model_state_dict(broadcast_from_rank0)"
+                                         if args.rank0_base else "") + \
+                ("" if torch.cuda.is_available() else " (accelerate shards on GPUs only)")
+        else:
+            wrapped = peft_data_parallel(model, device, args.rank0_base)
+        params = [p for p in wrapped.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
         backward, clip = (lambda loss: loss.backward()), (lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
     ids = random_ids(SHAPES[args.shape]["vocab_size"], args.batch, args.seq, 1 + rank, device)
@@ -199,8 +273,92 @@ def run_peft(args: argparse.Namespace, mode: str) -> dict:
         loss = step()
     sync()
     seconds = time.perf_counter() - start
+    loss = loss.float().clone()
+    dist.all_reduce(loss)  # the mean over the ranks, as efftune's train() reports its step's loss
     return dict(compile=False, cuda_graphs=False, fsdp_via=via, seconds=seconds, peaks=peaks(device),
-                loss=round(loss.item(), 4), world=size, rank=rank)
+                loss=loss.item() / size, world=size, rank=rank, base_weights=base_weights(wrapped, device))
+
+
+def join_group() -> torch.device:
+    """This rank's device, its process group joined: NCCL on GPUs, gloo on CPU."""
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return device
+
+
+def peft_accelerator(rank0_base: bool):
+    """accelerate's FSDP2 (LlamaDecoderLayer units, bf16 mixed precision). `rank0_base`: accelerate's
+    own loading from rank 0 (cpu_ram_efficient_loading: it shards on the meta device, then broadcasts
+    rank 0's state dict one tensor at a time), the same whether rank 0 read a checkpoint or built it."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+                                            reshard_after_forward=True, cpu_ram_efficient_loading=rank0_base)
+    return Accelerator(mixed_precision="bf16", fsdp_plugin=plugin)
+
+
+def prepare_with_accelerate(accelerator, model: torch.nn.Module, rank0_base: bool, cuda: bool):
+    """The peft model and its AdamW prepared together by accelerate (FSDP2 needs both at once)."""
+    from torch.distributed.fsdp import FSDPModule
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
+    wrapped, opt = accelerator.prepare(model, opt)
+    if not isinstance(wrapped, FSDPModule):
+        raise RuntimeError(f"accelerate did not shard the model (got {type(wrapped).__name__}, "
+                           f"distributed_type {accelerator.distributed_type}); try --peft-fsdp torch")
+    if rank0_base:  # accelerate puts back each rank's own non-persistent buffers: make sure they are rank 0's
+        buffers_from_rank0(wrapped)
+    return wrapped, opt
+
+
+def peft_fully_sharded(model: torch.nn.Module, device: torch.device, rank0_base: bool) -> torch.nn.Module:
+    """torch's fully_shard on the peft model: each decoder layer, then the whole (bf16 compute, fp32
+    gradient reduction). `rank0_base`: only rank 0 holds the weights; every rank's shards are cut from
+    rank 0's whole state dict, which torch.distributed.checkpoint broadcasts one tensor at a time, and
+    rank 0's buffers are sent."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    full = model.state_dict() if rank0_base and dist.get_rank() == 0 else {}  # whole, before sharding
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mp_policy=policy)
+    wrapped = fully_shard(model, mp_policy=policy)
+    if rank0_base:
+        if any(p.is_meta for p in model.parameters()):  # fully_shard left the meta ranks' shards there
+            model.to_empty(device=device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        buffers_from_rank0(model)
+    return wrapped
+
+
+def peft_data_parallel(model: torch.nn.Module, device: torch.device, rank0_base: bool) -> torch.nn.Module:
+    """torch's DistributedDataParallel on the peft model; its initial synchronisation sends rank 0's
+    parameters, the frozen base too. `rank0_base`: the meta ranks' copies get storage first (tied
+    weights kept tied) and rank 0's buffers are sent."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from efftune.train.distributed import to_empty_keeping_ties
+    if rank0_base:
+        to_empty_keeping_ties(model, device)  # nothing to do on rank 0
+        buffers_from_rank0(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def buffers_from_rank0(model: torch.nn.Module) -> None:
+    """Rank 0's buffers on every rank, the non-persistent ones too (the rotary inv_freq, in no state
+    dict: no state-dict broadcast carries it)."""
+    import torch.distributed as dist
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if b.is_meta:
+                raise RuntimeError(f"buffer {name} has no storage after the model was wrapped; "
+                                   "try --peft-fsdp torch")
+            dist.broadcast(b, src=0)
 
 
 @record  # torchrun's failure report then carries the rank's exception (the launcher's stderr_tail)
@@ -208,17 +366,19 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     case = args.worker
     lib, mode = case.split("-")
+    settle_base(args)
     r = (run_efftune if lib == "efftune" else run_peft)(args, mode)
     if r["rank"] == 0:
         tokens = args.batch * args.seq * r["world"] * args.steps
         tokens_s = tokens / r["seconds"]
         print(json.dumps(dict(
             shape=args.shape, case=case, nproc=r["world"], seq=args.seq, batch_per_gpu=args.batch, steps=args.steps,
-            warmup=args.warmup, compile=r["compile"], cuda_graphs=r["cuda_graphs"],
-            **({"fsdp_via": r["fsdp_via"]} if r.get("fsdp_via") else {}),
+            warmup=args.warmup, compile=r["compile"], cuda_graphs=r["cuda_graphs"], ckpt=args.ckpt,
+            rank0_base=args.rank0_base, init=args.init, **({"fsdp_via": r["fsdp_via"]} if r.get("fsdp_via") else {}),
             tokens_s=round(tokens_s, 1), tokens_s_per_gpu=round(tokens_s / r["world"], 1),
             step_s=round(r["seconds"] / args.steps, 4), peak_gib=max(r["peaks"]) if r["peaks"] else None,
             peak_gib_ranks=r["peaks"], loss=r["loss"] if r["loss"] is None else round(r["loss"], 4),
+            base_weights=r["base_weights"],
             device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (gloo)")), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -233,7 +393,9 @@ def launch(args: argparse.Namespace, case: str, nproc: int, out: Path) -> dict:
     cmd = [sys.executable, *torchrun, str(Path(__file__).resolve()), "--worker", case, "--shape", args.shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch),
            "--peft-fsdp", args.peft_fsdp, "--out", str(out / f"{case}-{nproc}")]
-    cmd += ["--compile"] * args.compile + ["--cuda-graphs"] * args.cuda_graphs
+    cmd += ["--compile"] * args.compile + ["--cuda-graphs"] * args.cuda_graphs + ["--ckpt"] * args.ckpt
+    cmd += ["--init", args.init] + ([] if args.rank0_base is None else
+                                    ["--rank0-base" if args.rank0_base else "--no-rank0-base"])
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
     return run_worker(cmd, dict(shape=args.shape, case=case, nproc=nproc), args.case_timeout, env)
@@ -280,6 +442,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cuda-graphs", action="store_true", help="efftune-ddp: train.cuda_graphs (needs --compile)")
     ap.add_argument("--peft-fsdp", choices=("accelerate", "torch"), default="accelerate",
                     help="peft-fsdp: accelerate's FSDP2 plugin, or torch's fully_shard directly")
+    ap.add_argument("--ckpt", action="store_true",
+                    help="activation checkpointing: efftune's train.activation_checkpointing, transformers' "
+                         "non-reentrant gradient checkpointing for peft")
+    ap.add_argument("--rank0-base", action=argparse.BooleanOptionalAction, default=None,
+                    help="rank 0 alone builds the base (in host memory for fsdp), the other ranks on the meta "
+                         "device, filled from rank 0's as the model is wrapped; default: where the bf16 base "
+                         f"takes over {RANK0_BASE_GPU_SHARE:.0%} of one GPU (the 70B shape)")
+    ap.add_argument("--init", choices=("auto", "hf", "fast"), default="auto",
+                    help="the base's random values: transformers' init (hf) or one random block tiled into "
+                         "every weight (fast, bench/base_init.py); auto: fast with --rank0-base, else hf")
     ap.add_argument("--case-timeout", type=int, default=900, help="seconds per (case, nproc) torchrun")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
