@@ -12,34 +12,42 @@ ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 
 
 def add_task_file(tf, name, obj):
-    """`obj` as JSON at `name` under the BIG-bench sdist's task folder of the open tar `tf` (the
-    tests' stand-in for the sdist; tests/eval/test_retention.py builds one too)."""
+    """`obj` as JSON at `name` under the BIG-bench sdist's task folder of the open tar `tf`."""
     data = json.dumps(obj).encode()
     info = tarfile.TarInfo(ROOT + name)
     info.size = len(data)
     tf.addfile(info, io.BytesIO(data))
 
 
-@pytest.fixture
-def fake_bigbench(tmp_path, monkeypatch):
+def fake_sdist(tmp_path, monkeypatch, tasks: dict[str, dict]):
+    """The tests' stand-in for the BIG-bench sdist, in a cache of their own ($EFFTUNE_CACHE under
+    `tmp_path`): each `tasks` entry (a path under the task folder, e.g.
+    "yesno/task.json") holds its JSON. Returns the cache's bigbench folder."""
     monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
     target = tmp_path / "cache" / "bigbench"
     target.mkdir(parents=True)
     with tarfile.open(target / "bigbench-1.0.0.tar.gz", "w:gz") as tf:
-        add_task_file(tf, "yesno/task.json", {
+        for name, obj in tasks.items():
+            add_task_file(tf, name, obj)
+    return target
+
+
+@pytest.fixture
+def fake_bigbench(tmp_path, monkeypatch):
+    return fake_sdist(tmp_path, monkeypatch, {
+        "yesno/task.json": {
             "description": "answer yes or no", "append_choices_to_input": False,
             "examples": [{"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2)}}
-                         for i in range(20)]})
-        add_task_file(tf, "listed/task.json", {
+                         for i in range(20)]},
+        "listed/task.json": {
             "task_prefix": "Pick one.", "examples": [{"input": "Colour of sky?",
-                                                      "target_scores": {"red": 0, "blue": 1, "azure": 1}}]})
-        add_task_file(tf, "gen/task.json", {"example_input_prefix": "\nIn: ", "example_output_prefix": "\nOut: ",
-                                   "examples": [{"input": "2+2", "target": ["4", "four"]}]})
-        add_task_file(tf, "parent/task.json", {"description": "has subtasks"})
-        add_task_file(tf, "parent/one/task.json", {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]})
-        add_task_file(tf, "parent/two/task.json", {"examples": [{"input": "b", "target_scores": {"x": 0, "y": 1}}]})
-        add_task_file(tf, "broken/task.json", {"examples": [{"nothing": 1}]})
-    return target
+                                                      "target_scores": {"red": 0, "blue": 1, "azure": 1}}]},
+        "gen/task.json": {"example_input_prefix": "\nIn: ", "example_output_prefix": "\nOut: ",
+                          "examples": [{"input": "2+2", "target": ["4", "four"]}]},
+        "parent/task.json": {"description": "has subtasks"},
+        "parent/one/task.json": {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]},
+        "parent/two/task.json": {"examples": [{"input": "b", "target_scores": {"x": 0, "y": 1}}]},
+        "broken/task.json": {"examples": [{"nothing": 1}]}})
 
 
 def test_index_lists_kinds_and_sizes(fake_bigbench):

@@ -1,6 +1,5 @@
 """Retention panels (forgetting measured beside learning), on a small fake BIG-bench sdist and tiny models."""
 import json
-import tarfile
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from efftune.methods.registry import get_method
 from efftune.train.loop import TrainConfig, train
 from efftune.train.seed import seed_everything
 from tests.conftest import make_tokenizer, tiny_llama
-from tests.data.test_bigbench import add_task_file
+from tests.data.test_bigbench import fake_sdist
 from tests.test_cli import last_json, run
 
 COLOURS = {"sky": "blue", "grass": "green", "blood": "red", "snow": "white"}
@@ -26,21 +25,16 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Take 3 steps forwa
 @pytest.fixture
 def bigbench(tmp_path, monkeypatch):
     """colours (multiple choice, 48 examples), chat (generative: plain sentences), target (yes/no, to train on)."""
-    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    root = tmp_path / "cache" / "bigbench"
-    root.mkdir(parents=True)
-    with tarfile.open(root / "bigbench-1.0.0.tar.gz", "w:gz") as tf:
-        add_task_file(tf, "colours/task.json", {"append_choices_to_input": False, "examples": [
+    return fake_sdist(tmp_path, monkeypatch, {
+        "colours/task.json": {"append_choices_to_input": False, "examples": [
             {"input": f"Colour of {thing} {i}?", "target_scores": {c: int(c == colour) for c in COLOURS.values()}}
-            for i in range(12) for thing, colour in COLOURS.items()]})
-        add_task_file(tf, "chat/task.json", {"examples": [{"input": f"say {i}", "target": SENTENCES[i % 5]}
-                                                 for i in range(20)]})
-        add_task_file(tf, "target/task.json", {"append_choices_to_input": False, "examples": [
+            for i in range(12) for thing, colour in COLOURS.items()]},
+        "chat/task.json": {"examples": [{"input": f"say {i}", "target": SENTENCES[i % 5]} for i in range(20)]},
+        "target/task.json": {"append_choices_to_input": False, "examples": [
             {"input": f"Q: Is {w} blue?", "target_scores": {"yes": int(w == "sky"), "no": int(w != "sky")}}
-            for w in ["sky", "grass", "fox", "dog"] * 6]})
-        add_task_file(tf, "parent/one/task.json", {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]})
-    return root
+            for w in ["sky", "grass", "fox", "dog"] * 6]},
+        "parent/one/task.json": {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]}})
 
 
 def test_the_default_panel_is_fixed():

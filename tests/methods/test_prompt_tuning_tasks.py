@@ -2,7 +2,6 @@
 BIG-bench task (`Example.task`) when it is encoded, scored, cached and generated from; the command
 line refuses runs whose examples would meet no prompt of their task; one prompt works as before."""
 import json
-import tarfile
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from efftune.methods.prompt_tuning import (PromptTuningConfig, add_prompt_tuning
                                            prompt_tasks, virtual_ids)
 from efftune.train.loop import TrainConfig, train
 from tests.conftest import tiny_llama
-from tests.data.test_bigbench import add_task_file
+from tests.data.test_bigbench import fake_sdist
 from tests.test_cli import last_json, run
 
 K = 4
@@ -28,19 +27,15 @@ WORDS = ["sky", "grass", "fox", "dog"]
 @pytest.fixture
 def bigbench(tmp_path, monkeypatch):
     """Yes/no tasks: alpha (colours) and beta (parity) to train a prompt each on, gamma to have none."""
-    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    root = tmp_path / "cache" / "bigbench"
-    root.mkdir(parents=True)
-    with tarfile.open(root / "bigbench-1.0.0.tar.gz", "w:gz") as tf:
-        add_task_file(tf, "alpha/task.json", {"append_choices_to_input": False, "examples": [
+    return fake_sdist(tmp_path, monkeypatch, {
+        "alpha/task.json": {"append_choices_to_input": False, "examples": [
             {"input": f"Is {w} blue?", "target_scores": {"yes": int(w == "sky"), "no": int(w != "sky")}}
-            for w in WORDS * 6]})
-        add_task_file(tf, "beta/task.json", {"append_choices_to_input": False, "examples": [
-            {"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": i % 2}} for i in range(24)]})
-        add_task_file(tf, "gamma/task.json", {"examples": [{"input": f"Is {i} odd?", "target_scores": {
-            "yes": i % 2, "no": int(i % 2 == 0)}} for i in range(8)]})
-    return root
+            for w in WORDS * 6]},
+        "beta/task.json": {"append_choices_to_input": False, "examples": [
+            {"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": i % 2}} for i in range(24)]},
+        "gamma/task.json": {"examples": [{"input": f"Is {i} odd?", "target_scores": {
+            "yes": i % 2, "no": int(i % 2 == 0)}} for i in range(8)]}})
 
 
 def two_prompts(tasks=("a", "b")):
