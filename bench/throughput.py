@@ -202,11 +202,13 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
 def forward_options(case: str):
     """The options train() would pass with the case's forwards (efftune.forward.options): --attention,
     --masked-attention for efftune cases, block masks kept in place for CUDA graphs (-cg), the LM
-    head's softmax work compiled with compiled blocks (-compile)."""
+    head's softmax work compiled with compiled blocks (-compile), a trainable head's logit gradient
+    kept from forward unless the case checkpoints (-ckpt)."""
     from efftune.forward.options import ForwardOptions
     ours = case.startswith("efftune")
     return ForwardOptions(attention=ATTENTION, masked_attention=MASKED_ATTENTION if ours else "sdpa",
-                          static_masks=ours and case.endswith("-cg"), fused_head="-compile" in case)
+                          static_masks=ours and case.endswith("-cg"), fused_head="-compile" in case,
+                          keep_logit_grads="-ckpt" not in case)
 
 
 def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:

@@ -6,7 +6,8 @@ states, keep only the positions that predict a target, and apply the LM head and
 chunk by chunk inside one autograd function: peak memory holds one chunk of logits instead of
 (targets × vocab) in bf16 and fp32 plus the softmax kept for backward — about 5 GB at sequence
 4096 and a 128k vocabulary. With a frozen head the input gradient is made in the same pass (no
-second head matmul in backward); a trainable head recomputes each chunk's logits in backward.
+second head matmul in backward); a trainable head keeps each chunk's logit gradient for backward
+(`ForwardOptions.keep_logit_grads`), or recomputes each chunk's logits there.
 
 Models whose head does more than one matrix product (logit soft-capping, logit scaling, a
 bias) take the plain path: `logits_to_keep` through the model's own forward.
@@ -31,39 +32,60 @@ class ChunkedTargetLogprob(torch.autograd.Function):
     gradient is made in forward, while each chunk's logits are at hand: `G[n] = (onehot(t_n) −
     softmax(logits_n)) W`, an (N, d) tensor kept instead of `hidden`, and backward is just
     `grad[n] · G[n]`. That saves the head's matmul that backward would otherwise rerun to rebuild
-    the logits. A trainable head takes the general path, which recomputes the logits in backward.
+    the logits. A trainable head (full fine-tuning) takes the general path, which recomputes the logits
+    in backward; with `keep` (`ForwardOptions.keep_logit_grads`) it too makes G in forward and keeps
+    each chunk's logit gradient `onehot − softmax` (targets × vocabulary, in the products' dtype), so
+    backward is the weight gradient's one matmul: the head's three products, as a plain loop runs them,
+    instead of four, and one softmax pass fewer, for (targets × vocabulary × 2) bytes held between
+    forward and backward (1 GiB at 4096 targets and a 128k vocabulary; a plain loop holds ~5).
     The per-chunk softmax work runs as Triton kernels on a CUDA GPU (`head_triton`); elsewhere
     `fused` (`ForwardOptions.fused_head`) runs it compiled (one pass over the logits instead of several).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, fused: bool = False):
+    def forward(ctx, hidden, weight, targets, chunk: int, fused: bool = False, keep: bool = False):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         ctx.compute = compute = _compute_dtype(hidden)
         w = weight.to(compute)
         ctx.early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-        if ctx.early:
-            grad_rows = torch.empty_like(hidden)
+        ctx.kept = keep and ctx.needs_input_grad[1]
+        ctx.chunk = chunk
+        if ctx.early or ctx.kept:
+            grad_rows = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            kept = torch.empty(hidden.shape[0], w.shape[0], dtype=compute, device=hidden.device) if ctx.kept else None
             pick = _logprob_and_grad_for(hidden, fused, min(chunk, hidden.shape[0]), w.shape[0])
             for i in range(0, hidden.shape[0], chunk):
                 out[i:i + chunk], dlogits = pick(hidden[i:i + chunk].to(compute) @ w.T, targets[i:i + chunk], compute)
-                grad_rows[i:i + chunk] = dlogits @ w
-            ctx.save_for_backward(grad_rows)
+                if grad_rows is not None:
+                    grad_rows[i:i + chunk] = dlogits @ w
+                if kept is not None:
+                    kept[i:i + chunk] = dlogits
+            if ctx.kept:
+                ctx.save_for_backward(grad_rows, kept, hidden, weight)
+            else:
+                ctx.save_for_backward(grad_rows)
             return out
         pick = _fused("logprob") if fused else _chunk_logprob
         for i in range(0, hidden.shape[0], chunk):
             out[i:i + chunk] = pick(hidden[i:i + chunk].to(compute) @ w.T, targets[i:i + chunk])
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.early:
             (grad_rows,) = ctx.saved_tensors
-            acc = torch.promote_types(grad_rows.dtype, torch.float32)
-            return (grad_out[:, None].to(acc) * grad_rows).to(grad_rows.dtype), None, None, None, None
+            return _scaled_rows(grad_out, grad_rows), None, None, None, None, None
+        if ctx.kept:
+            grad_rows, kept, hidden, weight = ctx.saved_tensors
+            acc = torch.promote_types(hidden.dtype, torch.float32)
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            for i in range(0, hidden.shape[0], ctx.chunk):  # summed in fp32 (or wider), as below
+                d = (kept[i:i + ctx.chunk].to(acc) * grad_out[i:i + ctx.chunk, None].to(acc)).to(ctx.compute)
+                grad_weight += d.T @ hidden[i:i + ctx.chunk].to(ctx.compute)
+            grad_hidden = None if grad_rows is None else _scaled_rows(grad_out, grad_rows)
+            return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
         # the matrix products in the forward's dtype (autocast's, where it was on): backward runs outside
         # autocast, and fp32 masters (full fine-tuning) would otherwise make the head's three products fp32
@@ -84,7 +106,13 @@ class ChunkedTargetLogprob(torch.autograd.Function):
                 grad_weight += d.T @ h
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _scaled_rows(grad_out: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """Each row of the input gradient made in forward times its target's upstream gradient."""
+    acc = torch.promote_types(grad_rows.dtype, torch.float32)
+    return (grad_out[:, None].to(acc) * grad_rows).to(grad_rows.dtype)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -173,7 +201,8 @@ def target_logprobs(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tenso
                 masked_rows(model, attention_mask, options) as mask:
             hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                           use_cache=False).last_hidden_state
-        return ChunkedTargetLogprob.apply(hidden[rows, sources], head.weight, targets, CHUNK, options.fused_head)
+        return ChunkedTargetLogprob.apply(hidden[rows, sources], head.weight, targets, CHUNK, options.fused_head,
+                                          options.keep_logit_grads)
     keep = torch.unique(sources)  # sorted positions whose outputs are needed
     with plain_causal(model, position_ids, attention_mask, options), \
             masked_rows(model, attention_mask, options) as mask:

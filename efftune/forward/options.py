@@ -37,12 +37,16 @@ class ForwardOptions:
     (packing, token trees; `causal.masked_rows`): "sdpa" or "flex" (FlexAttention; it trains on CUDA
     only, no attention dropout). `static_masks`: flex block masks kept in storage per shape, for blocks
     replayed as CUDA graphs (`flex.block_mask`; training forwards only). `fused_head`: the chunked LM
-    head's softmax work runs compiled (`logprobs._fused`; what compiled blocks use)."""
+    head's softmax work runs compiled (`logprobs._fused`; what compiled blocks use). `keep_logit_grads`:
+    a trainable LM head keeps its logit gradient from forward for backward instead of recomputing the
+    logits (`logprobs.ChunkedTargetLogprob`: one matmul less a step for targets × vocabulary × 2 bytes;
+    train() turns it on unless activation checkpointing says memory is what counts)."""
 
     attention: str = "sdpa"
     masked_attention: str = "sdpa"
     static_masks: bool = False
     fused_head: bool = False
+    keep_logit_grads: bool = False
 
     def __post_init__(self):
         check_attention_kernel(self.attention, "ForwardOptions.attention")

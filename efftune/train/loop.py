@@ -117,9 +117,12 @@ class TrainConfig:
     def forward_options(self) -> ForwardOptions:
         """The options of this run's forwards (`efftune.forward.options`): its attention kernels, block
         masks kept in place for CUDA graphs (`cuda_graphs`), the LM head's softmax work compiled with
-        the blocks (`compile`). Pass them to an `evaluate` that should run as the training forwards do."""
+        the blocks (`compile`), a trainable head's logit gradient kept from forward unless activation
+        checkpointing is on (there it would outweigh the checkpointed activations many times: 256 KiB a
+        target at a 128k vocabulary). Pass them to an `evaluate` that should run as the training forwards do."""
         return ForwardOptions(attention=self.attention, masked_attention=self.masked_attention,
-                              static_masks=self.cuda_graphs, fused_head=self.compile)
+                              static_masks=self.cuda_graphs, fused_head=self.compile,
+                              keep_logit_grads=not self.activation_checkpointing)
 
 
 @dataclass

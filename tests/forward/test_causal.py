@@ -108,7 +108,7 @@ def test_train_checks_the_kernel_options_first_and_passes_them_down(field, kerne
                         lambda model, *a: seen.extend(x for x in a if isinstance(x, ForwardOptions)))
     before = set(vars(model))
     train(model, [], TrainConfig(**{field: kernel}), tmp_path / "run")
-    assert seen == [ForwardOptions(**{field: kernel})]  # the options travel as an argument
+    assert seen == [ForwardOptions(**{field: kernel}, keep_logit_grads=True)]  # the options travel as an argument
     assert set(vars(model)) == before and model.config._attn_implementation == "sdpa"  # nothing set on the model
 
 

@@ -30,6 +30,61 @@ def test_chunked_values_and_gradients_equal_full_logits(n, chunk, head_trains):
         assert [tuple(t.shape) for t in saved] == [(n, 8)]
 
 
+@pytest.mark.parametrize("n, chunk", [(7, 3), (5, 100)])
+@pytest.mark.parametrize("hidden_trains", [True, False])  # False: only the head trains (no input gradient)
+def test_a_trainable_head_keeping_its_logit_gradients_equals_full_logits(n, chunk, hidden_trains):
+    """keep (ForwardOptions.keep_logit_grads): the logit gradient made in forward is what backward uses
+    for the weight gradient; the logits are not recomputed. Reference: full logits in float64."""
+    torch.manual_seed(0)
+    hidden = torch.randn(n, 8, dtype=torch.float64, requires_grad=hidden_trains)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (n,))
+    g = torch.randn(n, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        ours = ChunkedTargetLogprob.apply(hidden, weight, targets, chunk, False, True)
+    ours.backward(g)
+    h2, w2 = hidden.detach().clone().requires_grad_(hidden_trains), weight.detach().clone().requires_grad_()
+    ref = -F.cross_entropy(h2 @ w2.T, targets, reduction="none")
+    ref.backward(g)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(weight.grad, w2.grad)
+    if hidden_trains:
+        torch.testing.assert_close(hidden.grad, h2.grad)
+    # the input-gradient rows (when the hidden states train), the logit gradients, the hidden states and the head
+    assert saved == [(n, 8)] * hidden_trains + [(n, 11), (n, 8), (11, 8)]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_keeping_the_logit_gradients_matches_recomputing_them(autocast):
+    """The two paths of a trainable head give the same loss and gradients: the same loss bits, gradients
+    within fp32 rounding in fp32 (the input gradient's upstream factor comes after the product, not
+    before), within bf16 rounding under autocast (the kept gradient is also rounded to bf16 before its
+    upstream factor multiplies it, the recomputed one after)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(20, 16)
+    weight = torch.randn(40, 16) * 0.3
+    targets = torch.randint(0, 40, (20,))
+    g = torch.randn(20) / 20
+    results = []
+    for keep in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = ChunkedTargetLogprob.apply(h, w, targets, 7, False, keep)
+        out.backward(g)
+        results.append((out, h.grad, w.grad))
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-7)
+    assert torch.equal(results[0][0], results[1][0])  # the forward's log-probs: the same products
+    for recomputed, kept in zip(*results):
+        torch.testing.assert_close(kept, recomputed, **tol)
+
+
+def test_train_keeps_the_logit_gradients_unless_it_checkpoints():
+    from efftune.train.loop import TrainConfig
+    assert TrainConfig().forward_options().keep_logit_grads
+    assert not TrainConfig(activation_checkpointing=True).forward_options().keep_logit_grads
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_fused_chunks_equal_the_eager_ones(dtype):
     # the compiled softmax work (used when the blocks are compiled): same values and input gradient;

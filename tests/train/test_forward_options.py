@@ -66,7 +66,8 @@ def test_train_passes_its_options_to_every_forward_and_leaves_nothing(tokenizer,
                          masked_attention="flex")
     evaluate = evaluator(Formatter(tokenizer), CHOICES, config.forward_options())
     result = train(model, data(tokenizer), config, tmp_path, pad_id=tokenizer.pad_token_id, evaluate=evaluate)
-    want = ForwardOptions(attention="flash4", masked_attention="flex", static_masks=False, fused_head=True)
+    want = ForwardOptions(attention="flash4", masked_attention="flex", static_masks=False, fused_head=True,
+                          keep_logit_grads=True)
     assert config.forward_options() == want
     assert len(compiled) == 1 and len(result.evals) == 3
     assert {where for where, _ in seen} == {"train", "eval"} and len(seen) >= 2 + 3
