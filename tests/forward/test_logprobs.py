@@ -7,50 +7,43 @@ from efftune.forward.logprobs import ChunkedTargetLogprob, labelled_logprobs
 from tests.conftest import tiny_llama
 
 
-@pytest.mark.parametrize("n, chunk", [(7, 3), (6, 6), (5, 100)])
-@pytest.mark.parametrize("head_trains", [True, False])  # False: the input gradient is made in forward
-def test_chunked_values_and_gradients_equal_full_logits(n, chunk, head_trains):
+def full_logits_check(n: int, chunk: int, hidden_trains: bool, head_trains: bool, keep: bool = False) -> list:
+    """ChunkedTargetLogprob's values and gradients against full logits in float64; returns the shapes
+    of the tensors it saved for backward."""
     torch.manual_seed(0)
-    hidden = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(n, 8, dtype=torch.float64, requires_grad=hidden_trains)
     weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=head_trains)
     targets = torch.randint(0, 11, (n,))
     g = torch.randn(n, dtype=torch.float64)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        ours = ChunkedTargetLogprob.apply(hidden, weight, targets, chunk)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        ours = ChunkedTargetLogprob.apply(hidden, weight, targets, chunk, False, keep)
     ours.backward(g)
-    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_(head_trains)
+    h2 = hidden.detach().clone().requires_grad_(hidden_trains)
+    w2 = weight.detach().clone().requires_grad_(head_trains)
     ref = -F.cross_entropy(h2 @ w2.T, targets, reduction="none")
     ref.backward(g)
     torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(hidden.grad, h2.grad)
-    if head_trains:
-        torch.testing.assert_close(weight.grad, w2.grad)
-    else:  # only the (N, d) input-gradient rows are kept: neither the head nor any logits
-        assert [tuple(t.shape) for t in saved] == [(n, 8)]
+    for mine, theirs in ((hidden, h2), (weight, w2)):
+        if mine.requires_grad:
+            torch.testing.assert_close(mine.grad, theirs.grad)
+    return saved
+
+
+@pytest.mark.parametrize("n, chunk", [(7, 3), (6, 6), (5, 100)])
+@pytest.mark.parametrize("head_trains", [True, False])  # False: the input gradient is made in forward
+def test_chunked_values_and_gradients_equal_full_logits(n, chunk, head_trains):
+    saved = full_logits_check(n, chunk, hidden_trains=True, head_trains=head_trains)
+    if not head_trains:  # only the (N, d) input-gradient rows are kept: neither the head nor any logits
+        assert saved == [(n, 8)]
 
 
 @pytest.mark.parametrize("n, chunk", [(7, 3), (5, 100)])
 @pytest.mark.parametrize("hidden_trains", [True, False])  # False: only the head trains (no input gradient)
 def test_a_trainable_head_keeping_its_logit_gradients_equals_full_logits(n, chunk, hidden_trains):
     """keep (ForwardOptions.keep_logit_grads): the logit gradient made in forward is what backward uses
-    for the weight gradient; the logits are not recomputed. Reference: full logits in float64."""
-    torch.manual_seed(0)
-    hidden = torch.randn(n, 8, dtype=torch.float64, requires_grad=hidden_trains)
-    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 11, (n,))
-    g = torch.randn(n, dtype=torch.float64)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        ours = ChunkedTargetLogprob.apply(hidden, weight, targets, chunk, False, True)
-    ours.backward(g)
-    h2, w2 = hidden.detach().clone().requires_grad_(hidden_trains), weight.detach().clone().requires_grad_()
-    ref = -F.cross_entropy(h2 @ w2.T, targets, reduction="none")
-    ref.backward(g)
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(weight.grad, w2.grad)
-    if hidden_trains:
-        torch.testing.assert_close(hidden.grad, h2.grad)
+    for the weight gradient; the logits are not recomputed."""
+    saved = full_logits_check(n, chunk, hidden_trains=hidden_trains, head_trains=True, keep=True)
     # the input-gradient rows (when the hidden states train), the logit gradients, the hidden states and the head
     assert saved == [(n, 8)] * hidden_trains + [(n, 11), (n, 8), (11, 8)]
 
