@@ -321,18 +321,15 @@ def peft_fully_sharded(model: torch.nn.Module, device: torch.device, rank0_base:
     rank 0's whole state dict, which torch.distributed.checkpoint broadcasts one tensor at a time, and
     rank 0's buffers are sent."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     full = model.state_dict() if rank0_base and dist.get_rank() == 0 else {}  # whole, before sharding
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.get_base_model().model.layers:
         fully_shard(layer, mp_policy=policy)
     wrapped = fully_shard(model, mp_policy=policy)
-    if rank0_base:
-        if any(p.is_meta for p in model.parameters()):  # fully_shard left the meta ranks' shards there
-            model.to_empty(device=device)
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        buffers_from_rank0(model)
+    if rank0_base:  # efftune's own fill after fully_shard: storage for the meta shards, rank 0's values and buffers
+        from efftune.train.distributed import fill_shards_from_rank0
+        fill_shards_from_rank0(model, full, device)
     return wrapped
 
 
@@ -351,14 +348,12 @@ def peft_data_parallel(model: torch.nn.Module, device: torch.device, rank0_base:
 
 def buffers_from_rank0(model: torch.nn.Module) -> None:
     """Rank 0's buffers on every rank, the non-persistent ones too (the rotary inv_freq, in no state
-    dict: no state-dict broadcast carries it)."""
-    import torch.distributed as dist
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if b.is_meta:
-                raise RuntimeError(f"buffer {name} has no storage after the model was wrapped; "
-                                   "try --peft-fsdp torch")
-            dist.broadcast(b, src=0)
+    dict: no state-dict broadcast carries it): efftune's own, after a check that each has storage."""
+    from efftune.train import distributed
+    for name, b in model.named_buffers():
+        if b.is_meta:
+            raise RuntimeError(f"buffer {name} has no storage after the model was wrapped; try --peft-fsdp torch")
+    distributed.buffers_from_rank0(model)
 
 
 @record  # torchrun's failure report then carries the rank's exception (the launcher's stderr_tail)

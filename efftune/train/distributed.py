@@ -233,14 +233,14 @@ def data_parallel(model: nn.Module, has_moe: bool, from_rank0: bool = False) -> 
     experts that receive no token on a rank have no gradient there, which DDP must look for.
 
     `from_rank0`: only rank 0 loaded the model (the others hold it on the meta device): their copies
-    get storage on their device, rank 0's buffers are sent to them (`_buffers_from_rank0`), and DDP's
+    get storage on their device, rank 0's buffers are sent to them (`buffers_from_rank0`), and DDP's
     initial synchronisation sends rank 0's parameters, the frozen base too, each tied one once."""
     from torch.nn.parallel import DistributedDataParallel
     if from_rank0:
         device = rank_device()
         to_empty_keeping_ties(model, device)
         model.to(device)  # rank 0's copy, where it was loaded elsewhere (host memory)
-        _buffers_from_rank0(model)
+        buffers_from_rank0(model)
     else:
         with torch.no_grad():
             for p in model.parameters():
@@ -270,7 +270,7 @@ def fully_sharded(model: nn.Module, blocks: Sequence[nn.Module], param_dtype: to
     parameters the optimizer steps keep their own dtype (fp32 for what trains). Blocks compiled
     before (`train.compile`) are sharded as compiled: torch's order, compile per block, then shard.
     `from_rank0`: only rank 0 holds the weights (the others the model on the meta device): every
-    rank's shards are cut from rank 0's (`_fill_sharded`)."""
+    rank's shards are cut from rank 0's (`fill_shards_from_rank0`)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from ..quantize.model import check_shardable
@@ -285,7 +285,7 @@ def fully_sharded(model: nn.Module, blocks: Sequence[nn.Module], param_dtype: to
     root = Forward(model)
     fully_shard(root, mp_policy=policy)
     if from_rank0:  # before the first use, which refuses parameters still on the meta device
-        _fill_sharded(model, full, rank_device())
+        fill_shards_from_rank0(model, full, rank_device())
         del full
     # The root must be the first unit to initialise, also where an evaluation before the first step
     # calls the blocks without going through it (`gathered`). FSDP2 does this on the root's first
@@ -435,19 +435,19 @@ def to_empty_keeping_ties(model: nn.Module, device: torch.device) -> None:
             setattr(model.get_submodule(owner), attr, p)
 
 
-def _fill_sharded(model: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+def fill_shards_from_rank0(model: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
     """After `fully_shard`: every rank's shards cut from rank 0's whole state dict `full`, which
     torch.distributed.checkpoint broadcasts one tensor at a time (`broadcast_from_rank0`; the other
     ranks pass an empty dict). Buffers are not sharded, and non-persistent ones (rotary `inv_freq`) are
-    not in a state dict: rank 0's are sent (`_buffers_from_rank0`)."""
+    not in a state dict: rank 0's are sent (`buffers_from_rank0`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     if on_meta(model):
         model.to_empty(device=device)  # FSDP2 re-registers its shards (and shared parameters) itself
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    _buffers_from_rank0(model)
+    buffers_from_rank0(model)
 
 
-def _buffers_from_rank0(model: nn.Module) -> None:
+def buffers_from_rank0(model: nn.Module) -> None:
     """Rank 0's buffers sent to every rank, the non-persistent ones too (rotary `inv_freq`, in no state
     dict), each once: those every rank has (a buffer efftune derives from the weights' layout, the
     LoRA SwiGLU packing, exists where the layout allows it). DDP's own initial sync would send them
