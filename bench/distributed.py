@@ -202,6 +202,7 @@ def run_efftune(args: argparse.Namespace, mode: str) -> dict:
                          activation_checkpointing=args.ckpt,
                          distributed="ddp" if mode == "local" else mode)  # local: no torchrun, so no group
     marks: dict[int, float] = {}
+    prof = profiler(cuda) if args.profile else None
 
     def on_metrics(_, row: dict) -> None:
         if "loss" not in row:
@@ -211,11 +212,23 @@ def run_efftune(args: argparse.Namespace, mode: str) -> dict:
         marks[row["step"]] = time.perf_counter()
         if row["step"] == args.warmup and cuda:
             torch.cuda.reset_peak_memory_stats(device)
+        if prof is not None and row["step"] in (args.warmup, total):
+            prof.start() if row["step"] == args.warmup else prof.stop()
     # train() sees the meta ranks (--rank0-base) and fills them from rank 0 as it wraps the model
     result = train(model, seqs, config, Path(args.out), on_metrics=on_metrics)  # one directory, as train() wants
     seconds = marks[total] - marks[args.warmup]
-    return dict(compile=args.compile, cuda_graphs=config.cuda_graphs, seconds=seconds, peaks=peaks(device),
-                loss=result.final_loss, world=here.size, rank=here.rank, base_weights=base_weights(model, device))
+    out = dict(compile=args.compile, cuda_graphs=config.cuda_graphs, seconds=seconds, peaks=peaks(device),
+               loss=result.final_loss, world=here.size, rank=here.rank, base_weights=base_weights(model, device))
+    if prof is not None:
+        from bench.profile_step import host_ops, summarize
+        out["profile"] = {**summarize(prof, args.steps, seconds * 1000 / args.steps), "host": host_ops(prof, args.steps)}
+    return out
+
+
+def profiler(cuda: bool):
+    """torch.profiler over the timed steps (`--profile`): kernels and the CPU ops around them."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    return torch.profiler.profile(activities=activities)
 
 
 def run_peft(args: argparse.Namespace, mode: str) -> dict:
@@ -373,7 +386,7 @@ def worker(args: argparse.Namespace) -> None:
             tokens_s=round(tokens_s, 1), tokens_s_per_gpu=round(tokens_s / r["world"], 1),
             step_s=round(r["seconds"] / args.steps, 4), peak_gib=max(r["peaks"]) if r["peaks"] else None,
             peak_gib_ranks=r["peaks"], loss=r["loss"] if r["loss"] is None else round(r["loss"], 4),
-            base_weights=r["base_weights"],
+            base_weights=r["base_weights"], **({"profile": r["profile"]} if r.get("profile") else {}),
             device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (gloo)")), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -388,7 +401,7 @@ def launch(args: argparse.Namespace, case: str, nproc: int, out: Path) -> dict:
     cmd = [sys.executable, *torchrun, str(Path(__file__).resolve()), "--worker", case, "--shape", args.shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch),
            "--peft-fsdp", args.peft_fsdp, "--out", str(out / f"{case}-{nproc}")]
-    cmd += ["--compile"] * args.compile + ["--cuda-graphs"] * args.cuda_graphs + ["--ckpt"] * args.ckpt
+    cmd += ["--compile"] * args.compile + ["--cuda-graphs"] * args.cuda_graphs + ["--ckpt"] * args.ckpt + ["--profile"] * args.profile
     cmd += ["--init", args.init] + ([] if args.rank0_base is None else
                                     ["--rank0-base" if args.rank0_base else "--no-rank0-base"])
     path = os.environ.get("PYTHONPATH")
@@ -447,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init", choices=("auto", "hf", "fast"), default="auto",
                     help="the base's random values: transformers' init (hf) or one random block tiled into "
                          "every weight (fast, bench/base_init.py); auto: fast with --rank0-base, else hf")
+    ap.add_argument("--profile", action="store_true",
+                    help="efftune cases: profile the timed steps (kernel time per class, idle gaps, host ops); "
+                         "the profiler slows them, so time without it")
     ap.add_argument("--case-timeout", type=int, default=900, help="seconds per (case, nproc) torchrun")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)

@@ -18,8 +18,9 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
              onehot − softmax in bf16): the Triton kernels (efftune.forward.head_triton) against the
              compiled PyTorch version, with the bandwidth each reaches counting one read and one write
   dequant    making a quantised frozen weight dense for one GEMM (efftune.quantize: NF4, int8), at each
-             projection's shape: the eager PyTorch dequantisation, the one the fused ops run on a GPU
-             (its elementwise work compiled: efftune.quantize.linear.compiled_on_gpu), and the
+             projection's shape: the eager PyTorch dequantisation, its elementwise work compiled
+             (efftune.quantize.linear.compiled_on_gpu), the one the fused ops run on a GPU (NF4: the
+             Triton kernel, efftune.quantize.nf4_triton; int8: the compiled one), and the
              projection's forward GEMM it precedes, with the bandwidth each dequantisation reaches
              (packed tensors read once, the bf16 weight written once) and its time as a fraction of
              the GEMM's: what `--quantize` costs a step
@@ -261,7 +262,8 @@ def head(cfg: dict, seq: int, chunk: int = 1024) -> list[dict]:
 
 def dequant(cfg: dict, seq: int) -> list[dict]:
     from efftune.quantize import int8, nf4
-    from efftune.quantize.linear import DENSE, Int8Linear, Nf4Linear
+    from efftune.quantize import linear
+    from efftune.quantize.linear import DENSE, Int8Linear, Nf4Linear, compiled_on_gpu
     # the eager functions without the compiled decode that DENSE (what the ops call) takes on a GPU
     eager_of = {"nf4": lambda t, dtype: nf4.dequantize(*t[:4], dtype, t[4]),
                 "int8": lambda t, dtype: int8.dequantize(*t, dtype)}
@@ -277,7 +279,13 @@ def dequant(cfg: dict, seq: int) -> list[dict]:
             packed = sum(t.numel() * t.element_size() for t in tensors)
             eager, shipped = eager_of[layer.KIND], DENSE[layer.KIND]
             assert torch.equal(shipped(tensors, torch.bfloat16), eager(tensors, torch.bfloat16))
-            for way, fn in (("eager", eager), ("shipped (compiled)", shipped)):
+            ways = [("eager", eager), ("shipped (compiled)", shipped)]
+            if layer.KIND == "nf4":  # the shipped one is the Triton kernel (nf4_triton); the compiled one beside it
+                compiled = compiled_on_gpu(nf4.decode_scaled, x.device)
+                ways = [("eager", eager), ("compiled", lambda t, dtype: nf4.dequantize(*t[:4], dtype, t[4],
+                                                                                      decode=compiled)),
+                        ("shipped (" + linear.nf4_decode(x.device, torch.bfloat16).__module__ + ")", shipped)]
+            for way, fn in ways:
                 ms = cuda_time_ms(lambda: fn(tensors, torch.bfloat16))
                 rows.append(dict(kind="dequant", format=layer.KIND, way=way, projection=name, out=fan_out,
                                  inp=fan_in, ms=round(ms, 4), gemm_ms=round(gemm, 4),

@@ -159,12 +159,18 @@ def profile(step, steps: int, warmup: int = 3, top_n: int = 12, by_shape: bool =
             step()
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1000 / steps  # vs GPU time: how long the GPU sat idle
+    return summarize(prof, steps, wall_ms, top_n=top_n, by_shape=by_shape)
+
+
+def summarize(prof, steps: int, wall_ms: float, top_n: int = 12, by_shape: bool = False) -> dict:
+    """A finished profile of `steps` steps that took `wall_ms` each: CUDA kernel time per op class,
+    the `top_n` slowest kernels, where the GPU sat idle; `by_shape`: matmul time per operand shapes."""
     totals: dict[str, float] = {}
     top: list[tuple[float, str]] = []
     for event in prof.key_averages():
         t = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         # kernels only: not CPU ops (by_shape records them) nor annotations spanning kernels
-        if t <= 0 or event.key.startswith("## ") or (by_shape and event.device_type != torch.autograd.DeviceType.CUDA):
+        if t <= 0 or event.key.startswith("## ") or event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         totals[op_class(event.key)] = totals.get(op_class(event.key), 0.0) + t
         top.append((t, event.key, event.count))
@@ -180,6 +186,15 @@ def profile(step, steps: int, warmup: int = 3, top_n: int = 12, by_shape: bool =
         out["matmuls_by_shape"] = matmul_shapes(prof, steps)
     out["gpu_idle"] = idle_gaps(prof, steps)
     return out
+
+
+def host_ops(prof, steps: int, top_n: int = 15) -> list[dict]:
+    """The CPU ops with the most self time per step (needs the CPU activity): where a host-bound
+    step spends its time (hooks, copies launched one by one, Python around the kernels)."""
+    rows = [(e.self_cpu_time_total, e.key, e.count) for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0]
+    return [{"op": k[:90], "self_cpu_ms_per_step": round(t / 1000 / steps, 2), "calls_per_step": n / steps}
+            for t, k, n in sorted(rows)[-top_n:][::-1]]
 
 
 def idle_gaps(prof, steps: int, top_n: int = 12) -> dict:

@@ -48,3 +48,11 @@ def test_swiglu_kernels_compile():
     _compile(sw._backward_kernel, {**{n: "*bf16" for n in names}, "dz_part": "*fp32"},
              ["N", "F", "S", "DS", "RG", "RU", "RD"], dict(COLS=b["cols"], BT=b["bt"], BO=b["bo"], **ranks),
              b["num_warps"], b["num_stages"])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_nf4_decoding_kernel_compiles(dtype):
+    from efftune.quantize import nf4, nf4_triton
+    _compile(nf4_triton._decode_kernel, {"codes_ptr": "*u8", "scales_ptr": "*fp32", "code_ptr": "*fp32",
+                                         "out_ptr": f"*{dtype}"}, ["n_bytes"],
+             dict(BYTES=nf4_triton.BYTES, BLOCK_BYTES=nf4.BLOCK // 2), nf4_triton.NUM_WARPS)

@@ -226,11 +226,17 @@ def check_batch(batch_size: int, micro_batch_size: int, here: World) -> int:
     return micro
 
 
-def data_parallel(model: nn.Module, has_moe: bool, from_rank0: bool = False) -> nn.Module:
+def data_parallel(model: nn.Module, unused_parameters: bool, from_rank0: bool = False) -> nn.Module:
     """`Forward(model)` under DistributedDataParallel. Trainable parameters are made equal to rank
     0's first (they are already when every rank seeded the same, as efftune's runs do; a check
-    costs one broadcast of the adapter); frozen weights and buffers are never sent. `has_moe`:
-    experts that receive no token on a rank have no gradient there, which DDP must look for.
+    costs one broadcast of the adapter); frozen weights and buffers are never sent.
+    `unused_parameters`: some trainable parameters may get no gradient in a step (experts no token
+    reached on this rank, a lane of k adapters that joins later), which DDP must look for.
+
+    The gradients are views into DDP's buckets (`gradient_as_bucket_view`): no copy of each one into
+    its bucket before the all-reduce and back after (448 of each a step for an 8B LoRA). With compiled
+    blocks, see `ddp_compile_options`. DDP's `static_graph` is not used: torch 2.13's reducer fails an
+    internal assertion in this loop's backward with it (gloo, CPU).
 
     `from_rank0`: only rank 0 loaded the model (the others hold it on the meta device): their copies
     get storage on their device, rank 0's buffers are sent to them (`buffers_from_rank0`), and DDP's
@@ -246,8 +252,19 @@ def data_parallel(model: nn.Module, has_moe: bool, from_rank0: bool = False) -> 
             for p in model.parameters():
                 if p.requires_grad:
                     dist.broadcast(p.data, src=0)
-    return DistributedDataParallel(Forward(model), init_sync=from_rank0, find_unused_parameters=has_moe,
+    return DistributedDataParallel(Forward(model), init_sync=from_rank0, find_unused_parameters=unused_parameters,
+                                   gradient_as_bucket_view=True,
                                    **_no_forward_buffer_sync())
+
+
+def ddp_compile_options():
+    """The torch.compile settings a DDP run's compiled blocks are compiled under: without dynamo's
+    DDPOptimizer, which splits a compiled graph at DDP's bucket boundaries so that a bucket's
+    all-reduce can start before the rest of that graph's backward. efftune compiles each decoder block
+    on its own, so a block's gradients are ready, and DDP's hooks run, as its backward graph ends:
+    the all-reduce already overlaps the backward of the blocks below, and a split (each block cut
+    into two graphs, two CUDA graphs to replay) only adds work."""
+    return torch._dynamo.config.patch(optimize_ddp=False)
 
 
 def _no_forward_buffer_sync() -> dict:

@@ -103,6 +103,13 @@ class TrainConfig:
         for option in ("cuda_graphs", "compile_autotune"):
             if getattr(self, option) and not self.compile:
                 raise ConfigError(f"train.{option} needs train.compile: true")
+        if self.cuda_graphs and self.activation_checkpointing:
+            # a checkpointed block runs its compiled forward again inside backward; torch's CUDA-graph
+            # trees (2.11, H200) stop there ("graph recording observed an input tensor deallocate
+            # during graph recording that did not occur during replay"), at the first step
+            raise ConfigError("train.cuda_graphs cannot run with train.activation_checkpointing: a checkpointed "
+                              "block's forward reruns inside backward, which torch's CUDA graphs do not record; "
+                              "use train.compile alone with checkpointing")
         if not self.save_every_minutes >= 0:
             raise ConfigError(f"train.save_every_minutes must be 0 (off) or positive, got {self.save_every_minutes}")
         check_attention_kernel(self.attention)
@@ -316,6 +323,8 @@ def train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequence
             scope.enter_context(Fp8Base(model))
         if config.cuda_graphs:  # graphs recorded for the training shapes would re-record for every later one
             scope.callback(uncompile_blocks, model)
+        if config.compile:  # matters only under DDP (torchrun), which the blocks learn of as they compile
+            scope.enter_context(distributed.ddp_compile_options())
         return _train(model, sequences, config, Path(output_dir), pad_id, resume, evaluate, hooks, resume_changed,
                       on_checkpoint, options, run_dirs, on_metrics, unshard, measure)
 

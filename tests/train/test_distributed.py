@@ -437,3 +437,37 @@ def test_k_adapters_at_once_on_two_ranks_equal_one_process(tmp_path, mode):
     ranks(tmp_path / "on2", {**config, "together": True}, resume=True)
     assert json.loads((tmp_path / "on2" / "rank-0.json").read_text())["start_step"] == 2
     assert_same_weights(weights, load_file(str(tmp_path / "on2" / "rank-1.safetensors")))
+
+
+def test_ddp_gradients_are_views_into_its_buckets():
+    """No copy of each gradient into DDP's bucket and back: after a backward the adapter's gradients
+    share the bucket's storage (a world of one gloo rank, in this process)."""
+    import torch.distributed as dist
+
+    from efftune.train.distributed import data_parallel
+    model, _ = dist_worker.method_model("lora")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        wrapped = data_parallel(model, unused_parameters=False)
+        ids = torch.tensor([[2, 3, 4, 5, 6]])
+        logp = wrapped(ids, torch.zeros(4, dtype=torch.long), torch.arange(4), ids[0, 1:])  # each next token
+        logp.sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert len(grads) > 1 and all(g is not None for g in grads)
+        assert len({g.untyped_storage().data_ptr() for g in grads}) < len(grads)  # several in one bucket
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_blocks_compile_without_dynamos_ddp_graph_splits(tmp_path, monkeypatch):
+    """train.compile: while train() runs, dynamo's DDPOptimizer is off (a block is one graph, not one
+    per DDP bucket), and torch's setting is back as it was afterwards."""
+    from efftune.train import loop
+    monkeypatch.setattr(loop, "compile_blocks", lambda model, **_: None)  # the setting, not a CPU compile
+    seen = []
+    model, _ = dist_worker.method_model("lora")
+    before = torch._dynamo.config.optimize_ddp
+    train(model, dist_worker.sequences(), TrainConfig(**{**CONFIG, "steps": 1, "compile": True}), tmp_path, pad_id=1,
+          on_metrics=lambda _, row: seen.append(torch._dynamo.config.optimize_ddp))
+    assert seen and not any(seen)
+    assert torch._dynamo.config.optimize_ddp == before

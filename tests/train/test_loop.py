@@ -221,6 +221,8 @@ def test_compile_memory_budget_is_checked():
     from efftune.errors import ConfigError
     with pytest.raises(ConfigError, match="train.cuda_graphs needs train.compile"):
         TrainConfig(cuda_graphs=True)
+    with pytest.raises(ConfigError, match="train.cuda_graphs cannot run with train.activation_checkpointing"):
+        TrainConfig(compile=True, cuda_graphs=True, activation_checkpointing=True)
     with pytest.raises(ConfigError, match="train.compile_memory_budget needs train.compile"):
         TrainConfig(compile_memory_budget=0.5)
     with pytest.raises(ConfigError, match=r"in \(0, 1\]"):
