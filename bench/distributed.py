@@ -14,7 +14,8 @@ transformers' non-reentrant gradient checkpointing for peft), and trains on rand
                 chunked-LM-head loss, DDP over the adapter's gradients, grad clip 1.0, efftune's AdamW
                 (fused on CUDA), bf16 autocast; `--compile` / `--cuda-graphs` as train.compile / train.cuda_graphs
   efftune-fsdp  the same with TrainConfig(distributed="fsdp"): FSDP2 fully_shard per decoder block, then
-                the root (frozen base sharded too); `--compile` applies, CUDA graphs never (train() refuses them)
+                the root (frozen base sharded too); `--compile` applies, CUDA graphs never (train() refuses them);
+                at one process train() shards nothing (a world of one), so `--nproc 1` times the unwrapped loop
   efftune-local the same train() without torchrun (no process group: the non-distributed loop), one
                 process; the baseline for the cost of `ddp` and `fsdp` at one GPU (the final JSON's overhead)
   peft-ddp      peft.get_peft_model + torch DistributedDataParallel, a plain loop: bf16 autocast,

@@ -31,9 +31,9 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-nf4     `efftune` on an NF4 base: the decoder blocks' linears quantised first
                   (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-nf4-ckpt:
                   with activation checkpointing; efftune-compile-nf4: compiled;
-                  efftune-compile-nf4-ckpt: compiled and checkpointed (-ckpt-cg: and replayed as CUDA
-                  graphs; efftune-compile-ckpt-cg: the same in bf16); efftune-compile-nf4-cg:
-                  compiled and replayed as CUDA graphs
+                  efftune-compile-nf4-ckpt: compiled and checkpointed; efftune-compile-nf4-cg:
+                  compiled and replayed as CUDA graphs (with checkpointing, CUDA graphs failed at
+                  the first step, and train() refuses the pair: bench/RESULTS.md session 20)
   peft-qlora      `peft` on a bitsandbytes NF4 base (Linear4bit, double-quantised scales, bf16
                   compute: QLoRA as peft users run it); needs bitsandbytes and a GPU; peft-qlora-ckpt:
                   with transformers' gradient checkpointing (non-reentrant)
@@ -98,11 +98,12 @@ CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", 
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
          "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-full-compile-cg",
          "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4", "efftune-compile-nf4-ckpt",
-         "efftune-compile-nf4-cg", "efftune-compile-nf4-ckpt-cg", "efftune-compile-ckpt-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
+         "efftune-compile-nf4-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
          "efftune-dora-compile", "efftune-dora-compile-cg")
 LOGPROBS_LOSS = tuple(c for c in CASES if c.startswith("efftune") and c != "efftune-plain")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
+CKPT_FRACTION = 1.0  # --ckpt-fraction: the share of layers the -ckpt cases checkpoint
 TORCH_PARTITIONER = False  # --torch-partitioner: compiled cases keep torch's default recompute rules
 UNFUSED = False  # --unfused: efftune LoRA layers compute apart, without the fused lora_linears op
 UNFUSED_MLP = False  # --unfused-mlp: the MLPs' LoRA layers on lora_linears ops, without swiglu_lora
@@ -192,7 +193,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
     if "-ckpt" in case:  # what TrainConfig(activation_checkpointing=True) switches on
         from efftune.train.loop import enable_activation_checkpointing  # 5.24+ renamed the switch
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, CKPT_FRACTION)
     if "-compile" in case:
         from efftune.train.compile import compile_blocks
         compile_blocks(model, cuda_graphs=case.endswith("-cg"), autotune=AUTOTUNE)
@@ -387,6 +388,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     tokens_s = batch * seq / step_s
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
     return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if compiled else None,
+                ckpt_fraction=CKPT_FRACTION if "-ckpt" in case and case.startswith("efftune") else None,
                 partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
                 autotune=AUTOTUNE if compiled else None,
                 attention=ATTENTION if case.startswith("efftune") else "sdpa", rows=ROWS,
@@ -420,6 +422,7 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(batch)]
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
+    cmd += ["--ckpt-fraction", str(args.ckpt_fraction)]
     cmd += (["--torch-partitioner"] * args.torch_partitioner + ["--autotune"] * args.autotune
             + ["--unfused"] * args.unfused + ["--unfused-mlp"] * args.unfused_mlp
             + ["--attention", args.attention, "--rows", args.rows, "--masked-attention", args.masked_attention])
@@ -486,6 +489,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--case-timeout", type=int, default=240, help="seconds per case subprocess")
     ap.add_argument("--memory-budget", type=float, default=None,
                     help="compiled cases: activation memory budget in (0, 1] (efftune.train.compile)")
+    ap.add_argument("--ckpt-fraction", type=float, default=1.0,
+                    help="efftune -ckpt cases: the share of decoder layers checkpointed "
+                         "(train.activation_checkpointing_fraction)")
     ap.add_argument("--torch-partitioner", action="store_true",
                     help="compiled cases: torch's default recompute rules (train.compile_lean: false)")
     ap.add_argument("--autotune", action="store_true",
@@ -506,7 +512,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP, ATTENTION, ROWS, MASKED_ATTENTION
+    global CKPT_FRACTION
     MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE = args.memory_budget, args.torch_partitioner, args.autotune
+    CKPT_FRACTION = args.ckpt_fraction
     ATTENTION, ROWS, MASKED_ATTENTION = args.attention, args.rows, args.masked_attention
     UNFUSED, UNFUSED_MLP = args.unfused, args.unfused_mlp
     if args.worker:  # inside the subprocess: one shape, one case

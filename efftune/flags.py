@@ -159,6 +159,9 @@ HELP: dict[str, str] = {
     "train.precision": "auto | fp32 | bf16 autocast",
     "train.max_length": "tokens per packed row",
     "train.activation_checkpointing": "recompute activations in backward (less memory, slower)",
+    "train.activation_checkpointing_fraction": "with --activation-checkpointing: the share (0, 1] of decoder "
+                                               "layers checkpointed, spread evenly (the rest keep their "
+                                               "activations: faster, more memory)",
     "train.compile": "torch.compile each decoder block (faster on GPU, less memory)",
     "train.compile_memory_budget": "with --compile: fraction (0, 1] of activations to keep; the rest is "
                                    "recomputed",

@@ -169,6 +169,8 @@ SETS = {
     "train.precision": (["--precision", "fp32"], "fp32"),
     "train.max_length": (["--max-length", "128"], 128),
     "train.activation_checkpointing": (["--activation-checkpointing"], True),
+    "train.activation_checkpointing_fraction": (["--activation-checkpointing", "--activation-checkpointing-fraction",
+                                                 "0.5"], 0.5),
     "train.compile": (["--compile"], True),
     "train.compile_memory_budget": (["--compile", "--compile-memory-budget", "0.5"], 0.5),
     "train.compile_lean": (["--no-compile-lean"], False),

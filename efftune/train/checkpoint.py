@@ -380,7 +380,8 @@ def _load_whole(directory: Path, state: dict, model: nn.Module, optimizer: torch
 FREE_KEYS = frozenset({
     "output", "device", "data.cache", "log", "eval_samples",
     "train.eval_every", "train.save_every", "train.save_every_minutes", "train.keep_checkpoints",
-    "train.micro_batch_size", "train.activation_checkpointing", "train.compile", "train.compile_memory_budget",
+    "train.micro_batch_size", "train.activation_checkpointing", "train.activation_checkpointing_fraction",
+    "train.compile", "train.compile_memory_budget",
     "train.compile_lean", "train.cuda_graphs", "train.compile_autotune", "train.attention",
     "train.masked_attention", "train.distributed",
 })

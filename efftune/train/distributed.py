@@ -12,6 +12,7 @@ every step's global batch, in one of two modes (`train.distributed`):
 - `fsdp`: each decoder block and then the rest of the model is sharded with FSDP2's
   `fully_shard` (frozen base weights too, a quantised base's packed codes included: QLoRA under
   FSDP2, `efftune.quantize.linear.frozen_packed`), so a base that does not fit one device trains.
+  A world of one rank has nothing to shard across and trains unwrapped (`efftune.train.loop`).
 
 Both give each step the gradient one process computes over the whole batch: a rank's loss is
 its examples' share of the step's mean answer NLL times the world size, and DDP and FSDP average

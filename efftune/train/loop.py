@@ -63,6 +63,7 @@ class TrainConfig:
     precision: str = "auto"         # auto | fp32 | bf16 (autocast)
     max_length: int = 512           # tokens per row when packing
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
+    activation_checkpointing_fraction: float = 1.0  # with it: the share of decoder layers checkpointed, spread evenly
     compile: bool = False           # torch.compile each decoder block (efftune.train.compile)
     compile_memory_budget: float | None = None  # with compile: keep ~this fraction of activations
     compile_lean: bool = True       # with compile: recompute pointwise inputs of backward matmuls (less memory)
@@ -103,6 +104,11 @@ class TrainConfig:
         for option in ("cuda_graphs", "compile_autotune"):
             if getattr(self, option) and not self.compile:
                 raise ConfigError(f"train.{option} needs train.compile: true")
+        if not 0 < self.activation_checkpointing_fraction <= 1:
+            raise ConfigError("train.activation_checkpointing_fraction must be in (0, 1], got "
+                              f"{self.activation_checkpointing_fraction}")
+        if self.activation_checkpointing_fraction != 1 and not self.activation_checkpointing:
+            raise ConfigError("train.activation_checkpointing_fraction needs train.activation_checkpointing: true")
         if self.cuda_graphs and self.activation_checkpointing:
             # a checkpointed block runs its compiled forward again inside backward; torch's CUDA-graph
             # trees (2.11, H200) stop there ("graph recording observed an input tensor deallocate
@@ -208,15 +214,35 @@ def autocast_for(precision: str, device: torch.device):
     return nullcontext()
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: nn.Module, fraction: float = 1.0) -> None:
     """Non-reentrant checkpointing of the decoder layers (so gradients reach the adapters although
-    the layer inputs are frozen), under whichever name this transformers version gives the switch."""
+    the layer inputs are frozen), under whichever name this transformers version gives the switch.
+
+    `fraction` < 1: only that share of the layers, spread evenly (`checkpointed_layers`); the others
+    keep their activations, which buys back their recomputation (a third of a LoRA step's frozen matmul
+    work) for their memory. Set through transformers' per-layer switch (`gradient_checkpointing` on
+    each decoder layer), which every layer it checkpoints one by one has."""
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         raise ConfigError("train.activation_checkpointing needs a transformers model")
+    if fraction == 1:
+        return
+    blocks = decoder_blocks(model)
+    if not blocks or not all(hasattr(b, "gradient_checkpointing") for b in blocks):
+        raise ConfigError("train.activation_checkpointing_fraction: this model's decoder layers are not "
+                          "checkpointed one by one (transformers' GradientCheckpointingLayer); use 1")
+    chosen = checkpointed_layers(len(blocks), fraction)
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i in chosen
+
+
+def checkpointed_layers(n_layers: int, fraction: float) -> set[int]:
+    """The indices of round(fraction x n_layers) layers (at least one), spread evenly from the first."""
+    count = max(1, round(fraction * n_layers))
+    return {i * n_layers // count for i in range(count)}
 
 
 def make_optimizer(parts: Sequence[list[torch.Tensor]], config: TrainConfig, device: torch.device,
@@ -345,9 +371,17 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     main = here.main  # rank 0 writes every file and prints; the others compute
     sharded = here.active and config.distributed == "fsdp"
     if sharded:
-        check_shardable(config, hooks)
+        check_shardable(config, hooks)  # at one rank too: a config that runs on one GPU runs on N
+    alone = sharded and here.size == 1
+    if alone:
+        # A world of one has nothing to shard across: FSDP2 would only copy every block's weights into
+        # its gather buffers and out again, forward and backward (8B, H100: 0.69x the speed at 1.33x
+        # the memory, bench/RESULTS.md session 20), so one rank trains unwrapped, as torchtitan applies
+        # FSDP only with more than one shard. Its checkpoints resume on N ranks under fsdp like any other.
+        sharded, device = False, distributed.rank_device()
+        model.to(device)  # where FSDP would have put the shards (a base loaded into host memory)
     if config.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, config.activation_checkpointing_fraction)
     if config.compile:
         compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
     # the forward: plain, or through DDP/FSDP under torchrun (their hooks reduce the gradients); FSDP
@@ -356,7 +390,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")  # autocast_for's
         forward = distributed.fully_sharded(model, decoder_blocks(model), torch.bfloat16 if bf16 else None,
                                             from_rank0=from_rank0)
-    elif here.active:
+    elif here.active and not alone:
         # DDP must look for parameters without a gradient: experts no token reached on this rank, and with
         # k adapters those of a lane that resumed further on and joins later
         unused = bool(moe_layers(model) or router_taps(model)) or isinstance(sequences, Mapping)

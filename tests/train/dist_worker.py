@@ -149,9 +149,11 @@ def run(out: str, config: dict, resume: bool = False, evaluate: bool = False, me
     gathered = {"state_dict": whole_state_dict(model)} if whole and config.get("distributed") == "fsdp" else {}
     if rank == 0 and save is not None:
         save(model, Path(out) / "result", **gathered)
+    sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())  # FSDP's, after train()
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"final_loss": result.final_loss,
                                                              "tokens": result.tokens, "evals": result.evals,
-                                                             "start_step": result.start_step}))
+                                                             "start_step": result.start_step,
+                                                             "sharded_parameters": sharded}))
 
 
 QUANTISED = ("qlora", "qlora-int8", "expert-qlora")  # methods on a quantised base

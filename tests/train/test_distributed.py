@@ -231,6 +231,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
     info = json.loads((tmp_path / "fsdp" / "rank-0.json").read_text())
     assert [e["step"] for e in info["evals"]] == [0, 4]
+    assert info["sharded_parameters"] > 0  # the base stays sharded after training
     # its checkpoints hold the adapter and the optimizer state as DCP shards, one file a rank
     checkpoint = tmp_path / "fsdp" / "run" / "checkpoints" / "step-000002"
     assert sorted(p.name for p in (checkpoint / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -246,6 +247,13 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     ranks(tmp_path / "on2", config, resume=True)
     assert_same_weights(weights, load_file(str(tmp_path / "on2" / "rank-1.safetensors")))
     assert losses(tmp_path / "on2" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
+    # and one rank under fsdp: a world of one has nothing to shard across, so it trains unwrapped
+    # (FSDP2 there only copies the weights in and out of its gather buffers), resuming the shards
+    rewind(tmp_path / "fsdp" / "run", tmp_path / "alone" / "run", 2)
+    ranks(tmp_path / "alone", config, n=1, resume=True)
+    assert json.loads((tmp_path / "alone" / "rank-0.json").read_text())["sharded_parameters"] == 0
+    assert_same_weights(weights, load_file(str(tmp_path / "alone" / "rank-0.safetensors")))
+    assert losses(tmp_path / "alone" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
 
 
 def fsdp_equals_one_process(tmp_path: Path, config: dict, method: str) -> dict:

@@ -134,6 +134,33 @@ def test_activation_checkpointing_gives_the_same_training(tokenizer, tmp_path):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
+def test_checkpointing_a_share_of_the_layers_gives_the_same_training(tokenizer, tmp_path):
+    """train.activation_checkpointing_fraction: only that share of the layers recompute (spread
+    evenly), and the run trains as one without checkpointing."""
+    from efftune.attach import decoder_blocks
+    from efftune.train.loop import checkpointed_layers
+    seqs = data(tokenizer)
+    a, b = lora_model(), lora_model()
+    train(a, seqs, TrainConfig(steps=3, batch_size=6, lr=1e-2, warmup_steps=1), tmp_path / "a", pad_id=1)
+    train(b, seqs, TrainConfig(steps=3, batch_size=6, lr=1e-2, warmup_steps=1, activation_checkpointing=True,
+                               activation_checkpointing_fraction=0.5), tmp_path / "b", pad_id=1)
+    blocks = decoder_blocks(b)
+    assert [blk.gradient_checkpointing for blk in blocks] == [i in checkpointed_layers(len(blocks), 0.5)
+                                                            for i in range(len(blocks))]
+    assert 0 < sum(blk.gradient_checkpointing for blk in blocks) < len(blocks)
+    for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_checkpointed_layers_are_spread_evenly():
+    from efftune.train.loop import checkpointed_layers
+    assert checkpointed_layers(4, 0.5) == {0, 2}
+    assert checkpointed_layers(32, 1.0) == set(range(32))
+    assert checkpointed_layers(3, 0.1) == {0}  # at least one
+    picked = sorted(checkpointed_layers(32, 0.8))
+    assert len(picked) == 26 and max(b - a for a, b in zip(picked, picked[1:])) == 2
+
+
 def test_compiled_blocks_give_the_same_training(tokenizer, tmp_path):
     # torch.compile of each decoder block (fp32 here) must train like eager, tree masks included
     from efftune.attach import decoder_blocks
@@ -221,6 +248,10 @@ def test_compile_memory_budget_is_checked():
     from efftune.errors import ConfigError
     with pytest.raises(ConfigError, match="train.cuda_graphs needs train.compile"):
         TrainConfig(cuda_graphs=True)
+    with pytest.raises(ConfigError, match=r"activation_checkpointing_fraction must be in \(0, 1\]"):
+        TrainConfig(activation_checkpointing=True, activation_checkpointing_fraction=0)
+    with pytest.raises(ConfigError, match="activation_checkpointing_fraction needs train.activation_checkpointing"):
+        TrainConfig(activation_checkpointing_fraction=0.5)
     with pytest.raises(ConfigError, match="train.cuda_graphs cannot run with train.activation_checkpointing"):
         TrainConfig(compile=True, cuda_graphs=True, activation_checkpointing=True)
     with pytest.raises(ConfigError, match="train.compile_memory_budget needs train.compile"):
