@@ -284,7 +284,7 @@ def dequant(cfg: dict, seq: int) -> list[dict]:
                 compiled = compiled_on_gpu(nf4.decode_scaled, x.device)
                 ways = [("eager", eager), ("compiled", lambda t, dtype: nf4.dequantize(*t[:4], dtype, t[4],
                                                                                       decode=compiled)),
-                        ("shipped (" + linear.nf4_decode(x.device, torch.bfloat16).__module__ + ")", shipped)]
+                        ("shipped (" + linear.nf4_kernel(x.device, torch.bfloat16).__module__ + ")", shipped)]
             for way, fn in ways:
                 ms = cuda_time_ms(lambda: fn(tensors, torch.bfloat16))
                 rows.append(dict(kind="dequant", format=layer.KIND, way=way, projection=name, out=fan_out,

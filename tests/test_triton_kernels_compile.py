@@ -51,8 +51,10 @@ def test_swiglu_kernels_compile():
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-def test_nf4_decoding_kernel_compiles(dtype):
+def test_nf4_dequantisation_kernel_compiles(dtype):
     from efftune.quantize import nf4, nf4_triton
-    _compile(nf4_triton._decode_kernel, {"codes_ptr": "*u8", "scales_ptr": "*fp32", "code_ptr": "*fp32",
-                                         "out_ptr": f"*{dtype}"}, ["n_bytes"],
-             dict(BYTES=nf4_triton.BYTES, BLOCK_BYTES=nf4.BLOCK // 2), nf4_triton.NUM_WARPS)
+    _compile(nf4_triton._dequantize_kernel,
+             {"codes_ptr": "*u8", "scale_q_ptr": "*i8", "scale_scale_ptr": "*fp32", "mean_ptr": "*fp32",
+              "code_ptr": "*fp32", "out_ptr": f"*{dtype}"}, ["n_bytes", "blocks_per_expert", "scales_per_expert"],
+             dict(BYTES=nf4_triton.BYTES, BLOCK_BYTES=nf4.BLOCK // 2, SCALE_BLOCK=nf4.SCALE_BLOCK),
+             nf4_triton.NUM_WARPS)

@@ -59,25 +59,27 @@ def _shared_graphs(compiled: Callable) -> Callable:
     return run
 
 
-def nf4_decode(device: torch.device, dtype: torch.dtype) -> Callable:
-    """The `nf4.decode_scaled` a dequantisation to `dtype` on `device` runs: on a CUDA GPU the Triton
-    kernel (`nf4_triton`: one pass, the same bits) where Triton is installed (torch's CUDA builds
-    bring it), for bf16 / fp16 / fp32 weights; else the compiled form (`compiled_on_gpu`: on the CPU,
-    the eager function itself)."""
-    if device.type == "cuda":
-        try:
-            from . import nf4_triton
-        except ImportError:  # a CUDA build of torch without Triton
-            nf4_triton = None
-        if nf4_triton is not None and dtype in nf4_triton.DTYPES:
-            return nf4_triton.decode_scaled
-    return compiled_on_gpu(nf4.decode_scaled, device)
+def nf4_kernel(device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """The Triton kernel an NF4 dequantisation to `dtype` on `device` runs (`nf4_triton.dequantize`:
+    one pass, the same bits), on a CUDA GPU where Triton is installed (torch's CUDA builds bring it),
+    for bf16 / fp16 / fp32 weights; None elsewhere (then: `nf4.dequantize` with its elementwise work
+    compiled, `compiled_on_gpu`, which on the CPU is the eager function itself)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import nf4_triton
+    except ImportError:  # a CUDA build of torch without Triton
+        return None
+    return nf4_triton.dequantize if dtype in nf4_triton.DTYPES else None
 
 
 def _nf4_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
     codes, scale_q, scale_scale, scale_mean, table = tensors
+    kernel = nf4_kernel(codes.device, dtype)
+    if kernel is not None:
+        return kernel(codes, scale_q, scale_scale, scale_mean, table, dtype)
     return nf4.dequantize(codes, scale_q, scale_scale, scale_mean, dtype, table,
-                          decode=nf4_decode(codes.device, dtype))
+                          decode=compiled_on_gpu(nf4.decode_scaled, codes.device))
 
 
 def _int8_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
