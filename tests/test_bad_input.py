@@ -270,6 +270,13 @@ ROWS = [
     row("eval-every-negative", lambda c: (c.train("--eval-every", "-1"), "eval_every")),
     row("warmup-negative", lambda c: (c.train("--warmup-steps", "-1"), "warmup_steps")),
     row("steps-zero", lambda c: (c.train("--steps", "0"), "steps")),
+    row("checkpointing-fraction-zero", lambda c: (c.train("--activation-checkpointing",
+                                                          "--activation-checkpointing-fraction", "0"),
+                                                  "activation_checkpointing_fraction")),
+    row("checkpointing-fraction-without-checkpointing", lambda c: (
+        c.train("--activation-checkpointing-fraction", "0.5"), "activation_checkpointing_fraction")),
+    row("cuda-graphs-with-checkpointing", lambda c: (c.train("--compile", "--cuda-graphs", "--activation-checkpointing"),
+                                                     ("cuda_graphs", "activation_checkpointing"))),
     row("lr-zero", lambda c: (c.train("--lr", "0"), "lr")),
     row("lr-infinite", lambda c: (c.train("--lr", "inf"), "lr")),
     row("micro-batch-does-not-divide", lambda c: (c.train("--micro-batch-size", "3"), "micro_batch_size")),
