@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..cache import cache_dir, pip_download
-from ..errors import DataError
+from ..errors import DataError, EfftuneError
 from ..progress import QUIET_SECONDS, progress_bar
 from .examples import Completion, Example, MultipleChoice
 
@@ -37,7 +37,13 @@ def _sdist_path() -> Path:
     found = sorted(root.glob("bigbench-1.0.0*.tar.gz"))
     if found:
         return found[0]
-    return pip_download(SDIST, root)
+    try:
+        return pip_download(SDIST, root)
+    except EfftuneError as e:
+        # seen on 2026-12-05: pypi.org here lists only a placeholder 0.0.1 of `bigbench`; a copy of the
+        # sdist put into the cache is then the way to the default data
+        raise DataError(f"{e}; the BIG-bench tasks come from that sdist: put a copy of bigbench-1.0.0.tar.gz "
+                        f"into {root}, or train on your own data with --data FILE") from None
 
 
 class _CountingReader:

@@ -111,3 +111,21 @@ def test_tasks_command_lists_kind_and_size(fake_bigbench, capsys):
     assert main(["tasks", "--kind", "multiple_choice"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "yesno\tmultiple_choice\t20" in lines and not any(l.startswith("gen\t") for l in lines)
+
+
+def test_an_index_without_the_sdist_says_where_to_put_it(tmp_path, monkeypatch):
+    """The package index may not offer bigbench==1.0.0 (seen: only a placeholder 0.0.1): one line that
+    says so, names the cache folder a copy of the sdist goes into, and the way around it (--data)."""
+    from efftune.data import bigbench
+    from efftune.errors import EfftuneError
+    monkeypatch.setenv("EFFTUNE_CACHE", str(tmp_path / "cache"))
+
+    def no_release(requirement, dest):
+        raise EfftuneError(f"could not download {requirement!r} from the package index (pip said: ERROR: No "
+                           f"matching distribution found for {requirement})")
+    monkeypatch.setattr(bigbench, "pip_download", no_release)
+    with pytest.raises(DataError) as e:
+        task_index()
+    message = str(e.value)
+    assert "\n" not in message and "bigbench==1.0.0" in message and "--data" in message
+    assert str(tmp_path / "cache" / "bigbench") in message
