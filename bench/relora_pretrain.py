@@ -72,9 +72,9 @@ def _texts(spec: dict):
 def prepare(max_mb: float, val_fraction: float) -> None:
     from transformers import AutoTokenizer
 
-    from efftune.data.bigbench import _sdist_path, _task_name
+    from efftune.data.bigbench import _task_name, sdist_path
     seen, docs = set(), []
-    with tarfile.open(_sdist_path(), "r:gz") as tf:
+    with tarfile.open(sdist_path(), "r:gz") as tf:
         for member in tf:
             if _task_name(member.name) is None:
                 continue

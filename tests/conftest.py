@@ -24,6 +24,22 @@ def data_cache(tmp_path_factory):
     else:
         os.environ["EFFTUNE_DATA_CACHE"] = before
 
+
+
+@pytest.fixture(scope="session")
+def bigbench_sdist():
+    """The real BIG-bench sdist the default data comes from, fetched into ~/.cache/efftune as `efftune`
+    fetches it. Where the package index does not offer it and no copy is in the cache (seen on
+    2026-12-05: pypi.org listed only a placeholder 0.0.1), the tests that need the real tasks skip with
+    that one-line reason, as the CUDA tests skip without a GPU; everything else runs on fake sdists."""
+    from efftune.data.bigbench import sdist_path
+    from efftune.errors import DataError
+    try:
+        return sdist_path()
+    except DataError as e:
+        pytest.skip(f"the BIG-bench sdist (the default data) is not obtainable here: {e}")
+
+
 CORPUS = [
     "Q: Is the sky blue?\nA: yes", "Q: Is grass red?\nA: no", "The quick brown fox jumps over the lazy dog.",
     "choice: True choice: False", "Take 3 steps forward. Turn left. Always face forward.",

@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_main_job_improves_held_out_accuracy(tmp_path):
+def test_main_job_improves_held_out_accuracy(tmp_path, bigbench_sdist):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "efftune.cli", "train", "--steps", "12", "--eval-size", "60",
                            "--save-every", "6", "--output", str(out)], capture_output=True, text=True, timeout=1500)

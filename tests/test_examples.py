@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_moe_expert_lora_example_runs(tmp_path):
+def test_moe_expert_lora_example_runs(tmp_path, bigbench_sdist):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "moe_expert_lora.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

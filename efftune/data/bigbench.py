@@ -32,7 +32,8 @@ class TaskInfo:
     description: str
 
 
-def _sdist_path() -> Path:
+def sdist_path() -> Path:
+    """The bigbench==1.0.0 sdist in the cache, fetched there first if it is not."""
     root = cache_dir("bigbench")
     found = sorted(root.glob("bigbench-1.0.0*.tar.gz"))
     if found:
@@ -65,7 +66,7 @@ class _CountingReader:
 @contextmanager
 def _open_sdist(desc: str, *, leave: bool, delay: float = 0.0) -> Iterator[tarfile.TarFile]:
     """The sdist as a tar archive, read with a progress bar over its compressed size."""
-    path = _sdist_path()
+    path = sdist_path()
     with open(path, "rb") as raw, progress_bar(path.stat().st_size, desc, unit="B", unit_scale=True,
                                                unit_divisor=1024, leave=leave, delay=delay) as bar, \
             tarfile.open(fileobj=_CountingReader(raw, bar), mode="r:gz") as tf:

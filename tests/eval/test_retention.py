@@ -260,7 +260,7 @@ def test_panel_examples_are_the_tasks_own(bigbench):
 
 
 @pytest.mark.slow
-def test_the_default_panel_loads_from_bigbench():
+def test_the_default_panel_loads_from_bigbench(bigbench_sdist):
     panel = load_panel("default")
     assert {t: len(e) for t, e in panel.choice.items()} == {t: 40 for t in PANELS["default-v1"].tasks[:8]}
     assert {t: len(e) for t, e in panel.text.items()} == {t: 50 for t in PANELS["default-v1"].tasks[8:]}
