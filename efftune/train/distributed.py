@@ -298,8 +298,10 @@ def fully_sharded(model: nn.Module, blocks: Sequence[nn.Module], param_dtype: to
     check_shardable(model)  # a bitsandbytes-quantised base cannot shard; efftune's NF4 / int8 layers do
     full = model.state_dict() if from_rank0 and world().main else {}  # rank 0's whole weights, before sharding
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for block in blocks:
-        fully_shard(block, mp_policy=policy)
+    for i, block in enumerate(blocks):
+        # the last block's backward starts right after its forward: kept gathered in between, it saves
+        # one all-gather a step for one block's weights (torchtitan does the same)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     root = Forward(model)
     fully_shard(root, mp_policy=policy)
     if from_rank0:  # before the first use, which refuses parameters still on the meta device
