@@ -372,7 +372,6 @@ def buffers_from_rank0(model: torch.nn.Module) -> None:
 
 @record  # torchrun's failure report then carries the rank's exception (the launcher's stderr_tail)
 def worker(args: argparse.Namespace) -> None:
-    import torch.distributed as dist
     case = args.worker
     lib, mode = case.split("-")
     settle_base(args)
@@ -389,8 +388,11 @@ def worker(args: argparse.Namespace) -> None:
             peak_gib_ranks=r["peaks"], loss=r["loss"] if r["loss"] is None else round(r["loss"], 4),
             base_weights=r["base_weights"], **({"profile": r["profile"]} if r.get("profile") else {}),
             device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (gloo)")), flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # efftune's way out of a process group: the cycle collector first, so that an FSDP-sharded model
+    # (peft's too) goes while the group is alive, not in the interpreter's teardown, where a gloo rank
+    # aborted ("terminate called without an active exception") after printing its result
+    from efftune.train.distributed import finish
+    finish()
 
 
 # -- the launcher ------------------------------------------------------------------------------------
