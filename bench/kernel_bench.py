@@ -261,8 +261,7 @@ def head(cfg: dict, seq: int, chunk: int = 1024) -> list[dict]:
 
 
 def dequant(cfg: dict, seq: int) -> list[dict]:
-    from efftune.quantize import int8, nf4
-    from efftune.quantize import linear
+    from efftune.quantize import int8, linear, nf4
     from efftune.quantize.linear import DENSE, Int8Linear, Nf4Linear, compiled_on_gpu
     # the eager functions without the compiled decode that DENSE (what the ops call) takes on a GPU
     eager_of = {"nf4": lambda t, dtype: nf4.dequantize(*t[:4], dtype, t[4]),
@@ -282,9 +281,8 @@ def dequant(cfg: dict, seq: int) -> list[dict]:
             ways = [("eager", eager), ("shipped (compiled)", shipped)]
             if layer.KIND == "nf4":  # the shipped one is the Triton kernel (nf4_triton); the compiled one beside it
                 compiled = compiled_on_gpu(nf4.decode_scaled, x.device)
-                ways = [("eager", eager), ("compiled", lambda t, dtype: nf4.dequantize(*t[:4], dtype, t[4],
-                                                                                      decode=compiled)),
-                        ("shipped (" + linear.nf4_kernel(x.device, torch.bfloat16).__module__ + ")", shipped)]
+                ways[1:] = [("compiled", lambda t, dtype: nf4.dequantize(*t[:4], dtype, t[4], decode=compiled)),
+                            ("shipped (" + linear.nf4_kernel(x.device, torch.bfloat16).__module__ + ")", shipped)]
             for way, fn in ways:
                 ms = cuda_time_ms(lambda: fn(tensors, torch.bfloat16))
                 rows.append(dict(kind="dequant", format=layer.KIND, way=way, projection=name, out=fan_out,

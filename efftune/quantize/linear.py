@@ -19,6 +19,7 @@ ops' fast path, FP8) checks `type(m) is nn.Linear` and steps aside for these.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, ClassVar
 
 import torch
@@ -66,11 +67,19 @@ def nf4_kernel(device: torch.device, dtype: torch.dtype) -> Callable | None:
     compiled, `compiled_on_gpu`, which on the CPU is the eager function itself)."""
     if device.type != "cuda":
         return None
+    kernels = _nf4_triton()
+    return kernels.dequantize if kernels is not None and dtype in kernels.DTYPES else None
+
+
+@functools.cache
+def _nf4_triton():
+    """The `nf4_triton` module, or None where Triton is missing (a CUDA build of torch without it):
+    looked up once, not at every dequantisation (a step makes hundreds)."""
     try:
         from . import nf4_triton
-    except ImportError:  # a CUDA build of torch without Triton
+    except ImportError:
         return None
-    return nf4_triton.dequantize if dtype in nf4_triton.DTYPES else None
+    return nf4_triton
 
 
 def _nf4_dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
