@@ -27,6 +27,7 @@ import functools
 import importlib
 
 import torch
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 KERNEL_MODULE = "flash_attn.cute.interface"
 HEAD_DIMS = (64, 96, 128)  # head sizes with tuned Hopper kernels; 64 and 128 checked on an H100
@@ -97,6 +98,23 @@ def flash4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 @flash4_causal_backward.register_fake
 def _(dout, q, k, v, out, lse, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# Flop counts as torch counts SDPA's (whole score matrix, causal or not), so torch.compile's
+# partitioner weighs recomputing this op as it would SDPA's.
+def _bhtd(t: torch.Tensor) -> tuple[int, ...]:
+    b, t_, h, d = t.shape
+    return (b, h, t_, d)
+
+
+@register_flop_formula(torch.ops.efftune.flash4_causal, get_raw=True)
+def _(q, k, v, scale, out_val=None, **_):
+    return sdpa_flop_count(_bhtd(q), _bhtd(k), _bhtd(v))
+
+
+@register_flop_formula(torch.ops.efftune.flash4_causal_backward, get_raw=True)
+def _(dout, q, k, v, out, lse, scale, out_val=None, **_):
+    return sdpa_backward_flop_count(_bhtd(dout), _bhtd(q), _bhtd(k), _bhtd(v))
 
 
 def _save(ctx, inputs, output) -> None:

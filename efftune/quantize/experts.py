@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
 
 from ..moe.experts import check_experts_module, expert_activation, grouped_linear, run_experts, uses_grouped_mm
 from . import int8, nf4
@@ -108,6 +109,13 @@ def _(x, tensors, kind, counts, impl):
 @torch.library.register_fake("efftune::quantized_grouped_mm_input_grad", lib=_LIB)
 def _(dy, tensors, kind, counts, impl):
     return dy.new_empty(dy.shape[0], _in_features(kind, tensors))
+
+
+# Flop counts for torch.compile's partitioner (`quantize.linear`): each row meets one expert.
+@register_flop_formula([torch.ops.efftune.quantized_grouped_mm, torch.ops.efftune.quantized_grouped_mm_input_grad],
+                       get_raw=True)
+def _(x, tensors, kind, counts, impl, out_val=None, **_):
+    return 2 * x.shape[0] * tensors[0].shape[1] * _in_features(kind, tensors)
 
 
 class QuantizedGroupedLinear(torch.autograd.Function):

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .linear import DENSE, QuantizedLinear
+from .linear import DENSE, IN_FEATURES, QuantizedLinear
 
 DENSE_KIND = "dense"
 ARITY = {DENSE_KIND: 1, "nf4": 5, "int8": 2}  # tensors per weight
@@ -64,3 +64,15 @@ def out_features(kind: str, tensors: Sequence[Tensor]) -> int:
     """The weight's rows, from its tensors' shapes only (fake kernels): every format keeps one row
     of its first tensor per output feature."""
     return tensors[0].shape[0]
+
+
+def in_features(kind: str, tensors: Sequence[Tensor]) -> int:
+    """The weight's columns, from its tensors' shapes only."""
+    return tensors[0].shape[1] if kind == DENSE_KIND else IN_FEATURES[kind](tensors)
+
+
+def gemm_flops(rows: int, weights: Sequence[Tensor], kinds: Sequence[str] | None) -> int:
+    """Multiply-adds ×2 of `rows` rows times every weight (transposed), for the ops' flop formulas
+    (`torch.utils.flop_counter`): what torch.compile's partitioner weighs when it decides what to
+    recompute under a memory budget. A dequantisation's own work is memory-bound and not counted."""
+    return sum(2 * rows * in_features(kind, w) * out_features(kind, w) for kind, w in split(weights, kinds))

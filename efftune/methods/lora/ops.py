@@ -31,8 +31,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
-from ...quantize.operands import materialize, out_features, split
+from ...quantize.operands import gemm_flops, materialize, out_features, split
 
 _LIB = torch.library.Library("efftune", "DEF")
 _LIB.define("lora_linears(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor a, Tensor[] bs, "
@@ -123,6 +124,29 @@ def _(dys, weights, a, bs, z, need_dx, kinds=None):
 def _(x, weights, bias, z, b, kinds=None):
     ((kind, w),) = split(weights, kinds)
     return x.new_empty(x.shape[0], out_features(kind, w))
+
+
+# Flop counts (`torch.utils.flop_counter`) for the opaque ops: without them every op here counts as
+# free, so torch.compile's partitioner, choosing what to recompute under `train.compile_memory_budget`,
+# would recompute the block's GEMMs first and keep cheap tensors instead.
+@register_flop_formula(torch.ops.efftune.lora_linears, get_raw=True)
+def _(x, weights, biases, a, bs, kinds=None, out_val=None, **_):
+    rows = x.shape[0]
+    return 2 * rows * a.shape[0] * a.shape[1] + gemm_flops(rows, weights, kinds) + gemm_flops(rows, bs, None)
+
+
+@register_flop_formula(torch.ops.efftune.lora_linears_backward, get_raw=True)
+def _(dys, weights, a, bs, z, need_dx, kinds=None, out_val=None, **_):
+    rows = z.shape[0]
+    flops = 2 * gemm_flops(rows, bs, None)  # db_i = dy_iᵀ z_i and dz_i = dy_i b_i
+    if need_dx:
+        flops += 2 * rows * a.shape[0] * a.shape[1] + gemm_flops(rows, weights, kinds)
+    return flops
+
+
+@register_flop_formula(torch.ops.efftune.lora_output, get_raw=True)
+def _(x, weights, bias, z, b, kinds=None, out_val=None, **_):
+    return gemm_flops(x.shape[0], weights, kinds) + gemm_flops(x.shape[0], [b], None)
 
 
 class LoraLinears(torch.autograd.Function):

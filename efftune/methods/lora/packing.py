@@ -26,7 +26,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ...quantize.operands import materialize, out_features, split
+from torch.utils.flop_counter import register_flop_formula
+
+from ...quantize.operands import gemm_flops, materialize, out_features, split
 from .ops import _LIB, column_slices, linears_input_grad
 
 
@@ -156,6 +158,11 @@ def rows_grad(d: Tensor, weights: list[Tensor], extra: Tensor, spare: Tensor | N
 
 _LIB.impl("rows_mm", rows_mm, "CompositeExplicitAutograd")
 _LIB.impl("rows_grad", rows_grad, "CompositeExplicitAutograd")
+
+
+@register_flop_formula([torch.ops.efftune.rows_mm, torch.ops.efftune.rows_grad], get_raw=True)
+def _(x, weights, extra, spare, kinds=None, out_val=None, **_):  # x: rows_mm's input or rows_grad's d
+    return gemm_flops(x.shape[0], weights, kinds) + gemm_flops(x.shape[0], [extra], None)
 
 
 @torch.library.register_fake("efftune::rows_mm", lib=_LIB)

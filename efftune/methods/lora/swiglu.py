@@ -35,6 +35,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
 
 from ...attach import hooked, replace_module
 from ...kernel_limits import NoFittingConfig, swiglu_fits
@@ -111,6 +112,23 @@ def _cuda_backward(dh, dzd, ad, gu, bg, bu):
 
 _LIB.impl("swiglu_lora_forward", swiglu_forward_reference, "CompositeExplicitAutograd")
 _LIB.impl("swiglu_lora_backward", swiglu_backward_reference, "CompositeExplicitAutograd")
+
+
+def _rank_flops(rows: int, bg: Tensor, bu: Tensor, ad: Tensor) -> int:
+    """The rank-r products of either pass: the gate and up updates, and the down projection's A."""
+    return 2 * rows * (bg.numel() + bu.numel() + ad.numel())
+
+
+# Flop counts for torch.compile's partitioner (see `ops`); the SiLU work itself is pointwise.
+@register_flop_formula(torch.ops.efftune.swiglu_lora_forward, get_raw=True)
+def _(gu, bg, bu, ad, out_val=None, **_):
+    return _rank_flops(gu.shape[0], bg, bu, ad)
+
+
+@register_flop_formula(torch.ops.efftune.swiglu_lora_backward, get_raw=True)
+def _(dh, dzd, ad, gu, bg, bu, out_val=None, **_):
+    # the updates again, dzd Â_d, and dz = [dg B_g, du B_u]
+    return _rank_flops(gu.shape[0], bg, bu, ad) + 2 * gu.shape[0] * (bg.numel() + bu.numel())
 
 
 def triton_available() -> bool:
