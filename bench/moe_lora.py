@@ -23,10 +23,13 @@ a table and the ratios to `peft` follow.
     PYTHONPATH=. python bench/moe_lora.py                           # qwen3-30b-a3b shape, all cases
     PYTHONPATH=. python bench/moe_lora.py --shape tiny --steps 2    # CPU smoke test (seconds)
     PYTHONPATH=. python bench/moe_lora.py --cases peft efftune-compile --profile   # + GPU time per op class
+    PYTHONPATH=. python bench/moe_lora.py --cases efftune-compile-nf4 --memory-budget 0.5  # compiled cases
+        # warm up (compile) under train.compile_memory_budget; they use efftune's lean partition as train() does
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -95,7 +98,8 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     return model
 
 
-def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int, profile: bool = False) -> dict:
+def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int, profile: bool = False,
+             memory_budget: float | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = attach(build_model(shape, device), case)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
@@ -110,13 +114,16 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     from efftune.forward.options import ForwardOptions
     options = ForwardOptions(fused_head=case.startswith("efftune-compile"))  # as train() with train.compile
     step = train_step(lambda: loss_fn(model, loss_case, ids, options), opt, device)
-    step_s, loss, _ = timed_steps(step, steps, warmup, device)
+    compiled = case.startswith("efftune-compile")
+    from efftune.train.compile import partitioner
+    with partitioner(memory_budget) if compiled else contextlib.nullcontext():
+        step_s, loss, _ = timed_steps(step, steps, warmup, device)  # compiles in warm-up, as train() would
     extra = {}
     if profile and cuda:  # after the timing, so the profiler does not slow the timed steps
         from bench.profile_step import profile as profile_steps
         extra["profile"] = profile_steps(step, steps=2, warmup=0, top_n=30)
     return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps,
-                tokens_s=round(batch * seq / step_s, 1), step_s=round(step_s, 4),
+                memory_budget=memory_budget if compiled else None, tokens_s=round(batch * seq / step_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 trainable=trainable, frozen=frozen, loss=round(loss.item(), 4),
                 device=torch.cuda.get_device_name() if cuda else "cpu", **extra)
@@ -128,6 +135,8 @@ def spawn(args: argparse.Namespace, shape: str, case: str) -> dict:
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch)]
     if args.profile:
         cmd.append("--profile")
+    if args.memory_budget is not None:
+        cmd += ["--memory-budget", str(args.memory_budget)]
     head = dict(shape=shape, case=case, batch=args.batch)
     return run_worker(cmd, head, args.case_timeout)
 
@@ -155,11 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--case-timeout", type=int, default=400, help="seconds per case subprocess")
     ap.add_argument("--profile", action="store_true", help="also profile 2 steps per case (GPU time per op class)")
+    ap.add_argument("--memory-budget", type=float, default=None,
+                    help="compiled cases: train.compile_memory_budget in (0, 1] (efftune.train.compile)")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.seq = args.seq or default_seq(args.shape)
     if args.worker:
-        print(json.dumps(run_case(args.shape, args.worker, args.steps, args.warmup, args.seq, args.batch, args.profile)))
+        print(json.dumps(run_case(args.shape, args.worker, args.steps, args.warmup, args.seq, args.batch, args.profile,
+                                  args.memory_budget)))
         return
     results = []
     for case in args.cases:
