@@ -14,7 +14,8 @@ LoRA is r=16, alpha=32, dropout 0 everywhere. Cases:
   efftune-compile  `efftune` with each decoder block compiled (efftune.train.compile, train.compile)
   efftune-nf4   `efftune` on an NF4 base: experts and attention linears quantised first
                 (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-compile-nf4: compiled;
-                efftune-compile-nf4-ckpt: and with activation checkpointing (train.activation_checkpointing)
+                efftune-compile-nf4-ckpt: and with activation checkpointing (train.activation_checkpointing:
+                compiled, that is the compiler's recomputation, as train() does it)
 
 Like bench/throughput.py (whose helpers it imports), each case runs in its own subprocess and
 prints one JSON line (tokens/s, step seconds, peak GiB = max_memory_allocated, trainable params);
@@ -86,7 +87,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None  # the bf16 weights are gone
     if case in ("efftune", "efftune-compile", "efftune-nf4", "efftune-compile-nf4", "efftune-compile-nf4-ckpt"):
         add_expert_lora(model, ExpertLoraConfig(r=16, alpha=32, target_modules=ATTN))
-        if case.endswith("-ckpt"):  # before compiling, as train() orders them
+        if case.endswith("-ckpt") and not train_config(case).compiler_checkpoints:  # as train() would
             from efftune.train.loop import enable_activation_checkpointing
             enable_activation_checkpointing(model)
         if case.startswith("efftune-compile"):
@@ -96,6 +97,15 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         use_grouped_experts(model)
         add_lora(model, LoraConfig(r=16, alpha=32, target_modules=ATTN))
     return model
+
+
+def train_config(case: str, memory_budget: float | None = None):
+    """The TrainConfig settings a case stands for: compiled and checkpointed, the compiler recomputes
+    (`TrainConfig.compiler_checkpoints`), as train() does."""
+    from efftune.train.loop import TrainConfig
+    compiled = case.startswith("efftune-compile")
+    return TrainConfig(compile=compiled, activation_checkpointing=case.endswith("-ckpt"),
+                       compile_memory_budget=memory_budget if compiled else None)
 
 
 def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int, profile: bool = False,
@@ -116,14 +126,14 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     step = train_step(lambda: loss_fn(model, loss_case, ids, options), opt, device)
     compiled = case.startswith("efftune-compile")
     from efftune.train.compile import partitioner
-    with partitioner(memory_budget) if compiled else contextlib.nullcontext():
+    with partitioner(train_config(case, memory_budget).memory_budget()) if compiled else contextlib.nullcontext():
         step_s, loss, _ = timed_steps(step, steps, warmup, device)  # compiles in warm-up, as train() would
     extra = {}
     if profile and cuda:  # after the timing, so the profiler does not slow the timed steps
         from bench.profile_step import profile as profile_steps
         extra["profile"] = profile_steps(step, steps=2, warmup=0, top_n=30)
     return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps,
-                memory_budget=memory_budget if compiled else None, tokens_s=round(batch * seq / step_s, 1), step_s=round(step_s, 4),
+                memory_budget=train_config(case, memory_budget).memory_budget(), tokens_s=round(batch * seq / step_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 trainable=trainable, frozen=frozen, loss=round(loss.item(), 4),
                 device=torch.cuda.get_device_name() if cuda else "cpu", **extra)

@@ -15,7 +15,9 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
                   TrainConfig(activation_checkpointing=True) does
   efftune-compile `efftune` with every decoder block compiled (efftune.train.compile), as
                   TrainConfig(compile=True) does
-  efftune-compile-ckpt  both of the above
+  efftune-compile-ckpt  both of the above: checkpointing by the compiler's recomputation, as train()
+                  does it for compiled blocks (--ckpt-fraction below 1: transformers' switch on that
+                  share of the layers); efftune-compile-ckpt-cg: and replayed as CUDA graphs
   efftune-fa-compile    `efftune-fa` with every decoder block compiled
   efftune-fp8     `efftune` with the frozen base linears in FP8 (efftune.train.fp8, train.fp8_base)
   efftune-compile-fp8   both
@@ -32,8 +34,7 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
                   (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-nf4-ckpt:
                   with activation checkpointing; efftune-compile-nf4: compiled;
                   efftune-compile-nf4-ckpt: compiled and checkpointed; efftune-compile-nf4-cg:
-                  compiled and replayed as CUDA graphs (with checkpointing, CUDA graphs failed at
-                  the first step, and train() refuses the pair: bench/RESULTS.md session 20)
+                  compiled and replayed as CUDA graphs; efftune-compile-nf4-ckpt-cg: all three
   peft-qlora      `peft` on a bitsandbytes NF4 base (Linear4bit, double-quantised scales, bf16
                   compute: QLoRA as peft users run it); needs bitsandbytes and a GPU; peft-qlora-ckpt:
                   with transformers' gradient checkpointing (non-reentrant)
@@ -98,7 +99,7 @@ CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", 
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
          "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-full-compile-cg",
          "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4", "efftune-compile-nf4-ckpt",
-         "efftune-compile-nf4-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
+         "efftune-compile-nf4-cg", "efftune-compile-nf4-ckpt-cg", "efftune-compile-ckpt-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
          "efftune-dora-compile", "efftune-dora-compile-cg")
 LOGPROBS_LOSS = tuple(c for c in CASES if c.startswith("efftune") and c != "efftune-plain")
 PEAK_FLOPS = 989e12
@@ -191,13 +192,26 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
-    if "-ckpt" in case:  # what TrainConfig(activation_checkpointing=True) switches on
+    config = train_config(case)
+    if config.activation_checkpointing and not config.compiler_checkpoints:  # as train() switches it on
         from efftune.train.loop import enable_activation_checkpointing  # 5.24+ renamed the switch
         enable_activation_checkpointing(model, CKPT_FRACTION)
     if "-compile" in case:
         from efftune.train.compile import compile_blocks
         compile_blocks(model, cuda_graphs=case.endswith("-cg"), autotune=AUTOTUNE)
     return model
+
+
+def train_config(case: str):
+    """The TrainConfig settings an efftune case stands for (compile, CUDA graphs, checkpointing, the
+    memory budget), so the case checkpoints and partitions as train() would: compiled and fully
+    checkpointed, by the compiler's recomputation (`TrainConfig.compiler_checkpoints`)."""
+    from efftune.train.loop import TrainConfig
+    compiled = "-compile" in case
+    return TrainConfig(compile=compiled, cuda_graphs=case.endswith("-cg"),
+                       activation_checkpointing="-ckpt" in case and case.startswith("efftune"),
+                       activation_checkpointing_fraction=CKPT_FRACTION if "-ckpt" in case else 1.0,
+                       compile_memory_budget=MEMORY_BUDGET if compiled else None)
 
 
 def forward_options(case: str):
@@ -382,12 +396,12 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
                           cuda_graphs=case.endswith("-cg"))
     from efftune.train.compile import partitioner
     compiled = "-compile" in case
-    with partitioner(MEMORY_BUDGET if compiled else None, lean=not TORCH_PARTITIONER):  # compiles in warm-up
+    with partitioner(train_config(case).memory_budget(), lean=not TORCH_PARTITIONER):  # compiles in warm-up
         step_s, loss, energy = timed_steps(step, steps, warmup, device)
     cfg = SHAPES[shape]
     tokens_s = batch * seq / step_s
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
-    return dict(shape=shape, case=case, memory_budget=MEMORY_BUDGET if compiled else None,
+    return dict(shape=shape, case=case, memory_budget=train_config(case).memory_budget(),
                 ckpt_fraction=CKPT_FRACTION if "-ckpt" in case and case.startswith("efftune") else None,
                 partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
                 autotune=AUTOTUNE if compiled else None,

@@ -275,8 +275,12 @@ ROWS = [
                                                   "activation_checkpointing_fraction")),
     row("checkpointing-fraction-without-checkpointing", lambda c: (
         c.train("--activation-checkpointing-fraction", "0.5"), "activation_checkpointing_fraction")),
-    row("cuda-graphs-with-checkpointing", lambda c: (c.train("--compile", "--cuda-graphs", "--activation-checkpointing"),
-                                                     ("cuda_graphs", "activation_checkpointing"))),
+    row("cuda-graphs-with-partial-checkpointing", lambda c: (
+        c.train("--compile", "--cuda-graphs", "--activation-checkpointing", "--activation-checkpointing-fraction", "0.5"),
+        ("cuda_graphs", "activation_checkpointing_fraction"))),
+    row("memory-budget-with-checkpointing", lambda c: (
+        c.train("--compile", "--compile-memory-budget", "0.5", "--activation-checkpointing"),
+        ("compile_memory_budget", "activation_checkpointing"))),
     row("lr-zero", lambda c: (c.train("--lr", "0"), "lr")),
     row("lr-infinite", lambda c: (c.train("--lr", "inf"), "lr")),
     row("micro-batch-does-not-divide", lambda c: (c.train("--micro-batch-size", "3"), "micro_batch_size")),

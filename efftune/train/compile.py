@@ -51,6 +51,17 @@ def uncompile_blocks(model: nn.Module) -> None:
         block._compiled_call_impl = None
 
 
+# Activation checkpointing of compiled blocks, done by the compiler: an `activation_memory_budget` this
+# small makes the partitioner keep only each block's inputs for backward (its aggressive min-cut, which
+# recomputes everything else inside the compiled backward) — checkpointing's memory, with the recompute
+# fused into backward's kernels and, being part of the compiled graphs, replayable as CUDA graphs, which
+# torch.utils.checkpoint around a compiled block is not (its forward reruns outside the graphs). Not 0:
+# torch returns the bare inputs for 0 without the min-cut, which would recompute random ops (dropout
+# masks) instead of keeping them. 8B NF4 on an H100: 11,445 tokens/s at 7.78 GiB, where checkpointing
+# the compiled block from outside ran 10,398 at 7.66 (bench/RESULTS.md session 21).
+RECOMPUTE_ALL = 1e-6
+
+
 def check_memory_budget(budget: float) -> None:
     if not 0 < budget <= 1:
         raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {budget!r}")

@@ -41,7 +41,7 @@ from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
 from .checkpoint import (changed_keys, checkpoints, clear_staging, first_nonfinite, latest_checkpoint,
                          load_checkpoint, read_state, save_checkpoint, set_aside)
-from .compile import check_memory_budget, compile_blocks, partitioner, uncompile_blocks
+from .compile import RECOMPUTE_ALL, check_memory_budget, compile_blocks, partitioner, uncompile_blocks
 from ..attach import decoder_blocks
 from . import distributed
 from .interrupt import RunInterrupted, StopSignals
@@ -109,13 +109,16 @@ class TrainConfig:
                               f"{self.activation_checkpointing_fraction}")
         if self.activation_checkpointing_fraction != 1 and not self.activation_checkpointing:
             raise ConfigError("train.activation_checkpointing_fraction needs train.activation_checkpointing: true")
-        if self.cuda_graphs and self.activation_checkpointing:
-            # a checkpointed block runs its compiled forward again inside backward; torch's CUDA-graph
-            # trees (2.11, H200) stop there ("graph recording observed an input tensor deallocate
-            # during graph recording that did not occur during replay"), at the first step
-            raise ConfigError("train.cuda_graphs cannot run with train.activation_checkpointing: a checkpointed "
-                              "block's forward reruns inside backward, which torch's CUDA graphs do not record; "
-                              "use train.compile alone with checkpointing")
+        if self.cuda_graphs and self.activation_checkpointing and not self.compiler_checkpoints:
+            # a block checkpointed from outside runs its compiled forward again inside backward; torch's
+            # CUDA-graph trees (2.11, H200) stop there ("graph recording observed an input tensor
+            # deallocate during graph recording that did not occur during replay"), at the first step
+            raise ConfigError("train.cuda_graphs cannot run with train.activation_checkpointing_fraction below 1: "
+                              "those layers are checkpointed around their compiled blocks, whose forward then "
+                              "reruns inside backward, which torch's CUDA graphs do not record")
+        if self.compiler_checkpoints and self.compile_memory_budget is not None:
+            raise ConfigError("train.compile_memory_budget and train.activation_checkpointing both set what "
+                              "compiled blocks recompute (checkpointing: everything but their inputs); set one")
         if not self.save_every_minutes >= 0:
             raise ConfigError(f"train.save_every_minutes must be 0 (off) or positive, got {self.save_every_minutes}")
         check_attention_kernel(self.attention)
@@ -126,6 +129,16 @@ class TrainConfig:
             if not self.compile:
                 raise ConfigError("train.compile_memory_budget needs train.compile: true")
             check_memory_budget(self.compile_memory_budget)
+
+    @property
+    def compiler_checkpoints(self) -> bool:
+        """Activation checkpointing of every compiled block is torch.compile's recomputation
+        (`compile.RECOMPUTE_ALL`), not a checkpoint wrapped around each block."""
+        return self.activation_checkpointing and self.compile and self.activation_checkpointing_fraction == 1
+
+    def memory_budget(self) -> float | None:
+        """The compiled blocks' activation memory budget (`compile.partitioner`)."""
+        return RECOMPUTE_ALL if self.compiler_checkpoints else self.compile_memory_budget
 
     def forward_options(self) -> ForwardOptions:
         """The options of this run's forwards (`efftune.forward.options`): its attention kernels, block
@@ -380,7 +393,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
         # FSDP only with more than one shard. Its checkpoints resume on N ranks under fsdp like any other.
         sharded, device = False, distributed.rank_device()
         model.to(device)  # where FSDP would have put the shards (a base loaded into host memory)
-    if config.activation_checkpointing:
+    if config.activation_checkpointing and not config.compiler_checkpoints:
         enable_activation_checkpointing(model, config.activation_checkpointing_fraction)
     if config.compile:
         compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
@@ -572,7 +585,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                     # CUDA graphs are recorded per input shape: fixed-length rows keep it to one per row count
                     inputs = collate(rows, pad_id, attention,
                                      length=config.max_length if config.cuda_graphs else None).to(device)
-                    partition = partitioner(config.compile_memory_budget, config.compile_lean) if config.compile \
+                    partition = partitioner(config.memory_budget(), config.compile_lean) if config.compile \
                         else nullcontext()
                     # each row through its own adapter; backward inside too (checkpointed layers recompute)
                     with mixed_adapter_batch(model, [live[j].name for j in owner]) if together else nullcontext(), \
