@@ -29,7 +29,9 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
                   loss as `efftune` (chunked LM head), fused AdamW
   efftune-full-8bit     `efftune-full` with train.optimizer adamw8bit (torchao; embeddings' moments fp32)
   efftune-full-compile  `efftune-full` with every decoder block compiled; efftune-full-compile-cg:
-                        and replayed as CUDA graphs
+                        and replayed as CUDA graphs; efftune-full-8bit-compile-cg: with adamw8bit;
+                        efftune-full-compile-ckpt-cg: with activation checkpointing (the compiler's)
+  full-plain-ckpt `full-plain` with transformers' gradient checkpointing (what fits an 8B one GPU)
   efftune-nf4     `efftune` on an NF4 base: the decoder blocks' linears quantised first
                   (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-nf4-ckpt:
                   with activation checkpointing; efftune-compile-nf4: compiled;
@@ -97,7 +99,8 @@ SHAPES: dict[str, dict] = {
 CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
-         "full-plain", "efftune-full", "efftune-full-8bit", "efftune-full-compile", "efftune-full-compile-cg",
+         "full-plain", "full-plain-ckpt", "efftune-full", "efftune-full-8bit", "efftune-full-compile",
+         "efftune-full-compile-cg", "efftune-full-8bit-compile-cg", "efftune-full-compile-ckpt-cg",
          "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4", "efftune-compile-nf4-ckpt",
          "efftune-compile-nf4-cg", "efftune-compile-nf4-ckpt-cg", "efftune-compile-ckpt-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
          "efftune-dora-compile", "efftune-dora-compile-cg")
@@ -169,7 +172,10 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
             from efftune.train.loop import enable_activation_checkpointing  # 5.24+ renamed the switch
             enable_activation_checkpointing(model)
         return wrapped
-    if case == "full-plain":  # every weight trains, in fp32 (the precision AdamW steps want) under autocast
+    if case.startswith("full-plain"):  # every weight trains, in fp32 (the precision AdamW steps want) under autocast
+        if case.endswith("-ckpt"):  # transformers' own switch, as a plain user turns it on to fit
+            from efftune.train.loop import enable_activation_checkpointing
+            enable_activation_checkpointing(model)
         return model.float()
     if case.startswith("efftune-full"):
         from efftune.methods.full import add_full
@@ -230,7 +236,7 @@ def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:
     if case == "peft-fa":
         from peft.optimizers import create_lorafa_optimizer
         return create_lorafa_optimizer(model, r=16, lora_alpha=32, lr=1e-4)
-    if case == "efftune-full-8bit":
+    if case.startswith("efftune-full-8bit"):
         from efftune.train.optimizers import build_optimizer, embedding_weights
         params = [p for p in model.parameters() if p.requires_grad]
         return build_optimizer("adamw8bit", [{"params": params, "weight_decay": 0.0}], 1e-4,
