@@ -158,7 +158,8 @@ HELP: dict[str, str] = {
     "train.grad_clip": "max gradient norm (0: off)",
     "train.precision": "auto | fp32 | bf16 autocast",
     "train.max_length": "tokens per packed row",
-    "train.activation_checkpointing": "recompute activations in backward (less memory, slower)",
+    "train.activation_checkpointing": "recompute activations in backward (less memory, slower; with --compile "
+                                      "the compiler recomputes inside the compiled blocks)",
     "train.activation_checkpointing_fraction": "with --activation-checkpointing: the share (0, 1] of decoder "
                                                "layers checkpointed, spread evenly (the rest keep their "
                                                "activations: faster, more memory)",
