@@ -100,8 +100,8 @@ def _(dout, q, k, v, out, lse, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-# Flop counts as torch counts SDPA's (whole score matrix, causal or not), so torch.compile's
-# partitioner weighs recomputing this op as it would SDPA's.
+# Flop counts as torch counts SDPA's (whole score matrix, causal or not), so FlopCounterMode and
+# torch.compile's memory-budget search weigh this op as they would SDPA's.
 def _bhtd(t: torch.Tensor) -> tuple[int, ...]:
     b, t_, h, d = t.shape
     return (b, h, t_, d)

@@ -111,7 +111,7 @@ def _(dy, tensors, kind, counts, impl):
     return dy.new_empty(dy.shape[0], _in_features(kind, tensors))
 
 
-# Flop counts for torch.compile's partitioner (`quantize.linear`): each row meets one expert.
+# Flop counts (`torch.utils.flop_counter`, as `quantize.linear`'s): each row meets one expert.
 @register_flop_formula([torch.ops.efftune.quantized_grouped_mm, torch.ops.efftune.quantized_grouped_mm_input_grad],
                        get_raw=True)
 def _(x, tensors, kind, counts, impl, out_val=None, **_):

@@ -148,8 +148,8 @@ def _(dy, tensors, kind):
     return dy.new_empty(*dy.shape[:-1], IN_FEATURES[kind](tensors))
 
 
-# Flop counts for torch.compile's partitioner (without them the op counts as free to recompute under
-# `train.compile_memory_budget`); the dequantisation is memory-bound and not counted.
+# Flop counts (`torch.utils.flop_counter`; without them the op counts as free, see `methods.lora.ops`);
+# the dequantisation is memory-bound and not counted.
 @register_flop_formula([torch.ops.efftune.quantized_mm, torch.ops.efftune.quantized_mm_input_grad], get_raw=True)
 def _(x, tensors, kind, out_val=None, **_):
     return 2 * x.numel() // x.shape[-1] * tensors[0].shape[0] * IN_FEATURES[kind](tensors)

@@ -73,6 +73,6 @@ def in_features(kind: str, tensors: Sequence[Tensor]) -> int:
 
 def gemm_flops(rows: int, weights: Sequence[Tensor], kinds: Sequence[str] | None) -> int:
     """Multiply-adds ×2 of `rows` rows times every weight (transposed), for the ops' flop formulas
-    (`torch.utils.flop_counter`): what torch.compile's partitioner weighs when it decides what to
-    recompute under a memory budget. A dequantisation's own work is memory-bound and not counted."""
+    (`torch.utils.flop_counter`, which torch.compile's memory-budget search reads too). A
+    dequantisation's own work is memory-bound and not counted."""
     return sum(2 * rows * in_features(kind, w) * out_features(kind, w) for kind, w in split(weights, kinds))

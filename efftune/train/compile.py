@@ -57,8 +57,8 @@ def uncompile_blocks(model: nn.Module) -> None:
 # fused into backward's kernels and, being part of the compiled graphs, replayable as CUDA graphs, which
 # torch.utils.checkpoint around a compiled block is not (its forward reruns outside the graphs). Not 0:
 # torch returns the bare inputs for 0 without the min-cut, which would recompute random ops (dropout
-# masks) instead of keeping them. 8B NF4 on an H100: 11,445 tokens/s at 7.78 GiB, where checkpointing
-# the compiled block from outside ran 10,398 at 7.66 (bench/RESULTS.md session 21).
+# masks) instead of keeping them. 8B NF4 on an H100: 11,445 tokens/s at 7.78 GiB with CUDA graphs, where
+# checkpointing around the compiled blocks ran 10,398 at 7.66 (bench/RESULTS.md session 21).
 RECOMPUTE_ALL = 1e-6
 
 

@@ -1,5 +1,5 @@
-"""Flop counts of the opaque `efftune::` ops (`torch.utils.flop_counter`), which torch.compile's
-partitioner reads when `train.compile_memory_budget` makes it choose what to recompute: a LoRA
+"""Flop counts of the opaque `efftune::` ops (`torch.utils.flop_counter`: FlopCounterMode, and
+torch.compile's memory-budget search when it weighs what to recompute): a LoRA
 model's training step on the fused ops counts the flops of the same step computed by plain
 PyTorch matmuls (each LoRA layer apart, its base linear as nn.Linear or a quantised matmul), plus what the fused
 ops compute again by design."""

@@ -126,9 +126,9 @@ def _(x, weights, bias, z, b, kinds=None):
     return x.new_empty(x.shape[0], out_features(kind, w))
 
 
-# Flop counts (`torch.utils.flop_counter`) for the opaque ops: without them every op here counts as
-# free, so torch.compile's partitioner, choosing what to recompute under `train.compile_memory_budget`,
-# would recompute the block's GEMMs first and keep cheap tensors instead.
+# Flop counts (`torch.utils.flop_counter`) for the opaque ops: without them FlopCounterMode counts every
+# op here as free, and so does torch.compile's partitioner where its memory-budget search weighs what to
+# recompute by flops (`train.compile_memory_budget`), which would then recompute the GEMMs first.
 @register_flop_formula(torch.ops.efftune.lora_linears, get_raw=True)
 def _(x, weights, biases, a, bs, kinds=None, out_val=None, **_):
     rows = x.shape[0]

@@ -119,7 +119,7 @@ def _rank_flops(rows: int, bg: Tensor, bu: Tensor, ad: Tensor) -> int:
     return 2 * rows * (bg.numel() + bu.numel() + ad.numel())
 
 
-# Flop counts for torch.compile's partitioner (see `ops`); the SiLU work itself is pointwise.
+# Flop counts (`torch.utils.flop_counter`, see `ops`); the SiLU work itself is pointwise.
 @register_flop_formula(torch.ops.efftune.swiglu_lora_forward, get_raw=True)
 def _(gu, bg, bu, ad, out_val=None, **_):
     return _rank_flops(gu.shape[0], bg, bu, ad)
