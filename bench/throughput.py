@@ -11,6 +11,7 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-fa-nocorr  the same with LoraFAConfig(correction=False)
   peft-fa         peft.get_peft_model LoRA + peft.optimizers.create_lorafa_optimizer (freezes A,
                   corrects B's step itself, replaces fused AdamW), loss as `peft`
+  peft-ckpt       `peft` with transformers' gradient checkpointing (non-reentrant)
   efftune-ckpt    `efftune` with activation checkpointing (non-reentrant), as
                   TrainConfig(activation_checkpointing=True) does
   efftune-compile `efftune` with every decoder block compiled (efftune.train.compile), as
@@ -96,7 +97,7 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False),
 }
-CASES = ("peft", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
+CASES = ("peft", "peft-ckpt", "efftune", "efftune-plain", "efftune-fa", "efftune-fa-nocorr", "peft-fa", "efftune-ckpt",
          "efftune-compile", "efftune-compile-ckpt", "efftune-fa-compile", "efftune-fp8",
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
          "full-plain", "full-plain-ckpt", "efftune-full", "efftune-full-8bit", "efftune-full-compile",
@@ -164,7 +165,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     if "-nf4" in case:  # before LoRA attaches, as the main job does
         from efftune.quantize import quantize_model
         quantize_model(model, "nf4")
-    if case in ("peft", "peft-fa", "peft-qlora", "peft-qlora-ckpt", "peft-dora"):
+    if case in ("peft", "peft-ckpt", "peft-fa", "peft-qlora", "peft-qlora-ckpt", "peft-dora"):
         import peft
         wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                              lora_dropout=0.0, use_dora=case == "peft-dora"))
