@@ -157,8 +157,9 @@ def load_full(model: nn.Module, directory: str | os.PathLike) -> FullConfig:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         tensors.update(read_safetensors(f))
+    config = FullConfig(target_modules=record.get("target_modules", ALL))  # checked before any weight changes
     load_all_or_nothing(model, lambda: None, tensors, lambda: full_state_dict(model), directory)
-    return FullConfig(target_modules=record.get("target_modules", ALL))
+    return config
 
 
 METHOD = Method("full", "full", attach=add_full, save=save_full, load=load_full, artifact="model", writes_base=True)

@@ -201,12 +201,13 @@ def load_ia3(model: nn.Module, directory: str | os.PathLike) -> IA3Config:
                     from None
     exact = "|".join(re.escape(p) for p in paths)
     exact_ff = "|".join(re.escape(p) for p in paths if name_matches(p, feedforward)) or []
+    targets = targets or exact
+    config = IA3Config(target_modules=targets if isinstance(targets, str) else list(targets),
+                       feedforward_modules=feedforward)  # checked before anything attaches
     load_all_or_nothing(model, lambda: add_ia3(model, IA3Config(target_modules=exact, feedforward_modules=exact_ff)),
                         tensors, lambda: {paths[p]: layer.ia3_l for p, layer in ia3_layers(model)},
                         directory / WEIGHTS_FILE, " (another base model, or feedforward_modules differ?)")
-    targets = targets or exact
-    return IA3Config(target_modules=targets if isinstance(targets, str) else list(targets),
-                     feedforward_modules=feedforward)
+    return config
 
 
 METHOD = Method("ia3", "ia3", attach=add_ia3, save=save_ia3, load=load_ia3)

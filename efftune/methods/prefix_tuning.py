@@ -416,13 +416,14 @@ def load_prefix_tuning(model: nn.Module, directory: str | os.PathLike) -> Prefix
     if not isinstance(P, int) or isinstance(P, bool) or P < 1:
         raise AdapterError(f"adapter: {directory / CONFIG_FILE} has num_virtual_tokens={P!r}, "
                            "expected a positive integer")
-    load_all_or_nothing(model, lambda: _attach(model, name, PrefixTuningBody(body, P)), tensors,
-                        lambda: prefix_tuning_state_dict(model), directory / WEIGHTS_FILE,
-                        " (another base model, or another prefix length?)")
+    # every field is checked before anything attaches: a bad one must leave the model as it was
     where = directory / CONFIG_FILE
     ours = checked_field(cfg, "efftune", lambda v: isinstance(v, dict), "an object", where, {})
     ours = checked_field(ours, "prefix_tuning", lambda v: isinstance(v, dict), "an object", where, {})
     init = ours.get("init") if isinstance(ours.get("init"), str) and ours["init"] in INITS else "random"
+    load_all_or_nothing(model, lambda: _attach(model, name, PrefixTuningBody(body, P)), tensors,
+                        lambda: prefix_tuning_state_dict(model), directory / WEIGHTS_FILE,
+                        " (another base model, or another prefix length?)")
     return PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=False, init=init)
 
 

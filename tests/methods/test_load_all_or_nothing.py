@@ -215,3 +215,27 @@ def test_an_attach_that_writes_an_existing_tensor_is_a_bug_not_a_silent_change(t
             model.model.norm.weight.mul_(2)
     with pytest.raises(RuntimeError, match="efftune bug"):
         load_all_or_nothing(model, attach, {}, dict, tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_config_field_of_the_wrong_type_is_refused_before_anything_attaches(saved, case):
+    # found by tests/test_fuzz.py: prefix tuning checked its `efftune` field after attaching
+    import json
+    name, make, _, _ = CASES[case]
+    directory = saved[case][0]
+    originals = {f: f.read_text() for f in directory.glob("*.json")}
+    try:
+        for f, text in originals.items():
+            record = json.loads(text)
+            if isinstance(record, dict):
+                f.write_text(json.dumps({**record, "efftune": "LORA"}))
+        model = make()
+        before = fingerprint(model)
+        try:
+            get_method(name).load(model, directory)
+        except EfftuneError as exc:
+            assert "\n" not in str(exc)
+            assert_same(before, fingerprint(model))
+    finally:
+        for f, text in originals.items():
+            f.write_text(text)

@@ -272,10 +272,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
             if "M" in entry:
                 out[entry["M"]] = a.lora_magnitude_vector
         return out
+    targets = fields["target_modules"] or "all-linear"
+    config = LoraConfig(r=r, alpha=alpha, dropout=attach_cfg.dropout, use_rslora=attach_cfg.use_rslora,
+                        use_dora=attach_cfg.use_dora,
+                        target_modules=targets if isinstance(targets, str) else list(targets))  # before attaching
     load_all_or_nothing(model, lambda: add_lora(model, attach_cfg, adapter, rank_of=rank_of, alpha_of=alpha_of,
                                                 adapter_cls=adapter_cls),
                         tensors, factors, directory / WEIGHTS_FILE)
-    targets = fields["target_modules"] or "all-linear"
-    return LoraConfig(r=r, alpha=alpha, dropout=attach_cfg.dropout, use_rslora=attach_cfg.use_rslora,
-                      use_dora=attach_cfg.use_dora,
-                      target_modules=targets if isinstance(targets, str) else list(targets))
+    return config
