@@ -164,8 +164,9 @@ HELP: dict[str, str] = {
                                                "layers checkpointed, spread evenly (the rest keep their "
                                                "activations: faster, more memory)",
     "train.compile": "torch.compile each decoder block (faster on GPU, less memory)",
-    "train.compile_memory_budget": "with --compile: fraction (0, 1] of activations to keep; the rest is "
-                                   "recomputed",
+    "train.compile_memory_budget": "with --compile: fraction (0, 1] of activations to keep, torch's "
+                                   "activation_memory_budget (with efftune's fused ops any value below 1 "
+                                   "recomputes all but the blocks' inputs, as --activation-checkpointing)",
     "train.compile_lean": "with --compile: recompute the pointwise inputs of backward matmuls (less memory); "
                           "--compile-speed-first keeps torch's own recompute rules (a few % faster on small "
                           "models, about a third more activation memory)",

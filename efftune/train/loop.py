@@ -65,7 +65,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
     activation_checkpointing_fraction: float = 1.0  # with it: the share of decoder layers checkpointed, spread evenly
     compile: bool = False           # torch.compile each decoder block (efftune.train.compile)
-    compile_memory_budget: float | None = None  # with compile: keep ~this fraction of activations
+    compile_memory_budget: float | None = None  # with compile: torch's activation_memory_budget (below 1: all recomputed, today)
     compile_lean: bool = True       # with compile: recompute pointwise inputs of backward matmuls (less memory)
     cuda_graphs: bool = False       # with compile: replay the blocks as CUDA graphs (rows padded to max_length)
     compile_autotune: bool = False  # with compile: pick each GEMM's kernel by benchmarking (slow first step)
