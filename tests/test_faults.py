@@ -1,9 +1,11 @@
 """Fault injection: a run killed anywhere loses nothing, and its resume ends bit-identical to a run
 that was never interrupted (adapter tensors, metrics rows but their timings, summary but its timings).
 
-Each faulted run is a real process: forked from this one (torch already imported, so a run costs
-about a second, not an import) with EFFTUNE_FAULT naming the point where it dies (`os._exit`, as
-abruptly as kill -9; `efftune.faults`). Then a fresh `efftune train --resume` (or, if the run died
+Each faulted run is a real process, forked by multiprocessing's fork server (which imported torch and
+efftune once, so a run costs about a second, not an import; forked from that single-threaded server,
+not from this process, whose torch and progress-bar threads may hold a lock at the moment of a fork
+and leave the child waiting on it forever: a CI run hung so) with EFFTUNE_FAULT naming the point where
+it dies (`os._exit`, as abruptly as kill -9; `efftune.faults`). Then a fresh `efftune train --resume` (or, if the run died
 before its first checkpoint, the same command again) must finish the job. `kill -9` at seeded random
 times, SIGINT/SIGTERM and a full disk are checked the same way. The model is a random-init tiny
 Llama and the data 24 rows, so the whole file takes about a minute on two cores.
@@ -11,7 +13,10 @@ Llama and the data 24 rows, so the whole file takes about a minute on two cores.
 from __future__ import annotations
 
 import errno
+import functools
 import json
+import multiprocessing
+import multiprocessing.process
 import os
 import random
 import shutil
@@ -59,29 +64,39 @@ def train_here(argv) -> int:
     return main([str(a) for a in argv])
 
 
-def start_child(argv, log: Path, fault: str | None = None) -> int:
-    """`efftune ...` in a forked process whose stdout/stderr go to `log`; returns its pid."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 99
-        try:
-            if fault:
-                os.environ[faults.ENV] = fault
-            faults.reset()
-            sys.stdout = sys.stderr = open(log, "w", buffering=1)
-            code = main([str(a) for a in argv])
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    return pid
+@functools.cache
+def _forks():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "efftune.cli", "tests.test_faults"])
+    return context
 
 
-def wait_child(pid: int) -> int:
+def _child(argv: list[str], log: Path, fault: str | None) -> None:
+    code = 99
+    try:
+        if fault:
+            os.environ[faults.ENV] = fault
+        faults.reset()
+        sys.stdout = sys.stderr = open(log, "w", buffering=1)
+        code = main(argv)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def start_child(argv, log: Path, fault: str | None = None) -> multiprocessing.process.BaseProcess:
+    """`efftune ...` in a process of its own (module docstring) whose stdout/stderr go to `log`."""
+    child = _forks().Process(target=_child, args=([str(a) for a in argv], log, fault))
+    child.start()
+    return child
+
+
+def wait_child(child: multiprocessing.process.BaseProcess) -> int:
     """The child's exit code, or -N if signal N killed it."""
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    child.join()
+    return child.exitcode
 
 
 def run_child(argv, log: Path, fault: str | None = None) -> int:
@@ -190,14 +205,14 @@ def test_kill_9_at_random_times_loses_nothing(setup, reference, tmp_path):
     kills, newest = 0, None
     for attempt in range(12):
         log = tmp_path / f"run-{attempt}.log"
-        pid = start_child(args(setup, out, 12, *(["--resume"] if newest else [])), log)
+        child = start_child(args(setup, out, 12, *(["--resume"] if newest else [])), log)
         if attempt < 10:  # a seeded moment: while loading, or a little after a random step of the rest
             target = rng.randint(newest or 0, 12)
             if target > (newest or 0):
-                _wait_for_step(out, target, pid)
+                _wait_for_step(out, target, child)
             time.sleep(rng.uniform(0, 0.15))
-            os.kill(pid, signal.SIGKILL)
-        code = wait_child(pid)
+            os.kill(child.pid, signal.SIGKILL)
+        code = wait_child(child)
         if code == 0:
             break
         assert code == -signal.SIGKILL, log.read_text()[-2000:]
@@ -209,23 +224,22 @@ def test_kill_9_at_random_times_loses_nothing(setup, reference, tmp_path):
     assert_same(out, reference[12])
 
 
-def _wait_for_step(out: Path, step: int, pid: int) -> None:
+def _wait_for_step(out: Path, step: int, child: multiprocessing.process.BaseProcess) -> None:
     """Block until the run in `out` has logged `step` (or the process ended)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # (not reaped: still waitable)
-        if any(f'"step": {step}, "loss"' in r for r in rows) or ended is not None:
+        if any(f'"step": {step}, "loss"' in r for r in rows) or not child.is_alive():
             return
         time.sleep(0.01)
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_identically(setup, reference, tmp_path):
     out = tmp_path / "run"
-    pid = start_child(args(setup, out, 12), tmp_path / "term.log")
-    _wait_for_step(out, 3, pid)
-    os.kill(pid, signal.SIGTERM)
-    assert wait_child(pid) == 143
+    child = start_child(args(setup, out, 12), tmp_path / "term.log")
+    _wait_for_step(out, 3, child)
+    os.kill(child.pid, signal.SIGTERM)
+    assert wait_child(child) == 143
     err = (tmp_path / "term.log").read_text()
     stopped = latest_step(out)
     assert stopped is not None and 3 <= stopped < 12  # the step it was in finished, then a checkpoint
