@@ -175,16 +175,25 @@ def test_compiled_blocks_give_the_same_training(tokenizer, tmp_path):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
 
-def test_compiled_checkpointing_is_the_compilers_and_trains_like_eager(tokenizer, tmp_path):
+def test_compiled_checkpointing_is_the_compilers_and_trains_like_eager(tokenizer, tmp_path, monkeypatch):
     # compiled and fully checkpointed: no checkpoint around the blocks (transformers' switch stays off),
-    # the compiler recomputes inside the compiled backward (tests/train/test_compile.py counts what it keeps)
+    # the training forwards partition at RECOMPUTE_ALL (tests/train/test_compile.py counts what that keeps)
+    import efftune.train.loop as loop
     from efftune.attach import decoder_blocks
+    budgets, real_partitioner = [], loop.partitioner
+
+    def partitioner(budget, lean):
+        budgets.append(budget)
+        return real_partitioner(budget, lean)
+
+    monkeypatch.setattr(loop, "partitioner", partitioner)
     seqs = data(tokenizer)
     a, b = lora_model(), lora_model()
     train(a, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1), tmp_path / "a", pad_id=1)
     train(b, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1, compile=True,
                                activation_checkpointing=True), tmp_path / "b", pad_id=1)
     assert not any(blk.gradient_checkpointing for blk in decoder_blocks(b))
+    assert budgets and set(budgets) == {RECOMPUTE_ALL}
     for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
