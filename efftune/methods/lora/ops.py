@@ -131,8 +131,7 @@ def _(x, weights, bias, z, b, kinds=None):
 # recompute by flops (`train.compile_memory_budget`), which would then recompute the GEMMs first.
 @register_flop_formula(torch.ops.efftune.lora_linears, get_raw=True)
 def _(x, weights, biases, a, bs, kinds=None, out_val=None, **_):
-    rows = x.shape[0]
-    return 2 * rows * a.shape[0] * a.shape[1] + gemm_flops(rows, weights, kinds) + gemm_flops(rows, bs, None)
+    return gemm_flops(x.shape[0], [a, *bs], None) + gemm_flops(x.shape[0], weights, kinds)
 
 
 @register_flop_formula(torch.ops.efftune.lora_linears_backward, get_raw=True)
@@ -140,7 +139,7 @@ def _(dys, weights, a, bs, z, need_dx, kinds=None, out_val=None, **_):
     rows = z.shape[0]
     flops = 2 * gemm_flops(rows, bs, None)  # db_i = dy_iᵀ z_i and dz_i = dy_i b_i
     if need_dx:
-        flops += 2 * rows * a.shape[0] * a.shape[1] + gemm_flops(rows, weights, kinds)
+        flops += gemm_flops(rows, [a], None) + gemm_flops(rows, weights, kinds)
     return flops
 
 

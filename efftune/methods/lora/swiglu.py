@@ -39,7 +39,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ...attach import hooked, replace_module
 from ...kernel_limits import NoFittingConfig, swiglu_fits
-from ...quantize.operands import flatten, materialize, split
+from ...quantize.operands import flatten, gemm_flops, materialize, split
 from . import packing
 from .ops import _LIB
 
@@ -114,21 +114,16 @@ _LIB.impl("swiglu_lora_forward", swiglu_forward_reference, "CompositeExplicitAut
 _LIB.impl("swiglu_lora_backward", swiglu_backward_reference, "CompositeExplicitAutograd")
 
 
-def _rank_flops(rows: int, bg: Tensor, bu: Tensor, ad: Tensor) -> int:
-    """The rank-r products of either pass: the gate and up updates, and the down projection's A."""
-    return 2 * rows * (bg.numel() + bu.numel() + ad.numel())
-
-
 # Flop counts (`torch.utils.flop_counter`, see `ops`); the SiLU work itself is pointwise.
 @register_flop_formula(torch.ops.efftune.swiglu_lora_forward, get_raw=True)
 def _(gu, bg, bu, ad, out_val=None, **_):
-    return _rank_flops(gu.shape[0], bg, bu, ad)
+    return gemm_flops(gu.shape[0], [bg, bu, ad], None)  # the gate and up updates, and z_d = h Â_dᵀ
 
 
 @register_flop_formula(torch.ops.efftune.swiglu_lora_backward, get_raw=True)
 def _(dh, dzd, ad, gu, bg, bu, out_val=None, **_):
-    # the updates again, dzd Â_d, and dz = [dg B_g, du B_u]
-    return _rank_flops(gu.shape[0], bg, bu, ad) + 2 * gu.shape[0] * (bg.numel() + bu.numel())
+    # the gate and up updates again, dzd Â_d, and dz = [dg B_g, du B_u]
+    return gemm_flops(gu.shape[0], [bg, bu, ad, bg, bu], None)
 
 
 def triton_available() -> bool:
