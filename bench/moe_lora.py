@@ -30,7 +30,6 @@ a table and the ratios to `peft` follow.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -38,7 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.throughput import _ratio, loss_fn, param_counts, run_worker, timed_steps, train_step  # noqa: E402
+from bench.throughput import (_ratio, loss_fn, param_counts, run_worker, timed_steps, train_config,  # noqa: E402
+                              train_step)
 
 SHAPES: dict[str, dict] = {
     # Qwen3-30B-A3B's per-layer shape, 12 of its 48 layers
@@ -87,7 +87,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None  # the bf16 weights are gone
     if case in ("efftune", "efftune-compile", "efftune-nf4", "efftune-compile-nf4", "efftune-compile-nf4-ckpt"):
         add_expert_lora(model, ExpertLoraConfig(r=16, alpha=32, target_modules=ATTN))
-        if case.endswith("-ckpt") and not train_config(case).compiler_checkpoints:  # as train() would
+        if case.endswith("-ckpt") and not train_config(case, None).compiler_checkpoints:  # as train() would
             from efftune.train.loop import enable_activation_checkpointing
             enable_activation_checkpointing(model)
         if case.startswith("efftune-compile"):
@@ -97,15 +97,6 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         use_grouped_experts(model)
         add_lora(model, LoraConfig(r=16, alpha=32, target_modules=ATTN))
     return model
-
-
-def train_config(case: str, memory_budget: float | None = None):
-    """The TrainConfig settings a case stands for: compiled and checkpointed, the compiler recomputes
-    (`TrainConfig.compiler_checkpoints`), as train() does."""
-    from efftune.train.loop import TrainConfig
-    compiled = case.startswith("efftune-compile")
-    return TrainConfig(compile=compiled, activation_checkpointing=case.endswith("-ckpt"),
-                       compile_memory_budget=memory_budget if compiled else None)
 
 
 def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: int, profile: bool = False,
@@ -124,16 +115,16 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     from efftune.forward.options import ForwardOptions
     options = ForwardOptions(fused_head=case.startswith("efftune-compile"))  # as train() with train.compile
     step = train_step(lambda: loss_fn(model, loss_case, ids, options), opt, device)
-    compiled = case.startswith("efftune-compile")
     from efftune.train.compile import partitioner
-    with partitioner(train_config(case, memory_budget).memory_budget()) if compiled else contextlib.nullcontext():
-        step_s, loss, _ = timed_steps(step, steps, warmup, device)  # compiles in warm-up, as train() would
+    budget = train_config(case, memory_budget).memory_budget()
+    with partitioner(budget):  # compiles in warm-up, as train() would (efftune's lean partition)
+        step_s, loss, _ = timed_steps(step, steps, warmup, device)
     extra = {}
     if profile and cuda:  # after the timing, so the profiler does not slow the timed steps
         from bench.profile_step import profile as profile_steps
         extra["profile"] = profile_steps(step, steps=2, warmup=0, top_n=30)
     return dict(shape=shape, case=case, seq=seq, batch=batch, steps=steps,
-                memory_budget=train_config(case, memory_budget).memory_budget(), tokens_s=round(batch * seq / step_s, 1), step_s=round(step_s, 4),
+                memory_budget=budget, tokens_s=round(batch * seq / step_s, 1), step_s=round(step_s, 4),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 trainable=trainable, frozen=frozen, loss=round(loss.item(), 4),
                 device=torch.cuda.get_device_name() if cuda else "cpu", **extra)

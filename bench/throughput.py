@@ -199,7 +199,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     if "-fp8" in case:  # before compiling, as train() does
         from efftune.train.fp8 import Fp8Base
         Fp8Base(model)  # the exact weights go to host memory; this benchmark never restores them
-    config = train_config(case)
+    config = train_config(case, MEMORY_BUDGET, CKPT_FRACTION)
     if config.activation_checkpointing and not config.compiler_checkpoints:  # as train() switches it on
         from efftune.train.loop import enable_activation_checkpointing  # 5.24+ renamed the switch
         enable_activation_checkpointing(model, CKPT_FRACTION)
@@ -209,16 +209,16 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     return model
 
 
-def train_config(case: str):
+def train_config(case: str, memory_budget: float | None, ckpt_fraction: float = 1.0):
     """The TrainConfig settings an efftune case stands for (compile, CUDA graphs, checkpointing, the
     memory budget), so the case checkpoints and partitions as train() would: compiled and fully
-    checkpointed, by the compiler's recomputation (`TrainConfig.compiler_checkpoints`)."""
+    checkpointed, by the compiler's recomputation (`TrainConfig.compiler_checkpoints`).
+    bench/moe_lora.py names its cases the same way."""
     from efftune.train.loop import TrainConfig
-    compiled = "-compile" in case
-    return TrainConfig(compile=compiled, cuda_graphs=case.endswith("-cg"),
-                       activation_checkpointing="-ckpt" in case and case.startswith("efftune"),
-                       activation_checkpointing_fraction=CKPT_FRACTION if "-ckpt" in case else 1.0,
-                       compile_memory_budget=MEMORY_BUDGET if compiled else None)
+    compiled, checkpointed = "-compile" in case, "-ckpt" in case and case.startswith("efftune")
+    return TrainConfig(compile=compiled, cuda_graphs=case.endswith("-cg"), activation_checkpointing=checkpointed,
+                       activation_checkpointing_fraction=ckpt_fraction if checkpointed else 1.0,
+                       compile_memory_budget=memory_budget if compiled else None)
 
 
 def forward_options(case: str):
@@ -403,12 +403,12 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
                           cuda_graphs=case.endswith("-cg"))
     from efftune.train.compile import partitioner
     compiled = "-compile" in case
-    with partitioner(train_config(case).memory_budget(), lean=not TORCH_PARTITIONER):  # compiles in warm-up
+    with partitioner(train_config(case, MEMORY_BUDGET, CKPT_FRACTION).memory_budget(), lean=not TORCH_PARTITIONER):  # compiles in warm-up
         step_s, loss, energy = timed_steps(step, steps, warmup, device)
     cfg = SHAPES[shape]
     tokens_s = batch * seq / step_s
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
-    return dict(shape=shape, case=case, memory_budget=train_config(case).memory_budget(),
+    return dict(shape=shape, case=case, memory_budget=train_config(case, MEMORY_BUDGET, CKPT_FRACTION).memory_budget(),
                 ckpt_fraction=CKPT_FRACTION if "-ckpt" in case and case.startswith("efftune") else None,
                 partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
                 autotune=AUTOTUNE if compiled else None,
