@@ -50,7 +50,11 @@ def main() -> None:
                     help="also measure, unprofiled, how far the CPU runs ahead of the GPU at each phase of a step")
     ap.add_argument("--by-shape", action="store_true",
                     help="also list matmul time per operand shapes, with the TFLOP/s each reached")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="the shape with only this many decoder layers (bench/throughput.py --layers)")
     args = ap.parse_args()
+    import bench.throughput
+    bench.throughput.LAYERS = args.layers
     device = torch.device("cuda")
     model = attach(build_model(args.shape, device), args.case)
     opt = make_optimizer(model, args.case)
@@ -64,7 +68,8 @@ def main() -> None:
         if args.lead:
             result["host_lead"] = host_lead(lambda mark: train_step(
                 lambda: loss_fn(model, args.case, ids), opt, device, args.case.endswith("-cg"), mark))
-    print(json.dumps({"shape": args.shape, "case": args.case, "seq": args.seq, **result}, indent=1))
+    print(json.dumps({"shape": args.shape, "layers": args.layers, "case": args.case, "seq": args.seq, **result},
+                     indent=1))
 
 
 def host_lead(make_step, steps: int = 5) -> dict:

@@ -116,6 +116,7 @@ AUTOTUNE = False  # --autotune: compiled cases benchmark GEMM kernels per shape 
 ATTENTION = "sdpa"  # --attention flash4: efftune cases' maskless attention kernel (train.attention)
 ROWS = "single"  # --rows packed | tree: rows with a mask (efftune.data.layout)
 MASKED_ATTENTION = "sdpa"  # --masked-attention flex: efftune cases' masked attention (train.masked_attention)
+LAYERS: int | None = None  # --layers: the shape's decoder layers cut to this many (a deep shape's step on a smaller GPU)
 
 
 def default_seq(shape: str) -> int:
@@ -125,7 +126,9 @@ def default_seq(shape: str) -> int:
 def llama_config(shape: str):
     """The transformers LlamaConfig of `shape` (sdpa attention, no KV cache)."""
     from transformers import LlamaConfig
-    return LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, use_cache=False, attn_implementation="sdpa")
+    layers = {"num_hidden_layers": LAYERS} if LAYERS else {}
+    return LlamaConfig(**{**SHAPES[shape], **layers}, max_position_embeddings=131072, use_cache=False,
+                       attn_implementation="sdpa")
 
 
 def build_model(shape: str, device: torch.device) -> torch.nn.Module:
@@ -443,11 +446,11 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(batch)]
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
-    cmd += ["--ckpt-fraction", str(args.ckpt_fraction)]
+    cmd += ["--ckpt-fraction", str(args.ckpt_fraction)] + (["--layers", str(args.layers)] if args.layers else [])
     cmd += (["--torch-partitioner"] * args.torch_partitioner + ["--autotune"] * args.autotune
             + ["--unfused"] * args.unfused + ["--unfused-mlp"] * args.unfused_mlp
             + ["--attention", args.attention, "--rows", args.rows, "--masked-attention", args.masked_attention])
-    head = dict(shape=shape, case=case, batch=batch)
+    head = dict(shape=shape, case=case, batch=batch, **({"layers": args.layers} if args.layers else {}))
     return run_worker(cmd, head, args.case_timeout)
 
 
@@ -530,12 +533,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--masked-attention", choices=("sdpa", "flex"), default="sdpa",
                     help="efftune cases with --rows packed|tree: kernel for the masked attention "
                          "(train.masked_attention)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="the shape with only this many decoder layers (a deep shape's step where it does not fit)")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP, ATTENTION, ROWS, MASKED_ATTENTION
+    global MEMORY_BUDGET, LAYERS, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP, ATTENTION, ROWS, MASKED_ATTENTION
     global CKPT_FRACTION
     MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE = args.memory_budget, args.torch_partitioner, args.autotune
-    CKPT_FRACTION = args.ckpt_fraction
+    CKPT_FRACTION, LAYERS = args.ckpt_fraction, args.layers
     ATTENTION, ROWS, MASKED_ATTENTION = args.attention, args.rows, args.masked_attention
     UNFUSED, UNFUSED_MLP = args.unfused, args.unfused_mlp
     if args.worker:  # inside the subprocess: one shape, one case
