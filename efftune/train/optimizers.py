@@ -119,6 +119,7 @@ def state_tensors(field: str, value: torch.Tensor, param: torch.Tensor | None = 
 
 
 _CLASS: list[type] = []
+_UPDATE: list = []  # torchao's one-parameter AdamW update, compiled (one wrapper: its guards pick the graph)
 
 
 def _adamw8bit_class() -> type:
@@ -167,7 +168,11 @@ def _adamw8bit_class() -> type:
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            # one compiled update per parameter shape; torchao lifts the recompile limit the same way
+            # one compiled update per parameter shape; torchao lifts the recompile limit the same way.
+            # The compiled function is wrapped once: a new wrapper for each parameter made a step over
+            # 290 small tensors take 93 ms of host time instead of 27 (CPU), host time an 8B step's
+            # GPU work waits on
+            update = _UPDATE[0]
             with torch._dynamo.utils.disable_cache_limit():
                 for group in self.param_groups:
                     lr = torch.tensor(float(group["lr"]), dtype=torch.float32)
@@ -182,7 +187,7 @@ def _adamw8bit_class() -> type:
                             if group["amsgrad"]:
                                 state["max_exp_avg_sq"] = self._new_buffer(p, False)
                         state["step"] += 1
-                        torch.compile(single_param_adam, fullgraph=True, dynamic=False)(
+                        update(
                             _local(p).detach(), _local(p.grad), state["step"], state["exp_avg"],
                             state["exp_avg_sq"], state.get("max_exp_avg_sq"), lr, group["betas"][0],
                             group["betas"][1], group["weight_decay"], group["eps"], self.is_adamw,
@@ -219,4 +224,5 @@ def _adamw8bit_class() -> type:
             return _local(like(whole.dequantize().to(buffer.dtype), p))  # the plain moment's dtype here
 
     _CLASS.append(EfftuneAdamW8bit)
+    _UPDATE.append(torch.compile(single_param_adam, fullgraph=True, dynamic=False))
     return EfftuneAdamW8bit
