@@ -24,6 +24,11 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
              projection's forward GEMM it precedes, with the bandwidth each dequantisation reaches
              (packed tensors read once, the bf16 weight written once) and its time as a fraction of
              the GEMM's: what `--quantize` costs a step
+  adamw8bit  one AdamW step with 8-bit moments (train.optimizer adamw8bit) of an fp32 weight of each
+             projection's shape: torchao's compiled update against efftune's one-kernel update
+             (efftune.train.adamw8bit_triton), asserting the same codes and scales (weights within a
+             few roundings), with the bandwidth each reaches counting the 16 bytes a weight the update
+             must move (fp32 weight read and written, fp32 gradient read, two code bytes read and written)
   floor      the work no bf16 LoRA implementation can skip, one training step's worth back to back
              (frozen GEMMs both ways, cuDNN attention, LM head): time and, with NVML, joules per step,
              to set against a real step's (bench/throughput.py prints those too); not in the default run
@@ -292,6 +297,48 @@ def dequant(cfg: dict, seq: int) -> list[dict]:
     return rows
 
 
+def adamw8bit(cfg: dict, seq: int) -> list[dict]:
+    from torchao.optim.adam import single_param_adam
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from efftune.train import adamw8bit_triton
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    compiled = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+    rows = []
+    for name, shape in {"q/o": (h, h), "k/v": (kv, h), "gate/up": (inter, h), "down": (h, inter)}.items():
+        torch.manual_seed(0)
+        p = torch.randn(shape, device="cuda")
+        grad = torch.randn(shape, device="cuda") * 1e-2
+        states = []
+        for _ in range(2):  # the two ways' moments, the same values to start
+            m = OptimState8bit.zeros(shape, signed=True, block_size=256, device="cuda")
+            v = OptimState8bit.zeros(shape, signed=False, block_size=256, device="cuda")
+            torch.manual_seed(1)
+            m.copy_(torch.randn(shape, device="cuda") * 1e-3)
+            v.copy_(torch.rand(shape, device="cuda") * 1e-6)
+            states.append((p.clone(), m, v))
+        step, lr = torch.tensor(3.0), torch.tensor(1e-4)
+        (p_a, m_a, v_a), (p_b, m_b, v_b) = states
+        compiled(p_a, grad, step, m_a, v_a, None, lr, 0.9, 0.999, 0.01, 1e-8, True, False)
+        adamw8bit_triton.update(p_b, grad, m_b, v_b, step, 1e-4, 0.9, 0.999, 0.01, 1e-8)
+        same = {k: float((a != b).float().mean()) for k, a, b in (("m codes", m_a.codes, m_b.codes),
+                                                                  ("v codes", v_a.codes, v_b.codes),
+                                                                  ("m scales", m_a.scale, m_b.scale),
+                                                                  ("v scales", v_a.scale, v_b.scale))}
+        weight_err = float(((p_a - p_b).abs() / p_a.abs().clamp_min(1e-30)).max())
+        ways = {"torchao compiled": lambda: compiled(p_a, grad, step, m_a, v_a, None, lr, 0.9, 0.999, 0.01, 1e-8,
+                                                     True, False),
+                "efftune kernel": lambda: adamw8bit_triton.update(p_b, grad, m_b, v_b, step, 1e-4, 0.9, 0.999, 0.01,
+                                                                  1e-8)}
+        for way, fn in ways.items():
+            ms = cuda_time_ms(fn)
+            rows.append(dict(kind="adamw8bit", way=way, projection=name, shape=list(shape), ms=round(ms, 4),
+                             gb_s=round(16 * p.numel() / ms / 1e6, 1), differing=same, weight_rel_err=weight_err))
+        assert max(same.values()) < 1e-4 and weight_err < 1e-5, (name, same, weight_err)
+    return rows
+
+
 def floor(cfg: dict, seq: int, repeats: int = 15) -> list[dict]:
     """The work no LoRA implementation can skip in bf16, run back to back as a training step runs it:
     every frozen projection's forward and input-gradient GEMM in every layer (none for the first
@@ -347,7 +394,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu", "head", "dequant", "floor"),
+    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu", "head", "dequant", "adamw8bit",
+                                           "floor"),
                     help="one kind of measurement")
     ap.add_argument("--shipped", action="store_true",
                     help="swiglu and head: only the shipped tile settings, median of 7 repeats of 50 calls "
@@ -357,8 +405,9 @@ def main() -> None:
     SHIPPED = args.shipped
     cfg = SHAPES[args.shape]
     kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu, "head": head,
-             "dequant": dequant, "floor": floor}
-    chosen = [args.only] if args.only else [k for k in kinds if k != "floor"]  # floor holds a whole model's weights
+             "dequant": dequant, "adamw8bit": adamw8bit, "floor": floor}
+    # floor holds a whole model's weights; adamw8bit needs torchao
+    chosen = [args.only] if args.only else [k for k in kinds if k not in ("floor", "adamw8bit")]
     for row in (row for kind in chosen for row in kinds[kind](cfg, args.seq)):
         print(json.dumps(dict(shape=args.shape, seq=args.seq, **row)), flush=True)
 
