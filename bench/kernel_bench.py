@@ -301,41 +301,55 @@ def adamw8bit(cfg: dict, seq: int) -> list[dict]:
     from torchao.optim.adam import single_param_adam
     from torchao.optim.subclass_8bit import OptimState8bit
 
-    from efftune.train import adamw8bit_triton
+    from efftune.train import adamw8bit_triton as kernel
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     compiled = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+    lr, wd, step = 1e-4, 0.01, torch.tensor(3.0)
+    ways = {"torchao compiled": lambda p, g, m, v: compiled(p, g, step, m, v, None, torch.tensor(lr), 0.9, 0.999, wd,
+                                                            1e-8, True, False)}
+    for shared in (True, False):
+        for rows, warps in ((8, 4), (4, 4), (16, 8)):
+            ways[f"efftune kernel shared={shared} rows={rows} warps={warps}"] = (
+                lambda p, g, m, v, shared=shared, rows=rows, warps=warps: kernel.update(
+                    p, g, m, v, step, lr, 0.9, 0.999, wd, 1e-8, shared=shared, rows=rows, num_warps=warps))
+    try:
+        import bitsandbytes.functional as bnbf
+        ways["bitsandbytes blockwise kernel"] = lambda p, g, m, v: bnbf.optimizer_update_8bit_blockwise(
+            "adam", g, p, m.codes, v.codes, 0.9, 0.999, 0.0, 0.0, 1e-8, 3, lr, m.qmap, v.qmap, m.scale, v.scale,
+            weight_decay=wd)
+    except ImportError:
+        pass
     rows = []
     for name, shape in {"q/o": (h, h), "k/v": (kv, h), "gate/up": (inter, h), "down": (h, inter)}.items():
         torch.manual_seed(0)
-        p = torch.randn(shape, device="cuda")
+        p0 = torch.randn(shape, device="cuda")
         grad = torch.randn(shape, device="cuda") * 1e-2
-        states = []
-        for _ in range(2):  # the two ways' moments, the same values to start
+
+        def fresh():  # a weight and moments as a few steps leave them, the same for every way
             m = OptimState8bit.zeros(shape, signed=True, block_size=256, device="cuda")
             v = OptimState8bit.zeros(shape, signed=False, block_size=256, device="cuda")
             torch.manual_seed(1)
             m.copy_(torch.randn(shape, device="cuda") * 1e-3)
             v.copy_(torch.rand(shape, device="cuda") * 1e-6)
-            states.append((p.clone(), m, v))
-        step, lr = torch.tensor(3.0), torch.tensor(1e-4)
-        (p_a, m_a, v_a), (p_b, m_b, v_b) = states
-        compiled(p_a, grad, step, m_a, v_a, None, lr, 0.9, 0.999, 0.01, 1e-8, True, False)
-        adamw8bit_triton.update(p_b, grad, m_b, v_b, step, 1e-4, 0.9, 0.999, 0.01, 1e-8)
-        same = {k: float((a != b).float().mean()) for k, a, b in (("m codes", m_a.codes, m_b.codes),
-                                                                  ("v codes", v_a.codes, v_b.codes),
-                                                                  ("m scales", m_a.scale, m_b.scale),
-                                                                  ("v scales", v_a.scale, v_b.scale))}
-        weight_err = float(((p_a - p_b).abs() / p_a.abs().clamp_min(1e-30)).max())
-        ways = {"torchao compiled": lambda: compiled(p_a, grad, step, m_a, v_a, None, lr, 0.9, 0.999, 0.01, 1e-8,
-                                                     True, False),
-                "efftune kernel": lambda: adamw8bit_triton.update(p_b, grad, m_b, v_b, step, 1e-4, 0.9, 0.999, 0.01,
-                                                                  1e-8)}
+            return p0.clone(), m, v
+        p_ref, m_ref, v_ref = fresh()
+        ways["torchao compiled"](p_ref, grad, m_ref, v_ref)
+        moved = (p_ref - p0).abs().max()
         for way, fn in ways.items():
-            ms = cuda_time_ms(fn)
+            p, m, v = fresh()
+            fn(p, grad, m, v)  # one step from the same state: how far from torchao's
+            differs = {"m codes": float((m.codes != m_ref.codes).float().mean()),
+                       "v codes": float((v.codes != v_ref.codes).float().mean()),
+                       "scales rel": float(max(((m.scale - m_ref.scale).abs() / m_ref.scale).max(),
+                                               ((v.scale - v_ref.scale).abs() / v_ref.scale).max())),
+                       "weights vs its move": float((p - p_ref).abs().max() / moved)}
+            ms = cuda_time_ms(lambda: fn(p, grad, m, v))
             rows.append(dict(kind="adamw8bit", way=way, projection=name, shape=list(shape), ms=round(ms, 4),
-                             gb_s=round(16 * p.numel() / ms / 1e6, 1), differing=same, weight_rel_err=weight_err))
-        assert max(same.values()) < 1e-4 and weight_err < 1e-5, (name, same, weight_err)
+                             gb_s=round(16 * p.numel() / ms / 1e6, 1), vs_torchao=differs))
+            if way.startswith("efftune"):
+                assert differs["m codes"] < 1e-4 and differs["v codes"] < 1e-4 and differs["scales rel"] < 1e-6 \
+                    and differs["weights vs its move"] < 1e-4, (way, name, differs)
     return rows
 
 

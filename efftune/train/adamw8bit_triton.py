@@ -28,23 +28,34 @@ from torch import Tensor
 
 ROWS = 8  # 256-value blocks a program updates (2,048 weights)
 NUM_WARPS = 4
+SHARED = True  # the code map's lookups gathered from the program's copy of it (shared memory), not global
 
 
 @triton.jit
-def _encode(x, qmap_ptr):
+def _look_up(table, map_ptr, codes, ROWS: tl.constexpr, BLOCK: tl.constexpr, SHARED: tl.constexpr):
+    """The code map's values at `codes` (ROWS, BLOCK): from the 256 values held by the program
+    (`table`, a gather through shared memory) or from the map in global memory (cached loads)."""
+    if SHARED:
+        return tl.gather(tl.broadcast_to(table[None, :], (ROWS, 256)), codes, 1)
+    else:
+        return tl.load(map_ptr + codes)
+
+
+@triton.jit
+def _encode(x, table, map_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SHARED: tl.constexpr):
     """The code of each value of x (already divided by its block's scale): the largest code whose map
     value is <= x, found in 8 halving steps, then the next code if x lies at or past the midpoint."""
-    c = tl.where(x >= tl.load(qmap_ptr + 128), 128, 0)
-    c += tl.where(x >= tl.load(qmap_ptr + c + 64), 64, 0)
-    c += tl.where(x >= tl.load(qmap_ptr + c + 32), 32, 0)
-    c += tl.where(x >= tl.load(qmap_ptr + c + 16), 16, 0)
-    c += tl.where(x >= tl.load(qmap_ptr + c + 8), 8, 0)
-    c += tl.where(x >= tl.load(qmap_ptr + c + 4), 4, 0)
-    c += tl.where(x >= tl.load(qmap_ptr + c + 2), 2, 0)
-    c += tl.where(x >= tl.load(qmap_ptr + c + 1), 1, 0)
+    c = tl.where(x >= tl.load(map_ptr + 128), 128, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 64, ROWS, BLOCK, SHARED), 64, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 32, ROWS, BLOCK, SHARED), 32, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 16, ROWS, BLOCK, SHARED), 16, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 8, ROWS, BLOCK, SHARED), 8, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 4, ROWS, BLOCK, SHARED), 4, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 2, ROWS, BLOCK, SHARED), 2, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 1, ROWS, BLOCK, SHARED), 1, 0)
     up = tl.minimum(c + 1, 255)
-    down_value = tl.load(qmap_ptr + c)
-    up_value = tl.load(qmap_ptr + up)
+    down_value = _look_up(table, map_ptr, c, ROWS, BLOCK, SHARED)
+    up_value = _look_up(table, map_ptr, up, ROWS, BLOCK, SHARED)
     return tl.where(x - down_value >= (up_value - down_value) * 0.5, up, c)
 
 
@@ -65,17 +76,19 @@ def _lerp(a, b, w):
 @triton.jit
 def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr, m_map_ptr, v_map_ptr,
                       n_blocks, lr, lr_decay, w1, w2, bias1, bias2_sqrt, eps,
-                      BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                      BLOCK: tl.constexpr, ROWS: tl.constexpr, SHARED: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     inside = rows < n_blocks
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     mask = inside[:, None]
     p = tl.load(p_ptr + offs, mask=mask, other=0.)
     g = tl.load(g_ptr + offs, mask=mask, other=0.).to(tl.float32)
-    m = tl.load(m_map_ptr + tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32)) \
-        * tl.load(m_scale_ptr + rows, mask=inside, other=0.)[:, None]
-    v = tl.load(v_map_ptr + tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32)) \
-        * tl.load(v_scale_ptr + rows, mask=inside, other=0.)[:, None]
+    m_table = tl.load(m_map_ptr + tl.arange(0, 256))
+    v_table = tl.load(v_map_ptr + tl.arange(0, 256))
+    m = _look_up(m_table, m_map_ptr, tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32), ROWS, BLOCK,
+                 SHARED) * tl.load(m_scale_ptr + rows, mask=inside, other=0.)[:, None]
+    v = _look_up(v_table, v_map_ptr, tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32), ROWS, BLOCK,
+                 SHARED) * tl.load(v_scale_ptr + rows, mask=inside, other=0.)[:, None]
 
     p = p - lr_decay * p  # decoupled weight decay: torchao's `p - lr * weight_decay * p`
     m = _lerp(m, g, w1)
@@ -84,8 +97,10 @@ def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_sca
     # the moments as codes against their blocks' new largest magnitudes (floored at 1e-12, as torchao)
     m_scale = tl.maximum(tl.reduce(tl.abs(m), 1, _larger), 1e-12)
     v_scale = tl.maximum(tl.reduce(tl.abs(v), 1, _larger), 1e-12)
-    tl.store(m_codes_ptr + offs, _encode(tl.math.div_rn(m, m_scale[:, None]), m_map_ptr).to(tl.uint8), mask=mask)
-    tl.store(v_codes_ptr + offs, _encode(tl.math.div_rn(v, v_scale[:, None]), v_map_ptr).to(tl.uint8), mask=mask)
+    m_codes = _encode(tl.math.div_rn(m, m_scale[:, None]), m_table, m_map_ptr, ROWS, BLOCK, SHARED)
+    v_codes = _encode(tl.math.div_rn(v, v_scale[:, None]), v_table, v_map_ptr, ROWS, BLOCK, SHARED)
+    tl.store(m_codes_ptr + offs, m_codes.to(tl.uint8), mask=mask)
+    tl.store(v_codes_ptr + offs, v_codes.to(tl.uint8), mask=mask)
     tl.store(m_scale_ptr + rows, m_scale, mask=inside)
     tl.store(v_scale_ptr + rows, v_scale, mask=inside)
 
@@ -118,14 +133,18 @@ def supported(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq) -> bool:
 
 
 def update(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq, step: Tensor, lr: float, beta1: float, beta2: float,
-           weight_decay: float, eps: float) -> None:
+           weight_decay: float, eps: float, shared: bool | None = None, rows: int | None = None,
+           num_warps: int | None = None) -> None:
     """One AdamW step of p in place (decoupled weight decay), its 8-bit moments `exp_avg` (signed
-    codes) and `exp_avg_sq` (unsigned) updated in place; `step` counts this step. `supported` first."""
+    codes) and `exp_avg_sq` (unsigned) updated in place; `step` counts this step. `supported` first.
+    `shared`, `rows`, `num_warps`: other launch settings than the shipped ones (bench/kernel_bench.py)."""
     block = exp_avg.block_size
     n_blocks = p.numel() // block
     if not n_blocks:
         return
-    _adamw8bit_kernel[(triton.cdiv(n_blocks, ROWS),)](
+    rows = rows or ROWS
+    _adamw8bit_kernel[(triton.cdiv(n_blocks, rows),)](
         p, grad, exp_avg.codes, exp_avg.scale, exp_avg_sq.codes, exp_avg_sq.scale, exp_avg.qmap, exp_avg_sq.qmap,
-        n_blocks, eps=eps, BLOCK=block, ROWS=ROWS, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        n_blocks, eps=eps, BLOCK=block, ROWS=rows, SHARED=SHARED if shared is None else shared,
+        num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False,
         **step_scalars(step, lr, beta1, beta2, weight_decay))

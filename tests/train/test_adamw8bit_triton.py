@@ -43,7 +43,8 @@ def _clone(state):
 
 @pytest.mark.parametrize("shape", [(64, 256), (37, 512), (3, 4096)])  # 64 / 74 / 48 blocks: full and ragged programs
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_the_kernel_gives_torchaos_update(interpreted, shape, weight_decay):
+@pytest.mark.parametrize("shared", [True, False])  # the map in each program's shared memory, or read from global
+def test_the_kernel_gives_torchaos_update(interpreted, shape, weight_decay, shared):
     from torchao.optim.adam import single_param_adam
     gen = torch.Generator().manual_seed(1)
     p_ref = torch.randn(shape, generator=gen)
@@ -57,7 +58,7 @@ def test_the_kernel_gives_torchaos_update(interpreted, shape, weight_decay):
         lr = 3e-4
         single_param_adam(p_ref, grad, step, m_ref, v_ref, None, torch.tensor(lr), 0.9, 0.999, weight_decay, 1e-8,
                           True, False)
-        interpreted.update(p_got, grad, m_got, v_got, step, lr, 0.9, 0.999, weight_decay, 1e-8)
+        interpreted.update(p_got, grad, m_got, v_got, step, lr, 0.9, 0.999, weight_decay, 1e-8, shared=shared)
         assert torch.equal(m_got.codes, m_ref.codes) and torch.equal(v_got.codes, v_ref.codes)
         assert torch.equal(m_got.scale, m_ref.scale) and torch.equal(v_got.scale, v_ref.scale)
         # the weights within a few roundings: torch's CPU square root (vectorised) is not correctly rounded
