@@ -29,6 +29,7 @@ from torch import Tensor
 ROWS = 8  # 256-value blocks a program updates (2,048 weights)
 NUM_WARPS = 4
 SHARED = True  # the code map's lookups gathered from the program's copy of it (shared memory), not global
+TABLE = True  # codes made by one lookup in a table of buckets (`encode_table`), not a search of the map
 
 
 @triton.jit
@@ -60,6 +61,26 @@ def _encode(x, table, map_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SHARED: 
 
 
 @triton.jit
+def _encode_by_table(x, table_ptr, SIGNED: tl.constexpr, E0: tl.constexpr, BINADES: tl.constexpr,
+                     BITS: tl.constexpr):
+    """`_encode`'s codes in one lookup (`encode_table` says how): the bucket of |x| (its binade and
+    top mantissa bits) gives the code at the bucket's start and, where the code changes inside the
+    bucket, the low mantissa bits of the first |x| with the next code (one step up, or down for x < 0)."""
+    bits = tl.abs(x).to(tl.int32, bitcast=True)
+    binade = tl.minimum(tl.maximum((bits >> 23) - E0, 0), BINADES - 1)
+    bucket = (binade << BITS) | ((bits >> (23 - BITS)) & ((1 << BITS) - 1))
+    if SIGNED:
+        bucket += tl.where(x < 0, BINADES << BITS, 0)
+    word = tl.load(table_ptr + bucket)
+    low = bits & ((1 << (23 - BITS)) - 1)
+    crossed = ((word >> 24) & 1 != 0) & (low >= (word & ((1 << (23 - BITS)) - 1)))
+    if SIGNED:
+        return ((word >> 16) & 255) + tl.where(crossed, tl.where(x < 0, -1, 1), 0)
+    else:
+        return ((word >> 16) & 255) + tl.where(crossed, 1, 0)
+
+
+@triton.jit
 def _larger(a, b):
     # tl.max's own combine function is made when Triton is imported: a kernel run by Triton's CPU
     # interpreter, switched on after that (the tests), cannot call it
@@ -75,8 +96,9 @@ def _lerp(a, b, w):
 
 @triton.jit
 def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr, m_map_ptr, v_map_ptr,
-                      n_blocks, lr, lr_decay, w1, w2, bias1, bias2_sqrt, eps,
-                      BLOCK: tl.constexpr, ROWS: tl.constexpr, SHARED: tl.constexpr):
+                      m_table_ptr, v_table_ptr, n_blocks, lr, lr_decay, w1, w2, bias1, bias2_sqrt, eps,
+                      BLOCK: tl.constexpr, ROWS: tl.constexpr, SHARED: tl.constexpr, TABLE: tl.constexpr,
+                      E0: tl.constexpr, BINADES: tl.constexpr, BITS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     inside = rows < n_blocks
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
@@ -97,8 +119,12 @@ def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_sca
     # the moments as codes against their blocks' new largest magnitudes (floored at 1e-12, as torchao)
     m_scale = tl.maximum(tl.reduce(tl.abs(m), 1, _larger), 1e-12)
     v_scale = tl.maximum(tl.reduce(tl.abs(v), 1, _larger), 1e-12)
-    m_codes = _encode(tl.math.div_rn(m, m_scale[:, None]), m_table, m_map_ptr, ROWS, BLOCK, SHARED)
-    v_codes = _encode(tl.math.div_rn(v, v_scale[:, None]), v_table, v_map_ptr, ROWS, BLOCK, SHARED)
+    if TABLE:
+        m_codes = _encode_by_table(tl.math.div_rn(m, m_scale[:, None]), m_table_ptr, True, E0, BINADES, BITS)
+        v_codes = _encode_by_table(tl.math.div_rn(v, v_scale[:, None]), v_table_ptr, False, E0, BINADES, BITS)
+    else:
+        m_codes = _encode(tl.math.div_rn(m, m_scale[:, None]), m_table, m_map_ptr, ROWS, BLOCK, SHARED)
+        v_codes = _encode(tl.math.div_rn(v, v_scale[:, None]), v_table, v_map_ptr, ROWS, BLOCK, SHARED)
     tl.store(m_codes_ptr + offs, m_codes.to(tl.uint8), mask=mask)
     tl.store(v_codes_ptr + offs, v_codes.to(tl.uint8), mask=mask)
     tl.store(m_scale_ptr + rows, m_scale, mask=inside)
@@ -108,6 +134,54 @@ def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_sca
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
     p = p - tl.math.div_rn(lr * tl.math.div_rn(m, bias1), denom)
     tl.store(p_ptr + offs, p, mask=mask)
+
+
+# Buckets of |x| for `encode_table`: binades 2^-24 .. 2^0 (x is a value over its block's largest
+# magnitude, so |x| <= 1; below 2^-23 every value has the code of 0, which the builder checks), each cut
+# into 2^BITS by its top mantissa bits. 7 bits make every bucket narrower than the spacing of either
+# map's codes, so the code changes at most once inside a bucket (checked too).
+E0, BINADES, BITS = 103, 25, 7  # E0: the biased exponent of 2^-24
+_TABLES: dict = {}
+
+
+def encode_table(signed: bool, device: torch.device) -> Tensor:
+    """The lookup table `_encode_by_table` reads for torchao's signed or unsigned code map, made once a
+    device: for each bucket (positive x first, then x < 0 for the signed map) an int32 word holding the
+    code of the bucket's first |x| (bits 16-23) and, where the code changes inside the bucket (bit 24
+    set), the low 16 mantissa bits of the first |x| where it does. Made by torchao's own encoder over
+    the buckets' ends and a bisection of their bit patterns, so the codes are exactly torchao's."""
+    key = (signed, str(device))
+    if key not in _TABLES:
+        from torchao.optim.quant_utils import quantize_8bit_with_qmap
+        from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+        qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned())
+        words = [_table_half(qmap, lambda x: quantize_8bit_with_qmap(x, qmap).long(), sign)
+                 for sign in ((1.0, -1.0) if signed else (1.0,))]
+        _TABLES[key] = torch.cat(words).to(torch.int32).to(device)
+    return _TABLES[key]
+
+
+def _table_half(qmap: Tensor, encode, sign: float) -> Tensor:
+    low_bits = 23 - BITS
+    bucket = torch.arange(BINADES << BITS, dtype=torch.int64)
+    first = (((bucket >> BITS) + E0) << 23) | ((bucket & ((1 << BITS) - 1)) << low_bits)
+    end = first + (1 << low_bits)  # the next bucket's first bit pattern
+
+    def code(pattern: Tensor) -> Tensor:
+        return encode(pattern.to(torch.int32).view(torch.float32) * sign)
+    start, last = code(first), code(end - 1)
+    tiny = code(torch.tensor([0, ((E0 + 1) << 23) - 1]))  # 0 and the largest |x| below binade 1
+    if not ((last - start).abs() <= 1).all() or not (tiny == start[0]).all() \
+            or not (start[:1 << BITS] == start[0]).all() or not (last[:1 << BITS] == start[0]).all():
+        raise AssertionError("the 8-bit code map changed: its codes no longer fit the lookup table's buckets")
+    below, above = first.clone(), end.clone()  # the change, where there is one, lies in (below, above]
+    for _ in range(low_bits):
+        mid = (below + above) // 2
+        changed = code(mid) != start
+        above, below = torch.where(changed, mid, above), torch.where(changed, below, mid)
+    crossing = last != start
+    low = torch.where(crossing, above & ((1 << low_bits) - 1), 0)
+    return (crossing.long() << 24) | (start << 16) | low
 
 
 def step_scalars(step: Tensor, lr: float, beta1: float, beta2: float, weight_decay: float) -> dict[str, float]:
@@ -134,17 +208,20 @@ def supported(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq) -> bool:
 
 def update(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq, step: Tensor, lr: float, beta1: float, beta2: float,
            weight_decay: float, eps: float, shared: bool | None = None, rows: int | None = None,
-           num_warps: int | None = None) -> None:
+           num_warps: int | None = None, table: bool | None = None) -> None:
     """One AdamW step of p in place (decoupled weight decay), its 8-bit moments `exp_avg` (signed
     codes) and `exp_avg_sq` (unsigned) updated in place; `step` counts this step. `supported` first.
-    `shared`, `rows`, `num_warps`: other launch settings than the shipped ones (bench/kernel_bench.py)."""
+    `shared`, `rows`, `num_warps`, `table`: other settings than the shipped ones (bench/kernel_bench.py)."""
     block = exp_avg.block_size
     n_blocks = p.numel() // block
     if not n_blocks:
         return
     rows = rows or ROWS
+    table = TABLE if table is None else table
+    m_table, v_table = (encode_table(True, p.device), encode_table(False, p.device)) if table else (p, p)
     _adamw8bit_kernel[(triton.cdiv(n_blocks, rows),)](
         p, grad, exp_avg.codes, exp_avg.scale, exp_avg_sq.codes, exp_avg_sq.scale, exp_avg.qmap, exp_avg_sq.qmap,
-        n_blocks, eps=eps, BLOCK=block, ROWS=rows, SHARED=SHARED if shared is None else shared,
+        m_table, v_table, n_blocks, eps=eps, BLOCK=block, ROWS=rows, SHARED=SHARED if shared is None else shared,
+        TABLE=table, E0=E0, BINADES=BINADES, BITS=BITS,
         num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False,
         **step_scalars(step, lr, beta1, beta2, weight_decay))

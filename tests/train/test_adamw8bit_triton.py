@@ -43,8 +43,9 @@ def _clone(state):
 
 @pytest.mark.parametrize("shape", [(64, 256), (37, 512), (3, 4096)])  # 64 / 74 / 48 blocks: full and ragged programs
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-@pytest.mark.parametrize("shared", [True, False])  # the map in each program's shared memory, or read from global
-def test_the_kernel_gives_torchaos_update(interpreted, shape, weight_decay, shared):
+# codes by the bucket table or by a search of the map, its values from the program's copy (shared memory) or global
+@pytest.mark.parametrize("table,shared", [(True, True), (False, True), (False, False)])
+def test_the_kernel_gives_torchaos_update(interpreted, shape, weight_decay, table, shared):
     from torchao.optim.adam import single_param_adam
     gen = torch.Generator().manual_seed(1)
     p_ref = torch.randn(shape, generator=gen)
@@ -58,7 +59,8 @@ def test_the_kernel_gives_torchaos_update(interpreted, shape, weight_decay, shar
         lr = 3e-4
         single_param_adam(p_ref, grad, step, m_ref, v_ref, None, torch.tensor(lr), 0.9, 0.999, weight_decay, 1e-8,
                           True, False)
-        interpreted.update(p_got, grad, m_got, v_got, step, lr, 0.9, 0.999, weight_decay, 1e-8, shared=shared)
+        interpreted.update(p_got, grad, m_got, v_got, step, lr, 0.9, 0.999, weight_decay, 1e-8, shared=shared,
+                           table=table)
         assert torch.equal(m_got.codes, m_ref.codes) and torch.equal(v_got.codes, v_ref.codes)
         assert torch.equal(m_got.scale, m_ref.scale) and torch.equal(v_got.scale, v_ref.scale)
         # the weights within a few roundings: torch's CPU square root (vectorised) is not correctly rounded
@@ -66,6 +68,33 @@ def test_the_kernel_gives_torchaos_update(interpreted, shape, weight_decay, shar
         torch.testing.assert_close(p_got, p_ref, rtol=1e-6, atol=0)
         p_got.copy_(p_ref)  # each step from the same weights
     assert not torch.equal(p_got, torch.randn(shape, generator=torch.Generator().manual_seed(1)))  # it moved
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_bucket_table_gives_torchaos_codes(signed):
+    """`encode_table`, read as the kernel reads it (here in torch), gives torchao's code for every map
+    value, every midpoint between neighbours and the floats either side of both, tiny values, and
+    random values over six decades."""
+    from torchao.optim.quant_utils import quantize_8bit_with_qmap
+    from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+
+    from efftune.train import adamw8bit_triton as k
+    qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned())
+    mids = (qmap[1:] + qmap[:-1]) / 2
+    x = torch.cat([qmap, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1),
+                   torch.tensor([0.0, -0.0, 1e-30, 2.0 ** -23, 3e-7, 1e-7]),
+                   (torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+                   * 10.0 ** -torch.randint(0, 7, (200_000,), generator=torch.Generator().manual_seed(1))])
+    x = x.clamp(-1.0, 1.0) if signed else x.abs().clamp(max=1.0)
+    table = k.encode_table(signed, torch.device("cpu")).long()
+    bits = x.abs().view(torch.int32).long()
+    low = 23 - k.BITS
+    bucket = (((bits >> 23) - k.E0).clamp(0, k.BINADES - 1) << k.BITS) | ((bits >> low) & ((1 << k.BITS) - 1))
+    bucket = bucket + (x < 0).long() * (k.BINADES << k.BITS)
+    word = table[bucket]
+    crossed = ((word >> 24) & 1).bool() & ((bits & ((1 << low) - 1)) >= (word & ((1 << low) - 1)))
+    got = ((word >> 16) & 255) + torch.where(crossed, torch.where(x < 0, -1, 1), 0)
+    assert torch.equal(got, quantize_8bit_with_qmap(x, qmap).long())
 
 
 def test_scalars_are_torchaos_fp32_values(interpreted):
