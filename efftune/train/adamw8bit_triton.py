@@ -3,21 +3,27 @@
 `train.optimizer: adamw8bit` keeps torchao's state (`OptimState8bit`: uint8 codes of the parameter's
 shape, one fp32 scale per block of 256, a 256-value dynamic code map) and torchao's arithmetic
 (`torchao.optim.adam.single_param_adam`); this kernel replaces only how the update runs. torchao's
-compiled update took 65 ms of GPU time a step for the 8B shape cut to 12 layers on an H100, ~64 bytes
-of memory traffic a weight where the update needs 16 (read the fp32 weight and gradient and two code
-bytes, write the weight and the codes): Inductor splits it into a reduction for each moment's new block
-scales and passes that read the inputs again. Here each program owns whole blocks: it decodes both
-moments, updates them and the weight in fp32, takes each block's new largest magnitude, encodes the
-moments against it (torchao's branchless binary search over the code map, then rounding to the nearer
-code) and writes everything once.
+compiled update took 65 ms of GPU time a step for the 8B shape cut to 12 layers on an H100 (2.6B
+weights with 8-bit moments), where the 16 bytes a weight the update must move (read the fp32 weight and
+gradient and two code bytes, write them back) take ~13 ms. Here each program owns whole blocks: it
+decodes both moments, updates them and the weight in fp32, takes each block's new largest magnitude,
+encodes the moments against it and writes everything once.
+
+Encoding is where the time goes: torchao finds a code by a branchless binary search of the map (8
+lookups, then 2 more to round to the nearer code), and each lookup is a gather whose lanes read
+different addresses. Here (`TABLE`) one lookup does it: |x|'s binade and top 7 mantissa bits pick a
+bucket, narrower than the spacing of the map's codes, so the code changes at most once inside it; the
+bucket's word holds its first code and the low mantissa bits where the code steps (`encode_table`,
+built with torchao's own encoder and a bisection over bit patterns, and checked). The map's values
+for decoding are gathered from each program's copy of the map (`SHARED`: shared memory).
 
 Arithmetic: torchao's operations in its order, each an IEEE fp32 operation (divisions and square roots
 correctly rounded, no fused multiply-add but lerp's own, which torch's kernels fuse:
-`enable_fp_fusion=False`), with the step's scalars (bias
-corrections, lr x weight decay) made on the host as torchao's fp32 tensors make them. The codes and
-scales equal torchao's eager update's, the weights too but where torch's CPU square root (not correctly
-rounded) is a bit off (tests run the kernel under Triton's CPU interpreter); torchao's compiled update
-may differ from either in the last bit where Inductor reorders or contracts operations.
+`enable_fp_fusion=False`), with the step's scalars (bias corrections, lr x weight decay) made on the
+host as torchao's fp32 tensors make them. The codes and scales equal torchao's eager update's, the
+weights too but where torch's CPU square root (not correctly rounded) is a bit off (tests run the
+kernel under Triton's CPU interpreter); torchao's compiled update may differ from either in the last
+bit where Inductor reorders or contracts operations.
 """
 from __future__ import annotations
 
