@@ -27,6 +27,8 @@ bit where Inductor reorders or contracts operations.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -194,10 +196,15 @@ def step_scalars(step: Tensor, lr: float, beta1: float, beta2: float, weight_dec
     """The update's scalars as torchao's fp32 tensors make them (`step` its fp32 step count, already
     advanced): lr and lr x weight decay, the two lerp weights, the first bias correction and the square
     root of the second. Each is an fp32 value, which a kernel's fp32 argument keeps exactly."""
+    return _scalars(float(step), lr, beta1, beta2, weight_decay)
+
+
+@functools.lru_cache(maxsize=16)  # the same for every weight of a group in a step: made once
+def _scalars(step: float, lr: float, beta1: float, beta2: float, weight_decay: float) -> dict[str, float]:
     lr_t = torch.tensor(lr, dtype=torch.float32)
-    step = step.detach().to(device="cpu", dtype=torch.float32)
+    step_t = torch.tensor(step, dtype=torch.float32)
     return {"lr": lr_t.item(), "lr_decay": (lr_t * weight_decay).item(), "w1": 1 - beta1, "w2": 1 - beta2,
-            "bias1": (1 - beta1 ** step).item(), "bias2_sqrt": (1 - beta2 ** step).sqrt().item()}
+            "bias1": (1 - beta1 ** step_t).item(), "bias2_sqrt": (1 - beta2 ** step_t).sqrt().item()}
 
 
 def supported(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq) -> bool:
