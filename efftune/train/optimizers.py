@@ -4,8 +4,9 @@
 every tensor of 4,096 values or more are kept as 8-bit codes with one fp32 scale per block of 256
 (dynamic-tree quantisation, as bitsandbytes does), 2 bytes a weight instead of 8, the update itself
 computed in fp32 (on a CUDA GPU by one kernel of ours, `adamw8bit_triton`, for speed). It is what
-lets a full fine-tune of an 8B model fit one 141 GB GPU (`efftune.methods.full`). torchao is an optional extra (`pip install "efftune[optim]"`); the core
-never imports it unless this optimizer is asked for.
+lets a full fine-tune of an 8B model fit one 141 GB GPU (`efftune.methods.full`). torchao is an
+optional extra (`pip install "efftune[optim]"`); the core never imports it unless this optimizer is
+asked for.
 
 Checkpoints hold plain tensors: an 8-bit moment is written as its codes (uint8, the parameter's
 shape, under the moment's key) and its block scales (under `<key>::scale`), and rebuilt from them on
@@ -152,8 +153,8 @@ def _adamw8bit_class() -> type:
           takes a parameter's plain moments for another's 8-bit ones of the same shape (a crash);
         - `load_state_dict` rebuilds 8-bit moments from a checkpoint's codes and scales (`state_tensors`);
         - on a CUDA GPU an fp32 weight with 8-bit moments is updated by one Triton kernel
-          (`adamw8bit_triton`: the same codes, a quarter of the memory traffic of torchao's compiled
-          update); other weights (embeddings' fp32 moments, small tensors) by torchao's."""
+          (`adamw8bit_triton`: the same codes in one pass over the weight, its gradient and its codes);
+          other weights (embeddings' fp32 moments, small tensors) by torchao's compiled update."""
 
         quantized_states = True  # checkpoint.load_checkpoint: this optimizer takes `::scale` entries
 
