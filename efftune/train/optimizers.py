@@ -3,8 +3,8 @@
 `adamw` is torch's AdamW (fused on CUDA). `adamw8bit` is torchao's AdamW8bit: both Adam moments of
 every tensor of 4,096 values or more are kept as 8-bit codes with one fp32 scale per block of 256
 (dynamic-tree quantisation, as bitsandbytes does), 2 bytes a weight instead of 8, the update itself
-computed in fp32 (on a CUDA GPU by one kernel of ours, `adamw8bit_triton`, for speed). It is what
-lets a full fine-tune of an 8B model fit one 141 GB GPU (`efftune.methods.full`). torchao is an
+computed in fp32 (on a CUDA GPU, once switched on, by one kernel of ours, `adamw8bit_triton`). It is
+what lets a full fine-tune of an 8B model fit one 141 GB GPU (`efftune.methods.full`). torchao is an
 optional extra (`pip install "efftune[optim]"`); the core never imports it unless this optimizer is
 asked for.
 
@@ -121,12 +121,18 @@ def state_tensors(field: str, value: torch.Tensor, param: torch.Tensor | None = 
 
 _CLASS: list[type] = []
 _UPDATE: list = []  # torchao's one-parameter AdamW update, compiled (one wrapper: its guards pick the graph)
+# The one-kernel update (`adamw8bit_triton`) stays off until it has run on a GPU: its codes equal
+# torchao's under Triton's CPU interpreter and it compiles for sm_90, but its GPU test and
+# bench/kernel_bench.py --only adamw8bit have not run yet (no machine, session 22). Tests and
+# benchmarks switch it on (`bench/throughput.py --adamw8bit-kernel`).
+KERNEL_ON_CUDA = False
 
 
 def _fused_kernel():
-    """efftune's one-kernel 8-bit AdamW update (`adamw8bit_triton`) where a CUDA GPU and Triton (which
-    comes with torch's CUDA builds) are there, else None: torchao's compiled update then does it all."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+    """efftune's one-kernel 8-bit AdamW update (`adamw8bit_triton`) where it is switched on and a CUDA
+    GPU and Triton (which comes with torch's CUDA builds) are there, else None: torchao's compiled update
+    then does it all."""
+    if not KERNEL_ON_CUDA or not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
         return None
     from . import adamw8bit_triton
     return adamw8bit_triton
@@ -152,9 +158,9 @@ def _adamw8bit_class() -> type:
           that differs from one process), fail to compile for float64 weights, and its compiled update
           takes a parameter's plain moments for another's 8-bit ones of the same shape (a crash);
         - `load_state_dict` rebuilds 8-bit moments from a checkpoint's codes and scales (`state_tensors`);
-        - on a CUDA GPU an fp32 weight with 8-bit moments is updated by one Triton kernel
-          (`adamw8bit_triton`: the same codes in one pass over the weight, its gradient and its codes);
-          other weights (embeddings' fp32 moments, small tensors) by torchao's compiled update."""
+        - on a CUDA GPU (`KERNEL_ON_CUDA`) an fp32 weight with 8-bit moments is updated by one Triton
+          kernel (`adamw8bit_triton`: the same codes, in one pass over the weight, its gradient and its
+          codes); other weights (embeddings' fp32 moments, small tensors) by torchao's compiled update."""
 
         quantized_states = True  # checkpoint.load_checkpoint: this optimizer takes `::scale` entries
 

@@ -125,6 +125,7 @@ def test_on_a_gpu_the_optimizer_steps_by_the_kernel_as_torchao_would(monkeypatch
     from torchao.optim.adam import single_param_adam
 
     from efftune.train import adamw8bit_triton, optimizers
+    monkeypatch.setattr(optimizers, "KERNEL_ON_CUDA", True)
     updated = []
     real_update = adamw8bit_triton.update
     monkeypatch.setattr(adamw8bit_triton, "update", lambda p, *a, **k: (updated.append(p.shape), real_update(p, *a, **k)))
