@@ -85,7 +85,7 @@ def _encode_by_table(x, table_ptr, SIGNED: tl.constexpr, E0: tl.constexpr, BINAD
         bucket += tl.where(x < 0, BINADES << BITS, 0)
     word = tl.load(table_ptr + bucket)
     low = bits & ((1 << (23 - BITS)) - 1)
-    crossed = ((word >> 24) & 1 != 0) & (low >= (word & ((1 << (23 - BITS)) - 1)))
+    crossed = (((word >> 24) & 1) != 0) & (low >= (word & ((1 << (23 - BITS)) - 1)))
     if SIGNED:
         return ((word >> 16) & 255) + tl.where(crossed, tl.where(x < 0, -1, 1), 0)
     else:
