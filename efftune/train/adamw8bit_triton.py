@@ -45,7 +45,7 @@ TABLE = True  # codes made by one lookup in a table of buckets (`encode_table`),
 
 
 @triton.jit
-def _look_up(table, map_ptr, codes, ROWS: tl.constexpr, BLOCK: tl.constexpr, SHARED: tl.constexpr):
+def _look_up(table, map_ptr, codes, ROWS: tl.constexpr, SHARED: tl.constexpr):
     """The code map's values at `codes` (ROWS, BLOCK): from the 256 values held by the program
     (`table`, a gather through shared memory) or from the map in global memory (cached loads)."""
     if SHARED:
@@ -55,20 +55,20 @@ def _look_up(table, map_ptr, codes, ROWS: tl.constexpr, BLOCK: tl.constexpr, SHA
 
 
 @triton.jit
-def _encode(x, table, map_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SHARED: tl.constexpr):
+def _encode(x, table, map_ptr, ROWS: tl.constexpr, SHARED: tl.constexpr):
     """The code of each value of x (already divided by its block's scale): the largest code whose map
     value is <= x, found in 8 halving steps, then the next code if x lies at or past the midpoint."""
     c = tl.where(x >= tl.load(map_ptr + 128), 128, 0)
-    c += tl.where(x >= _look_up(table, map_ptr, c + 64, ROWS, BLOCK, SHARED), 64, 0)
-    c += tl.where(x >= _look_up(table, map_ptr, c + 32, ROWS, BLOCK, SHARED), 32, 0)
-    c += tl.where(x >= _look_up(table, map_ptr, c + 16, ROWS, BLOCK, SHARED), 16, 0)
-    c += tl.where(x >= _look_up(table, map_ptr, c + 8, ROWS, BLOCK, SHARED), 8, 0)
-    c += tl.where(x >= _look_up(table, map_ptr, c + 4, ROWS, BLOCK, SHARED), 4, 0)
-    c += tl.where(x >= _look_up(table, map_ptr, c + 2, ROWS, BLOCK, SHARED), 2, 0)
-    c += tl.where(x >= _look_up(table, map_ptr, c + 1, ROWS, BLOCK, SHARED), 1, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 64, ROWS, SHARED), 64, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 32, ROWS, SHARED), 32, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 16, ROWS, SHARED), 16, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 8, ROWS, SHARED), 8, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 4, ROWS, SHARED), 4, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 2, ROWS, SHARED), 2, 0)
+    c += tl.where(x >= _look_up(table, map_ptr, c + 1, ROWS, SHARED), 1, 0)
     up = tl.minimum(c + 1, 255)
-    down_value = _look_up(table, map_ptr, c, ROWS, BLOCK, SHARED)
-    up_value = _look_up(table, map_ptr, up, ROWS, BLOCK, SHARED)
+    down_value = _look_up(table, map_ptr, c, ROWS, SHARED)
+    up_value = _look_up(table, map_ptr, up, ROWS, SHARED)
     return tl.where(x - down_value >= (up_value - down_value) * 0.5, up, c)
 
 
@@ -119,9 +119,9 @@ def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_sca
     g = tl.load(g_ptr + offs, mask=mask, other=0.).to(tl.float32)
     m_table = tl.load(m_map_ptr + tl.arange(0, 256))
     v_table = tl.load(v_map_ptr + tl.arange(0, 256))
-    m = _look_up(m_table, m_map_ptr, tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32), ROWS, BLOCK,
+    m = _look_up(m_table, m_map_ptr, tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32), ROWS,
                  SHARED) * tl.load(m_scale_ptr + rows, mask=inside, other=0.)[:, None]
-    v = _look_up(v_table, v_map_ptr, tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32), ROWS, BLOCK,
+    v = _look_up(v_table, v_map_ptr, tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32), ROWS,
                  SHARED) * tl.load(v_scale_ptr + rows, mask=inside, other=0.)[:, None]
 
     p = p - lr_decay * p  # decoupled weight decay: torchao's `p - lr * weight_decay * p`
@@ -135,8 +135,8 @@ def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_sca
         m_codes = _encode_by_table(tl.math.div_rn(m, m_scale[:, None]), m_table_ptr, True, E0, BINADES, BITS)
         v_codes = _encode_by_table(tl.math.div_rn(v, v_scale[:, None]), v_table_ptr, False, E0, BINADES, BITS)
     else:
-        m_codes = _encode(tl.math.div_rn(m, m_scale[:, None]), m_table, m_map_ptr, ROWS, BLOCK, SHARED)
-        v_codes = _encode(tl.math.div_rn(v, v_scale[:, None]), v_table, v_map_ptr, ROWS, BLOCK, SHARED)
+        m_codes = _encode(tl.math.div_rn(m, m_scale[:, None]), m_table, m_map_ptr, ROWS, SHARED)
+        v_codes = _encode(tl.math.div_rn(v, v_scale[:, None]), v_table, v_map_ptr, ROWS, SHARED)
     tl.store(m_codes_ptr + offs, m_codes.to(tl.uint8), mask=mask)
     tl.store(v_codes_ptr + offs, v_codes.to(tl.uint8), mask=mask)
     tl.store(m_scale_ptr + rows, m_scale, mask=inside)
