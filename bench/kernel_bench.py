@@ -308,10 +308,10 @@ def adamw8bit(cfg: dict, seq: int) -> list[dict]:
     lr, wd, step = 1e-4, 0.01, torch.tensor(3.0)
     ways = {"torchao compiled": lambda p, g, m, v: compiled(p, g, step, m, v, None, torch.tensor(lr), 0.9, 0.999, wd,
                                                             1e-8, True, False)}
-    for table, shared, rows, warps in ((True, True, 8, 4), (False, False, 8, 4)):  # shipped; torchao's search
-        ways[f"efftune kernel table={table} shared={shared} rows={rows} warps={warps}"] = (
-            lambda p, g, m, v, table=table, shared=shared, rows=rows, warps=warps: kernel.update(
-                p, g, m, v, step, lr, 0.9, 0.999, wd, 1e-8, shared=shared, rows=rows, num_warps=warps, table=table))
+    for table, shared, blocks, warps in ((True, True, 8, 4), (False, False, 8, 4)):  # shipped; torchao's search
+        ways[f"efftune kernel table={table} shared={shared} rows={blocks} warps={warps}"] = (
+            lambda p, g, m, v, table=table, shared=shared, blocks=blocks, warps=warps: kernel.update(
+                p, g, m, v, step, lr, 0.9, 0.999, wd, 1e-8, shared=shared, rows=blocks, num_warps=warps, table=table))
     try:
         import bitsandbytes.functional as bnbf
         ways["bitsandbytes blockwise kernel"] = lambda p, g, m, v: bnbf.optimizer_update_8bit_blockwise(
@@ -407,9 +407,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--only", choices=("attention", "gemm", "lora-add", "swiglu", "head", "dequant", "adamw8bit",
-                                           "floor"),
-                    help="one kind of measurement")
+    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu, "head": head,
+             "dequant": dequant, "adamw8bit": adamw8bit, "floor": floor}
+    ap.add_argument("--only", choices=list(kinds), help="one kind of measurement")
     ap.add_argument("--shipped", action="store_true",
                     help="swiglu and head: only the shipped tile settings, median of 7 repeats of 50 calls "
                          "(with their range), for comparing two versions of a kernel")
@@ -417,8 +417,6 @@ def main() -> None:
     global SHIPPED
     SHIPPED = args.shipped
     cfg = SHAPES[args.shape]
-    kinds = {"attention": attention, "gemm": gemms, "lora-add": lora_adds, "swiglu": swiglu, "head": head,
-             "dequant": dequant, "adamw8bit": adamw8bit, "floor": floor}
     # floor holds a whole model's weights; adamw8bit needs torchao
     chosen = [args.only] if args.only else [k for k in kinds if k not in ("floor", "adamw8bit")]
     for row in (row for kind in chosen for row in kinds[kind](cfg, args.seq)):

@@ -409,12 +409,13 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
                           cuda_graphs=case.endswith("-cg"))
     from efftune.train.compile import partitioner
     compiled = "-compile" in case
-    with partitioner(train_config(case, MEMORY_BUDGET, CKPT_FRACTION).memory_budget(), lean=not TORCH_PARTITIONER):  # compiles in warm-up
+    budget = train_config(case, MEMORY_BUDGET, CKPT_FRACTION).memory_budget()
+    with partitioner(budget, lean=not TORCH_PARTITIONER):  # compiles in warm-up
         step_s, loss, energy = timed_steps(step, steps, warmup, device)
     cfg = SHAPES[shape]
     tokens_s = batch * seq / step_s
     flops_token = 4 * frozen + 6 * trainable + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
-    return dict(shape=shape, case=case, memory_budget=train_config(case, MEMORY_BUDGET, CKPT_FRACTION).memory_budget(),
+    return dict(shape=shape, case=case, memory_budget=budget,
                 ckpt_fraction=CKPT_FRACTION if "-ckpt" in case and case.startswith("efftune") else None,
                 partitioner=("torch" if TORCH_PARTITIONER else "lean") if compiled else None,
                 autotune=AUTOTUNE if compiled else None,

@@ -67,6 +67,5 @@ def test_adamw8bit_kernel_compiles(table, shared):
                 "v_scale_ptr": "*fp32", "m_map_ptr": "*fp32", "v_map_ptr": "*fp32", "m_table_ptr": "*i32",
                 "v_table_ptr": "*i32"}
     scalars = {name: "fp32" for name in ("lr", "lr_decay", "w1", "w2", "bias1", "bias2_sqrt", "eps")}
-    _compile(k._adamw8bit_kernel, {**pointers, **scalars}, ["n_blocks"], dict(BLOCK=256, ROWS=k.ROWS, SHARED=shared, TABLE=table,
-                                                                  E0=k.E0, BINADES=k.BINADES, BITS=k.BITS),
-             k.NUM_WARPS)
+    sizes = dict(BLOCK=256, ROWS=k.ROWS, SHARED=shared, TABLE=table, E0=k.E0, BINADES=k.BINADES, BITS=k.BITS)
+    _compile(k._adamw8bit_kernel, {**pointers, **scalars}, ["n_blocks"], sizes, k.NUM_WARPS)
