@@ -1,8 +1,8 @@
 """The fused 8-bit AdamW kernel (`efftune.train.adamw8bit_triton`), run by Triton's CPU interpreter:
 the codes and block scales torchao's own update (`single_param_adam`, eager) gives, and its weights
-to within a few roundings, over
-several steps, with and without weight decay, ragged last program included. (A GPU runs the compiled
-kernel: tests/test_triton_kernels_compile.py compiles it for sm_90, bench/kernel_bench.py times it.)"""
+to within a few roundings, over several steps, with and without weight decay, ragged last program
+included. (A GPU runs the compiled kernel: tests/test_triton_kernels_compile.py compiles it for sm_90,
+bench/kernel_bench.py times it.)"""
 from __future__ import annotations
 
 import importlib
