@@ -29,7 +29,8 @@ from ..attach import freeze_base, master_dtype, replace_module, wrappers
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..files import AdapterFormat, base_model_name, checked_field, config_from, write_adapter_dir
-from ..moe.experts import IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules, grouped_linear, weight_like
+from ..moe.experts import (IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules,
+                           gathered_grouped_linear, grouped_linear, weight_like)
 from ..moe.router_tap import add_router_taps
 from .registry import Method
 
@@ -87,8 +88,18 @@ class ExpertFactors(nn.Module):
     def delta(self, x: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
         """x (S, in) grouped by `counts` (n,) -> s · (x A_e^T) B_e^T (S, out); the rank-r
         intermediate is scaled, not the (S, out) result."""
-        u = grouped_linear(x, self.lora_A.to(x.dtype), counts, impl) * self.scaling
-        return grouped_linear(u, self.lora_B.to(x.dtype), counts, impl)
+        return grouped_linear(self._scaled_a(x, counts, impl), self.lora_B.to(x.dtype), counts, impl)
+
+    def delta_of_gathered(self, d: Dispatch, start: int, counts: torch.Tensor, impl: str) -> torch.Tensor:
+        """`delta` of `gate_up_proj`'s input rows from `start` on (d.source[order // k]), which are
+        gathered again in backward rather than kept (`moe.experts.gathered_grouped_linear`)."""
+        rows = d.order[start:] // d.top_k
+        u = gathered_grouped_linear(d.source, rows, d.inverse if start == 0 else None, d.top_k,
+                                    self.lora_A.to(d.source.dtype), counts, impl) * self.scaling
+        return grouped_linear(u, self.lora_B.to(u.dtype), counts, impl)
+
+    def _scaled_a(self, x: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
+        return grouped_linear(x, self.lora_A.to(x.dtype), counts, impl) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """s · B_e A_e for every adapted expert (n, out, in), in fp32 at least (merging only)."""
@@ -130,14 +141,21 @@ class ExpertLora(GroupedExperts):
     def project(self, name: str, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         y = super().project(name, x, d)
         if d.split is None and self._active(name):
-            y = y + self.lora[name].delta(x, d.counts, self.impl)
+            y = y + self._delta(name, x, d, 0, d.counts)
         return y
 
     def project_adapted(self, name: str, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         y = super().project_adapted(name, x, d)
         if self._active(name):
-            y = y + self.lora[name].delta(x, d.picked.index_select(0, self.expert_ids), self.impl)
+            y = y + self._delta(name, x, d, d.split or 0, d.picked.index_select(0, self.expert_ids))
         return y
+
+    def _delta(self, name: str, x: torch.Tensor, d: Dispatch, start: int, counts: torch.Tensor) -> torch.Tensor:
+        """The update of rows `start`.. of projection `name` (x: those rows); gate_up's rows are the
+        gathered tokens, which `delta_of_gathered` does not keep for backward."""
+        if name == "gate_up_proj" and d.source is not None:
+            return self.lora[name].delta_of_gathered(d, start, counts, self.impl)
+        return self.lora[name].delta(x, counts, self.impl)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -10,7 +10,13 @@ Mixtral, ...): `gate_up_proj` (E, 2·I, H) holding [gate; up] and `down_proj` (E
 2. `grouped_linear`: one grouped GEMM per projection over the per-expert row counts —
    `torch._grouped_mm` on CUDA in bf16, else a loop over per-expert slices (CPU, float64 tests).
    Both read the same layout, so they agree up to rounding.
-3. `combine`: routing weights applied and the k slots of each token summed, back in token order.
+3. the routing weights scale each row's activation before `down_proj` (the projection is linear:
+   w · down(h) = down(w · h)), so the combine is a plain sum of each token's k rows, back in token
+   order, and keeps nothing for backward: weighting after `down_proj` kept its (T, k, H) output for
+   the weights' gradient, the largest tensor of the layer a backward needs.
+
+Expert LoRA's `A` factor of `gate_up_proj` reads the gathered rows (S = T·k of them); `Dispatch.source`
+lets it gather them again in backward instead of keeping them (`gathered`): k times fewer rows kept.
 
 Subclasses add per-expert updates (`ExpertLora`) or swap in trainable weights for some experts
 (ESFT) through `project`. An expert subset is served by a second sort key that puts the subset's
@@ -39,7 +45,8 @@ class Dispatch:
 
     order (S,): flat slot index (t·k + j) of each permuted row; inverse (S,): row of each flat slot;
     counts (E,): rows per expert; rest/picked (E,): counts split into non-adapted / adapted experts
-    (None without a subset); split: rows before the adapted experts' rows (an int, or None).
+    (None without a subset); split: rows before the adapted experts' rows (an int, or None);
+    source: the tokens' rows (T, H) that `gate_up_proj`'s input is gathered from (`gathered`).
     """
     order: torch.Tensor
     inverse: torch.Tensor
@@ -48,6 +55,7 @@ class Dispatch:
     rest: torch.Tensor | None = None
     picked: torch.Tensor | None = None
     split: int | None = None
+    source: torch.Tensor | None = None  # (T, H) the rows `gate_up_proj`'s input was gathered from
 
 
 def dispatch(top_k_index: torch.Tensor, num_experts: int, adapted: torch.Tensor | None = None) -> Dispatch:
@@ -88,55 +96,66 @@ class _Gather(torch.autograd.Function):
         return g.view(-1, ctx.top_k, g.shape[-1]).sum(1), None, None, None
 
 
-class _Combine(torch.autograd.Function):
-    """Permuted expert outputs (S, H) and routing weights (T, k) -> Σ_j w[t, j] · out[t, j] (T, H)."""
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """The dtype to compute t's arithmetic in: fp32, or t's own where wider (float64 tests)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+class _Permute(torch.autograd.Function):
+    """v (S,) -> v[order]: the routing weights in dispatch order. Backward is the inverse permutation
+    (a gather), not the scatter-add that autograd's index backward would make."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor):
-        per_token = out.index_select(0, inverse).view(*weights.shape, out.shape[-1])  # (T, k, H)
-        w = weights.to(out.dtype)
-        ctx.save_for_backward(per_token, w, order)
-        ctx.weights_dtype = weights.dtype
-        if torch.compiler.is_compiling():  # a k-term sum: Inductor fuses it with the gather, no batched GEMM
-            return (per_token.float() * w.float().unsqueeze(-1)).sum(1).to(out.dtype)
-        return torch.bmm(w.unsqueeze(1), per_token).squeeze(1)     # accumulates in fp32 under bf16
+    def forward(ctx, v: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor):
+        ctx.save_for_backward(inverse)
+        return v.index_select(0, order)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        per_token, w, order = ctx.saved_tensors
-        grad_out = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_out = (w.unsqueeze(-1) * grad.unsqueeze(1)).view(-1, grad.shape[-1]).index_select(0, order)
-        if ctx.needs_input_grad[1]:
-            if torch.compiler.is_compiling():
-                grad_w = (per_token.float() * grad.float().unsqueeze(1)).sum(-1).to(ctx.weights_dtype)
-            else:
-                grad_w = torch.bmm(per_token, grad.unsqueeze(-1)).squeeze(-1).to(ctx.weights_dtype)
-        return grad_out, grad_w, None, None
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _SumSlots(torch.autograd.Function):
+    """Permuted expert outputs (S, H), already weighted -> each token's k rows summed (T, H), in fp32
+    then rounded once. Backward hands each row its token's gradient; nothing but `order` is kept."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int):
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        per_token = out.index_select(0, inverse).view(-1, top_k, out.shape[-1])  # (T, k, H)
+        return per_token.sum(1, dtype=_wide(out)).to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order // ctx.top_k), None, None, None
 
 
 class _SiluMul(torch.autograd.Function):
-    """[gate; up] (S, 2I) -> silu(gate) · up, keeping only the input for backward (the silu and
-    product are recomputed there: two (S, I) tensors fewer per layer held for backward)."""
+    """[gate; up] (S, 2I) and routing weights w (S,) -> silu(gate) · up · w, computed in fp32 and
+    rounded once, keeping only the inputs for backward (the silu and product are recomputed there: no
+    (S, I) tensor held for backward)."""
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor):
-        ctx.save_for_backward(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+    def forward(ctx, gate_up: torch.Tensor, weights: torch.Tensor):
+        ctx.save_for_backward(gate_up, weights)
+        wide = _wide(gate_up)
+        gate, up = gate_up.to(wide).chunk(2, dim=-1)
+        return (F.silu(gate) * up * weights.to(wide).unsqueeze(-1)).to(gate_up.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (gate_up,) = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        # in the input's dtype: silu_backward is one fused kernel that computes in fp32 inside
+        gate_up, weights = ctx.saved_tensors
+        wide = _wide(gate_up)
+        gate, up = gate_up.to(wide).chunk(2, dim=-1)
+        grad = grad.to(wide)
+        silu = F.silu(gate)
+        grad_weights = (grad * silu * up).sum(-1).to(weights.dtype) if ctx.needs_input_grad[1] else None
+        grad = grad * weights.to(wide).unsqueeze(-1)
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        if torch.compiler.is_compiling():  # Inductor fuses this cat; `out=` halves would break the graph
-            return torch.cat((grad_gate, grad * F.silu(gate)), dim=-1)
-        out = torch.empty_like(gate_up)  # eager: write both halves in place, no concatenation copy
-        out[..., :gate.shape[-1]] = grad_gate
-        torch.mul(grad, F.silu(gate), out=out[..., gate.shape[-1]:])
-        return out
+        return torch.cat((grad_gate, grad * silu), dim=-1).to(gate_up.dtype), grad_weights
 
 
 @runtime_checkable
@@ -171,6 +190,12 @@ def uses_grouped_mm(x: torch.Tensor, weight: torch.Tensor, impl: str) -> bool:
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Row block g of x (S, in) times weight[g].T: weight (G, out, in), counts (G,) rows per group
     (summing to S) -> (S, out). Empty groups are allowed."""
+    if torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad:
+        return _FrozenGroupedLinear.apply(x, weight, counts, impl)
+    return _grouped_linear(x, weight, counts, impl)
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
     if uses_grouped_mm(x, weight, impl):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
@@ -182,6 +207,22 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
     if not pieces:
         return x.new_zeros(0, weight.shape[1])
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class _FrozenGroupedLinear(torch.autograd.Function):
+    """`grouped_linear` through a frozen weight: backward needs the weight, not x, which autograd's
+    grouped GEMM keeps all the same (the gathered rows: k copies of each token's row)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, impl: str):
+        ctx.save_for_backward(weight, counts)
+        ctx.impl = impl
+        return _grouped_linear(x, weight, counts, impl)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, counts = ctx.saved_tensors
+        return _grouped_linear(grad, weight.transpose(-2, -1), counts, ctx.impl), None, None, None
 
 
 def check_experts_module(module: nn.Module, path: str = "experts") -> None:
@@ -226,8 +267,8 @@ class GroupedExperts(nn.Module):
             mask[torch.tensor(adapted, dtype=torch.long, device=mask.device)] = True
         self.register_buffer("adapted", mask, persistent=False)
 
-    def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return expert_activation(self.base_layer.act_fn, gate_up, self.silu)
+    def activation(self, gate_up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return expert_activation(self.base_layer.act_fn, gate_up, weights, self.silu)
 
     def base_projection(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (S', in) grouped by `counts` (E,) through the frozen base weights `name`."""
@@ -252,12 +293,88 @@ class GroupedExperts(nn.Module):
                            hidden_states, top_k_index, top_k_weights, self.adapted)
 
 
-def expert_activation(act_fn: nn.Module, gate_up: torch.Tensor, silu: bool) -> torch.Tensor:
-    """act(gate) · up from [gate; up] (S, 2I); SiLU through `_SiluMul` (keeps only its input)."""
+def expert_activation(act_fn: nn.Module, gate_up: torch.Tensor, weights: torch.Tensor, silu: bool) -> torch.Tensor:
+    """act(gate) · up · w from [gate; up] (S, 2I) and the rows' routing weights w (S,); SiLU through
+    `_SiluMul` (keeps only its inputs)."""
     if silu:
-        return _SiluMul.apply(gate_up)
+        return _SiluMul.apply(gate_up, weights)
     gate, up = gate_up.chunk(2, dim=-1)
-    return act_fn(gate) * up
+    return act_fn(gate) * up * weights.to(gate_up.dtype).unsqueeze(-1)
+
+
+def gathered(d: Dispatch) -> torch.Tensor:
+    """`gate_up_proj`'s input: the tokens' rows in dispatch order, d.source[order // k] (S, H)."""
+    return _Gather.apply(d.source, d.order, d.inverse, d.top_k)
+
+
+@torch.library.custom_op("efftune::gathered_grouped_linear", mutates_args=())
+def gathered_grouped_linear(source: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor | None, top_k: int,
+                            weight: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
+    """`grouped_linear(source[rows], weight, counts)` without keeping source[rows] for backward: it
+    gathers them again there. For expert LoRA's A of `gate_up_proj`, whose gathered input holds each
+    token k times (Qwen3-30B-A3B, k = 8: 32 KB a token a layer kept, against 4 for the token's row).
+    An op of its own, opaque to the compiler: a compiled block otherwise merges this gather with the
+    base projection's and keeps the result. `inverse`, where rows are all of a dispatch's (order //
+    k), lets backward sum each token's k rows as `_Gather` does; else (a subset) a scatter-add."""
+    return grouped_linear(source.index_select(0, rows), weight, counts, impl)
+
+
+@gathered_grouped_linear.register_fake
+def _(source, rows, inverse, top_k, weight, counts, impl):
+    return source.new_empty(rows.shape[0], weight.shape[1])
+
+
+def _gathered_setup(ctx, inputs, output):
+    source, rows, inverse, top_k, weight, counts, impl = inputs
+    ctx.save_for_backward(source, rows, inverse, weight, counts)
+    ctx.top_k, ctx.impl = top_k, impl
+
+
+def _gathered_backward(ctx, grad):
+    source, rows, inverse, weight, counts = ctx.saved_tensors
+    grad_source, grad_weight = torch.ops.efftune.gathered_grouped_linear_backward(
+        grad, source, rows, inverse, ctx.top_k, weight, counts, ctx.impl)
+    return grad_source, None, None, None, grad_weight, None, None
+
+
+@torch.library.custom_op("efftune::gathered_grouped_linear_backward", mutates_args=())
+def gathered_grouped_linear_backward(grad: torch.Tensor, source: torch.Tensor, rows: torch.Tensor,
+                                     inverse: torch.Tensor | None, top_k: int, weight: torch.Tensor,
+                                     counts: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gathered_grouped_linear`'s gradients (source, weight), the rows gathered again here. An op of
+    its own too: traced, this gather would be merged with forward's and its result kept after all."""
+    grad_weight = grouped_weight_grad(grad, source.index_select(0, rows), counts, impl)
+    grad_rows = _grouped_linear(grad, weight.transpose(-2, -1), counts, impl)
+    if inverse is not None:  # all of a dispatch's rows: each token's k rows summed, no scatter-add
+        grad_source = grad_rows.index_select(0, inverse).view(-1, top_k, grad_rows.shape[-1]).sum(1)
+    else:
+        wide = _wide(grad_rows)
+        grad_source = torch.zeros_like(source, dtype=wide).index_add_(0, rows, grad_rows.to(wide))
+    return grad_source.to(source.dtype), grad_weight.to(weight.dtype)
+
+
+@gathered_grouped_linear_backward.register_fake
+def _(grad, source, rows, inverse, top_k, weight, counts, impl):
+    return torch.empty_like(source), torch.empty_like(weight)
+
+
+gathered_grouped_linear.register_autograd(_gathered_backward, setup_context=_gathered_setup)
+
+
+def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """The gradient of `grouped_linear`'s weight (G, out, in): grad_g^T x_g for each row block g of
+    grad (S, out) and x (S, in)."""
+    groups = counts.shape[0]
+    if uses_grouped_mm(x, grad.new_empty(groups, grad.shape[-1], x.shape[-1]), impl) and grad.shape[-1] % 8 == 0:
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch._grouped_mm(grad.t(), x, offs=offsets)
+    out = x.new_zeros(groups, grad.shape[-1], x.shape[-1])
+    start = 0
+    for g, n in enumerate(counts.tolist()):
+        if n:
+            torch.mm(grad[start:start + n].t(), x[start:start + n], out=out[g])
+            start += n
+    return out
 
 
 def experts_dtype(module: nn.Module) -> torch.dtype:
@@ -266,16 +383,18 @@ def experts_dtype(module: nn.Module) -> torch.dtype:
 
 
 def run_experts(project: Callable[[str, torch.Tensor, Dispatch], torch.Tensor],
-                activation: Callable[[torch.Tensor], torch.Tensor], num_experts: int, dtype: torch.dtype,
-                hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                adapted: torch.Tensor | None = None) -> torch.Tensor:
-    """The routed experts by expert group: dispatch, `project` gate_up, `activation`, `project`
-    down, combine. hidden (T, H), top_k_index / top_k_weights (T, k) -> (T, H)."""
+                activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_experts: int,
+                dtype: torch.dtype, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor, adapted: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts by expert group: dispatch, `project` gate_up, `activation` (weighted by the
+    rows' routing weights), `project` down, sum each token's rows. hidden (T, H), top_k_index /
+    top_k_weights (T, k) -> (T, H)."""
     d = dispatch(top_k_index, num_experts, adapted)
-    x = _Gather.apply(hidden_states.to(dtype), d.order, d.inverse, d.top_k)
-    h = activation(project("gate_up_proj", x, d))
+    d.source = hidden_states.to(dtype)
+    weights = _Permute.apply(top_k_weights.reshape(-1), d.order, d.inverse)
+    h = activation(project("gate_up_proj", gathered(d), d), weights)
     out = project("down_proj", h, d)
-    return _Combine.apply(out, top_k_weights, d.order, d.inverse).to(hidden_states.dtype)
+    return _SumSlots.apply(out, d.order, d.inverse, d.top_k).to(hidden_states.dtype)
 
 
 def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

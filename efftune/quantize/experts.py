@@ -200,7 +200,7 @@ class QuantizedExperts(nn.Module):
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         return run_experts(lambda name, x, d: self.grouped_projection(name, x, d.counts, "auto"),
-                           lambda gate_up: expert_activation(self.act_fn, gate_up, self.silu),
+                           lambda gate_up, weights: expert_activation(self.act_fn, gate_up, weights, self.silu),
                            self.num_experts, self.dtype, hidden_states, top_k_index, top_k_weights)
 
     def dense(self) -> nn.Module:

@@ -193,6 +193,24 @@ def test_quantized_grouped_mm(device, kind, op):
     check(getattr(OPS, op).default, (first, tensors, kind, counts, "auto"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("subset", [False, True])
+def test_gathered_grouped_ops(device, subset):
+    """Expert LoRA's grouped product of gathered rows and its gradients (efftune.moe.experts):
+    3 tokens, 2 slots each, 3 groups (one empty), all rows (with the inverse order) or the last 4."""
+    import efftune.moe.experts  # noqa: F401  (registers the ops)
+    source = randn(3, IN, device=device)
+    order = torch.tensor([1, 4, 0, 3, 5, 2], device=device)
+    rows, inverse = order // 2, torch.argsort(order)
+    counts = torch.tensor([2, 0, 4], device=device)
+    if subset:
+        rows, inverse, counts = rows[2:], None, torch.tensor([0, 0, 4], device=device)
+    weight = randn(3, OUTS[1], IN, device=device).requires_grad_(True)
+    check(OPS.gathered_grouped_linear.default, (source.requires_grad_(True), rows, inverse, 2, weight, counts, "auto"))
+    check(OPS.gathered_grouped_linear_backward.default, (randn(rows.shape[0], OUTS[1], device=device), source.detach(),
+                                                         rows, inverse, 2, weight.detach(), counts, "auto"))
+
+
 def nf4_table(device):
     from efftune.quantize import nf4
     return nf4.code_table(device)
@@ -200,7 +218,8 @@ def nf4_table(device):
 
 CHECKED_HERE = {"lora_linears", "lora_linears_backward", "lora_output", "swiglu_lora_forward",
                 "swiglu_lora_backward", "rows_mm", "rows_grad", "quantized_mm", "quantized_mm_input_grad",
-                "quantized_grouped_mm", "quantized_grouped_mm_input_grad"}
+                "quantized_grouped_mm", "quantized_grouped_mm_input_grad", "gathered_grouped_linear",
+                "gathered_grouped_linear_backward"}
 CHECKED_IN_FLASH4_TESTS = {"flash4_causal", "flash4_causal_backward"}
 
 

@@ -18,13 +18,14 @@ from efftune.moe.router_tap import hf_router_aux_loss
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def tiny_moe(kind: str = "qwen3", experts: int = 8, seed: int = 0, dtype=torch.float64, vocab: int = 64) -> nn.Module:
+def tiny_moe(kind: str = "qwen3", experts: int = 8, seed: int = 0, dtype=torch.float64, vocab: int = 64,
+             intermediate: int = 16) -> nn.Module:
     import transformers as t
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=vocab, num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.2,
                   router_aux_loss_coef=0.01, tie_word_embeddings=False)
     if kind == "qwen3":
-        cfg = t.Qwen3MoeConfig(num_experts=experts, moe_intermediate_size=16, intermediate_size=64, head_dim=8,
+        cfg = t.Qwen3MoeConfig(num_experts=experts, moe_intermediate_size=intermediate, intermediate_size=64, head_dim=8,
                                norm_topk_prob=True, **common)
         cls = t.Qwen3MoeForCausalLM
     elif kind == "olmoe":
@@ -283,18 +284,19 @@ def test_training_loop_adds_the_models_own_load_balancing_loss(tokenizer, tmp_pa
     assert len(loads) == 2 and len(loads[0]) == 8 and (tmp_path / "routing.png").exists()  # layers × experts
 
 
-def test_silu_mul_gradient_eager_and_compiled_equal_autograd():
-    # the compiled backward takes another branch (no `out=` halves, which break a graph)
+def test_silu_mul_weighted_gradient_eager_and_compiled_equal_autograd():
     from efftune.moe.experts import _SiluMul
     gate_up = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
     g = torch.randn(5, 4, dtype=torch.float64)
     gate, up = gate_up.chunk(2, dim=-1)
-    (ref,) = torch.autograd.grad(F.silu(gate) * up, gate_up, g)
-    (eager,) = torch.autograd.grad(_SiluMul.apply(gate_up), gate_up, g)
-    compiled_fn = torch.compile(lambda t: _SiluMul.apply(t), fullgraph=True, backend="aot_eager")
-    (compiled,) = torch.autograd.grad(compiled_fn(gate_up), gate_up, g)
-    torch.testing.assert_close(eager, ref)
-    torch.testing.assert_close(compiled, ref)
+    ref = F.silu(gate) * up * w.unsqueeze(-1)
+    expected = torch.autograd.grad(ref, (gate_up, w), g)
+    compiled_fn = torch.compile(lambda t, v: _SiluMul.apply(t, v), fullgraph=True, backend="aot_eager")
+    for y in (_SiluMul.apply(gate_up, w), compiled_fn(gate_up, w)):
+        torch.testing.assert_close(y, ref)
+        for a, b in zip(torch.autograd.grad(y, (gate_up, w), g), expected):
+            torch.testing.assert_close(a, b)
 
 
 def test_dispatch_counts_match_bincount():
@@ -304,20 +306,78 @@ def test_dispatch_counts_match_bincount():
         assert torch.equal(d.counts, torch.bincount(idx.reshape(-1), minlength=6))
 
 
-def test_combine_eager_and_compiled_equal_autograd():
-    from efftune.moe.experts import _Combine
+def test_sum_of_slots_and_permuted_weights_eager_and_compiled_equal_autograd():
+    from efftune.moe.experts import _Permute, _SumSlots
     torch.manual_seed(0)
-    idx = torch.randint(0, 4, (6, 2))
-    d = dispatch(idx, 4)
+    d = dispatch(torch.randint(0, 4, (6, 2)), 4)
     out = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
     weights = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(6, 5, dtype=torch.float64)
-    ref = (out[d.inverse].view(6, 2, 5) * weights.unsqueeze(-1)).sum(1)
-    expected = torch.autograd.grad(ref, (out, weights), g)
-    eager = _Combine.apply(out, weights, d.order, d.inverse)
-    compiled_fn = torch.compile(lambda o, w: _Combine.apply(o, w, d.order, d.inverse), fullgraph=True,
-                                backend="aot_eager")
-    for y in (eager, compiled_fn(out, weights)):
+    g, gw = torch.randn(6, 5, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    ref = out[d.inverse].view(6, 2, 5).sum(1)
+    ref_w = weights.reshape(-1)[d.order]
+    expected = torch.autograd.grad((ref, ref_w), (out, weights), (g, gw))
+
+    def both(o, w):
+        return _SumSlots.apply(o, d.order, d.inverse, 2), _Permute.apply(w.reshape(-1), d.order, d.inverse)
+    for y, yw in (both(out, weights), torch.compile(both, fullgraph=True, backend="aot_eager")(out, weights)):
         torch.testing.assert_close(y, ref)
-        for a, b in zip(torch.autograd.grad(y, (out, weights), g), expected):
+        torch.testing.assert_close(yw, ref_w)
+        for a, b in zip(torch.autograd.grad((y, yw), (out, weights), (g, gw)), expected):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_gathered_grouped_linear_equals_grouped_linear_of_the_gathered_rows(subset):
+    """Value and gradients (source, weight) of the op that gathers again in backward, eager and
+    compiled, against grouped_linear on the gathered rows (float64); a subset of rows scatter-adds."""
+    from efftune.moe.experts import gathered_grouped_linear
+    torch.manual_seed(0)
+    T, k, E = 7, 3, 4
+    d = dispatch(torch.stack([torch.randperm(E)[:k] for _ in range(T)]), E)
+    start = 5 if subset else 0
+    rows = d.order[start:] // k
+    counts = d.counts
+    if subset:  # the rows from `start` on, grouped as the dispatch groups them
+        counts = torch.bincount(torch.repeat_interleave(torch.arange(E), d.counts)[start:], minlength=E)
+    source = torch.randn(T, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(E, 5, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(rows.shape[0], 5, dtype=torch.float64)
+    ref = grouped_linear(source[rows], weight, counts)
+    expected = torch.autograd.grad(ref, (source, weight), g)
+    inverse = None if subset else d.inverse
+
+    def op(s, w):
+        return gathered_grouped_linear(s, rows, inverse, k, w, counts, "auto")
+    for y in (op(source, weight), torch.compile(op, backend="aot_eager")(source, weight)):
+        torch.testing.assert_close(y, ref)
+        for a, b in zip(torch.autograd.grad(y, (source, weight), g), expected):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_expert_path_keeps_no_per_slot_copy_of_the_tokens_for_backward(compiled, monkeypatch):
+    """Neither the gathered input rows (S = T·k of them, which expert LoRA's A reads) nor the
+    (T, k, H) expert outputs (which weighting after down_proj needed) are kept for backward, eager or
+    compiled by Inductor (torch._grouped_mm's CPU kernel stands in for CUDA's, bf16)."""
+    import efftune.moe.experts as experts_module
+    monkeypatch.setattr(experts_module, "uses_grouped_mm", lambda x, w, impl: impl != "loop")
+    torch.manual_seed(0)
+    base = tiny_moe(dtype=torch.bfloat16, intermediate=24).model.layers[0].mlp.experts  # 2I = 48 != H
+    base.requires_grad_(False)  # as add_expert_lora freezes it
+    layer = ExpertLora(base, r=8, scaling=2.0)  # r = 8: the CPU kernel takes rows of 16 bytes
+    T, k, H = 64, 2, 32
+    x = torch.randn(T, H, dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.stack([torch.randperm(8)[:k] for _ in range(T)])
+    w = torch.rand(T, k, dtype=torch.bfloat16, requires_grad=True)
+    run = torch.compile(layer) if compiled else layer
+    run(x, idx, w)  # compiles outside the hooks
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = run(x, idx, w)
+    assert shapes and (T * k, H) not in shapes and (T, k, H) not in shapes, str(shapes)
+    y.float().square().sum().backward()  # and backward runs from what was kept
+    assert x.grad is not None and w.grad is not None and layer.lora["gate_up_proj"].lora_A.grad is not None
