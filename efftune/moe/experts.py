@@ -177,12 +177,15 @@ def weight_like(module: nn.Module, name: str) -> torch.Tensor:
 
 
 def uses_grouped_mm(x: torch.Tensor, weight: torch.Tensor, impl: str) -> bool:
+    """Whether x times the grouped `weight` runs as one `torch._grouped_mm`: with impl "auto" on CUDA
+    in bf16, with "grouped_mm" on any device in bf16 (torch's CPU kernel too: it lets tests and
+    bench/moe_activations.py run the GPU's graph on a CPU), never with "loop"."""
     if impl == "loop":
         return False
-    ok = (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+    ok = ((x.is_cuda or impl == "grouped_mm") and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
           and hasattr(torch, "_grouped_mm") and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0)
     if impl == "grouped_mm" and not ok:
-        raise EfftuneError(f"experts impl 'grouped_mm' needs CUDA bf16 tensors with dims divisible by 8 "
+        raise EfftuneError(f"experts impl 'grouped_mm' needs bf16 tensors with dims divisible by 8 "
                            f"(got {x.device.type} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype})")
     return ok
 

@@ -245,21 +245,23 @@ def test_router_aux_loss_equals_transformers(kind):
     assert ours.requires_grad  # it trains the hidden states (and a router, if one trains)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch._grouped_mm in bf16)")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("experts", [None, [0, 3, 5]])
-def test_cuda_grouped_mm_path_equals_loop_path(experts):
-    """The two expert paths agree in bf16 on CUDA: outputs and gradients (x, weights, A, B)."""
-    base = tiny_moe(dtype=torch.bfloat16).model.layers[0].mlp.experts.cuda()
+def test_grouped_mm_path_equals_loop_path(experts, device):
+    """The two expert paths agree in bf16 (torch._grouped_mm: CUDA's kernel, or its CPU one):
+    outputs and gradients (x, weights, A, B), the base frozen as add_expert_lora leaves it."""
+    base = tiny_moe(dtype=torch.bfloat16).model.layers[0].mlp.experts.to(device).requires_grad_(False)
     results = []
     for impl in ("grouped_mm", "loop"):
         torch.manual_seed(0)
-        layer = ExpertLora(base, r=8, scaling=2.0, experts=experts, impl=impl).cuda()
+        layer = ExpertLora(base, r=8, scaling=2.0, experts=experts, impl=impl).to(device)
         randomize_b(layer)
         T = 300
-        x = torch.randn(T, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        idx = torch.stack([torch.randperm(8)[:2] for _ in range(T)]).cuda()
+        x = torch.randn(T, 32, device=device, dtype=torch.bfloat16, requires_grad=True)
+        idx = torch.stack([torch.randperm(8)[:2] for _ in range(T)]).to(device)
         idx[:40] = torch.tensor([1, 2])  # uneven loads, expert 7 maybe empty
-        w = torch.rand(T, 2, device="cuda", requires_grad=True)
+        w = torch.rand(T, 2, device=device, requires_grad=True)
         out = layer(x, idx, w)
         params = [x, w] + [p for f in layer.lora.values() for p in (f.lora_A, f.lora_B)]
         results.append([out] + list(torch.autograd.grad(out.float().square().sum(), params)))
@@ -355,16 +357,14 @@ def test_gathered_grouped_linear_equals_grouped_linear_of_the_gathered_rows(subs
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_the_expert_path_keeps_no_per_slot_copy_of_the_tokens_for_backward(compiled, monkeypatch):
+def test_the_expert_path_keeps_no_per_slot_copy_of_the_tokens_for_backward(compiled):
     """Neither the gathered input rows (S = T·k of them, which expert LoRA's A reads) nor the
     (T, k, H) expert outputs (which weighting after down_proj needed) are kept for backward, eager or
-    compiled by Inductor (torch._grouped_mm's CPU kernel stands in for CUDA's, bf16)."""
-    import efftune.moe.experts as experts_module
-    monkeypatch.setattr(experts_module, "uses_grouped_mm", lambda x, w, impl: impl != "loop")
+    compiled by Inductor (bf16 through torch's CPU grouped GEMM, the graph CUDA runs)."""
     torch.manual_seed(0)
     base = tiny_moe(dtype=torch.bfloat16, intermediate=24).model.layers[0].mlp.experts  # 2I = 48 != H
     base.requires_grad_(False)  # as add_expert_lora freezes it
-    layer = ExpertLora(base, r=8, scaling=2.0)  # r = 8: the CPU kernel takes rows of 16 bytes
+    layer = ExpertLora(base, r=8, scaling=2.0, impl="grouped_mm")  # r = 8: the CPU kernel takes rows of 16 bytes
     T, k, H = 64, 2, 32
     x = torch.randn(T, H, dtype=torch.bfloat16, requires_grad=True)
     idx = torch.stack([torch.randperm(8)[:k] for _ in range(T)])
