@@ -3,7 +3,7 @@
 Activation memory is a property of the graph, not of the device: this builds one decoder layer of
 the Qwen3-30B-A3B shape (bench/moe_lora.py's, random init, bf16) with expert LoRA on both expert
 projections and LoRA on the attention linears (r=16, as moe_lora's `efftune` cases), runs its
-forward on T tokens under `torch.autograd.graph.saved_tensors_hooks`, and sums the distinct tensors
+forward on T tokens under `torch.autograd.graph.saved_tensors_hooks` (bf16 autocast, as a training step), and sums the distinct tensors
 kept for backward (by storage; the layer's own weights left out), at T and 2T tokens: the difference
 over T is what a token costs (tensors of a fixed size, such as the LoRA factors cast to bf16, cancel).
 The experts run through
@@ -61,9 +61,10 @@ def kept(model: torch.nn.Module, tokens: int, device: torch.device) -> tuple[int
             seen[ptr] = (tuple(t.shape), str(t.dtype).removeprefix("torch."), t.untyped_storage().nbytes())
         return t
 
-    layer(x, position_embeddings=rope)  # a compiled layer compiles here, outside the hooks
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x, position_embeddings=rope)
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # as every benchmark's training step
+        layer(x, position_embeddings=rope)  # a compiled layer compiles here, outside the hooks
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(x, position_embeddings=rope)
     out = out[0] if isinstance(out, tuple) else out
     out.float().square().mean().backward()  # what was kept suffices
     return sum(n for *_, n in seen.values()), sorted(seen.values(), key=lambda v: -v[2])
