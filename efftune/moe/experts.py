@@ -16,7 +16,8 @@ Mixtral, ...): `gate_up_proj` (E, 2·I, H) holding [gate; up] and `down_proj` (E
    the weights' gradient, the largest tensor of the layer a backward needs.
 
 Expert LoRA's `A` factor of `gate_up_proj` reads the gathered rows (S = T·k of them); `Dispatch.source`
-lets it gather them again in backward instead of keeping them (`gathered`): k times fewer rows kept.
+lets it gather them again in backward instead of keeping them (`gathered_grouped_linear`): k times
+fewer rows kept.
 
 Subclasses add per-expert updates (`ExpertLora`) or swap in trainable weights for some experts
 (ESFT) through `project`. An expert subset is served by a second sort key that puts the subset's
@@ -33,6 +34,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 from ..errors import EfftuneError
 
@@ -362,6 +364,18 @@ def _(grad, source, rows, inverse, top_k, weight, counts, impl):
 
 
 gathered_grouped_linear.register_autograd(_gathered_backward, setup_context=_gathered_setup)
+
+
+# Flop counts (`torch.utils.flop_counter`; the compiler's memory-budget search weighs recomputation
+# by them): each row meets one expert's weight; backward makes the weight's and the rows' gradients.
+@register_flop_formula(torch.ops.efftune.gathered_grouped_linear, get_raw=True)
+def _(source, rows, inverse, top_k, weight, counts, impl, out_val=None, **_):
+    return 2 * rows.shape[0] * weight.shape[1] * weight.shape[2]
+
+
+@register_flop_formula(torch.ops.efftune.gathered_grouped_linear_backward, get_raw=True)
+def _(grad, source, rows, inverse, top_k, weight, counts, impl, out_val=None, **_):
+    return 4 * rows.shape[0] * weight.shape[1] * weight.shape[2]
 
 
 def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:

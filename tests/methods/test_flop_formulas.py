@@ -111,3 +111,24 @@ def test_quantised_grouped_products_count_as_one_matmul_per_expert(kind):
             xs @ dense[e].t()
             dys @ dense[e]
     assert op.total == reference.total > 0
+
+
+def test_gathered_grouped_product_counts_as_one_matmul_per_expert():
+    """Expert LoRA's product of gathered rows (efftune.moe.experts) and its backward (the weight's
+    and the rows' gradients) count as the matmuls on the gathered rows do."""
+    from efftune.moe.experts import dispatch, gathered_grouped_linear_backward
+    g = torch.Generator().manual_seed(0)
+    d = dispatch(torch.tensor([[0, 2], [2, 1], [0, 1], [2, 0]]), 3)
+    rows = d.order // 2
+    source, weight = torch.randn(4, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    dy = torch.randn(8, 5, generator=g)
+    with Flops() as op:
+        torch.ops.efftune.gathered_grouped_linear(source, rows, d.inverse, 2, weight, d.counts, "loop")
+        gathered_grouped_linear_backward(dy, source, rows, d.inverse, 2, weight, d.counts, "loop")
+    x = source[rows]
+    with Flops() as reference:
+        for e, (xs, dys) in enumerate(zip(x.split(d.counts.tolist()), dy.split(d.counts.tolist()))):
+            xs @ weight[e].t()
+            dys.t() @ xs
+            dys @ weight[e]
+    assert op.total == reference.total > 0
