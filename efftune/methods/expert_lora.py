@@ -30,7 +30,7 @@ from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..files import AdapterFormat, base_model_name, checked_field, config_from, write_adapter_dir
 from ..moe.experts import (IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules,
-                           gathered_grouped_linear, grouped_linear, weight_like)
+                           grouped_linear, project_gathered, weight_like)
 from ..moe.router_tap import add_router_taps
 from .registry import Method
 
@@ -92,10 +92,8 @@ class ExpertFactors(nn.Module):
 
     def delta_of_gathered(self, d: Dispatch, start: int, counts: torch.Tensor, impl: str) -> torch.Tensor:
         """`delta` of `gate_up_proj`'s input rows from `start` on (d.source[order // k]), which are
-        gathered again in backward rather than kept (`moe.experts.gathered_grouped_linear`)."""
-        rows = d.order[start:] // d.top_k
-        u = gathered_grouped_linear(d.source, rows, d.inverse if start == 0 else None, d.top_k,
-                                    self.lora_A.to(d.source.dtype), counts, impl) * self.scaling
+        gathered again in backward rather than kept (`moe.experts.project_gathered`)."""
+        u = project_gathered(d, start, self.lora_A.to(d.source.dtype), counts, impl) * self.scaling
         return grouped_linear(u, self.lora_B.to(u.dtype), counts, impl)
 
     def _scaled_a(self, x: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:

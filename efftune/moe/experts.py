@@ -366,6 +366,13 @@ def _(grad, source, rows, inverse, top_k, weight, counts, impl):
 gathered_grouped_linear.register_autograd(_gathered_backward, setup_context=_gathered_setup)
 
 
+def project_gathered(d: Dispatch, start: int, weight: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
+    """`gate_up_proj`'s input rows from `start` on (d.source[order // k], grouped by `counts`) through
+    a trainable `weight` (G, out, in), without keeping the rows for backward (`gathered_grouped_linear`)."""
+    return gathered_grouped_linear(d.source, d.order[start:] // d.top_k, d.inverse if start == 0 else None,
+                                   d.top_k, weight, counts, impl)
+
+
 # Flop counts (`torch.utils.flop_counter`; the compiler's memory-budget search weighs recomputation
 # by them): each row meets one expert's weight; backward makes the weight's and the rows' gradients.
 @register_flop_formula(torch.ops.efftune.gathered_grouped_linear, get_raw=True)

@@ -12,7 +12,7 @@ from efftune.methods.esft import (EsftConfig, EsftExperts, add_esft, add_esft_fu
                                   save_esft, save_selection, select_experts, selection, unload_esft)
 from efftune.methods.expert_lora import ExpertLora
 
-from .test_expert_lora import ids, tiny_moe
+from .test_expert_lora import ids, naive_experts, tiny_moe
 
 L0 = "model.layers.0.mlp.experts"
 L1 = "model.layers.1.mlp.experts"
@@ -105,6 +105,29 @@ def test_full_mode_trains_only_selected_experts(tmp_path):
     (tmp_path / "e" / "esft_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="gate_up_proj.*shape"):
         load_esft(tiny_moe(), tmp_path / "e")
+
+
+@pytest.mark.parametrize("experts", [[1, 5, 6], list(range(8))])
+def test_trained_experts_gradients_equal_a_per_expert_loop(experts):
+    """Values and gradients (input, routing weights, the trained experts' weights) against the experts
+    one matrix at a time, float64: the trained experts' rows of gate_up are gathered again in backward."""
+    from types import SimpleNamespace
+    base = tiny_moe().model.layers[0].mlp.experts.requires_grad_(False)
+    layer = EsftExperts(base, experts)
+    torch.manual_seed(5)
+    T, k = 10, 2
+    x = torch.randn(T, 32, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(8)[:k] for _ in range(T)])
+    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(T, 32, dtype=torch.float64)
+    params = [x, w, layer.gate_up_proj, layer.down_proj]
+    grads = torch.autograd.grad((layer(x, idx, w) * dy).sum(), params)
+    ids_ = torch.tensor(experts)
+    full = SimpleNamespace(act_fn=base.act_fn, **{name: getattr(base, name).index_copy(0, ids_, getattr(layer, name))
+                                                  for name in ("gate_up_proj", "down_proj")})
+    ref = naive_experts(full, x, idx, w, {}, experts)
+    for g, r in zip(grads, torch.autograd.grad((ref * dy).sum(), params)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
 
 
 def test_lora_mode_from_selection_file(tmp_path):
