@@ -227,7 +227,7 @@ class _FrozenGroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, counts = ctx.saved_tensors
-        return _grouped_linear(grad, weight.transpose(-2, -1), counts, ctx.impl), None, None, None
+        return _grouped_linear(grad.contiguous(), weight.transpose(-2, -1), counts, ctx.impl), None, None, None
 
 
 def check_experts_module(module: nn.Module, path: str = "experts") -> None:
@@ -338,7 +338,7 @@ def _gathered_setup(ctx, inputs, output):
 def _gathered_backward(ctx, grad):
     source, rows, inverse, weight, counts = ctx.saved_tensors
     grad_source, grad_weight = torch.ops.efftune.gathered_grouped_linear_backward(
-        grad, source, rows, inverse, ctx.top_k, weight, counts, ctx.impl)
+        grad.contiguous(), source, rows, inverse, ctx.top_k, weight, counts, ctx.impl)
     return grad_source, None, None, None, grad_weight, None, None
 
 
