@@ -12,7 +12,7 @@ from efftune.methods.esft import (EsftConfig, EsftExperts, add_esft, add_esft_fu
                                   save_esft, save_selection, select_experts, selection, unload_esft)
 from efftune.methods.expert_lora import ExpertLora
 
-from .test_expert_lora import ids, naive_experts, tiny_moe
+from .test_expert_lora import ids, naive_experts, routed_inputs, tiny_moe
 
 L0 = "model.layers.0.mlp.experts"
 L1 = "model.layers.1.mlp.experts"
@@ -114,12 +114,7 @@ def test_trained_experts_gradients_equal_a_per_expert_loop(experts):
     from types import SimpleNamespace
     base = tiny_moe().model.layers[0].mlp.experts.requires_grad_(False)
     layer = EsftExperts(base, experts)
-    torch.manual_seed(5)
-    T, k = 10, 2
-    x = torch.randn(T, 32, dtype=torch.float64, requires_grad=True)
-    idx = torch.stack([torch.randperm(8)[:k] for _ in range(T)])
-    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(T, 32, dtype=torch.float64)
+    x, idx, w, dy = routed_inputs()
     params = [x, w, layer.gate_up_proj, layer.down_proj]
     grads = torch.autograd.grad((layer(x, idx, w) * dy).sum(), params)
     ids_ = torch.tensor(experts)

@@ -56,6 +56,16 @@ def randomize_b(model: nn.Module, seed: int = 3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
 
 
+def routed_inputs(T: int = 10, k: int = 2, experts: int = 8, seed: int = 5):
+    """Hidden states (T, 32), top-k expert ids and routing weights (both trainable inputs) and an
+    output gradient, float64."""
+    torch.manual_seed(seed)
+    x = torch.randn(T, 32, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(experts)[:k] for _ in range(T)])
+    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    return x, idx, w, torch.randn(T, 32, dtype=torch.float64)
+
+
 def naive_experts(base: nn.Module, x, idx, w, lora: dict, experts) -> torch.Tensor:
     """Per (token, slot): the expert's explicit W_e + s·B_e A_e, one matrix at a time."""
     out = torch.zeros_like(x)
@@ -134,12 +144,7 @@ def test_grouped_lora_equals_naive_per_expert_loop(targets, experts):
     base = tiny_moe().model.layers[0].mlp.experts
     layer = ExpertLora(base, r=3, scaling=1.7, targets=targets, experts=experts)
     randomize_b(layer)
-    torch.manual_seed(5)
-    T, k = 10, 2
-    x = torch.randn(T, 32, dtype=torch.float64, requires_grad=True)
-    idx = torch.stack([torch.randperm(8)[:k] for _ in range(T)])
-    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(T, 32, dtype=torch.float64)
+    x, idx, w, dy = routed_inputs()
     got = layer(x, idx, w)
     params = [x, w] + [p for f in layer.lora.values() for p in (f.lora_A, f.lora_B)]
     grads = torch.autograd.grad((got * dy).sum(), params)
