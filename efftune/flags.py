@@ -115,7 +115,7 @@ HELP: dict[str, str] = {
     "expert_lora.target_modules": "expert LoRA: linears that get plain LoRA too (e.g. q_proj,v_proj)",
     "expert_lora.use_rslora": "expert LoRA: rsLoRA scaling alpha / sqrt(r)",
     "expert_lora.impl": "expert LoRA: expert path: auto (grouped GEMM on CUDA bf16, else a loop) | "
-                        "grouped_mm | loop",
+                        "grouped_mm (torch's grouped GEMM on any device, bf16) | loop",
     "expert_lora.aux_loss": "expert LoRA: record router logits for the router's load-balancing loss",
     # -- ESFT (MoE models)
     "esft.mode": "ESFT: train the chosen experts in full | with LoRA (lora)",

@@ -45,7 +45,7 @@ class ExpertLoraConfig:
     """`targets`: which fused projections get LoRA. `experts`: adapt only these expert ids (in
     every MoE layer; None = all). `target_modules`: linear layers that get plain LoRA too (e.g.
     attention: ["q_proj", "k_proj", "v_proj", "o_proj"]). `impl`: expert path ("auto" = grouped
-    GEMM on CUDA bf16, else a loop). `aux_loss`: record router logits for `hf_router_aux_loss`."""
+    GEMM on CUDA bf16, else a loop; "grouped_mm": torch's grouped GEMM on any device, bf16; "loop"). `aux_loss`: record router logits for `hf_router_aux_loss`."""
     r: int = 16
     alpha: float = 32.0
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
