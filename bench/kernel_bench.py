@@ -344,7 +344,7 @@ def adamw8bit(cfg: dict, seq: int) -> list[dict]:
                                                ((v.scale - v_ref.scale).abs() / v_ref.scale).max())),
                        "weights vs its move": float((p - p_ref).abs().max() / moved)}
             ms = cuda_time_ms(lambda: fn(p, grad, m, v))
-            rows.append(dict(kind="adamw8bit", way=way, projection=name, shape=list(shape), ms=round(ms, 4),
+            rows.append(dict(kind="adamw8bit", way=way, projection=name, weight_shape=list(shape), ms=round(ms, 4),
                              gb_s=round(16 * p.numel() / ms / 1e6, 1), vs_torchao=differs))
             if way.startswith("efftune"):
                 assert differs["m codes"] < 1e-4 and differs["v codes"] < 1e-4 and differs["scales rel"] < 1e-6 \
