@@ -116,7 +116,6 @@ AUTOTUNE = False  # --autotune: compiled cases benchmark GEMM kernels per shape 
 ATTENTION = "sdpa"  # --attention flash4: efftune cases' maskless attention kernel (train.attention)
 ROWS = "single"  # --rows packed | tree: rows with a mask (efftune.data.layout)
 MASKED_ATTENTION = "sdpa"  # --masked-attention flex: efftune cases' masked attention (train.masked_attention)
-ADAMW8BIT_KERNEL = False  # --adamw8bit-kernel: adamw8bit cases update by efftune's kernel (optimizers.KERNEL_ON_CUDA)
 LAYERS: int | None = None  # --layers: the shape's decoder layers cut to this many (a deep shape's step on a smaller GPU)
 
 
@@ -242,9 +241,7 @@ def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:
         from peft.optimizers import create_lorafa_optimizer
         return create_lorafa_optimizer(model, r=16, lora_alpha=32, lr=1e-4)
     if case.startswith("efftune-full-8bit"):
-        from efftune.train import optimizers
         from efftune.train.optimizers import build_optimizer, embedding_weights
-        optimizers.KERNEL_ON_CUDA = ADAMW8BIT_KERNEL
         params = [p for p in model.parameters() if p.requires_grad]
         return build_optimizer("adamw8bit", [{"params": params, "weight_decay": 0.0}], 1e-4,
                                next(model.parameters()).device, embedding_weights(model))
@@ -451,7 +448,6 @@ def spawn(args: argparse.Namespace, shape: str, case: str, batch: int) -> dict:
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
     cmd += ["--ckpt-fraction", str(args.ckpt_fraction)] + (["--layers", str(args.layers)] if args.layers else [])
-    cmd += ["--adamw8bit-kernel"] * args.adamw8bit_kernel
     cmd += (["--torch-partitioner"] * args.torch_partitioner + ["--autotune"] * args.autotune
             + ["--unfused"] * args.unfused + ["--unfused-mlp"] * args.unfused_mlp
             + ["--attention", args.attention, "--rows", args.rows, "--masked-attention", args.masked_attention])
@@ -540,16 +536,13 @@ def main(argv: list[str] | None = None) -> None:
                          "(train.masked_attention)")
     ap.add_argument("--layers", type=int, default=None,
                     help="the shape with only this many decoder layers (a deep shape's step where it does not fit)")
-    ap.add_argument("--adamw8bit-kernel", action="store_true",
-                    help="adamw8bit cases: weights with 8-bit moments updated by efftune's one-kernel update "
-                         "(efftune.train.adamw8bit_triton; off by default until measured)")
     ap.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global MEMORY_BUDGET, LAYERS, ADAMW8BIT_KERNEL, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP
+    global MEMORY_BUDGET, LAYERS, TORCH_PARTITIONER, AUTOTUNE, UNFUSED, UNFUSED_MLP
     global ATTENTION, ROWS, MASKED_ATTENTION
     global CKPT_FRACTION
     MEMORY_BUDGET, TORCH_PARTITIONER, AUTOTUNE = args.memory_budget, args.torch_partitioner, args.autotune
-    CKPT_FRACTION, LAYERS, ADAMW8BIT_KERNEL = args.ckpt_fraction, args.layers, args.adamw8bit_kernel
+    CKPT_FRACTION, LAYERS = args.ckpt_fraction, args.layers
     ATTENTION, ROWS, MASKED_ATTENTION = args.attention, args.rows, args.masked_attention
     UNFUSED, UNFUSED_MLP = args.unfused, args.unfused_mlp
     if args.worker:  # inside the subprocess: one shape, one case

@@ -58,14 +58,3 @@ def test_nf4_dequantisation_kernel_compiles(dtype):
               "code_ptr": "*fp32", "out_ptr": f"*{dtype}"}, ["n_bytes", "blocks_per_expert", "scales_per_expert"],
              dict(BYTES=nf4_triton.BYTES, BLOCK_BYTES=nf4.BLOCK // 2, SCALE_BLOCK=nf4.SCALE_BLOCK),
              nf4_triton.NUM_WARPS)
-
-
-@pytest.mark.parametrize("table,shared", [(True, True), (False, True), (False, False)])
-def test_adamw8bit_kernel_compiles(table, shared):
-    from efftune.train import adamw8bit_triton as k
-    pointers = {"p_ptr": "*fp32", "g_ptr": "*fp32", "m_codes_ptr": "*u8", "m_scale_ptr": "*fp32", "v_codes_ptr": "*u8",
-                "v_scale_ptr": "*fp32", "m_map_ptr": "*fp32", "v_map_ptr": "*fp32", "m_table_ptr": "*i32",
-                "v_table_ptr": "*i32"}
-    scalars = {name: "fp32" for name in ("lr", "lr_decay", "w1", "w2", "bias1", "bias2_sqrt", "eps")}
-    sizes = dict(BLOCK=256, ROWS=k.ROWS, SHARED=shared, TABLE=table, E0=k.E0, BINADES=k.BINADES, BITS=k.BITS)
-    _compile(k._adamw8bit_kernel, {**pointers, **scalars}, ["n_blocks"], sizes, k.NUM_WARPS)

@@ -3,8 +3,7 @@
 `adamw` is torch's AdamW (fused on CUDA). `adamw8bit` is torchao's AdamW8bit: both Adam moments of
 every tensor of 4,096 values or more are kept as 8-bit codes with one fp32 scale per block of 256
 (dynamic-tree quantisation, as bitsandbytes does), 2 bytes a weight instead of 8, the update itself
-computed in fp32 (on a CUDA GPU, once switched on, by one kernel of ours, `adamw8bit_triton`). It is
-what lets a full fine-tune of an 8B model fit one 141 GB GPU (`efftune.methods.full`). torchao is an
+computed in fp32 (torchao's update, compiled). It is what lets a full fine-tune of an 8B model fit one 141 GB GPU (`efftune.methods.full`). torchao is an
 optional extra (`pip install "efftune[optim]"`); the core never imports it unless this optimizer is
 asked for.
 
@@ -121,21 +120,6 @@ def state_tensors(field: str, value: torch.Tensor, param: torch.Tensor | None = 
 
 _CLASS: list[type] = []
 _UPDATE: list = []  # torchao's one-parameter AdamW update, compiled (one wrapper: its guards pick the graph)
-# The one-kernel update (`adamw8bit_triton`) stays off until it has run on a GPU: its codes equal
-# torchao's under Triton's CPU interpreter and it compiles for sm_90, but its GPU test and
-# bench/kernel_bench.py --only adamw8bit have not run yet (no machine, session 22). Tests and
-# benchmarks switch it on (`bench/throughput.py --adamw8bit-kernel`).
-KERNEL_ON_CUDA = False
-
-
-def _fused_kernel():
-    """efftune's one-kernel 8-bit AdamW update (`adamw8bit_triton`) where it is switched on and a CUDA
-    GPU and Triton (which comes with torch's CUDA builds) are there, else None: torchao's compiled update
-    then does it all."""
-    if not KERNEL_ON_CUDA or not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        return None
-    from . import adamw8bit_triton
-    return adamw8bit_triton
 
 
 def _adamw8bit_class() -> type:
@@ -147,7 +131,7 @@ def _adamw8bit_class() -> type:
     torchao_zeros = AdamW8bit._subclass_zeros  # an 8-bit moment of p's shape, codes and scales zero
 
     class EfftuneAdamW8bit(AdamW8bit):
-        """torchao's AdamW8bit (its 8-bit moments and its update's arithmetic) with five changes:
+        """torchao's AdamW8bit (its 8-bit moments and its update's arithmetic) with four changes:
         - the moments of `fp32_moments` (the embeddings) stay fp32 (`embedding_weights` says why);
         - each group's lr stays a Python float (the loop sets it every step and a checkpoint writes it
           as JSON); it is handed to torchao's compiled update as a tensor, which torchao requires so
@@ -157,10 +141,9 @@ def _adamw8bit_class() -> type:
           DTensor-wrapped moments in torch 2.13 decide 8 bits by a rank's rows (`eight_bit` says why
           that differs from one process), fail to compile for float64 weights, and its compiled update
           takes a parameter's plain moments for another's 8-bit ones of the same shape (a crash);
-        - `load_state_dict` rebuilds 8-bit moments from a checkpoint's codes and scales (`state_tensors`);
-        - on a CUDA GPU (`KERNEL_ON_CUDA`) an fp32 weight with 8-bit moments is updated by one Triton
-          kernel (`adamw8bit_triton`: the same codes, in one pass over the weight, its gradient and its
-          codes); other weights (embeddings' fp32 moments, small tensors) by torchao's compiled update."""
+        - `load_state_dict` rebuilds 8-bit moments from a checkpoint's codes and scales (`state_tensors`).
+        (A one-kernel Triton update of ours, tried in sessions 22–23, ran no faster than torchao's
+        compiled update on large weights: bench/RESULTS.md session 23.)"""
 
         quantized_states = True  # checkpoint.load_checkpoint: this optimizer takes `::scale` entries
 
@@ -192,7 +175,6 @@ def _adamw8bit_class() -> type:
             # 290 small tensors take 93 ms of host time instead of 27 (CPU), host time an 8B step's
             # GPU work waits on
             update = _UPDATE[0]
-            fused = _fused_kernel()
             with torch._dynamo.utils.disable_cache_limit():
                 for group in self.param_groups:
                     lr = torch.tensor(float(group["lr"]), dtype=torch.float32)
@@ -207,12 +189,6 @@ def _adamw8bit_class() -> type:
                             if group["amsgrad"]:
                                 state["max_exp_avg_sq"] = self._new_buffer(p, False)
                         state["step"] += 1
-                        if fused is not None and group["amsgrad"] is False and self.is_adamw \
-                                and fused.supported(_local(p), _local(p.grad), state["exp_avg"], state["exp_avg_sq"]):
-                            fused.update(_local(p).detach(), _local(p.grad), state["exp_avg"], state["exp_avg_sq"],
-                                         state["step"], float(group["lr"]), group["betas"][0], group["betas"][1],
-                                         group["weight_decay"], group["eps"])
-                            continue
                         update(
                             _local(p).detach(), _local(p.grad), state["step"], state["exp_avg"],
                             state["exp_avg_sq"], state.get("max_exp_avg_sq"), lr, group["betas"][0],
