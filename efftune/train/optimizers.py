@@ -3,9 +3,9 @@
 `adamw` is torch's AdamW (fused on CUDA). `adamw8bit` is torchao's AdamW8bit: both Adam moments of
 every tensor of 4,096 values or more are kept as 8-bit codes with one fp32 scale per block of 256
 (dynamic-tree quantisation, as bitsandbytes does), 2 bytes a weight instead of 8, the update itself
-computed in fp32 (torchao's update, compiled). It is what lets a full fine-tune of an 8B model fit one 141 GB GPU (`efftune.methods.full`). torchao is an
-optional extra (`pip install "efftune[optim]"`); the core never imports it unless this optimizer is
-asked for.
+computed in fp32 (torchao's update, compiled). It is what lets a full fine-tune of an 8B model fit
+one 141 GB GPU (`efftune.methods.full`). torchao is an optional extra (`pip install "efftune[optim]"`);
+the core never imports it unless this optimizer is asked for.
 
 Checkpoints hold plain tensors: an 8-bit moment is written as its codes (uint8, the parameter's
 shape, under the moment's key) and its block scales (under `<key>::scale`), and rebuilt from them on
