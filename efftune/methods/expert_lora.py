@@ -30,7 +30,7 @@ from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..files import AdapterFormat, base_model_name, checked_field, config_from, write_adapter_dir
 from ..moe.experts import (IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules,
-                           grouped_linear, project_gathered, weight_like)
+                           grouped_linear, project_activated, project_gathered, weight_like)
 from ..moe.router_tap import add_router_taps
 from .registry import Method
 
@@ -90,10 +90,11 @@ class ExpertFactors(nn.Module):
         intermediate is scaled, not the (S, out) result."""
         return grouped_linear(self._scaled_a(x, counts, impl), self.lora_B.to(x.dtype), counts, impl)
 
-    def delta_of_gathered(self, d: Dispatch, start: int, counts: torch.Tensor, impl: str) -> torch.Tensor:
-        """`delta` of `gate_up_proj`'s input rows from `start` on (d.source[order // k]), which are
-        gathered again in backward rather than kept (`moe.experts.project_gathered`)."""
-        u = project_gathered(d, start, self.lora_A.to(d.source.dtype), counts, impl) * self.scaling
+    def delta_of(self, project, d: Dispatch, start: int, counts: torch.Tensor, impl: str) -> torch.Tensor:
+        """`delta` of a projection's input rows from `start` on, which `project` (moe.experts'
+        `project_gathered` for gate_up, `project_activated` for down) makes again in backward instead
+        of keeping them."""
+        u = project(d, start, self.lora_A.to(d.source.dtype), counts, impl) * self.scaling
         return grouped_linear(u, self.lora_B.to(u.dtype), counts, impl)
 
     def _scaled_a(self, x: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
@@ -149,10 +150,12 @@ class ExpertLora(GroupedExperts):
         return y
 
     def _delta(self, name: str, x: torch.Tensor, d: Dispatch, start: int, counts: torch.Tensor) -> torch.Tensor:
-        """The update of rows `start`.. of projection `name` (x: those rows); gate_up's rows are the
-        gathered tokens, which `delta_of_gathered` does not keep for backward."""
+        """The update of rows `start`.. of projection `name` (x: those rows); gate_up's rows (the
+        gathered tokens) and down's (the SiLU activation) are not kept for backward (`delta_of`)."""
         if name == "gate_up_proj" and d.source is not None:
-            return self.lora[name].delta_of_gathered(d, start, counts, self.impl)
+            return self.lora[name].delta_of(project_gathered, d, start, counts, self.impl)
+        if name == "down_proj" and d.activated is not None and self.silu:
+            return self.lora[name].delta_of(project_activated, d, start, counts, self.impl)
         return self.lora[name].delta(x, counts, self.impl)
 
     @torch.no_grad()

@@ -48,7 +48,9 @@ class Dispatch:
     order (S,): flat slot index (t·k + j) of each permuted row; inverse (S,): row of each flat slot;
     counts (E,): rows per expert; rest/picked (E,): counts split into non-adapted / adapted experts
     (None without a subset); split: rows before the adapted experts' rows (an int, or None);
-    source: the tokens' rows (T, H) that `gate_up_proj`'s input is gathered from (`gathered`).
+    source: the tokens' rows (T, H) that `gate_up_proj`'s input is gathered from (`gathered`);
+    activated: gate_up's output and the rows' routing weights, of which `down_proj`'s input is the
+    activation (`project_activated`).
     """
     order: torch.Tensor
     inverse: torch.Tensor
@@ -58,6 +60,7 @@ class Dispatch:
     picked: torch.Tensor | None = None
     split: int | None = None
     source: torch.Tensor | None = None  # (T, H) the rows `gate_up_proj`'s input was gathered from
+    activated: tuple[torch.Tensor, torch.Tensor] | None = None  # (gate_up (S, 2I), weights (S,)): down's input
 
 
 def dispatch(top_k_index: torch.Tensor, num_experts: int, adapted: torch.Tensor | None = None) -> Dispatch:
@@ -135,29 +138,62 @@ class _SumSlots(torch.autograd.Function):
         return grad.index_select(0, order // ctx.top_k), None, None, None
 
 
+def _silu_mul(gate_up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up · w from [gate; up] (S, 2I) and w (S,), in fp32 (or wider), rounded once."""
+    wide = _wide(gate_up)
+    gate, up = gate_up.to(wide).chunk(2, dim=-1)
+    return (F.silu(gate) * up * weights.to(wide).unsqueeze(-1)).to(gate_up.dtype)
+
+
+def _silu_mul_backward(gate_up: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor,
+                       weights_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_silu_mul`'s gradients (gate_up, weights) for the output gradient `grad` (S, I)."""
+    wide = _wide(gate_up)
+    gate, up = gate_up.to(wide).chunk(2, dim=-1)
+    grad = grad.to(wide)
+    silu = F.silu(gate)
+    grad_weights = (grad * silu * up).sum(-1).to(weights.dtype) if weights_grad else None
+    grad = grad * weights.to(wide).unsqueeze(-1)
+    grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+    return torch.cat((grad_gate, grad * silu), dim=-1).to(gate_up.dtype), grad_weights
+
+
 class _SiluMul(torch.autograd.Function):
-    """[gate; up] (S, 2I) and routing weights w (S,) -> silu(gate) · up · w, computed in fp32 and
-    rounded once, keeping only the inputs for backward (the silu and product are recomputed there: no
-    (S, I) tensor held for backward)."""
+    """[gate; up] (S, 2I) and routing weights w (S,) -> silu(gate) · up · w (`_silu_mul`), keeping
+    only the inputs for backward (the silu and product are recomputed there: no (S, I) tensor held)."""
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor, weights: torch.Tensor):
         ctx.save_for_backward(gate_up, weights)
-        wide = _wide(gate_up)
-        gate, up = gate_up.to(wide).chunk(2, dim=-1)
-        return (F.silu(gate) * up * weights.to(wide).unsqueeze(-1)).to(gate_up.dtype)
+        return _silu_mul(gate_up, weights)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate_up, weights = ctx.saved_tensors
-        wide = _wide(gate_up)
-        gate, up = gate_up.to(wide).chunk(2, dim=-1)
-        grad = grad.to(wide)
-        silu = F.silu(gate)
-        grad_weights = (grad * silu * up).sum(-1).to(weights.dtype) if ctx.needs_input_grad[1] else None
-        grad = grad * weights.to(wide).unsqueeze(-1)
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        return torch.cat((grad_gate, grad * silu), dim=-1).to(gate_up.dtype), grad_weights
+        return _silu_mul_backward(gate_up, weights, grad, ctx.needs_input_grad[1])
+
+
+class _ActivatedGroupedLinear(torch.autograd.Function):
+    """`grouped_linear(_silu_mul(gate_up, w), weight, counts)` for a trainable weight (expert LoRA's A of
+    `down_proj`, ESFT's trained experts), keeping gate_up and w (which `_SiluMul` keeps anyway) instead
+    of the activation the weight's gradient reads (S, I: 12 KB a token a layer at Qwen3-30B-A3B): it is
+    made again in backward. (A compiled graph recomputes it by itself; this is eager's saving.)"""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, weights: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                impl: str):
+        ctx.save_for_backward(gate_up, weights, weight, counts)
+        ctx.impl = impl
+        return _grouped_linear(_silu_mul(gate_up, weights), weight, counts, impl)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_up, weights, weight, counts = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_weight = grouped_weight_grad(grad, _silu_mul(gate_up, weights), counts, ctx.impl)
+        grad_h = _grouped_linear(grad, weight.transpose(-2, -1), counts, ctx.impl)
+        grad_gate_up, grad_weights = _silu_mul_backward(gate_up, weights, grad_h, ctx.needs_input_grad[1])
+        return grad_gate_up, grad_weights, grad_weight, None, None
 
 
 @runtime_checkable
@@ -366,6 +402,13 @@ def _(grad, source, rows, inverse, top_k, weight, counts, impl):
 gathered_grouped_linear.register_autograd(_gathered_backward, setup_context=_gathered_setup)
 
 
+def project_activated(d: Dispatch, start: int, weight: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
+    """`down_proj`'s input rows from `start` on (the SiLU activation of d.activated, grouped by `counts`)
+    through a trainable `weight` (G, out, in), without keeping them for backward (`_ActivatedGroupedLinear`)."""
+    gate_up, weights = d.activated
+    return _ActivatedGroupedLinear.apply(gate_up[start:], weights[start:], weight, counts, impl)
+
+
 def project_gathered(d: Dispatch, start: int, weight: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
     """`gate_up_proj`'s input rows from `start` on (d.source[order // k], grouped by `counts`) through
     a trainable `weight` (G, out, in), without keeping the rows for backward (`gathered_grouped_linear`)."""
@@ -416,8 +459,9 @@ def run_experts(project: Callable[[str, torch.Tensor, Dispatch], torch.Tensor],
     d = dispatch(top_k_index, num_experts, adapted)
     d.source = hidden_states.to(dtype)
     weights = _Permute.apply(top_k_weights.reshape(-1), d.order, d.inverse)
-    h = activation(project("gate_up_proj", gathered(d), d), weights)
-    out = project("down_proj", h, d)
+    gate_up = project("gate_up_proj", gathered(d), d)
+    d.activated = (gate_up, weights)
+    out = project("down_proj", activation(gate_up, weights), d)
     return _SumSlots.apply(out, d.order, d.inverse, d.top_k).to(hidden_states.dtype)
 
 

@@ -14,6 +14,7 @@ from efftune.methods.expert_lora import (ExpertLora, ExpertLoraConfig, add_exper
                                          save_expert_lora, unload_expert_lora)
 from efftune.moe.experts import dispatch, grouped_linear, use_grouped_experts
 from efftune.moe.router_tap import hf_router_aux_loss
+from efftune.train.compile import partitioner
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -363,9 +364,10 @@ def test_gathered_grouped_linear_equals_grouped_linear_of_the_gathered_rows(subs
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_expert_path_keeps_no_per_slot_copy_of_the_tokens_for_backward(compiled):
-    """Neither the gathered input rows (S = T·k of them, which expert LoRA's A reads) nor the
-    (T, k, H) expert outputs (which weighting after down_proj needed) are kept for backward, eager or
-    compiled by Inductor (bf16 through torch's CPU grouped GEMM, the graph CUDA runs)."""
+    """Neither the gathered input rows (S = T·k of them, which expert LoRA's A of gate_up reads), nor
+    the activation (S, I) that down's A reads, nor the (T, k, H) expert outputs (which weighting after
+    down_proj needed) are kept for backward, eager or compiled by Inductor with efftune's partition
+    (bf16 through torch's CPU grouped GEMM, the graph CUDA runs)."""
     torch.manual_seed(0)
     base = tiny_moe(dtype=torch.bfloat16, intermediate=24).model.layers[0].mlp.experts  # 2I = 48 != H
     base.requires_grad_(False)  # as add_expert_lora freezes it
@@ -375,14 +377,16 @@ def test_the_expert_path_keeps_no_per_slot_copy_of_the_tokens_for_backward(compi
     idx = torch.stack([torch.randperm(8)[:k] for _ in range(T)])
     w = torch.rand(T, k, dtype=torch.bfloat16, requires_grad=True)
     run = torch.compile(layer) if compiled else layer
-    run(x, idx, w)  # compiles outside the hooks
     shapes = []
 
     def pack(t):
         shapes.append(tuple(t.shape))
         return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = run(x, idx, w)
+    with partitioner(None):  # efftune's lean partition, as train() compiles
+        run(x, idx, w)  # compiles outside the hooks
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = run(x, idx, w)
     assert shapes and (T * k, H) not in shapes and (T, k, H) not in shapes, str(shapes)
+    assert (T * k, 24) not in shapes, str(shapes)  # nor the activation down_proj's A reads (S, I)
     y.float().square().sum().backward()  # and backward runs from what was kept
     assert x.grad is not None and w.grad is not None and layer.lora["gate_up_proj"].lora_A.grad is not None
