@@ -8,16 +8,19 @@ Mixtral, ...): `gate_up_proj` (E, 2·I, H) holding [gate; up] and `down_proj` (E
 1. `dispatch`: one sort of the T·k (token, slot) pairs by expert; every later step works on that
    permuted layout, where each expert's rows are contiguous (gate_up and down share it).
 2. `grouped_linear`: one grouped GEMM per projection over the per-expert row counts —
-   `torch._grouped_mm` on CUDA in bf16, else a loop over per-expert slices (CPU, float64 tests).
+   `torch._grouped_mm` on CUDA in bf16 (anywhere in bf16 with impl "grouped_mm"), else a loop over
+   per-expert slices (CPU, float64 tests).
    Both read the same layout, so they agree up to rounding.
 3. the routing weights scale each row's activation before `down_proj` (the projection is linear:
    w · down(h) = down(w · h)), so the combine is a plain sum of each token's k rows, back in token
    order, and keeps nothing for backward: weighting after `down_proj` kept its (T, k, H) output for
    the weights' gradient, the largest tensor of the layer a backward needs.
 
-Expert LoRA's `A` factor of `gate_up_proj` reads the gathered rows (S = T·k of them); `Dispatch.source`
-lets it gather them again in backward instead of keeping them (`gathered_grouped_linear`): k times
-fewer rows kept.
+A trainable weight's gradient reads its projection's input rows: expert LoRA's `A` factors and ESFT's
+trained experts make them again in backward instead of keeping them. For `gate_up_proj` they are the
+gathered tokens (S = T·k rows; `Dispatch.source`, `project_gathered`: k times fewer rows kept), for
+`down_proj` the activation of gate_up's output (`Dispatch.activated`, `project_activated`). A frozen
+base's grouped GEMM keeps only its weight.
 
 Subclasses add per-expert updates (`ExpertLora`) or swap in trainable weights for some experts
 (ESFT) through `project`. An expert subset is served by a second sort key that puts the subset's
