@@ -130,7 +130,8 @@ def test_backward_keeps_no_dense_expert_weight():
 
 
 def test_compiled_expert_lora_on_quantised_experts_gives_the_eager_numbers():
-    """To fp32's accuracy: compiled, moe's combine sums the k slots in fp32 (moe.experts._Combine)."""
+    """To fp32's accuracy: compiled and eager, the slot sum and the SiLU-and-weight op compute in fp32
+    (moe.experts._SumSlots, _silu_mul) and round once."""
     model = moe64()
     quantize_model(model, "nf4")
     add_expert_lora(model, ExpertLoraConfig(r=4))
