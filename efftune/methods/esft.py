@@ -31,8 +31,7 @@ from ..attach import freeze_base, master_dtype, replace_module, wrappers
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..files import AdapterFormat
-from ..moe.experts import (IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules, grouped_linear,
-                           project_activated, project_gathered)
+from ..moe.experts import IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules
 from ..moe.router_tap import add_router_taps, remove_router_taps, router_taps
 from .expert_lora import ExpertLoraConfig, add_expert_lora, load_expert_lora, save_expert_lora
 from .registry import Method
@@ -177,13 +176,7 @@ class EsftExperts(GroupedExperts):
 
     def project_adapted(self, name: str, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         weight = getattr(self, name).to(x.dtype)
-        counts = d.picked.index_select(0, self.expert_ids)
-        # the trained weights' gradients read their input rows: made again in backward, not kept
-        if name == "gate_up_proj" and d.source is not None:
-            return project_gathered(d, d.split, weight, counts, self.impl)
-        if name == "down_proj" and d.activated is not None and self.silu:
-            return project_activated(d, d.split, weight, counts, self.impl)
-        return grouped_linear(x, weight, counts, self.impl)
+        return self.trainable_projection(name, x, d, d.split, weight, d.picked.index_select(0, self.expert_ids))
 
     @torch.no_grad()
     def merged_base(self) -> nn.Module:

@@ -29,8 +29,7 @@ from ..attach import freeze_base, master_dtype, replace_module, wrappers
 from ..checks import positive_ints, positive_numbers
 from ..errors import AdapterError, ConfigError, EfftuneError
 from ..files import AdapterFormat, base_model_name, checked_field, config_from, write_adapter_dir
-from ..moe.experts import (IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules,
-                           grouped_linear, project_activated, project_gathered, weight_like)
+from ..moe.experts import IMPLS, Dispatch, GroupedExperts, PackedExperts, experts_modules, grouped_linear, weight_like
 from ..moe.router_tap import add_router_taps
 from .registry import Method
 
@@ -45,7 +44,8 @@ class ExpertLoraConfig:
     """`targets`: which fused projections get LoRA. `experts`: adapt only these expert ids (in
     every MoE layer; None = all). `target_modules`: linear layers that get plain LoRA too (e.g.
     attention: ["q_proj", "k_proj", "v_proj", "o_proj"]). `impl`: expert path ("auto" = grouped
-    GEMM on CUDA bf16, else a loop; "grouped_mm": torch's grouped GEMM on any device, bf16; "loop"). `aux_loss`: record router logits for `hf_router_aux_loss`."""
+    GEMM on CUDA bf16, else a loop; "grouped_mm": torch's grouped GEMM on any device, bf16; "loop").
+    `aux_loss`: record router logits for `hf_router_aux_loss`."""
     r: int = 16
     alpha: float = 32.0
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
@@ -84,21 +84,6 @@ class ExpertFactors(nn.Module):
         bound = 1.0 / math.sqrt(in_features)  # what nn.Linear's Kaiming-uniform init gives (r, in)
         self.lora_A = nn.Parameter(torch.empty(n, r, in_features, device=device, dtype=dtype).uniform_(-bound, bound))
         self.lora_B = nn.Parameter(torch.zeros(n, out_features, r, device=device, dtype=dtype))
-
-    def delta(self, x: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
-        """x (S, in) grouped by `counts` (n,) -> s · (x A_e^T) B_e^T (S, out); the rank-r
-        intermediate is scaled, not the (S, out) result."""
-        return grouped_linear(self._scaled_a(x, counts, impl), self.lora_B.to(x.dtype), counts, impl)
-
-    def delta_of(self, project, d: Dispatch, start: int, counts: torch.Tensor, impl: str) -> torch.Tensor:
-        """`delta` of a projection's input rows from `start` on, which `project` (moe.experts'
-        `project_gathered` for gate_up, `project_activated` for down) makes again in backward instead
-        of keeping them."""
-        u = project(d, start, self.lora_A.to(d.source.dtype), counts, impl) * self.scaling
-        return grouped_linear(u, self.lora_B.to(u.dtype), counts, impl)
-
-    def _scaled_a(self, x: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
-        return grouped_linear(x, self.lora_A.to(x.dtype), counts, impl) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """s · B_e A_e for every adapted expert (n, out, in), in fp32 at least (merging only)."""
@@ -150,13 +135,12 @@ class ExpertLora(GroupedExperts):
         return y
 
     def _delta(self, name: str, x: torch.Tensor, d: Dispatch, start: int, counts: torch.Tensor) -> torch.Tensor:
-        """The update of rows `start`.. of projection `name` (x: those rows); gate_up's rows (the
-        gathered tokens) and down's (the SiLU activation) are not kept for backward (`delta_of`)."""
-        if name == "gate_up_proj" and d.source is not None:
-            return self.lora[name].delta_of(project_gathered, d, start, counts, self.impl)
-        if name == "down_proj" and d.activated is not None and self.silu:
-            return self.lora[name].delta_of(project_activated, d, start, counts, self.impl)
-        return self.lora[name].delta(x, counts, self.impl)
+        """s · (x A_e^T) B_e^T for rows `start`.. of projection `name` (x: those rows, grouped by
+        `counts`); the rank-r intermediate is scaled, not the (S, out) result, and A's input rows are
+        not kept for backward (`trainable_projection`)."""
+        f = self.lora[name]
+        u = self.trainable_projection(name, x, d, start, f.lora_A.to(x.dtype), counts) * f.scaling
+        return grouped_linear(u, f.lora_B.to(u.dtype), counts, self.impl)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -331,6 +331,18 @@ class GroupedExperts(nn.Module):
         """The adapted experts' rows (their counts: d.picked) through `name`; subclasses change it."""
         return self.base_projection(name, x, d.picked)
 
+    def trainable_projection(self, name: str, x: torch.Tensor, d: Dispatch, start: int, weight: torch.Tensor,
+                             counts: torch.Tensor) -> torch.Tensor:
+        """Rows `start`.. of projection `name`'s input (x: those rows, grouped by `counts`) through a
+        trainable `weight` (G, out, in), whose gradient reads them: gate_up's rows (the gathered
+        tokens, `project_gathered`) and down's (the SiLU activation, `project_activated`) are made
+        again in backward instead of kept."""
+        if name == "gate_up_proj" and d.source is not None:
+            return project_gathered(d, start, weight, counts, self.impl)
+        if name == "down_proj" and d.activated is not None and self.silu:
+            return project_activated(d, start, weight, counts, self.impl)
+        return grouped_linear(x, weight, counts, self.impl)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         return run_experts(self.project, self.activation, self.num_experts, experts_dtype(self.base_layer),
