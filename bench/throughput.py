@@ -31,7 +31,8 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-full-8bit     `efftune-full` with train.optimizer adamw8bit (torchao; embeddings' moments fp32)
   efftune-full-compile  `efftune-full` with every decoder block compiled; efftune-full-compile-cg:
                         and replayed as CUDA graphs; efftune-full-8bit-compile-cg: with adamw8bit;
-                        efftune-full-compile-ckpt-cg: with activation checkpointing (the compiler's)
+                        efftune-full-compile-ckpt-cg: with activation checkpointing (the compiler's);
+                        efftune-full-adamwfp8-compile-cg: with adamwfp8 (torchao's fp8 moments)
   full-plain-ckpt `full-plain` with transformers' gradient checkpointing (what fits an 8B one GPU)
   efftune-nf4     `efftune` on an NF4 base: the decoder blocks' linears quantised first
                   (efftune.quantize.quantize_model, as `quantize: nf4` does); efftune-nf4-ckpt:
@@ -102,6 +103,7 @@ CASES = ("peft", "peft-ckpt", "efftune", "efftune-plain", "efftune-fa", "efftune
          "efftune-compile-fp8", "efftune-compile-cg", "efftune-compile-fp8-cg",
          "full-plain", "full-plain-ckpt", "efftune-full", "efftune-full-8bit", "efftune-full-compile",
          "efftune-full-compile-cg", "efftune-full-8bit-compile-cg", "efftune-full-compile-ckpt-cg",
+         "efftune-full-adamwfp8-compile-cg",
          "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4", "efftune-compile-nf4-ckpt",
          "efftune-compile-nf4-cg", "efftune-compile-nf4-ckpt-cg", "efftune-compile-ckpt-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
          "efftune-dora-compile", "efftune-dora-compile-cg")
@@ -240,10 +242,10 @@ def make_optimizer(model: torch.nn.Module, case: str) -> torch.optim.Optimizer:
     if case == "peft-fa":
         from peft.optimizers import create_lorafa_optimizer
         return create_lorafa_optimizer(model, r=16, lora_alpha=32, lr=1e-4)
-    if case.startswith("efftune-full-8bit"):
+    if case.startswith(("efftune-full-8bit", "efftune-full-adamwfp8")):
         from efftune.train.optimizers import build_optimizer, embedding_weights
         params = [p for p in model.parameters() if p.requires_grad]
-        return build_optimizer("adamw8bit", [{"params": params, "weight_decay": 0.0}], 1e-4,
+        return build_optimizer("adamw8bit" if "-8bit" in case else "adamwfp8", [{"params": params, "weight_decay": 0.0}], 1e-4,
                                next(model.parameters()).device, embedding_weights(model))
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 

@@ -100,9 +100,9 @@ def check_combination(cfg: "RunConfig") -> None:
     if cfg.method == "esft" and cfg.esft.mode == "full" and cfg.quantize != "none":
         raise ConfigError(f"quantize: {cfg.quantize} cannot run with method: esft and esft.mode: full, which trains "
                           "the selected experts' own weights; a quantised base cannot take them (use esft.mode: lora)")
-    if cfg.method == "relora" and cfg.train.optimizer == "adamw8bit":
+    if cfg.method == "relora" and cfg.train.optimizer != "adamw":
         raise ConfigError("method relora prunes Adam's moments in place at each restart, which train.optimizer "
-                          "adamw8bit's 8-bit moments do not support: use train.optimizer adamw")
+                          f"{cfg.train.optimizer}'s 8-bit moments do not support: use train.optimizer adamw")
 
 
 PATTERN_KEYS = ("target_modules", "feedforward_modules", "embeddings")  # a string there is a regex

@@ -175,8 +175,9 @@ HELP: dict[str, str] = {
     "train.compile_autotune": "with --compile: benchmark GEMM kernels per shape and keep the fastest (GPU; "
                               "minutes of compilation on the first step)",
     "train.fp8_base": "run the frozen base linears in FP8 while training (H100/Ada GPUs)",
-    "train.optimizer": "adamw | adamw8bit (Adam moments in 8 bits, 2 bytes a weight instead of 8; needs "
-                       "pip install \"efftune[optim]\")",
+    "train.optimizer": "adamw | adamw8bit | adamwfp8 (Adam moments in 8 bits, 2 bytes a weight instead of 8: "
+                       "dynamic-tree codes, or fp8 numbers with a cheaper update; needs pip install "
+                       "\"efftune[optim]\")",
     "train.attention": "sdpa | flash4: attention kernel for rows holding one causal sequence each (flash4: "
                        "FlashAttention-4, needs the flash-attn-4 package and a Hopper/Blackwell GPU)",
     "train.masked_attention": "sdpa | flex: attention kernel for rows with a mask, i.e. packed sequences and "

@@ -31,7 +31,7 @@ from ..files import replace_dir_atomically, write_text_atomically
 from ..methods.lora.packing import owns_storage
 from . import distributed
 from .distributed import full, like
-from .optimizers import SCALE, state_tensors
+from .optimizers import CODE_DTYPES, SCALE, state_tensors
 from .sharded_state import METADATA, SHARDS, load_shards, save_shards, shard_index
 
 COMMON = ("rng.safetensors", "extra.safetensors", "state.json")
@@ -277,15 +277,22 @@ def _mismatch(where: Path, what: str, found: dict[str, tuple], expected: dict[st
 
 
 def _check_optimizer_key(where: Path, key: str, name: str, field: str, shape: tuple | None,
-                         params: dict[str, torch.Tensor], optimized: set[str], optimizer, file: str) -> None:
+                         params: dict[str, torch.Tensor], optimized: set[str], optimizer, file: str,
+                         dtype: torch.dtype | None = None) -> None:
     """One optimizer state entry fits this run: a parameter the optimizer covers, an 8-bit moment's
-    scales only for an 8-bit optimizer, every tensor but the step counter of the parameter's shape."""
+    scales only for an 8-bit optimizer and its codes only of this optimizer's kind (`dtype`: the
+    entry's), every tensor but the step counter of the parameter's shape."""
     if name not in optimized or not field:
         raise CheckpointError(f"checkpoint {where}: {file} has key {key!r}, which fits "
                               "no trainable parameter of this run")
     if field.endswith(SCALE) and not getattr(optimizer, "quantized_states", False):
         raise CheckpointError(f"checkpoint {where}: optimizer state {key!r} is an 8-bit moment's; "
-                              "resume with train.optimizer adamw8bit")
+                              "resume with the train.optimizer that wrote it (adamw8bit or adamwfp8)")
+    wrote = next((n for n, d in CODE_DTYPES.items() if d == dtype), None)
+    if wrote is not None and dtype != getattr(optimizer, "code_dtype", None):
+        # the other 8-bit optimizer's codes (map indices vs fp8 numbers) would load as other values
+        raise CheckpointError(f"checkpoint {where}: optimizer state {key!r} holds train.optimizer {wrote}'s "
+                              f"{dtype} codes; resume with train.optimizer {wrote}")
     if shape is not None and field != "step" and not field.endswith(SCALE) and tuple(shape) != tuple(params[name].shape):
         raise CheckpointError(f"checkpoint {where}: optimizer state {key!r} has shape "
                               f"{tuple(shape)}, the parameter has {tuple(params[name].shape)}")
@@ -323,14 +330,15 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         raise CheckpointError(f"checkpoint {directory}: rng.safetensors holds no valid random-number state")
 
     if is_sharded(directory):
-        index = shard_index(directory / SHARDS)
+        index, dtypes = shard_index(directory / SHARDS)
         _mismatch(directory, "trainable parameters",
                   {k.removeprefix("model."): s for k, s in index.items() if k.startswith("model.")}, trainable)
         with_state = set()
         for key, shape in index.items():
             if key.startswith("optim."):  # "optim.<param>.<field>"; fields have no dot, names do
                 name, _, field = key.removeprefix("optim.").rpartition(".")
-                _check_optimizer_key(directory, key, name, field, shape, params, optimized, optimizer, SHARDS)
+                _check_optimizer_key(directory, key, name, field, shape, params, optimized, optimizer, SHARDS,
+                                     dtypes.get(key))
                 with_state.add(name)
         # Everything fits: the shards are read into fresh tensors, then into the model and the optimizer.
         load_shards(directory / SHARDS, model, optimizer, state["param_groups"], with_state, only)
@@ -355,8 +363,9 @@ def _load_whole(directory: Path, state: dict, model: nn.Module, optimizer: torch
     per_param: dict[str, dict] = {}
     for key, value in list(opt.items()) + list(state.get("optimizer_scalars", {}).items()):
         name, _, field = key.partition("::")
-        _check_optimizer_key(directory, key, name, field, tuple(value.shape) if torch.is_tensor(value) else None,
-                             params, optimized, optimizer, "optimizer.safetensors")
+        tensor = torch.is_tensor(value)
+        _check_optimizer_key(directory, key, name, field, tuple(value.shape) if tensor else None,
+                             params, optimized, optimizer, "optimizer.safetensors", value.dtype if tensor else None)
         per_param.setdefault(name, {})[field] = like(value, params[name]) if torch.is_tensor(value) \
             and field != "step" else value
 

@@ -70,7 +70,7 @@ class TrainConfig:
     cuda_graphs: bool = False       # with compile: replay the blocks as CUDA graphs (rows padded to max_length)
     compile_autotune: bool = False  # with compile: pick each GEMM's kernel by benchmarking (slow first step)
     fp8_base: bool = False          # frozen base linears in FP8 while training (efftune.train.fp8)
-    optimizer: str = "adamw"        # adamw | adamw8bit (8-bit Adam moments, torchao: efftune.train.optimizers)
+    optimizer: str = "adamw"        # adamw | adamw8bit | adamwfp8 (8-bit Adam moments, torchao: efftune.train.optimizers)
     attention: str = "sdpa"         # kernel for rows that are one causal sequence each: sdpa | flash4 (efftune.forward.flash4)
     masked_attention: str = "sdpa"  # kernel for rows with a mask (packing, trees): sdpa | flex (efftune.forward.flex)
     eval_every: int = 20            # steps between evaluations (0: only before and after)
@@ -263,7 +263,7 @@ def make_optimizer(parts: Sequence[list[torch.Tensor]], config: TrainConfig, dev
     """`config.optimizer` (AdamW, or AdamW with 8-bit moments: `efftune.train.optimizers`) over each
     part's parameters (a run's lanes: `efftune.train.together`), two groups a part in part order: its
     matrices with weight decay, the rest without (fused on CUDA). `fp32_moments`: parameters whose
-    moments stay fp32 under adamw8bit (the embeddings: `optimizers.embedding_weights`)."""
+    moments stay fp32 under 8-bit moments (the embeddings: `optimizers.embedding_weights`)."""
     groups = [g for params in parts for g in (
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})]

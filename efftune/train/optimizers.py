@@ -1,16 +1,21 @@
 """The optimizers the training loop builds (`train.optimizer`): AdamW, or AdamW with 8-bit moments.
 
-`adamw` is torch's AdamW (fused on CUDA). `adamw8bit` is torchao's AdamW8bit: both Adam moments of
-every tensor of 4,096 values or more are kept as 8-bit codes with one fp32 scale per block of 256
-(dynamic-tree quantisation, as bitsandbytes does), 2 bytes a weight instead of 8, the update itself
-computed in fp32 (torchao's update, compiled). It is what lets a full fine-tune of an 8B model fit
-one 141 GB GPU (`efftune.methods.full`). torchao is an optional extra (`pip install "efftune[optim]"`);
-the core never imports it unless this optimizer is asked for.
+`adamw` is torch's AdamW (fused on CUDA). The two others keep both Adam moments of every tensor of
+4,096 values or more in 8 bits with one fp32 scale per block of 256, 2 bytes a weight instead of 8, the
+update itself computed in fp32 (torchao's update, compiled); they differ in what a byte holds:
+- `adamw8bit`, torchao's AdamW8bit: a code into a 256-value dynamic-tree map (as bitsandbytes
+  quantises), 7 decades of range; finding a value's code is a search of the map;
+- `adamwfp8`, torchao's AdamWFp8: an fp8 (e4m3) number, about 5 decades of range below the block's
+  largest; a value's code is one conversion instruction, so the update does less arithmetic a weight
+  (on the CPU here it runs 2.8x faster than adamw8bit's; bench/RESULTS.md session 24).
+Either is what lets a full fine-tune of an 8B model fit one 141 GB GPU (`efftune.methods.full`).
+torchao is an optional extra (`pip install "efftune[optim]"`); the core never imports it unless one of
+these optimizers is asked for.
 
-Checkpoints hold plain tensors: an 8-bit moment is written as its codes (uint8, the parameter's
-shape, under the moment's key) and its block scales (under `<key>::scale`), and rebuilt from them on
-load, so a resumed run continues bit-identically. (Writing the values the codes stand for and
-quantising them again would not be exact: the signed code map has +1 but not -1, so a block whose
+Checkpoints hold plain tensors: an 8-bit moment is written as its codes (uint8 or float8_e4m3fn, the
+parameter's shape, under the moment's key) and its block scales (under `<key>::scale`), and rebuilt
+from them on load, so a resumed run continues bit-identically. (Writing the values the codes stand for
+and quantising them again would not be exact: the signed code map has +1 but not -1, so a block whose
 largest value is negative comes back with another scale.)
 
 Under FSDP (`train.distributed: fsdp`) each rank keeps the moments of its own rows of a parameter,
@@ -31,9 +36,11 @@ from torch import nn
 
 from ..errors import ConfigError
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamwfp8")
+QUANTIZED = {"adamw8bit": "AdamW8bit", "adamwfp8": "AdamWFp8"}  # train.optimizer -> torchao.optim class
 EXTRA = "optim"  # pip install "efftune[optim]"
 SCALE = "::scale"  # checkpoint key suffix of an 8-bit moment's block scales
+CODE_DTYPES = {"adamw8bit": torch.uint8, "adamwfp8": torch.float8_e4m3fn}  # what each one's codes are
 MOMENTS = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}  # state key -> signed codes
 
 
@@ -41,23 +48,24 @@ def check_optimizer(name: str) -> None:
     """`train.optimizer` is one we build, and its package is installed (said before a run starts)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-    if name == "adamw8bit" and importlib.util.find_spec("torchao") is None:
-        raise ConfigError(f"train.optimizer adamw8bit needs torchao, which is not installed: "
+    if name in QUANTIZED and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"train.optimizer {name} needs torchao, which is not installed: "
                           f"pip install \"efftune[{EXTRA}]\"")
 
 
 def build_optimizer(name: str, groups: Sequence[dict], lr: float, device: torch.device,
                     fp32_moments: Iterable[torch.Tensor] = ()) -> torch.optim.Optimizer:
     """The optimizer `name` over parameter `groups` (each with its own weight decay); betas (0.9, 0.999),
-    eps 1e-8. `fp32_moments`: parameters whose moments stay fp32 under adamw8bit (`embedding_weights`)."""
+    eps 1e-8. `fp32_moments`: parameters whose moments stay fp32 under adamw8bit / adamwfp8
+    (`embedding_weights`)."""
     check_optimizer(name)
-    if name == "adamw8bit":
-        return _adamw8bit_class()(list(groups), lr=lr, betas=(0.9, 0.999), eps=1e-8, fp32_moments=fp32_moments)
+    if name in QUANTIZED:
+        return _quantized_class(name)(list(groups), lr=lr, betas=(0.9, 0.999), eps=1e-8, fp32_moments=fp32_moments)
     return torch.optim.AdamW(list(groups), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
 
 
 def embedding_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The input and output embedding matrices: their Adam moments stay fp32 under adamw8bit. A row of a
+    """The input and output embedding matrices: their Adam moments stay fp32 under 8-bit moments. A row of a
     token that is rare in the batch gets a gradient many orders of magnitude below its block's largest,
     so its second moment rounds to 0 in 8 bits while its first does not, and the update m / (sqrt(v) + eps)
     blows up: measured here, a 3-step run moved such embedding entries by 0.79 at lr 1e-3 (fp32 AdamW:
@@ -118,20 +126,21 @@ def state_tensors(field: str, value: torch.Tensor, param: torch.Tensor | None = 
     return out
 
 
-_CLASS: list[type] = []
+_CLASSES: dict[str, type] = {}
 _UPDATE: list = []  # torchao's one-parameter AdamW update, compiled (one wrapper: its guards pick the graph)
 
 
-def _adamw8bit_class() -> type:
-    """torchao's AdamW8bit as the loop drives it (made once: torchao is imported only here)."""
-    if _CLASS:
-        return _CLASS[0]
-    from torchao.optim import AdamW8bit
+def _quantized_class(name: str) -> type:
+    """torchao's AdamW8bit or AdamWFp8 (`QUANTIZED[name]`) as the loop drives it (made once per name:
+    torchao is imported only here)."""
+    if name in _CLASSES:
+        return _CLASSES[name]
+    import torchao.optim
     from torchao.optim.adam import single_param_adam
-    torchao_zeros = AdamW8bit._subclass_zeros  # an 8-bit moment of p's shape, codes and scales zero
+    base = getattr(torchao.optim, QUANTIZED[name])
 
-    class EfftuneAdamW8bit(AdamW8bit):
-        """torchao's AdamW8bit (its 8-bit moments and its update's arithmetic) with four changes:
+    class EfftuneQuantizedAdamW(base):
+        """torchao's AdamW8bit / AdamWFp8 (its 8-bit moments and its update's arithmetic) with four changes:
         - the moments of `fp32_moments` (the embeddings) stay fp32 (`embedding_weights` says why);
         - each group's lr stays a Python float (the loop sets it every step and a checkpoint writes it
           as JSON); it is handed to torchao's compiled update as a tensor, which torchao requires so
@@ -146,6 +155,9 @@ def _adamw8bit_class() -> type:
         compiled update on large weights: bench/RESULTS.md session 23.)"""
 
         quantized_states = True  # checkpoint.load_checkpoint: this optimizer takes `::scale` entries
+        # what its 8-bit moments' codes are (uint8 map indices, or fp8 numbers): checkpoint.load_checkpoint
+        # refuses the other kind, which read as these would stand for other values
+        code_dtype = CODE_DTYPES[name]
 
         def __init__(self, params, *args, fp32_moments: Iterable[torch.Tensor] = (), **kwargs):
             self.fp32_ids = {id(p) for p in fp32_moments}
@@ -157,7 +169,7 @@ def _adamw8bit_class() -> type:
                 return torch.zeros_like(local, dtype=torch.float32)
             if not eight_bit(p, self.block_size):
                 return torch.zeros_like(local)  # as torchao keeps a small tensor's moments
-            return torchao_zeros(local, signed, self.block_size)
+            return self._subclass_zeros(local, signed, self.block_size)  # codes and scales zero
 
         def add_param_group(self, param_group: dict) -> None:
             torch.optim.Optimizer.add_param_group(self, param_group)  # torchao's would make lr a tensor
@@ -210,21 +222,24 @@ def _adamw8bit_class() -> type:
 
         def _rebuilt(self, p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, signed: bool):
             """The 8-bit moment of `p` a checkpoint's codes and scales hold (this rank's rows under FSDP).
-            (load_state_dict made the codes floats of the parameter's dtype: 0..255, exact.)"""
+            (load_state_dict made the codes floats of the parameter's dtype, exactly: map indices
+            0..255, or fp8 numbers, which every wider float holds.)"""
             from .distributed import full, like
             buffer = self._new_buffer(p, signed)
             if is_quantized(buffer):  # the same blocks as the run that wrote it: the same codes
-                buffer.codes.copy_(_local(codes).to(torch.uint8))
+                buffer.codes.copy_(_local(codes).to(buffer.codes.dtype))
                 buffer.scale.copy_(_local(scale))
                 return buffer
             # rows split across these ranks otherwise than in whole blocks (a resume on another number
             # of ranks): the values the codes stand for, in fp32 (every rank calls this, in one order)
             all_codes = full(codes)
-            whole = torchao_zeros(all_codes, signed, self.block_size)
-            whole.codes.copy_(all_codes.to(torch.uint8))
+            whole = self._subclass_zeros(all_codes, signed, self.block_size)
+            whole.codes.copy_(all_codes.to(whole.codes.dtype))
             whole.scale.copy_(full(scale))
             return _local(like(whole.dequantize().to(buffer.dtype), p))  # the plain moment's dtype here
 
-    _CLASS.append(EfftuneAdamW8bit)
-    _UPDATE.append(torch.compile(single_param_adam, fullgraph=True, dynamic=False))
-    return EfftuneAdamW8bit
+    EfftuneQuantizedAdamW.__name__ = EfftuneQuantizedAdamW.__qualname__ = f"Efftune{QUANTIZED[name]}"
+    _CLASSES[name] = EfftuneQuantizedAdamW
+    if not _UPDATE:
+        _UPDATE.append(torch.compile(single_param_adam, fullgraph=True, dynamic=False))
+    return EfftuneQuantizedAdamW

@@ -7,7 +7,7 @@ Only tensors go through DCP: {"model": trainable parameters by name, "optim": ea
 optimizer state by name} (torch's `get_state_dict` names, which are `named_parameters`' names under
 FSDP2 too). The optimizer's hyperparameters stay in the checkpoint's state.json, as in the
 one-process format (`efftune.train.checkpoint`), so nothing but DCP's own index is pickled. An
-8-bit moment (`train.optimizer: adamw8bit`) goes in as plain tensors too, its codes and its block
+8-bit moment (`train.optimizer: adamw8bit` or `adamwfp8`) goes in as plain tensors too, its codes and its block
 scales (`efftune.train.optimizers.state_tensors`), and is rebuilt from them on load.
 """
 from __future__ import annotations
@@ -80,9 +80,10 @@ def save_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         raise
 
 
-def shard_index(path: Path) -> dict[str, tuple[int, ...] | None]:
+def shard_index(path: Path) -> tuple[dict[str, tuple[int, ...] | None], dict[str, torch.dtype]]:
     """The tensors DCP directory `path` holds: "model.<name>" and "optim.<name>.<field>" keys, each
-    with its whole (unsharded) shape. A missing or unreadable index is a CheckpointError."""
+    with its whole (unsharded) shape, and each tensor's dtype. A missing or unreadable index is a
+    CheckpointError."""
     if not (path / METADATA).is_file():
         raise CheckpointError(f"checkpoint {path.parent} is incomplete: missing {SHARDS}/{METADATA}")
     try:
@@ -90,7 +91,9 @@ def shard_index(path: Path) -> dict[str, tuple[int, ...] | None]:
     except Exception as exc:  # a torn or garbage index: pickle's and DCP's own errors
         raise CheckpointError(f"checkpoint {path.parent}: {SHARDS}/{METADATA} cannot be read (truncated or "
                               f"corrupt: {type(exc).__name__})") from None
-    return {k: tuple(m.size) if hasattr(m, "size") else None for k, m in metadata.state_dict_metadata.items()}
+    entries = metadata.state_dict_metadata.items()
+    return ({k: tuple(m.size) if hasattr(m, "size") else None for k, m in entries},
+            {k: m.properties.dtype for k, m in entries if hasattr(m, "properties")})
 
 
 def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, param_groups: list[dict],

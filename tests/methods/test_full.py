@@ -100,9 +100,9 @@ def _stop_after_first_save(model, step):
     return {}
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adamwfp8"])
 def test_resume_equals_an_uninterrupted_run(tokenizer, tmp_path, optimizer):
-    if optimizer == "adamw8bit":
+    if optimizer != "adamw":
         pytest.importorskip("torchao")
     # 64 x 128 MLP weights hold 8,192 values: torchao keeps their moments in 8 bits (from 4,096)
     make = lambda: llama(hidden=64, intermediate=128)
@@ -122,7 +122,9 @@ def test_resume_equals_an_uninterrupted_run(tokenizer, tmp_path, optimizer):
     from safetensors import safe_open
     with safe_open(ckpt / "optimizer.safetensors", "pt") as f:
         scales = [k for k in f.keys() if k.endswith("::scale")]
-    assert bool(scales) == (optimizer == "adamw8bit")  # 8-bit moments are saved as codes and scales
+        codes = {f.get_tensor(k.removesuffix("::scale")).dtype for k in scales}
+    assert bool(scales) == (optimizer != "adamw")  # 8-bit moments are saved as codes and scales
+    assert codes <= {torch.uint8 if optimizer == "adamw8bit" else torch.float8_e4m3fn}
 
     resumed = make()
     add_full(resumed)
@@ -132,12 +134,13 @@ def test_resume_equals_an_uninterrupted_run(tokenizer, tmp_path, optimizer):
         assert torch.equal(p, resumed.get_parameter(n)), n
 
 
-def test_adamw8bit_keeps_8bit_moments_but_fp32_ones_for_the_embeddings(tokenizer, tmp_path):
+@pytest.mark.parametrize("eight", ["adamw8bit", "adamwfp8"])
+def test_8bit_moments_but_fp32_ones_for_the_embeddings(tokenizer, tmp_path, eight):
     pytest.importorskip("torchao")
     from efftune.train.loop import make_optimizer
-    from efftune.train.optimizers import embedding_weights, is_quantized
+    from efftune.train.optimizers import CODE_DTYPES, embedding_weights, is_quantized
     runs, lr, steps = {}, 1e-3, 3
-    for optimizer in ("adamw", "adamw8bit"):
+    for optimizer in ("adamw", eight):
         model = llama(hidden=64, intermediate=128)
         add_full(model)
         start = weights(model)
@@ -148,26 +151,27 @@ def test_adamw8bit_keeps_8bit_moments_but_fp32_ones_for_the_embeddings(tokenizer
     model = llama(hidden=64, intermediate=128)
     add_full(model)
     params = list(model.parameters())
-    opt = make_optimizer([params], TrainConfig(optimizer="adamw8bit"), torch.device("cpu"), embedding_weights(model))
+    opt = make_optimizer([params], TrainConfig(optimizer=eight), torch.device("cpu"), embedding_weights(model))
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
     eight_bit = {n: is_quantized(opt.state[p]["exp_avg"]) and is_quantized(opt.state[p]["exp_avg_sq"])
-                 for n, p in model.named_parameters()}
+                 and opt.state[p]["exp_avg"].codes.dtype == CODE_DTYPES[eight] for n, p in model.named_parameters()}
     assert eight_bit == {n: p.numel() >= 4096 and n not in ("model.embed_tokens.weight", "lm_head.weight")
                          for n, p in model.named_parameters()}
     # Adam moves a weight by about lr a step; 8-bit moments change the path a little, never by more than
     # that (8-bit moments on the embeddings moved rare tokens' entries by 0.79 here)
     for n, exact in runs["adamw"].items():
-        assert (runs["adamw8bit"][n] - exact).abs().max() < lr * steps, n
+        assert (runs[eight][n] - exact).abs().max() < lr * steps, n
 
 
-def test_an_optimizer_step_with_8bit_moments_is_adams(tmp_path):
+@pytest.mark.parametrize("eight", ["adamw8bit", "adamwfp8"])
+def test_an_optimizer_step_with_8bit_moments_is_adams(tmp_path, eight):
     pytest.importorskip("torchao")
     from efftune.train.optimizers import build_optimizer, is_quantized
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(64, 128))
-    opt = build_optimizer("adamw8bit", [{"params": [p], "weight_decay": 0.0}], 1e-2, torch.device("cpu"))
+    opt = build_optimizer(eight, [{"params": [p], "weight_decay": 0.0}], 1e-2, torch.device("cpu"))
     g = torch.randn_like(p)
     p.grad = g.clone()
     start = p.detach().clone()
@@ -179,25 +183,46 @@ def test_an_optimizer_step_with_8bit_moments_is_adams(tmp_path):
     assert torch.allclose(p.detach(), reference, atol=1e-4)
 
 
-def test_8bit_moments_load_as_their_values_where_they_cannot_stay_8bit():
+@pytest.mark.parametrize("eight", ["adamw8bit", "adamwfp8"])
+def test_8bit_moments_load_as_their_values_where_they_cannot_stay_8bit(eight):
     """A checkpoint's 8-bit moment for a parameter whose moments this run keeps plain (under FSDP: rows that
     do not split across the ranks in whole blocks) loads as the values its codes stand for."""
     pytest.importorskip("torchao")
     from efftune.train.optimizers import build_optimizer, is_quantized, state_tensors
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(64, 128))
-    saving = build_optimizer("adamw8bit", [{"params": [p], "weight_decay": 0.0}], 1e-2, torch.device("cpu"))
+    saving = build_optimizer(eight, [{"params": [p], "weight_decay": 0.0}], 1e-2, torch.device("cpu"))
     p.grad = torch.randn_like(p)
     saving.step()
     moment = saving.state[p]["exp_avg"]
     assert is_quantized(moment) and set(state_tensors("exp_avg", moment)) == {"exp_avg", "exp_avg::scale"}
-    loading = build_optimizer("adamw8bit", [{"params": [p], "weight_decay": 0.0}], 1e-2, torch.device("cpu"),
+    loading = build_optimizer(eight, [{"params": [p], "weight_decay": 0.0}], 1e-2, torch.device("cpu"),
                               fp32_moments=[p])  # this one keeps p's moments in fp32
     state = {k: v for field, value in saving.state[p].items() for k, v in
              (state_tensors(field, value) if field != "step" else {field: value}).items()}
     loading.load_state_dict({"state": {0: state}, "param_groups": saving.state_dict()["param_groups"]})
     loaded = loading.state[p]["exp_avg"]
     assert not is_quantized(loaded) and torch.equal(loaded, moment.dequantize())
+
+
+@pytest.mark.parametrize("wrote, resumes", [("adamw8bit", "adamwfp8"), ("adamwfp8", "adamw8bit")])
+def test_a_resume_with_the_other_8bit_optimizer_is_refused_and_changes_nothing(tokenizer, tmp_path, wrote, resumes):
+    """Map indices (adamw8bit) read as fp8 numbers (adamwfp8), or the other way round, are other moments:
+    even where the run is told a changed config is fine (`resume_changed`), the checkpoint is refused."""
+    pytest.importorskip("torchao")
+    from efftune.errors import CheckpointError
+    make = lambda: llama(hidden=64, intermediate=128)
+    model = make()
+    add_full(model)
+    cfg = dict(steps=2, batch_size=4, lr=1e-2, warmup_steps=1, save_every=2, eval_every=0)
+    train(model, data(tokenizer), TrainConfig(optimizer=wrote, **cfg), tmp_path, pad_id=1)
+    again = make()
+    add_full(again)
+    before = weights(again)
+    with pytest.raises(CheckpointError, match=f"holds train.optimizer {wrote}'s .* resume with train.optimizer {wrote}"):
+        train(again, data(tokenizer), TrainConfig(optimizer=resumes, **cfg), tmp_path, pad_id=1, resume=True,
+              resume_changed=True)
+    assert all(torch.equal(before[n], p) for n, p in again.named_parameters())
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
@@ -210,6 +235,7 @@ def test_a_target_pattern_matching_nothing_is_refused():
 @pytest.mark.parametrize("values, words", [
     ({"method": "full", "train": {"fp8_base": True}}, ["method full", "train.fp8_base"]),
     ({"method": "relora", "train": {"optimizer": "adamw8bit"}}, ["method relora", "adamw8bit"]),
+    ({"method": "relora", "train": {"optimizer": "adamwfp8"}}, ["method relora", "adamwfp8"]),
     ({"train": {"optimizer": "sgd"}}, ["train.optimizer", "sgd"]),
     ({"method": "full", "full": {"target_modules": []}}, ["full.target_modules"]),
 ])

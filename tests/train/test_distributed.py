@@ -323,9 +323,10 @@ def test_adamw8bit_under_fsdp_equals_one_process_and_its_checkpoint_resumes_exac
     assert one and two.keys() == one.keys()
     assert_same_weights(one, two)  # (the same bytes here: the same gradients give the same codes)
     assert losses(tmp_path / "fsdp" / "run") == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-9)
-    index = shard_index(tmp_path / "fsdp" / "run" / "checkpoints" / "step-000002" / "sharded")
+    index, dtypes = shard_index(tmp_path / "fsdp" / "run" / "checkpoints" / "step-000002" / "sharded")
     gate = "optim.model.layers.0.mlp.gate_proj.weight.exp_avg"
     assert index[gate] == (128, 64) and index[gate + "::scale"] == (128 * 64 // 256,)  # codes and block scales
+    assert dtypes[gate] == torch.uint8
     assert "optim.model.embed_tokens.weight.exp_avg::scale" not in index  # the embeddings' moments stay fp32
 
     rewind(tmp_path / "fsdp" / "run", tmp_path / "on2" / "run", 2)
