@@ -28,7 +28,9 @@ For one model shape (bench/throughput.py's SHAPES) and sequence length, times on
              projection's shape: torchao's compiled update (what efftune runs) against bitsandbytes'
              blockwise kernel, with how far the latter's codes, scales and weights land from torchao's
              and the bandwidth each reaches counting the 16 bytes a weight the update must move (fp32
-             weight read and written, fp32 gradient read, two code bytes read and written)
+             weight read and written, fp32 gradient read, two code bytes read and written); beside
+             them torchao's compiled update with fp8 moments (train.optimizer adamwfp8, the same 16
+             bytes; its weights' distance from the 8-bit step's) and torch's fused fp32 AdamW (28 bytes)
   floor      the work no bf16 LoRA implementation can skip, one training step's worth back to back
              (frozen GEMMs both ways, cuDNN attention, LM head): time and, with NVML, joules per step,
              to set against a real step's (bench/throughput.py prints those too); not in the default run
@@ -300,6 +302,7 @@ def dequant(cfg: dict, seq: int) -> list[dict]:
 def adamw8bit(cfg: dict, seq: int) -> list[dict]:
     from torchao.optim.adam import single_param_adam
     from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_fp8 import OptimStateFp8
 
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
@@ -314,15 +317,33 @@ def adamw8bit(cfg: dict, seq: int) -> list[dict]:
             weight_decay=wd)
     except ImportError:
         pass
+    fp8_way, fused_way = "torchao compiled, fp8 moments (adamwfp8)", "torch fused AdamW, fp32 moments"
+    ways[fp8_way] = ways["torchao compiled"]
+    fused = {}  # weight's address -> torch's fused AdamW over it with the given moments, built once
+
+    def fused_step(p, g, m, v):
+        if p.data_ptr() not in fused:
+            param = torch.nn.Parameter(p)  # p's own storage: the step moves the caller's weight
+            param.grad = g
+            opt = torch.optim.AdamW([param], lr=lr, weight_decay=wd, fused=True)
+            opt.state[param] = {"step": step.clone().cuda(), "exp_avg": m, "exp_avg_sq": v}
+            fused[p.data_ptr()] = opt
+        fused[p.data_ptr()].step()
+    ways[fused_way] = fused_step
     rows = []
     for name, shape in {"q/o": (h, h), "k/v": (kv, h), "gate/up": (inter, h), "down": (h, inter)}.items():
         torch.manual_seed(0)
         p0 = torch.randn(shape, device="cuda")
         grad = torch.randn(shape, device="cuda") * 1e-2
 
-        def fresh():  # a weight and moments as a few steps leave them, the same for every way
-            m = OptimState8bit.zeros(shape, signed=True, block_size=256, device="cuda")
-            v = OptimState8bit.zeros(shape, signed=False, block_size=256, device="cuda")
+        def fresh(way="torchao compiled"):  # a weight and moments as a few steps leave them, the same for every way
+            if way == fp8_way:
+                m, v = (OptimStateFp8.zeros(shape, 256, "cuda") for _ in range(2))
+            elif way == fused_way:
+                m, v = (torch.zeros(shape, device="cuda") for _ in range(2))
+            else:
+                m = OptimState8bit.zeros(shape, signed=True, block_size=256, device="cuda")
+                v = OptimState8bit.zeros(shape, signed=False, block_size=256, device="cuda")
             torch.manual_seed(1)
             m.copy_(torch.randn(shape, device="cuda") * 1e-3)
             v.copy_(torch.rand(shape, device="cuda") * 1e-6)
@@ -331,16 +352,20 @@ def adamw8bit(cfg: dict, seq: int) -> list[dict]:
         ways["torchao compiled"](p_ref, grad, m_ref, v_ref)
         moved = (p_ref - p0).abs().max()
         for way, fn in ways.items():
-            p, m, v = fresh()
+            p, m, v = fresh(way)
             fn(p, grad, m, v)  # one step from the same state: how far from torchao's
-            differs = {"m codes": float((m.codes != m_ref.codes).float().mean()),
-                       "v codes": float((v.codes != v_ref.codes).float().mean()),
-                       "scales rel": float(max(((m.scale - m_ref.scale).abs() / m_ref.scale).max(),
-                                               ((v.scale - v_ref.scale).abs() / v_ref.scale).max())),
-                       "weights vs its move": float((p - p_ref).abs().max() / moved)}
+            differs = {"weights vs its move": float((p - p_ref).abs().max() / moved)}
+            if way not in (fp8_way, fused_way):
+                differs.update({"m codes": float((m.codes != m_ref.codes).float().mean()),
+                                "v codes": float((v.codes != v_ref.codes).float().mean()),
+                                "scales rel": float(max(((m.scale - m_ref.scale).abs() / m_ref.scale).max(),
+                                                        ((v.scale - v_ref.scale).abs() / v_ref.scale).max()))})
             ms = cuda_time_ms(lambda: fn(p, grad, m, v))
+            moved_bytes = 28 if way == fused_way else 16
             rows.append(dict(kind="adamw8bit", way=way, projection=name, weight_shape=list(shape), ms=round(ms, 4),
-                             gb_s=round(16 * p.numel() / ms / 1e6, 1), vs_torchao=differs))
+                             bytes_per_weight=moved_bytes, gb_s=round(moved_bytes * p.numel() / ms / 1e6, 1),
+                             vs_torchao=differs))
+        fused.clear()
     return rows
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from methods_compare import measured_run  # bench/ is this script's directory: first on sys.path
 
+from efftune.train.optimizers import OPTIMIZERS
+
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # name: config overrides beyond the shared recipe
 SETTINGS: dict[str, dict] = {
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eval-size", type=int, default=None)
-    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="full fine-tuning's")
+    ap.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="full fine-tuning's")
     ap.add_argument("--out", default="runs/learn_forget")
     ap.add_argument("--figure", action="store_true", help="copy forgetting.png to bench/figures/")
     ap.add_argument("--collect", nargs="+", metavar="DIR", default=None,
