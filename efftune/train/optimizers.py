@@ -6,8 +6,7 @@ update itself computed in fp32 (torchao's update, compiled); they differ in what
 - `adamw8bit`, torchao's AdamW8bit: a code into a 256-value dynamic-tree map (as bitsandbytes
   quantises), 7 decades of range; finding a value's code is a search of the map;
 - `adamwfp8`, torchao's AdamWFp8: an fp8 (e4m3) number, about 5 decades of range below the block's
-  largest; a value's code is one conversion instruction, so the update does less arithmetic a weight
-  (on the CPU here it runs 2.8x faster than adamw8bit's; bench/RESULTS.md session 24).
+  largest; a value's code is one conversion instruction, so the update does less arithmetic a weight.
 Either is what lets a full fine-tune of an 8B model fit one 141 GB GPU (`efftune.methods.full`).
 torchao is an optional extra (`pip install "efftune[optim]"`); the core never imports it unless one of
 these optimizers is asked for.
