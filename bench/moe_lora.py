@@ -87,12 +87,13 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None  # the bf16 weights are gone
     if case in ("efftune", "efftune-compile", "efftune-nf4", "efftune-compile-nf4", "efftune-compile-nf4-ckpt"):
         add_expert_lora(model, ExpertLoraConfig(r=16, alpha=32, target_modules=ATTN))
-        if case.endswith("-ckpt") and not train_config(case, None).compiler_checkpoints:  # as train() would
+        config = train_config(case, None)
+        if config.activation_checkpointing and not config.compiler_checkpoints:  # as train() would
             from efftune.train.loop import enable_activation_checkpointing
             enable_activation_checkpointing(model)
-        if case.startswith("efftune-compile"):
+        if config.compile:
             from efftune.train.compile import compile_blocks
-            compile_blocks(model)
+            compile_blocks(model, checkpoint_fraction=config.compiled_checkpoint_fraction())
     else:
         use_grouped_experts(model)
         add_lora(model, LoraConfig(r=16, alpha=32, target_modules=ATTN))
@@ -116,7 +117,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
     options = ForwardOptions(fused_head=case.startswith("efftune-compile"))  # as train() with train.compile
     step = train_step(lambda: loss_fn(model, loss_case, ids, options), opt, device)
     from efftune.train.compile import partitioner
-    budget = train_config(case, memory_budget).memory_budget()
+    budget = train_config(case, memory_budget).compile_memory_budget
     with partitioner(budget):  # compiles in warm-up, as train() would (efftune's lean partition)
         step_s, loss, _ = timed_steps(step, steps, warmup, device)
     extra = {}

@@ -210,7 +210,8 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
         enable_activation_checkpointing(model, CKPT_FRACTION)
     if "-compile" in case:
         from efftune.train.compile import compile_blocks
-        compile_blocks(model, cuda_graphs=case.endswith("-cg"), autotune=AUTOTUNE)
+        compile_blocks(model, cuda_graphs=case.endswith("-cg"), autotune=AUTOTUNE,
+                       checkpoint_fraction=config.compiled_checkpoint_fraction())
     return model
 
 
@@ -408,7 +409,7 @@ def run_case(shape: str, case: str, steps: int, warmup: int, seq: int, batch: in
                           cuda_graphs=case.endswith("-cg"))
     from efftune.train.compile import partitioner
     compiled = "-compile" in case
-    budget = train_config(case, MEMORY_BUDGET, CKPT_FRACTION).memory_budget()
+    budget = train_config(case, MEMORY_BUDGET, CKPT_FRACTION).compile_memory_budget
     with partitioner(budget, lean=not TORCH_PARTITIONER):  # compiles in warm-up
         step_s, loss, energy = timed_steps(step, steps, warmup, device)
     cfg = SHAPES[shape]

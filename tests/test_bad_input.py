@@ -275,9 +275,6 @@ ROWS = [
                                                   "activation_checkpointing_fraction")),
     row("checkpointing-fraction-without-checkpointing", lambda c: (
         c.train("--activation-checkpointing-fraction", "0.5"), "activation_checkpointing_fraction")),
-    row("cuda-graphs-with-partial-checkpointing", lambda c: (
-        c.train("--compile", "--cuda-graphs", "--activation-checkpointing", "--activation-checkpointing-fraction", "0.5"),
-        ("cuda_graphs", "activation_checkpointing_fraction"))),
     row("memory-budget-with-checkpointing", lambda c: (
         c.train("--compile", "--compile-memory-budget", "0.5", "--activation-checkpointing"),
         ("compile_memory_budget", "activation_checkpointing"))),

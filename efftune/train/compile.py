@@ -14,7 +14,7 @@ the CPU's kernel launches (`train.cuda_graphs`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import nn
 
@@ -22,8 +22,15 @@ from ..errors import ConfigError
 from ..attach import decoder_blocks
 
 
-def compile_blocks(model: nn.Module, cuda_graphs: bool = False, autotune: bool = False) -> int:
+def compile_blocks(model: nn.Module, cuda_graphs: bool = False, autotune: bool = False,
+                   checkpoint_fraction: float = 0.0) -> int:
     """Compile every decoder block in place (`nn.Module.compile`); returns how many.
+
+    `checkpoint_fraction`: the share of the blocks (`checkpointed_layers`: spread evenly) whose
+    compiled backward recomputes everything but the block's inputs (activation checkpointing done by
+    the compiler, `RECOMPUTE_ALL`); the others keep what the partition in effect keeps (`partitioner`).
+    Each kind compiles once: the checkpointed blocks through their own backend, whose partition
+    Dynamo keeps apart from the others' (a compiled graph is reused only under the backend that made it).
 
     `autotune`: Inductor benchmarks Triton GEMM kernels against cuBLAS for each matmul shape and
     may fuse the neighbouring pointwise work into the chosen kernel (`max_autotune_gemm`). It
@@ -39,9 +46,33 @@ def compile_blocks(model: nn.Module, cuda_graphs: bool = False, autotune: bool =
     for module in model.modules():  # caches a compiled graph must not check (LoRA-FA's correction)
         if hasattr(module, "before_compile"):
             module.before_compile()
-    for block in blocks:
-        block.compile(options={"triton.cudagraphs": cuda_graphs, "max_autotune_gemm": autotune})
+    options = {"triton.cudagraphs": cuda_graphs, "max_autotune_gemm": autotune}
+    checkpointed = checkpointed_layers(len(blocks), checkpoint_fraction) if checkpoint_fraction else set()
+    recomputing = _recomputing_backend(options) if checkpointed else None
+    for i, block in enumerate(blocks):
+        if i in checkpointed:
+            block.compile(backend=recomputing)
+        else:
+            block.compile(options=options)
     return len(blocks)
+
+
+def checkpointed_layers(n_layers: int, fraction: float) -> set[int]:
+    """The indices of round(fraction x n_layers) layers (at least one), spread evenly from the first."""
+    count = max(1, round(fraction * n_layers))
+    return {i * n_layers // count for i in range(count)}
+
+
+def _recomputing_backend(options: dict) -> Callable:
+    """Inductor with `options`, its partition recomputing everything but a graph's inputs (`RECOMPUTE_ALL`)
+    whatever budget the surrounding `partitioner` sets; its other settings (lean) stay the caller's."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(graph, example_inputs):
+        with functorch_config.patch(activation_memory_budget=RECOMPUTE_ALL):
+            return compile_fx(graph, example_inputs, config_patches=dict(options))
+    return backend
 
 
 def uncompile_blocks(model: nn.Module) -> None:

@@ -41,7 +41,7 @@ from ..moe.router_tap import hf_router_aux, router_taps
 from ..progress import SideTime, note, progress_bar
 from .checkpoint import (changed_keys, checkpoints, clear_staging, first_nonfinite, latest_checkpoint,
                          load_checkpoint, read_state, save_checkpoint, set_aside)
-from .compile import RECOMPUTE_ALL, check_memory_budget, compile_blocks, partitioner, uncompile_blocks
+from .compile import check_memory_budget, checkpointed_layers, compile_blocks, partitioner, uncompile_blocks
 from ..attach import decoder_blocks
 from . import distributed
 from .interrupt import RunInterrupted, StopSignals
@@ -109,13 +109,6 @@ class TrainConfig:
                               f"{self.activation_checkpointing_fraction}")
         if self.activation_checkpointing_fraction != 1 and not self.activation_checkpointing:
             raise ConfigError("train.activation_checkpointing_fraction needs train.activation_checkpointing: true")
-        if self.cuda_graphs and self.activation_checkpointing and not self.compiler_checkpoints:
-            # a block checkpointed from outside runs its compiled forward again inside backward; torch's
-            # CUDA-graph trees (2.11, H200) stop there ("graph recording observed an input tensor
-            # deallocate during graph recording that did not occur during replay"), at the first step
-            raise ConfigError("train.cuda_graphs cannot run with train.activation_checkpointing_fraction below 1: "
-                              "those layers are checkpointed around their compiled blocks, whose forward then "
-                              "reruns inside backward, which torch's CUDA graphs do not record")
         if self.compiler_checkpoints and self.compile_memory_budget is not None:
             raise ConfigError("train.compile_memory_budget and train.activation_checkpointing both set what "
                               "compiled blocks recompute (checkpointing: everything but their inputs); set one")
@@ -132,13 +125,18 @@ class TrainConfig:
 
     @property
     def compiler_checkpoints(self) -> bool:
-        """Activation checkpointing of every compiled block is torch.compile's recomputation
-        (`compile.RECOMPUTE_ALL`), not a checkpoint wrapped around each block."""
-        return self.activation_checkpointing and self.compile and self.activation_checkpointing_fraction == 1
+        """Activation checkpointing of compiled blocks is torch.compile's recomputation inside each
+        checkpointed block's compiled backward (`compile.RECOMPUTE_ALL`, for the share of blocks
+        `activation_checkpointing_fraction` picks), not a checkpoint wrapped around each block: the
+        recompute is fused into backward's kernels and replays in CUDA graphs, where a block
+        checkpointed from outside runs its compiled forward again inside backward, which torch's
+        CUDA-graph trees do not record (2.11, H200: "graph recording observed an input tensor
+        deallocate during graph recording that did not occur during replay")."""
+        return self.activation_checkpointing and self.compile
 
-    def memory_budget(self) -> float | None:
-        """The compiled blocks' activation memory budget (`compile.partitioner`)."""
-        return RECOMPUTE_ALL if self.compiler_checkpoints else self.compile_memory_budget
+    def compiled_checkpoint_fraction(self) -> float:
+        """The share of compiled blocks whose backward recomputes them (`compile_blocks`): 0 without."""
+        return self.activation_checkpointing_fraction if self.compiler_checkpoints else 0.0
 
     def forward_options(self) -> ForwardOptions:
         """The options of this run's forwards (`efftune.forward.options`): its attention kernels, block
@@ -250,12 +248,6 @@ def enable_activation_checkpointing(model: nn.Module, fraction: float = 1.0) -> 
     chosen = checkpointed_layers(len(blocks), fraction)
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i in chosen
-
-
-def checkpointed_layers(n_layers: int, fraction: float) -> set[int]:
-    """The indices of round(fraction x n_layers) layers (at least one), spread evenly from the first."""
-    count = max(1, round(fraction * n_layers))
-    return {i * n_layers // count for i in range(count)}
 
 
 def make_optimizer(parts: Sequence[list[torch.Tensor]], config: TrainConfig, device: torch.device,
@@ -396,7 +388,8 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
     if config.activation_checkpointing and not config.compiler_checkpoints:
         enable_activation_checkpointing(model, config.activation_checkpointing_fraction)
     if config.compile:
-        compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune)
+        compile_blocks(model, cuda_graphs=config.cuda_graphs, autotune=config.compile_autotune,
+                       checkpoint_fraction=config.compiled_checkpoint_fraction())
     # the forward: plain, or through DDP/FSDP under torchrun (their hooks reduce the gradients); FSDP
     # replaces the parameters by sharded ones, so the optimizer is built over those
     if sharded:
@@ -585,7 +578,7 @@ def _train(model: nn.Module, sequences: Sequence[Encoded] | Mapping[str, Sequenc
                     # CUDA graphs are recorded per input shape: fixed-length rows keep it to one per row count
                     inputs = collate(rows, pad_id, attention,
                                      length=config.max_length if config.cuda_graphs else None).to(device)
-                    partition = partitioner(config.memory_budget(), config.compile_lean) if config.compile \
+                    partition = partitioner(config.compile_memory_budget, config.compile_lean) if config.compile \
                         else nullcontext()
                     # each row through its own adapter; backward inside too (checkpointed layers recompute)
                     with mixed_adapter_batch(model, [live[j].name for j in owner]) if together else nullcontext(), \

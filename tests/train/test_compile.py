@@ -10,10 +10,10 @@ from tests.conftest import randomize_lora, tiny_llama
 
 
 def saved_activation_bytes_and_grads(lean: bool = True, budget: float | None = None, compiled: bool = True,
-                                     checkpoint_outside: bool = False):
+                                     checkpoint_outside: bool = False, checkpoint_fraction: float = 0.0):
     """Bytes a (compiled) LoRA model keeps from forward to backward (parameters not counted, each
     storage once), and the LoRA gradients of one forward/backward. `checkpoint_outside`: transformers'
-    checkpointing around each block."""
+    checkpointing around each block; `checkpoint_fraction`: compile_blocks' (the compiler's)."""
     torch._dynamo.reset()  # the other partition must not come from Dynamo's cache
     model = tiny_llama()
     add_lora(model, LoraConfig(r=4))
@@ -22,7 +22,7 @@ def saved_activation_bytes_and_grads(lean: bool = True, budget: float | None = N
         enable_activation_checkpointing(model)
         model.train()  # transformers checkpoints in training mode only (no dropout in this model)
     if compiled:
-        compile_blocks(model)
+        compile_blocks(model, checkpoint_fraction=checkpoint_fraction)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -55,7 +55,8 @@ def test_lean_partition_keeps_less_for_backward_and_computes_the_same_gradients(
 def test_compiled_checkpointing_keeps_what_checkpointing_keeps_and_computes_the_eager_gradients():
     # TrainConfig(compile, activation_checkpointing): the compiler recomputes everything but each
     # block's inputs, inside the compiled backward, instead of a checkpoint wrapped around each block
-    ours, ours_grads = saved_activation_bytes_and_grads(budget=RECOMPUTE_ALL)
+    ours, ours_grads = saved_activation_bytes_and_grads(checkpoint_fraction=1.0)
+    assert saved_activation_bytes_and_grads(budget=RECOMPUTE_ALL)[0] == ours  # what every block's backend sets
     outside, _ = saved_activation_bytes_and_grads(checkpoint_outside=True)
     kept, _ = saved_activation_bytes_and_grads()
     _, eager_grads = saved_activation_bytes_and_grads(compiled=False)
@@ -64,6 +65,21 @@ def test_compiled_checkpointing_keeps_what_checkpointing_keeps_and_computes_the_
     assert outside <= ours < 1.05 * outside and ours < 0.5 * kept
     assert ours_grads.keys() == eager_grads.keys() and ours_grads
     for name, g in ours_grads.items():
+        torch.testing.assert_close(g, eager_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointing_a_share_of_the_compiled_blocks_keeps_less_where_it_checkpoints():
+    """checkpoint_fraction 0.5 of tiny_llama's 2 blocks: block 0 recomputes everything but its inputs in
+    its compiled backward (its own backend), block 1 keeps what the lean partition keeps; together they
+    keep between the two, and the gradients are eager's."""
+    half, half_grads = saved_activation_bytes_and_grads(checkpoint_fraction=0.5)
+    every, _ = saved_activation_bytes_and_grads(checkpoint_fraction=1.0)
+    kept, _ = saved_activation_bytes_and_grads()
+    _, eager_grads = saved_activation_bytes_and_grads(compiled=False)
+    assert every < half < kept
+    assert abs(half - (every + kept) / 2) < 0.1 * (kept - every)  # one block of each kind: half way
+    assert half_grads.keys() == eager_grads.keys() and half_grads
+    for name, g in half_grads.items():
         torch.testing.assert_close(g, eager_grads[name], atol=1e-6, rtol=1e-5)
 
 

@@ -11,7 +11,6 @@ from efftune.methods.lora.config import LoraConfig
 from efftune.methods.lora.model import add_lora
 from efftune.schedule import warmup_cosine
 from efftune.train.checkpoint import latest_checkpoint
-from efftune.train.compile import RECOMPUTE_ALL
 from efftune.train.loop import TrainConfig, example_order, train
 from tests.conftest import randomize_lora, tiny_llama
 
@@ -177,23 +176,30 @@ def test_compiled_blocks_give_the_same_training(tokenizer, tmp_path):
 
 def test_compiled_checkpointing_is_the_compilers_and_trains_like_eager(tokenizer, tmp_path, monkeypatch):
     # compiled and fully checkpointed: no checkpoint around the blocks (transformers' switch stays off),
-    # the training forwards partition at RECOMPUTE_ALL (tests/train/test_compile.py counts what that keeps)
+    # every block compiled to recompute all but its inputs (tests/train/test_compile.py counts what that
+    # keeps), the training forwards under the run's own partition settings
     import efftune.train.loop as loop
     from efftune.attach import decoder_blocks
     budgets, real_partitioner = [], loop.partitioner
+    fractions, real_compile = [], loop.compile_blocks
 
     def partitioner(budget, lean):
         budgets.append(budget)
         return real_partitioner(budget, lean)
 
+    def compile_blocks(model, **options):
+        fractions.append(options["checkpoint_fraction"])
+        return real_compile(model, **options)
+
     monkeypatch.setattr(loop, "partitioner", partitioner)
+    monkeypatch.setattr(loop, "compile_blocks", compile_blocks)
     seqs = data(tokenizer)
     a, b = lora_model(), lora_model()
     train(a, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1), tmp_path / "a", pad_id=1)
     train(b, seqs, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=1, compile=True,
                                activation_checkpointing=True), tmp_path / "b", pad_id=1)
     assert not any(blk.gradient_checkpointing for blk in decoder_blocks(b))
-    assert budgets and set(budgets) == {RECOMPUTE_ALL}
+    assert budgets and set(budgets) == {None} and fractions == [1.0]
     for (n, x), y in zip(trainable(a).items(), trainable(b).values()):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
@@ -276,14 +282,16 @@ def test_compile_memory_budget_is_checked():
         TrainConfig(activation_checkpointing=True, activation_checkpointing_fraction=0)
     with pytest.raises(ConfigError, match="activation_checkpointing_fraction needs train.activation_checkpointing"):
         TrainConfig(activation_checkpointing_fraction=0.5)
-    with pytest.raises(ConfigError, match="train.cuda_graphs cannot run with train.activation_checkpointing_fraction"):
-        TrainConfig(compile=True, cuda_graphs=True, activation_checkpointing=True, activation_checkpointing_fraction=0.5)
     with pytest.raises(ConfigError, match="train.compile_memory_budget and train.activation_checkpointing"):
         TrainConfig(compile=True, compile_memory_budget=0.5, activation_checkpointing=True)
-    # compiled and fully checkpointed, the compiler recomputes inside the graphs, which CUDA graphs replay
+    # compiled and checkpointed, the compiler recomputes inside the graphs, which CUDA graphs replay:
+    # every block, or the share activation_checkpointing_fraction picks
     config = TrainConfig(compile=True, cuda_graphs=True, activation_checkpointing=True)
-    assert config.compiler_checkpoints and config.memory_budget() == RECOMPUTE_ALL
+    assert config.compiler_checkpoints and config.compiled_checkpoint_fraction() == 1.0
+    part = TrainConfig(compile=True, cuda_graphs=True, activation_checkpointing=True, activation_checkpointing_fraction=0.5)
+    assert part.compiler_checkpoints and part.compiled_checkpoint_fraction() == 0.5
     assert not TrainConfig(activation_checkpointing=True).compiler_checkpoints
+    assert TrainConfig(compile=True).compiled_checkpoint_fraction() == 0.0
     with pytest.raises(ConfigError, match="train.compile_memory_budget needs train.compile"):
         TrainConfig(compile_memory_budget=0.5)
     with pytest.raises(ConfigError, match=r"in \(0, 1\]"):
