@@ -17,8 +17,8 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   efftune-compile `efftune` with every decoder block compiled (efftune.train.compile), as
                   TrainConfig(compile=True) does
   efftune-compile-ckpt  both of the above: checkpointing by the compiler's recomputation, as train()
-                  does it for compiled blocks (--ckpt-fraction below 1: transformers' switch on that
-                  share of the layers); efftune-compile-ckpt-cg: and replayed as CUDA graphs
+                  does it for compiled blocks (--ckpt-fraction below 1: on that share of the
+                  blocks); efftune-compile-ckpt-cg: and replayed as CUDA graphs
   efftune-fa-compile    `efftune-fa` with every decoder block compiled
   efftune-fp8     `efftune` with the frozen base linears in FP8 (efftune.train.fp8, train.fp8_base)
   efftune-compile-fp8   both
