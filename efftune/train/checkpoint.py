@@ -31,7 +31,7 @@ from ..files import replace_dir_atomically, write_text_atomically
 from ..methods.lora.packing import owns_storage
 from . import distributed
 from .distributed import full, like
-from .optimizers import CODE_DTYPES, SCALE, state_tensors
+from .optimizers import QUANTIZED, SCALE, state_tensors
 from .sharded_state import METADATA, SHARDS, load_shards, save_shards, shard_index
 
 COMMON = ("rng.safetensors", "extra.safetensors", "state.json")
@@ -285,11 +285,12 @@ def _check_optimizer_key(where: Path, key: str, name: str, field: str, shape: tu
     if name not in optimized or not field:
         raise CheckpointError(f"checkpoint {where}: {file} has key {key!r}, which fits "
                               "no trainable parameter of this run")
-    if field.endswith(SCALE) and not getattr(optimizer, "quantized_states", False):
+    codes = getattr(optimizer, "code_dtype", None)  # an 8-bit optimizer's (optimizers.QUANTIZED)
+    if field.endswith(SCALE) and codes is None:
         raise CheckpointError(f"checkpoint {where}: optimizer state {key!r} is an 8-bit moment's; "
                               "resume with the train.optimizer that wrote it (adamw8bit or adamwfp8)")
-    wrote = next((n for n, d in CODE_DTYPES.items() if d == dtype), None)
-    if wrote is not None and dtype != getattr(optimizer, "code_dtype", None):
+    wrote = next((n for n, (_, d) in QUANTIZED.items() if d == dtype), None)
+    if wrote is not None and dtype != codes:
         # the other 8-bit optimizer's codes (map indices vs fp8 numbers) would load as other values
         raise CheckpointError(f"checkpoint {where}: optimizer state {key!r} holds train.optimizer {wrote}'s "
                               f"{dtype} codes; resume with train.optimizer {wrote}")

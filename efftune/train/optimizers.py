@@ -36,10 +36,10 @@ from torch import nn
 from ..errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adamwfp8")
-QUANTIZED = {"adamw8bit": "AdamW8bit", "adamwfp8": "AdamWFp8"}  # train.optimizer -> torchao.optim class
+# train.optimizer -> (torchao.optim's class, what its 8-bit moments' codes are: map indices or fp8 numbers)
+QUANTIZED = {"adamw8bit": ("AdamW8bit", torch.uint8), "adamwfp8": ("AdamWFp8", torch.float8_e4m3fn)}
 EXTRA = "optim"  # pip install "efftune[optim]"
 SCALE = "::scale"  # checkpoint key suffix of an 8-bit moment's block scales
-CODE_DTYPES = {"adamw8bit": torch.uint8, "adamwfp8": torch.float8_e4m3fn}  # what each one's codes are
 MOMENTS = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}  # state key -> signed codes
 
 
@@ -130,13 +130,14 @@ _UPDATE: list = []  # torchao's one-parameter AdamW update, compiled (one wrappe
 
 
 def _quantized_class(name: str) -> type:
-    """torchao's AdamW8bit or AdamWFp8 (`QUANTIZED[name]`) as the loop drives it (made once per name:
+    """torchao's AdamW8bit or AdamWFp8 (`QUANTIZED[name][0]`) as the loop drives it (made once per name:
     torchao is imported only here)."""
     if name in _CLASSES:
         return _CLASSES[name]
     import torchao.optim
     from torchao.optim.adam import single_param_adam
-    base = getattr(torchao.optim, QUANTIZED[name])
+    class_name, codes = QUANTIZED[name]
+    base = getattr(torchao.optim, class_name)
 
     class EfftuneQuantizedAdamW(base):
         """torchao's AdamW8bit / AdamWFp8 (its 8-bit moments and its update's arithmetic) with four changes:
@@ -153,10 +154,9 @@ def _quantized_class(name: str) -> type:
         (A one-kernel Triton update of ours, tried in sessions 22–23, ran no faster than torchao's
         compiled update on large weights: bench/RESULTS.md session 23.)"""
 
-        quantized_states = True  # checkpoint.load_checkpoint: this optimizer takes `::scale` entries
-        # what its 8-bit moments' codes are (uint8 map indices, or fp8 numbers): checkpoint.load_checkpoint
-        # refuses the other kind, which read as these would stand for other values
-        code_dtype = CODE_DTYPES[name]
+        # checkpoint.load_checkpoint: this optimizer takes `::scale` entries, and codes of this dtype
+        # only (the other 8-bit optimizer's, read as these, would stand for other values)
+        code_dtype = codes
 
         def __init__(self, params, *args, fp32_moments: Iterable[torch.Tensor] = (), **kwargs):
             self.fp32_ids = {id(p) for p in fp32_moments}
@@ -237,7 +237,7 @@ def _quantized_class(name: str) -> type:
             whole.scale.copy_(full(scale))
             return _local(like(whole.dequantize().to(buffer.dtype), p))  # the plain moment's dtype here
 
-    EfftuneQuantizedAdamW.__name__ = EfftuneQuantizedAdamW.__qualname__ = f"Efftune{QUANTIZED[name]}"
+    EfftuneQuantizedAdamW.__name__ = EfftuneQuantizedAdamW.__qualname__ = f"Efftune{class_name}"
     _CLASSES[name] = EfftuneQuantizedAdamW
     if not _UPDATE:
         _UPDATE.append(torch.compile(single_param_adam, fullgraph=True, dynamic=False))

@@ -138,7 +138,7 @@ def test_resume_equals_an_uninterrupted_run(tokenizer, tmp_path, optimizer):
 def test_8bit_moments_but_fp32_ones_for_the_embeddings(tokenizer, tmp_path, eight):
     pytest.importorskip("torchao")
     from efftune.train.loop import make_optimizer
-    from efftune.train.optimizers import CODE_DTYPES, embedding_weights, is_quantized
+    from efftune.train.optimizers import QUANTIZED, embedding_weights, is_quantized
     runs, lr, steps = {}, 1e-3, 3
     for optimizer in ("adamw", eight):
         model = llama(hidden=64, intermediate=128)
@@ -156,7 +156,7 @@ def test_8bit_moments_but_fp32_ones_for_the_embeddings(tokenizer, tmp_path, eigh
         p.grad = torch.ones_like(p)
     opt.step()
     eight_bit = {n: is_quantized(opt.state[p]["exp_avg"]) and is_quantized(opt.state[p]["exp_avg_sq"])
-                 and opt.state[p]["exp_avg"].codes.dtype == CODE_DTYPES[eight] for n, p in model.named_parameters()}
+                 and opt.state[p]["exp_avg"].codes.dtype == QUANTIZED[eight][1] for n, p in model.named_parameters()}
     assert eight_bit == {n: p.numel() >= 4096 and n not in ("model.embed_tokens.weight", "lm_head.weight")
                          for n, p in model.named_parameters()}
     # Adam moves a weight by about lr a step; 8-bit moments change the path a little, never by more than
