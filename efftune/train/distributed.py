@@ -365,7 +365,14 @@ def like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, distribute_tensor
     if not isinstance(param, DTensor):
         return t
-    return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+    mesh, placements = param.device_mesh, param.placements
+    if t.is_floating_point() and t.element_size() == 1:
+        # fp8 (adamwfp8's moment codes): gloo has no fp8 type to send ("Invalid scalar type"), so the
+        # bytes go as uint8, which every backend sends, and are read as fp8 again: the same values
+        local = distribute_tensor(t.view(torch.uint8).to(param.device), mesh, placements).to_local()
+        return DTensor.from_local(local.view(t.dtype), mesh, placements, run_check=False, shape=t.shape,
+                                  stride=t.stride())
+    return distribute_tensor(t.to(param.device), mesh, placements)
 
 
 def whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -308,14 +308,16 @@ def test_a_quantised_base_is_sharded_under_fsdp_and_trains_as_one_process(tmp_pa
         assert_same_weights(want, saved_tensors(tmp_path / "on2" / "result"))
 
 
-def test_adamw8bit_under_fsdp_equals_one_process_and_its_checkpoint_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamwfp8"])
+def test_8bit_moments_under_fsdp_equal_one_process_and_their_checkpoint_resumes_exactly(tmp_path, optimizer):
     """8-bit AdamW moments (torchao) under FSDP2: each rank keeps its rows' codes and scales, in the whole
     parameter's blocks, so 2 ranks train as one process does; a checkpoint holds them as DCP shards of
-    plain tensors (uint8 codes sharded as the parameter, fp32 block scales), and a resume on 2 ranks or
+    plain tensors (uint8 or fp8 codes sharded as the parameter, fp32 block scales), and a resume on 2 ranks or
     in one process continues bit for bit, as a one-process checkpoint does on 2 ranks."""
     pytest.importorskip("torchao")
+    from efftune.train.optimizers import QUANTIZED
     from efftune.train.sharded_state import shard_index
-    config = {**CONFIG, "distributed": "fsdp", "optimizer": "adamw8bit", "steps": 4, "save_every": 2,
+    config = {**CONFIG, "distributed": "fsdp", "optimizer": optimizer, "steps": 4, "save_every": 2,
               "micro_batch_size": 2}
     ranks(tmp_path / "fsdp", config, method="full-wide")
     one_process(tmp_path / "one", config, method="full-wide")
@@ -326,7 +328,7 @@ def test_adamw8bit_under_fsdp_equals_one_process_and_its_checkpoint_resumes_exac
     index, dtypes = shard_index(tmp_path / "fsdp" / "run" / "checkpoints" / "step-000002" / "sharded")
     gate = "optim.model.layers.0.mlp.gate_proj.weight.exp_avg"
     assert index[gate] == (128, 64) and index[gate + "::scale"] == (128 * 64 // 256,)  # codes and block scales
-    assert dtypes[gate] == torch.uint8
+    assert dtypes[gate] == QUANTIZED[optimizer][1]
     assert "optim.model.embed_tokens.weight.exp_avg::scale" not in index  # the embeddings' moments stay fp32
 
     rewind(tmp_path / "fsdp" / "run", tmp_path / "on2" / "run", 2)
