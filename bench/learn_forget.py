@@ -1,7 +1,9 @@
 """Learning against forgetting ("LoRA Learns Less and Forgets Less", Biderman et al. 2024) on the default model.
 
-Every setting runs the main job (`efftune.finetune.run`: the target task's split, steps, batch, seed)
-with the retention panel (`--retention default`: `efftune.eval.retention`) scored before and after,
+Every setting runs the main job (`efftune.finetune.run`) on the same training set, steps, batch and
+seed: by default the 8 BIG-bench multiple-choice tasks of bench/mixlora_quality.py (`TRAIN_TASKS`, none
+in the panel; thousands of examples, held out as the main job holds them out), 200 steps of 16 (3,200
+examples, the same budget for every setting), with the retention panel (`--retention default`: `efftune.eval.retention`) scored before and after,
 and records: target-task held-out accuracy before and after (learning), panel accuracy and panel
 cross-entropy before and after (forgetting: accuracy falling, cross-entropy rising), trainable
 parameters, peak GPU memory (`max_memory_allocated`, reset before the model loads) and training
@@ -13,7 +15,8 @@ other PEFT methods at their defaults. LoRA trains at the main job's lr 1e-3, 10x
 
 The plot (`forgetting.png` in --out; `--figure` copies it to bench/figures/) has one point per
 setting: target accuracy gain (y) against panel accuracy drop and against panel cross-entropy rise
-(x, two panels). Points up and to the left learn more and forget less.
+(x, two panels). Points up and to the left learn more and forget less. (Sessions 16 and 18 ran one
+target task, `--tasks intent_recognition --steps 60`.)
 
     PYTHONPATH=. python bench/learn_forget.py --out runs/learn_forget --figure          # GPU, ~minutes a setting
     PYTHONPATH=. python bench/learn_forget.py --model DIR --steps 2 --eval-size 8 \\
@@ -30,10 +33,13 @@ from pathlib import Path
 
 
 from methods_compare import measured_run  # bench/ is this script's directory: first on sys.path
+from mixlora_quality import TASKS as MIXLORA_TASKS
 
 from efftune.train.optimizers import OPTIMIZERS
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# the training set: several tasks, none in the default retention panel (efftune.eval.retention)
+TRAIN_TASKS = MIXLORA_TASKS
 # name: config overrides beyond the shared recipe
 SETTINGS: dict[str, dict] = {
     "full-lr1e-5": {"method": "full", "train": {"lr": 1e-5}},
@@ -58,7 +64,7 @@ SETTINGS: dict[str, dict] = {
 
 def one_run(name: str, args: argparse.Namespace) -> dict:
     setting = SETTINGS[name]
-    overrides = {"model": args.model, "task": [args.task], "eval_size": args.eval_size, "retention": [args.panel],
+    overrides = {"model": args.model, "task": list(args.tasks), "eval_size": args.eval_size, "retention": [args.panel],
                  "output": str(Path(args.out) / name),
                  "train": {"steps": args.steps, "batch_size": args.batch_size, "eval_every": 0, "save_every": 0,
                            "optimizer": args.optimizer if setting["method"] == "full" else "adamw"}}
@@ -66,7 +72,7 @@ def one_run(name: str, args: argparse.Namespace) -> dict:
         overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
     cfg, s, measured = measured_run(overrides)
     before, after = s["retention_before"], s["retention_after"]
-    return dict(setting=name, method=cfg.method, lr=cfg.train.lr, steps=cfg.train.steps, task=args.task,
+    return dict(setting=name, method=cfg.method, lr=cfg.train.lr, steps=cfg.train.steps, task=",".join(args.tasks),
                 target_before=s.get("accuracy_before"), target_after=s.get("accuracy_after"),
                 panel=before["panel"], panel_acc_before=before.get("accuracy"), panel_acc_after=after.get("accuracy"),
                 panel_ce_before=before.get("cross_entropy"), panel_ce_after=after.get("cross_entropy"),
@@ -116,10 +122,11 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--task", default="intent_recognition", help="the target task (BIG-bench)")
+    ap.add_argument("--tasks", nargs="+", default=TRAIN_TASKS, help="the training tasks (BIG-bench; held-out "
+                    "accuracy over them is the target accuracy)")
     ap.add_argument("--panel", default="default", help="retention panel (efftune.eval.retention)")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="full fine-tuning's")
