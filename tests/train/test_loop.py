@@ -490,13 +490,15 @@ def test_a_signal_finishes_the_step_checkpoints_and_resumes_identically(tokenize
 
     cfg = TrainConfig(steps=5, batch_size=2, save_every=0, save_every_minutes=0, eval_every=2, warmup_steps=1)
     seqs = data(tokenizer)
+    # what the process had (default_int_handler, or SIG_IGN where it was started in the background)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     evaluate = lambda m, step: {"probe": round(float(sum(p.detach().sum() for p in m.parameters() if p.requires_grad)), 6)}
     full = lora_model(dropout=0.1)
     train(full, seqs, cfg, tmp_path / "a", pad_id=1, evaluate=evaluate)
     with pytest.raises(RunInterrupted) as err:
         train(lora_model(dropout=0.1), seqs, cfg, tmp_path / "b", pad_id=1, evaluate=evaluate, hooks=SignalAt())
     assert err.value.exit_code == code and "after step 3" in str(err.value) and "--resume" in str(err.value)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are put back
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000003"
     resumed = lora_model(dropout=0.1)
     train(resumed, seqs, cfg, tmp_path / "b", pad_id=1, evaluate=evaluate, resume=True)
