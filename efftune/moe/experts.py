@@ -177,17 +177,19 @@ class _SiluMul(torch.autograd.Function):
 
 
 class _ActivatedGroupedLinear(torch.autograd.Function):
-    """`grouped_linear(_silu_mul(gate_up, w), weight, counts)` for a trainable weight (expert LoRA's A of
-    `down_proj`, ESFT's trained experts), keeping gate_up and w (which `_SiluMul` keeps anyway) instead
-    of the activation the weight's gradient reads (S, I: 12 KB a token a layer at Qwen3-30B-A3B): it is
-    made again in backward. (A compiled graph recomputes it by itself; this is eager's saving.)"""
+    """`grouped_linear(h, weight, counts)` for a trainable weight (expert LoRA's A of `down_proj`, ESFT's
+    trained experts), where h = `_silu_mul(gate_up, w)` is already made (the frozen projection's input:
+    forward reads it, its gradient reaches gate_up and w through them), keeping gate_up and w (which
+    `_SiluMul` keeps anyway) instead of h, which the weight's gradient reads (S, I: 12 KB a token a layer
+    at Qwen3-30B-A3B): it is made again in backward. (A compiled graph recomputes it by itself; this is
+    eager's saving.)"""
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor, weights: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
-                impl: str):
+    def forward(ctx, h: torch.Tensor, gate_up: torch.Tensor, weights: torch.Tensor, weight: torch.Tensor,
+                counts: torch.Tensor, impl: str):
         ctx.save_for_backward(gate_up, weights, weight, counts)
         ctx.impl = impl
-        return _grouped_linear(_silu_mul(gate_up, weights), weight, counts, impl)
+        return _grouped_linear(h, weight, counts, impl)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -195,8 +197,8 @@ class _ActivatedGroupedLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_weight = grouped_weight_grad(grad, _silu_mul(gate_up, weights), counts, ctx.impl)
         grad_h = _grouped_linear(grad, weight.transpose(-2, -1), counts, ctx.impl)
-        grad_gate_up, grad_weights = _silu_mul_backward(gate_up, weights, grad_h, ctx.needs_input_grad[1])
-        return grad_gate_up, grad_weights, grad_weight, None, None
+        grad_gate_up, grad_weights = _silu_mul_backward(gate_up, weights, grad_h, ctx.needs_input_grad[2])
+        return None, grad_gate_up, grad_weights, grad_weight, None, None
 
 
 @runtime_checkable
@@ -340,7 +342,7 @@ class GroupedExperts(nn.Module):
         if name == "gate_up_proj" and d.source is not None:
             return project_gathered(d, start, weight, counts, self.impl)
         if name == "down_proj" and d.activated is not None and self.silu:
-            return project_activated(d, start, weight, counts, self.impl)
+            return project_activated(x, d, start, weight, counts, self.impl)
         return grouped_linear(x, weight, counts, self.impl)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -417,11 +419,13 @@ def _(grad, source, rows, inverse, top_k, weight, counts, impl):
 gathered_grouped_linear.register_autograd(_gathered_backward, setup_context=_gathered_setup)
 
 
-def project_activated(d: Dispatch, start: int, weight: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
-    """`down_proj`'s input rows from `start` on (the SiLU activation of d.activated, grouped by `counts`)
-    through a trainable `weight` (G, out, in), without keeping them for backward (`_ActivatedGroupedLinear`)."""
+def project_activated(x: torch.Tensor, d: Dispatch, start: int, weight: torch.Tensor, counts: torch.Tensor,
+                      impl: str) -> torch.Tensor:
+    """`down_proj`'s input rows from `start` on (x: the SiLU activation of d.activated's rows, grouped by
+    `counts`) through a trainable `weight` (G, out, in), without keeping them for backward: they are made
+    again from d.activated (`_ActivatedGroupedLinear`); their gradient goes to gate_up and the weights."""
     gate_up, weights = d.activated
-    return _ActivatedGroupedLinear.apply(gate_up[start:], weights[start:], weight, counts, impl)
+    return _ActivatedGroupedLinear.apply(x.detach(), gate_up[start:], weights[start:], weight, counts, impl)
 
 
 def project_gathered(d: Dispatch, start: int, weight: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:

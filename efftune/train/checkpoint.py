@@ -367,8 +367,7 @@ def _load_whole(directory: Path, state: dict, model: nn.Module, optimizer: torch
         tensor = torch.is_tensor(value)
         _check_optimizer_key(directory, key, name, field, tuple(value.shape) if tensor else None,
                              params, optimized, optimizer, "optimizer.safetensors", value.dtype if tensor else None)
-        per_param.setdefault(name, {})[field] = like(value, params[name]) if torch.is_tensor(value) \
-            and field != "step" else value
+        per_param.setdefault(name, {})[field] = like(value, params[name]) if tensor and field != "step" else value
 
     # Everything fits: now change the model and the optimizer.
     with torch.no_grad():

@@ -136,7 +136,7 @@ def _quantized_class(name: str) -> type:
         return _CLASSES[name]
     import torchao.optim
     from torchao.optim.adam import single_param_adam
-    class_name, codes = QUANTIZED[name]
+    class_name = QUANTIZED[name][0]
     base = getattr(torchao.optim, class_name)
 
     class EfftuneQuantizedAdamW(base):
@@ -156,7 +156,7 @@ def _quantized_class(name: str) -> type:
 
         # checkpoint.load_checkpoint: this optimizer takes `::scale` entries, and codes of this dtype
         # only (the other 8-bit optimizer's, read as these, would stand for other values)
-        code_dtype = codes
+        code_dtype = QUANTIZED[name][1]
 
         def __init__(self, params, *args, fp32_moments: Iterable[torch.Tensor] = (), **kwargs):
             self.fp32_ids = {id(p) for p in fp32_moments}
