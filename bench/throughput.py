@@ -42,6 +42,10 @@ autocast, loss, backward, fused AdamW step, zero_grad) on random token ids. Case
   peft-qlora      `peft` on a bitsandbytes NF4 base (Linear4bit, double-quantised scales, bf16
                   compute: QLoRA as peft users run it); needs bitsandbytes and a GPU; peft-qlora-ckpt:
                   with transformers' gradient checkpointing (non-reentrant)
+  peft-qlora-kbit-ckpt  `peft-qlora-ckpt` after peft.prepare_model_for_kbit_training, the step peft's
+                  quantization guide puts before get_peft_model: it casts every weight that is not
+                  4-bit (embeddings, norms, lm_head) to fp32; the issue's reference table (16.72 GiB
+                  on an H200) is this peer's memory, the bare `peft-qlora-ckpt` keeps them bf16
   peft-dora       `peft` with LoraConfig(use_dora=True)
   efftune-dora    efftune.methods.dora.add_dora (DoRA on lora_linears, SwiGLU unfused), loss as `efftune`;
                   efftune-dora-compile, efftune-dora-compile-cg: compiled, and replayed as CUDA graphs
@@ -105,8 +109,8 @@ CASES = ("peft", "peft-ckpt", "efftune", "efftune-plain", "efftune-fa", "efftune
          "efftune-full-compile-cg", "efftune-full-8bit-compile-cg", "efftune-full-compile-ckpt-cg",
          "efftune-full-adamwfp8-compile-cg",
          "efftune-nf4", "efftune-nf4-ckpt", "efftune-compile-nf4", "efftune-compile-nf4-ckpt",
-         "efftune-compile-nf4-cg", "efftune-compile-nf4-ckpt-cg", "efftune-compile-ckpt-cg", "peft-qlora", "peft-qlora-ckpt", "peft-dora", "efftune-dora",
-         "efftune-dora-compile", "efftune-dora-compile-cg")
+         "efftune-compile-nf4-cg", "efftune-compile-nf4-ckpt-cg", "efftune-compile-ckpt-cg", "peft-qlora", "peft-qlora-ckpt", "peft-qlora-kbit-ckpt", "peft-dora",
+         "efftune-dora", "efftune-dora-compile", "efftune-dora-compile-cg")
 LOGPROBS_LOSS = tuple(c for c in CASES if c.startswith("efftune") and c != "efftune-plain")
 PEAK_FLOPS = 989e12
 MEMORY_BUDGET: float | None = None  # --memory-budget: compiled cases' activation budget
@@ -167,10 +171,15 @@ def bnb_nf4(model: torch.nn.Module) -> None:
 def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     if case.startswith("peft-qlora"):
         bnb_nf4(model)
+    if case.startswith("peft-qlora-kbit"):
+        import peft
+        # checkpointing stays transformers' non-reentrant switch below, as in peft-qlora-ckpt: the
+        # one difference between the two peers is the fp32 cast
+        peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if "-nf4" in case:  # before LoRA attaches, as the main job does
         from efftune.quantize import quantize_model
         quantize_model(model, "nf4")
-    if case in ("peft", "peft-ckpt", "peft-fa", "peft-qlora", "peft-qlora-ckpt", "peft-dora"):
+    if case in ("peft", "peft-ckpt", "peft-fa", "peft-qlora", "peft-qlora-ckpt", "peft-qlora-kbit-ckpt", "peft-dora"):
         import peft
         wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                              lora_dropout=0.0, use_dora=case == "peft-dora"))
