@@ -61,7 +61,9 @@ against the enforced power limit, the SM clock at the end and tokens per joule: 
 runs at a lowered clock (see EnergyMeter).
 A final JSON line gives each case's ratios to efftune (LoRA) and peft (LoRA) per shape and batch, and
 the DoRA bar (issue 25): efftune DoRA >= 2.5x peft DoRA's tokens/s at <= 0.5x its peak, and >= 0.9x
-efftune LoRA's tokens/s in the same mode (eager, compiled, compiled + CUDA graphs).
+efftune LoRA's tokens/s in the same mode (eager, compiled, compiled + CUDA graphs), and the QLoRA bars
+(issue 24): a checkpointed efftune NF4 case >= 2x each peft-qlora peer with checkpointing at <= 0.75x its
+peak, one without checkpointing >= 0.9x efftune bf16 LoRA in the same mode.
 Variants of the efftune cases: `--torch-partitioner` (train.compile_lean: false), `--autotune`
 (train.compile_autotune), `--unfused` (each LoRA layer runs its base linear and its two LoRA GEMMs
 apart, without the `lora_linears` op), `--unfused-mlp` (SwiGLU MLPs on the `lora_linears` ops, without
@@ -490,6 +492,33 @@ def dora_bar(ok: dict[str, dict]) -> dict | None:
     return bar or None
 
 
+def qlora_bar(ok: dict[str, dict]) -> dict | None:
+    """Issue 24's bars per efftune NF4 case run. A checkpointed one against each peft + bitsandbytes QLoRA
+    peer with checkpointing that ran (>= 2x its tokens/s at <= 0.75x its peak): `peft-qlora-kbit-ckpt`,
+    peft's documented preparation and the issue's reference peer, and the bare `peft-qlora-ckpt`. One
+    without checkpointing against efftune bf16 LoRA in the same mode (>= 0.9x its tokens/s)."""
+    bar = {}
+    for case, r in ok.items():
+        if not (case.startswith("efftune") and "-nf4" in case):
+            continue
+        if "-ckpt" not in case:
+            bf16 = ok.get(case.replace("-nf4", ""))
+            bar[case] = dict(speed_vs_bf16=_ratio(r, bf16, "tokens_s"),
+                             passes=None if bf16 is None else r["tokens_s"] >= 0.9 * bf16["tokens_s"])
+            continue
+        against = {}
+        for peer_case in ("peft-qlora-kbit-ckpt", "peft-qlora-ckpt"):
+            peer = ok.get(peer_case)
+            if peer is None:
+                continue
+            against[peer_case] = dict(
+                speed=_ratio(r, peer, "tokens_s"), peak=_ratio(r, peer, "peak_gib"),
+                passes=None if r["peak_gib"] is None or peer["peak_gib"] is None else (
+                    r["tokens_s"] >= 2 * peer["tokens_s"] and r["peak_gib"] <= 0.75 * peer["peak_gib"]))
+        bar[case] = against or None
+    return bar or None
+
+
 def summarize(results: list[dict]) -> dict:
     """Per shape and batch: each case's tokens/s and peak-memory ratios to efftune (LoRA), peft (LoRA)
     and plain full fine-tuning (full-plain), and the LoRA-FA bar: efftune-fa peak <= peft-fa's and <= 0.7x efftune's, at >= 0.95x
@@ -511,7 +540,8 @@ def summarize(results: list[dict]) -> dict:
             bar = dict(mem_vs_efftune=fa["peak_gib"] <= 0.7 * lora["peak_gib"],
                        speed_vs_efftune=fa["tokens_s"] >= 0.95 * lora["tokens_s"],
                        mem_vs_peft_fa=(fa["peak_gib"] <= pfa["peak_gib"]) if pfa else None)
-        summary[f"{shape} batch {batch}"] = dict(ratios=ratios, lora_fa_bar=bar, dora_bar=dora_bar(ok))
+        summary[f"{shape} batch {batch}"] = dict(ratios=ratios, lora_fa_bar=bar, dora_bar=dora_bar(ok),
+                                                 qlora_bar=qlora_bar(ok))
     return {"summary": "per shape and batch", "results": summary}
 
 
