@@ -19,7 +19,8 @@ LoRA is r=16, alpha=32, dropout 0 everywhere. Cases:
 
 Like bench/throughput.py (whose helpers it imports), each case runs in its own subprocess and
 prints one JSON line (tokens/s, step seconds, peak GiB = max_memory_allocated, trainable params);
-a table and the ratios to `peft` follow.
+a table and the ratios to `peft` follow, and for NF4 cases a JSON line with issue 24's MoE bar (`nf4_bar`:
+peak <= 0.4x the bf16 run's at >= 0.8x its tokens/s).
 
     PYTHONPATH=. python bench/moe_lora.py                           # qwen3-30b-a3b shape, all cases
     PYTHONPATH=. python bench/moe_lora.py --shape tiny --steps 2    # CPU smoke test (seconds)
@@ -156,6 +157,22 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def nf4_bar(results: list[dict]) -> dict | None:
+    """Issue 24's MoE bar per efftune NF4 case run: peak <= 0.4x the bf16 expert-LoRA run's at >= 0.8x its
+    tokens/s, the bf16 run being the same case without NF4 and without checkpointing (efftune-compile for
+    efftune-compile-nf4 and efftune-compile-nf4-ckpt)."""
+    ok = {r["case"]: r for r in results if "error" not in r}
+    bar = {}
+    for case, r in ok.items():
+        if "-nf4" not in case:
+            continue
+        bf16 = ok.get(case.replace("-nf4", "").replace("-ckpt", ""))
+        bar[case] = dict(speed_vs_bf16=_ratio(r, bf16, "tokens_s"), peak_vs_bf16=_ratio(r, bf16, "peak_gib"),
+                         passes=None if bf16 is None or r["peak_gib"] is None or bf16["peak_gib"] is None else (
+                             r["peak_gib"] <= 0.4 * bf16["peak_gib"] and r["tokens_s"] >= 0.8 * bf16["tokens_s"]))
+    return bar or None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
@@ -180,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(spawn(args, args.shape, case))
         print(json.dumps(results[-1]), flush=True)
     print(table(results), flush=True)
+    if bar := nf4_bar(results):
+        print(json.dumps({"nf4_bar": bar}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""bench/throughput.py's summary line: the bars it reports are the issues' (no GPU needed: the summary
-is arithmetic on the per-case lines, fed here with session 25's call A numbers)."""
+"""The bars bench/throughput.py and bench/moe_lora.py report are the issues' (no GPU needed: a bar is
+arithmetic on the per-case lines, fed here with measured GPU numbers from bench/RESULTS.md)."""
 from bench.throughput import qlora_bar, summarize
 
 
@@ -28,3 +28,17 @@ def test_qlora_bar_fails_on_memory_alone_and_is_absent_without_its_cases():
     assert qlora_bar({"efftune-nf4": line("efftune-nf4", 1.0, 1.0)}) == {
         "efftune-nf4": dict(speed_vs_bf16=None, passes=None)}
     assert qlora_bar({"efftune": line("efftune", 1.0, 1.0)}) is None
+
+
+def test_moe_nf4_bar_compares_with_the_uncheckpointed_bf16_run():
+    from bench.moe_lora import nf4_bar
+    results = [dict(case="efftune-compile", tokens_s=52133.5, peak_gib=20.44),  # session 23, call E
+               dict(case="efftune-compile-nf4", tokens_s=43798.4, peak_gib=10.43),
+               dict(case="efftune-compile-nf4-ckpt", tokens_s=35181.3, peak_gib=8.0),
+               dict(case="efftune-nf4", error="OOM")]
+    bar = nf4_bar(results)
+    assert bar["efftune-compile-nf4"] == dict(speed_vs_bf16=0.84, peak_vs_bf16=0.51, passes=False)
+    assert bar["efftune-compile-nf4-ckpt"] == dict(speed_vs_bf16=0.675, peak_vs_bf16=0.391, passes=False)
+    assert "efftune-nf4" not in bar
+    assert nf4_bar([dict(case="efftune-compile-nf4", tokens_s=1.0, peak_gib=0.3),
+                    dict(case="efftune-compile", tokens_s=1.2, peak_gib=1.0)])["efftune-compile-nf4"]["passes"] is True
