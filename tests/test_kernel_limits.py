@@ -116,6 +116,7 @@ def _row_slices(n: int, row_elements: int, k: int = 384) -> torch.Tensor:
     return torch.cat([torch.arange(k), torch.arange(boundary - k // 2, boundary + k // 2), torch.arange(n - k, n)])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and Triton (the SwiGLU kernels)")
 def test_swiglu_kernels_past_2_31_elements():
     from efftune.methods.lora import swiglu_triton
@@ -143,6 +144,7 @@ def test_swiglu_kernels_past_2_31_elements():
         torch.testing.assert_close(got, ref, atol=2e-2 * ref.abs().max().item(), rtol=0, msg=name)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and Triton (the LM-head kernels)")
 def test_head_kernels_past_2_31_elements():
     from efftune.forward import head_triton

@@ -181,6 +181,7 @@ requires_flash4 = pytest.mark.skipif(
     reason="needs a Hopper/Blackwell GPU and the flash-attn-4 package")
 
 
+@pytest.mark.gpu
 @requires_flash4
 @pytest.mark.parametrize("dim", [64, 128])
 def test_real_kernels_match_sdpa_on_gpu(dim):
@@ -198,6 +199,7 @@ def test_real_kernels_match_sdpa_on_gpu(dim):
         assert ((got.double() - want).norm() / want.norm()) < 1e-2
 
 
+@pytest.mark.gpu
 @requires_flash4
 def test_compiled_blocks_replayed_as_cuda_graphs_train_like_eager_on_gpu():
     """The kernels inside compiled, graph-replayed blocks: each step's gradients (new token ids and

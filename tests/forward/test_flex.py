@@ -177,6 +177,7 @@ def _train_steps(model, batches, options: ForwardOptions, graphs: bool, steps: i
     return out
 
 
+@pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("compiled,graphs", [(False, False), (True, False), (True, True)])
 def test_training_with_flex_equals_sdpa_on_gpu(compiled, graphs):
@@ -205,6 +206,7 @@ def test_training_with_flex_equals_sdpa_on_gpu(compiled, graphs):
             assert ((a - b).norm() / a.norm()) < 1e-3
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_train_loop_with_flex_and_cuda_graphs_equals_sdpa_on_gpu(tmp_path):
     """`train()` with train.masked_attention: flex over tree rows, two micro-batches a step, compiled

@@ -163,6 +163,7 @@ def _cuda_triton() -> bool:
     return torch.cuda.is_available() and triton_available()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and Triton (the LM-head kernels)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, v", [(5, 37), (300, 5000), (64, 128256)])
@@ -188,6 +189,7 @@ def test_head_kernels_match_the_reference(dtype, n, v):
     assert grad2.dtype == torch.float16 and torch.equal(lp2, lp)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and Triton (the LM-head kernels)")
 @pytest.mark.parametrize("head_trains", [False, True])  # the gradient made in forward, or in backward
 def test_chunked_head_on_cuda_equals_full_logits(head_trains):

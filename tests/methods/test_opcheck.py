@@ -21,7 +21,8 @@ N, IN = 7, 8          # tokens, input width
 OUTS, RANKS = (6, 4), (2, 3)
 F_, RG, RU, RD = 10, 2, 3, 4  # SwiGLU: intermediate width, gate/up/down LoRA ranks
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs CUDA")])]
 OPS = torch.ops.efftune
 
 

@@ -112,6 +112,7 @@ def kernel_devices():
     return []
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not kernel_devices(), reason="needs CUDA and Triton (the kernels themselves)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(100, 200, 4, 4, 8, 0), (300, 520, 16, 16, 16, 24), (4096, 1536, 16, 8, 32, 8)])
@@ -131,6 +132,7 @@ def test_triton_kernels_match_the_reference(dtype, shape):
         torch.testing.assert_close(out.double(), r, atol=tol * r.abs().max().item(), rtol=0, msg=name)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not kernel_devices(), reason="needs CUDA and Triton (the kernels themselves)")
 @pytest.mark.parametrize("dtype,r", [(torch.float32, 192), (torch.float32, 128), (torch.bfloat16, 256)])
 def test_large_ranks_run_on_tiles_that_fit_the_gpu(dtype, r):
@@ -155,6 +157,7 @@ def test_large_ranks_run_on_tiles_that_fit_the_gpu(dtype, r):
     print({k[0] + f" {k[2]} r{k[3]}": v for k, v in swiglu_triton._FITTING.items()})
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not kernel_devices(), reason="needs CUDA and Triton")
 def test_fused_mlp_on_gpu_trains_like_the_per_layer_path():
     fused, apart = lora_llama(dtype=torch.float32).cuda(), lora_llama(dtype=torch.float32).cuda()

@@ -251,8 +251,8 @@ def test_router_aux_loss_equals_transformers(kind):
     assert ours.requires_grad  # it trains the hidden states (and a router, if one trains)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("experts", [None, [0, 3, 5]])
 def test_grouped_mm_path_equals_loop_path(experts, device):
     """The two expert paths agree in bf16 (torch._grouped_mm: CUDA's kernel, or its CPU one):

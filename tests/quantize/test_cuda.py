@@ -77,6 +77,7 @@ def expert_lora_model(kind: str) -> nn.Module:
     return model
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -84,6 +85,7 @@ def test_fused_lora_on_a_quantised_base_on_cuda(kind, use_dora):
     compare(lora_model(kind, use_dora), "cuda")
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("kind", KINDS)
 def test_expert_lora_on_quantised_experts_on_cuda(kind):

@@ -233,6 +233,7 @@ def test_cuda_graph_training_pads_rows_to_max_length_and_trains_like_eager(token
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the graphs themselves)")
 def test_cuda_graphs_train_like_eager_on_gpu(tokenizer, tmp_path):
     # float64: tree-masked rows, two micro-batches per step (their gradients accumulate across two
@@ -678,6 +679,7 @@ def test_k_adapters_moe_balance_loss_is_each_adapters_own(tmp_path):
                                                           adapter_weights(k, "a").values()))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the graphs themselves)")
 def test_k_adapters_train_under_cuda_graphs_as_eager_on_gpu(tokenizer, tmp_path):
     """Two adapters at once, compiled blocks replayed as CUDA graphs (rows padded to max_length; the
