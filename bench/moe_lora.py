@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.throughput import (_ratio, loss_fn, param_counts, run_worker, timed_steps, train_config,  # noqa: E402
+from bench.throughput import (_ratio, loss_fn, meets, param_counts, run_worker, timed_steps, train_config,  # noqa: E402
                               train_step)
 
 SHAPES: dict[str, dict] = {
@@ -168,8 +168,7 @@ def nf4_bar(results: list[dict]) -> dict | None:
             continue
         bf16 = ok.get(case.replace("-nf4", "").replace("-ckpt", ""))
         bar[case] = dict(speed_vs_bf16=_ratio(r, bf16, "tokens_s"), peak_vs_bf16=_ratio(r, bf16, "peak_gib"),
-                         passes=None if bf16 is None or r["peak_gib"] is None or bf16["peak_gib"] is None else (
-                             r["peak_gib"] <= 0.4 * bf16["peak_gib"] and r["tokens_s"] >= 0.8 * bf16["tokens_s"]))
+                         passes=meets(r, bf16, 0.8, 0.4))
     return bar or None
 
 

@@ -181,7 +181,7 @@ def attach(model: torch.nn.Module, case: str) -> torch.nn.Module:
     if "-nf4" in case:  # before LoRA attaches, as the main job does
         from efftune.quantize import quantize_model
         quantize_model(model, "nf4")
-    if case in ("peft", "peft-ckpt", "peft-fa", "peft-qlora", "peft-qlora-ckpt", "peft-qlora-kbit-ckpt", "peft-dora"):
+    if case.startswith("peft"):
         import peft
         wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                              lora_dropout=0.0, use_dora=case == "peft-dora"))
@@ -475,6 +475,14 @@ def _ratio(r: dict, base: dict | None, key: str) -> float | None:
     return round(r[key] / base[key], 3)
 
 
+def meets(r: dict, base: dict | None, speed: float, peak: float | None = None) -> bool | None:
+    """A bar: case line `r`'s tokens/s >= speed x `base`'s and, with `peak`, its peak GiB <= peak x base's;
+    None (no verdict) where the base did not run or a peak is not measured (CPU)."""
+    if base is None or (peak is not None and (r["peak_gib"] is None or base["peak_gib"] is None)):
+        return None
+    return r["tokens_s"] >= speed * base["tokens_s"] and (peak is None or r["peak_gib"] <= peak * base["peak_gib"])
+
+
 def dora_bar(ok: dict[str, dict]) -> dict | None:
     """Issue 25's bar per efftune DoRA case run: tokens/s and peak against peft-dora (>= 2.5x at
     <= 0.5x), tokens/s against efftune LoRA in the same mode (>= 0.9x)."""
@@ -483,12 +491,11 @@ def dora_bar(ok: dict[str, dict]) -> dict | None:
         dora, lora = ok.get(f"efftune-dora{mode}"), ok.get(lora_case)
         if dora is None:
             continue
+        vs_peft, vs_lora = meets(dora, peft_dora, 2.5, 0.5), meets(dora, lora, 0.9)
         bar[f"efftune-dora{mode}"] = dict(
             speed_vs_peft_dora=_ratio(dora, peft_dora, "tokens_s"), peak_vs_peft_dora=_ratio(dora, peft_dora, "peak_gib"),
             speed_vs_efftune_lora=_ratio(dora, lora, "tokens_s"),
-            passes=None if peft_dora is None or lora is None or dora["peak_gib"] is None else (
-                dora["tokens_s"] >= 2.5 * peft_dora["tokens_s"] and dora["peak_gib"] <= 0.5 * peft_dora["peak_gib"]
-                and dora["tokens_s"] >= 0.9 * lora["tokens_s"]))
+            passes=None if vs_peft is None or vs_lora is None else vs_peft and vs_lora)
     return bar or None
 
 
@@ -503,18 +510,15 @@ def qlora_bar(ok: dict[str, dict]) -> dict | None:
             continue
         if "-ckpt" not in case:
             bf16 = ok.get(case.replace("-nf4", ""))
-            bar[case] = dict(speed_vs_bf16=_ratio(r, bf16, "tokens_s"),
-                             passes=None if bf16 is None else r["tokens_s"] >= 0.9 * bf16["tokens_s"])
+            bar[case] = dict(speed_vs_bf16=_ratio(r, bf16, "tokens_s"), passes=meets(r, bf16, 0.9))
             continue
         against = {}
         for peer_case in ("peft-qlora-kbit-ckpt", "peft-qlora-ckpt"):
             peer = ok.get(peer_case)
             if peer is None:
                 continue
-            against[peer_case] = dict(
-                speed=_ratio(r, peer, "tokens_s"), peak=_ratio(r, peer, "peak_gib"),
-                passes=None if r["peak_gib"] is None or peer["peak_gib"] is None else (
-                    r["tokens_s"] >= 2 * peer["tokens_s"] and r["peak_gib"] <= 0.75 * peer["peak_gib"]))
+            against[peer_case] = dict(speed=_ratio(r, peer, "tokens_s"), peak=_ratio(r, peer, "peak_gib"),
+                                      passes=meets(r, peer, 2, 0.75))
         bar[case] = against or None
     return bar or None
 

@@ -42,3 +42,14 @@ def test_moe_nf4_bar_compares_with_the_uncheckpointed_bf16_run():
     assert "efftune-nf4" not in bar
     assert nf4_bar([dict(case="efftune-compile-nf4", tokens_s=1.0, peak_gib=0.3),
                     dict(case="efftune-compile", tokens_s=1.2, peak_gib=1.0)])["efftune-compile-nf4"]["passes"] is True
+
+
+def test_dora_bar_needs_both_the_peft_and_the_lora_halves():
+    from bench.throughput import dora_bar
+    ok = {"peft-dora": dict(tokens_s=1000.0, peak_gib=40.0), "efftune": dict(tokens_s=3000.0, peak_gib=15.0),
+          "efftune-dora": dict(tokens_s=2800.0, peak_gib=18.0)}  # 2.8x at 0.45x peft; 0.933x LoRA
+    assert dora_bar(ok)["efftune-dora"]["passes"] is True
+    ok["efftune-dora"]["tokens_s"] = 2600.0  # still 2.6x peft, but 0.867x LoRA
+    assert dora_bar(ok)["efftune-dora"]["passes"] is False
+    del ok["efftune"]
+    assert dora_bar(ok)["efftune-dora"]["passes"] is None
